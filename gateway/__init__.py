@@ -1,0 +1,1 @@
+"""The asyncio shell: WebSocket + HTTP endpoints, sessions, node-local fan-out."""

@@ -1,0 +1,240 @@
+"""Node-local fan-out: one NATS subscription per channel, many sockets.
+
+Each (socket, channel) pair is a :class:`Member` with a ``cursor``: the last
+seq it was sent. A live event is sent to a member only when it continues the
+member's sequence (``prev_seq <= cursor``); otherwise the member replays the
+hole from the store first. So every member sees each stored event once, in
+order, whatever core NATS drops, and whenever it joined.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.transport import Socket, encode_text_frame
+from mesh.broker import Broker, BrokerUnavailable, LiveEvent, LiveSubscription
+from shared.envelope import encode_gap, with_seq
+from shared.errors import CloseCode
+from shared.subjects import ChannelRef
+
+log = logging.getLogger("arqonbus.gateway.hub")
+
+_MAX_CATCHUP_ROUNDS = 50
+
+
+@dataclass(eq=False, slots=True)
+class Member:
+    socket: Socket
+    ref: ChannelRef
+    cursor: int = 0
+    syncing: bool = True
+    overflowed: bool = False
+    pending: deque[LiveEvent] = field(default_factory=deque)
+    task: asyncio.Task[None] | None = None
+
+
+@dataclass(slots=True)
+class _Channel:
+    members: dict[int, Member] = field(default_factory=dict)
+    subscription: LiveSubscription | None = None
+    ready: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+@dataclass(frozen=True, slots=True)
+class JoinResult:
+    last_seq: int
+    gap: bool
+    first_available_seq: int
+
+    def as_result(self) -> dict[str, Any]:
+        result: dict[str, Any] = {"last_seq": self.last_seq}
+        if self.gap:
+            result["gap"] = True
+            result["first_available_seq"] = self.first_available_seq
+        return result
+
+
+class Hub:
+    def __init__(self, broker: Broker, pending_limit: int) -> None:
+        self._broker = broker
+        self._pending_limit = pending_limit
+        self._channels: dict[ChannelRef, _Channel] = {}
+        broker.on_reconnect(self.resync_all)
+
+    @property
+    def channel_count(self) -> int:
+        return len(self._channels)
+
+    def subscription_count(self) -> int:
+        return sum(1 for ch in self._channels.values() if ch.subscription is not None)
+
+    # -- membership -------------------------------------------------------------
+
+    async def join(self, socket: Socket, ref: ChannelRef, since_seq: int | None) -> tuple[Member, JoinResult]:
+        """Register a member (buffering live events), then read the channel's window.
+
+        The caller sends the join reply, then calls :meth:`start` to replay and go live.
+        """
+        self.leave(socket, ref)
+        channel = await self._channel_with_subscription(ref)
+        member = Member(socket, ref)
+        channel.members[id(socket)] = member
+        try:
+            window = await self._broker.window(ref)
+        except BaseException:
+            self.leave(socket, ref)
+            raise
+        start = window.last_seq if since_seq is None else min(since_seq, window.last_seq)
+        member.cursor = start
+        gap = start < window.last_seq and start + 1 < window.first_stream_seq
+        return member, JoinResult(window.last_seq, gap, window.first_stream_seq if gap else 0)
+
+    def start(self, member: Member, upto: int) -> None:
+        """Replay (cursor, upto] to the member, then flush what arrived live meanwhile."""
+        member.task = asyncio.create_task(self._catch_up(member, upto))
+
+    def leave(self, socket: Socket, ref: ChannelRef) -> bool:
+        channel = self._channels.get(ref)
+        if channel is None:
+            return False
+        member = channel.members.pop(id(socket), None)
+        if member is not None and member.task is not None:
+            member.task.cancel()
+        if not channel.members:
+            self._drop_channel(ref, channel)
+        return member is not None
+
+    def leave_all(self, socket: Socket, refs: list[ChannelRef]) -> None:
+        for ref in refs:
+            self.leave(socket, ref)
+
+    async def _channel_with_subscription(self, ref: ChannelRef) -> _Channel:
+        channel = self._channels.setdefault(ref, _Channel())
+        async with channel.ready:
+            if channel.subscription is None:
+                channel.subscription = await self._broker.subscribe_live(ref, self._on_live)
+        if self._channels.get(ref) is not channel:  # dropped while we waited
+            return await self._channel_with_subscription(ref)
+        return channel
+
+    def _drop_channel(self, ref: ChannelRef, channel: _Channel) -> None:
+        if self._channels.get(ref) is channel:
+            del self._channels[ref]
+        if channel.subscription is not None:
+            sub, channel.subscription = channel.subscription, None
+            task = asyncio.create_task(sub.close())
+            _background.add(task)
+            task.add_done_callback(_background.discard)
+
+    # -- live path (hot) ------------------------------------------------------------
+
+    def _on_live(self, ref: ChannelRef, event: LiveEvent) -> None:
+        channel = self._channels.get(ref)
+        if channel is None:
+            return
+        frame: bytes | None = None
+        for member in channel.members.values():
+            if member.syncing:
+                self._buffer(member, event)
+            elif event.seq <= member.cursor:
+                continue
+            elif event.prev_seq > member.cursor:
+                member.syncing = True
+                member.pending.append(event)
+                self.start(member, event.prev_seq)
+            else:
+                if frame is None:
+                    frame = encode_text_frame(with_seq(event.body, event.seq))
+                member.socket.write_frame(frame)
+                member.cursor = event.seq
+
+    def _buffer(self, member: Member, event: LiveEvent) -> None:
+        if len(member.pending) >= self._pending_limit:
+            member.pending.clear()
+            member.overflowed = True
+        member.pending.append(event)
+
+    # -- catch-up -----------------------------------------------------------------------
+
+    async def _catch_up(self, member: Member, upto: int) -> None:
+        try:
+            await self._replay(member, upto)
+            for _ in range(_MAX_CATCHUP_ROUNDS):
+                if not await self._flush_pending(member):
+                    member.syncing = False
+                    return
+            log.warning("member of %s could not catch up; closing for resume", member.ref)
+            member.socket.close_soon(CloseCode.SLOW_CONSUMER, "could not catch up: resume")
+        except BrokerUnavailable as exc:
+            log.warning("replay for %s failed: %s; closing for resume", member.ref, exc)
+            member.socket.close_soon(CloseCode.BACKEND_UNAVAILABLE, "store unavailable: resume")
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("catch-up for %s failed", member.ref)
+            member.socket.close_soon(CloseCode.BACKEND_UNAVAILABLE, "internal error: resume")
+
+    async def _replay(self, member: Member, upto: int) -> None:
+        if upto <= member.cursor:
+            return
+        async for stored in self._broker.replay(member.ref, member.cursor + 1, upto):
+            if stored.seq <= member.cursor:
+                continue
+            if not await member.socket.send_paced(with_seq(stored.body, stored.seq)):
+                return
+            member.cursor = stored.seq
+        member.cursor = max(member.cursor, upto)
+
+    async def _flush_pending(self, member: Member) -> bool:
+        """Send buffered live events in order. True if another replay round is needed."""
+        if member.overflowed:
+            member.overflowed = False
+            window = await self._broker.window(member.ref)
+            await self._replay_with_gap_check(member, window.last_seq, window.first_stream_seq)
+            return True
+        while member.pending:
+            event = member.pending.popleft()
+            if event.seq <= member.cursor:
+                continue
+            if event.prev_seq > member.cursor:
+                await self._replay(member, event.prev_seq)
+            if not await member.socket.send_paced(with_seq(event.body, event.seq)):
+                return False
+            member.cursor = event.seq
+            if member.overflowed:
+                return True
+        return False
+
+    async def _replay_with_gap_check(self, member: Member, upto: int, first_stream_seq: int) -> None:
+        if member.cursor < upto and member.cursor + 1 < first_stream_seq:
+            member.socket.send(encode_gap(member.ref.room, member.ref.channel, member.cursor, first_stream_seq))
+        await self._replay(member, upto)
+
+    async def resync_all(self) -> None:
+        """After a NATS reconnect: every live member replays what it may have missed."""
+        for ref, channel in list(self._channels.items()):
+            try:
+                window = await self._broker.window(ref)
+            except BrokerUnavailable:
+                continue
+            for member in list(channel.members.values()):
+                if not member.syncing and window.last_seq > member.cursor:
+                    member.syncing = True
+                    self.start(member, window.last_seq)
+
+    async def close(self) -> None:
+        for ref, channel in list(self._channels.items()):
+            for member in channel.members.values():
+                if member.task is not None:
+                    member.task.cancel()
+            self._drop_channel(ref, channel)
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(*_background, return_exceptions=True)
+
+
+_background: set[asyncio.Task[None]] = set()

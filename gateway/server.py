@@ -1,0 +1,223 @@
+"""The gateway process: WebSocket endpoint, health endpoints, start and drain."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import signal
+import socket as socketlib
+from http import HTTPStatus
+from urllib.parse import urlsplit
+
+import orjson
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.http11 import Request, Response
+
+from gateway.auth import Authenticator, AuthError, Credentials, Principal, make_authenticator
+from gateway.hub import Hub
+from gateway.session import Session
+from gateway.transport import Socket
+from mesh.jetstream import JetStreamBroker
+from mesh.streams import StreamPolicy
+from shared.settings import Settings
+from shared.subjects import SubjectScheme
+
+log = logging.getLogger("arqonbus.gateway")
+
+WS_PATH = "/ws"
+_WRITE_HIGH_WATER = 64 * 1024
+
+
+class PortInUse(Exception):
+    pass
+
+
+def default_node_id() -> str:
+    return f"{socketlib.gethostname()}-{os.getpid()}"
+
+
+class Gateway:
+    """One stateless gateway node. ``start`` -> serve -> ``drain``."""
+
+    def __init__(self, settings: Settings, authenticator: Authenticator | None = None) -> None:
+        self.settings = settings
+        self.node_id = settings.node_id or default_node_id()
+        self.authenticator = authenticator or make_authenticator(settings.auth)
+        self.broker = JetStreamBroker(
+            settings.nats_urls,
+            SubjectScheme(settings.subject_prefix),
+            StreamPolicy(
+                max_age_s=settings.stream_max_age_s,
+                dedupe_window_s=settings.dedupe_window_s,
+                replicas=settings.stream_replicas,
+            ),
+            publish_timeout_s=settings.publish_timeout_s,
+            name=f"arqonbus-gateway {self.node_id}",
+        )
+        self.hub = Hub(self.broker, settings.replay_buffer_msgs)
+        self.sessions: set[Session] = set()
+        self.draining = False
+        self.healthy = False
+        self._principals: dict[int, Principal] = {}
+        self._server: Server | None = None
+        self._stop = asyncio.Event()
+        self._became_ready = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Listen at once; connect to NATS in the background (readyz stays 503 until then)."""
+        try:
+            self._server = await serve(
+                self._handle,
+                self.settings.host,
+                self.settings.port,
+                process_request=self._process_request,
+                compression=None,
+                max_size=2 * self.settings.max_envelope_bytes,
+                max_queue=16,
+                write_limit=_WRITE_HIGH_WATER,
+                open_timeout=self.settings.open_timeout_s,
+                ping_interval=self.settings.ping_interval_s,
+                ping_timeout=self.settings.ping_interval_s,
+                close_timeout=5,
+                server_header="ArqonBus",
+            )
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise PortInUse(
+                    f"port {self.settings.port} on {self.settings.host} is already in use: stop the "
+                    f"other process or choose another with --listen HOST:PORT"
+                ) from None
+            raise
+        self._tasks.append(asyncio.create_task(self._connect_and_watch()))
+        log.info("gateway %s listening on ws://%s:%d%s", self.node_id, *self.address, WS_PATH)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        assert self._server is not None
+        sock = next(iter(self._server.sockets))
+        host, port = sock.getsockname()[:2]
+        return str(host), int(port)
+
+    async def _connect_and_watch(self) -> None:
+        if not await self.broker.connect_with_retry(self._stop):
+            return
+        while not self._stop.is_set():
+            self.healthy = await self.broker.check_health()
+            if self.healthy:
+                self._became_ready.set()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), self.settings.health_interval_s)
+
+    async def wait_ready(self, timeout: float) -> None:
+        """Wait until /readyz would answer 200 (used by tests and the dev supervisor)."""
+        async with asyncio.timeout(timeout):
+            await self._became_ready.wait()
+
+    @property
+    def ready(self) -> bool:
+        return self.healthy and self.broker.connected and not self.draining
+
+    async def drain(self) -> None:
+        """readyz fails, no new sessions, clients closed with 1012, in-flight publishes finish."""
+        if self.draining:
+            return
+        self.draining = True
+        timeout = self.settings.drain_timeout_s
+        log.info("draining %d session(s), timeout %.1fs", len(self.sessions), timeout)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await asyncio.gather(*(s.drain(timeout) for s in list(self.sessions)))
+        await self.close()
+
+    async def close(self) -> None:
+        self._stop.set()
+        if self._server is not None:
+            self._server.close(close_connections=True)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(5):
+                    await self._server.wait_closed()
+        await self.hub.close()
+        await self.broker.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # -- HTTP ------------------------------------------------------------------------
+
+    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        path = urlsplit(request.path).path
+        if path == "/healthz":
+            return _json(HTTPStatus.OK, {"status": "alive", "node": self.node_id})
+        if path == "/readyz":
+            return self._readyz()
+        if path != WS_PATH:
+            return _json(HTTPStatus.NOT_FOUND, {"error": "not found: the WebSocket endpoint is /ws"})
+        if self.draining:
+            return _json(HTTPStatus.SERVICE_UNAVAILABLE, {"error": "draining: connect to another gateway"})
+        try:
+            principal = self.authenticator.authenticate(Credentials.from_request(request.path, request.headers))
+        except AuthError as exc:
+            return _json(HTTPStatus.UNAUTHORIZED, {"error": "unauthorized", "message": str(exc)})
+        self._principals[id(connection)] = principal
+        return None
+
+    def _readyz(self) -> Response:
+        body = {
+            "ready": self.ready,
+            "nats_connected": self.broker.connected,
+            "jetstream": self.healthy,
+            "draining": self.draining,
+            "node": self.node_id,
+            "sessions": len(self.sessions),
+        }
+        return _json(HTTPStatus.OK if self.ready else HTTPStatus.SERVICE_UNAVAILABLE, body)
+
+    # -- WebSocket -------------------------------------------------------------------
+
+    async def _handle(self, connection: ServerConnection) -> None:
+        principal = self._principals.pop(id(connection), None)
+        if principal is None or self.draining:
+            return
+        socket = Socket(connection, self.settings.send_buffer_bytes)
+        session = Session(socket, principal, self.hub, self.broker, self.settings, self.node_id)
+        self.sessions.add(session)
+        try:
+            await session.run()
+        except Exception:
+            log.exception("session %s crashed", session.id)
+        finally:
+            self.sessions.discard(session)
+
+
+def _json(status: HTTPStatus, body: dict[str, object]) -> Response:
+    data = orjson.dumps(body)
+    headers = Headers(
+        [
+            ("Content-Type", "application/json"),
+            ("Content-Length", str(len(data))),
+            ("Connection", "close"),
+        ]
+    )
+    return Response(status.value, status.phrase, headers, data)
+
+
+async def run_gateway(settings: Settings) -> int:
+    """Run one gateway until SIGTERM/SIGINT, then drain. Returns the exit code."""
+    gateway = Gateway(settings)
+    await gateway.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("signal received: draining")
+    await gateway.drain()
+    log.info("gateway %s stopped", gateway.node_id)
+    return 0

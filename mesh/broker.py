@@ -1,0 +1,89 @@
+"""The Broker: what the gateway needs from the bus, and what it guarantees.
+
+Guarantees of every implementation (checked by tests/integration/test_broker.py):
+
+* **Store before ack.** ``publish`` returns only after the event is stored
+  (replicated, per the stream's replica count). At-least-once into the store.
+* **Dedupe by key.** Publishing the same ``dedupe_key`` again within the dedupe
+  window stores nothing and returns the original seq with ``duplicate=True``.
+* **Seq strictly increasing.** Seqs are stream sequences: strictly increasing
+  per tenant, and so per channel, in store order.
+* **Ordered live delivery with a continuity link.** ``subscribe_live`` delivers
+  each stored event of the channel, in store order, with ``prev_seq``: the seq of
+  the channel's previous stored event (0 if none or removed). A consumer whose
+  last seen seq is below ``prev_seq`` has missed events and must ``replay``.
+  Live delivery itself is at-most-once (core NATS); ``replay`` fills any hole.
+* **Replay is exact.** ``replay`` yields every stored event of the channel with
+  ``start_seq <= seq <= end_seq``, in order, each once.
+* **Tenant isolation.** Every subject comes from :mod:`shared.subjects`; a
+  channel of one tenant never maps to a subject or stream of another.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
+from dataclasses import dataclass
+from typing import Protocol
+
+from shared.subjects import ChannelRef
+
+
+class BrokerUnavailable(Exception):
+    """The store could not be reached or did not answer in time. Safe to retry."""
+
+
+@dataclass(frozen=True, slots=True)
+class PublishResult:
+    seq: int
+    duplicate: bool
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    seq: int
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class LiveEvent:
+    seq: int
+    prev_seq: int
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelWindow:
+    """What the store holds for a channel: its newest seq and the stream's oldest."""
+
+    last_seq: int
+    first_stream_seq: int
+
+
+LiveHandler = Callable[[ChannelRef, LiveEvent], None]
+ReconnectHandler = Callable[[], Coroutine[Any, Any, None]]
+
+
+class LiveSubscription(Protocol):
+    async def close(self) -> None: ...
+
+
+class Broker(Protocol):
+    @property
+    def connected(self) -> bool: ...
+
+    async def publish(self, ref: ChannelRef, body: bytes, dedupe_key: str) -> PublishResult: ...
+
+    async def subscribe_live(self, ref: ChannelRef, handler: LiveHandler) -> LiveSubscription: ...
+
+    async def window(self, ref: ChannelRef) -> ChannelWindow: ...
+
+    def replay(
+        self, ref: ChannelRef, start_seq: int, end_seq: int | None, limit: int | None = None
+    ) -> AsyncIterator[StoredEvent]: ...
+
+    async def check_health(self) -> bool: ...
+
+    def on_reconnect(self, handler: ReconnectHandler) -> None: ...
+
+    async def close(self) -> None: ...

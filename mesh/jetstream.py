@@ -1,0 +1,319 @@
+"""The JetStream implementation of :class:`mesh.broker.Broker`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import AsyncIterator
+from typing import Any
+
+import nats
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.errors import ConnectionClosedError, NoServersError, SlowConsumerError
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js import JetStreamContext, JetStreamManager
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import APIError, NoStreamResponseError, NotFoundError, ServiceUnavailableError
+
+from mesh.broker import (
+    BrokerUnavailable,
+    ChannelWindow,
+    LiveEvent,
+    LiveHandler,
+    PublishResult,
+    ReconnectHandler,
+    StoredEvent,
+)
+from mesh.streams import StreamPolicy, StreamProvisioner
+from shared.subjects import ChannelRef, SubjectScheme
+
+log = logging.getLogger("arqonbus.mesh.jetstream")
+
+_TRANSIENT = (
+    NatsTimeoutError,
+    asyncio.TimeoutError,
+    ConnectionClosedError,
+    NoServersError,
+    ServiceUnavailableError,
+    OSError,
+)
+_REPLAY_IDLE_S = 5.0
+_LIVE_PENDING_MSGS = 1_000_000
+_LIVE_PENDING_BYTES = 512 * 1024 * 1024
+
+
+class _LiveSub:
+    def __init__(self, sub: Subscription) -> None:
+        self._sub = sub
+
+    async def close(self) -> None:
+        with contextlib.suppress(*_TRANSIENT, nats.errors.BadSubscriptionError):
+            await self._sub.unsubscribe()
+
+
+def _header_int(msg: Msg, name: str) -> int:
+    headers = msg.headers or {}
+    return int(headers.get(name, "0") or 0)
+
+
+class JetStreamBroker:
+    """Stores events in one JetStream stream per tenant; live fan-out via RePublish."""
+
+    def __init__(
+        self,
+        urls: list[str],
+        scheme: SubjectScheme,
+        policy: StreamPolicy,
+        publish_timeout_s: float = 5.0,
+        name: str = "arqonbus-gateway",
+        connect_options: dict[str, Any] | None = None,
+    ) -> None:
+        self._urls = urls
+        self._scheme = scheme
+        self._policy = policy
+        self._publish_timeout = publish_timeout_s
+        self._name = name
+        self._connect_options = connect_options or {}
+        self._nc: NatsClient | None = None
+        self._js: JetStreamContext | None = None
+        self._jsm: JetStreamManager | None = None
+        self._streams: StreamProvisioner | None = None
+        self._reconnect_handlers: list[ReconnectHandler] = []
+        self._background: set[asyncio.Task[None]] = set()
+        self._closing = False
+
+    # -- connection -----------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self._nc is not None and self._nc.is_connected
+
+    @property
+    def max_payload(self) -> int:
+        return self._nc.max_payload if self._nc is not None else 1024 * 1024
+
+    async def connect(self) -> None:
+        """Connect once; raises BrokerUnavailable if no server answers."""
+        try:
+            nc = await nats.connect(
+                servers=self._urls,
+                name=self._name,
+                connect_timeout=2,
+                allow_reconnect=True,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.5,
+                ping_interval=5,
+                max_outstanding_pings=2,
+                error_cb=self._on_error,
+                disconnected_cb=self._on_disconnected,
+                reconnected_cb=self._on_reconnected,
+                **self._connect_options,
+            )
+        except (NoServersError, OSError, asyncio.TimeoutError, NatsTimeoutError) as exc:
+            raise BrokerUnavailable(f"no NATS server answered at {','.join(self._urls)}") from exc
+        self._nc = nc
+        self._js = nc.jetstream(timeout=self._publish_timeout)
+        self._jsm = nc.jsm()
+        self._streams = StreamProvisioner(self._jsm, self._scheme, self._policy)
+        log.info("connected to NATS at %s", nc.connected_url.netloc if nc.connected_url else "?")
+
+    async def connect_with_retry(self, stop: asyncio.Event) -> bool:
+        """Retry with jittered backoff until connected (True) or ``stop`` is set (False)."""
+        delay, attempt = 0.25, 0
+        while not stop.is_set():
+            attempt += 1
+            try:
+                await self.connect()
+                return True
+            except BrokerUnavailable as exc:
+                level = logging.WARNING if attempt == 1 else logging.DEBUG
+                log.log(level, "%s; retrying with backoff (attempt %d)", exc, attempt)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay * (0.5 + random.random()))
+            delay = min(delay * 2, 5.0)
+        return False
+
+    async def _on_error(self, exc: Exception) -> None:
+        if isinstance(exc, SlowConsumerError):
+            log.warning("NATS slow consumer on %s: live events dropped, members will replay", exc.subject)
+            return
+        log.warning("NATS error: %s", exc)
+
+    async def _on_disconnected(self) -> None:
+        if self._closing:
+            return
+        log.warning("disconnected from NATS; reconnecting")
+
+    async def _on_reconnected(self) -> None:
+        log.info("reconnected to NATS")
+        for handler in list(self._reconnect_handlers):
+            task = asyncio.create_task(handler())
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    def on_reconnect(self, handler: ReconnectHandler) -> None:
+        self._reconnect_handlers.append(handler)
+
+    async def check_health(self) -> bool:
+        """True when NATS is connected and JetStream answers."""
+        if self._jsm is None or not self.connected:
+            return False
+        try:
+            await self._jsm.account_info()
+            return True
+        except (*_TRANSIENT, APIError):
+            return False
+
+    async def close(self) -> None:
+        """Drain the NATS connection: flush publishes in flight, then close."""
+        if self._nc is None or self._nc.is_closed:
+            return
+        self._closing = True
+        try:
+            await asyncio.wait_for(self._nc.drain(), 5.0)
+        except (*_TRANSIENT, nats.errors.Error):
+            await self._nc.close()
+
+    def _require(self) -> tuple[NatsClient, JetStreamContext, JetStreamManager, StreamProvisioner]:
+        if self._nc is None or self._js is None or self._jsm is None or self._streams is None:
+            raise BrokerUnavailable("not connected to NATS yet")
+        return self._nc, self._js, self._jsm, self._streams
+
+    # -- publish --------------------------------------------------------------
+
+    async def publish(self, ref: ChannelRef, body: bytes, dedupe_key: str) -> PublishResult:
+        _, js, _, streams = self._require()
+        subject = self._scheme.ingest(ref)
+        headers = {"Nats-Msg-Id": dedupe_key}
+        for attempt in (1, 2):
+            try:
+                ack = await js.publish(subject, body, headers=headers, timeout=self._publish_timeout)
+                return PublishResult(seq=ack.seq, duplicate=bool(ack.duplicate))
+            except NoStreamResponseError:
+                if attempt == 2:
+                    raise BrokerUnavailable("no stream answered for this tenant") from None
+                streams.forget(ref.tenant)
+                await self.ensure_stream(ref.tenant)
+            except (*_TRANSIENT, NatsTimeoutError) as exc:
+                raise BrokerUnavailable(f"publish not acknowledged: {type(exc).__name__}") from exc
+            except APIError as exc:
+                raise BrokerUnavailable(f"publish rejected by JetStream: {exc.description}") from exc
+        raise AssertionError("unreachable")
+
+    async def ensure_stream(self, tenant: str) -> int:
+        """Create the tenant's stream if it does not exist (idempotent)."""
+        _, _, _, streams = self._require()
+        try:
+            return await streams.ensure(tenant)
+        except (*_TRANSIENT, APIError) as exc:
+            raise BrokerUnavailable(f"could not provision the stream of {tenant}: {exc}") from exc
+
+    # -- live -----------------------------------------------------------------
+
+    async def subscribe_live(self, ref: ChannelRef, handler: LiveHandler) -> _LiveSub:
+        nc, _, _, _ = self._require()
+
+        async def on_msg(msg: Msg) -> None:
+            seq = _header_int(msg, "Nats-Sequence")
+            if seq:
+                handler(ref, LiveEvent(seq, _header_int(msg, "Nats-Last-Sequence"), msg.data))
+
+        try:
+            sub = await nc.subscribe(
+                self._scheme.live(ref),
+                cb=on_msg,
+                pending_msgs_limit=_LIVE_PENDING_MSGS,
+                pending_bytes_limit=_LIVE_PENDING_BYTES,
+            )
+            await nc.flush(timeout=max(1, int(self._publish_timeout)))
+        except _TRANSIENT as exc:
+            raise BrokerUnavailable(f"could not subscribe: {type(exc).__name__}") from exc
+        return _LiveSub(sub)
+
+    # -- store reads ------------------------------------------------------------
+
+    async def window(self, ref: ChannelRef) -> ChannelWindow:
+        """The channel's newest seq (via the stream leader) and the stream's first seq."""
+        _, _, jsm, _ = self._require()
+        stream = self._scheme.stream_name(ref.tenant)
+        try:
+            info = await jsm.stream_info(stream)
+        except NotFoundError:
+            return ChannelWindow(0, 0)
+        except _TRANSIENT as exc:
+            raise BrokerUnavailable(f"stream info failed: {type(exc).__name__}") from exc
+        try:
+            last = await jsm.get_last_msg(stream, self._scheme.ingest(ref))
+            last_seq = last.seq or 0
+        except NotFoundError:
+            last_seq = 0
+        except _TRANSIENT as exc:
+            raise BrokerUnavailable(f"last message lookup failed: {type(exc).__name__}") from exc
+        return ChannelWindow(last_seq, info.state.first_seq)
+
+    async def replay(
+        self, ref: ChannelRef, start_seq: int, end_seq: int | None, limit: int | None = None
+    ) -> AsyncIterator[StoredEvent]:
+        """Every stored event of ``ref`` with start_seq <= seq <= end_seq, in order."""
+        nc, js, jsm, _ = self._require()
+        if end_seq is not None and end_seq < start_seq:
+            return
+        stream = self._scheme.stream_name(ref.tenant)
+        config = ConsumerConfig(
+            deliver_subject=nc.new_inbox(),
+            filter_subject=self._scheme.ingest(ref),
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=max(1, start_seq),
+            ack_policy=AckPolicy.NONE,
+            max_deliver=1,
+            flow_control=True,
+            idle_heartbeat=_REPLAY_IDLE_S,
+            mem_storage=True,
+            num_replicas=1,
+            inactive_threshold=_REPLAY_IDLE_S,
+        )
+        try:
+            info = await jsm.add_consumer(stream, config)
+        except NotFoundError:
+            return
+        except (*_TRANSIENT, APIError) as exc:
+            raise BrokerUnavailable(f"could not start replay: {exc}") from exc
+        if not info.num_pending:
+            await self._delete_consumer(jsm, stream, info.name)
+            return
+        sub = await js.subscribe_bind(stream, config, info.name, ordered_consumer=True)
+        try:
+            async for event in self._drain_replay(sub, end_seq, limit):
+                yield event
+        finally:
+            with contextlib.suppress(*_TRANSIENT, nats.errors.Error):
+                await sub.unsubscribe()
+            await self._delete_consumer(jsm, stream, info.name)
+
+    async def _drain_replay(
+        self, sub: JetStreamContext.PushSubscription, end_seq: int | None, limit: int | None
+    ) -> AsyncIterator[StoredEvent]:
+        count = 0
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=self._publish_timeout * 2)
+            except (*_TRANSIENT, NatsTimeoutError) as exc:
+                raise BrokerUnavailable(f"replay stalled: {type(exc).__name__}") from exc
+            meta = msg.metadata
+            seq = meta.sequence.stream
+            if end_seq is not None and seq > end_seq:
+                return
+            yield StoredEvent(seq, msg.data)
+            count += 1
+            if (limit is not None and count >= limit) or meta.num_pending == 0:
+                return
+            if end_seq is not None and seq >= end_seq:
+                return
+
+    async def _delete_consumer(self, jsm: JetStreamManager, stream: str, name: str) -> None:
+        with contextlib.suppress(*_TRANSIENT, APIError):
+            await jsm.delete_consumer(stream, name)

@@ -1,0 +1,126 @@
+"""The error catalogue: every error a client can see, defined once.
+
+Each entry has a stable ``code`` (part of the wire protocol), a message that
+tells a person what to do, and whether retrying the same request can succeed.
+
+Exception tree::
+
+    ArqonError                 an error reply to one request; the connection lives on
+    └── (raised with any ErrorCode below)
+
+Close codes are separate: they end a connection and tell the client whether to
+reconnect (4000-4499, 1012) or to stop (4500-4999).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorCode:
+    code: str
+    message: str
+    retryable: bool
+
+
+INVALID_JSON = ErrorCode(
+    "invalid_json", "The frame is not valid UTF-8 JSON. Send one JSON object per frame.", False
+)
+INVALID_ENVELOPE = ErrorCode(
+    "invalid_envelope",
+    "The envelope is malformed. Check the named field against docs/protocol.md.",
+    False,
+)
+INVALID_NAME = ErrorCode(
+    "invalid_name",
+    "Room and channel names must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-'.",
+    False,
+)
+UNKNOWN_COMMAND = ErrorCode(
+    "unknown_command",
+    "Unknown command. Built-in commands are join_channel, leave_channel and history.",
+    False,
+)
+INVALID_PARAMETERS = ErrorCode(
+    "invalid_parameters", "A command parameter is invalid. Fix the named parameter.", False
+)
+MESSAGE_TOO_LARGE = ErrorCode(
+    "message_too_large",
+    "The envelope exceeds the size limit announced in welcome.limits.max_envelope_bytes. "
+    "Send a smaller payload.",
+    False,
+)
+NOT_JOINED = ErrorCode(
+    "not_joined", "You are not a member of this channel. Send join_channel first.", False
+)
+TOO_MANY_IN_FLIGHT = ErrorCode(
+    "too_many_in_flight",
+    "Too many unacknowledged publishes on this connection. Wait for acks, then retry.",
+    True,
+)
+UNAVAILABLE = ErrorCode(
+    "unavailable",
+    "The message store is unreachable right now. Retry with the same id; "
+    "it will not be stored twice.",
+    True,
+)
+INTERNAL = ErrorCode(
+    "internal", "Internal gateway error. Retry with the same id; report it if it persists.", True
+)
+
+CATALOGUE: dict[str, ErrorCode] = {
+    e.code: e
+    for e in (
+        INVALID_JSON,
+        INVALID_ENVELOPE,
+        INVALID_NAME,
+        UNKNOWN_COMMAND,
+        INVALID_PARAMETERS,
+        MESSAGE_TOO_LARGE,
+        NOT_JOINED,
+        TOO_MANY_IN_FLIGHT,
+        UNAVAILABLE,
+        INTERNAL,
+    )
+}
+
+
+class ArqonError(Exception):
+    """An error reply to one request. The connection stays open."""
+
+    def __init__(
+        self, error: ErrorCode, detail: str | None = None, request_id: str | None = None
+    ) -> None:
+        self.error = error
+        self.detail = detail
+        self.request_id = request_id
+        super().__init__(self.message)
+
+    @property
+    def code(self) -> str:
+        return self.error.code
+
+    @property
+    def message(self) -> str:
+        if self.detail:
+            return f"{self.detail}. {self.error.message}"
+        return self.error.message
+
+    def with_request_id(self, request_id: str | None) -> ArqonError:
+        return ArqonError(self.error, self.detail, request_id)
+
+
+class CloseCode(IntEnum):
+    """WebSocket close codes the gateway sends, and what a client should do."""
+
+    NORMAL = 1000
+    MESSAGE_TOO_BIG = 1009
+    SERVICE_RESTART = 1012  # node draining: reconnect to another gateway and resume
+    SLOW_CONSUMER = 4001  # send buffer overflowed: reconnect and resume from last seq
+    BACKEND_UNAVAILABLE = 4002  # node lost the message store: reconnect elsewhere, resume
+
+    @property
+    def should_reconnect(self) -> bool:
+        return self == CloseCode.SERVICE_RESTART or 4000 <= self <= 4499

@@ -1,0 +1,98 @@
+"""Typed settings, read once at start-up from ``ARQONBUS_*`` variables and flags.
+
+Every field below is a documented setting (see the README's configuration table).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.subjects import is_valid_name
+
+ENV_PREFIX = "ARQONBUS_"
+
+
+class ConfigError(Exception):
+    """A setting is invalid; the message names the key and the fix."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
+
+    nats: str = Field("nats://127.0.0.1:4222", description="NATS URLs, comma-separated")
+    listen: str = Field("127.0.0.1:8765", description="HOST:PORT of the WebSocket/HTTP listener")
+    node_id: str = Field("", description="Node name shown in welcome; default host-pid")
+    auth: str = Field("", description="Authentication mode; only 'dev' exists for now")
+    subject_prefix: str = Field("arq", description="First token of every NATS subject")
+    max_envelope_bytes: int = Field(65536, ge=1024, le=8 * 1024 * 1024)
+    send_buffer_bytes: int = Field(1024 * 1024, ge=64 * 1024)
+    max_in_flight: int = Field(1000, ge=1, le=100_000)
+    stream_max_age_s: float = Field(86400.0, gt=0)
+    stream_replicas: int = Field(0, ge=0, le=5, description="0 = min(3, cluster size)")
+    dedupe_window_s: float = Field(120.0, ge=120.0)
+    publish_timeout_s: float = Field(5.0, gt=0)
+    drain_timeout_s: float = Field(10.0, gt=0)
+    open_timeout_s: float = Field(10.0, gt=0)
+    ping_interval_s: float = Field(20.0, gt=0)
+    health_interval_s: float = Field(2.0, gt=0)
+    replay_buffer_msgs: int = Field(10_000, ge=100)
+    log_level: str = Field("INFO")
+
+    @field_validator("subject_prefix")
+    @classmethod
+    def _prefix_is_name(cls, value: str) -> str:
+        if not is_valid_name(value):
+            raise ValueError("must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-'")
+        return value
+
+    @field_validator("listen")
+    @classmethod
+    def _listen_is_host_port(cls, value: str) -> str:
+        parse_host_port(value)
+        return value
+
+    @field_validator("auth")
+    @classmethod
+    def _auth_is_known(cls, value: str) -> str:
+        if value not in ("", "dev"):
+            raise ValueError("must be 'dev' (the only mode in this version)")
+        return value
+
+    @property
+    def nats_urls(self) -> list[str]:
+        return [u.strip() for u in self.nats.split(",") if u.strip()]
+
+    @property
+    def host(self) -> str:
+        return parse_host_port(self.listen)[0]
+
+    @property
+    def port(self) -> int:
+        return parse_host_port(self.listen)[1]
+
+
+def parse_host_port(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{value!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read settings from the environment, with explicit overrides (from flags) on top."""
+    clean = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return Settings(**clean)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ENV_PREFIX + "_".join(str(p) for p in err["loc"]).upper()
+        lines.append(f"invalid setting {key}: {err['msg']}")
+    return "; ".join(lines)

@@ -1,0 +1,89 @@
+"""Names -> NATS subjects and back. The only place a subject string is formatted.
+
+Layout, with the configurable prefix ``P`` (default ``arq``)::
+
+    P.ev.<tenant>.<room>.<channel>     ingest: what the stream stores
+    P.live.<tenant>.<room>.<channel>   delivery: the stream republishes here, with seq headers
+
+One JetStream stream per tenant captures ``P.ev.<tenant>.>``. Every token is a
+validated name, so no subject ever contains a wildcard, whitespace or an extra
+token, and no input can produce a subject of another tenant.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from shared.errors import INVALID_NAME, ArqonError
+
+NAME_MAX = 64
+_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def is_valid_name(value: object) -> bool:
+    return isinstance(value, str) and _NAME_RE.fullmatch(value) is not None
+
+
+def validate_name(value: object, field: str) -> str:
+    """Return ``value`` if it is a valid tenant/room/channel name, else raise invalid_name."""
+    if is_valid_name(value):
+        assert isinstance(value, str)
+        return value
+    shown = repr(value)[:80]
+    raise ArqonError(INVALID_NAME, f"{field} {shown} is not a valid name")
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelRef:
+    """A validated (tenant, room, channel) triple."""
+
+    tenant: str
+    room: str
+    channel: str
+
+    @classmethod
+    def of(cls, tenant: object, room: object, channel: object) -> ChannelRef:
+        return cls(
+            validate_name(tenant, "tenant"),
+            validate_name(room, "room"),
+            validate_name(channel, "channel"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SubjectScheme:
+    """Builds every subject and stream name from one validated prefix."""
+
+    prefix: str = "arq"
+
+    def __post_init__(self) -> None:
+        validate_name(self.prefix, "subject prefix")
+
+    def ingest(self, ref: ChannelRef) -> str:
+        return f"{self.prefix}.ev.{ref.tenant}.{ref.room}.{ref.channel}"
+
+    def live(self, ref: ChannelRef) -> str:
+        return f"{self.prefix}.live.{ref.tenant}.{ref.room}.{ref.channel}"
+
+    def tenant_ingest_filter(self, tenant: str) -> str:
+        return f"{self.prefix}.ev.{validate_name(tenant, 'tenant')}.>"
+
+    def tenant_live_filter(self, tenant: str) -> str:
+        return f"{self.prefix}.live.{validate_name(tenant, 'tenant')}.>"
+
+    def stream_name(self, tenant: str) -> str:
+        return f"{self.prefix}_{validate_name(tenant, 'tenant')}"
+
+    def parse_live(self, subject: str) -> ChannelRef | None:
+        """Map a delivery subject back to its channel, or None if it is not one of ours."""
+        parts = subject.split(".")
+        if len(parts) != 5 or parts[0] != self.prefix or parts[1] != "live":
+            return None
+        if not all(is_valid_name(p) for p in parts[2:]):
+            return None
+        return ChannelRef(parts[2], parts[3], parts[4])
+
+    def dedupe_key(self, ref: ChannelRef, principal: str, envelope_id: str) -> str:
+        """The Nats-Msg-Id: an envelope id is an idempotency key per sender and channel."""
+        return f"{ref.room}.{ref.channel}.{principal}.{envelope_id}"
