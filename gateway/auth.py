@@ -62,7 +62,9 @@ class DevAuthenticator:
     def authenticate(self, credentials: Credentials) -> Principal:
         token = credentials.token
         if not token:
-            raise AuthError("missing token: pass ?token=dev:<tenant>:<principal> or a Bearer header")
+            raise AuthError(
+                "missing token: pass ?token=dev:<tenant>:<principal> or a Bearer header"
+            )
         parts = token.split(":")
         if len(parts) != 3 or parts[0] != "dev":
             raise AuthError("malformed token: expected dev:<tenant>:<principal>")

@@ -75,7 +75,9 @@ class Hub:
 
     # -- membership -------------------------------------------------------------
 
-    async def join(self, socket: Socket, ref: ChannelRef, since_seq: int | None) -> tuple[Member, JoinResult]:
+    async def join(
+        self, socket: Socket, ref: ChannelRef, since_seq: int | None
+    ) -> tuple[Member, JoinResult]:
         """Register a member (buffering live events), then read the channel's window.
 
         The caller sends the join reply, then calls :meth:`start` to replay and go live.
@@ -210,9 +212,13 @@ class Hub:
                 return True
         return False
 
-    async def _replay_with_gap_check(self, member: Member, upto: int, first_stream_seq: int) -> None:
+    async def _replay_with_gap_check(
+        self, member: Member, upto: int, first_stream_seq: int
+    ) -> None:
         if member.cursor < upto and member.cursor + 1 < first_stream_seq:
-            member.socket.send(encode_gap(member.ref.room, member.ref.channel, member.cursor, first_stream_seq))
+            member.socket.send(
+                encode_gap(member.ref.room, member.ref.channel, member.cursor, first_stream_seq)
+            )
         await self._replay(member, upto)
 
     async def resync_all(self) -> None:

@@ -158,11 +158,17 @@ class Gateway:
         if path == "/readyz":
             return self._readyz()
         if path != WS_PATH:
-            return _json(HTTPStatus.NOT_FOUND, {"error": "not found: the WebSocket endpoint is /ws"})
+            return _json(
+                HTTPStatus.NOT_FOUND, {"error": "not found: the WebSocket endpoint is /ws"}
+            )
         if self.draining:
-            return _json(HTTPStatus.SERVICE_UNAVAILABLE, {"error": "draining: connect to another gateway"})
+            return _json(
+                HTTPStatus.SERVICE_UNAVAILABLE, {"error": "draining: connect to another gateway"}
+            )
         try:
-            principal = self.authenticator.authenticate(Credentials.from_request(request.path, request.headers))
+            principal = self.authenticator.authenticate(
+                Credentials.from_request(request.path, request.headers)
+            )
         except AuthError as exc:
             return _json(HTTPStatus.UNAUTHORIZED, {"error": "unauthorized", "message": str(exc)})
         self._principals[id(connection)] = principal

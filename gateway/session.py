@@ -25,7 +25,14 @@ from shared.envelope import (
     parse_client_frame,
     with_seq,
 )
-from shared.errors import INTERNAL, NOT_JOINED, TOO_MANY_IN_FLIGHT, UNAVAILABLE, ArqonError, CloseCode
+from shared.errors import (
+    INTERNAL,
+    NOT_JOINED,
+    TOO_MANY_IN_FLIGHT,
+    UNAVAILABLE,
+    ArqonError,
+    CloseCode,
+)
 from shared.settings import Settings
 from shared.subjects import ChannelRef, SubjectScheme
 
@@ -112,7 +119,9 @@ class Session:
             log.exception("publish of %s failed", event.id)
             self.socket.send(encode_error(ArqonError(INTERNAL, request_id=event.id)))
             return
-        self.socket.send(encode_ack(event.id, event.room, event.channel, result.seq, result.duplicate))
+        self.socket.send(
+            encode_ack(event.id, event.room, event.channel, result.seq, result.duplicate)
+        )
 
     async def finish_in_flight(self, timeout: float) -> None:
         if self._in_flight:
@@ -137,7 +146,10 @@ class Session:
             self._reply(command, error=ArqonError(UNAVAILABLE, request_id=command.id))
 
     def _reply(
-        self, command: ClientCommand, result: dict[str, object] | None = None, error: ArqonError | None = None
+        self,
+        command: ClientCommand,
+        result: dict[str, object] | None = None,
+        error: ArqonError | None = None,
     ) -> None:
         self.socket.send(
             encode_command_response(

@@ -42,6 +42,7 @@ _TRANSIENT = (
     OSError,
 )
 _REPLAY_IDLE_S = 5.0
+_NO_STREAM_RETRIES = 8
 _LIVE_PENDING_MSGS = 1_000_000
 _LIVE_PENDING_BYTES = 512 * 1024 * 1024
 
@@ -113,7 +114,7 @@ class JetStreamBroker:
                 reconnected_cb=self._on_reconnected,
                 **self._connect_options,
             )
-        except (NoServersError, OSError, asyncio.TimeoutError, NatsTimeoutError) as exc:
+        except (TimeoutError, NoServersError, OSError, NatsTimeoutError) as exc:
             raise BrokerUnavailable(f"no NATS server answered at {','.join(self._urls)}") from exc
         self._nc = nc
         self._js = nc.jetstream(timeout=self._publish_timeout)
@@ -139,7 +140,9 @@ class JetStreamBroker:
 
     async def _on_error(self, exc: Exception) -> None:
         if isinstance(exc, SlowConsumerError):
-            log.warning("NATS slow consumer on %s: live events dropped, members will replay", exc.subject)
+            log.warning(
+                "NATS slow consumer on %s: live events dropped, members will replay", exc.subject
+            )
             return
         log.warning("NATS error: %s", exc)
 
@@ -189,20 +192,29 @@ class JetStreamBroker:
         _, js, _, streams = self._require()
         subject = self._scheme.ingest(ref)
         headers = {"Nats-Msg-Id": dedupe_key}
-        for attempt in (1, 2):
+        # A stream that was just created can take a moment to take its subjects on every
+        # server; a bounded retry covers it. The dedupe key makes the retry safe.
+        delay = 0.05
+        for attempt in range(_NO_STREAM_RETRIES):
             try:
-                ack = await js.publish(subject, body, headers=headers, timeout=self._publish_timeout)
+                ack = await js.publish(
+                    subject, body, headers=headers, timeout=self._publish_timeout
+                )
                 return PublishResult(seq=ack.seq, duplicate=bool(ack.duplicate))
             except NoStreamResponseError:
-                if attempt == 2:
-                    raise BrokerUnavailable("no stream answered for this tenant") from None
-                streams.forget(ref.tenant)
-                await self.ensure_stream(ref.tenant)
-            except (*_TRANSIENT, NatsTimeoutError) as exc:
+                if attempt == 0:
+                    streams.forget(ref.tenant)
+                    await self.ensure_stream(ref.tenant)
+                else:
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 0.5)
+            except _TRANSIENT as exc:
                 raise BrokerUnavailable(f"publish not acknowledged: {type(exc).__name__}") from exc
             except APIError as exc:
-                raise BrokerUnavailable(f"publish rejected by JetStream: {exc.description}") from exc
-        raise AssertionError("unreachable")
+                raise BrokerUnavailable(
+                    f"publish rejected by JetStream: {exc.description}"
+                ) from exc
+        raise BrokerUnavailable("no stream answered for this tenant")
 
     async def ensure_stream(self, tenant: str) -> int:
         """Create the tenant's stream if it does not exist (idempotent)."""

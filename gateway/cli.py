@@ -1,0 +1,118 @@
+"""``arqonbus``: dev, gateway, mesh provision."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from shared.settings import ConfigError, Settings, load_settings
+
+log = logging.getLogger("arqonbus")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="arqonbus", description="ArqonBus message bus")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    dev = sub.add_parser("dev", help="run a local NATS cluster and gateways (development)")
+    dev.add_argument("--nats-nodes", type=int, default=3, help="NATS nodes (default 3)")
+    dev.add_argument("--gateways", type=int, default=2, help="gateway processes (default 2)")
+    dev.add_argument("--port", type=int, default=8765, help="first gateway port (default 8765)")
+    dev.add_argument(
+        "--nats-port", type=int, default=4222, help="first NATS client port (default 4222)"
+    )
+    dev.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    dev.add_argument("--data-dir", type=Path, default=Path(".arqonbus"), help="default ./.arqonbus")
+
+    gw = sub.add_parser("gateway", help="run one gateway against an existing NATS")
+    gw.add_argument("--nats", help="NATS URL(s), comma-separated [ARQONBUS_NATS]")
+    gw.add_argument("--listen", help="HOST:PORT [ARQONBUS_LISTEN]")
+    gw.add_argument("--auth", help="authentication mode: dev [ARQONBUS_AUTH]")
+    gw.add_argument("--node-id", help="node name [ARQONBUS_NODE_ID]")
+    gw.add_argument("--log-level", help="DEBUG, INFO, WARNING [ARQONBUS_LOG_LEVEL]")
+
+    mesh = sub.add_parser("mesh", help="mesh administration")
+    mesh_sub = mesh.add_subparsers(dest="mesh_command", required=True)
+    prov = mesh_sub.add_parser("provision", help="create a tenant's stream (idempotent)")
+    prov.add_argument("--tenant", action="append", required=True, help="tenant name (repeatable)")
+    prov.add_argument("--nats", help="NATS URL(s), comma-separated [ARQONBUS_NATS]")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "dev":
+            from gateway.dev import run_dev
+
+            _setup_logging("INFO")
+            return asyncio.run(run_dev(args))
+        settings = _settings_from(args)
+        _setup_logging(settings.log_level)
+        if args.command == "gateway":
+            return _run_gateway(settings)
+        return asyncio.run(_provision(settings, args.tenant))
+    except ConfigError as exc:
+        print(f"arqonbus: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _settings_from(args: argparse.Namespace) -> Settings:
+    keys = ("nats", "listen", "auth", "node_id", "log_level")
+    return load_settings(**{k: getattr(args, k, None) for k in keys})
+
+
+def _run_gateway(settings: Settings) -> int:
+    from gateway.server import PortInUse, run_gateway
+
+    try:
+        return asyncio.run(run_gateway(settings))
+    except PortInUse as exc:
+        log.error("%s", exc)
+        return 2
+    except ValueError as exc:  # no auth mode
+        log.error("%s", exc)
+        return 2
+
+
+async def _provision(settings: Settings, tenants: list[str]) -> int:
+    from mesh.broker import BrokerUnavailable
+    from mesh.jetstream import JetStreamBroker
+    from mesh.streams import StreamPolicy
+    from shared.errors import ArqonError
+    from shared.subjects import SubjectScheme, validate_name
+
+    scheme = SubjectScheme(settings.subject_prefix)
+    policy = StreamPolicy(
+        settings.stream_max_age_s, settings.dedupe_window_s, settings.stream_replicas
+    )
+    broker = JetStreamBroker(settings.nats_urls, scheme, policy, settings.publish_timeout_s)
+    try:
+        for tenant in tenants:
+            validate_name(tenant, "tenant")
+        await broker.connect()
+        for tenant in tenants:
+            replicas = await broker.ensure_stream(tenant)
+            print(
+                f"stream {scheme.stream_name(tenant)} for tenant {tenant}: ready ({replicas} replicas)"
+            )
+    except (BrokerUnavailable, ArqonError) as exc:
+        print(f"arqonbus: {exc}. Check --nats / ARQONBUS_NATS.", file=sys.stderr)
+        return 1
+    finally:
+        await broker.close()
+    return 0

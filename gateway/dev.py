@@ -1,0 +1,162 @@
+"""``arqonbus dev``: a local NATS cluster plus gateways, each its own process."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from mesh.local import LocalCluster, NatsServerNotFound, free_port
+
+log = logging.getLogger("arqonbus.dev")
+
+READY_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 20.0
+
+
+async def http_status(host: str, port: int, path: str, timeout: float = 2.0) -> int | None:
+    """GET a path on 127.0.0.1-style hosts; the status code, or None if nothing answers."""
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(
+                f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
+            )
+            line = await reader.readline()
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+    except (OSError, TimeoutError):
+        return None
+    parts = line.split()
+    return int(parts[1]) if len(parts) >= 2 and parts[1].isdigit() else None
+
+
+async def wait_http_ready(
+    host: str, port: int, proc: asyncio.subprocess.Process, timeout: float
+) -> None:
+    """Wait until /readyz answers 200, or raise if the process dies or time runs out."""
+    async with asyncio.timeout(timeout):
+        while await http_status(host, port, "/readyz") != 200:
+            if proc.returncode is not None:
+                raise RuntimeError(f"gateway on port {port} exited with {proc.returncode}")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(proc.wait(), 0.1)
+
+
+def gateway_command(nats: str, host: str, port: int, node_id: str) -> list[str]:
+    return [
+        sys.executable, "-m", "gateway", "gateway",
+        "--nats", nats, "--listen", f"{host}:{port}", "--auth", "dev", "--node-id", node_id,
+    ]  # fmt: skip
+
+
+async def spawn_gateway(
+    nats: str, host: str, port: int, node_id: str
+) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        *gateway_command(nats, host, port, node_id),
+        stdin=asyncio.subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+async def stop_process(proc: asyncio.subprocess.Process, timeout: float) -> None:
+    """SIGTERM (drain), then SIGKILL after ``timeout``; only this process, by PID."""
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+    try:
+        await asyncio.wait_for(proc.wait(), timeout)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+
+
+def _check_ports(host: str, first: int, count: int, what: str, flag: str) -> None:
+    import socket
+
+    for port in range(first, first + count):
+        with socket.socket() as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                raise SystemExit(
+                    f"arqonbus dev: {what} port {port} on {host} is in use: stop the other "
+                    f"process or pass {flag} with a free port"
+                ) from None
+
+
+async def run_dev(args: argparse.Namespace) -> int:
+    _check_ports(args.host, args.nats_port, args.nats_nodes, "NATS", "--nats-port")
+    _check_ports(args.host, args.port, args.gateways, "gateway", "--port")
+    data_dir: Path = args.data_dir.resolve()
+    try:
+        cluster = LocalCluster(data_dir / "nats", args.nats_nodes, args.host, args.nats_port)
+    except NatsServerNotFound as exc:
+        print(f"arqonbus dev: {exc}", file=sys.stderr)
+        return 2
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    gateways: list[asyncio.subprocess.Process] = []
+    try:
+        print(f"starting {args.nats_nodes} NATS node(s) in {data_dir / 'nats'} ...", flush=True)
+        await cluster.start()
+        ports = [args.port + i for i in range(args.gateways)]
+        for i, port in enumerate(ports):
+            gateways.append(await spawn_gateway(cluster.url_csv, args.host, port, f"gw{i}"))
+        for proc, port in zip(gateways, ports, strict=True):
+            await wait_http_ready(args.host, port, proc, READY_TIMEOUT_S)
+        _print_banner(cluster, args.host, ports, gateways)
+        await _supervise(stop, gateways, ports)
+    finally:
+        print("stopping gateways (drain) and NATS ...", flush=True)
+        await asyncio.gather(*(stop_process(p, STOP_TIMEOUT_S) for p in gateways))
+        await cluster.stop()
+        print("stopped; data kept in", data_dir, flush=True)
+    return 0
+
+
+async def _supervise(
+    stop: asyncio.Event, gateways: list[asyncio.subprocess.Process], ports: list[int]
+) -> None:
+    """Wait for Ctrl-C; report (once) any gateway that exits on its own."""
+    reported: set[int] = set()
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 1.0)
+        for proc, port in zip(gateways, ports, strict=True):
+            if proc.returncode is not None and port not in reported:
+                reported.add(port)
+                log.warning(
+                    "gateway on port %d exited with %s; the others keep serving",
+                    port,
+                    proc.returncode,
+                )
+
+
+def _print_banner(
+    cluster: LocalCluster, host: str, ports: list[int], gateways: list[asyncio.subprocess.Process]
+) -> None:
+    lines = ["", "ArqonBus dev mesh is up.", f"  NATS:      {cluster.url_csv}"]
+    for port, proc in zip(ports, gateways, strict=True):
+        lines.append(f"  gateway:   ws://{host}:{port}/ws   (pid {proc.pid})")
+    lines += [
+        "  dev token: dev:demo:alice   (any dev:<tenant>:<principal> works)",
+        "",
+        f"  try:  python -m websockets 'ws://{host}:{ports[0]}/ws?token=dev:demo:alice'",
+        "  Ctrl-C stops everything.",
+        "",
+    ]
+    print("\n".join(lines), flush=True)
+
+
+__all__ = ["free_port", "http_status", "run_dev", "stop_process", "wait_http_ready"]
+

@@ -1,0 +1,105 @@
+"""Shared fixtures: one real 3-node JetStream cluster per test session (per xdist worker)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.server import Gateway
+from mesh.local import LocalCluster
+from shared.settings import load_settings
+from tests.support import GatewayProcess, WsClient
+
+
+@pytest.fixture(scope="session")
+async def nats_cluster(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[LocalCluster]:
+    cluster = LocalCluster(tmp_path_factory.mktemp("nats"), nodes=3)
+    await cluster.start(timeout=60)
+    try:
+        yield cluster
+    finally:
+        await cluster.stop()
+
+
+@pytest.fixture
+def tenant() -> str:
+    """A fresh tenant per test, so tests sharing the cluster never see each other."""
+    return "t" + uuid.uuid4().hex[:12]
+
+
+GatewayFactory = Callable[..., Awaitable[Gateway]]
+
+
+def gateway_url(gateway: Gateway) -> str:
+    return f"ws://127.0.0.1:{gateway.address[1]}/ws"
+
+
+async def _start_gateways(nats_urls: str) -> tuple[GatewayFactory, list[Gateway]]:
+    started: list[Gateway] = []
+
+    async def start(**overrides: Any) -> Gateway:
+        options: dict[str, Any] = {"nats": nats_urls, "listen": "127.0.0.1:0", "auth": "dev"}
+        options["node_id"] = f"gw{len(started)}"
+        options.update(overrides)
+        gateway = Gateway(load_settings(**options))
+        await gateway.start()
+        started.append(gateway)
+        await gateway.wait_ready(30)
+        return gateway
+
+    return start, started
+
+
+@pytest.fixture
+async def start_gateway(nats_cluster: LocalCluster) -> AsyncIterator[GatewayFactory]:
+    """Start in-process gateways against the shared cluster; all are closed after the test."""
+    start, started = await _start_gateways(nats_cluster.url_csv)
+    try:
+        yield start
+    finally:
+        for gateway in started:
+            await gateway.close()
+
+
+@pytest.fixture
+async def clients() -> AsyncIterator[Callable[..., Awaitable[WsClient]]]:
+    """Open WebSocket clients; all are closed after the test."""
+    opened: list[WsClient] = []
+
+    async def connect(url: str, tenant: str, principal: str, **kwargs: Any) -> WsClient:
+        client = await WsClient.connect(url, tenant, principal, **kwargs)
+        opened.append(client)
+        return client
+
+    try:
+        yield connect
+    finally:
+        for client in opened:
+            await client.close()
+
+
+@pytest.fixture
+async def gateway_processes() -> AsyncIterator[Callable[..., Awaitable[GatewayProcess]]]:
+    """Gateways as child processes; all are stopped after the test."""
+    started: list[GatewayProcess] = []
+
+    async def start(nats_urls: str, **kwargs: Any) -> GatewayProcess:
+        proc = GatewayProcess(nats_urls, **kwargs)
+        started.append(proc)
+        await proc.start()
+        return proc
+
+    try:
+        yield start
+    finally:
+        for proc in started:
+            await proc.stop()
+
+
+@pytest.fixture
+def private_cluster_dir(tmp_path: Path) -> Path:
+    return tmp_path / "nats"

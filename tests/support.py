@@ -1,0 +1,222 @@
+"""Test helpers: a real WebSocket client and gateways as real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+import websockets
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed
+
+from gateway.dev import http_status
+from mesh.local import free_port
+
+Message = dict[str, Any]
+
+
+def new_id(prefix: str = "m") -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:12]}"
+
+
+class WsClient:
+    """A plain WebSocket client that records every message it receives."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+        self.received: list[Message] = []
+        self.welcome: Message | None = None
+        self.closed = asyncio.Event()
+        self._changed = asyncio.Condition()
+        self._reader = asyncio.create_task(self._read())
+
+    @classmethod
+    async def connect(cls, url: str, tenant: str, principal: str, **kwargs: Any) -> WsClient:
+        ws = await websockets.connect(f"{url}?token=dev:{tenant}:{principal}", **kwargs)
+        client = cls(ws)
+        client.welcome = await client.wait_for(lambda m: m["type"] == "welcome")
+        return client
+
+    async def _read(self) -> None:
+        try:
+            async for raw in self.ws:
+                message = orjson.loads(raw)
+                async with self._changed:
+                    self.received.append(message)
+                    self._changed.notify_all()
+        except ConnectionClosed:
+            pass
+        finally:
+            self.closed.set()
+            async with self._changed:
+                self._changed.notify_all()
+
+    @property
+    def close_code(self) -> int | None:
+        return self.ws.close_code
+
+    async def send(self, message: Message | str | bytes) -> None:
+        if isinstance(message, dict):
+            message = orjson.dumps(message).decode()
+        await self.ws.send(message)
+
+    async def wait_for(
+        self, predicate: Callable[[Message], bool], timeout: float = 10.0, start: int = 0
+    ) -> Message:
+        """The first message received at index >= ``start`` matching ``predicate``."""
+        async with asyncio.timeout(timeout), self._changed:
+            while True:
+                for message in self.received[start:]:
+                    if predicate(message):
+                        return message
+                if self.closed.is_set():
+                    raise ConnectionError(f"closed ({self.close_code}) before the expected message")
+                await self._changed.wait()
+
+    async def reply_to(self, request_id: str, timeout: float = 10.0, start: int = 0) -> Message:
+        return await self.wait_for(
+            lambda m: (
+                m["type"] in ("ack", "error", "command_response")
+                and m["payload"].get("request_id") == request_id
+            ),
+            timeout,
+            start,
+        )
+
+    async def publish(
+        self, room: str, channel: str, payload: Message, id: str | None = None, **extra: Any
+    ) -> Message:
+        msg_id = id or new_id()
+        start = len(self.received)
+        await self.send(
+            {
+                "id": msg_id,
+                "type": "event",
+                "room": room,
+                "channel": channel,
+                "payload": payload,
+                **extra,
+            }
+        )
+        return await self.reply_to(msg_id, start=start)
+
+    async def command(
+        self, room: str, channel: str, name: str, parameters: Message | None = None
+    ) -> Message:
+        cmd_id = new_id("c")
+        start = len(self.received)
+        await self.send(
+            {
+                "version": "1.0",
+                "id": cmd_id,
+                "type": "command",
+                "room": room,
+                "channel": channel,
+                "payload": {"command": name, "parameters": parameters or {}},
+            }
+        )
+        return await self.reply_to(cmd_id, start=start)
+
+    async def join(self, room: str, channel: str, since_seq: int | None = None) -> Message:
+        params = {} if since_seq is None else {"since_seq": since_seq}
+        reply = await self.command(room, channel, "join_channel", params)
+        assert reply["payload"]["status"] == "success", reply
+        return reply["payload"]["result"]
+
+    def events(self, room: str | None = None, channel: str | None = None) -> list[Message]:
+        return [
+            m
+            for m in self.received
+            if m["type"] == "event"
+            and (room is None or m["room"] == room)
+            and (channel is None or m["channel"] == channel)
+        ]
+
+    async def wait_events(
+        self, count: int, room: str | None = None, channel: str | None = None, timeout: float = 15.0
+    ) -> list[Message]:
+        async with asyncio.timeout(timeout), self._changed:
+            while len(self.events(room, channel)) < count:
+                if self.closed.is_set():
+                    raise ConnectionError(
+                        f"closed ({self.close_code}) with {len(self.events(room, channel))}/{count} events"
+                    )
+                await self._changed.wait()
+        return self.events(room, channel)
+
+    async def close(self) -> None:
+        with contextlib.suppress(ConnectionClosed, OSError):
+            await self.ws.close()
+        self._reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._reader
+
+
+class GatewayProcess:
+    """``arqonbus gateway`` as a real child process (so it can be SIGKILLed or SIGTERMed)."""
+
+    def __init__(
+        self, nats_urls: str, port: int | None = None, env: dict[str, str] | None = None
+    ) -> None:
+        self.nats_urls = nats_urls
+        self.port = port or free_port()
+        self.env = {**os.environ, **(env or {})}
+        self.proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    async def start(self, timeout: float = 30.0) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway", "gateway",
+            "--nats", self.nats_urls, "--listen", f"127.0.0.1:{self.port}", "--auth", "dev",
+            "--node-id", f"gw-{self.port}",
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE, env=self.env, start_new_session=True,
+        )  # fmt: skip
+        await self.wait_ready(timeout)
+
+    async def wait_ready(self, timeout: float = 30.0) -> None:
+        assert self.proc is not None
+        async with asyncio.timeout(timeout):
+            while await http_status("127.0.0.1", self.port, "/readyz") != 200:
+                if self.proc.returncode is not None:
+                    raise RuntimeError(
+                        f"gateway exited with {self.proc.returncode}: {await self.stderr()}"
+                    )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.proc.wait(), 0.05)
+
+    async def stderr(self) -> str:
+        assert self.proc is not None and self.proc.stderr is not None
+        with contextlib.suppress(TimeoutError):
+            data = await asyncio.wait_for(self.proc.stderr.read(), 5)
+            return data.decode(errors="replace")[-4000:]
+        return ""
+
+    def signal(self, sig: signal.Signals) -> None:
+        assert self.proc is not None
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.send_signal(sig)
+
+    async def wait_exit(self, timeout: float = 30.0) -> int:
+        assert self.proc is not None
+        return await asyncio.wait_for(self.proc.wait(), timeout)
+
+    async def stop(self) -> None:
+        if self.proc is None or self.proc.returncode is not None:
+            return
+        self.signal(signal.SIGTERM)
+        try:
+            await self.wait_exit(20)
+        except TimeoutError:
+            self.signal(signal.SIGKILL)
+            await self.proc.wait()
