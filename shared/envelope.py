@@ -49,7 +49,12 @@ ClientMessage = ClientEvent | ClientCommand
 
 def parse_client_frame(data: bytes | str, max_bytes: int) -> ClientMessage:
     """Parse and validate one client frame. Raises ArqonError with a stable code."""
-    size = len(data.encode() if isinstance(data, str) else data)
+    if isinstance(data, str):
+        try:
+            data = data.encode()
+        except UnicodeEncodeError:
+            raise ArqonError(INVALID_JSON, "the frame is not valid UTF-8") from None
+    size = len(data)
     if size > max_bytes:
         raise ArqonError(MESSAGE_TOO_LARGE, f"envelope is {size} bytes, limit is {max_bytes}")
     try:
@@ -95,7 +100,9 @@ def _parse_fields(obj: dict[str, Any], request_id: str) -> ClientMessage:
     return _parse_command(request_id, room, channel, payload)
 
 
-def _parse_command(request_id: str, room: str, channel: str, payload: dict[str, Any]) -> ClientCommand:
+def _parse_command(
+    request_id: str, room: str, channel: str, payload: dict[str, Any]
+) -> ClientCommand:
     name = payload.get("command")
     if not isinstance(name, str) or not name:
         raise ArqonError(INVALID_ENVELOPE, "field 'payload.command' must be a non-empty string")
@@ -131,7 +138,7 @@ def with_seq(stored: bytes, seq: int) -> bytes:
 
     ``stored`` is always an orjson-encoded object, so it ends with ``}``.
     """
-    return b"%s,\"seq\":%d}" % (stored[:-1], seq)
+    return b'%s,"seq":%d}' % (stored[:-1], seq)
 
 
 # -- gateway -> client --------------------------------------------------------

@@ -85,5 +85,8 @@ class SubjectScheme:
         return ChannelRef(parts[2], parts[3], parts[4])
 
     def dedupe_key(self, ref: ChannelRef, principal: str, envelope_id: str) -> str:
-        """The Nats-Msg-Id: an envelope id is an idempotency key per sender and channel."""
-        return f"{ref.room}.{ref.channel}.{principal}.{envelope_id}"
+        """The Nats-Msg-Id: an envelope id is an idempotency key per sender and channel.
+
+        The principal is length-prefixed so no (principal, id) pair can collide with another.
+        """
+        return f"{ref.room}.{ref.channel}.{len(principal)}.{principal}.{envelope_id}"

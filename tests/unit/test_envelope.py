@@ -1,0 +1,452 @@
+"""Envelope parsing and encoding: bytes in, typed messages or stable error codes out."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shared.envelope import (
+    ID_MAX,
+    PROTOCOL_VERSION,
+    ClientCommand,
+    ClientEvent,
+    decode_stored,
+    encode_ack,
+    encode_command_response,
+    encode_error,
+    encode_gap,
+    encode_stored_event,
+    encode_welcome,
+    parse_client_frame,
+    with_seq,
+)
+from shared.errors import (
+    INVALID_ENVELOPE,
+    INVALID_PARAMETERS,
+    TOO_MANY_IN_FLIGHT,
+    ArqonError,
+)
+
+MAX = 65536
+REQUEST_ID = "req-1"
+
+# -- helpers and strategies -----------------------------------------------------
+
+
+def event_frame(**changes: Any) -> dict[str, Any]:
+    frame: dict[str, Any] = {
+        "version": PROTOCOL_VERSION,
+        "id": REQUEST_ID,
+        "type": "event",
+        "room": "science",
+        "channel": "general",
+        "payload": {"text": "hello"},
+    }
+    frame.update(changes)
+    return frame
+
+
+def command_frame(**changes: Any) -> dict[str, Any]:
+    payload = {"command": "join_channel", "parameters": {"since_seq": 3}}
+    return event_frame(type="command", payload=payload) | changes
+
+
+def without(frame: dict[str, Any], key: str) -> dict[str, Any]:
+    return {k: v for k, v in frame.items() if k != key}
+
+
+def rejected(data: bytes | str, max_bytes: int = MAX) -> ArqonError:
+    with pytest.raises(ArqonError) as info:
+        parse_client_frame(data, max_bytes)
+    return info.value
+
+
+# Text that orjson can encode: no lone surrogates.
+json_text = st.text(st.characters(codec="utf-8"), max_size=20)
+json_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | json_text
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(json_text, children, max_size=4)
+    ),
+    max_leaves=20,
+)
+json_objects = st.dictionaries(json_text, json_values, max_size=6)
+
+
+# -- valid frames ---------------------------------------------------------------
+
+
+def test_event_frame_parses_to_client_event() -> None:
+    parsed = parse_client_frame(orjson.dumps(event_frame()), MAX)
+    assert parsed == ClientEvent(REQUEST_ID, "science", "general", {"text": "hello"})
+
+
+def test_command_frame_parses_to_client_command() -> None:
+    parsed = parse_client_frame(orjson.dumps(command_frame()), MAX)
+    assert parsed == ClientCommand(
+        REQUEST_ID, "science", "general", "join_channel", {"since_seq": 3}
+    )
+
+
+def test_str_frame_parses_like_bytes_frame() -> None:
+    frame = event_frame(payload={"text": "héllo ✓"})
+    as_str = parse_client_frame(orjson.dumps(frame).decode(), MAX)
+    assert as_str == parse_client_frame(orjson.dumps(frame), MAX)
+    assert isinstance(as_str, ClientEvent)
+    assert as_str.payload == {"text": "héllo ✓"}
+
+
+def test_missing_version_defaults_to_current() -> None:
+    parsed = parse_client_frame(orjson.dumps(without(event_frame(), "version")), MAX)
+    assert isinstance(parsed, ClientEvent)
+
+
+@pytest.mark.parametrize("parameters", [None, "missing"])
+def test_command_parameters_default_to_empty(parameters: Any) -> None:
+    payload: dict[str, Any] = {"command": "leave_channel"}
+    if parameters != "missing":
+        payload["parameters"] = parameters
+    parsed = parse_client_frame(orjson.dumps(command_frame(payload=payload)), MAX)
+    assert isinstance(parsed, ClientCommand)
+    assert parsed.parameters == {}
+
+
+def test_unknown_command_name_still_parses() -> None:
+    # Whether a command exists is decided by shared.commands, not by the envelope.
+    payload = {"command": "status", "parameters": {"check": "pool"}}
+    parsed = parse_client_frame(orjson.dumps(command_frame(payload=payload)), MAX)
+    assert isinstance(parsed, ClientCommand)
+    assert parsed.command == "status"
+
+
+@pytest.mark.parametrize("name", ["a", "A-z_0-9", "x" * 64])
+def test_boundary_names_are_accepted(name: str) -> None:
+    parsed = parse_client_frame(orjson.dumps(event_frame(room=name, channel=name)), MAX)
+    assert (parsed.room, parsed.channel) == (name, name)
+
+
+@pytest.mark.parametrize("request_id", ["a", "x" * ID_MAX, "id with spaces", "ünïcode-✓"])
+def test_boundary_ids_are_accepted(request_id: str) -> None:
+    assert parse_client_frame(orjson.dumps(event_frame(id=request_id)), MAX).id == request_id
+
+
+@settings(max_examples=200)
+@given(payload=json_objects)
+def test_any_json_object_payload_is_carried_unchanged(payload: dict[str, Any]) -> None:
+    parsed = parse_client_frame(orjson.dumps(event_frame(payload=payload)), 10**7)
+    assert isinstance(parsed, ClientEvent)
+    assert parsed.payload == payload
+
+
+# -- rejections -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        "",
+        b"{",
+        b"not json",
+        b'{"id": "a"} trailing',
+        b"NaN",
+        b"\xff\xfe",
+        b'{"id": "\xff"}',
+        b'{"id": "a", "payload": {"x": "\\ud800"}}',
+    ],
+)
+def test_non_json_or_invalid_utf8_is_invalid_json(data: bytes | str) -> None:
+    error = rejected(data)
+    assert error.code == "invalid_json"
+    assert error.request_id is None
+
+
+def test_str_frame_with_lone_surrogate_is_invalid_json() -> None:
+    # A str that cannot be encoded as UTF-8 is bad input, not a crash.
+    error = rejected('{"id": "a\ud800", "type": "event"}')
+    assert error.code == "invalid_json"
+
+
+@pytest.mark.parametrize("data", [b"[]", b'["id"]', b'"text"', b"1", b"null", b"true"])
+def test_non_object_is_invalid_envelope(data: bytes) -> None:
+    error = rejected(data)
+    assert error.code == "invalid_envelope"
+    assert error.request_id is None
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        without(event_frame(), "id"),
+        event_frame(id=""),
+        event_frame(id="x" * (ID_MAX + 1)),
+        event_frame(id=123),
+        event_frame(id=None),
+        event_frame(id=["a"]),
+        event_frame(id="a\x00b"),
+        event_frame(id="a\nb"),
+        event_frame(id="tab\there"),
+        event_frame(id="del\x7f"),
+    ],
+    ids=["missing", "empty", "too-long", "int", "null", "list", "nul", "newline", "tab", "del"],
+)
+def test_bad_id_is_invalid_envelope_without_request_id(frame: dict[str, Any]) -> None:
+    error = rejected(orjson.dumps(frame))
+    assert error.code == "invalid_envelope"
+    assert error.request_id is None
+    assert "'id'" in error.message
+
+
+@pytest.mark.parametrize(
+    ("frame", "field"),
+    [
+        (event_frame(version="2.0"), "version"),
+        (event_frame(version=1.0), "version"),
+        (event_frame(version=None), "version"),
+        (event_frame(type="message"), "type"),
+        (event_frame(type="command_response"), "type"),
+        (without(event_frame(), "type"), "type"),
+        (event_frame(payload=[1, 2]), "payload"),
+        (event_frame(payload="text"), "payload"),
+        (event_frame(payload=None), "payload"),
+        (without(event_frame(), "payload"), "payload"),
+        (command_frame(payload={"parameters": {}}), "payload.command"),
+        (command_frame(payload={"command": ""}), "payload.command"),
+        (command_frame(payload={"command": 7}), "payload.command"),
+        (command_frame(payload={"command": "history", "parameters": [1]}), "payload.parameters"),
+        (command_frame(payload={"command": "history", "parameters": "x"}), "payload.parameters"),
+    ],
+)
+def test_bad_field_is_invalid_envelope_with_request_id(frame: dict[str, Any], field: str) -> None:
+    error = rejected(orjson.dumps(frame))
+    assert error.code == "invalid_envelope"
+    assert error.request_id == REQUEST_ID
+    assert f"'{field}'" in error.message
+
+
+BAD_NAMES: list[Any] = [
+    "a.b",
+    "*",
+    ">",
+    "a*",
+    "a>",
+    "a b",
+    " a",
+    "a\t",
+    "a\x00",
+    "a\n",
+    "é",
+    "",
+    "x" * 65,
+    5,
+    None,
+    ["a"],
+    {"a": 1},
+    True,
+]
+
+
+@pytest.mark.parametrize("field", ["room", "channel"])
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_bad_room_or_channel_is_invalid_name(field: str, name: Any) -> None:
+    for frame in (event_frame(**{field: name}), command_frame(**{field: name})):
+        error = rejected(orjson.dumps(frame))
+        assert error.code == "invalid_name"
+        assert error.request_id == REQUEST_ID
+        assert field in error.message
+
+
+@pytest.mark.parametrize("field", ["room", "channel"])
+def test_missing_room_or_channel_is_invalid_name(field: str) -> None:
+    error = rejected(orjson.dumps(without(event_frame(), field)))
+    assert error.code == "invalid_name"
+    assert error.request_id == REQUEST_ID
+
+
+# -- size limit -----------------------------------------------------------------
+
+
+def test_bytes_frame_at_limit_parses_and_one_over_is_too_large() -> None:
+    data = orjson.dumps(event_frame())
+    assert isinstance(parse_client_frame(data, len(data)), ClientEvent)
+    error = rejected(data, len(data) - 1)
+    assert error.code == "message_too_large"
+    assert error.request_id is None
+
+
+def test_str_frame_is_measured_in_utf8_bytes() -> None:
+    text = orjson.dumps(event_frame(payload={"text": "é" * 100})).decode()
+    utf8_size = len(text.encode())
+    assert utf8_size == len(text) + 100
+    assert isinstance(parse_client_frame(text, utf8_size), ClientEvent)
+    assert rejected(text, utf8_size - 1).code == "message_too_large"
+    assert rejected(text, len(text)).code == "message_too_large"
+
+
+def test_size_is_checked_before_parsing() -> None:
+    assert rejected(b"x" * 101, 100).code == "message_too_large"
+    assert rejected("x" * 101, 100).code == "message_too_large"
+
+
+def test_too_large_error_names_size_and_limit() -> None:
+    error = rejected(b"x" * 2000, 1024)
+    assert "2000" in error.message
+    assert "1024" in error.message
+
+
+# -- gateway -> store -------------------------------------------------------------
+
+
+def test_stored_event_overwrites_from_and_sets_timestamp() -> None:
+    frame = event_frame(**{"from": "mallory", "timestamp": "1970-01-01T00:00:00Z"})
+    event = parse_client_frame(orjson.dumps(frame), MAX)
+    assert isinstance(event, ClientEvent)
+    stored = decode_stored(encode_stored_event(event, "alice", "2025-01-01T12:00:00.000Z"))
+    assert stored == {
+        "version": PROTOCOL_VERSION,
+        "id": REQUEST_ID,
+        "type": "event",
+        "room": "science",
+        "channel": "general",
+        "from": "alice",
+        "timestamp": "2025-01-01T12:00:00.000Z",
+        "payload": {"text": "hello"},
+    }
+
+
+@settings(max_examples=200)
+@given(payload=json_objects, seq=st.integers(min_value=0, max_value=2**64 - 1))
+def test_with_seq_is_stored_envelope_plus_seq(payload: dict[str, Any], seq: int) -> None:
+    event = ClientEvent(REQUEST_ID, "room", "channel", payload)
+    stored = encode_stored_event(event, "alice", "2025-01-01T12:00:00.000Z")
+    delivered = orjson.loads(with_seq(stored, seq))
+    assert delivered == {**decode_stored(stored), "seq": seq}
+    assert delivered["payload"] == payload
+
+
+# -- gateway -> client --------------------------------------------------------------
+
+
+def test_welcome_shape() -> None:
+    limits = {"max_envelope_bytes": MAX, "max_in_flight": 1000}
+    assert orjson.loads(encode_welcome("s-1", "node-a", limits)) == {
+        "version": PROTOCOL_VERSION,
+        "type": "welcome",
+        "payload": {
+            "session_id": "s-1",
+            "node": "node-a",
+            "protocol": PROTOCOL_VERSION,
+            "limits": limits,
+        },
+    }
+
+
+@pytest.mark.parametrize("duplicate", [False, True])
+def test_ack_shape(duplicate: bool) -> None:
+    payload: dict[str, Any] = {"request_id": REQUEST_ID, "seq": 42}
+    if duplicate:
+        payload["duplicate"] = True
+    assert orjson.loads(encode_ack(REQUEST_ID, "science", "general", 42, duplicate)) == {
+        "version": PROTOCOL_VERSION,
+        "type": "ack",
+        "room": "science",
+        "channel": "general",
+        "payload": payload,
+    }
+
+
+def test_error_shape_carries_code_message_and_retryable() -> None:
+    error = ArqonError(TOO_MANY_IN_FLIGHT, "64 publishes in flight", REQUEST_ID)
+    assert orjson.loads(encode_error(error)) == {
+        "version": PROTOCOL_VERSION,
+        "type": "error",
+        "payload": {
+            "request_id": REQUEST_ID,
+            "code": "too_many_in_flight",
+            "message": error.message,
+            "retryable": True,
+        },
+    }
+
+
+def test_error_shape_with_unknown_request_and_extra_fields() -> None:
+    error = ArqonError(INVALID_ENVELOPE)
+    decoded = orjson.loads(encode_error(error, {"max_envelope_bytes": MAX}))
+    assert decoded["payload"] == {
+        "request_id": None,
+        "code": "invalid_envelope",
+        "message": INVALID_ENVELOPE.message,
+        "retryable": False,
+        "max_envelope_bytes": MAX,
+    }
+
+
+def test_error_for_a_parse_failure_echoes_the_request_id() -> None:
+    error = rejected(orjson.dumps(event_frame(room="a.b")))
+    decoded = orjson.loads(encode_error(error))
+    assert decoded["payload"]["request_id"] == REQUEST_ID
+    assert decoded["payload"]["code"] == "invalid_name"
+
+
+# The seed's Example 4 command response, field for field.
+EXAMPLE_4_KEYS = {"version", "id", "type", "room", "channel", "from", "timestamp", "payload"}
+
+
+def sample_command() -> ClientCommand:
+    return ClientCommand("arq_cmd_001", "services", "database", "history", {})
+
+
+def test_command_response_success_is_example_4_shape() -> None:
+    result = {"active_connections": 15, "max_connections": 100, "avg_response_time_ms": 2.3}
+    encoded = encode_command_response(
+        sample_command(), "arq_resp_001", "db_service", "2025-01-01T12:00:00.025Z", result=result
+    )
+    assert orjson.loads(encoded) == {
+        "version": "1.0",
+        "id": "arq_resp_001",
+        "type": "command_response",
+        "room": "services",
+        "channel": "database",
+        "from": "db_service",
+        "timestamp": "2025-01-01T12:00:00.025Z",
+        "payload": {"request_id": "arq_cmd_001", "status": "success", "result": result},
+    }
+
+
+def test_command_response_without_result_has_empty_result() -> None:
+    encoded = encode_command_response(sample_command(), "r-1", "gateway", "t")
+    payload = orjson.loads(encoded)["payload"]
+    assert payload == {"request_id": "arq_cmd_001", "status": "success", "result": {}}
+
+
+def test_command_response_error_keeps_example_4_envelope() -> None:
+    error = ArqonError(INVALID_PARAMETERS, "parameter 'limit' must be between 1 and 1000")
+    decoded = orjson.loads(
+        encode_command_response(sample_command(), "r-2", "gateway", "t", error=error)
+    )
+    assert set(decoded) == EXAMPLE_4_KEYS
+    assert decoded["type"] == "command_response"
+    assert decoded["payload"]["request_id"] == "arq_cmd_001"
+    assert decoded["payload"]["status"] == "error"
+    assert decoded["payload"]["error"] == {"code": "invalid_parameters", "message": error.message}
+
+
+def test_gap_shape() -> None:
+    assert orjson.loads(encode_gap("science", "general", 10, 57)) == {
+        "version": PROTOCOL_VERSION,
+        "type": "gap",
+        "room": "science",
+        "channel": "general",
+        "payload": {"after_seq": 10, "first_available_seq": 57},
+    }
