@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from shared.settings import ConfigError, Settings, load_settings
+from shared.settings import ConfigError, Settings, load_settings, unknown_variables
 
 log = logging.getLogger("arqonbus")
 
@@ -61,6 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(run_dev(args))
         settings = _settings_from(args)
         _setup_logging(settings.log_level)
+        for name in unknown_variables(os.environ):
+            log.warning("ignoring unknown variable %s: see the README's configuration table", name)
         if args.command == "gateway":
             return _run_gateway(settings)
         return asyncio.run(_provision(settings, args.tenant))

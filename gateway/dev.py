@@ -159,4 +159,3 @@ def _print_banner(
 
 
 __all__ = ["free_port", "http_status", "run_dev", "stop_process", "wait_http_ready"]
-

@@ -35,6 +35,7 @@ class Member:
     syncing: bool = True
     overflowed: bool = False
     pending: deque[LiveEvent] = field(default_factory=deque)
+    pending_bytes: int = 0
     task: asyncio.Task[None] | None = None
 
 
@@ -60,9 +61,10 @@ class JoinResult:
 
 
 class Hub:
-    def __init__(self, broker: Broker, pending_limit: int) -> None:
+    def __init__(self, broker: Broker, pending_limit: int, pending_bytes_limit: int) -> None:
         self._broker = broker
         self._pending_limit = pending_limit
+        self._pending_bytes_limit = pending_bytes_limit
         self._channels: dict[ChannelRef, _Channel] = {}
         broker.on_reconnect(self.resync_all)
 
@@ -147,7 +149,7 @@ class Hub:
                 continue
             elif event.prev_seq > member.cursor:
                 member.syncing = True
-                member.pending.append(event)
+                self._buffer(member, event)
                 self.start(member, event.prev_seq)
             else:
                 if frame is None:
@@ -156,10 +158,21 @@ class Hub:
                 member.cursor = event.seq
 
     def _buffer(self, member: Member, event: LiveEvent) -> None:
-        if len(member.pending) >= self._pending_limit:
+        """Hold a live event while the member replays; bounded in count and bytes.
+
+        On overflow the buffer is dropped and the member re-reads from the store
+        instead: nothing is lost, memory stays bounded.
+        """
+        size = len(event.body)
+        if (
+            len(member.pending) >= self._pending_limit
+            or member.pending_bytes + size > self._pending_bytes_limit
+        ):
             member.pending.clear()
+            member.pending_bytes = 0
             member.overflowed = True
         member.pending.append(event)
+        member.pending_bytes += size
 
     # -- catch-up -----------------------------------------------------------------------
 
@@ -201,6 +214,7 @@ class Hub:
             return True
         while member.pending:
             event = member.pending.popleft()
+            member.pending_bytes -= len(event.body)
             if event.seq <= member.cursor:
                 continue
             if event.prev_seq > member.cursor:

@@ -58,7 +58,7 @@ class Gateway:
             publish_timeout_s=settings.publish_timeout_s,
             name=f"arqonbus-gateway {self.node_id}",
         )
-        self.hub = Hub(self.broker, settings.replay_buffer_msgs)
+        self.hub = Hub(self.broker, settings.replay_buffer_msgs, 4 * settings.send_buffer_bytes)
         self.sessions: set[Session] = set()
         self.draining = False
         self.healthy = False

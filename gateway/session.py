@@ -28,7 +28,6 @@ from shared.envelope import (
 from shared.errors import (
     INTERNAL,
     NOT_JOINED,
-    TOO_MANY_IN_FLIGHT,
     UNAVAILABLE,
     ArqonError,
     CloseCode,
@@ -99,8 +98,9 @@ class Session:
     # -- events -------------------------------------------------------------------
 
     async def _start_publish(self, event: ClientEvent) -> None:
-        if len(self._in_flight) >= self._settings.max_in_flight:
-            raise ArqonError(TOO_MANY_IN_FLIGHT, request_id=event.id)
+        while len(self._in_flight) >= self._settings.max_in_flight:
+            # Backpressure: stop reading this socket until a store ack frees a slot.
+            await asyncio.wait(set(self._in_flight), return_when=asyncio.FIRST_COMPLETED)
         task = asyncio.create_task(self._publish(event))
         self._in_flight.add(task)
         task.add_done_callback(self._in_flight.discard)

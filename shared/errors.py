@@ -55,11 +55,6 @@ MESSAGE_TOO_LARGE = ErrorCode(
 NOT_JOINED = ErrorCode(
     "not_joined", "You are not a member of this channel. Send join_channel first.", False
 )
-TOO_MANY_IN_FLIGHT = ErrorCode(
-    "too_many_in_flight",
-    "Too many unacknowledged publishes on this connection. Wait for acks, then retry.",
-    True,
-)
 UNAVAILABLE = ErrorCode(
     "unavailable",
     "The message store is unreachable right now. Retry with the same id; "
@@ -80,7 +75,6 @@ CATALOGUE: dict[str, ErrorCode] = {
         INVALID_PARAMETERS,
         MESSAGE_TOO_LARGE,
         NOT_JOINED,
-        TOO_MANY_IN_FLIGHT,
         UNAVAILABLE,
         INTERNAL,
     )

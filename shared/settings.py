@@ -5,6 +5,7 @@ Every field below is a documented setting (see the README's configuration table)
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from pydantic import Field, ValidationError, field_validator
@@ -79,6 +80,16 @@ def parse_host_port(value: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"{value!r} is not HOST:PORT")
     return host.strip("[]"), int(port)
+
+
+# Variables read elsewhere (not gateway settings), so not reported as unknown.
+_OTHER_VARIABLES = {"ARQONBUS_NATS_SERVER", "ARQONBUS_URL", "ARQONBUS_TOKEN"}
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """ARQONBUS_* variables that match no setting: usually a typo worth reporting."""
+    known = {ENV_PREFIX + name.upper() for name in Settings.model_fields} | _OTHER_VARIABLES
+    return sorted(k for k in environ if k.startswith(ENV_PREFIX) and k not in known)
 
 
 def load_settings(**overrides: Any) -> Settings:

