@@ -9,18 +9,14 @@ import logging
 import os
 import signal
 import socket as socketlib
+from collections.abc import Mapping
 from http import HTTPStatus
 from urllib.parse import urlsplit
-
-import orjson
-from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.datastructures import Headers
-from websockets.http11 import Request, Response
 
 from gateway.auth import Authenticator, AuthError, Credentials, Principal, make_authenticator
 from gateway.hub import Hub
 from gateway.session import Session
-from gateway.transport import Socket
+from gateway.transport import HttpReply, ListenOptions, Server, Socket, start_server
 from mesh.jetstream import JetStreamBroker
 from mesh.streams import StreamPolicy
 from shared.settings import Settings
@@ -29,7 +25,6 @@ from shared.subjects import SubjectScheme
 log = logging.getLogger("arqonbus.gateway")
 
 WS_PATH = "/ws"
-_WRITE_HIGH_WATER = 64 * 1024
 
 
 class PortInUse(Exception):
@@ -62,7 +57,6 @@ class Gateway:
         self.sessions: set[Session] = set()
         self.draining = False
         self.healthy = False
-        self._principals: dict[int, Principal] = {}
         self._server: Server | None = None
         self._stop = asyncio.Event()
         self._became_ready = asyncio.Event()
@@ -73,20 +67,17 @@ class Gateway:
     async def start(self) -> None:
         """Listen at once; connect to NATS in the background (readyz stays 503 until then)."""
         try:
-            self._server = await serve(
-                self._handle,
-                self.settings.host,
-                self.settings.port,
-                process_request=self._process_request,
-                compression=None,
-                max_size=2 * self.settings.max_envelope_bytes,
-                max_queue=16,
-                write_limit=_WRITE_HIGH_WATER,
-                open_timeout=self.settings.open_timeout_s,
-                ping_interval=self.settings.ping_interval_s,
-                ping_timeout=self.settings.ping_interval_s,
-                close_timeout=5,
-                server_header="ArqonBus",
+            self._server = await start_server(
+                ListenOptions(
+                    host=self.settings.host,
+                    port=self.settings.port,
+                    max_frame_bytes=2 * self.settings.max_envelope_bytes,
+                    send_buffer_bytes=self.settings.send_buffer_bytes,
+                    open_timeout_s=self.settings.open_timeout_s,
+                    ping_interval_s=self.settings.ping_interval_s,
+                ),
+                self._on_request,
+                self._on_socket,
             )
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
@@ -151,31 +142,30 @@ class Gateway:
 
     # -- HTTP ------------------------------------------------------------------------
 
-    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
-        path = urlsplit(request.path).path
+    def _on_request(self, target: str, headers: Mapping[str, str]) -> HttpReply | Principal:
+        path = urlsplit(target).path
         if path == "/healthz":
-            return _json(HTTPStatus.OK, {"status": "alive", "node": self.node_id})
+            return HttpReply(HTTPStatus.OK, {"status": "alive", "node": self.node_id})
         if path == "/readyz":
             return self._readyz()
         if path != WS_PATH:
-            return _json(
+            return HttpReply(
                 HTTPStatus.NOT_FOUND, {"error": "not found: the WebSocket endpoint is /ws"}
             )
         if self.draining:
-            return _json(
+            return HttpReply(
                 HTTPStatus.SERVICE_UNAVAILABLE, {"error": "draining: connect to another gateway"}
             )
         try:
-            principal = self.authenticator.authenticate(
-                Credentials.from_request(request.path, request.headers)
-            )
+            principal = self.authenticator.authenticate(Credentials.from_request(target, headers))
         except AuthError as exc:
-            return _json(HTTPStatus.UNAUTHORIZED, {"error": "unauthorized", "message": str(exc)})
-        self._principals[id(connection)] = principal
-        return None
+            return HttpReply(
+                HTTPStatus.UNAUTHORIZED, {"error": "unauthorized", "message": str(exc)}
+            )
+        return principal
 
-    def _readyz(self) -> Response:
-        body = {
+    def _readyz(self) -> HttpReply:
+        body: dict[str, object] = {
             "ready": self.ready,
             "nats_connected": self.broker.connected,
             "jetstream": self.healthy,
@@ -183,15 +173,13 @@ class Gateway:
             "node": self.node_id,
             "sessions": len(self.sessions),
         }
-        return _json(HTTPStatus.OK if self.ready else HTTPStatus.SERVICE_UNAVAILABLE, body)
+        return HttpReply(HTTPStatus.OK if self.ready else HTTPStatus.SERVICE_UNAVAILABLE, body)
 
     # -- WebSocket -------------------------------------------------------------------
 
-    async def _handle(self, connection: ServerConnection) -> None:
-        principal = self._principals.pop(id(connection), None)
-        if principal is None or self.draining:
+    async def _on_socket(self, principal: Principal, socket: Socket) -> None:
+        if self.draining:
             return
-        socket = Socket(connection, self.settings.send_buffer_bytes)
         session = Session(socket, principal, self.hub, self.broker, self.settings, self.node_id)
         self.sessions.add(session)
         try:
@@ -200,18 +188,6 @@ class Gateway:
             log.exception("session %s crashed", session.id)
         finally:
             self.sessions.discard(session)
-
-
-def _json(status: HTTPStatus, body: dict[str, object]) -> Response:
-    data = orjson.dumps(body)
-    headers = Headers(
-        [
-            ("Content-Type", "application/json"),
-            ("Content-Length", str(len(data))),
-            ("Connection", "close"),
-        ]
-    )
-    return Response(status.value, status.phrase, headers, data)
 
 
 async def run_gateway(settings: Settings) -> int:

@@ -12,10 +12,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import struct
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
-from websockets.asyncio.server import ServerConnection
+import orjson
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
 from websockets.protocol import State
 
 from shared.errors import CloseCode
@@ -105,3 +110,90 @@ class Socket:
 
 
 _pending_closes: set[asyncio.Task[None]] = set()
+
+__all__ = ["HttpReply", "ListenOptions", "Server", "Socket", "encode_text_frame", "start_server"]
+
+
+# -- server ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class HttpReply:
+    """A plain HTTP answer given instead of a WebSocket upgrade."""
+
+    status: int
+    body: dict[str, object]
+
+
+@dataclass(frozen=True, slots=True)
+class ListenOptions:
+    host: str
+    port: int
+    max_frame_bytes: int
+    send_buffer_bytes: int
+    open_timeout_s: float
+    ping_interval_s: float
+    write_high_water: int = 64 * 1024
+    close_timeout_s: float = 5.0
+
+
+# on_request(path with query, headers) -> HttpReply to refuse, or a context to upgrade with
+RequestHook = Callable[[str, Mapping[str, str]], Any]
+# on_socket(context, socket) runs for the life of an upgraded connection
+SocketHandler = Callable[[Any, Socket], Awaitable[None]]
+
+
+def _to_response(reply: HttpReply) -> Response:
+    from http import HTTPStatus
+
+    data = orjson.dumps(reply.body)
+    headers = Headers(
+        [
+            ("Content-Type", "application/json"),
+            ("Content-Length", str(len(data))),
+            ("Connection", "close"),
+        ]
+    )
+    return Response(reply.status, HTTPStatus(reply.status).phrase, headers, data)
+
+
+async def start_server(
+    options: ListenOptions, on_request: RequestHook, on_socket: SocketHandler
+) -> Server:
+    """Listen for WebSocket upgrades and plain HTTP GETs on one port.
+
+    Compression stays off on purpose: frames are built once and shared by every
+    subscriber (see the module docstring). Frames above ``max_frame_bytes`` close 1009.
+    """
+
+    contexts: dict[int, Any] = {}  # lives only from process_request to handler (or close)
+
+    def process_request(connection: ServerConnection, request: Request) -> Response | None:
+        outcome = on_request(request.path, request.headers)
+        if isinstance(outcome, HttpReply):
+            return _to_response(outcome)
+        key = id(connection)
+        contexts[key] = outcome
+        connection.connection_lost_waiter.add_done_callback(lambda _: contexts.pop(key, None))
+        return None
+
+    async def handler(connection: ServerConnection) -> None:
+        context = contexts.pop(id(connection), None)
+        if context is not None:
+            await on_socket(context, Socket(connection, options.send_buffer_bytes))
+
+    return await serve(
+        handler,
+        options.host,
+        options.port,
+        process_request=process_request,
+        compression=None,
+        max_size=options.max_frame_bytes,
+        max_queue=16,
+        write_limit=options.write_high_water,
+        open_timeout=options.open_timeout_s,
+        ping_interval=options.ping_interval_s,
+        ping_timeout=options.ping_interval_s,
+        close_timeout=options.close_timeout_s,
+        server_header="ArqonBus",
+    )
