@@ -83,6 +83,8 @@ def _check_ports(host: str, first: int, count: int, what: str, flag: str) -> Non
 
     for port in range(first, first + count):
         with socket.socket() as sock:
+            # Same option the servers use, so ports in TIME_WAIT after a stop count as free.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 sock.bind((host, port))
             except OSError:

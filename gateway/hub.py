@@ -93,14 +93,19 @@ class Hub:
         except BaseException:
             self.leave(socket, ref)
             raise
-        start = window.last_seq if since_seq is None else min(since_seq, window.last_seq)
-        member.cursor = start
-        gap = start < window.last_seq and start + 1 < window.first_stream_seq
+        member.cursor = window.last_seq if since_seq is None else min(since_seq, window.last_seq)
+        # Conservative: if retention removed anything after since_seq, say so, even if
+        # the removed events may have belonged to other channels of the tenant.
+        gap = since_seq is not None and since_seq + 1 < window.first_stream_seq
         return member, JoinResult(window.last_seq, gap, window.first_stream_seq if gap else 0)
 
-    def start(self, member: Member, upto: int) -> None:
-        """Replay (cursor, upto] to the member, then flush what arrived live meanwhile."""
-        member.task = asyncio.create_task(self._catch_up(member, upto))
+    def start(self, member: Member, upto: int, check_retention: bool = False) -> None:
+        """Replay (cursor, upto] to the member, then flush what arrived live meanwhile.
+
+        With ``check_retention`` the member is first told (a ``gap`` message) if the
+        store no longer holds everything after its cursor.
+        """
+        member.task = asyncio.create_task(self._catch_up(member, upto, check_retention))
 
     def leave(self, socket: Socket, ref: ChannelRef) -> bool:
         channel = self._channels.get(ref)
@@ -150,7 +155,7 @@ class Hub:
             elif event.prev_seq > member.cursor:
                 member.syncing = True
                 self._buffer(member, event)
-                self.start(member, event.prev_seq)
+                self.start(member, event.prev_seq, check_retention=True)
             else:
                 if frame is None:
                     frame = encode_text_frame(with_seq(event.body, event.seq))
@@ -176,8 +181,11 @@ class Hub:
 
     # -- catch-up -----------------------------------------------------------------------
 
-    async def _catch_up(self, member: Member, upto: int) -> None:
+    async def _catch_up(self, member: Member, upto: int, check_retention: bool) -> None:
         try:
+            if check_retention:
+                window = await self._broker.window(member.ref)
+                self._report_gap(member, upto, window.first_stream_seq)
             await self._replay(member, upto)
             for _ in range(_MAX_CATCHUP_ROUNDS):
                 if not await self._flush_pending(member):
@@ -210,7 +218,8 @@ class Hub:
         if member.overflowed:
             member.overflowed = False
             window = await self._broker.window(member.ref)
-            await self._replay_with_gap_check(member, window.last_seq, window.first_stream_seq)
+            self._report_gap(member, window.last_seq, window.first_stream_seq)
+            await self._replay(member, window.last_seq)
             return True
         while member.pending:
             event = member.pending.popleft()
@@ -226,14 +235,10 @@ class Hub:
                 return True
         return False
 
-    async def _replay_with_gap_check(
-        self, member: Member, upto: int, first_stream_seq: int
-    ) -> None:
+    def _report_gap(self, member: Member, upto: int, first_stream_seq: int) -> None:
         if member.cursor < upto and member.cursor + 1 < first_stream_seq:
-            member.socket.send(
-                encode_gap(member.ref.room, member.ref.channel, member.cursor, first_stream_seq)
-            )
-        await self._replay(member, upto)
+            ref = member.ref
+            member.socket.send(encode_gap(ref.room, ref.channel, member.cursor, first_stream_seq))
 
     async def resync_all(self) -> None:
         """After a NATS reconnect: every live member replays what it may have missed."""
@@ -245,7 +250,7 @@ class Hub:
             for member in list(channel.members.values()):
                 if not member.syncing and window.last_seq > member.cursor:
                     member.syncing = True
-                    self.start(member, window.last_seq)
+                    self.start(member, window.last_seq, check_retention=True)
 
     async def close(self) -> None:
         for ref, channel in list(self._channels.items()):

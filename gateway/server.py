@@ -120,22 +120,24 @@ class Gateway:
         if self.draining:
             return
         self.draining = True
-        timeout = self.settings.drain_timeout_s
-        log.info("draining %d session(s), timeout %.1fs", len(self.sessions), timeout)
+        total = self.settings.drain_timeout_s
+        # Sessions get most of the budget; closing the listener and NATS get the rest.
+        budget = total * 0.7
+        log.info("draining %d session(s), timeout %.1fs", len(self.sessions), total)
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
-                await asyncio.gather(*(s.drain(timeout) for s in list(self.sessions)))
-        await self.close()
+            async with asyncio.timeout(budget):
+                await asyncio.gather(*(s.drain(budget) for s in list(self.sessions)))
+        await self.close(max(0.5, total - budget))
 
-    async def close(self) -> None:
+    async def close(self, timeout: float = 5.0) -> None:
         self._stop.set()
         if self._server is not None:
             self._server.close(close_connections=True)
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(5):
+                async with asyncio.timeout(timeout / 2):
                     await self._server.wait_closed()
         await self.hub.close()
-        await self.broker.close()
+        await self.broker.close(timeout / 2)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -144,6 +144,9 @@ class Session:
         except BrokerUnavailable as exc:
             log.warning("command %s failed: %s", command.command, exc)
             self._reply(command, error=ArqonError(UNAVAILABLE, request_id=command.id))
+        except Exception:
+            log.exception("command %s failed", command.command)
+            self._reply(command, error=ArqonError(INTERNAL, request_id=command.id))
 
     def _reply(
         self,

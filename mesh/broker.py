@@ -22,9 +22,8 @@ Guarantees of every implementation (checked by tests/integration/test_broker.py)
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Coroutine
-from typing import Any
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from shared.subjects import ChannelRef
 
@@ -86,4 +85,4 @@ class Broker(Protocol):
 
     def on_reconnect(self, handler: ReconnectHandler) -> None: ...
 
-    async def close(self) -> None: ...
+    async def close(self, timeout: float = 5.0) -> None: ...

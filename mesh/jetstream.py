@@ -24,6 +24,7 @@ from mesh.broker import (
     ChannelWindow,
     LiveEvent,
     LiveHandler,
+    LiveSubscription,
     PublishResult,
     ReconnectHandler,
     StoredEvent,
@@ -97,6 +98,15 @@ class JetStreamBroker:
     def max_payload(self) -> int:
         return self._nc.max_payload if self._nc is not None else 1024 * 1024
 
+    def cluster_size(self) -> int:
+        """Servers in the connected cluster, from the INFO the server sent (1 if unclustered)."""
+        if self._nc is None:
+            return 1
+        info = self._nc._server_info
+        if not info.get("cluster"):
+            return 1
+        return max(1, len(set(info.get("connect_urls") or [])))
+
     async def connect(self) -> None:
         """Connect once; raises BrokerUnavailable if no server answers."""
         try:
@@ -119,7 +129,7 @@ class JetStreamBroker:
         self._nc = nc
         self._js = nc.jetstream(timeout=self._publish_timeout)
         self._jsm = nc.jsm()
-        self._streams = StreamProvisioner(self._jsm, self._scheme, self._policy)
+        self._streams = StreamProvisioner(self._jsm, self._scheme, self._policy, self.cluster_size)
         log.info("connected to NATS at %s", nc.connected_url.netloc if nc.connected_url else "?")
 
     async def connect_with_retry(self, stop: asyncio.Event) -> bool:
@@ -171,13 +181,13 @@ class JetStreamBroker:
         except (*_TRANSIENT, APIError):
             return False
 
-    async def close(self) -> None:
+    async def close(self, timeout: float = 5.0) -> None:
         """Drain the NATS connection: flush publishes in flight, then close."""
         if self._nc is None or self._nc.is_closed:
             return
         self._closing = True
         try:
-            await asyncio.wait_for(self._nc.drain(), 5.0)
+            await asyncio.wait_for(self._nc.drain(), timeout)
         except (*_TRANSIENT, nats.errors.Error):
             await self._nc.close()
 
@@ -226,7 +236,7 @@ class JetStreamBroker:
 
     # -- live -----------------------------------------------------------------
 
-    async def subscribe_live(self, ref: ChannelRef, handler: LiveHandler) -> _LiveSub:
+    async def subscribe_live(self, ref: ChannelRef, handler: LiveHandler) -> LiveSubscription:
         nc, _, _, _ = self._require()
 
         async def on_msg(msg: Msg) -> None:

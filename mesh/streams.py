@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from nats.js import JetStreamManager
@@ -14,8 +15,11 @@ from shared.subjects import SubjectScheme
 
 log = logging.getLogger("arqonbus.mesh.streams")
 
-# JetStream API error codes meaning "this replica count cannot be placed here".
-_REPLICA_ERRORS = {10005, 10023, 10074}
+# JetStream API error codes.
+_ALREADY_EXISTS = 10058
+_NO_PLACEMENT = {10005, 10023}  # no suitable peers / insufficient resources: often transient
+_REPLICAS_UNSUPPORTED = 10074  # a single server without clustering
+_PLACEMENT_RETRIES = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,7 +30,9 @@ class StreamPolicy:
     max_bytes: int = -1
 
 
-def tenant_stream_config(scheme: SubjectScheme, tenant: str, policy: StreamPolicy, replicas: int) -> StreamConfig:
+def tenant_stream_config(
+    scheme: SubjectScheme, tenant: str, policy: StreamPolicy, replicas: int
+) -> StreamConfig:
     """The stream of one tenant: stores ``P.ev.<tenant>.>``, republishes to ``P.live...``."""
     return StreamConfig(
         name=scheme.stream_name(tenant),
@@ -45,17 +51,23 @@ def tenant_stream_config(scheme: SubjectScheme, tenant: str, policy: StreamPolic
     )
 
 
-def _replica_candidates(policy: StreamPolicy) -> list[int]:
-    if policy.replicas:
-        return [policy.replicas]
-    return [3, 2, 1]
+def choose_replicas(policy: StreamPolicy, cluster_size: int) -> int:
+    """The configured count, or min(3, cluster size) when it is 0 (auto)."""
+    return policy.replicas or max(1, min(3, cluster_size))
 
 
 class StreamProvisioner:
     """Makes sure a tenant's stream exists. Safe to call from many gateways at once."""
 
-    def __init__(self, jsm: JetStreamManager, scheme: SubjectScheme, policy: StreamPolicy) -> None:
+    def __init__(
+        self,
+        jsm: JetStreamManager,
+        scheme: SubjectScheme,
+        policy: StreamPolicy,
+        cluster_size: Callable[[], int],
+    ) -> None:
         self._jsm = jsm
+        self._cluster_size = cluster_size
         self._scheme = scheme
         self._policy = policy
         self._known: set[str] = set()
@@ -84,18 +96,24 @@ class StreamProvisioner:
         return await self._create(tenant)
 
     async def _create(self, tenant: str) -> int:
-        last_error: APIError | None = None
-        for replicas in _replica_candidates(self._policy):
+        replicas = choose_replicas(self._policy, self._cluster_size())
+        delay = 0.1
+        for attempt in range(_PLACEMENT_RETRIES):
             config = tenant_stream_config(self._scheme, tenant, self._policy, replicas)
             try:
                 await self._jsm.add_stream(config)
                 log.info("created stream %s with %d replica(s)", config.name, replicas)
                 return replicas
             except APIError as exc:
-                if exc.err_code == 10058:  # already exists (another gateway won the race)
+                if exc.err_code == _ALREADY_EXISTS:  # another gateway won the race
                     return replicas
-                if exc.err_code not in _REPLICA_ERRORS:
+                if exc.err_code == _REPLICAS_UNSUPPORTED and replicas > 1:
+                    replicas = 1
+                    continue
+                if exc.err_code not in _NO_PLACEMENT or attempt == _PLACEMENT_RETRIES - 1:
                     raise
-                last_error = exc
-        assert last_error is not None
-        raise last_error
+                # A cluster that just (re)started may not see its peers yet.
+                log.info("stream %s: no placement yet (%s); retrying", config.name, exc.description)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        raise AssertionError("unreachable")

@@ -189,7 +189,11 @@ def encode_command_response(
         payload["result"] = result if result is not None else {}
     else:
         payload["status"] = "error"
-        payload["error"] = {"code": error.code, "message": error.message}
+        payload["error"] = {
+            "code": error.code,
+            "message": error.message,
+            "retryable": error.error.retryable,
+        }
     return _server_message(
         "command_response",
         payload,

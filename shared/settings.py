@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.subjects import is_valid_name
@@ -62,6 +62,15 @@ class Settings(BaseSettings):
             raise ValueError("must be 'dev' (the only mode in this version)")
         return value
 
+    @model_validator(mode="after")
+    def _max_age_covers_dedupe_window(self) -> Settings:
+        if self.stream_max_age_s < self.dedupe_window_s:
+            raise ValueError(
+                "ARQONBUS_STREAM_MAX_AGE_S must be >= ARQONBUS_DEDUPE_WINDOW_S "
+                f"({self.stream_max_age_s} < {self.dedupe_window_s}): JetStream refuses such a stream"
+            )
+        return self
+
     @property
     def nats_urls(self) -> list[str]:
         return [u.strip() for u in self.nats.split(",") if u.strip()]
@@ -104,6 +113,9 @@ def load_settings(**overrides: Any) -> Settings:
 def _describe(exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
-        key = ENV_PREFIX + "_".join(str(p) for p in err["loc"]).upper()
-        lines.append(f"invalid setting {key}: {err['msg']}")
+        if err["loc"]:
+            key = ENV_PREFIX + "_".join(str(p) for p in err["loc"]).upper()
+            lines.append(f"invalid setting {key}: {err['msg']}")
+        else:
+            lines.append(f"invalid settings: {err['msg']}")
     return "; ".join(lines)

@@ -439,7 +439,11 @@ def test_command_response_error_keeps_example_4_envelope() -> None:
     assert decoded["type"] == "command_response"
     assert decoded["payload"]["request_id"] == "arq_cmd_001"
     assert decoded["payload"]["status"] == "error"
-    assert decoded["payload"]["error"] == {"code": "invalid_parameters", "message": error.message}
+    assert decoded["payload"]["error"] == {
+        "code": "invalid_parameters",
+        "message": error.message,
+        "retryable": False,
+    }
 
 
 def test_gap_shape() -> None:

