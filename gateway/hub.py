@@ -36,6 +36,7 @@ class Member:
     overflowed: bool = False
     pending: deque[LiveEvent] = field(default_factory=deque)
     pending_bytes: int = 0
+    gap_reported: bool = False
     task: asyncio.Task[None] | None = None
 
 
@@ -97,6 +98,7 @@ class Hub:
         # Conservative: if retention removed anything after since_seq, say so, even if
         # the removed events may have belonged to other channels of the tenant.
         gap = since_seq is not None and since_seq + 1 < window.first_stream_seq
+        member.gap_reported = gap
         return member, JoinResult(window.last_seq, gap, window.first_stream_seq if gap else 0)
 
     def start(self, member: Member, upto: int, check_retention: bool = False) -> None:
@@ -186,7 +188,7 @@ class Hub:
             if check_retention:
                 window = await self._broker.window(member.ref)
                 self._report_gap(member, upto, window.first_stream_seq)
-            await self._replay(member, upto)
+            await self._replay_then_verify(member, upto)
             for _ in range(_MAX_CATCHUP_ROUNDS):
                 if not await self._flush_pending(member):
                     member.syncing = False
@@ -235,10 +237,24 @@ class Hub:
                 return True
         return False
 
+    async def _replay_then_verify(self, member: Member, upto: int) -> None:
+        """Replay, then re-check retention: the replica that served the replay may have
+        expired events that the leader still counted when the gap check was made."""
+        before = member.cursor
+        await self._replay(member, upto)
+        if upto > before and not member.gap_reported:
+            window = await self._broker.window(member.ref)
+            if before + 1 < window.first_stream_seq:
+                self._send_gap(member, before, window.first_stream_seq)
+
     def _report_gap(self, member: Member, upto: int, first_stream_seq: int) -> None:
         if member.cursor < upto and member.cursor + 1 < first_stream_seq:
-            ref = member.ref
-            member.socket.send(encode_gap(ref.room, ref.channel, member.cursor, first_stream_seq))
+            self._send_gap(member, member.cursor, first_stream_seq)
+
+    def _send_gap(self, member: Member, after_seq: int, first_available_seq: int) -> None:
+        member.gap_reported = True
+        ref = member.ref
+        member.socket.send(encode_gap(ref.room, ref.channel, after_seq, first_available_seq))
 
     async def resync_all(self) -> None:
         """After a NATS reconnect: every live member replays what it may have missed."""

@@ -44,6 +44,8 @@ _TRANSIENT = (
 )
 _REPLAY_IDLE_S = 5.0
 _NO_STREAM_RETRIES = 8
+_REPLAY_WAIT_S = 2.0
+_REPLAY_STALL_CHECKS = 5
 _LIVE_PENDING_MSGS = 1_000_000
 _LIVE_PENDING_BYTES = 512 * 1024 * 1024
 
@@ -204,6 +206,9 @@ class JetStreamBroker:
         headers = {"Nats-Msg-Id": dedupe_key}
         # A stream that was just created can take a moment to take its subjects on every
         # server; a bounded retry covers it. The dedupe key makes the retry safe.
+        # Create the tenant's stream before its first publish (cached afterwards): waiting
+        # for "no responders" is not enough, since any wildcard subscriber answers too.
+        await self.ensure_stream(ref.tenant)
         delay = 0.05
         for attempt in range(_NO_STREAM_RETRIES):
             try:
@@ -321,10 +326,9 @@ class JetStreamBroker:
     ) -> AsyncIterator[StoredEvent]:
         count = 0
         while True:
-            try:
-                msg = await sub.next_msg(timeout=self._publish_timeout * 2)
-            except (*_TRANSIENT, NatsTimeoutError) as exc:
-                raise BrokerUnavailable(f"replay stalled: {type(exc).__name__}") from exc
+            msg = await self._next_replayed(sub)
+            if msg is None:  # what was pending is gone (expired meanwhile): the end
+                return
             meta = msg.metadata
             seq = meta.sequence.stream
             if end_seq is not None and seq > end_seq:
@@ -335,6 +339,23 @@ class JetStreamBroker:
                 return
             if end_seq is not None and seq >= end_seq:
                 return
+
+    async def _next_replayed(self, sub: JetStreamContext.PushSubscription) -> Msg | None:
+        """The next replayed message; None once the consumer has nothing left to send."""
+        for _ in range(_REPLAY_STALL_CHECKS):
+            try:
+                return await sub.next_msg(timeout=_REPLAY_WAIT_S)
+            except NatsTimeoutError:
+                pass
+            except _TRANSIENT as exc:
+                raise BrokerUnavailable(f"replay failed: {type(exc).__name__}") from exc
+            try:
+                info = await sub.consumer_info()
+            except (*_TRANSIENT, APIError) as exc:
+                raise BrokerUnavailable(f"replay stalled: {type(exc).__name__}") from exc
+            if not info.num_pending and not info.num_ack_pending:
+                return None
+        raise BrokerUnavailable("replay stalled: the store stopped sending")
 
     async def _delete_consumer(self, jsm: JetStreamManager, stream: str, name: str) -> None:
         with contextlib.suppress(*_TRANSIENT, APIError):

