@@ -76,10 +76,15 @@ class Session:
     async def run(self) -> None:
         self.socket.send(encode_welcome(self.id, self._node_id, self.limits()))
         try:
-            while not self._stopping:
+            while True:
                 data = await self.socket.recv()
-                if data is None or self._stopping:
+                if data is None:
                     break
+                if self._stopping:
+                    # Draining: drain() acks what is in flight, then closes 1012. Frames
+                    # that arrive meanwhile are not acted on (the client resends them
+                    # elsewhere); reading on keeps the close handshake from stalling.
+                    continue
                 await self.handle(data)
         finally:
             self._hub.leave_all(self.socket, list(self._joined))

@@ -10,7 +10,6 @@ websockets itself also writes whole frames synchronously.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import struct
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from websockets.protocol import State
 from shared.errors import CloseCode
 
 _OP_TEXT = 0x81  # FIN + text
+_CLOSE_TIMEOUT_S = 5.0
 
 
 def encode_text_frame(payload: bytes) -> bytes:
@@ -98,8 +98,15 @@ class Socket:
         await self._close(code, reason)
 
     async def _close(self, code: CloseCode, reason: str) -> None:
-        with contextlib.suppress(ConnectionClosed, OSError):
-            await self._conn.close(int(code), reason)
+        # A peer that stopped reading never lets the close frame out of our buffer;
+        # give the handshake a bounded time, then drop the TCP connection.
+        try:
+            async with asyncio.timeout(_CLOSE_TIMEOUT_S):
+                await self._conn.close(int(code), reason)
+        except (ConnectionClosed, OSError):
+            pass
+        except TimeoutError:
+            self._transport.abort()
 
     async def wait_closed(self) -> None:
         await self._conn.wait_closed()

@@ -46,8 +46,8 @@ _REPLAY_IDLE_S = 5.0
 _NO_STREAM_RETRIES = 8
 _REPLAY_WAIT_S = 2.0
 _REPLAY_STALL_CHECKS = 5
-_LIVE_PENDING_MSGS = 1_000_000
-_LIVE_PENDING_BYTES = 512 * 1024 * 1024
+_LIVE_PENDING_MSGS = 65_536
+_LIVE_PENDING_BYTES = 64 * 1024 * 1024
 
 
 class _LiveSub:
@@ -217,7 +217,9 @@ class JetStreamBroker:
                 )
                 return PublishResult(seq=ack.seq, duplicate=bool(ack.duplicate))
             except NoStreamResponseError:
-                if attempt == 0:
+                # No stream leader right now (election after a node loss), or the stream
+                # was deleted: back off briefly; midway, re-provision in case of the latter.
+                if attempt == _NO_STREAM_RETRIES // 2:
                     streams.forget(ref.tenant)
                     await self.ensure_stream(ref.tenant)
                 else:

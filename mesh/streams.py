@@ -87,13 +87,27 @@ class StreamProvisioner:
             return replicas
 
     async def _ensure_locked(self, tenant: str) -> int:
-        name = self._scheme.stream_name(tenant)
+        existing = await self._existing_replicas(tenant)
+        if existing is not None:
+            return existing
         try:
-            info = await self._jsm.stream_info(name)
-            return info.config.num_replicas or 1
+            return await self._create(tenant)
+        except TimeoutError:
+            # Two gateways creating one stream at once can leave one request unanswered
+            # (the other one won); look again before giving up.
+            for delay in (0.1, 0.3, 1.0):
+                await asyncio.sleep(delay)
+                existing = await self._existing_replicas(tenant)
+                if existing is not None:
+                    return existing
+            raise
+
+    async def _existing_replicas(self, tenant: str) -> int | None:
+        try:
+            info = await self._jsm.stream_info(self._scheme.stream_name(tenant))
         except NotFoundError:
-            pass
-        return await self._create(tenant)
+            return None
+        return info.config.num_replicas or 1
 
     async def _create(self, tenant: str) -> int:
         replicas = choose_replicas(self._policy, self._cluster_size())
