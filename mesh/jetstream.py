@@ -46,6 +46,7 @@ _REPLAY_IDLE_S = 5.0
 _NO_STREAM_RETRIES = 8
 _REPLAY_WAIT_S = 2.0
 _REPLAY_STALL_CHECKS = 5
+_MAX_RESYNC_ROUNDS = 10
 _LIVE_PENDING_MSGS = 65_536
 _LIVE_PENDING_BYTES = 64 * 1024 * 1024
 
@@ -87,8 +88,9 @@ class JetStreamBroker:
         self._jsm: JetStreamManager | None = None
         self._streams: StreamProvisioner | None = None
         self._reconnect_handlers: list[ReconnectHandler] = []
-        self._background: set[asyncio.Task[None]] = set()
         self._closing = False
+        self._resync: asyncio.Task[None] | None = None
+        self._resync_again = False
 
     # -- connection -----------------------------------------------------------
 
@@ -155,6 +157,7 @@ class JetStreamBroker:
             log.warning(
                 "NATS slow consumer on %s: live events dropped, members will replay", exc.subject
             )
+            self._schedule_resync()
             return
         log.warning("NATS error: %s", exc)
 
@@ -165,12 +168,28 @@ class JetStreamBroker:
 
     async def _on_reconnected(self) -> None:
         log.info("reconnected to NATS")
-        for handler in list(self._reconnect_handlers):
-            task = asyncio.create_task(handler())
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+        self._schedule_resync()
+
+    def _schedule_resync(self) -> None:
+        """Run the resync handlers once; a burst of triggers while one runs queues one more."""
+        if self._resync is not None and not self._resync.done():
+            self._resync_again = True
+            return
+        self._resync = asyncio.create_task(self._run_resync())
+
+    async def _run_resync(self) -> None:
+        for _ in range(_MAX_RESYNC_ROUNDS):
+            self._resync_again = False
+            for handler in list(self._reconnect_handlers):
+                try:
+                    await handler()
+                except Exception:
+                    log.exception("resync handler failed")
+            if not self._resync_again:
+                return
 
     def on_reconnect(self, handler: ReconnectHandler) -> None:
+        """Call ``handler`` after a NATS reconnect or a dropped live event."""
         self._reconnect_handlers.append(handler)
 
     async def check_health(self) -> bool:
@@ -188,6 +207,8 @@ class JetStreamBroker:
         if self._nc is None or self._nc.is_closed:
             return
         self._closing = True
+        if self._resync is not None:
+            self._resync.cancel()
         try:
             await asyncio.wait_for(self._nc.drain(), timeout)
         except (*_TRANSIENT, nats.errors.Error):
