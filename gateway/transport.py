@@ -39,15 +39,21 @@ def encode_text_frame(payload: bytes) -> bytes:
 
 
 class Socket:
-    """A client connection as the session and the hub see it."""
+    """A client connection as the session and the hub see it.
 
-    __slots__ = ("_closing", "_conn", "_limit", "_transport")
+    Frames written during one event-loop turn are coalesced into one transport
+    write (one syscall per socket per burst instead of one per message).
+    """
+
+    __slots__ = ("_closing", "_conn", "_limit", "_out", "_out_bytes", "_transport")
 
     def __init__(self, conn: ServerConnection, send_buffer_bytes: int) -> None:
         self._conn = conn
         self._transport: asyncio.Transport = conn.transport
         self._limit = send_buffer_bytes
         self._closing = False
+        self._out: list[bytes] = []
+        self._out_bytes = 0
 
     @property
     def is_open(self) -> bool:
@@ -55,17 +61,27 @@ class Socket:
 
     @property
     def buffered(self) -> int:
-        return self._transport.get_write_buffer_size()
+        """Bytes accepted for this peer and not yet sent: queued this turn plus the transport's."""
+        return self._out_bytes + self._transport.get_write_buffer_size()
 
     def write_frame(self, frame: bytes) -> bool:
         """Queue one framed message. A peer that lets its buffer overflow is closed (4001)."""
         if not self.is_open:
             return False
-        if self._transport.get_write_buffer_size() > self._limit:
+        if self.buffered > self._limit:
             self.close_soon(CloseCode.SLOW_CONSUMER, "slow consumer: reconnect and resume")
             return False
-        self._transport.write(frame)
+        if not self._out:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._out.append(frame)
+        self._out_bytes += len(frame)
         return True
+
+    def _flush(self) -> None:
+        out, self._out, self._out_bytes = self._out, [], 0
+        # Never write data frames after websockets has started the closing handshake.
+        if out and self._conn.protocol.state is State.OPEN:
+            self._transport.write(b"".join(out) if len(out) > 1 else out[0])
 
     def send(self, message: bytes) -> bool:
         return self.write_frame(encode_text_frame(message))
@@ -74,6 +90,7 @@ class Socket:
         """Send and wait while the peer's buffer is above the high-water mark (replay)."""
         if not self.send(message):
             return False
+        self._flush()
         await self._conn.drain()
         return True
 

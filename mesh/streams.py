@@ -82,6 +82,8 @@ class StreamProvisioner:
             return -1
         lock = self._locks.setdefault(tenant, asyncio.Lock())
         async with lock:
+            if tenant in self._known:  # provisioned while we waited for the lock
+                return -1
             replicas = await self._ensure_locked(tenant)
             self._known.add(tenant)
             return replicas
