@@ -26,6 +26,7 @@ from shared.errors import CloseCode
 
 _OP_TEXT = 0x81  # FIN + text
 _CLOSE_TIMEOUT_S = 5.0
+_COALESCE_MAX = 64 * 1024
 
 
 def encode_text_frame(payload: bytes) -> bytes:
@@ -68,13 +69,15 @@ class Socket:
         """Queue one framed message. A peer that lets its buffer overflow is closed (4001)."""
         if not self.is_open:
             return False
-        if self.buffered > self._limit:
+        if self._transport.get_write_buffer_size() > self._limit:
             self.close_soon(CloseCode.SLOW_CONSUMER, "slow consumer: reconnect and resume")
             return False
         if not self._out:
             asyncio.get_running_loop().call_soon(self._flush)
         self._out.append(frame)
         self._out_bytes += len(frame)
+        if self._out_bytes >= _COALESCE_MAX:
+            self._flush()  # a big burst: hand it to the kernel now
         return True
 
     def _flush(self) -> None:
