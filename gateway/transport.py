@@ -46,12 +46,13 @@ class Socket:
     write (one syscall per socket per burst instead of one per message).
     """
 
-    __slots__ = ("_closing", "_conn", "_limit", "_out", "_out_bytes", "_transport")
+    __slots__ = ("_closing", "_coalesce_max", "_conn", "_limit", "_out", "_out_bytes", "_transport")
 
     def __init__(self, conn: ServerConnection, send_buffer_bytes: int) -> None:
         self._conn = conn
         self._transport: asyncio.Transport = conn.transport
         self._limit = send_buffer_bytes
+        self._coalesce_max = min(_COALESCE_MAX, send_buffer_bytes // 4)
         self._closing = False
         self._out: list[bytes] = []
         self._out_bytes = 0
@@ -69,14 +70,14 @@ class Socket:
         """Queue one framed message. A peer that lets its buffer overflow is closed (4001)."""
         if not self.is_open:
             return False
-        if self._transport.get_write_buffer_size() > self._limit:
+        if self.buffered > self._limit:
             self.close_soon(CloseCode.SLOW_CONSUMER, "slow consumer: reconnect and resume")
             return False
         if not self._out:
             asyncio.get_running_loop().call_soon(self._flush)
         self._out.append(frame)
         self._out_bytes += len(frame)
-        if self._out_bytes >= _COALESCE_MAX:
+        if self._out_bytes >= self._coalesce_max:
             self._flush()  # a big burst: hand it to the kernel now
         return True
 

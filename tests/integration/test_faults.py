@@ -213,13 +213,14 @@ async def peak_buffered(session: Session, stop: asyncio.Event) -> int:
 
 
 async def test_slow_consumer_is_closed_4001_while_others_get_everything(
-    start_gateway, clients, tenant
+    start_gateway, clients, tenant, request
 ):
     gw = await start_gateway(send_buffer_bytes=SLOW_BUFFER)
     url = gateway_url(gw)
     normal = await clients(url, tenant, "normal")
     await normal.join(ROOM, CHANNEL)
     stalled = await open_stalled_client(url, tenant)
+    request.addfinalizer(stalled.transport.abort)  # closed even if an assertion fails first
     slow_session = session_of(gw, "slow")
     publisher = await clients(url, tenant, "pub")
     acks = AckLog()
