@@ -45,6 +45,7 @@ class _Channel:
     members: dict[int, Member] = field(default_factory=dict)
     subscription: LiveSubscription | None = None
     ready: asyncio.Lock = field(default_factory=asyncio.Lock)
+    joining: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,14 +87,21 @@ class Hub:
         The caller sends the join reply, then calls :meth:`start` to replay and go live.
         """
         self.leave(socket, ref)
-        channel = await self._channel_with_subscription(ref)
-        member = Member(socket, ref)
-        channel.members[id(socket)] = member
+        channel = self._channels.setdefault(ref, _Channel())
+        channel.joining += 1  # keeps the channel (and its subscription) while we wait
         try:
+            async with channel.ready:
+                if channel.subscription is None:
+                    channel.subscription = await self._broker.subscribe_live(ref, self._on_live)
+            member = Member(socket, ref)
+            channel.members[id(socket)] = member
             window = await self._broker.window(ref)
         except BaseException:
-            self.leave(socket, ref)
+            channel.members.pop(id(socket), None)
             raise
+        finally:
+            channel.joining -= 1
+            self._drop_if_idle(ref, channel)
         member.cursor = window.last_seq if since_seq is None else min(since_seq, window.last_seq)
         # Conservative: if retention removed anything after since_seq, say so, even if
         # the removed events may have belonged to other channels of the tenant.
@@ -114,24 +122,20 @@ class Hub:
         if channel is None:
             return False
         member = channel.members.pop(id(socket), None)
-        if member is not None and member.task is not None:
+        if member is None:  # never drop a channel the caller was not in
+            return False
+        if member.task is not None:
             member.task.cancel()
-        if not channel.members:
+        self._drop_if_idle(ref, channel)
+        return True
+
+    def _drop_if_idle(self, ref: ChannelRef, channel: _Channel) -> None:
+        if not channel.members and not channel.joining:
             self._drop_channel(ref, channel)
-        return member is not None
 
     def leave_all(self, socket: Socket, refs: list[ChannelRef]) -> None:
         for ref in refs:
             self.leave(socket, ref)
-
-    async def _channel_with_subscription(self, ref: ChannelRef) -> _Channel:
-        channel = self._channels.setdefault(ref, _Channel())
-        async with channel.ready:
-            if channel.subscription is None:
-                channel.subscription = await self._broker.subscribe_live(ref, self._on_live)
-        if self._channels.get(ref) is not channel:  # dropped while we waited
-            return await self._channel_with_subscription(ref)
-        return channel
 
     def _drop_channel(self, ref: ChannelRef, channel: _Channel) -> None:
         if self._channels.get(ref) is channel:
@@ -213,6 +217,14 @@ class Hub:
             if not await member.socket.send_paced(with_seq(stored.body, stored.seq)):
                 return
             member.cursor = stored.seq
+        if member.cursor < upto:
+            # ``upto`` is a seq the channel holds; a replay that ends short of it is
+            # either retention (tell the member) or a lagging replica (make it resume).
+            window = await self._broker.window(member.ref)
+            if member.cursor + 1 < window.first_stream_seq:
+                self._send_gap(member, member.cursor, window.first_stream_seq)
+            else:
+                raise BrokerUnavailable(f"replay stopped at {member.cursor}, before {upto}")
         member.cursor = max(member.cursor, upto)
 
     async def _flush_pending(self, member: Member) -> bool:

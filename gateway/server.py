@@ -19,6 +19,7 @@ from gateway.session import Session
 from gateway.transport import HttpReply, ListenOptions, Server, Socket, start_server
 from mesh.jetstream import JetStreamBroker
 from mesh.streams import StreamPolicy
+from shared.errors import CloseCode
 from shared.settings import Settings
 from shared.subjects import SubjectScheme
 
@@ -180,7 +181,8 @@ class Gateway:
     # -- WebSocket -------------------------------------------------------------------
 
     async def _on_socket(self, principal: Principal, socket: Socket) -> None:
-        if self.draining:
+        if self.draining:  # the handshake finished just as the drain began
+            await socket.close(CloseCode.SERVICE_RESTART, "server draining: reconnect elsewhere")
             return
         session = Session(socket, principal, self.hub, self.broker, self.settings, self.node_id)
         self.sessions.add(session)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from datetime import UTC, datetime
@@ -27,6 +28,8 @@ from shared.envelope import (
 )
 from shared.errors import (
     INTERNAL,
+    LIMIT_EXCEEDED,
+    MESSAGE_TOO_LARGE,
     NOT_JOINED,
     UNAVAILABLE,
     ArqonError,
@@ -36,6 +39,9 @@ from shared.settings import Settings
 from shared.subjects import ChannelRef, SubjectScheme
 
 log = logging.getLogger("arqonbus.gateway.session")
+
+# Room for the Nats-Msg-Id header and protocol framing next to the stored envelope.
+_NATS_HEADER_ROOM = 512
 
 
 def utc_timestamp() -> str:
@@ -71,6 +77,7 @@ class Session:
             "max_in_flight": self._settings.max_in_flight,
             "history_max_limit": commands.HISTORY_MAX_LIMIT,
             "send_buffer_bytes": self._settings.send_buffer_bytes,
+            "max_channels": self._settings.max_channels_per_connection,
         }
 
     async def run(self) -> None:
@@ -106,14 +113,25 @@ class Session:
         while len(self._in_flight) >= self._settings.max_in_flight:
             # Backpressure: stop reading this socket until a store ack frees a slot.
             await asyncio.wait(set(self._in_flight), return_when=asyncio.FIRST_COMPLETED)
-        task = asyncio.create_task(self._publish(event))
+        ref = ChannelRef(self.principal.tenant, event.room, event.channel)
+        body = encode_stored_event(event, self.principal.id, utc_timestamp())
+        if len(body) > self._broker.max_payload - _NATS_HEADER_ROOM:
+            raise ArqonError(
+                MESSAGE_TOO_LARGE, "the stored envelope exceeds the NATS max_payload", event.id
+            )
+        try:
+            # Inline, in frame order: provisioning (once per tenant) must not let a
+            # later event of this connection overtake an earlier one.
+            await self._broker.ensure_stream(ref.tenant)
+        except BrokerUnavailable as exc:
+            log.warning("publish of %s failed: %s", event.id, exc)
+            raise ArqonError(UNAVAILABLE, request_id=event.id) from None
+        key = self._scheme.dedupe_key(ref, self.principal.id, event.id)
+        task = asyncio.create_task(self._publish(event, ref, body, key))
         self._in_flight.add(task)
         task.add_done_callback(self._in_flight.discard)
 
-    async def _publish(self, event: ClientEvent) -> None:
-        ref = ChannelRef(self.principal.tenant, event.room, event.channel)
-        body = encode_stored_event(event, self.principal.id, utc_timestamp())
-        key = self._scheme.dedupe_key(ref, self.principal.id, event.id)
+    async def _publish(self, event: ClientEvent, ref: ChannelRef, body: bytes, key: str) -> None:
         try:
             result = await self._broker.publish(ref, body, key)
         except BrokerUnavailable as exc:
@@ -167,6 +185,9 @@ class Session:
 
     async def _join(self, command: ClientCommand, ref: ChannelRef) -> None:
         params = commands.join_params(command.parameters)
+        limit = self._settings.max_channels_per_connection
+        if ref not in self._joined and len(self._joined) >= limit:
+            raise ArqonError(LIMIT_EXCEEDED, f"this connection already has {limit} channels")
         member, joined = await self._hub.join(self.socket, ref, params.since_seq)
         self._joined.add(ref)
         self._reply(command, joined.as_result())
@@ -179,13 +200,22 @@ class Session:
         self._reply(command, {})
 
     async def _history(self, command: ClientCommand, ref: ChannelRef) -> None:
+        """One page of stored events, bounded by ``limit`` and by bytes (half the send buffer)."""
         params = commands.history_params(command.parameters)
+        budget = self._settings.send_buffer_bytes // 2
         events: list[orjson.Fragment] = []
-        next_since = params.since_seq
-        async for stored in self._broker.replay(ref, params.since_seq + 1, None, params.limit):
-            events.append(orjson.Fragment(with_seq(stored.body, stored.seq)))
-            next_since = stored.seq
-        more = len(events) == params.limit
+        next_since, size, more = params.since_seq, 0, False
+        replay = self._broker.replay(ref, params.since_seq + 1, None, params.limit)
+        async with contextlib.aclosing(replay) as stored_events:
+            async for stored in stored_events:
+                delivered = with_seq(stored.body, stored.seq)
+                if events and size + len(delivered) > budget:
+                    more = True
+                    break
+                events.append(orjson.Fragment(delivered))
+                size += len(delivered)
+                next_since = stored.seq
+        more = more or len(events) == params.limit
         self._reply(command, {"events": events, "next_since_seq": next_since, "more": more})
 
     # -- shutdown ----------------------------------------------------------------------

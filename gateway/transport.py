@@ -27,6 +27,7 @@ from shared.errors import CloseCode
 _OP_TEXT = 0x81  # FIN + text
 _CLOSE_TIMEOUT_S = 5.0
 _COALESCE_MAX = 64 * 1024
+_PACED_STALL_S = 30.0  # a replay reader that takes nothing for this long is closed (4001)
 
 
 def encode_text_frame(payload: bytes) -> bytes:
@@ -95,7 +96,12 @@ class Socket:
         if not self.send(message):
             return False
         self._flush()
-        await self._conn.drain()
+        try:
+            async with asyncio.timeout(_PACED_STALL_S):
+                await self._conn.drain()
+        except TimeoutError:
+            self.close_soon(CloseCode.SLOW_CONSUMER, "slow consumer: reconnect and resume")
+            return False
         return True
 
     async def recv(self) -> bytes | None:

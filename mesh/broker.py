@@ -21,7 +21,7 @@ Guarantees of every implementation (checked by tests/integration/test_broker.py)
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncGenerator, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -71,6 +71,11 @@ class Broker(Protocol):
     @property
     def connected(self) -> bool: ...
 
+    @property
+    def max_payload(self) -> int: ...
+
+    async def ensure_stream(self, tenant: str) -> int: ...
+
     async def publish(self, ref: ChannelRef, body: bytes, dedupe_key: str) -> PublishResult: ...
 
     async def subscribe_live(self, ref: ChannelRef, handler: LiveHandler) -> LiveSubscription: ...
@@ -79,7 +84,7 @@ class Broker(Protocol):
 
     def replay(
         self, ref: ChannelRef, start_seq: int, end_seq: int | None, limit: int | None = None
-    ) -> AsyncIterator[StoredEvent]: ...
+    ) -> AsyncGenerator[StoredEvent, None]: ...
 
     async def check_health(self) -> bool: ...
 

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import nats
@@ -89,6 +89,9 @@ class JetStreamBroker:
         self._streams: StreamProvisioner | None = None
         self._reconnect_handlers: list[ReconnectHandler] = []
         self._closing = False
+        self._first_connect = False
+        self._cluster_seen = 0
+        self._last_slow_log = 0.0
         self._resync: asyncio.Task[None] | None = None
         self._resync_again = False
 
@@ -102,25 +105,37 @@ class JetStreamBroker:
     def max_payload(self) -> int:
         return self._nc.max_payload if self._nc is not None else 1024 * 1024
 
-    def cluster_size(self) -> int:
-        """Servers in the connected cluster, from the INFO the server sent (1 if unclustered)."""
+    def _cluster_in_info(self) -> int:
         if self._nc is None:
-            return 1
+            return 0
         info = self._nc._server_info
         if not info.get("cluster"):
             return 1
         return max(1, len(set(info.get("connect_urls") or [])))
 
+    def cluster_size(self) -> int:
+        """The largest cluster this gateway has seen (from the servers' INFO), at least 1.
+
+        The largest, not the current, so a node that is down when a tenant's first
+        stream is created does not lower that stream's replica count.
+        """
+        self._cluster_seen = max(self._cluster_seen, self._cluster_in_info())
+        return max(1, self._cluster_seen)
+
     async def connect(self) -> None:
         """Connect once; raises BrokerUnavailable if no server answers."""
+        nc = NatsClient()
+        self._first_connect = True  # errors of this attempt are reported once, by the caller
         try:
-            nc = await nats.connect(
+            # One pass over the servers here; the caller retries with backoff. Once
+            # connected, the client reconnects forever on its own.
+            await nc.connect(
                 servers=self._urls,
                 name=self._name,
                 connect_timeout=2,
                 allow_reconnect=True,
-                max_reconnect_attempts=-1,
-                reconnect_time_wait=0.5,
+                max_reconnect_attempts=1,
+                reconnect_time_wait=0.5,  # type: ignore[arg-type]  # float works; stub says int
                 ping_interval=5,
                 max_outstanding_pings=2,
                 error_cb=self._on_error,
@@ -130,7 +145,11 @@ class JetStreamBroker:
             )
         except (TimeoutError, NoServersError, OSError, NatsTimeoutError) as exc:
             raise BrokerUnavailable(f"no NATS server answered at {','.join(self._urls)}") from exc
+        finally:
+            self._first_connect = False
+        nc.options["max_reconnect_attempts"] = -1
         self._nc = nc
+        self._cluster_seen = max(self._cluster_seen, self._cluster_in_info())
         self._js = nc.jetstream(timeout=self._publish_timeout)
         self._jsm = nc.jsm()
         self._streams = StreamProvisioner(self._jsm, self._scheme, self._policy, self.cluster_size)
@@ -153,10 +172,16 @@ class JetStreamBroker:
         return False
 
     async def _on_error(self, exc: Exception) -> None:
+        if self._first_connect:
+            log.debug("NATS connect attempt failed: %s", exc)
+            return
         if isinstance(exc, SlowConsumerError):
-            log.warning(
-                "NATS slow consumer on %s: live events dropped, members will replay", exc.subject
-            )
+            now = asyncio.get_running_loop().time()
+            if now - self._last_slow_log > 5.0:  # one line per burst, not per message
+                self._last_slow_log = now
+                log.warning(
+                    "NATS slow consumer on %s: live events dropped, members replay", exc.subject
+                )
             self._schedule_resync()
             return
         log.warning("NATS error: %s", exc)
@@ -279,10 +304,15 @@ class JetStreamBroker:
                 pending_msgs_limit=_LIVE_PENDING_MSGS,
                 pending_bytes_limit=_LIVE_PENDING_BYTES,
             )
-            await nc.flush(timeout=max(1, int(self._publish_timeout)))
         except _TRANSIENT as exc:
             raise BrokerUnavailable(f"could not subscribe: {type(exc).__name__}") from exc
-        return _LiveSub(sub)
+        live = _LiveSub(sub)
+        try:
+            await nc.flush(timeout=max(1, int(self._publish_timeout)))
+        except _TRANSIENT as exc:
+            await live.close()
+            raise BrokerUnavailable(f"could not subscribe: {type(exc).__name__}") from exc
+        return live
 
     # -- store reads ------------------------------------------------------------
 
@@ -307,7 +337,7 @@ class JetStreamBroker:
 
     async def replay(
         self, ref: ChannelRef, start_seq: int, end_seq: int | None, limit: int | None = None
-    ) -> AsyncIterator[StoredEvent]:
+    ) -> AsyncGenerator[StoredEvent, None]:
         """Every stored event of ``ref`` with start_seq <= seq <= end_seq, in order."""
         nc, js, jsm, _ = self._require()
         if end_seq is not None and end_seq < start_seq:
@@ -346,7 +376,7 @@ class JetStreamBroker:
 
     async def _drain_replay(
         self, sub: JetStreamContext.PushSubscription, end_seq: int | None, limit: int | None
-    ) -> AsyncIterator[StoredEvent]:
+    ) -> AsyncGenerator[StoredEvent, None]:
         count = 0
         while True:
             msg = await self._next_replayed(sub)

@@ -55,6 +55,12 @@ MESSAGE_TOO_LARGE = ErrorCode(
 NOT_JOINED = ErrorCode(
     "not_joined", "You are not a member of this channel. Send join_channel first.", False
 )
+LIMIT_EXCEEDED = ErrorCode(
+    "limit_exceeded",
+    "A per-connection limit from welcome.limits is reached. Leave a channel or open "
+    "another connection.",
+    False,
+)
 UNAVAILABLE = ErrorCode(
     "unavailable",
     "The message store is unreachable right now. Retry with the same id; "
@@ -75,6 +81,7 @@ CATALOGUE: dict[str, ErrorCode] = {
         INVALID_PARAMETERS,
         MESSAGE_TOO_LARGE,
         NOT_JOINED,
+        LIMIT_EXCEEDED,
         UNAVAILABLE,
         INTERNAL,
     )

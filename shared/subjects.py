@@ -12,6 +12,7 @@ token, and no input can produce a subject of another tenant.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 
@@ -87,6 +88,8 @@ class SubjectScheme:
     def dedupe_key(self, ref: ChannelRef, principal: str, envelope_id: str) -> str:
         """The Nats-Msg-Id: an envelope id is an idempotency key per sender and channel.
 
-        The principal is length-prefixed so no (principal, id) pair can collide with another.
+        A hash of the unambiguous tuple: NATS trims header values, so the raw id (which
+        may end in whitespace) must not be used as is.
         """
-        return f"{ref.room}.{ref.channel}.{len(principal)}.{principal}.{envelope_id}"
+        raw = "\x1f".join((ref.room, ref.channel, principal, envelope_id)).encode()
+        return hashlib.sha256(raw).hexdigest()

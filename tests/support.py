@@ -7,6 +7,7 @@ import contextlib
 import os
 import signal
 import sys
+import tempfile
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -169,6 +170,8 @@ class GatewayProcess:
         self.port = port or free_port()
         self.env = {**os.environ, **(env or {})}
         self.proc: asyncio.subprocess.Process | None = None
+        # A file, not a pipe: a chatty gateway must never block on a full pipe.
+        self._log = tempfile.TemporaryFile()  # noqa: SIM115  # closed in stop()
 
     @property
     def url(self) -> str:
@@ -180,7 +183,7 @@ class GatewayProcess:
             "--nats", self.nats_urls, "--listen", f"127.0.0.1:{self.port}", "--auth", "dev",
             "--node-id", f"gw-{self.port}",
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE, env=self.env, start_new_session=True,
+            stderr=self._log, env=self.env, start_new_session=True,
         )  # fmt: skip
         await self.wait_ready(timeout)
 
@@ -196,11 +199,9 @@ class GatewayProcess:
                     await asyncio.wait_for(self.proc.wait(), 0.05)
 
     async def stderr(self) -> str:
-        assert self.proc is not None and self.proc.stderr is not None
-        with contextlib.suppress(TimeoutError):
-            data = await asyncio.wait_for(self.proc.stderr.read(), 5)
-            return data.decode(errors="replace")[-4000:]
-        return ""
+        """The tail of what the gateway logged."""
+        self._log.seek(0)
+        return self._log.read().decode(errors="replace")[-4000:]
 
     def signal(self, sig: signal.Signals) -> None:
         assert self.proc is not None
@@ -212,11 +213,14 @@ class GatewayProcess:
         return await asyncio.wait_for(self.proc.wait(), timeout)
 
     async def stop(self) -> None:
-        if self.proc is None or self.proc.returncode is not None:
-            return
-        self.signal(signal.SIGTERM)
         try:
-            await self.wait_exit(20)
-        except TimeoutError:
-            self.signal(signal.SIGKILL)
-            await self.proc.wait()
+            if self.proc is None or self.proc.returncode is not None:
+                return
+            self.signal(signal.SIGTERM)
+            try:
+                await self.wait_exit(20)
+            except TimeoutError:
+                self.signal(signal.SIGKILL)
+                await self.proc.wait()
+        finally:
+            self._log.close()

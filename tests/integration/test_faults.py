@@ -293,7 +293,7 @@ async def test_sigterm_drains_acks_in_flight_and_closes_1012(
     assert await gw_a.wait_exit(timeout=10 + 5) == 0  # drain_timeout_s defaults to 10
 
     acked_by_a = {m["payload"]["request_id"] for m in alice.received if m["type"] == "ack"}
-    assert len(acked_by_a) < len(sent) < len(ids), "SIGTERM did not land mid-stream"
+    assert len(acked_by_a) <= len(sent) < len(ids), "SIGTERM did not land mid-stream"
     again = await clients(gw_b.url, tenant, "alice")  # same principal: same dedupe keys
     acks = AckLog()
     assert await publish_pipelined(again, sent, acks, window=64) == []
