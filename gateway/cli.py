@@ -96,24 +96,29 @@ async def _provision(settings: Settings, tenants: list[str]) -> int:
     from mesh.broker import BrokerUnavailable
     from mesh.jetstream import JetStreamBroker
     from mesh.streams import StreamPolicy
-    from shared.errors import ArqonError
-    from shared.subjects import SubjectScheme, validate_name
+    from shared.subjects import SubjectScheme, is_valid_name
 
     scheme = SubjectScheme(settings.subject_prefix)
     policy = StreamPolicy(
         settings.stream_max_age_s, settings.dedupe_window_s, settings.stream_replicas
     )
     broker = JetStreamBroker(settings.nats_urls, scheme, policy, settings.publish_timeout_s)
+    for tenant in tenants:
+        if not is_valid_name(tenant):
+            print(
+                f"arqonbus: tenant {tenant!r} is not a valid name: use 1-64 characters of "
+                "A-Z, a-z, 0-9, '_' or '-'",
+                file=sys.stderr,
+            )
+            return 2
     try:
-        for tenant in tenants:
-            validate_name(tenant, "tenant")
         await broker.connect()
         for tenant in tenants:
             replicas = await broker.ensure_stream(tenant)
             print(
                 f"stream {scheme.stream_name(tenant)} for tenant {tenant}: ready ({replicas} replicas)"
             )
-    except (BrokerUnavailable, ArqonError) as exc:
+    except BrokerUnavailable as exc:
         print(f"arqonbus: {exc}. Check --nats / ARQONBUS_NATS.", file=sys.stderr)
         return 1
     finally:
