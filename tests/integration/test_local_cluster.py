@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -13,7 +14,9 @@ from pathlib import Path
 import nats
 import pytest
 from nats.aio.client import Client
-from nats.js.api import StreamConfig
+from nats.js import JetStreamContext
+from nats.js.api import PubAck, StreamConfig
+from nats.js.errors import NoStreamResponseError
 
 from mesh.local import (
     BINARY_ENV,
@@ -58,12 +61,22 @@ def assert_gone(pid: int) -> None:
         os.kill(pid, 0)
 
 
+async def publish_when_stream_listens(js: JetStreamContext, subject: str, data: bytes) -> PubAck:
+    """A stream just created can take a moment to take its subjects on every server."""
+    async with asyncio.timeout(10):
+        while True:
+            try:
+                return await js.publish(subject, data)
+            except NoStreamResponseError:
+                await asyncio.sleep(0.05)  # bounded by the timeout: waiting for the stream
+
+
 async def test_three_nodes_replicate_a_stream(cluster: LocalCluster) -> None:
     assert all("sync_interval: always" in s.config_path.read_text() for s in cluster.specs)
     async with connected(cluster.urls[:1]) as nc:
         js = nc.jetstream()
         info = await js.add_stream(STREAM)
-        ack = await js.publish("orders.new", b"first")
+        ack = await publish_when_stream_listens(js, "orders.new", b"first")
     assert info.cluster is not None and len(info.cluster.replicas or []) == 2
     async with connected(cluster.urls[2:]) as nc:
         msg = await nc.jetstream().get_msg("ORDERS", ack.seq)
