@@ -7,6 +7,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from nats.errors import NoRespondersError
 from nats.js import JetStreamManager
 from nats.js.api import DiscardPolicy, RePublish, StorageType, StreamConfig
 from nats.js.errors import APIError, NotFoundError
@@ -20,6 +21,7 @@ _ALREADY_EXISTS = 10058
 _NO_PLACEMENT = {10005, 10023}  # no suitable peers / insufficient resources: often transient
 _REPLICAS_UNSUPPORTED = 10074  # a single server without clustering
 _PLACEMENT_RETRIES = 8
+_LISTEN_PROBES = 12
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,8 +87,30 @@ class StreamProvisioner:
             if tenant in self._known:  # provisioned while we waited for the lock
                 return -1
             replicas = await self._ensure_locked(tenant)
+            await self._wait_listening(tenant)
             self._known.add(tenant)
             return replicas
+
+    async def _wait_listening(self, tenant: str) -> None:
+        """Wait until the stream answers on this connection's server.
+
+        A stream that was just created can take a moment before every server routes its
+        subjects; publishes sent meanwhile would get "no responders", retry one by one
+        and could be stored out of send order. The probe expects a stream name that
+        never matches, so JetStream answers with an error and stores nothing.
+        """
+        nc = self._jsm._nc
+        subject = self._scheme.probe(tenant)
+        headers = {"Nats-Expected-Stream": "arqonbus-probe-never-matches"}
+        delay = 0.02
+        for _ in range(_LISTEN_PROBES):
+            try:
+                await nc.request(subject, b"", timeout=1.0, headers=headers)
+                return
+            except (NoRespondersError, TimeoutError):
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.5)
+        log.warning("stream of %s still does not answer on this server; publishing anyway", tenant)
 
     async def _ensure_locked(self, tenant: str) -> int:
         existing = await self._existing_replicas(tenant)

@@ -73,6 +73,10 @@ class SubjectScheme:
     def tenant_live_filter(self, tenant: str) -> str:
         return f"{self.prefix}.live.{validate_name(tenant, 'tenant')}.>"
 
+    def probe(self, tenant: str) -> str:
+        """A 4-token subject the tenant's stream captures but no channel uses (those have 5)."""
+        return f"{self.prefix}.ev.{validate_name(tenant, 'tenant')}._probe"
+
     def stream_name(self, tenant: str) -> str:
         return f"{self.prefix}_{validate_name(tenant, 'tenant')}"
 

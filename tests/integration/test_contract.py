@@ -152,7 +152,8 @@ async def test_first_publish_creates_the_tenant_stream_as_documented(
 ):
     gw = await start_gateway()
     client = await clients(gateway_url(gw), tenant, "alice")
-    assert (await client.publish("r", "c", {"first": True}))["type"] == "ack"
+    ack = await client.publish("r", "c", {"first": True})
+    assert ack["type"] == "ack", ack
 
     async with jetstream(nats_cluster) as jsm:
         assert_tenant_stream(await jsm.stream_info(f"arq_{tenant}"), tenant)
