@@ -68,6 +68,9 @@ class Hub:
         self._pending_limit = pending_limit
         self._pending_bytes_limit = pending_bytes_limit
         self._channels: dict[ChannelRef, _Channel] = {}
+        self._closing: set[asyncio.Task[None]] = set()  # subscriptions being closed
+        self._idle = asyncio.Event()  # no channel and nothing being closed
+        self._idle.set()
         broker.on_reconnect(self.resync_all)
 
     @property
@@ -88,6 +91,7 @@ class Hub:
         """
         self.leave(socket, ref)
         channel = self._channels.setdefault(ref, _Channel())
+        self._idle.clear()
         channel.joining += 1  # keeps the channel (and its subscription) while we wait
         try:
             async with channel.ready:
@@ -143,8 +147,21 @@ class Hub:
         if channel.subscription is not None:
             sub, channel.subscription = channel.subscription, None
             task = asyncio.create_task(sub.close())
-            _background.add(task)
-            task.add_done_callback(_background.discard)
+            self._closing.add(task)
+            task.add_done_callback(self._subscription_closed)
+        self._note_idle()
+
+    def _subscription_closed(self, task: asyncio.Task[None]) -> None:
+        self._closing.discard(task)
+        self._note_idle()
+
+    def _note_idle(self) -> None:
+        if not self._channels and not self._closing:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Return once no channel is joined and every NATS subscription is closed."""
+        await self._idle.wait()
 
     # -- live path (hot) ------------------------------------------------------------
 
@@ -287,7 +304,4 @@ class Hub:
                     member.task.cancel()
             self._drop_channel(ref, channel)
         with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.gather(*_background, return_exceptions=True)
-
-
-_background: set[asyncio.Task[None]] = set()
+            await asyncio.gather(*self._closing, return_exceptions=True)

@@ -7,7 +7,7 @@ import asyncio
 import itertools
 import logging
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -29,14 +29,6 @@ pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 WAIT_S = 10.0
-POLL_S = 0.02
-
-
-async def wait_until(condition: Callable[[], bool], timeout: float = WAIT_S) -> None:
-    """Re-check a condition the gateway exposes no event for, at a short bounded interval."""
-    async with asyncio.timeout(timeout):
-        while not condition():  # noqa: ASYNC110  # no event to wait on; bounded by the timeout
-            await asyncio.sleep(POLL_S)
 
 
 def live_subscriptions(gateway: Gateway, ref: ChannelRef) -> int:
@@ -89,7 +81,8 @@ async def test_concurrent_joins_share_one_subscription_until_the_last_member_goe
     assert live_subscriptions(gw, ref) == 1  # three members remain
     for member in members[3:]:
         await member.close()
-    await wait_until(lambda: live_subscriptions(gw, ref) == 0 and gw.hub.subscription_count() == 0)
+    await asyncio.wait_for(gw.hub.wait_idle(), WAIT_S)
+    assert live_subscriptions(gw, ref) == 0 and gw.hub.subscription_count() == 0
 
 
 async def test_leave_of_a_never_joined_channel_does_not_drop_anothers_join(
@@ -356,26 +349,28 @@ async def test_unreachable_nats_logs_one_warning_and_keeps_readyz_503(caplog):
     caplog.set_level(logging.DEBUG, logger="arqonbus.mesh.jetstream")
     gw = Gateway(load_settings(nats=url, listen="127.0.0.1:0", auth="dev"))
     statuses: list[int | None] = []
-    seen_enough = asyncio.Event()
+    second_attempt = asyncio.Event()
 
-    async def poll_readyz() -> None:
-        host, port = gw.address
-        started = asyncio.get_running_loop().time()
-        while True:
-            statuses.append(await http_status(host, port, "/readyz"))
-            elapsed = asyncio.get_running_loop().time() - started
-            if statuses.count(503) >= 3 and elapsed >= 2.0:
-                seen_enough.set()
-                return
-            await asyncio.sleep(0.1)
+    class SecondAttempt(logging.Handler):
+        """Sets the event when the gateway logs its second connect attempt."""
 
+        seen = 0
+
+        def emit(self, record: logging.LogRecord) -> None:
+            if "retrying with backoff" in record.getMessage():
+                self.seen += 1
+                if self.seen >= 2:
+                    second_attempt.set()
+
+    watcher = SecondAttempt()
+    logging.getLogger("arqonbus.mesh.jetstream").addHandler(watcher)
     await gw.start()
-    poller = asyncio.create_task(poll_readyz())
     try:
-        await asyncio.wait_for(seen_enough.wait(), 10)
+        statuses.append(await http_status(*gw.address, "/readyz"))
+        await asyncio.wait_for(second_attempt.wait(), 10)
+        statuses.append(await http_status(*gw.address, "/readyz"))
     finally:
-        poller.cancel()
-        await asyncio.gather(poller, return_exceptions=True)
+        logging.getLogger("arqonbus.mesh.jetstream").removeHandler(watcher)
         await gw.close()
 
     records = [r for r in caplog.records if r.name == "arqonbus.mesh.jetstream"]
