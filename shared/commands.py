@@ -6,11 +6,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from shared.errors import INVALID_PARAMETERS, UNKNOWN_COMMAND, ArqonError
+from shared.subjects import is_valid_name
 
 JOIN_CHANNEL = "join_channel"
 LEAVE_CHANNEL = "leave_channel"
 HISTORY = "history"
-BUILTIN_COMMANDS = (JOIN_CHANNEL, LEAVE_CHANNEL, HISTORY)
+REGISTER_HANDLER = "register_handler"
+UNREGISTER_HANDLER = "unregister_handler"
+BUILTIN_COMMANDS = (JOIN_CHANNEL, LEAVE_CHANNEL, HISTORY, REGISTER_HANDLER, UNREGISTER_HANDLER)
 
 HISTORY_DEFAULT_LIMIT = 100
 HISTORY_MAX_LIMIT = 1000
@@ -36,10 +39,45 @@ def _seq(parameters: dict[str, Any], name: str) -> int | None:
     return value
 
 
-def require_builtin(name: str) -> str:
-    if name not in BUILTIN_COMMANDS:
-        raise ArqonError(UNKNOWN_COMMAND, f"command {name[:64]!r} is not known")
+def is_builtin(name: str) -> bool:
+    return name in BUILTIN_COMMANDS
+
+
+def require_service_name(name: str) -> str:
+    """A command that is not built-in goes to a service; its name becomes a subject token."""
+    if not is_valid_name(name):
+        raise ArqonError(
+            UNKNOWN_COMMAND, f"command {name[:64]!r} is not built-in and not a valid service name"
+        )
     return name
+
+
+def handler_params(parameters: dict[str, Any]) -> str:
+    """The ``command`` parameter of register_handler / unregister_handler."""
+    name = parameters.get("command")
+    if not is_valid_name(name):
+        raise ArqonError(
+            INVALID_PARAMETERS,
+            "parameter 'command' must be a command name of 1-64 characters of A-Z, a-z, 0-9, "
+            "'_' or '-'",
+        )
+    assert isinstance(name, str)
+    if name in BUILTIN_COMMANDS:
+        raise ArqonError(
+            INVALID_PARAMETERS, f"parameter 'command': {name!r} is built-in and cannot be handled"
+        )
+    return name
+
+
+def service_timeout_ms(value: object, default_ms: int, max_ms: int) -> int:
+    """``payload.timeout_ms`` of a service command: absent means the gateway's default."""
+    if value is None:
+        return default_ms
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= max_ms:
+        raise ArqonError(
+            INVALID_PARAMETERS, f"field 'timeout_ms' must be an integer between 1 and {max_ms}"
+        )
+    return value
 
 
 def join_params(parameters: dict[str, Any]) -> JoinParams:

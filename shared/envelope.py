@@ -20,11 +20,12 @@ from shared.errors import (
     MESSAGE_TOO_LARGE,
     ArqonError,
 )
-from shared.subjects import validate_name
+from shared.subjects import is_valid_name, validate_name
 
 PROTOCOL_VERSION = "1.0"
 ID_MAX = 128
-CLIENT_TYPES = ("event", "command")
+CLIENT_TYPES = ("event", "command", "command_response")
+ERROR_MESSAGE_MAX = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,9 +43,35 @@ class ClientCommand:
     channel: str
     command: str
     parameters: dict[str, Any]
+    # payload.timeout_ms as sent (validated by the gateway against its limits); services only
+    timeout_ms: object = None
 
 
-ClientMessage = ClientEvent | ClientCommand
+@dataclass(frozen=True, slots=True)
+class ResponseError:
+    """The error of a command_response: a stable code, a message for people, retryable."""
+
+    code: str
+    message: str
+    retryable: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, "retryable": self.retryable}
+
+
+@dataclass(frozen=True, slots=True)
+class ClientResponse:
+    """A handler's answer to a service command it was delivered."""
+
+    id: str
+    room: str
+    channel: str
+    request_id: str
+    result: dict[str, Any] | None
+    error: ResponseError | None
+
+
+ClientMessage = ClientEvent | ClientCommand | ClientResponse
 
 
 def parse_client_frame(data: bytes | str, max_bytes: int) -> ClientMessage:
@@ -70,12 +97,14 @@ def parse_client_frame(data: bytes | str, max_bytes: int) -> ClientMessage:
         raise exc.with_request_id(request_id) from None
 
 
-def _read_id(obj: dict[str, Any]) -> str:
-    value = obj.get("id")
+def _read_id(obj: dict[str, Any], field: str = "id") -> str:
+    value = obj.get(field.rpartition(".")[2])
     if not isinstance(value, str) or not 1 <= len(value) <= ID_MAX:
-        raise ArqonError(INVALID_ENVELOPE, f"field 'id' must be a string of 1-{ID_MAX} characters")
+        raise ArqonError(
+            INVALID_ENVELOPE, f"field {field!r} must be a string of 1-{ID_MAX} characters"
+        )
     if not value.isprintable():
-        raise ArqonError(INVALID_ENVELOPE, "field 'id' must not contain control characters")
+        raise ArqonError(INVALID_ENVELOPE, f"field {field!r} must not contain control characters")
     return value
 
 
@@ -97,7 +126,9 @@ def _parse_fields(obj: dict[str, Any], request_id: str) -> ClientMessage:
         raise ArqonError(INVALID_ENVELOPE, "field 'payload' must be a JSON object")
     if kind == "event":
         return ClientEvent(request_id, room, channel, payload)
-    return _parse_command(request_id, room, channel, payload)
+    if kind == "command":
+        return _parse_command(request_id, room, channel, payload)
+    return _parse_response(request_id, room, channel, payload)
 
 
 def _parse_command(
@@ -111,7 +142,51 @@ def _parse_command(
         parameters = {}
     if not isinstance(parameters, dict):
         raise ArqonError(INVALID_ENVELOPE, "field 'payload.parameters' must be a JSON object")
-    return ClientCommand(request_id, room, channel, name, parameters)
+    return ClientCommand(request_id, room, channel, name, parameters, payload.get("timeout_ms"))
+
+
+def _parse_response(
+    response_id: str, room: str, channel: str, payload: dict[str, Any]
+) -> ClientResponse:
+    request_id = _read_id(payload, "payload.request_id")
+    status = payload.get("status")
+    if status == "success":
+        result = payload.get("result")
+        if result is None:
+            result = {}
+        if not isinstance(result, dict):
+            raise ArqonError(INVALID_ENVELOPE, "field 'payload.result' must be a JSON object")
+        return ClientResponse(response_id, room, channel, request_id, result, None)
+    if status == "error":
+        return ClientResponse(
+            response_id, room, channel, request_id, None, parse_response_error(payload.get("error"))
+        )
+    raise ArqonError(
+        INVALID_ENVELOPE, f"field 'payload.status' must be 'success' or 'error', got {status!r}"
+    )
+
+
+def parse_response_error(error: object) -> ResponseError:
+    """A handler's error object: ``code`` a valid name, ``message`` short, ``retryable`` bool."""
+    if not isinstance(error, dict):
+        raise ArqonError(INVALID_ENVELOPE, "field 'payload.error' must be a JSON object")
+    code, message, retryable = error.get("code"), error.get("message"), error.get("retryable")
+    if not is_valid_name(code):
+        raise ArqonError(
+            INVALID_ENVELOPE,
+            "field 'payload.error.code' must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-'",
+        )
+    if not isinstance(message, str) or len(message) > ERROR_MESSAGE_MAX:
+        raise ArqonError(
+            INVALID_ENVELOPE,
+            f"field 'payload.error.message' must be a string of at most {ERROR_MESSAGE_MAX} characters",
+        )
+    if retryable is None:
+        retryable = False
+    if not isinstance(retryable, bool):
+        raise ArqonError(INVALID_ENVELOPE, "field 'payload.error.retryable' must be a boolean")
+    assert isinstance(code, str)
+    return ResponseError(code, message, retryable)
 
 
 # -- gateway -> store ---------------------------------------------------------
@@ -182,18 +257,33 @@ def encode_command_response(
     result: dict[str, Any] | None = None,
     error: ArqonError | None = None,
 ) -> bytes:
-    """A full envelope, as in the seed's Example 4."""
+    """A gateway's own answer: a full envelope, as in the seed's Example 4."""
+    return encode_response(
+        command,
+        response_id,
+        sender,
+        timestamp,
+        result,
+        None if error is None else ResponseError(error.code, error.message, error.error.retryable),
+    )
+
+
+def encode_response(
+    command: ClientCommand,
+    response_id: str,
+    sender: str,
+    timestamp: str,
+    result: dict[str, Any] | None = None,
+    error: ResponseError | None = None,
+) -> bytes:
+    """A command_response to ``command``, from the gateway or from a service's handler."""
     payload: dict[str, Any] = {"request_id": command.id}
     if error is None:
         payload["status"] = "success"
         payload["result"] = result if result is not None else {}
     else:
         payload["status"] = "error"
-        payload["error"] = {
-            "code": error.code,
-            "message": error.message,
-            "retryable": error.error.retryable,
-        }
+        payload["error"] = error.as_dict()
     return _server_message(
         "command_response",
         payload,
@@ -201,6 +291,29 @@ def encode_command_response(
         room=command.room,
         channel=command.channel,
         **{"from": sender, "timestamp": timestamp},
+    )
+
+
+def encode_delivery(
+    delivery_id: str,
+    room: str,
+    channel: str,
+    sender: str,
+    timestamp: str,
+    payload: dict[str, Any],
+) -> bytes:
+    """A service command as its handler receives it; it answers with request_id = delivery_id."""
+    return orjson.dumps(
+        {
+            "version": PROTOCOL_VERSION,
+            "type": "command",
+            "id": delivery_id,
+            "room": room,
+            "channel": channel,
+            "from": sender,
+            "timestamp": timestamp,
+            "payload": payload,
+        }
     )
 
 

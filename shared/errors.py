@@ -40,7 +40,8 @@ INVALID_NAME = ErrorCode(
 )
 UNKNOWN_COMMAND = ErrorCode(
     "unknown_command",
-    "Unknown command. Built-in commands are join_channel, leave_channel and history.",
+    "A command name must be a built-in command or a service command name of 1-64 characters "
+    "of A-Z, a-z, 0-9, '_' or '-'.",
     False,
 )
 INVALID_PARAMETERS = ErrorCode(
@@ -67,6 +68,29 @@ UNAVAILABLE = ErrorCode(
     "it will not be stored twice.",
     True,
 )
+NO_RESPONDERS = ErrorCode(
+    "no_responders",
+    "No service has registered a handler for this command on this room and channel. "
+    "Start the service (it sends register_handler), then retry.",
+    True,
+)
+TIMEOUT = ErrorCode(
+    "timeout",
+    "The handler did not answer within timeout_ms. It may still have run the command: "
+    "retry only if the command is safe to repeat, or raise timeout_ms.",
+    True,
+)
+NOT_REGISTERED = ErrorCode(
+    "not_registered",
+    "This connection has no handler registered for that command. Nothing to unregister.",
+    False,
+)
+UNKNOWN_REQUEST = ErrorCode(
+    "unknown_request",
+    "No command awaits an answer with this request_id on this connection: it was answered "
+    "already, or the caller's timeout passed. Answer each delivery once, within timeout_ms.",
+    False,
+)
 INTERNAL = ErrorCode(
     "internal", "Internal gateway error. Retry with the same id; report it if it persists.", True
 )
@@ -83,6 +107,10 @@ CATALOGUE: dict[str, ErrorCode] = {
         NOT_JOINED,
         LIMIT_EXCEEDED,
         UNAVAILABLE,
+        NO_RESPONDERS,
+        TIMEOUT,
+        NOT_REGISTERED,
+        UNKNOWN_REQUEST,
         INTERNAL,
     )
 }

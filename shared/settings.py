@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     open_timeout_s: float = Field(10.0, gt=0)
     ping_interval_s: float = Field(20.0, gt=0)
     health_interval_s: float = Field(2.0, gt=0)
+    max_handlers_per_connection: int = Field(100, ge=1, le=10_000)
+    command_timeout_s: float = Field(5.0, gt=0, le=600)
+    command_timeout_max_s: float = Field(60.0, gt=0, le=600)
     replay_buffer_msgs: int = Field(10_000, ge=100)
     log_level: str = Field("INFO")
 
@@ -69,6 +72,15 @@ class Settings(BaseSettings):
             raise ValueError(
                 "ARQONBUS_STREAM_MAX_AGE_S must be >= ARQONBUS_DEDUPE_WINDOW_S "
                 f"({self.stream_max_age_s} < {self.dedupe_window_s}): JetStream refuses such a stream"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _command_timeout_within_max(self) -> Settings:
+        if self.command_timeout_s > self.command_timeout_max_s:
+            raise ValueError(
+                "ARQONBUS_COMMAND_TIMEOUT_S must be <= ARQONBUS_COMMAND_TIMEOUT_MAX_S "
+                f"({self.command_timeout_s} > {self.command_timeout_max_s})"
             )
         return self
 

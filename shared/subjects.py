@@ -4,6 +4,8 @@ Layout, with the configurable prefix ``P`` (default ``arq``)::
 
     P.ev.<tenant>.<room>.<channel>     ingest: what the stream stores
     P.live.<tenant>.<room>.<channel>   delivery: the stream republishes here, with seq headers
+    P.cmd.<tenant>.<room>.<channel>.<command>
+                                       service commands: NATS request/reply, one queue group
 
 One JetStream stream per tenant captures ``P.ev.<tenant>.>``. Every token is a
 validated name, so no subject ever contains a wildcard, whitespace or an extra
@@ -66,6 +68,10 @@ class SubjectScheme:
 
     def live(self, ref: ChannelRef) -> str:
         return f"{self.prefix}.live.{ref.tenant}.{ref.room}.{ref.channel}"
+
+    def command(self, ref: ChannelRef, command: str) -> str:
+        """The request subject of a service command; handlers subscribe in one queue group."""
+        return f"{self.prefix}.cmd.{ref.tenant}.{ref.room}.{ref.channel}.{validate_name(command, 'command')}"
 
     def tenant_ingest_filter(self, tenant: str) -> str:
         return f"{self.prefix}.ev.{validate_name(tenant, 'tenant')}.>"

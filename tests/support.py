@@ -109,10 +109,30 @@ class WsClient:
         return await self.reply_to(msg_id, start=start)
 
     async def command(
-        self, room: str, channel: str, name: str, parameters: Message | None = None
+        self,
+        room: str,
+        channel: str,
+        name: str,
+        parameters: Message | None = None,
+        timeout_ms: int | None = None,
+        reply_timeout: float = 10.0,
     ) -> Message:
+        cmd_id = await self.send_command(room, channel, name, parameters, timeout_ms)
+        return await self.reply_to(cmd_id, timeout=reply_timeout)
+
+    async def send_command(
+        self,
+        room: str,
+        channel: str,
+        name: str,
+        parameters: Message | None = None,
+        timeout_ms: int | None = None,
+    ) -> str:
+        """Send a command without waiting; returns its id (its reply's request_id)."""
         cmd_id = new_id("c")
-        start = len(self.received)
+        payload: Message = {"command": name, "parameters": parameters or {}}
+        if timeout_ms is not None:
+            payload["timeout_ms"] = timeout_ms
         await self.send(
             {
                 "version": "1.0",
@@ -120,10 +140,42 @@ class WsClient:
                 "type": "command",
                 "room": room,
                 "channel": channel,
-                "payload": {"command": name, "parameters": parameters or {}},
+                "payload": payload,
             }
         )
-        return await self.reply_to(cmd_id, start=start)
+        return cmd_id
+
+    def deliveries(self) -> list[Message]:
+        """Service commands this connection's handler was given."""
+        return [m for m in self.received if m["type"] == "command"]
+
+    async def next_delivery(self, start: int = 0, timeout: float = 10.0) -> Message:
+        return await self.wait_for(lambda m: m["type"] == "command", timeout, start)
+
+    async def answer(
+        self,
+        delivery: Message,
+        result: Message | None = None,
+        error: Message | None = None,
+        response_id: str | None = None,
+    ) -> str:
+        """Answer a delivered service command; returns the answer's id."""
+        payload: Message = {"request_id": delivery["id"]}
+        if error is None:
+            payload |= {"status": "success", "result": result or {}}
+        else:
+            payload |= {"status": "error", "error": error}
+        answer_id = response_id or new_id("r")
+        await self.send(
+            {
+                "id": answer_id,
+                "type": "command_response",
+                "room": delivery["room"],
+                "channel": delivery["channel"],
+                "payload": payload,
+            }
+        )
+        return answer_id
 
     async def join(self, room: str, channel: str, since_seq: int | None = None) -> Message:
         params = {} if since_seq is None else {"since_seq": since_seq}

@@ -143,7 +143,8 @@ async def test_invalid_name_for_events_and_commands(start_gateway, clients, tena
 async def test_unknown_command(start_gateway, clients, tenant):
     gw = await start_gateway()
     client = await clients(gateway_url(gw), tenant, "alice")
-    for name in ("explode", "JOIN_CHANNEL", "join_channel "):
+    # Names that are neither built-in nor possible service names (subject tokens).
+    for name in ("explode.now", "join_channel ", "*", "x" * 65):
         reply = await client.command("r", "c", name)
         assert_command_error(reply, "unknown_command")
         await assert_still_usable(client)
@@ -170,7 +171,8 @@ async def test_command_errors_carry_retryable(start_gateway, clients, tenant):
     gw = await start_gateway()
     client = await clients(gateway_url(gw), tenant, "alice")
     replies = {
-        "unknown_command": await client.command("r", "c", "explode"),
+        "unknown_command": await client.command("r", "c", "explode.now"),
+        "no_responders": await client.command("r", "c", "explode"),
         "invalid_parameters": await client.command("r", "c", "history", {"limit": 1001}),
         "not_joined": await client.command("r", "c", "leave_channel"),
     }

@@ -14,7 +14,10 @@ from shared.commands import (
     JoinParams,
     history_params,
     join_params,
-    require_builtin,
+    handler_params,
+    is_builtin,
+    require_service_name,
+    service_timeout_ms,
 )
 from shared.errors import ArqonError
 
@@ -31,21 +34,63 @@ def params_error(call: Any, *args: Any, **kwargs: Any) -> ArqonError:
 # -- command names ----------------------------------------------------------------
 
 
-def test_builtin_commands_are_the_documented_three() -> None:
-    assert set(BUILTIN_COMMANDS) == {"join_channel", "leave_channel", "history"}
+def test_builtin_commands_are_the_documented_five() -> None:
+    assert set(BUILTIN_COMMANDS) == {
+        "join_channel",
+        "leave_channel",
+        "history",
+        "register_handler",
+        "unregister_handler",
+    }
+    assert all(is_builtin(name) for name in BUILTIN_COMMANDS)
+
+
+@pytest.mark.parametrize("name", ["status", "JOIN_CHANNEL", "get-pool_2", "x" * 64])
+def test_other_valid_names_are_service_commands(name: str) -> None:
+    assert not is_builtin(name)
+    assert require_service_name(name) == name
+
+
+@pytest.mark.parametrize("name", ["join_channel ", "a.b", "a*", ">", "x" * 65, "é", "a b"])
+def test_a_service_name_that_cannot_be_a_subject_token_is_unknown_command(name: str) -> None:
+    with pytest.raises(ArqonError) as info:
+        require_service_name(name)
+    assert info.value.code == "unknown_command"
+    assert len(info.value.message) < 400
+
+
+@pytest.mark.parametrize(
+    "params", [{}, {"command": None}, {"command": ""}, {"command": "a.b"}, {"command": 7}]
+)
+def test_handler_params_need_a_valid_command_name(params: dict[str, object]) -> None:
+    with pytest.raises(ArqonError) as info:
+        handler_params(params)
+    assert info.value.code == "invalid_parameters"
+    assert "'command'" in info.value.message
 
 
 @pytest.mark.parametrize("name", BUILTIN_COMMANDS)
-def test_builtin_commands_are_accepted(name: str) -> None:
-    assert require_builtin(name) == name
-
-
-@pytest.mark.parametrize("name", ["status", "JOIN_CHANNEL", "join_channel ", "", "x" * 500])
-def test_unknown_command_is_unknown_command(name: str) -> None:
+def test_builtin_commands_cannot_be_handled(name: str) -> None:
     with pytest.raises(ArqonError) as info:
-        require_builtin(name)
-    assert info.value.code == "unknown_command"
-    assert len(info.value.message) < 300
+        handler_params({"command": name})
+    assert info.value.code == "invalid_parameters"
+
+
+def test_handler_params_return_the_name() -> None:
+    assert handler_params({"command": "status", "other": 1}) == "status"
+
+
+@pytest.mark.parametrize(("value", "expected"), [(None, 5000), (1, 1), (60000, 60000)])
+def test_service_timeout_defaults_and_bounds(value: object, expected: int) -> None:
+    assert service_timeout_ms(value, 5000, 60000) == expected
+
+
+@pytest.mark.parametrize("value", [0, -1, 60001, 1.5, "100", True])
+def test_service_timeout_rejects_out_of_range(value: object) -> None:
+    with pytest.raises(ArqonError) as info:
+        service_timeout_ms(value, 5000, 60000)
+    assert info.value.code == "invalid_parameters"
+    assert "timeout_ms" in info.value.message
 
 
 # -- join_channel -------------------------------------------------------------------

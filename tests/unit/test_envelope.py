@@ -14,6 +14,8 @@ from shared.envelope import (
     PROTOCOL_VERSION,
     ClientCommand,
     ClientEvent,
+    ClientResponse,
+    ResponseError,
     decode_stored,
     encode_ack,
     encode_command_response,
@@ -53,6 +55,11 @@ def event_frame(**changes: Any) -> dict[str, Any]:
 def command_frame(**changes: Any) -> dict[str, Any]:
     payload = {"command": "join_channel", "parameters": {"since_seq": 3}}
     return event_frame(type="command", payload=payload) | changes
+
+
+def response_frame(**payload_changes: Any) -> dict[str, Any]:
+    payload = {"request_id": "dlv_1", "status": "success", "result": {"ok": True}}
+    return event_frame(type="command_response", payload=payload | payload_changes)
 
 
 def without(frame: dict[str, Any], key: str) -> dict[str, Any]:
@@ -215,7 +222,29 @@ def test_bad_id_is_invalid_envelope_without_request_id(frame: dict[str, Any]) ->
         (event_frame(version=1.0), "version"),
         (event_frame(version=None), "version"),
         (event_frame(type="message"), "type"),
-        (event_frame(type="command_response"), "type"),
+        (event_frame(type="ack"), "type"),
+        (event_frame(type="command_response"), "payload.request_id"),
+        (response_frame(request_id=""), "payload.request_id"),
+        (response_frame(request_id="a\nb"), "payload.request_id"),
+        (response_frame(status="ok"), "payload.status"),
+        (response_frame(result=[1]), "payload.result"),
+        (response_frame(status="error"), "payload.error"),
+        (
+            response_frame(status="error", error={"code": "a.b", "message": "m"}),
+            "payload.error.code",
+        ),
+        (
+            response_frame(status="error", error={"code": "c", "message": 7}),
+            "payload.error.message",
+        ),
+        (
+            response_frame(status="error", error={"code": "c", "message": "x" * 1025}),
+            "payload.error.message",
+        ),
+        (
+            response_frame(status="error", error={"code": "c", "message": "m", "retryable": "yes"}),
+            "payload.error.retryable",
+        ),
         (without(event_frame(), "type"), "type"),
         (event_frame(payload=[1, 2]), "payload"),
         (event_frame(payload="text"), "payload"),
@@ -233,6 +262,32 @@ def test_bad_field_is_invalid_envelope_with_request_id(frame: dict[str, Any], fi
     assert error.code == "invalid_envelope"
     assert error.request_id == REQUEST_ID
     assert f"'{field}'" in error.message
+
+
+def test_a_handler_success_response_parses() -> None:
+    parsed = parse_client_frame(orjson.dumps(response_frame(result=None)), 65536)
+    assert isinstance(parsed, ClientResponse)
+    assert (parsed.id, parsed.request_id, parsed.result, parsed.error) == (
+        REQUEST_ID,
+        "dlv_1",
+        {},
+        None,
+    )
+
+
+def test_a_handler_error_response_parses_with_retryable_defaulting_to_false() -> None:
+    frame = response_frame(status="error", error={"code": "pool_exhausted", "message": "busy"})
+    parsed = parse_client_frame(orjson.dumps(frame), 65536)
+    assert isinstance(parsed, ClientResponse)
+    assert parsed.result is None
+    assert parsed.error == ResponseError("pool_exhausted", "busy", False)
+
+
+def test_service_command_keeps_timeout_ms_as_sent() -> None:
+    frame = command_frame(payload={"command": "status", "timeout_ms": 250})
+    parsed = parse_client_frame(orjson.dumps(frame), 65536)
+    assert isinstance(parsed, ClientCommand)
+    assert parsed.timeout_ms == 250
 
 
 BAD_NAMES: list[Any] = [

@@ -33,7 +33,7 @@ def test_entry_has_stable_code_and_message(entry: ErrorCode) -> None:
 
 def test_only_transient_errors_are_retryable() -> None:
     retryable = {code for code, entry in CATALOGUE.items() if entry.retryable}
-    assert retryable == {"unavailable", "internal"}
+    assert retryable == {"unavailable", "internal", "no_responders", "timeout"}
 
 
 def test_error_message_puts_detail_before_the_catalogue_text() -> None:
