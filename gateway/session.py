@@ -64,6 +64,10 @@ _NATS_HEADER_ROOM = 512
 # A handler's answer is accepted this long after the caller's timeout_ms (reply in flight).
 _ANSWER_GRACE_S = 0.5
 GATEWAY = "arqonbus"
+# A handler registered a moment ago on another NATS server may not be known on ours yet
+# (interest spreads over the cluster's routes asynchronously). Ask again after these
+# pauses before answering no_responders; together they stay under 100 ms.
+_NO_RESPONDERS_RETRY_S = (0.01, 0.02, 0.03, 0.03)
 
 
 def utc_timestamp() -> str:
@@ -306,9 +310,7 @@ class Session:
             timeout_ms,
         )
         try:
-            body = await self._broker.request(
-                ref, command.command, call.encode(), timeout_ms / 1000
-            )
+            body = await self._request(ref, command.command, call.encode(), timeout_ms / 1000)
             reply = ServiceReply.decode(body)
         except NoResponders:
             self._reply(command, error=ArqonError(NO_RESPONDERS, request_id=command.id))
@@ -330,6 +332,14 @@ class Session:
                     command, reply.id, reply.sender, reply.timestamp, reply.result, reply.error
                 )
             )
+
+    async def _request(self, ref: ChannelRef, name: str, body: bytes, timeout: float) -> bytes:
+        for pause in _NO_RESPONDERS_RETRY_S:
+            try:
+                return await self._broker.request(ref, name, body, timeout)
+            except NoResponders:
+                await asyncio.sleep(pause)
+        return await self._broker.request(ref, name, body, timeout)
 
     # -- service commands: the handler's side --------------------------------------
 

@@ -22,6 +22,10 @@ _NO_PLACEMENT = {10005, 10023}  # no suitable peers / insufficient resources: of
 _REPLICAS_UNSUPPORTED = 10074  # a single server without clustering
 _PLACEMENT_RETRIES = 8
 _LISTEN_PROBES = 12
+# A stream that another gateway is creating may not answer STREAM.INFO until its group
+# has elected a leader: ask again, briefly, rather than wait out one long timeout.
+_LOOKUP_TIMEOUT_S = 1.0
+_LOOKUPS = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,11 +133,19 @@ class StreamProvisioner:
             raise
 
     async def _existing_replicas(self, tenant: str) -> int | None:
-        try:
-            info = await self._jsm.stream_info(self._scheme.stream_name(tenant))
-        except NotFoundError:
-            return None
-        return info.config.num_replicas or 1
+        name = self._scheme.stream_name(tenant)
+        for attempt in range(_LOOKUPS):
+            try:
+                info = await asyncio.wait_for(self._jsm.stream_info(name), _LOOKUP_TIMEOUT_S)
+            except NotFoundError:
+                return None
+            except TimeoutError:
+                if attempt == _LOOKUPS - 1:
+                    raise
+                log.info("stream %s did not answer yet; asking again", name)
+                continue
+            return info.config.num_replicas or 1
+        raise AssertionError("unreachable")
 
     async def _create(self, tenant: str) -> int:
         replicas = choose_replicas(self._policy, self._cluster_size())
