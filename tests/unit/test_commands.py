@@ -12,10 +12,10 @@ from shared.commands import (
     HISTORY_MAX_LIMIT,
     HistoryParams,
     JoinParams,
-    history_params,
-    join_params,
     handler_params,
+    history_params,
     is_builtin,
+    join_params,
     require_service_name,
     service_timeout_ms,
 )

@@ -1,0 +1,1573 @@
+"""The ArqonBus client: one WebSocket connection, reconnect and resume, exactly-once delivery.
+
+Design
+------
+One background task owns the socket. It connects (trying the gateway URLs in turn, with
+jittered exponential backoff), reads frames and dispatches each one synchronously, in frame
+order, then reconnects when the connection drops. Nothing else reads the socket.
+
+On every (re)connect the client
+
+* rejoins every subscription with ``since_seq`` = the last seq handed to the application
+  (events that were queued but not handed yet are dropped and come again),
+* registers every service handler again, and
+* resends every unacknowledged publish with the same ``id`` (the gateway deduplicates by id,
+  so an event that had been stored is acked with ``duplicate=True`` and its original seq).
+
+A subscription accepts an event only when its seq is greater than the last seq it accepted,
+and only after the ``command_response`` of its current join has been read (the gateway sends
+that response before the first event of the membership). So the application sees every stored
+event once, in seq order, across gateway crashes, drains (1012), slow-consumer closes (4001)
+and network failures. Retention gaps are never silent: the iterator yields a :class:`Gap`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import random
+import re
+import socket
+import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, TypeVar
+
+import orjson
+from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import (
+    ConnectionClosed,
+    InvalidHandshake,
+    InvalidStatus,
+    InvalidURI,
+    WebSocketException,
+)
+from websockets.uri import parse_uri
+
+from arqonbus.errors import (
+    ArqonBusError,
+    AuthenticationError,
+    ClientClosed,
+    CommandFailed,
+    ConnectionFailed,
+    ConnectionLost,
+    ConnectionRejected,
+    Internal,
+    InvalidEnvelope,
+    MessageTooLarge,
+    Timeout,
+    Unavailable,
+    error_from_wire,
+)
+from arqonbus.models import Ack, CommandRequest, Event, Gap, HistoryPage, Welcome
+
+__all__ = [
+    "BUILTIN_COMMANDS",
+    "Client",
+    "CommandHandler",
+    "History",
+    "Subscription",
+    "SubscriptionCallback",
+]
+
+log = logging.getLogger("arqonbus.client")
+
+PROTOCOL_VERSION = "1.0"
+BUILTIN_COMMANDS = frozenset(
+    {"join_channel", "leave_channel", "history", "register_handler", "unregister_handler"}
+)
+_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
+_ID_MAX = 128
+_ERROR_MESSAGE_MAX = 1024
+_INITIAL_BACKOFF = 0.05
+_DEFAULT_LIMITS = {"max_envelope_bytes": 65536, "max_in_flight": 1000, "history_max_limit": 1000}
+
+CommandHandler = Callable[[CommandRequest], Awaitable[dict[str, Any] | None]]
+"""``async def handler(request: CommandRequest) -> dict``: the result of a service command."""
+
+SubscriptionCallback = Callable[[Event | Gap], Awaitable[None] | None]
+"""A callback for :meth:`Client.on`: sync or async, called once per item, in order."""
+
+_H = TypeVar("_H", bound=Callable[..., Any])
+_T = TypeVar("_T")
+
+
+def _is_name(value: object) -> bool:
+    return isinstance(value, str) and _NAME.match(value) is not None
+
+
+def _check_id(value: str) -> None:
+    if not isinstance(value, str) or not 1 <= len(value) <= _ID_MAX or not value.isprintable():
+        raise InvalidEnvelope(
+            f"id {value!r} is not valid: it must be a string of 1-{_ID_MAX} printable characters"
+        )
+
+
+def _backoff(attempt: int, cap: float) -> float:
+    """Jittered exponential backoff: about 0.05 s, 0.1 s, 0.2 s, ... up to ``cap``."""
+    return random.uniform(0.5, 1.0) * min(cap, _INITIAL_BACKOFF * 2.0 ** min(attempt, 30))
+
+
+def _describe(exc: BaseException) -> str:
+    """A short, human reason for a failed connection attempt."""
+    if isinstance(exc, InvalidStatus):
+        status = exc.response.status_code
+        if status == 503:
+            return "HTTP 503: the gateway is draining"
+        detail = _http_error_message(exc)
+        return f"HTTP {status}" + (f": {detail}" if detail else "")
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve the host name ({exc.strerror})"
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, ConnectionClosed):
+        return "the connection closed before the welcome message"
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc) or type(exc).__name__
+    return str(exc) or type(exc).__name__
+
+
+def _http_error_message(exc: InvalidStatus) -> str:
+    body = exc.response.body or b""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return body.decode(errors="replace")[:200]
+    if isinstance(data, dict):
+        message = data.get("message") or data.get("error")
+        if isinstance(message, str):
+            return message
+    return ""
+
+
+class _AttemptFailed(Exception):
+    """One connection attempt failed; try the next URL."""
+
+
+@dataclass(slots=True)
+class _Outgoing:
+    """An unacknowledged publish: the exact frame to resend, and who waits for the ack."""
+
+    frame: bytes
+    future: asyncio.Future[Ack]
+
+
+class Client:
+    """An ArqonBus connection that reconnects and resumes by itself.
+
+    ``urls`` is one gateway URL (``ws://host:port/ws``) or several; the client connects to
+    any of them and moves to the next one when one fails. ``token`` is sent as
+    ``Authorization: Bearer <token>`` (dev mode: ``dev:<tenant>:<principal>``).
+
+    Use it as ``async with Client(urls, token) as client: ...``, or call :meth:`connect`
+    and :meth:`close`.
+
+    Timeouts: ``connect_timeout`` bounds the first :meth:`connect` (and each attempt);
+    ``request_timeout`` is the default of every call that has no timeout of its own.
+    ``max_backoff`` caps the delay between reconnect attempts. ``queue_size`` is the
+    default bound of each subscription's queue. ``handler_concurrency`` bounds how many
+    service commands the client's handlers run at once.
+    """
+
+    def __init__(
+        self,
+        urls: str | Sequence[str],
+        token: str,
+        *,
+        connect_timeout: float = 10.0,
+        request_timeout: float = 10.0,
+        max_backoff: float = 5.0,
+        queue_size: int = 10_000,
+        handler_concurrency: int = 64,
+        ping_interval: float | None = 20.0,
+        max_frame_bytes: int = 64 * 1024 * 1024,
+    ) -> None:
+        url_list = [u.strip() for u in urls.split(",")] if isinstance(urls, str) else list(urls)
+        url_list = [u for u in url_list if u]
+        if not url_list:
+            raise ValueError("no gateway URL given: pass at least one ws://host:port/ws")
+        for url in url_list:
+            try:
+                parse_uri(url)
+            except InvalidURI as exc:
+                raise ValueError(f"{url!r} is not a WebSocket URL (ws://host:port/ws)") from exc
+        if queue_size < 1:
+            raise ValueError("queue_size must be at least 1")
+        if handler_concurrency < 1:
+            raise ValueError("handler_concurrency must be at least 1")
+        self.urls: list[str] = url_list
+        self._token = token
+        self.connect_timeout = connect_timeout
+        self.request_timeout = request_timeout
+        self.max_backoff = max_backoff
+        self.queue_size = queue_size
+        self._ping_interval = ping_interval
+        self._max_frame_bytes = max_frame_bytes
+
+        self._conn: ClientConnection | None = None
+        self._url: str | None = None
+        self._url_index = 0
+        self._welcome: Welcome | None = None
+        self._limits: dict[str, int] = dict(_DEFAULT_LIMITS)
+        self._ready = False
+        self._ready_event = asyncio.Event()  # set while ready, closing or failed
+        self._closing = False
+        self._fatal: ArqonBusError | None = None
+        self._run_task: asyncio.Task[None] | None = None
+
+        self._unacked: dict[str, _Outgoing] = {}
+        self._slot_freed = asyncio.Event()
+        self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._joins: dict[str, tuple[Subscription, int | None]] = {}
+        self._quiet: set[str] = set()  # requests whose reply nobody awaits (leave on pause)
+        self._subs: dict[tuple[str, str], Subscription] = {}
+        self._handlers: dict[tuple[str, str, str], CommandHandler] = {}
+        self._handler_slots = asyncio.Semaphore(handler_concurrency)
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Client:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    @property
+    def connected(self) -> bool:
+        """True while a connection is up and resumed."""
+        return self._ready
+
+    @property
+    def url(self) -> str | None:
+        """The URL of the current (or last) connection."""
+        return self._url
+
+    @property
+    def welcome(self) -> Welcome | None:
+        """The welcome message of the current (or last) connection."""
+        return self._welcome
+
+    @property
+    def error(self) -> ArqonBusError | None:
+        """The fatal error that stopped the client (bad token, close code 4500-4999), if any."""
+        return self._fatal
+
+    async def connect(self) -> None:
+        """Connect to one of the gateways, then keep the connection up in the background.
+
+        Raises :class:`ConnectionFailed` if no gateway answered within ``connect_timeout``
+        and :class:`AuthenticationError` if a gateway refused the token. Handlers registered
+        before this call are registered before it returns (failures are logged).
+        """
+        if self._closing:
+            raise ClientClosed("the client is closed; create a new one")
+        if self._run_task is not None:
+            raise RuntimeError("connect() was already called")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.connect_timeout
+        conn, welcome = await self._open_first(deadline)
+        resume = self._attach(conn, welcome)
+        self._run_task = asyncio.create_task(self._run(conn), name="arqonbus-connection")
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.shield(resume), max(0.1, deadline - loop.time()))
+
+    async def close(self) -> None:
+        """Close the connection and stop reconnecting.
+
+        Pending publishes and commands fail with :class:`ClientClosed`; subscription
+        iterators end; handler and callback tasks are cancelled.
+        """
+        if self._closing:
+            return
+        self._closing = True
+        self._ready = False
+        self._ready_event.set()
+        self._slot_freed.set()
+        conn = self._conn
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(conn.close(), 5.0)
+        if self._run_task is not None:
+            self._run_task.cancel()
+            await asyncio.gather(self._run_task, return_exceptions=True)
+        closed = ClientClosed("the client was closed")
+        self._fail_pending(closed, publishes=True)
+        for sub in list(self._subs.values()):
+            sub._end()
+        self._subs.clear()
+        current = asyncio.current_task()
+        tasks = [t for t in self._tasks if t is not current]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- publishing -------------------------------------------------------------------------
+
+    async def publish(
+        self,
+        room: str,
+        channel: str,
+        payload: dict[str, Any],
+        id: str | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> Ack:
+        """Publish one event and wait until the store acknowledged it.
+
+        ``id`` is the idempotency key (default: a fresh uuid4 hex). Until the ack arrives the
+        event stays in the client's unacked set; if the connection drops it is resent with
+        the same ``id`` after the reconnect (while disconnected, the call waits). At most
+        ``welcome.limits.max_in_flight`` publishes are in flight at once; more wait.
+
+        Raises the mapped :class:`ArqonBusError` when the gateway rejects the event, and
+        :class:`Timeout` when no ack arrived within ``timeout`` (default
+        ``request_timeout``). After a timeout the outcome is unknown: publish again with the
+        **same** ``id`` to be sure (a stored event is acked with ``duplicate=True``).
+        Retryable errors (``unavailable``, ``internal``) are retried with the same ``id``
+        and backoff; the error is raised only when the timeout leaves no room for another
+        attempt.
+        """
+        if not isinstance(payload, dict):
+            raise TypeError(f"payload must be a dict (a JSON object), not {type(payload).__name__}")
+        msg_id = uuid.uuid4().hex if id is None else id
+        _check_id(msg_id)
+        try:
+            frame = orjson.dumps(
+                {
+                    "version": PROTOCOL_VERSION,
+                    "id": msg_id,
+                    "type": "event",
+                    "room": room,
+                    "channel": channel,
+                    "payload": payload,
+                }
+            )
+        except TypeError as exc:
+            raise TypeError(f"payload is not JSON-serializable: {exc}") from None
+        limit = self._limits["max_envelope_bytes"]
+        if len(frame) > limit:
+            raise MessageTooLarge(
+                f"envelope is {len(frame)} bytes, limit is {limit}: send a smaller payload",
+                request_id=msg_id,
+            )
+        self._check_usable()
+        if msg_id in self._unacked:
+            raise ValueError(f"a publish with id {msg_id!r} is already waiting for its ack")
+        budget = self.request_timeout if timeout is None else timeout
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + budget
+        attempt = 0
+        while True:
+            try:
+                return await self._publish_once(msg_id, frame, deadline)
+            except (Unavailable, Internal) as exc:
+                # Retryable, and safe: a resend with the same id is never stored twice.
+                delay = _backoff(attempt, self.max_backoff)
+                attempt += 1
+                if deadline - loop.time() <= delay:
+                    raise
+                log.debug("publish of %s failed (%s); resending", msg_id, exc)
+                await asyncio.sleep(delay)
+            except TimeoutError:
+                raise Timeout(
+                    f"no ack for event {msg_id!r} within {budget:g}s; it may or may not be "
+                    "stored: publish again with the same id to be sure",
+                    request_id=msg_id,
+                ) from None
+
+    async def _publish_once(self, msg_id: str, frame: bytes, deadline: float) -> Ack:
+        """Send once (and again after each reconnect) until the ack or an error arrives."""
+        entry = _Outgoing(frame, asyncio.get_running_loop().create_future())
+        try:
+            async with asyncio.timeout_at(deadline):
+                while len(self._unacked) >= self._limits["max_in_flight"]:
+                    self._slot_freed.clear()
+                    await self._slot_freed.wait()
+                    self._check_usable()
+                if msg_id in self._unacked:
+                    raise ValueError(f"a publish with id {msg_id!r} is already waiting for its ack")
+                self._unacked[msg_id] = entry
+                conn = self._conn
+                if self._ready and conn is not None:
+                    await self._send_on(conn, frame)
+                return await entry.future
+        finally:
+            if self._unacked.get(msg_id) is entry:
+                del self._unacked[msg_id]
+                self._slot_freed.set()
+
+    # -- subscribing ------------------------------------------------------------------------
+
+    def subscribe(
+        self,
+        room: str,
+        channel: str,
+        since_seq: int | None = None,
+        *,
+        queue_size: int | None = None,
+    ) -> Subscription:
+        """A subscription to one channel: an async iterator of :class:`Event` and :class:`Gap`.
+
+        Nothing is sent until the first iteration or ``await sub.start()``. Without
+        ``since_seq`` delivery starts now; with ``since_seq=N`` every stored event with
+        ``seq > N`` comes first. ``queue_size`` (default: the client's) bounds the events
+        held for the application; when it is full the subscription pauses and later resumes
+        from the store, so nothing is lost and memory stays bounded.
+
+        One client holds at most one subscription per room and channel.
+        """
+        if since_seq is not None and (
+            isinstance(since_seq, bool) or not isinstance(since_seq, int) or since_seq < 0
+        ):
+            raise ValueError("since_seq must be an integer >= 0")
+        size = self.queue_size if queue_size is None else queue_size
+        if size < 1:
+            raise ValueError("queue_size must be at least 1")
+        return Subscription(self, room, channel, since_seq, size)
+
+    async def on(
+        self,
+        room: str,
+        channel: str,
+        callback: SubscriptionCallback,
+        since_seq: int | None = None,
+        *,
+        queue_size: int | None = None,
+    ) -> Subscription:
+        """Subscribe and call ``callback`` for each :class:`Event` or :class:`Gap`.
+
+        The callback may be sync or async. It is called in order, one item at a time. An
+        exception in the callback is logged and delivery goes on with the next item. Returns
+        the started subscription; ``await sub.close()`` stops it.
+        """
+        sub = self.subscribe(room, channel, since_seq, queue_size=queue_size)
+        await sub.start()
+        sub._callback_task = self._spawn(self._run_callback(sub, callback))
+        return sub
+
+    async def _run_callback(self, sub: Subscription, callback: SubscriptionCallback) -> None:
+        try:
+            async for item in sub:
+                try:
+                    result = callback(item)
+                    if inspect.isawaitable(result):
+                        await result
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("callback for %s/%s failed on %r", sub.room, sub.channel, item)
+        except ArqonBusError as exc:
+            log.error("subscription %s/%s stopped: %s", sub.room, sub.channel, exc)
+
+    # -- history ----------------------------------------------------------------------------
+
+    def history(
+        self,
+        room: str,
+        channel: str,
+        since_seq: int = 0,
+        limit: int | None = 100,
+        *,
+        page_size: int | None = None,
+        timeout: float | None = None,
+    ) -> History:
+        """Stored events of a channel with ``seq > since_seq``, without joining it.
+
+        ``async for event in client.history(...)`` yields :class:`Event` objects;
+        ``async for page in client.history(...).pages()`` yields :class:`HistoryPage`
+        objects. Pages follow ``next_since_seq`` while the gateway says ``more``. ``limit``
+        caps the total number of events (``None``: everything); ``page_size`` (default: up
+        to ``welcome.limits.history_max_limit``) caps each request. Each page request is
+        retried internally across reconnects, within ``timeout`` (default
+        ``request_timeout``).
+        """
+        if isinstance(since_seq, bool) or not isinstance(since_seq, int) or since_seq < 0:
+            raise ValueError("since_seq must be an integer >= 0")
+        if limit is not None and (
+            isinstance(limit, bool) or not isinstance(limit, int) or limit < 1
+        ):
+            raise ValueError("limit must be an integer >= 1, or None for no limit")
+        if page_size is not None and page_size < 1:
+            raise ValueError("page_size must be at least 1")
+        return History(self, room, channel, since_seq, limit, page_size, timeout)
+
+    # -- commands ---------------------------------------------------------------------------
+
+    async def command(
+        self,
+        room: str,
+        channel: str,
+        command: str,
+        params: dict[str, Any] | None = None,
+        timeout: float = 5.0,
+    ) -> dict[str, Any]:
+        """Call a service command and return its result.
+
+        The gateway routes the command to one connection that registered a handler for it on
+        this room and channel, and waits ``timeout`` seconds for the answer (sent as
+        ``payload.timeout_ms``). The client waits ``timeout`` + 1 s for the reply.
+
+        Raises :class:`NoResponders` when no handler is registered, :class:`Timeout` when
+        the handler did not answer in time (it may still have run the command),
+        :class:`CommandFailed` (or the mapped class) for the handler's own error, and
+        :class:`ConnectionLost` if the connection dropped before the reply: commands are not
+        idempotent, so the client does not resend them.
+
+        Built-in commands cannot be sent this way (``ValueError``): use :meth:`subscribe`,
+        :meth:`history` and :meth:`register_handler`.
+        """
+        if command in BUILTIN_COMMANDS:
+            raise ValueError(
+                f"{command!r} is a built-in command: use subscribe(), history(), "
+                "register_handler() or unregister_handler()"
+            )
+        if params is not None and not isinstance(params, dict):
+            raise TypeError("params must be a dict or None")
+        timeout_ms = max(1, int(timeout * 1000))
+        return await self._request(
+            room,
+            channel,
+            command,
+            params or {},
+            timeout=timeout + 1.0,
+            extra={"timeout_ms": timeout_ms},
+        )
+
+    def handles(self, room: str, channel: str, command: str) -> Callable[[_H], _H]:
+        """Decorator: answer service ``command`` on ``room``/``channel`` with the function.
+
+        ``async def handler(request: CommandRequest) -> dict`` returns the result. Raise
+        :class:`CommandFailed` to answer with an error of your own code; any other exception
+        answers ``internal`` ("handler failed: <ExceptionType>") and is logged here.
+
+        The registration is sent at connect and after every reconnect. If the client is
+        connected already, it is sent at once in the background (failures are logged); use
+        :meth:`register_handler` to wait for it.
+        """
+        self._check_handler_name(command)
+
+        def decorate(fn: _H) -> _H:
+            self._handlers[(room, channel, command)] = fn
+            if self._ready:
+                self._spawn(self._register_logged(room, channel, command))
+            return fn
+
+        return decorate
+
+    async def register_handler(
+        self,
+        room: str,
+        channel: str,
+        command: str,
+        fn: CommandHandler,
+        *,
+        timeout: float | None = None,
+    ) -> None:
+        """Register ``fn`` as the handler of ``command`` and wait for the gateway to confirm.
+
+        Before :meth:`connect` it only records the handler (it is registered on connect).
+        Raises the mapped error if the gateway refuses (the handler is then forgotten).
+        """
+        self._check_handler_name(command)
+        key = (room, channel, command)
+        self._handlers[key] = fn
+        if self._run_task is None and not self._closing:
+            return
+        try:
+            await self._request_idempotent(
+                room, channel, "register_handler", {"command": command}, timeout
+            )
+        except ArqonBusError as exc:
+            if not exc.retryable and self._handlers.get(key) is fn:
+                del self._handlers[key]
+            raise
+
+    async def unregister_handler(
+        self, room: str, channel: str, command: str, *, timeout: float | None = None
+    ) -> None:
+        """Stop handling ``command``. Deliveries already running still get their answer."""
+        self._check_handler_name(command)
+        self._handlers.pop((room, channel, command), None)
+        if self._run_task is None:
+            return
+        # A lost connection ended the registration anyway, and it is not sent again.
+        with contextlib.suppress(ConnectionLost):
+            await self._request(
+                room,
+                channel,
+                "unregister_handler",
+                {"command": command},
+                timeout=self.request_timeout if timeout is None else timeout,
+            )
+
+    @staticmethod
+    def _check_handler_name(command: str) -> None:
+        if command in BUILTIN_COMMANDS:
+            raise ValueError(f"{command!r} is a built-in command and cannot be handled")
+        if not _is_name(command):
+            raise ValueError(
+                f"command {command!r} is not a valid name: 1-64 characters of A-Z a-z 0-9 _ -"
+            )
+
+    async def _register_logged(self, room: str, channel: str, command: str) -> None:
+        try:
+            await self._request(
+                room, channel, "register_handler", {"command": command}, self.request_timeout
+            )
+        except ConnectionLost:
+            log.debug(
+                "registration of %s on %s/%s interrupted; redone on reconnect",
+                command,
+                room,
+                channel,
+            )
+        except ArqonBusError as exc:
+            log.warning("could not register handler %s on %s/%s: %s", command, room, channel, exc)
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def _check_usable(self) -> None:
+        if self._fatal is not None:
+            raise self._fatal
+        if self._closing:
+            raise ClientClosed("the client is closed")
+        if self._run_task is None:
+            raise ClientClosed("not connected: call await client.connect() or use async with")
+
+    async def _wait_ready(self) -> ClientConnection:
+        while True:
+            self._check_usable()
+            conn = self._conn
+            if self._ready and conn is not None:
+                return conn
+            await self._ready_event.wait()
+
+    async def _request(
+        self,
+        room: str,
+        channel: str,
+        command: str,
+        parameters: dict[str, Any],
+        timeout: float,
+        extra: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Send one command and return its result; errors raise. Not retried."""
+        request_id = f"{command[:20]}_{uuid.uuid4().hex}"
+        payload: dict[str, Any] = {"command": command, "parameters": parameters}
+        if extra:
+            payload.update(extra)
+        frame = orjson.dumps(
+            {
+                "version": PROTOCOL_VERSION,
+                "id": request_id,
+                "type": "command",
+                "room": room,
+                "channel": channel,
+                "payload": payload,
+            }
+        )
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        try:
+            async with asyncio.timeout(timeout):
+                conn = await self._wait_ready()
+                self._pending[request_id] = future
+                await self._send_on(conn, frame)
+                reply = await future
+        except TimeoutError:
+            raise Timeout(
+                f"no reply to {command} on {room}/{channel} within {timeout:g}s",
+                request_id=request_id,
+            ) from None
+        finally:
+            self._pending.pop(request_id, None)
+        if reply.get("status") == "success":
+            result = reply.get("result")
+            return result if isinstance(result, dict) else {}
+        raise error_from_wire(reply.get("error"), request_id)
+
+    async def _request_idempotent(
+        self,
+        room: str,
+        channel: str,
+        command: str,
+        parameters: dict[str, Any],
+        timeout: float | None,
+    ) -> dict[str, Any]:
+        """:meth:`_request`, retried on a lost connection and on retryable server errors."""
+        loop = asyncio.get_running_loop()
+        budget = self.request_timeout if timeout is None else timeout
+        deadline = loop.time() + budget
+        attempt = 0
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise Timeout(f"{command} on {room}/{channel} did not succeed within {budget:g}s")
+            try:
+                return await self._request(room, channel, command, parameters, remaining)
+            except ConnectionLost:
+                continue  # _request waits for the next connection
+            except (Unavailable, Internal) as exc:
+                delay = _backoff(attempt, self.max_backoff)
+                attempt += 1
+                if deadline - loop.time() <= delay:
+                    raise exc from None
+                log.debug("%s on %s/%s failed (%s); retrying", command, room, channel, exc)
+                await asyncio.sleep(delay)
+
+    async def _send_on(self, conn: ClientConnection, frame: bytes) -> None:
+        """Send on one specific connection; if it is gone, the reconnect logic takes over."""
+        with contextlib.suppress(ConnectionClosed):
+            await conn.send(frame, text=True)
+
+    def _spawn(self, coro: Coroutine[Any, Any, _T]) -> asyncio.Task[_T]:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task failed", exc_info=task.exception())
+
+    # -- connecting -------------------------------------------------------------------------
+
+    async def _open(self, url: str, timeout: float) -> tuple[ClientConnection, Welcome]:
+        """One attempt: handshake and welcome. Raises _AttemptFailed or AuthenticationError."""
+        try:
+            conn = await ws_connect(
+                url,
+                additional_headers={"Authorization": f"Bearer {self._token}"},
+                open_timeout=timeout,
+                compression=None,
+                max_size=self._max_frame_bytes,
+                max_queue=64,
+                ping_interval=self._ping_interval,
+                ping_timeout=self._ping_interval,
+                close_timeout=5.0,
+            )
+        except InvalidStatus as exc:
+            if exc.response.status_code == 401:
+                detail = _http_error_message(exc) or "unauthorized"
+                raise AuthenticationError(f"{url} refused the token: {detail}") from None
+            raise _AttemptFailed(_describe(exc)) from None
+        except (OSError, TimeoutError, InvalidHandshake, WebSocketException) as exc:
+            raise _AttemptFailed(_describe(exc)) from None
+        try:
+            raw = await asyncio.wait_for(conn.recv(), timeout)
+            message = orjson.loads(raw)
+            if not isinstance(message, dict) or message.get("type") != "welcome":
+                raise _AttemptFailed(f"expected a welcome message, got {str(raw)[:100]}")
+            return conn, Welcome.from_wire(message)
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(conn.close(), 1.0)
+            if isinstance(exc, _AttemptFailed | asyncio.CancelledError):
+                raise
+            if isinstance(exc, orjson.JSONDecodeError):
+                raise _AttemptFailed("the welcome message is not JSON") from None
+            if isinstance(exc, Exception):
+                raise _AttemptFailed(_describe(exc)) from None
+            raise
+
+    def _attempt_timeout(self) -> float:
+        return max(0.5, min(self.connect_timeout, 10.0))
+
+    async def _open_first(self, deadline: float) -> tuple[ClientConnection, Welcome]:
+        loop = asyncio.get_running_loop()
+        reasons: dict[str, str] = {}
+        tried = 0
+        rounds = 0
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                summary = "; ".join(f"{u}: {r}" for u, r in reasons.items()) or "timed out"
+                raise ConnectionFailed(f"cannot reach any gateway ({summary})")
+            url = self.urls[self._url_index % len(self.urls)]
+            try:
+                conn, welcome = await self._open(url, min(remaining, self._attempt_timeout()))
+                self._url = url
+                return conn, welcome
+            except _AttemptFailed as exc:
+                reasons[url] = str(exc)
+                log.debug("cannot connect to %s: %s", url, exc)
+            self._url_index += 1
+            tried += 1
+            if tried % len(self.urls) == 0:
+                delay = _backoff(rounds, self.max_backoff)
+                rounds += 1
+                await asyncio.sleep(max(0.0, min(delay, deadline - loop.time())))
+
+    async def _reopen(self) -> tuple[ClientConnection, Welcome]:
+        """Reconnect until it works (or the client closes). Raises AuthenticationError."""
+        self._url_index += 1  # prefer another gateway than the one that just went away
+        await asyncio.sleep(random.uniform(0.0, _INITIAL_BACKOFF))
+        tried = 0
+        rounds = 0
+        while True:
+            url = self.urls[self._url_index % len(self.urls)]
+            try:
+                conn, welcome = await self._open(url, self._attempt_timeout())
+                self._url = url
+                return conn, welcome
+            except _AttemptFailed as exc:
+                log.warning("cannot reconnect to %s: %s; retrying", url, exc)
+            self._url_index += 1
+            tried += 1
+            if tried % len(self.urls) == 0:
+                await asyncio.sleep(_backoff(rounds, self.max_backoff))
+                rounds += 1
+
+    def _attach(self, conn: ClientConnection, welcome: Welcome) -> asyncio.Task[None]:
+        """Make ``conn`` the current connection and start resuming on it."""
+        self._conn, self._welcome = conn, welcome
+        self._limits = {**_DEFAULT_LIMITS, **welcome.limits}
+        return self._spawn(self._resume(conn))
+
+    async def _run(self, conn: ClientConnection) -> None:
+        """The connection task: read until the connection drops, then reconnect and resume."""
+        try:
+            await self._run_connections(conn)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug must not leave callers waiting forever
+            log.exception("the connection task failed")
+            self._set_fatal(Internal(f"the client's connection task failed: {exc!r}"))
+
+    async def _run_connections(self, conn: ClientConnection) -> None:
+        while True:
+            try:
+                code, reason = await self._read(conn)
+            finally:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(conn.close(), 1.0)
+            self._on_disconnect()
+            if self._closing:
+                return
+            if 4500 <= code <= 4999:
+                self._set_fatal(
+                    ConnectionRejected(
+                        f"the gateway closed the connection with {code} ({reason or 'no reason'}): "
+                        "it must not be retried as is",
+                        close_code=code,
+                    )
+                )
+                return
+            log.warning(
+                "connection to %s closed (%d%s); reconnecting",
+                self._url,
+                code,
+                f" {reason}" if reason else "",
+            )
+            try:
+                conn, welcome = await self._reopen()
+            except AuthenticationError as exc:
+                self._set_fatal(exc)
+                return
+            log.warning("reconnected to %s (node %s)", self._url, welcome.node)
+            self._attach(conn, welcome)
+
+    async def _read(self, conn: ClientConnection) -> tuple[int, str]:
+        try:
+            async for raw in conn:
+                try:
+                    message = orjson.loads(raw)
+                except orjson.JSONDecodeError:
+                    log.warning("ignoring a frame that is not JSON: %r", raw[:100])
+                    continue
+                if not isinstance(message, dict):
+                    continue
+                try:
+                    self._dispatch(message, conn)
+                except Exception:
+                    log.exception("failed to process %r", message)
+        except ConnectionClosed:
+            pass
+        except Exception as exc:  # e.g. a transport error outside websockets' own handling
+            log.warning("reading from %s failed: %r", self._url, exc)
+            return 1006, ""
+        return conn.close_code or 1006, conn.close_reason or ""
+
+    async def _resume(self, conn: ClientConnection) -> None:
+        """After (re)connecting: rejoin, resend unacked publishes, register handlers."""
+        # Synchronous part: what to resend is fixed at the moment the client becomes ready.
+        joins = [
+            self._prepare_join(sub, reset=True)
+            for sub in list(self._subs.values())
+            if not sub._closed and sub._error is None
+        ]
+        resend = [entry.frame for entry in self._unacked.values()]
+        handlers = list(self._handlers)
+        self._ready = True
+        self._ready_event.set()
+        for frame in joins:
+            await self._send_on(conn, frame)
+        for frame in resend:
+            await self._send_on(conn, frame)
+        if resend:
+            log.info("resent %d unacked event(s) to %s", len(resend), self._url)
+        await asyncio.gather(*(self._register_logged(*key) for key in handlers))
+
+    def _on_disconnect(self) -> None:
+        self._ready = False
+        if not self._closing and self._fatal is None:
+            self._ready_event.clear()
+        self._fail_pending(
+            ClientClosed("the client was closed")
+            if self._closing
+            else ConnectionLost("the connection dropped before the reply")
+        )
+        self._joins.clear()
+        self._quiet.clear()
+        for sub in self._subs.values():
+            sub._accepting = False
+            sub._join_id = None
+
+    def _fail_pending(self, exc: ArqonBusError, publishes: bool = False) -> None:
+        pending, self._pending = self._pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(exc)
+        if publishes:
+            unacked, self._unacked = self._unacked, {}
+            for entry in unacked.values():
+                if not entry.future.done():
+                    entry.future.set_exception(exc)
+            self._slot_freed.set()
+
+    def _set_fatal(self, exc: ArqonBusError) -> None:
+        log.error("%s", exc)
+        self._fatal = exc
+        self._ready = False
+        self._ready_event.set()
+        self._fail_pending(exc, publishes=True)
+        for sub in list(self._subs.values()):
+            sub._fail(exc)
+
+    # -- dispatch (runs in the reader, in frame order) -------------------------------------
+
+    def _sub_for(self, message: dict[str, Any]) -> Subscription | None:
+        room, channel = message.get("room"), message.get("channel")
+        if isinstance(room, str) and isinstance(channel, str):
+            return self._subs.get((room, channel))
+        return None
+
+    def _dispatch(self, message: dict[str, Any], conn: ClientConnection) -> None:
+        kind = message.get("type")
+        if kind == "event":
+            sub = self._sub_for(message)
+            if sub is not None:
+                sub._offer_event(message)
+        elif kind == "ack":
+            self._on_ack(message)
+        elif kind == "command_response":
+            self._on_response(message)
+        elif kind == "error":
+            self._on_error(message)
+        elif kind == "gap":
+            self._on_gap(message)
+        elif kind == "command":
+            self._on_delivery(message, conn)
+        elif kind != "welcome":
+            log.debug("ignoring a message of type %r", kind)
+
+    def _on_ack(self, message: dict[str, Any]) -> None:
+        payload = message.get("payload")
+        if not isinstance(payload, dict):
+            return
+        request_id = payload.get("request_id")
+        if not isinstance(request_id, str):
+            return
+        entry = self._unacked.pop(request_id, None)
+        if entry is None:
+            return
+        self._slot_freed.set()
+        seq = payload.get("seq")
+        if not entry.future.done():
+            entry.future.set_result(
+                Ack(
+                    request_id, seq if isinstance(seq, int) else 0, payload.get("duplicate") is True
+                )
+            )
+
+    def _on_response(self, message: dict[str, Any]) -> None:
+        payload = message.get("payload")
+        if not isinstance(payload, dict):
+            return
+        request_id = payload.get("request_id")
+        if not isinstance(request_id, str):
+            return
+        join = self._joins.pop(request_id, None)
+        if join is not None:
+            self._on_join_reply(join[0], request_id, join[1], payload)
+            return
+        future = self._pending.get(request_id)
+        if future is not None:
+            if not future.done():
+                future.set_result(payload)
+            return
+        if request_id in self._quiet:
+            self._quiet.discard(request_id)
+            return
+        log.debug("reply to an unknown request %r", request_id)
+
+    def _on_error(self, message: dict[str, Any]) -> None:
+        payload = message.get("payload")
+        if not isinstance(payload, dict):
+            return
+        request_id = payload.get("request_id")
+        exc = error_from_wire(payload, request_id if isinstance(request_id, str) else None)
+        if isinstance(request_id, str):
+            entry = self._unacked.pop(request_id, None)
+            if entry is not None:
+                self._slot_freed.set()
+                if not entry.future.done():
+                    entry.future.set_exception(exc)
+                return
+            join = self._joins.pop(request_id, None)
+            if join is not None:
+                self._on_join_reply(
+                    join[0], request_id, join[1], {"status": "error", "error": payload}
+                )
+                return
+            future = self._pending.get(request_id)
+            if future is not None:
+                if not future.done():
+                    future.set_exception(exc)
+                return
+            self._quiet.discard(request_id)
+        log.warning("the gateway reported an error for request %s: %s", request_id, exc)
+
+    def _on_gap(self, message: dict[str, Any]) -> None:
+        sub = self._sub_for(message)
+        payload = message.get("payload")
+        if sub is None or not isinstance(payload, dict):
+            return
+        after, first = payload.get("after_seq"), payload.get("first_available_seq")
+        if isinstance(after, int) and isinstance(first, int):
+            sub._offer_gap(after, first)
+
+    # -- subscriptions (called by Subscription) --------------------------------------------
+
+    def _add_subscription(self, sub: Subscription) -> None:
+        self._check_usable()
+        key = (sub.room, sub.channel)
+        existing = self._subs.get(key)
+        if existing is not None and existing is not sub:
+            raise ValueError(
+                f"this client already has a subscription to {sub.room}/{sub.channel}: "
+                "close it first, or use another Client"
+            )
+        self._subs[key] = sub
+        conn = self._conn
+        if self._ready and conn is not None:
+            self._spawn(self._send_on(conn, self._prepare_join(sub, reset=True)))
+
+    def _prepare_join(self, sub: Subscription, reset: bool) -> bytes:
+        """Make ``sub`` wait for a new join and return the join frame.
+
+        Events are refused until the join's reply is read: the gateway sends it before the
+        first event of the new membership. With ``reset`` (a new connection) the events
+        queued but not handed yet are dropped and the join resumes from the last seq handed
+        to the application; without it (resuming a paused subscription) the queue is kept
+        and the join resumes from the last seq accepted into it.
+        """
+        if reset:
+            sub._items.clear()
+            sub._queued_events = 0
+            sub._paused = False
+            sub._accepted_seq = sub._last_seq
+        since = sub._accepted_seq
+        request_id = f"join_{uuid.uuid4().hex}"
+        sub._join_id = request_id
+        sub._accepting = False
+        self._joins[request_id] = (sub, since)
+        parameters = {} if since is None else {"since_seq": since}
+        return orjson.dumps(
+            {
+                "version": PROTOCOL_VERSION,
+                "id": request_id,
+                "type": "command",
+                "room": sub.room,
+                "channel": sub.channel,
+                "payload": {"command": "join_channel", "parameters": parameters},
+            }
+        )
+
+    def _on_join_reply(
+        self, sub: Subscription, request_id: str, since: int | None, payload: dict[str, Any]
+    ) -> None:
+        if sub._join_id != request_id or sub._closed or sub._error is not None:
+            return
+        sub._join_id = None
+        if payload.get("status") == "success":
+            result = payload.get("result")
+            result = result if isinstance(result, dict) else {}
+            last_seq = result.get("last_seq")
+            last_seq = last_seq if isinstance(last_seq, int) else 0
+            if since is None:
+                sub._accepted_seq = last_seq
+                if sub._last_seq is None:
+                    sub._last_seq = last_seq
+            sub._paused = False
+            sub._accepting = True
+            sub._join_failures = 0
+            if result.get("gap") is True:
+                first = result.get("first_available_seq")
+                sub._push(
+                    Gap(sub.room, sub.channel, since or 0, first if isinstance(first, int) else 0)
+                )
+            if not sub._started.done():
+                sub._started.set_result(None)
+            return
+        exc = error_from_wire(payload.get("error"), request_id)
+        if exc.retryable:
+            delay = _backoff(sub._join_failures, self.max_backoff)
+            sub._join_failures += 1
+            log.warning(
+                "join of %s/%s failed (%s); retrying in %.2fs", sub.room, sub.channel, exc, delay
+            )
+            conn = self._conn
+            if conn is not None:
+                self._spawn(self._rejoin_later(sub, conn, delay))
+            return
+        sub._fail(exc)
+        if self._subs.get((sub.room, sub.channel)) is sub:
+            del self._subs[(sub.room, sub.channel)]
+
+    async def _rejoin_later(self, sub: Subscription, conn: ClientConnection, delay: float) -> None:
+        await asyncio.sleep(delay)
+        if (
+            conn is self._conn
+            and self._ready
+            and sub._join_id is None
+            and not sub._accepting
+            and not sub._closed
+            and sub._error is None
+            and self._subs.get((sub.room, sub.channel)) is sub
+        ):
+            await self._send_on(conn, self._prepare_join(sub, reset=False))
+
+    def _pause(self, sub: Subscription) -> None:
+        """The application does not keep up: stop accepting events and leave the channel.
+
+        The refused events stay in the store; the subscription rejoins from the last
+        accepted seq once the application has taken half of its queue.
+        """
+        sub._accepting = False
+        sub._paused = True
+        sub._pause_count += 1
+        conn = self._conn
+        if self._ready and conn is not None:
+            request_id = f"leave_{uuid.uuid4().hex}"
+            self._quiet.add(request_id)
+            self._spawn(self._send_on(conn, self._leave_frame(sub, request_id)))
+        log.info(
+            "subscription %s/%s paused: its queue of %d events is full",
+            sub.room,
+            sub.channel,
+            sub._maxsize,
+        )
+
+    def _after_take(self, sub: Subscription) -> None:
+        conn = self._conn
+        if (
+            sub._paused
+            and sub._join_id is None
+            and not sub._closed
+            and sub._queued_events <= sub._maxsize // 2
+            and self._ready
+            and conn is not None
+        ):
+            frame = self._prepare_join(sub, reset=False)
+            self._spawn(self._send_on(conn, frame))
+
+    @staticmethod
+    def _leave_frame(sub: Subscription, request_id: str) -> bytes:
+        return orjson.dumps(
+            {
+                "version": PROTOCOL_VERSION,
+                "id": request_id,
+                "type": "command",
+                "room": sub.room,
+                "channel": sub.channel,
+                "payload": {"command": "leave_channel", "parameters": {}},
+            }
+        )
+
+    async def _remove_subscription(self, sub: Subscription) -> None:
+        if self._subs.get((sub.room, sub.channel)) is not sub:
+            return
+        try:
+            if self._ready and not self._closing and self._fatal is None:
+                with contextlib.suppress(ArqonBusError):
+                    await self._request(
+                        sub.room, sub.channel, "leave_channel", {}, self.request_timeout
+                    )
+        finally:
+            if self._subs.get((sub.room, sub.channel)) is sub:
+                del self._subs[(sub.room, sub.channel)]
+
+    # -- service handlers ---------------------------------------------------------------------
+
+    def _on_delivery(self, message: dict[str, Any], conn: ClientConnection) -> None:
+        request = CommandRequest.from_wire(message)
+        if not request.delivery_id:
+            return
+        handler = self._handlers.get((request.room, request.channel, request.command))
+        self._spawn(self._answer(conn, request, handler))
+
+    async def _answer(
+        self, conn: ClientConnection, request: CommandRequest, handler: CommandHandler | None
+    ) -> None:
+        async with self._handler_slots:
+            payload = await self._run_handler(request, handler)
+        frame = self._response_frame(request, payload)
+        if len(frame) > self._limits["max_envelope_bytes"]:
+            payload = self._error_payload(
+                request,
+                "message_too_large",
+                f"the handler's answer is {len(frame)} bytes, more than the limit "
+                f"{self._limits['max_envelope_bytes']}",
+                False,
+            )
+            frame = self._response_frame(request, payload)
+        if conn is not self._conn or not self._ready:
+            log.info(
+                "answer to %s dropped: the connection that delivered it closed", request.command
+            )
+            return
+        await self._send_on(conn, frame)
+
+    async def _run_handler(
+        self, request: CommandRequest, handler: CommandHandler | None
+    ) -> dict[str, Any]:
+        if handler is None:
+            return self._error_payload(
+                request,
+                "not_registered",
+                f"this client no longer handles {request.command!r} on "
+                f"{request.room}/{request.channel}",
+                True,
+            )
+        try:
+            result: Any = handler(request)
+            if inspect.isawaitable(result):
+                result = await result
+            if result is None:
+                result = {}
+            if not isinstance(result, dict):
+                raise TypeError(f"the handler returned {type(result).__name__}, not a dict")
+            orjson.dumps(result)  # fail here, with a clear error, if it is not JSON
+        except CommandFailed as exc:
+            if not _is_name(exc.code):
+                log.error(
+                    "handler of %s raised CommandFailed with an invalid code %r",
+                    request.command,
+                    exc.code,
+                )
+                return self._error_payload(
+                    request, "internal", "handler failed: CommandFailed with an invalid code", True
+                )
+            return self._error_payload(request, exc.code, exc.message, exc.retryable)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception(
+                "handler of %s on %s/%s failed", request.command, request.room, request.channel
+            )
+            return self._error_payload(
+                request, "internal", f"handler failed: {type(exc).__name__}", False
+            )
+        return {"request_id": request.delivery_id, "status": "success", "result": result}
+
+    @staticmethod
+    def _error_payload(
+        request: CommandRequest, code: str, message: str, retryable: bool
+    ) -> dict[str, Any]:
+        return {
+            "request_id": request.delivery_id,
+            "status": "error",
+            "error": {
+                "code": code,
+                "message": message[:_ERROR_MESSAGE_MAX],
+                "retryable": retryable,
+            },
+        }
+
+    @staticmethod
+    def _response_frame(request: CommandRequest, payload: dict[str, Any]) -> bytes:
+        return orjson.dumps(
+            {
+                "version": PROTOCOL_VERSION,
+                "id": f"arq_resp_{uuid.uuid4().hex}",
+                "type": "command_response",
+                "room": request.room,
+                "channel": request.channel,
+                "payload": payload,
+            }
+        )
+
+
+class Subscription:
+    """One channel's events, in seq order, each exactly once, across reconnects.
+
+    Iterate it (``async for item in sub``) to get :class:`Event` and :class:`Gap` items.
+    The join is sent on the first iteration or by :meth:`start`. ``last_seq`` is the seq of
+    the last event handed to the application (or the channel's position when the
+    subscription started): persist it to resume in a later process with ``since_seq``.
+    """
+
+    def __init__(
+        self, client: Client, room: str, channel: str, since_seq: int | None, maxsize: int
+    ) -> None:
+        self._client = client
+        self.room = room
+        self.channel = channel
+        self._maxsize = maxsize
+        self._last_seq: int | None = since_seq  # handed to the application
+        self._accepted_seq: int | None = since_seq  # accepted into the queue
+        self._items: deque[Event | Gap] = deque()
+        self._queued_events = 0
+        self._wakeup = asyncio.Event()
+        self._accepting = False
+        self._paused = False
+        self._pause_count = 0
+        self._join_id: str | None = None
+        self._join_failures = 0
+        self._start_called = False
+        self._started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._closed = False
+        self._error: ArqonBusError | None = None
+        self._callback_task: asyncio.Task[None] | None = None
+
+    def __repr__(self) -> str:
+        return f"<Subscription {self.room}/{self.channel} last_seq={self._last_seq}>"
+
+    @property
+    def last_seq(self) -> int | None:
+        """The seq of the last event handed to the application (None before the join)."""
+        return self._last_seq
+
+    @property
+    def pause_count(self) -> int:
+        """How often the subscription paused because its queue was full."""
+        return self._pause_count
+
+    @property
+    def closed(self) -> bool:
+        """True once closed, failed, or the client closed."""
+        return self._closed or self._error is not None
+
+    async def start(self, timeout: float | None = None) -> Subscription:
+        """Join the channel and wait for the gateway to confirm (retried across reconnects).
+
+        Raises the mapped error if the join is refused (e.g. :class:`InvalidName`), or
+        :class:`Timeout` after ``timeout`` (default: the client's ``request_timeout``); the
+        subscription is then closed.
+        """
+        if self._error is not None:
+            raise self._error
+        if self._closed:
+            raise ClientClosed("the subscription is closed")
+        if not self._start_called:
+            self._client._add_subscription(self)
+            self._start_called = True
+        budget = self._client.request_timeout if timeout is None else timeout
+        try:
+            await asyncio.wait_for(asyncio.shield(self._started), budget)
+        except TimeoutError:
+            await self.close()
+            raise Timeout(
+                f"joining {self.room}/{self.channel} did not succeed within {budget:g}s"
+            ) from None
+        return self
+
+    async def close(self) -> None:
+        """Leave the channel and end the iterator (items not yet taken are dropped)."""
+        if self._closed:
+            return
+        self._end()
+        await self._client._remove_subscription(self)
+        task = self._callback_task
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def __aenter__(self) -> Subscription:
+        return await self.start()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> Event | Gap:
+        if not self._start_called:
+            await self.start()
+        while True:
+            if self._items:
+                item = self._items.popleft()
+                if isinstance(item, Event):
+                    self._queued_events -= 1
+                    self._last_seq = item.seq
+                    self._client._after_take(self)
+                return item
+            if self._error is not None:
+                raise self._error
+            if self._closed:
+                raise StopAsyncIteration
+            self._wakeup.clear()
+            await self._wakeup.wait()
+
+    # -- called by the client's reader -------------------------------------------------
+
+    def _offer_event(self, message: dict[str, Any]) -> None:
+        if not self._accepting:
+            return
+        seq = message.get("seq")
+        if isinstance(seq, bool) or not isinstance(seq, int):
+            return
+        if self._accepted_seq is not None and seq <= self._accepted_seq:
+            return  # already accepted: a resume seam
+        if self._queued_events >= self._maxsize:
+            self._client._pause(self)
+            return
+        self._items.append(Event.from_wire(message))
+        self._queued_events += 1
+        self._accepted_seq = seq
+        self._wakeup.set()
+
+    def _offer_gap(self, after_seq: int, first_available_seq: int) -> None:
+        if self._accepting:
+            self._push(Gap(self.room, self.channel, after_seq, first_available_seq))
+
+    def _push(self, item: Gap) -> None:
+        self._items.append(item)
+        self._wakeup.set()
+
+    def _end(self) -> None:
+        self._closed = True
+        self._accepting = False
+        self._items.clear()
+        self._queued_events = 0
+        self._wakeup.set()
+        if not self._started.done():
+            self._started.set_exception(ClientClosed("the subscription was closed"))
+            self._started.exception()  # retrieved: nobody may be waiting
+
+    def _fail(self, exc: ArqonBusError) -> None:
+        self._error = exc
+        self._accepting = False
+        self._wakeup.set()
+        if not self._started.done():
+            self._started.set_exception(exc)
+            self._started.exception()
+
+
+class History:
+    """The stored events of a channel, read page by page (see :meth:`Client.history`)."""
+
+    def __init__(
+        self,
+        client: Client,
+        room: str,
+        channel: str,
+        since_seq: int,
+        limit: int | None,
+        page_size: int | None,
+        timeout: float | None,
+    ) -> None:
+        self._client = client
+        self.room = room
+        self.channel = channel
+        self.since_seq = since_seq
+        self.limit = limit
+        self.page_size = page_size
+        self.timeout = timeout
+
+    def pages(self) -> _PageIterator:
+        """An async iterator of :class:`HistoryPage` (empty pages are skipped)."""
+        return _PageIterator(self)
+
+    def __aiter__(self) -> _EventIterator:
+        return _EventIterator(_PageIterator(self))
+
+    async def list(self) -> list[Event]:
+        """Every event, collected into a list."""
+        return [event async for event in self]
+
+
+class _PageIterator:
+    def __init__(self, history: History) -> None:
+        self._h = history
+        self._since = history.since_seq
+        self._remaining = history.limit
+        self._done = False
+
+    def __aiter__(self) -> _PageIterator:
+        return self
+
+    async def __anext__(self) -> HistoryPage:
+        h, client = self._h, self._h._client
+        if self._done or (self._remaining is not None and self._remaining <= 0):
+            raise StopAsyncIteration
+        max_limit = client._limits.get("history_max_limit", 1000)
+        want = min(h.page_size or max_limit, max_limit)
+        if self._remaining is not None:
+            want = min(want, self._remaining)
+        result = await client._request_idempotent(
+            h.room, h.channel, "history", {"since_seq": self._since, "limit": want}, h.timeout
+        )
+        raw_events = result.get("events")
+        events = [
+            Event.from_wire(e)
+            for e in (raw_events if isinstance(raw_events, list) else [])
+            if isinstance(e, dict)
+        ]
+        next_since = result.get("next_since_seq")
+        next_since = next_since if isinstance(next_since, int) else self._since
+        more = result.get("more") is True
+        if not events or not more or next_since <= self._since:
+            self._done = True
+        self._since = next_since
+        if self._remaining is not None:
+            self._remaining -= len(events)
+        if not events:
+            raise StopAsyncIteration
+        return HistoryPage(events, next_since, more)
+
+
+class _EventIterator:
+    def __init__(self, pages: _PageIterator) -> None:
+        self._pages = pages
+        self._buffer: deque[Event] = deque()
+
+    def __aiter__(self) -> _EventIterator:
+        return self
+
+    async def __anext__(self) -> Event:
+        while not self._buffer:
+            page = await self._pages.__anext__()
+            self._buffer.extend(page.events)
+        return self._buffer.popleft()

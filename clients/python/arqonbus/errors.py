@@ -1,0 +1,280 @@
+"""Exceptions raised by the ArqonBus SDK.
+
+Every exception is an :class:`ArqonBusError` with four attributes:
+
+``code``
+    The stable error code. For server errors it is the wire code (``invalid_name``,
+    ``unavailable``, ...). Errors the SDK raises by itself have their own codes
+    (``connection_lost``, ``connection_failed``, ``unauthorized``, ...).
+``message``
+    Text for people. Do not parse it.
+``request_id``
+    The ``id`` of the request it answers, when there is one.
+``retryable``
+    Whether sending the same request again can succeed.
+
+Server errors map one-to-one onto subclasses (see :data:`ERROR_CLASSES`). A code the SDK
+does not know, for example one a service handler made up, becomes :class:`CommandFailed`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+__all__ = [
+    "ERROR_CLASSES",
+    "ArqonBusError",
+    "AuthenticationError",
+    "ClientClosed",
+    "CommandFailed",
+    "ConnectionFailed",
+    "ConnectionLost",
+    "ConnectionRejected",
+    "Internal",
+    "InvalidEnvelope",
+    "InvalidJson",
+    "InvalidName",
+    "InvalidParameters",
+    "LimitExceeded",
+    "MessageTooLarge",
+    "NoResponders",
+    "NotJoined",
+    "NotRegistered",
+    "Timeout",
+    "Unavailable",
+    "UnknownCommand",
+    "UnknownRequest",
+    "error_from_wire",
+]
+
+
+class ArqonBusError(Exception):
+    """Base class of every SDK exception."""
+
+    default_code: ClassVar[str] = "error"
+    default_retryable: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        code: str | None = None,
+        request_id: str | None = None,
+        retryable: bool | None = None,
+    ) -> None:
+        self.code: str = code or self.default_code
+        self.message: str = message
+        self.request_id: str | None = request_id
+        self.retryable: bool = self.default_retryable if retryable is None else retryable
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}" if self.message else self.code
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(code={self.code!r}, message={self.message!r}, "
+            f"request_id={self.request_id!r}, retryable={self.retryable!r})"
+        )
+
+
+# -- errors the gateway sends -------------------------------------------------------------
+
+
+class InvalidJson(ArqonBusError):
+    """The gateway could not parse a frame as UTF-8 JSON."""
+
+    default_code = "invalid_json"
+
+
+class InvalidEnvelope(ArqonBusError):
+    """A field of the envelope is malformed (for example an ``id`` the SDK was given)."""
+
+    default_code = "invalid_envelope"
+
+
+class InvalidName(ArqonBusError):
+    """A room or channel name breaks the rules: 1-64 characters of ``A-Za-z0-9_-``."""
+
+    default_code = "invalid_name"
+
+
+class UnknownCommand(ArqonBusError):
+    """The command name is neither built-in nor a valid service command name."""
+
+    default_code = "unknown_command"
+
+
+class InvalidParameters(ArqonBusError):
+    """A command parameter is invalid (``since_seq``, ``limit``, ``timeout_ms``, ...)."""
+
+    default_code = "invalid_parameters"
+
+
+class MessageTooLarge(ArqonBusError):
+    """The envelope exceeds ``welcome.limits.max_envelope_bytes``."""
+
+    default_code = "message_too_large"
+
+
+class NotJoined(ArqonBusError):
+    """``leave_channel`` for a channel this connection is not a member of."""
+
+    default_code = "not_joined"
+
+
+class NotRegistered(ArqonBusError):
+    """``unregister_handler`` for a command this connection has not registered."""
+
+    default_code = "not_registered"
+
+
+class LimitExceeded(ArqonBusError):
+    """A per-connection limit from ``welcome.limits`` was reached."""
+
+    default_code = "limit_exceeded"
+
+
+class Unavailable(ArqonBusError):
+    """The store or the handler's connection was not available. Retry (same ``id`` for events)."""
+
+    default_code = "unavailable"
+    default_retryable = True
+
+
+class Internal(ArqonBusError):
+    """An unexpected failure in the gateway or in a service handler."""
+
+    default_code = "internal"
+    default_retryable = True
+
+
+class NoResponders(ArqonBusError):
+    """No connection has registered a handler for this service command."""
+
+    default_code = "no_responders"
+    default_retryable = True
+
+
+class Timeout(ArqonBusError):
+    """No answer in time.
+
+    The outcome is unknown: the event may have been stored, the command may have run. For a
+    publish, publish again with the **same** ``id``: if it was stored, the ack says
+    ``duplicate=True`` and carries the original ``seq``. Retry a command only if it is safe to
+    repeat.
+    """
+
+    default_code = "timeout"
+    default_retryable = True
+
+
+class UnknownRequest(ArqonBusError):
+    """A handler answered a delivery that no longer awaits an answer."""
+
+    default_code = "unknown_request"
+
+
+class CommandFailed(ArqonBusError):
+    """A service handler answered with an error of its own ``code``.
+
+    Raise it from a handler to answer with that error::
+
+        raise CommandFailed("pool_exhausted", "all connections are busy", retryable=True)
+
+    ``code`` must be a valid name (1-64 characters of ``A-Za-z0-9_-``); ``message`` is cut to
+    1024 characters.
+    """
+
+    default_code = "command_failed"
+
+    def __init__(
+        self,
+        code: str,
+        message: str = "",
+        *,
+        retryable: bool = False,
+        request_id: str | None = None,
+    ) -> None:
+        super().__init__(message, code=code, request_id=request_id, retryable=retryable)
+
+
+# -- errors of the connection -------------------------------------------------------------
+
+
+class ConnectionLost(ArqonBusError):
+    """The connection dropped while the call was pending.
+
+    Raised for commands, which are not idempotent, so the SDK does not resend them. Publishes
+    and the SDK's own idempotent calls (joins, history pages) are retried internally instead.
+    """
+
+    default_code = "connection_lost"
+    default_retryable = True
+
+
+class ConnectionFailed(ArqonBusError):
+    """:meth:`Client.connect` could not reach any gateway within ``connect_timeout``."""
+
+    default_code = "connection_failed"
+    default_retryable = True
+
+
+class AuthenticationError(ArqonBusError):
+    """The gateway refused the token (HTTP 401). Do not retry with the same token."""
+
+    default_code = "unauthorized"
+
+
+class ConnectionRejected(ArqonBusError):
+    """The gateway closed the connection with a code in 4500-4999: do not reconnect."""
+
+    default_code = "connection_rejected"
+
+    def __init__(self, message: str = "", *, close_code: int | None = None) -> None:
+        super().__init__(message)
+        self.close_code = close_code
+
+
+class ClientClosed(ArqonBusError):
+    """The client was closed (or never connected) when the call was made or while it waited."""
+
+    default_code = "client_closed"
+
+
+ERROR_CLASSES: dict[str, type[ArqonBusError]] = {
+    cls.default_code: cls
+    for cls in (
+        InvalidJson,
+        InvalidEnvelope,
+        InvalidName,
+        UnknownCommand,
+        InvalidParameters,
+        MessageTooLarge,
+        NotJoined,
+        NotRegistered,
+        LimitExceeded,
+        Unavailable,
+        Internal,
+        NoResponders,
+        Timeout,
+        UnknownRequest,
+    )
+}
+"""The server error codes of protocol v1 and their exception classes."""
+
+
+def error_from_wire(error: Any, request_id: str | None = None) -> ArqonBusError:
+    """The exception for an ``error`` payload or a ``command_response`` ``error`` object."""
+    if not isinstance(error, dict):
+        return Internal(f"malformed error from the gateway: {error!r}", request_id=request_id)
+    code = error.get("code")
+    message = error.get("message")
+    retryable = error.get("retryable")
+    code = code if isinstance(code, str) and code else "internal"
+    message = message if isinstance(message, str) else ""
+    retry = retryable if isinstance(retryable, bool) else None
+    cls = ERROR_CLASSES.get(code)
+    if cls is None:
+        return CommandFailed(code, message, retryable=bool(retry), request_id=request_id)
+    return cls(message, request_id=request_id, retryable=retry)
