@@ -31,7 +31,7 @@ from arqonbus.errors import (
 )
 from arqonbus.models import Event, Gap
 
-DEFAULT_URL = "ws://127.0.0.1:8765/ws"
+DEFAULT_URL = "ws://127.0.0.1:8765/ws,ws://127.0.0.1:8766/ws"  # the gateways of make run
 DEFAULT_TOKEN = "dev:demo:arq"
 DEFAULT_CONNECT_TIMEOUT = 5.0
 CLI_MAX_BACKOFF = 2.0
