@@ -410,9 +410,19 @@ class JetStreamBroker:
     async def replay(
         self, ref: ChannelRef, start_seq: int, end_seq: int | None, limit: int | None = None
     ) -> AsyncGenerator[StoredEvent, None]:
-        """Every stored event of ``ref`` with start_seq <= seq <= end_seq, in order."""
+        """Every stored event of ``ref`` with start_seq <= seq <= end_seq, in order.
+
+        Without ``end_seq`` the end is the channel's newest event, read from the stream
+        leader first. The replay runs on an R1 consumer, which JetStream may place on a
+        replica that is still catching up (a node that just restarted): such a consumer
+        sees fewer events at first. So the replay ends only at the end seq (or ``limit``),
+        never merely because the consumer has nothing pending, and it fails with
+        BrokerUnavailable rather than end short of events the store acknowledged.
+        """
         nc, js, jsm, _ = self._require()
-        if end_seq is not None and end_seq < start_seq:
+        if end_seq is None:
+            end_seq = (await self.window(ref)).last_seq
+        if end_seq < start_seq:
             return
         stream = self._scheme.stream_name(ref.tenant)
         config = ConsumerConfig(
@@ -434,39 +444,31 @@ class JetStreamBroker:
             return
         except (*_TRANSIENT, APIError) as exc:
             raise BrokerUnavailable(f"could not start replay: {exc}") from exc
-        if not info.num_pending:
-            await self._delete_consumer(jsm, stream, info.name)
-            return
         sub = await js.subscribe_bind(stream, config, info.name, ordered_consumer=True)
+        last = start_seq - 1
+        count = 0
         try:
-            async for event in self._drain_replay(sub, end_seq, limit):
-                yield event
+            while last < end_seq and (limit is None or count < limit):
+                msg = await self._next_replayed(sub)
+                if msg is None:
+                    break
+                seq = msg.metadata.sequence.stream
+                if seq > end_seq:
+                    return
+                yield StoredEvent(seq, msg.data)
+                last, count = seq, count + 1
         finally:
             with contextlib.suppress(*_TRANSIENT, nats.errors.Error):
                 await sub.unsubscribe()
             await self._delete_consumer(jsm, stream, info.name)
-
-    async def _drain_replay(
-        self, sub: JetStreamContext.PushSubscription, end_seq: int | None, limit: int | None
-    ) -> AsyncGenerator[StoredEvent, None]:
-        count = 0
-        while True:
-            msg = await self._next_replayed(sub)
-            if msg is None:  # what was pending is gone (expired meanwhile): the end
-                return
-            meta = msg.metadata
-            seq = meta.sequence.stream
-            if end_seq is not None and seq > end_seq:
-                return
-            yield StoredEvent(seq, msg.data)
-            count += 1
-            if (limit is not None and count >= limit) or meta.num_pending == 0:
-                return
-            if end_seq is not None and seq >= end_seq:
-                return
+        if last < end_seq and (limit is None or count < limit):
+            # Short of the end: fine only if retention removed the rest meanwhile.
+            window = await self.window(ref)
+            if window.last_seq >= end_seq and end_seq >= window.first_stream_seq:
+                raise BrokerUnavailable(f"replay stopped at {last}, before {end_seq}")
 
     async def _next_replayed(self, sub: JetStreamContext.PushSubscription) -> Msg | None:
-        """The next replayed message; None once the consumer has nothing left to send."""
+        """The next replayed message; None if none came for a while though more were due."""
         for _ in range(_REPLAY_STALL_CHECKS):
             try:
                 return await sub.next_msg(timeout=_REPLAY_WAIT_S)
@@ -475,12 +477,11 @@ class JetStreamBroker:
             except _TRANSIENT as exc:
                 raise BrokerUnavailable(f"replay failed: {type(exc).__name__}") from exc
             try:
-                info = await sub.consumer_info()
+                # A lagging replica catches up and delivers; a dead consumer does not answer.
+                await sub.consumer_info()
             except (*_TRANSIENT, APIError) as exc:
                 raise BrokerUnavailable(f"replay stalled: {type(exc).__name__}") from exc
-            if not info.num_pending and not info.num_ack_pending:
-                return None
-        raise BrokerUnavailable("replay stalled: the store stopped sending")
+        return None
 
     async def _delete_consumer(self, jsm: JetStreamManager, stream: str, name: str) -> None:
         with contextlib.suppress(*_TRANSIENT, APIError):
