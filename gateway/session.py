@@ -67,7 +67,7 @@ GATEWAY = "arqonbus"
 # A handler registered a moment ago on another NATS server may not be known on ours yet
 # (interest spreads over the cluster's routes asynchronously). Ask again after these
 # pauses before answering no_responders; together they stay under 100 ms.
-_NO_RESPONDERS_RETRY_S = (0.01, 0.02, 0.03, 0.03)
+_NO_RESPONDERS_RETRY_S = (0.01, 0.02, 0.03)
 
 
 def utc_timestamp() -> str:
