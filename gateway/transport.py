@@ -47,7 +47,17 @@ class Socket:
     write (one syscall per socket per burst instead of one per message).
     """
 
-    __slots__ = ("_closing", "_coalesce_max", "_conn", "_limit", "_out", "_out_bytes", "_transport")
+    __slots__ = (
+        "_base",
+        "_closing",
+        "_coalesce_max",
+        "_conn",
+        "_limit",
+        "_loop",
+        "_out",
+        "_out_bytes",
+        "_transport",
+    )
 
     def __init__(self, conn: ServerConnection, send_buffer_bytes: int) -> None:
         self._conn = conn
@@ -57,6 +67,8 @@ class Socket:
         self._closing = False
         self._out: list[bytes] = []
         self._out_bytes = 0
+        self._base = 0  # the transport's buffer when this turn's first frame was queued
+        self._loop = asyncio.get_running_loop()
 
     @property
     def is_open(self) -> bool:
@@ -69,13 +81,18 @@ class Socket:
 
     def write_frame(self, frame: bytes) -> bool:
         """Queue one framed message. A peer that lets its buffer overflow is closed (4001)."""
-        if not self.is_open:
-            return False
-        if self.buffered > self._limit:
+        if self._out:
+            # Not the first frame this turn: the transport's buffer has not moved since.
+            if self._closing:
+                return False
+        else:
+            if not self.is_open:
+                return False
+            self._base = self._transport.get_write_buffer_size()
+            self._loop.call_soon(self._flush)
+        if self._base + self._out_bytes > self._limit:
             self.close_soon(CloseCode.SLOW_CONSUMER, "slow consumer: reconnect and resume")
             return False
-        if not self._out:
-            asyncio.get_running_loop().call_soon(self._flush)
         self._out.append(frame)
         self._out_bytes += len(frame)
         if self._out_bytes >= self._coalesce_max:
