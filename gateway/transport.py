@@ -56,6 +56,7 @@ class Socket:
         "_loop",
         "_out",
         "_out_bytes",
+        "_pace_at",
         "_transport",
     )
 
@@ -64,6 +65,7 @@ class Socket:
         self._transport: asyncio.Transport = conn.transport
         self._limit = send_buffer_bytes
         self._coalesce_max = min(_COALESCE_MAX, send_buffer_bytes // 4)
+        self._pace_at = send_buffer_bytes // 4
         self._closing = False
         self._out: list[bytes] = []
         self._out_bytes = 0
@@ -109,9 +111,15 @@ class Socket:
         return self.write_frame(encode_text_frame(message))
 
     async def send_paced(self, message: bytes) -> bool:
-        """Send and wait while the peer's buffer is above the high-water mark (replay)."""
+        """Send and wait while the peer's buffer is above the high-water mark (replay).
+
+        Frames accumulate (and go out in coalesced writes) until a quarter of the send
+        buffer is pending; only then does the replay wait for the peer to read.
+        """
         if not self.send(message):
             return False
+        if self.buffered < self._pace_at:
+            return True
         self._flush()
         try:
             async with asyncio.timeout(_PACED_STALL_S):

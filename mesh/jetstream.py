@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import logging
@@ -62,10 +63,50 @@ _MAX_RESYNC_ROUNDS = 10
 _LIVE_PENDING_MSGS = 65_536
 _LIVE_PENDING_BYTES = 64 * 1024 * 1024
 _ACK_SWEEP_S = 0.1
+_REPLAY_BATCH = 1000
 # One queue group per command subject; the group name only has to be the same everywhere.
 _HANDLER_QUEUE = "arqonbus-handlers"
 _SERVICE_PENDING_MSGS = 10_000
 _SERVICE_PENDING_BYTES = 64 * 1024 * 1024
+
+
+class _NoDirectGet(Exception):
+    """The stream does not answer direct gets (created without allow_direct)."""
+
+
+class _DirectBatch:
+    """The replies to one batched direct get, handed over in order until its end marker."""
+
+    def __init__(self) -> None:
+        self._items: collections.deque[tuple[int, bytes] | None] = collections.deque()
+        self._ready = asyncio.Event()
+        self.no_direct_get = False
+
+    def start(self) -> None:
+        self._items.clear()
+        self._ready.clear()
+        self.no_direct_get = False
+
+    async def on_msg(self, msg: Msg) -> None:
+        headers = msg.headers or {}
+        status = headers.get("Status")
+        if status:
+            # 204 end of batch, 404 nothing (more) matches, 408 timed out, 503 no direct get.
+            self.no_direct_get = status == "503"
+            self._items.append(None)
+        else:
+            self._items.append((int(headers.get("Nats-Sequence", "0")), msg.data))
+        self._ready.set()
+
+    async def next(self, timeout: float) -> tuple[int, bytes] | None:
+        """The next event, or None at the end of the batch."""
+        if not self._items:
+            self._ready.clear()
+            try:
+                await asyncio.wait_for(self._ready.wait(), timeout)
+            except TimeoutError:
+                raise BrokerUnavailable("replay stalled: the store stopped answering") from None
+        return self._items.popleft()
 
 
 class _NoStream(Exception):
@@ -510,17 +551,85 @@ class JetStreamBroker:
         """Every stored event of ``ref`` with start_seq <= seq <= end_seq, in order.
 
         Without ``end_seq`` the end is the channel's newest event, read from the stream
-        leader first. The replay runs on an R1 consumer, which JetStream may place on a
-        replica that is still catching up (a node that just restarted): such a consumer
-        sees fewer events at first. So the replay ends only at the end seq (or ``limit``),
-        never merely because the consumer has nothing pending, and it fails with
-        BrokerUnavailable rather than end short of events the store acknowledged.
+        leader first. Events are read in batches with JetStream's batched direct get
+        (``$JS.API.DIRECT.GET``, NATS 2.11+), which any replica may answer, including one
+        that is still catching up (a node that just restarted) and so has fewer events.
+        So the replay ends only at the end seq (or ``limit``), asking again from where it
+        got to, and fails with BrokerUnavailable rather than end short of events the
+        store acknowledged. A stream without direct get is read with an ordered consumer.
         """
-        nc, js, jsm, _ = self._require()
         if end_seq is None:
             end_seq = (await self.window(ref)).last_seq
         if end_seq < start_seq:
             return
+        last, count = start_seq - 1, 0
+        try:
+            async for event in self._replay_direct(ref, start_seq, end_seq, limit):
+                last, count = event.seq, count + 1
+                yield event
+        except _NoDirectGet:
+            async for event in self._replay_consumer(ref, start_seq, end_seq, limit):
+                last, count = event.seq, count + 1
+                yield event
+        if last < end_seq and (limit is None or count < limit):
+            # Short of the end: fine only if retention removed the rest meanwhile.
+            window = await self.window(ref)
+            if window.last_seq >= end_seq and end_seq >= window.first_stream_seq:
+                raise BrokerUnavailable(f"replay stopped at {last}, before {end_seq}")
+
+    async def _replay_direct(
+        self, ref: ChannelRef, start_seq: int, end_seq: int, limit: int | None
+    ) -> AsyncGenerator[StoredEvent, None]:
+        nc, _, _, _ = self._require()
+        api = f"$JS.API.DIRECT.GET.{self._scheme.stream_name(ref.tenant)}"
+        subject = self._scheme.ingest(ref)
+        batch = _DirectBatch()
+        sub = await nc.subscribe(
+            nc.new_inbox(),
+            cb=batch.on_msg,
+            pending_msgs_limit=_REPLAY_BATCH * 2,
+            pending_bytes_limit=_LIVE_PENDING_BYTES,
+        )
+        next_seq, count, empty_rounds = start_seq, 0, 0
+        try:
+            while next_seq <= end_seq and (limit is None or count < limit):
+                want = _REPLAY_BATCH if limit is None else min(_REPLAY_BATCH, limit - count)
+                batch.start()
+                request = {"seq": next_seq, "next_by_subj": subject, "batch": want}
+                try:
+                    await nc.publish(api, orjson.dumps(request), reply=sub.subject)
+                except _TRANSIENT as exc:
+                    raise BrokerUnavailable(f"replay failed: {type(exc).__name__}") from exc
+                got = 0
+                while True:
+                    item = await batch.next(_REPLAY_WAIT_S * _REPLAY_STALL_CHECKS)
+                    if item is None:
+                        break
+                    seq, body = item
+                    if seq > end_seq:
+                        return
+                    got += 1
+                    count += 1
+                    next_seq = seq + 1
+                    yield StoredEvent(seq, body)
+                    if limit is not None and count >= limit:
+                        return
+                if batch.no_direct_get and count == 0:
+                    raise _NoDirectGet()
+                # An empty batch short of the end: a lagging replica answered; ask again.
+                empty_rounds = 0 if got else empty_rounds + 1
+                if empty_rounds >= _REPLAY_STALL_CHECKS:
+                    return
+                if empty_rounds:
+                    await asyncio.sleep(0.05 * 2**empty_rounds)  # retry backoff
+        finally:
+            with contextlib.suppress(*_TRANSIENT, nats.errors.Error):
+                await sub.unsubscribe()
+
+    async def _replay_consumer(
+        self, ref: ChannelRef, start_seq: int, end_seq: int, limit: int | None
+    ) -> AsyncGenerator[StoredEvent, None]:
+        nc, js, jsm, _ = self._require()
         stream = self._scheme.stream_name(ref.tenant)
         config = ConsumerConfig(
             deliver_subject=nc.new_inbox(),
@@ -558,11 +667,6 @@ class JetStreamBroker:
             with contextlib.suppress(*_TRANSIENT, nats.errors.Error):
                 await sub.unsubscribe()
             await self._delete_consumer(jsm, stream, info.name)
-        if last < end_seq and (limit is None or count < limit):
-            # Short of the end: fine only if retention removed the rest meanwhile.
-            window = await self.window(ref)
-            if window.last_seq >= end_seq and end_seq >= window.first_stream_seq:
-                raise BrokerUnavailable(f"replay stopped at {last}, before {end_seq}")
 
     async def _next_replayed(self, sub: JetStreamContext.PushSubscription) -> Msg | None:
         """The next replayed message; None if none came for a while though more were due."""
