@@ -70,9 +70,17 @@ GATEWAY = "arqonbus"
 _NO_RESPONDERS_RETRY_S = (0.01, 0.02, 0.03)
 
 
+_last_stamp: tuple[int, str] = (-1, "")
+
+
 def utc_timestamp() -> str:
-    """ISO 8601 UTC with milliseconds, e.g. 2025-01-01T12:00:00.000Z."""
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """ISO 8601 UTC with milliseconds, e.g. 2025-01-01T12:00:00.000Z (formatted once per ms)."""
+    global _last_stamp
+    ms = time.time_ns() // 1_000_000
+    if ms != _last_stamp[0]:
+        text = datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")
+        _last_stamp = (ms, text.replace("+00:00", "Z"))
+    return _last_stamp[1]
 
 
 @dataclass(slots=True)
