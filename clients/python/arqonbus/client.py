@@ -371,6 +371,7 @@ class Client:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + budget
         attempt = 0
+        last_error: ArqonBusError | None = None
         while True:
             try:
                 return await self._publish_once(msg_id, frame, deadline)
@@ -381,8 +382,12 @@ class Client:
                 if deadline - loop.time() <= delay:
                     raise
                 log.debug("publish of %s failed (%s); resending", msg_id, exc)
+                last_error = exc
                 await asyncio.sleep(delay)
             except TimeoutError:
+                if last_error is not None:
+                    # The budget ran out during a resend: the store's own answer says more.
+                    raise last_error from None
                 raise Timeout(
                     f"no ack for event {msg_id!r} within {budget:g}s; it may or may not be "
                     "stored: publish again with the same id to be sure",
