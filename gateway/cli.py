@@ -115,9 +115,14 @@ def _settings_from(args: argparse.Namespace) -> Settings:
 def _raise_open_file_limit() -> None:
     """Each connection is a file descriptor: use all the hard limit allows."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        log.info("open-file limit raised from %d to %d", soft, hard)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open-file limit from %d: %s", soft, exc)
+            return
+        log.info("open-file limit raised from %d to %d", soft, target)
 
 
 def _run_gateway(settings: Settings) -> int:

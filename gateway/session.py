@@ -111,6 +111,9 @@ class Session:
         self._node_id = node_id
         self._joined: set[ChannelRef] = set()
         self._in_flight: set[asyncio.Task[None]] = set()
+        # Service calls are counted apart: a connection that is also a handler must keep
+        # reading its answers while its own calls wait for them.
+        self._calls: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._closed = False
         self._handlers: dict[tuple[ChannelRef, str], LiveSubscription] = {}
@@ -211,8 +214,8 @@ class Session:
     async def finish_in_flight(self, timeout: float) -> None:
         """Wait for acks and answers owed to this connection, and by its handler to others."""
         deadline = time.monotonic() + timeout
-        if self._in_flight:
-            await asyncio.wait(set(self._in_flight), timeout=timeout)
+        if self._in_flight or self._calls:
+            await asyncio.wait(self._in_flight | self._calls, timeout=timeout)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(
                 self._no_deliveries.wait(), max(0.0, deadline - time.monotonic())
@@ -304,9 +307,15 @@ class Session:
         except ArqonError as exc:
             self._reply(command, error=exc.with_request_id(command.id))
             return
-        await self._wait_for_slot()
+        limit = self._settings.max_in_flight
+        if len(self._calls) >= limit:
+            detail = f"this connection has {limit} service commands awaiting answers"
+            self._reply(command, error=ArqonError(LIMIT_EXCEEDED, detail, command.id))
+            return
         ref = ChannelRef(self.principal.tenant, command.room, command.channel)
-        self._track(asyncio.create_task(self._call(command, ref, timeout_ms)))
+        task = asyncio.create_task(self._call(command, ref, timeout_ms))
+        self._calls.add(task)
+        task.add_done_callback(self._calls.discard)
 
     async def _call(self, command: ClientCommand, ref: ChannelRef, timeout_ms: int) -> None:
         call = ServiceCall(
@@ -361,9 +370,9 @@ class Session:
             self._handlers[key] = await self._broker.serve(
                 ref, name, lambda request: self._deliver(ref, request)
             )
-            if self._closed:  # the connection ended while NATS confirmed the subscription
+            if self._closed or self._stopping:  # ended or draining while NATS confirmed it
                 await self._handlers.pop(key).close()
-                return
+                raise ArqonError(UNAVAILABLE, "the gateway is draining")
         self._reply(command, {"command": name})
 
     async def _unregister(self, command: ClientCommand, ref: ChannelRef) -> None:

@@ -64,6 +64,8 @@ _LIVE_PENDING_MSGS = 65_536
 _LIVE_PENDING_BYTES = 64 * 1024 * 1024
 _ACK_SWEEP_S = 0.1
 _REPLAY_BATCH = 1000
+_REPLAY_BATCH_BYTES = 1 << 20  # bounds a batch in memory, whatever the events' size
+_SERVICE_DRAIN_S = 2.0
 # One queue group per command subject; the group name only has to be the same everywhere.
 _HANDLER_QUEUE = "arqonbus-handlers"
 _SERVICE_PENDING_MSGS = 10_000
@@ -203,12 +205,24 @@ class _PublishAcks:
 
 
 class _LiveSub:
-    def __init__(self, sub: Subscription) -> None:
+    def __init__(self, sub: Subscription, drain: bool = False) -> None:
         self._sub = sub
+        self._drain = drain
 
     async def close(self) -> None:
-        with contextlib.suppress(*_TRANSIENT, nats.errors.BadSubscriptionError):
-            await self._sub.unsubscribe()
+        """Unsubscribe; with ``drain``, first hand on the messages already routed to us.
+
+        Service requests already on their way to a handler's subscription have been
+        assigned to it by the queue group; dropping them would leave their callers waiting
+        for the timeout, so handler subscriptions drain instead.
+        """
+        with contextlib.suppress(
+            *_TRANSIENT, nats.errors.BadSubscriptionError, nats.errors.ConnectionDrainingError
+        ):
+            if self._drain:
+                await asyncio.wait_for(self._sub.drain(), _SERVICE_DRAIN_S)  # type: ignore[no-untyped-call]
+            else:
+                await self._sub.unsubscribe()
 
 
 def _header_int(msg: Msg, name: str) -> int:
@@ -460,6 +474,7 @@ class JetStreamBroker:
         queue: str,
         pending_msgs: int,
         pending_bytes: int,
+        drain: bool = False,
     ) -> _LiveSub:
         """Subscribe, then flush: once the server has the interest, messages find it."""
         try:
@@ -472,7 +487,7 @@ class JetStreamBroker:
             )
         except _TRANSIENT as exc:
             raise BrokerUnavailable(f"could not subscribe: {type(exc).__name__}") from exc
-        subscription = _LiveSub(sub)
+        subscription = _LiveSub(sub, drain)
         try:
             await nc.flush(timeout=max(1, int(self._publish_timeout)))
         except _TRANSIENT as exc:
@@ -515,6 +530,7 @@ class JetStreamBroker:
             _HANDLER_QUEUE,
             _SERVICE_PENDING_MSGS,
             _SERVICE_PENDING_BYTES,
+            drain=True,
         )
 
     async def respond(self, reply: str, body: bytes) -> None:
@@ -564,18 +580,36 @@ class JetStreamBroker:
             return
         last, count = start_seq - 1, 0
         try:
-            async for event in self._replay_direct(ref, start_seq, end_seq, limit):
-                last, count = event.seq, count + 1
-                yield event
+            if not self._has_batched_direct_get():
+                raise _NoDirectGet()
+            async with contextlib.aclosing(
+                self._replay_direct(ref, start_seq, end_seq, limit)
+            ) as direct:
+                async for event in direct:
+                    last, count = event.seq, count + 1
+                    yield event
         except _NoDirectGet:
-            async for event in self._replay_consumer(ref, start_seq, end_seq, limit):
-                last, count = event.seq, count + 1
-                yield event
+            async with contextlib.aclosing(
+                self._replay_consumer(ref, last + 1, end_seq, limit and limit - count)
+            ) as consumer:
+                async for event in consumer:
+                    last, count = event.seq, count + 1
+                    yield event
         if last < end_seq and (limit is None or count < limit):
             # Short of the end: fine only if retention removed the rest meanwhile.
             window = await self.window(ref)
             if window.last_seq >= end_seq and end_seq >= window.first_stream_seq:
                 raise BrokerUnavailable(f"replay stopped at {last}, before {end_seq}")
+
+    def _has_batched_direct_get(self) -> bool:
+        """Batched direct get came with nats-server 2.11; older servers answer one message."""
+        if self._nc is None:
+            return False
+        try:
+            version = self._nc.connected_server_version
+            return (version.major, version.minor) >= (2, 11)
+        except (AttributeError, TypeError, ValueError):
+            return False
 
     async def _replay_direct(
         self, ref: ChannelRef, start_seq: int, end_seq: int, limit: int | None
@@ -584,18 +618,26 @@ class JetStreamBroker:
         api = f"$JS.API.DIRECT.GET.{self._scheme.stream_name(ref.tenant)}"
         subject = self._scheme.ingest(ref)
         batch = _DirectBatch()
-        sub = await nc.subscribe(
-            nc.new_inbox(),
-            cb=batch.on_msg,
-            pending_msgs_limit=_REPLAY_BATCH * 2,
-            pending_bytes_limit=_LIVE_PENDING_BYTES,
-        )
+        try:
+            sub = await nc.subscribe(
+                nc.new_inbox(),
+                cb=batch.on_msg,
+                pending_msgs_limit=_REPLAY_BATCH * 2,
+                pending_bytes_limit=_LIVE_PENDING_BYTES,
+            )
+        except _TRANSIENT as exc:
+            raise BrokerUnavailable(f"replay failed: {type(exc).__name__}") from exc
         next_seq, count, empty_rounds = start_seq, 0, 0
         try:
             while next_seq <= end_seq and (limit is None or count < limit):
                 want = _REPLAY_BATCH if limit is None else min(_REPLAY_BATCH, limit - count)
                 batch.start()
-                request = {"seq": next_seq, "next_by_subj": subject, "batch": want}
+                request = {
+                    "seq": next_seq,
+                    "next_by_subj": subject,
+                    "batch": want,
+                    "max_bytes": _REPLAY_BATCH_BYTES,
+                }
                 try:
                     await nc.publish(api, orjson.dumps(request), reply=sub.subject)
                 except _TRANSIENT as exc:

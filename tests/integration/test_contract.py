@@ -393,3 +393,19 @@ def test_settings_refuse_an_envelope_limit_above_one_mebibyte(monkeypatch):
 
     monkeypatch.setenv("ARQONBUS_MAX_ENVELOPE_BYTES", "1048576")
     assert load_settings().max_envelope_bytes == 1048576
+
+
+async def test_replay_falls_back_to_an_ordered_consumer_without_batched_direct_get(
+    start_gateway, clients, tenant, monkeypatch
+):
+    """Servers before 2.11 have no batched direct get: history and resume still read all."""
+    gw = await start_gateway()
+    monkeypatch.setattr(gw.broker, "_has_batched_direct_get", lambda: False)
+    writer = await clients(gateway_url(gw), tenant, "writer")
+    acks = [await writer.publish("r", "c", {"n": n}) for n in range(5)]
+    seqs = [a["payload"]["seq"] for a in acks]
+    reply = await writer.command("r", "c", "history", {"since_seq": 0, "limit": 3})
+    assert [e["seq"] for e in reply["payload"]["result"]["events"]] == seqs[:3]
+    reader = await clients(gateway_url(gw), tenant, "reader")
+    await reader.join("r", "c", since_seq=seqs[0])
+    assert [e["seq"] for e in await reader.wait_events(4)] == seqs[1:]

@@ -316,3 +316,23 @@ async def _until_unregistered(api: WsClient) -> None:
         if error_of(reply)["code"] == "no_responders":
             return
     raise AssertionError("the draining handler stayed registered")
+
+
+async def test_a_connection_that_calls_its_own_handler_never_blocks_its_answers(
+    start_gateway, clients, tenant
+):
+    """Calls are bounded apart from publishes: at the bound a call is refused at once, and
+    the connection keeps reading the answers it owes as a handler."""
+    gw = await start_gateway(max_in_flight=2)
+    both = await clients(gateway_url(gw), tenant, "both")
+    await register(both, "echo")
+    ids = [await both.send_command(ROOM, CHANNEL, "echo", {"n": n}, 10_000) for n in range(3)]
+    refused = await both.reply_to(ids[2], timeout=5)
+    assert error_of(refused)["code"] == "limit_exceeded"
+    start = 0
+    for _ in range(2):
+        delivery = await both.next_delivery(start)
+        start = both.received.index(delivery) + 1
+        await both.answer(delivery, {"echo": delivery["payload"]["parameters"]["n"]})
+    answers = [await both.reply_to(i, timeout=5) for i in ids[:2]]
+    assert [a["payload"]["result"] for a in answers] == [{"echo": 0}, {"echo": 1}]
