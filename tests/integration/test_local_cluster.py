@@ -14,9 +14,8 @@ from pathlib import Path
 import nats
 import pytest
 from nats.aio.client import Client
-from nats.js import JetStreamContext
-from nats.js.api import PubAck, StreamConfig
-from nats.js.errors import NoStreamResponseError
+from nats.aio.msg import Msg
+from nats.js.api import StreamConfig, StreamInfo
 
 from mesh.local import (
     BINARY_ENV,
@@ -61,22 +60,33 @@ def assert_gone(pid: int) -> None:
         os.kill(pid, 0)
 
 
-async def publish_when_stream_listens(js: JetStreamContext, subject: str, data: bytes) -> PubAck:
-    """A stream just created can take a moment to take its subjects on every server."""
-    async with asyncio.timeout(10):
-        while True:
-            try:
-                return await js.publish(subject, data)
-            except NoStreamResponseError:
-                await asyncio.sleep(0.05)  # bounded by the timeout: waiting for the stream
+async def add_stream_with_leader(nc: Client, config: StreamConfig) -> StreamInfo:
+    """Create a stream and wait for JetStream's advisory that its leader was elected.
+
+    Until then a publish can get "no responders"; the advisory is the event to wait for.
+    """
+    elected = asyncio.Event()
+
+    async def on_advisory(_: Msg) -> None:
+        elected.set()
+
+    advisory = await nc.subscribe(
+        f"$JS.EVENT.ADVISORY.STREAM.LEADER_ELECTED.{config.name}", cb=on_advisory
+    )
+    try:
+        info = await nc.jetstream().add_stream(config)
+        async with asyncio.timeout(10):
+            await elected.wait()
+    finally:
+        await advisory.unsubscribe()
+    return info
 
 
 async def test_three_nodes_replicate_a_stream(cluster: LocalCluster) -> None:
     assert all("sync_interval: always" in s.config_path.read_text() for s in cluster.specs)
     async with connected(cluster.urls[:1]) as nc:
-        js = nc.jetstream()
-        info = await js.add_stream(STREAM)
-        ack = await publish_when_stream_listens(js, "orders.new", b"first")
+        info = await add_stream_with_leader(nc, STREAM)
+        ack = await nc.jetstream().publish("orders.new", b"first")
     assert info.cluster is not None and len(info.cluster.replicas or []) == 2
     async with connected(cluster.urls[2:]) as nc:
         msg = await nc.jetstream().get_msg("ORDERS", ack.seq)

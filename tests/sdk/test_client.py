@@ -153,9 +153,13 @@ async def test_callback_subscriptions_sync_and_async_keep_order(start_gateway, s
         if len(sync_items) == 4:
             sync_done.set()
 
+    first_in, release = asyncio.Event(), asyncio.Event()
+
     async def on_async(item: Event | Gap) -> None:
-        await asyncio.sleep(0)  # yields; the next item still waits for this one
         async_items.append(item)
+        if len(async_items) == 1:
+            first_in.set()
+            await release.wait()  # suspended: the next item must wait for this one
         if isinstance(item, Event) and item.payload["n"] == 1:
             raise RuntimeError("a failing callback does not stop the subscription")
         if len(async_items) == 4:
@@ -165,6 +169,10 @@ async def test_callback_subscriptions_sync_and_async_keep_order(start_gateway, s
     async_sub = await reader.on(ROOM, "other", on_async)
     acks = await publish_n(writer, 4, "a-")
     other = await publish_n(writer, 4, "b-", channel="other")
+    async with asyncio.timeout(15):
+        await first_in.wait()
+    assert len(async_items) == 1  # all 4 acked, yet no second call while the first waits
+    release.set()
     async with asyncio.timeout(15):
         await sync_done.wait()
         await async_done.wait()
