@@ -93,22 +93,34 @@ async def test_three_nodes_replicate_a_stream(cluster: LocalCluster) -> None:
     assert (ack.stream, msg.data) == ("ORDERS", b"first")
 
 
+async def leader_index(cluster: LocalCluster, urls: list[str], stream: str) -> int:
+    """The node that leads ``stream`` now, as the stream's leader reports it."""
+    async with connected(urls) as nc:
+        info = await nc.jetstream().stream_info(stream)
+    assert info.cluster is not None and info.cluster.leader is not None
+    return [spec.name for spec in cluster.specs].index(info.cluster.leader)
+
+
 async def test_killed_follower_is_survived_and_rejoins(cluster: LocalCluster) -> None:
     names = [spec.name for spec in cluster.specs]
     async with connected(cluster.urls[:1]) as nc:
-        info = await nc.jetstream().add_stream(STREAM)
+        info = await add_stream_with_leader(nc, STREAM)
     assert info.cluster is not None and len(info.cluster.replicas or []) == 2
     victim, other = (names.index(peer.name or "?") for peer in info.cluster.replicas or [])
 
     await cluster.kill_node(victim, signal.SIGKILL)
     assert not cluster.is_running(victim) and cluster.pids[victim] is None
-    async with connected(urls_without(cluster, victim)) as nc:
+    # Publish through the leader's own server: the stream's subject interest is local there,
+    # so the publish does not race the interest's propagation over the routes.
+    leader = await leader_index(cluster, urls_without(cluster, victim), "ORDERS")
+    async with connected([cluster.urls[leader]]) as nc:
         down = await nc.jetstream().publish("orders.new", b"while down", timeout=5)
 
     await cluster.start_node(victim)  # returns once it answers JetStream and can host replicas
     # With the other follower gone, the stream's quorum (2 of 3) needs the restarted node.
     await cluster.kill_node(other, signal.SIGKILL)
-    async with connected(urls_without(cluster, other)) as nc:
+    leader = await leader_index(cluster, urls_without(cluster, other), "ORDERS")
+    async with connected([cluster.urls[leader]]) as nc:
         js = nc.jetstream()
         after = await js.publish("orders.new", b"after rejoin", timeout=5)
         stored = [(await js.get_msg("ORDERS", seq)).data for seq in (1, 2)]
