@@ -1,0 +1,1 @@
+"""make chaos: fault injection and bad-input suites against a real mesh."""
