@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # Test workers: each one runs its own 3-node NATS cluster for the session.
 WORKERS ?= 2
 
-.PHONY: help install run test test-unit lint format clean bench bench-smoke
+.PHONY: help install run test test-unit lint format clean bench bench-smoke chaos
 
 help:
 	@echo "make run    start a local mesh: 3 NATS nodes + 2 gateways (ws://127.0.0.1:8765/ws)"
@@ -14,6 +14,7 @@ help:
 	@echo "make lint   ruff + mypy"
 	@echo "make bench  ArqonBus against python-socketio, Node socket.io and raw NATS WebSocket (about 15 min)"
 	@echo "make bench-smoke  a short run of the same harness (under 60 s), as CI runs it"
+	@echo "make chaos  fault scenarios and bad-input suites against a real mesh (about 30 min, needs root for netns)"
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "ArqonBus needs Python 3.11 or newer: run make with PYTHON=python3.11")'
@@ -47,9 +48,14 @@ bench: install
 bench-smoke: install
 	$(BIN)/python -m bench.run --smoke --out .bench-smoke
 
+# Writes chaos/results/<date>.{md,json} and the results in docs/reliability.md; exit 1 on any failure.
+chaos: install
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[chaos]'
+	$(BIN)/python -m chaos.run
+
 format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) .arqonbus .bench-smoke .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .arqonbus .bench-smoke .chaos .pytest_cache .mypy_cache .ruff_cache .hypothesis

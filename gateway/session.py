@@ -166,6 +166,12 @@ class Session:
                 await self._start_call(message)
         except ArqonError as exc:
             self.socket.send(encode_error(exc))
+        except Exception:
+            # A bug in handling one frame must not end the connection (nor its other work).
+            log.exception("session %s failed to handle a frame", self.id)
+            self.socket.send(
+                encode_error(ArqonError(INTERNAL, "the gateway failed to handle this frame"))
+            )
 
     # -- events -------------------------------------------------------------------
 

@@ -385,14 +385,19 @@ class JetStreamBroker:
         """Call ``handler`` after a NATS reconnect or a dropped live event."""
         self._reconnect_handlers.append(handler)
 
-    async def check_health(self) -> bool:
-        """True when NATS is connected and JetStream answers."""
+    async def check_health(self, timeout: float = 5.0) -> bool:
+        """True when NATS is connected and JetStream answers within ``timeout`` seconds.
+
+        A stalled link (TCP open, nothing flowing) shows as a timeout, long before the NATS
+        client's own ping notices it.
+        """
         if self._jsm is None or not self.connected:
             return False
         try:
-            await self._jsm.account_info()
+            async with asyncio.timeout(timeout):
+                await self._jsm.account_info()
             return True
-        except (*_TRANSIENT, APIError):
+        except (*_TRANSIENT, APIError, TimeoutError):
             return False
 
     async def close(self, timeout: float = 5.0) -> None:

@@ -26,6 +26,12 @@ PROTOCOL_VERSION = "1.0"
 ID_MAX = 128
 CLIENT_TYPES = ("event", "command", "command_response")
 ERROR_MESSAGE_MAX = 1024
+# Nested arrays and objects in one envelope, the envelope object included. The gateway
+# re-encodes what it accepts (stored event, delivered command, handler answer) and orjson
+# encodes at most 254 levels, so a deeper envelope could be parsed but never sent on.
+DEPTH_MAX = 254
+# A rejected value is quoted in the error message, cut to this many characters.
+SHOWN_MAX = 80
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +98,7 @@ def parse_client_frame(data: bytes | str, max_bytes: int) -> ClientMessage:
         raise ArqonError(INVALID_ENVELOPE, "the envelope must be a JSON object")
     request_id = _read_id(obj)
     try:
+        _check_depth(data, obj)
         return _parse_fields(obj, request_id)
     except ArqonError as exc:
         raise exc.with_request_id(request_id) from None
@@ -108,16 +115,43 @@ def _read_id(obj: dict[str, Any], field: str = "id") -> str:
     return value
 
 
+def _check_depth(data: bytes, obj: dict[str, Any]) -> None:
+    """Refuse an envelope nested deeper than DEPTH_MAX, without recursing."""
+    if data.count(b"[") + data.count(b"{") <= DEPTH_MAX:
+        return  # cannot be deeper: the common case costs two byte scans
+    level: list[Any] = [obj]
+    for _ in range(DEPTH_MAX):  # one level of containers per round
+        below: list[Any] = []
+        for container in level:
+            for child in container.values() if type(container) is dict else container:
+                if type(child) is dict or type(child) is list:
+                    below.append(child)
+        if not below:
+            return
+        level = below
+    raise ArqonError(
+        INVALID_ENVELOPE,
+        f"the envelope nests arrays and objects more than {DEPTH_MAX} levels deep",
+    )
+
+
+def _shown(value: object) -> str:
+    """A rejected value for an error message: its repr, cut to SHOWN_MAX characters."""
+    text = repr(value)
+    return text if len(text) <= SHOWN_MAX else text[: SHOWN_MAX - 3] + "..."
+
+
 def _parse_fields(obj: dict[str, Any], request_id: str) -> ClientMessage:
     version = obj.get("version", PROTOCOL_VERSION)
     if version != PROTOCOL_VERSION:
         raise ArqonError(
-            INVALID_ENVELOPE, f"field 'version' must be {PROTOCOL_VERSION!r}, got {version!r}"
+            INVALID_ENVELOPE, f"field 'version' must be {PROTOCOL_VERSION!r}, got {_shown(version)}"
         )
     kind = obj.get("type")
     if kind not in CLIENT_TYPES:
         raise ArqonError(
-            INVALID_ENVELOPE, f"field 'type' must be one of {list(CLIENT_TYPES)}, got {kind!r}"
+            INVALID_ENVELOPE,
+            f"field 'type' must be one of {list(CLIENT_TYPES)}, got {_shown(kind)}",
         )
     room = validate_name(obj.get("room"), "room")
     channel = validate_name(obj.get("channel"), "channel")
@@ -162,7 +196,8 @@ def _parse_response(
             response_id, room, channel, request_id, None, parse_response_error(payload.get("error"))
         )
     raise ArqonError(
-        INVALID_ENVELOPE, f"field 'payload.status' must be 'success' or 'error', got {status!r}"
+        INVALID_ENVELOPE,
+        f"field 'payload.status' must be 'success' or 'error', got {_shown(status)}",
     )
 
 

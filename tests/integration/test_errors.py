@@ -72,6 +72,26 @@ async def test_invalid_json_text_and_binary_frames(start_gateway, clients, tenan
         await assert_still_usable(client)
 
 
+async def test_a_bug_handling_one_frame_answers_internal_and_keeps_the_connection(
+    start_gateway, clients, tenant, monkeypatch
+):
+    import gateway.session
+
+    real = gateway.session.parse_client_frame
+
+    def broken_on_marker(data: bytes, limit: int) -> object:
+        if b"trip-the-bug" in data:
+            raise KeyError("a stand-in for a decoder bug")
+        return real(data, limit)
+
+    monkeypatch.setattr(gateway.session, "parse_client_frame", broken_on_marker)
+    gw = await start_gateway()
+    client = await clients(gateway_url(gw), tenant, "alice")
+    reply = await send_and_wait_error(client, orjson.dumps(event("trip-the-bug")).decode())
+    assert_error(reply, "internal", None)
+    await assert_still_usable(client)
+
+
 P = pytest.param
 ENVELOPE_CASES = [
     P({"type": "event", "room": "r", "channel": "c", "payload": {}}, False, id="missing-id"),

@@ -509,3 +509,114 @@ def test_gap_shape() -> None:
         "channel": "general",
         "payload": {"after_seq": 10, "first_available_seq": 57},
     }
+
+
+# -- regressions found by fuzzing (chaos/fuzz.py) ---------------------------------
+
+from shared.envelope import (  # noqa: E402
+    DEPTH_MAX,
+    ERROR_MESSAGE_MAX,
+    encode_delivery,
+    encode_response,
+)
+from shared.service import ServiceCall, ServiceReply  # noqa: E402
+
+
+def nested(levels: int) -> bytes:
+    return b"[" * levels + b"]" * levels
+
+
+def frame_with_raw(frame: dict[str, Any], path: tuple[str, ...], raw: bytes) -> bytes:
+    """``frame`` as JSON with the value at ``path`` replaced by raw JSON text."""
+    node = frame
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = "RAW-VALUE"
+    return orjson.dumps(frame).replace(b'"RAW-VALUE"', raw)
+
+
+@pytest.mark.parametrize(
+    ("frame", "path"),
+    [
+        (event_frame(), ("version",)),
+        (event_frame(), ("type",)),
+        (event_frame(), ("room",)),
+        (event_frame(), ("channel",)),
+        (response_frame(), ("payload", "status")),
+    ],
+)
+def test_a_deeply_nested_field_is_invalid_envelope_not_a_recursion_error(
+    frame: dict[str, Any], path: tuple[str, ...]
+) -> None:
+    # orjson reads up to 1024 levels; quoting such a value in the error message recursed
+    # past Python's limit and the RecursionError ended the session.
+    error = rejected(frame_with_raw(frame, path, nested(1000)))
+    assert error.code == "invalid_envelope"
+    assert error.request_id == REQUEST_ID
+    assert f"more than {DEPTH_MAX} levels" in error.message
+
+
+def test_an_event_at_the_depth_limit_is_stored_and_one_level_more_is_refused() -> None:
+    # The envelope and the payload are two levels. An event one level deeper than orjson
+    # can write used to parse and then fail in encode_stored_event (TypeError).
+    at_limit = frame_with_raw(event_frame(), ("payload", "x"), nested(DEPTH_MAX - 2))
+    event = parse_client_frame(at_limit, MAX)
+    assert isinstance(event, ClientEvent)
+    stored = encode_stored_event(event, "alice", "2026-01-01T00:00:00.000Z")
+    assert parse_client_frame(stored, MAX) == event
+    over = frame_with_raw(event_frame(), ("payload", "x"), nested(DEPTH_MAX - 1))
+    error = rejected(over)
+    assert (error.code, error.request_id) == ("invalid_envelope", REQUEST_ID)
+
+
+def test_service_parameters_at_the_depth_limit_reach_the_handler() -> None:
+    # Deeper parameters used to parse and then fail in ServiceCall.encode: internal.
+    payload = {"command": "status", "parameters": {"x": "RAW-VALUE"}}
+    raw = orjson.dumps(command_frame(payload=payload))
+    command = parse_client_frame(raw.replace(b'"RAW-VALUE"', nested(DEPTH_MAX - 3)), MAX)
+    assert isinstance(command, ClientCommand)
+    call = ServiceCall(command.command, command.parameters, "alice", command.id, "t", 5000)
+    assert ServiceCall.decode(call.encode()) == call
+    delivery = encode_delivery("dlv_1", "r", "c", "alice", "t", call.delivery_payload())
+    assert parse_client_frame(delivery, MAX) == ClientCommand(
+        "dlv_1", "r", "c", "status", command.parameters, 5000
+    )
+    too_deep = raw.replace(b'"RAW-VALUE"', nested(DEPTH_MAX - 2))
+    assert rejected(too_deep).code == "invalid_envelope"
+
+
+def test_a_handler_answer_at_the_depth_limit_reaches_the_caller() -> None:
+    # Deeper results used to parse and then fail in ServiceReply.encode, ending the
+    # handler's session.
+    raw = orjson.dumps(response_frame(result={"x": "RAW-VALUE"}))
+    answer = parse_client_frame(raw.replace(b'"RAW-VALUE"', nested(DEPTH_MAX - 3)), MAX)
+    assert isinstance(answer, ClientResponse)
+    reply = ServiceReply(answer.id, "svc", "t", answer.result, None)
+    assert ServiceReply.decode(reply.encode()) == reply
+    frame = encode_response(sample_command(), reply.id, "svc", "t", reply.result)
+    assert orjson.loads(frame)["payload"]["result"] == answer.result
+    too_deep = raw.replace(b'"RAW-VALUE"', nested(DEPTH_MAX - 2))
+    assert rejected(too_deep).code == "invalid_envelope"
+
+
+def test_brackets_inside_strings_do_not_count_as_nesting() -> None:
+    payload = {"text": "[{" * 5000, "list": [[["a"]]]}
+    parsed = parse_client_frame(orjson.dumps(event_frame(payload=payload)), MAX)
+    assert isinstance(parsed, ClientEvent)
+    assert parsed.payload == payload
+
+
+@pytest.mark.parametrize(
+    ("frame", "field"),
+    [
+        (event_frame(version="x" * 60000), "version"),
+        (event_frame(type="x" * 60000), "type"),
+        (response_frame(status="x" * 60000), "payload.status"),
+    ],
+)
+def test_a_rejected_value_is_quoted_cut_short(frame: dict[str, Any], field: str) -> None:
+    # The whole value used to be quoted: a 60 KB error message.
+    error = rejected(orjson.dumps(frame))
+    assert f"'{field}'" in error.message
+    assert "'xxxx" in error.message and "..." in error.message
+    assert len(error.message) <= ERROR_MESSAGE_MAX
