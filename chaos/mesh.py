@@ -52,6 +52,7 @@ class Mesh:
         self.gateway_env = {**GATEWAY_ENV, **(gateway_env or {})}
         self.gateways: list[GatewayProcess] = []
         self.scheme = SubjectScheme("arq")
+        self.extras: dict[str, Any] = {}  # scenario-specific parts (fault proxies, ...)
 
     async def start(self, nats_urls: list[str] | None = None) -> None:
         """Start the cluster (if it is ours) and the gateways; ``nats_urls[i]`` per gateway."""

@@ -13,19 +13,23 @@ from collections.abc import Mapping
 from http import HTTPStatus
 from urllib.parse import urlsplit
 
+from gateway.admission import PendingHandshakes, RateLimiter, retry_after_header, retry_after_ms
 from gateway.auth import Authenticator, AuthError, Credentials, Principal, make_authenticator
 from gateway.hub import Hub
 from gateway.session import Session
 from gateway.transport import HttpReply, ListenOptions, Server, Socket, start_server
 from mesh.jetstream import JetStreamBroker
 from mesh.streams import StreamPolicy
-from shared.errors import CloseCode
+from shared.errors import RATE_LIMITED, CloseCode
 from shared.settings import Settings
 from shared.subjects import SubjectScheme
 
 log = logging.getLogger("arqonbus.gateway")
 
 WS_PATH = "/ws"
+# Consecutive failed checks (one per health_interval_s) before the gateway acts:
+RECONNECT_AFTER_FAILED_CHECKS = 2  # JetStream silent: drop the NATS server for another
+SHED_AFTER_LINK_FAILURES = 3  # NATS link down: close clients with 4002, refuse new ones (503)
 
 
 class PortInUse(Exception):
@@ -56,8 +60,13 @@ class Gateway:
         )
         self.hub = Hub(self.broker, settings.replay_buffer_msgs, 4 * settings.send_buffer_bytes)
         self.sessions: set[Session] = set()
+        # Per client address: upgrades per second (429 beyond) and unfinished handshakes.
+        self.conn_rate = RateLimiter(settings.conn_rate_per_ip, settings.conn_burst_per_ip)
+        self.pending_handshakes = PendingHandshakes(settings.max_pending_handshakes_per_ip)
         self.draining = False
         self.healthy = False
+        self.failed_checks = 0  # consecutive health checks JetStream did not answer
+        self.link_failures = 0  # consecutive checks the NATS link did not answer
         self._server: Server | None = None
         self._stop = asyncio.Event()
         self._became_ready = asyncio.Event()
@@ -79,6 +88,7 @@ class Gateway:
                 ),
                 self._on_request,
                 self._on_socket,
+                self.pending_handshakes if self.pending_handshakes.enabled else None,
             )
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
@@ -100,12 +110,49 @@ class Gateway:
     async def _connect_and_watch(self) -> None:
         if not await self.broker.connect_with_retry(self._stop):
             return
+        loop = asyncio.get_running_loop()
+        interval = self.settings.health_interval_s
         while not self._stop.is_set():
-            self.healthy = await self.broker.check_health()
+            started = loop.time()
+            # Both bounded by the interval, so a stalled link shows within two intervals.
+            self.healthy, link_ok = await asyncio.gather(
+                self.broker.check_health(timeout=interval),
+                self.broker.check_link(timeout=interval),
+            )
             if self.healthy:
                 self._became_ready.set()
+            await self._after_check(link_ok)
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), self.settings.health_interval_s)
+                await asyncio.wait_for(
+                    self._stop.wait(), max(0.0, interval - (loop.time() - started))
+                )
+
+    async def _after_check(self, link_ok: bool) -> None:
+        """Act on consecutive failed checks: another NATS server, then other gateways."""
+        self.failed_checks = 0 if self.healthy else self.failed_checks + 1
+        self.link_failures = 0 if link_ok else self.link_failures + 1
+        if self.failed_checks == RECONNECT_AFTER_FAILED_CHECKS:
+            # JetStream does not answer through this server: the link may be stalled, or
+            # the node cut off from its cluster. Try another server of the pool. (During a
+            # NATS election this reconnect is needless but harmless.)
+            await self.broker.reconnect_elsewhere()
+        if self.link_failures == SHED_AFTER_LINK_FAILURES and not self.draining:
+            log.warning(
+                "no NATS server has answered for %d checks: sending %d client(s) to other "
+                "gateways (4002)",
+                self.link_failures,
+                len(self.sessions),
+            )
+            for session in list(self.sessions):
+                session.socket.close_soon(
+                    CloseCode.BACKEND_UNAVAILABLE,
+                    "this gateway lost the message store: reconnect elsewhere and resume",
+                )
+
+    @property
+    def cut_off(self) -> bool:
+        """Its NATS link is down: new clients are refused (503) until a check passes again."""
+        return self.link_failures >= SHED_AFTER_LINK_FAILURES
 
     async def wait_ready(self, timeout: float) -> None:
         """Wait until /readyz would answer 200 (used by tests and the dev supervisor)."""
@@ -145,7 +192,9 @@ class Gateway:
 
     # -- HTTP ------------------------------------------------------------------------
 
-    def _on_request(self, target: str, headers: Mapping[str, str]) -> HttpReply | Principal:
+    def _on_request(
+        self, target: str, headers: Mapping[str, str], peer_ip: str
+    ) -> HttpReply | Principal:
         path = urlsplit(target).path
         if path == "/healthz":
             return HttpReply(HTTPStatus.OK, {"status": "alive", "node": self.node_id})
@@ -159,6 +208,15 @@ class Gateway:
             return HttpReply(
                 HTTPStatus.SERVICE_UNAVAILABLE, {"error": "draining: connect to another gateway"}
             )
+        if self.cut_off:
+            return HttpReply(
+                HTTPStatus.SERVICE_UNAVAILABLE,
+                {"error": "unavailable: this gateway cannot reach the message store; "
+                 "connect to another gateway"},
+            )  # fmt: skip
+        wait_s = self.conn_rate.take(peer_ip)
+        if wait_s:
+            return _rate_limited(wait_s)
         try:
             principal = self.authenticator.authenticate(Credentials.from_request(target, headers))
         except AuthError as exc:
@@ -172,6 +230,8 @@ class Gateway:
             "ready": self.ready,
             "nats_connected": self.broker.connected,
             "jetstream": self.healthy,
+            "failed_checks": self.failed_checks,
+            "link_failures": self.link_failures,
             "draining": self.draining,
             "node": self.node_id,
             "sessions": len(self.sessions),
@@ -192,6 +252,19 @@ class Gateway:
             log.exception("session %s crashed", session.id)
         finally:
             self.sessions.discard(session)
+
+
+def _rate_limited(wait_s: float) -> HttpReply:
+    """429 before the upgrade: cheap (no auth, no session), with when to come back."""
+    return HttpReply(
+        RATE_LIMITED.status,
+        {
+            "error": RATE_LIMITED.code,
+            "message": RATE_LIMITED.message,
+            "retry_after_ms": retry_after_ms(wait_s),
+        },
+        (("Retry-After", retry_after_header(wait_s)),),
+    )
 
 
 async def run_gateway(settings: Settings) -> int:

@@ -3,7 +3,7 @@
 Outbound frames are framed once and written straight to the transport, so a
 message fanned out to N sockets is serialized and framed once, not N times.
 This is safe because the server never fragments messages and never enables
-compression: every frame we write is a complete, unmasked text frame, and
+compression: every frame we write is a complete, unmasked data frame, and
 websockets itself also writes whole frames synchronously.
 """
 
@@ -13,31 +13,46 @@ import asyncio
 import struct
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, cast
 
 import orjson
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, PayloadTooBig
+from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import State
+from websockets.server import ServerProtocol
 
 from shared.errors import CloseCode
 
 _OP_TEXT = 0x81  # FIN + text
+_OP_BINARY = 0x82  # FIN + binary
 _CLOSE_TIMEOUT_S = 5.0
 _COALESCE_MAX = 64 * 1024
 _PACED_STALL_S = 30.0  # a replay reader that takes nothing for this long is closed (4001)
 
 
-def encode_text_frame(payload: bytes) -> bytes:
-    """One complete, unmasked server->client text frame (RFC 6455 section 5.2)."""
+def _encode_frame(first: int, payload: bytes) -> bytes:
     n = len(payload)
     if n < 126:
-        return bytes((_OP_TEXT, n)) + payload
+        return bytes((first, n)) + payload
     if n < 65536:
-        return struct.pack("!BBH", _OP_TEXT, 126, n) + payload
-    return struct.pack("!BBQ", _OP_TEXT, 127, n) + payload
+        return struct.pack("!BBH", first, 126, n) + payload
+    return struct.pack("!BBQ", first, 127, n) + payload
+
+
+def encode_text_frame(payload: bytes) -> bytes:
+    """One complete, unmasked server->client text frame (RFC 6455 section 5.2).
+
+    ``payload`` must be valid UTF-8 (the gateway only sends JSON it serialized).
+    """
+    return _encode_frame(_OP_TEXT, payload)
+
+
+def encode_binary_frame(payload: bytes) -> bytes:
+    """One complete, unmasked server->client binary frame (RFC 6455 section 5.2)."""
+    return _encode_frame(_OP_BINARY, payload)
 
 
 class Socket:
@@ -108,7 +123,12 @@ class Socket:
             self._transport.write(b"".join(out) if len(out) > 1 else out[0])
 
     def send(self, message: bytes) -> bool:
+        """Queue one text message (``message`` is UTF-8)."""
         return self.write_frame(encode_text_frame(message))
+
+    def send_binary(self, message: bytes) -> bool:
+        """Queue one binary message."""
+        return self.write_frame(encode_binary_frame(message))
 
     async def send_paced(self, message: bytes) -> bool:
         """Send and wait while the peer's buffer is above the high-water mark (replay).
@@ -130,12 +150,24 @@ class Socket:
         return True
 
     async def recv(self) -> bytes | None:
-        """The next message as bytes, or None once the connection is closed."""
+        """The next message's payload (text or binary), or None once the connection is closed."""
+        message = await self.recv_message()
+        return None if message is None else message[0]
+
+    async def recv_message(self) -> tuple[bytes, bool] | None:
+        """The next message as (payload, is_text), or None once the connection is closed.
+
+        A text message must be valid UTF-8 (RFC 6455 section 8.1): one that is not fails
+        the connection with 1007. websockets checks this only when it decodes, so text
+        is decoded here (and re-encoded: the caller parses bytes).
+        """
         try:
-            data = await self._conn.recv(decode=False)
+            data = await self._conn.recv()
         except ConnectionClosed:
             return None
-        return data if isinstance(data, bytes) else data.encode()
+        if isinstance(data, str):
+            return data.encode(), True
+        return data, False
 
     def close_soon(self, code: CloseCode, reason: str) -> None:
         if self._closing:
@@ -170,7 +202,15 @@ class Socket:
 
 _pending_closes: set[asyncio.Task[None]] = set()
 
-__all__ = ["HttpReply", "ListenOptions", "Server", "Socket", "encode_text_frame", "start_server"]
+__all__ = [
+    "HttpReply",
+    "ListenOptions",
+    "Server",
+    "Socket",
+    "encode_binary_frame",
+    "encode_text_frame",
+    "start_server",
+]
 
 
 # -- server ---------------------------------------------------------------------------
@@ -182,6 +222,7 @@ class HttpReply:
 
     status: int
     body: dict[str, object]
+    headers: tuple[tuple[str, str], ...] = ()  # extra response headers, e.g. Retry-After
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,10 +237,22 @@ class ListenOptions:
     close_timeout_s: float = 5.0
 
 
-# on_request(path with query, headers) -> HttpReply to refuse, or a context to upgrade with
-RequestHook = Callable[[str, Mapping[str, str]], Any]
+# on_request(path with query, headers, peer IP) -> HttpReply to refuse, or a context to upgrade with
+RequestHook = Callable[[str, Mapping[str, str], str], Any]
 # on_socket(context, socket) runs for the life of an upgraded connection
 SocketHandler = Callable[[Any, Socket], Awaitable[None]]
+
+
+class AcceptGate(Protocol):
+    """Admission at TCP accept, before any byte is read (see gateway/admission.py).
+
+    ``acquire(peer IP)`` False drops the new connection at once. Each admitted
+    connection is released once: when its HTTP request has arrived, or it closed.
+    """
+
+    def acquire(self, peer_ip: str) -> bool: ...
+
+    def release(self, peer_ip: str) -> None: ...
 
 
 def _to_response(reply: HttpReply) -> Response:
@@ -211,6 +264,7 @@ def _to_response(reply: HttpReply) -> Response:
             ("Content-Type", "application/json"),
             ("Content-Length", str(len(data))),
             ("Connection", "close"),
+            *reply.headers,
         ]
     )
     return Response(reply.status, HTTPStatus(reply.status).phrase, headers, data)
@@ -219,8 +273,103 @@ def _to_response(reply: HttpReply) -> Response:
 _LISTEN_BACKLOG = 4096
 
 
+# Fragments one message may arrive in: a maximum-size message in 512-byte pieces. Each
+# queued frame costs a few hundred bytes whatever its payload, so without this bound a
+# peer could make the server hold ~1 MB for 35 KB of one-byte fragments (websockets
+# alone allows 4096 per message).
+MAX_FRAGMENTS = 256
+
+
+class _TooManyFragments(PayloadTooBig):
+    """A message in more than MAX_FRAGMENTS frames: failed with 1009 like an oversized one."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(None, limit)
+        self.limit = limit
+
+    def set_current_size(self, current_size: int | None) -> None:
+        pass  # the limit is on frames, not bytes
+
+    def __str__(self) -> str:
+        return f"message in more than {self.limit} fragments"
+
+
+class _ServerProtocol(ServerProtocol):
+    """websockets' server protocol with two changes, both made as frames are parsed.
+
+    - At most MAX_FRAGMENTS frames per message (1009 above), checked before a frame is
+      queued, so a flood of tiny fragments never piles up.
+    - A Close in the middle of a fragmented message is answered. RFC 6455 section 5.4:
+      control frames may be injected between the fragments of a message. websockets
+      fails the connection with 1002 ("incomplete fragmented message") when that frame
+      is a Close; the RFC says to answer it (section 5.5.1) and to discard whatever
+      follows (section 1.4). The unfinished message is dropped.
+    """
+
+    fragments = 0  # frames of the message being received
+
+    def recv_frame(self, frame: Frame) -> None:
+        opcode = frame.opcode
+        if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
+            self.fragments = 1
+        elif opcode is Opcode.CONT:
+            self.fragments += 1
+            if self.fragments > MAX_FRAGMENTS and self.current_size is not None:
+                raise _TooManyFragments(MAX_FRAGMENTS)
+        elif opcode is Opcode.CLOSE and self.current_size is not None:
+            self.current_size = None
+        super().recv_frame(frame)
+
+
+class _ServerConnection(ServerConnection):
+    def __init__(self, protocol: ServerProtocol, server: Any, **kwargs: Any) -> None:
+        # serve() builds a plain ServerProtocol and has no hook for its class: upgrade it
+        # before the connection sees any data (the subclass adds no slots).
+        protocol.__class__ = _ServerProtocol
+        super().__init__(protocol, server, **kwargs)
+
+
+def _gated_connection(gate: AcceptGate | None) -> type[ServerConnection]:
+    """A ServerConnection that asks ``gate`` at accept and releases it once."""
+    if gate is None:
+        return _ServerConnection
+    admit = gate
+
+    class GatedConnection(_ServerConnection):
+        refused = False
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            peer = transport.get_extra_info("peername")
+            ip = str(peer[0]) if peer else ""
+            if not admit.acquire(ip):
+                # Dropped before websockets sees it: no handshake task, nothing to tear down.
+                self.refused = True
+                cast(asyncio.Transport, transport).abort()
+                return
+            super().connection_made(transport)  # starts the handshake task (and its open timeout)
+            released = False
+
+            def release(_: object) -> None:
+                nonlocal released
+                if not released:
+                    released = True
+                    admit.release(ip)
+
+            self.request_rcvd.add_done_callback(release)
+            self.connection_lost_waiter.add_done_callback(release)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if not self.refused:
+                super().connection_lost(exc)
+
+    return GatedConnection
+
+
 async def start_server(
-    options: ListenOptions, on_request: RequestHook, on_socket: SocketHandler
+    options: ListenOptions,
+    on_request: RequestHook,
+    on_socket: SocketHandler,
+    accept_gate: AcceptGate | None = None,
 ) -> Server:
     """Listen for WebSocket upgrades and plain HTTP GETs on one port.
 
@@ -231,7 +380,8 @@ async def start_server(
     contexts: dict[int, Any] = {}  # lives only from process_request to handler (or close)
 
     def process_request(connection: ServerConnection, request: Request) -> Response | None:
-        outcome = on_request(request.path, request.headers)
+        peer = connection.remote_address
+        outcome = on_request(request.path, request.headers, str(peer[0]) if peer else "")
         if isinstance(outcome, HttpReply):
             return _to_response(outcome)
         key = id(connection)
@@ -248,6 +398,7 @@ async def start_server(
         handler,
         options.host,
         options.port,
+        create_connection=_gated_connection(accept_gate),
         process_request=process_request,
         compression=None,
         max_size=options.max_frame_bytes,

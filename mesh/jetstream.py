@@ -7,10 +7,12 @@ import collections
 import contextlib
 import itertools
 import logging
+import math
 import random
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 import nats
 import orjson
@@ -280,13 +282,16 @@ class JetStreamBroker:
         return max(1, len(set(info.get("connect_urls") or [])))
 
     def cluster_size(self) -> int:
-        """The largest cluster this gateway has seen (from the servers' INFO), at least 1.
+        """The largest cluster this gateway knows of, at least 1.
 
-        The largest, not the current, so a node that is down when a tenant's first
-        stream is created does not lower that stream's replica count.
+        That is the largest cluster seen in the servers' INFO, or the number of distinct
+        NATS servers configured, whichever is larger. The largest, not the current, so a
+        node that is down when a tenant's first stream is created (even before this
+        gateway ever saw it) does not lower that stream's replica count.
         """
         self._cluster_seen = max(self._cluster_seen, self._cluster_in_info())
-        return max(1, self._cluster_seen)
+        configured = len({urlsplit(url).netloc for url in self._urls})
+        return max(1, self._cluster_seen, configured)
 
     async def connect(self) -> None:
         """Connect once; raises BrokerUnavailable if no server answers."""
@@ -399,6 +404,34 @@ class JetStreamBroker:
             return True
         except (*_TRANSIENT, APIError, TimeoutError):
             return False
+
+    async def check_link(self, timeout: float = 5.0) -> bool:
+        """True when the connected NATS server answers a ping within ``timeout`` seconds.
+
+        Unlike :meth:`check_health` this does not need JetStream's meta leader, so it stays
+        true through a NATS election; it fails when the link itself is down or stalled.
+        """
+        if self._nc is None or not self.connected:
+            return False
+        try:
+            async with asyncio.timeout(timeout):
+                await self._nc.flush(math.ceil(timeout))  # its own timeout takes whole seconds
+            return True
+        except (*_TRANSIENT, nats.errors.Error):
+            return False
+
+    async def reconnect_elsewhere(self) -> None:
+        """Drop the current NATS server for another in the pool (the link or node is bad).
+
+        Subscriptions are restored by the NATS client; the reconnect handlers resync.
+        """
+        if self._nc is not None and self._nc.is_connected:
+            url = self._nc.connected_url
+            log.warning(
+                "NATS server %s stopped answering; reconnecting elsewhere",
+                url.netloc if url else "?",
+            )
+            await self._nc.force_reconnect()
 
     async def close(self, timeout: float = 5.0) -> None:
         """Drain the NATS connection: flush publishes in flight, then close."""

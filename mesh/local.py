@@ -207,6 +207,10 @@ class NodeSpec:
     store_dir: Path
     config_path: Path
     log_path: Path
+    # Hooks for clusters on their own networks (chaos.netns): routes on a separate address, and
+    # the HTTP monitoring endpoint. None keeps the defaults: routes on ``host``, no monitoring.
+    cluster_host: str | None = None
+    http_port: int | None = None
 
     @property
     def url(self) -> str:
@@ -214,7 +218,7 @@ class NodeSpec:
 
     @property
     def route(self) -> str:
-        return f"nats-route://{self.host}:{self.cluster_port}"
+        return f"nats-route://{self.cluster_host or self.host}:{self.cluster_port}"
 
 
 @dataclass(slots=True)
@@ -240,11 +244,13 @@ def render_config(spec: NodeSpec, cluster_name: str, routes: list[str]) -> str:
         "  sync_interval: always",
         "}",
     ]
+    if spec.http_port is not None:
+        lines.append(f"http: {q(f'{spec.host}:{spec.http_port}')}")
     if routes:
         lines += [
             "cluster {",
             f"  name: {q(cluster_name)}",
-            f"  listen: {q(f'{spec.host}:{spec.cluster_port}')}",
+            f"  listen: {q(f'{spec.cluster_host or spec.host}:{spec.cluster_port}')}",
             "  routes: [",
             *(f"    {q(route)}" for route in routes),
             "  ]",
@@ -538,17 +544,25 @@ class LocalCluster:
             spec.store_dir.mkdir(parents=True, exist_ok=True)
             spec.config_path.write_text(render_config(spec, self.name, routes))
 
+    # Hooks for subclasses that run nodes elsewhere (chaos.netns: one network namespace per node).
+
+    def _check_ports(self, spec: NodeSpec) -> None:
+        """Raise PortInUse if a port the node needs is taken (checked in this network namespace)."""
+        _ensure_free(spec.name, spec.host, spec.client_port, "client")
+        if len(self._nodes) > 1:
+            _ensure_free(spec.name, spec.host, spec.cluster_port, "cluster")
+
+    def _command(self, spec: NodeSpec) -> list[str]:
+        """The argv that runs one node."""
+        return [self.binary, "-c", str(spec.config_path)]
+
     async def _spawn(self, i: int) -> None:
         node = self._nodes[i]
-        _ensure_free(node.spec.name, node.spec.host, node.spec.client_port, "client")
-        if len(self._nodes) > 1:
-            _ensure_free(node.spec.name, node.spec.host, node.spec.cluster_port, "cluster")
+        self._check_ports(node.spec)
         # stdout/stderr go to the log too: config errors are printed before log_file takes over.
         with node.spec.log_path.open("ab") as out:
             node.process = await asyncio.create_subprocess_exec(
-                self.binary,
-                "-c",
-                str(node.spec.config_path),
+                *self._command(node.spec),
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=out,

@@ -116,6 +116,27 @@ CATALOGUE: dict[str, ErrorCode] = {
 }
 
 
+@dataclass(frozen=True, slots=True)
+class HandshakeRefusal:
+    """An HTTP answer instead of a WebSocket upgrade: ``{"error": code, "message": ...}``.
+
+    Not in :data:`CATALOGUE`: these never appear in an ``error`` frame; the client sees
+    them as the HTTP status and JSON body of a refused upgrade.
+    """
+
+    status: int
+    code: str
+    message: str
+
+
+RATE_LIMITED = HandshakeRefusal(
+    429,
+    "rate_limited",
+    "Too many new connections from your address. Wait retry_after_ms (the Retry-After "
+    "header, in seconds), then reconnect.",
+)
+
+
 class ArqonError(Exception):
     """An error reply to one request. The connection stays open."""
 

@@ -38,6 +38,15 @@ class Settings(BaseSettings):
     publish_timeout_s: float = Field(5.0, gt=0)
     drain_timeout_s: float = Field(10.0, gt=0)
     open_timeout_s: float = Field(10.0, gt=0)
+    conn_rate_per_ip: float = Field(
+        200.0, ge=0, description="New WebSocket upgrades per second per client address; 0 = off"
+    )
+    conn_burst_per_ip: int = Field(
+        1000, ge=1, description="Upgrades one client address may make at once (bucket size)"
+    )
+    max_pending_handshakes_per_ip: int = Field(
+        64, ge=0, description="Unfinished handshakes one client address may hold; 0 = off"
+    )
     ping_interval_s: float = Field(20.0, gt=0)
     health_interval_s: float = Field(2.0, gt=0)
     max_handlers_per_connection: int = Field(100, ge=1, le=10_000)

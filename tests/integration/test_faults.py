@@ -395,3 +395,29 @@ async def test_publishing_goes_on_when_a_nats_node_is_killed(
             task.cancel()
         await gateway.close()
         await cluster.stop()
+
+
+async def test_a_gateway_started_while_a_node_is_down_plans_every_configured_node(
+    tmp_path: Path,
+) -> None:
+    """Replicas come from the largest cluster known, counting the configured servers too.
+
+    A gateway (re)started during a node outage sees only two servers in NATS's INFO; its
+    new tenant streams must still be planned for three replicas, not created with two.
+    """
+    from mesh.jetstream import JetStreamBroker
+    from mesh.streams import StreamPolicy
+    from shared.subjects import SubjectScheme
+
+    cluster = LocalCluster(tmp_path / "nats", nodes=3)
+    await cluster.start()
+    try:
+        await cluster.kill_node(2, signal.SIGKILL)
+        broker = JetStreamBroker(cluster.urls, SubjectScheme("arq"), StreamPolicy())
+        await broker.connect()
+        try:
+            assert broker.cluster_size() == 3
+        finally:
+            await broker.close()
+    finally:
+        await cluster.stop()
