@@ -113,6 +113,14 @@ def _backoff(attempt: int, cap: float) -> float:
     return random.uniform(0.5, 1.0) * min(cap, _INITIAL_BACKOFF * 2.0 ** min(attempt, 30))
 
 
+def _round_delay(rounds: int, cap: float, asked: float) -> float:
+    """The pause after a round of failed attempts: backoff, or what a gateway asked (plus up
+    to 50% jitter, so clients told the same wait do not come back together), capped at 60 s."""
+    if asked > 0:
+        return min(60.0, asked * random.uniform(1.0, 1.5))
+    return _backoff(rounds, cap)
+
+
 def _describe(exc: BaseException) -> str:
     """A short, human reason for a failed connection attempt."""
     if isinstance(exc, InvalidStatus):
@@ -148,7 +156,28 @@ def _http_error_message(exc: InvalidStatus) -> str:
 
 
 class _AttemptFailed(Exception):
-    """One connection attempt failed; try the next URL."""
+    """One connection attempt failed; try the next URL.
+
+    ``retry_after`` (seconds) is how long the gateway asked us to wait before trying it again
+    (HTTP 429 with ``Retry-After`` / ``retry_after_ms``); 0 when it did not say.
+    """
+
+    def __init__(self, message: str, retry_after: float = 0.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def _retry_after(exc: InvalidStatus) -> float:
+    """Seconds a 429 asks to wait: the body's ``retry_after_ms``, else ``Retry-After``."""
+    try:
+        data = orjson.loads(exc.response.body or b"")
+        ms = data.get("retry_after_ms") if isinstance(data, dict) else None
+        if isinstance(ms, int | float) and not isinstance(ms, bool) and 0 <= ms <= 3_600_000:
+            return float(ms) / 1000
+    except orjson.JSONDecodeError:
+        pass
+    header = exc.response.headers.get("Retry-After", "")
+    return float(header) if header.isdigit() and int(header) <= 3600 else 0.0
 
 
 @dataclass(slots=True)
@@ -769,7 +798,8 @@ class Client:
             if exc.response.status_code == 401:
                 detail = _http_error_message(exc) or "unauthorized"
                 raise AuthenticationError(f"{url} refused the token: {detail}") from None
-            raise _AttemptFailed(_describe(exc)) from None
+            wait = _retry_after(exc) if exc.response.status_code == 429 else 0.0
+            raise _AttemptFailed(_describe(exc), wait) from None
         except (OSError, TimeoutError, InvalidHandshake, WebSocketException) as exc:
             raise _AttemptFailed(_describe(exc)) from None
         try:
@@ -797,6 +827,7 @@ class Client:
         reasons: dict[str, str] = {}
         tried = 0
         rounds = 0
+        asked = 0.0  # the longest Retry-After of this round
         while True:
             remaining = deadline - loop.time()
             if remaining <= 0:
@@ -809,12 +840,13 @@ class Client:
                 return conn, welcome
             except _AttemptFailed as exc:
                 reasons[url] = str(exc)
+                asked = max(asked, exc.retry_after)
                 log.debug("cannot connect to %s: %s", url, exc)
             self._url_index += 1
             tried += 1
             if tried % len(self.urls) == 0:
-                delay = _backoff(rounds, self.max_backoff)
-                rounds += 1
+                delay = _round_delay(rounds, self.max_backoff, asked)
+                rounds, asked = rounds + 1, 0.0
                 await asyncio.sleep(max(0.0, min(delay, deadline - loop.time())))
 
     async def _reopen(self) -> tuple[ClientConnection, Welcome]:
@@ -823,6 +855,7 @@ class Client:
         await asyncio.sleep(random.uniform(0.0, _INITIAL_BACKOFF))
         tried = 0
         rounds = 0
+        asked = 0.0  # the longest Retry-After of this round
         while True:
             url = self.urls[self._url_index % len(self.urls)]
             try:
@@ -830,12 +863,13 @@ class Client:
                 self._url = url
                 return conn, welcome
             except _AttemptFailed as exc:
+                asked = max(asked, exc.retry_after)
                 log.warning("cannot reconnect to %s: %s; retrying", url, exc)
             self._url_index += 1
             tried += 1
             if tried % len(self.urls) == 0:
-                await asyncio.sleep(_backoff(rounds, self.max_backoff))
-                rounds += 1
+                await asyncio.sleep(_round_delay(rounds, self.max_backoff, asked))
+                rounds, asked = rounds + 1, 0.0
 
     def _attach(self, conn: ClientConnection, welcome: Welcome) -> asyncio.Task[None]:
         """Make ``conn`` the current connection and start resuming on it."""
