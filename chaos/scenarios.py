@@ -706,9 +706,13 @@ async def slow_reader(mesh: Mesh, wl: Workload, plan: Plan, outcome: Outcome) ->
         growth_mb <= budget_mb,
         f"RSS {rss_before / 2**20:.0f} MiB -> peak {peak / 2**20:.0f} MiB (+{growth_mb:.0f}, budget {budget_mb})",
     )
+    # The short run (make test) shares two cores with the rest of the suite: a few ms of
+    # scheduler noise would swamp a ratio of small p99s, so it allows 25 ms on top.
+    slack_ms = 0.0 if plan.long else 25.0
     outcome.check(
-        "other clients' p99 within 2x of the baseline",
-        p99_b <= 2 * p99_a,
+        "other clients' p99 within 2x of the baseline"
+        + ("" if plan.long else f" (+{slack_ms:g} ms for a shared machine)"),
+        p99_b <= 2 * p99_a + slack_ms,
         f"p99 {p99_a:.1f} ms -> {p99_b:.1f} ms ({len(baseline)} / {len(during)} deliveries)",
     )
     outcome.measures.update(

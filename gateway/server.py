@@ -32,6 +32,18 @@ RECONNECT_AFTER_FAILED_CHECKS = 2  # JetStream silent: drop the NATS server for 
 SHED_AFTER_LINK_FAILURES = 3  # NATS link down: close clients with 4002, refuse new ones (503)
 
 
+def listen_options(settings: Settings, host: str, port: int) -> ListenOptions:
+    """The WebSocket listener's options for ``settings`` (also used by the Autobahn echo)."""
+    return ListenOptions(
+        host=host,
+        port=port,
+        max_frame_bytes=2 * settings.max_envelope_bytes,
+        send_buffer_bytes=settings.send_buffer_bytes,
+        open_timeout_s=settings.open_timeout_s,
+        ping_interval_s=settings.ping_interval_s,
+    )
+
+
 class PortInUse(Exception):
     pass
 
@@ -78,14 +90,7 @@ class Gateway:
         """Listen at once; connect to NATS in the background (readyz stays 503 until then)."""
         try:
             self._server = await start_server(
-                ListenOptions(
-                    host=self.settings.host,
-                    port=self.settings.port,
-                    max_frame_bytes=2 * self.settings.max_envelope_bytes,
-                    send_buffer_bytes=self.settings.send_buffer_bytes,
-                    open_timeout_s=self.settings.open_timeout_s,
-                    ping_interval_s=self.settings.ping_interval_s,
-                ),
+                listen_options(self.settings, self.settings.host, self.settings.port),
                 self._on_request,
                 self._on_socket,
                 self.pending_handshakes if self.pending_handshakes.enabled else None,

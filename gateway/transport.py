@@ -203,6 +203,7 @@ class Socket:
 _pending_closes: set[asyncio.Task[None]] = set()
 
 __all__ = [
+    "MAX_FRAGMENTS",
     "HttpReply",
     "ListenOptions",
     "Server",
@@ -374,7 +375,8 @@ async def start_server(
     """Listen for WebSocket upgrades and plain HTTP GETs on one port.
 
     Compression stays off on purpose: frames are built once and shared by every
-    subscriber (see the module docstring). Frames above ``max_frame_bytes`` close 1009.
+    subscriber (see the module docstring). Messages above ``max_frame_bytes``, or in
+    more than MAX_FRAGMENTS fragments, close 1009; text that is not UTF-8 closes 1007.
     """
 
     contexts: dict[int, Any] = {}  # lives only from process_request to handler (or close)

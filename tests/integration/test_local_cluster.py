@@ -75,7 +75,7 @@ async def add_stream_with_leader(nc: Client, config: StreamConfig) -> StreamInfo
     )
     try:
         info = await nc.jetstream().add_stream(config)
-        async with asyncio.timeout(10):
+        async with asyncio.timeout(30):  # NATS elects within seconds; a loaded machine is slower
             await elected.wait()
     finally:
         await advisory.unsubscribe()
