@@ -22,7 +22,6 @@ reused afterwards. Python 2.7 is looked up in $ARQONBUS_PYTHON27,
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import fcntl
@@ -39,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from chaos.suite import finish, parse_suite_args
 from gateway.server import listen_options
 from gateway.transport import MAX_FRAGMENTS, Server, Socket, start_server
 from shared.settings import Settings, load_settings
@@ -555,10 +555,9 @@ async def run(long: bool = False, workdir: Path | None = None) -> Report:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m chaos.autobahn", description=__doc__)
-    parser.add_argument("--json", type=Path, required=True, help="where to write the result")
-    parser.add_argument("--long", action="store_true", help="all cases (9.x, 10.x, 12.x, 13.x too)")
-    args = parser.parse_args(argv)
+    args = parse_suite_args(
+        "python -m chaos.autobahn", __doc__, "all cases (9.x, 10.x, 12.x, 13.x too)", argv
+    )
     try:
         report = asyncio.run(run(long=args.long))
         result = report.to_json()
@@ -569,10 +568,7 @@ def main(argv: list[str] | None = None) -> int:
             "summary_md": f"### Autobahn|Testsuite\n\nDid not run: {exc}\n",
             "details": {"error": str(exc)},
         }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
-    print(result["summary_md"])
-    return 0 if result["passed"] else 1
+    return finish(args.json, result)
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ from typing import Any
 
 import orjson
 
+from chaos.suite import finish, parse_suite_args
 from mesh.local import LocalCluster
 from shared.settings import Settings
 from tests.support import GatewayProcess, WsClient
@@ -672,10 +673,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["flood"]:
         return _flood_main(argv[1:])
-    parser = argparse.ArgumentParser(prog="python -m chaos.floods", description=__doc__)
-    parser.add_argument("--json", required=True, type=Path, help="where to write the result")
-    parser.add_argument("--long", action="store_true", help="the full run (about 3 minutes)")
-    args = parser.parse_args(argv)
+    args = parse_suite_args(
+        "python -m chaos.floods", __doc__, "the full run (about 3 minutes)", argv
+    )
     raise_nofile()
     plan = Plan.make(args.long)
     workdir = REPO / ".chaos" / f"floods-{os.getpid()}"
@@ -696,10 +696,7 @@ def main(argv: list[str] | None = None) -> int:
         "summary_md": summary_markdown(details, passed),
         "details": details,
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2, default=str))
-    print(result["summary_md"])
-    return 0 if passed else 1
+    return finish(args.json, result)
 
 
 if __name__ == "__main__":

@@ -25,11 +25,9 @@ before and after, and checks that a bystander client is served throughout.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
 import contextlib
-import json
 import os
 import struct
 import sys
@@ -44,6 +42,7 @@ from typing import Any
 
 import orjson
 
+from chaos.suite import finish, parse_suite_args
 from gateway.transport import MAX_FRAGMENTS  # fragments per message the gateway assembles
 
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
@@ -485,15 +484,8 @@ def _scratch() -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m chaos.frames", description=__doc__)
-    parser.add_argument("--json", type=Path, required=True, help="where to write the result")
-    parser.add_argument("--long", action="store_true", help="3000 attacks instead of 200")
-    args = parser.parse_args(argv)
-    result = asyncio.run(run(long=args.long))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
-    print(result["summary_md"])
-    return 0 if result["passed"] else 1
+    args = parse_suite_args("python -m chaos.frames", __doc__, "3000 attacks instead of 200", argv)
+    return finish(args.json, asyncio.run(run(long=args.long)))
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ import orjson
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
+from chaos.suite import finish
 from shared import commands, envelope, service, subjects
 from shared.envelope import (
     DEPTH_MAX,
@@ -900,10 +901,7 @@ def main(argv: list[str] | None = None) -> int:
             ],
         },
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
-    print(result["summary_md"])
-    return 0 if passed else 1
+    return finish(args.json, result)
 
 
 if __name__ == "__main__":

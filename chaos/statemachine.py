@@ -10,8 +10,6 @@ failing steps, the model's state and the gateways' logs). Exit 0 when the proper
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import sys
 import tempfile
@@ -25,6 +23,7 @@ from hypothesis.reporting import with_reporter
 from hypothesis.stateful import run_state_machine_as_test
 
 from chaos.model import BusMachine, Mesh
+from chaos.suite import finish, parse_suite_args
 
 NAME = "statemachine"
 SCRATCH = Path(".chaos")
@@ -121,16 +120,11 @@ def _summary(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m chaos.statemachine", description=__doc__)
-    parser.add_argument("--json", required=True, type=Path, help="where to write the result")
-    parser.add_argument("--long", action="store_true", help="the full run (about 5 minutes)")
-    args = parser.parse_args(argv)
+    args = parse_suite_args(
+        "python -m chaos.statemachine", __doc__, "the full run (about 5 minutes)", argv
+    )
     logging.basicConfig(level=logging.ERROR, format="%(asctime)s %(name)s %(message)s")
-    result = run(args.long)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
-    print(result["summary_md"])
-    return 0 if result["passed"] else 1
+    return finish(args.json, run(args.long))
 
 
 if __name__ == "__main__":

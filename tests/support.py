@@ -181,7 +181,8 @@ class WsClient:
         params = {} if since_seq is None else {"since_seq": since_seq}
         reply = await self.command(room, channel, "join_channel", params)
         assert reply["payload"]["status"] == "success", reply
-        return reply["payload"]["result"]
+        result: Message = reply["payload"]["result"]
+        return result
 
     def events(self, room: str | None = None, channel: str | None = None) -> list[Message]:
         return [
