@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.transport import Socket, encode_text_frame
-from mesh.broker import Broker, BrokerUnavailable, LiveEvent, LiveSubscription
+from mesh.broker import Broker, BrokerUnavailable, ChannelWindow, LiveEvent, LiveSubscription
 from shared.envelope import encode_gap, with_seq
 from shared.errors import CloseCode
 from shared.subjects import ChannelRef
@@ -46,6 +46,9 @@ class _Channel:
     subscription: LiveSubscription | None = None
     ready: asyncio.Lock = field(default_factory=asyncio.Lock)
     joining: int = 0
+    # Joins share window reads: the next read (not started yet) and the task doing them.
+    window_next: asyncio.Future[ChannelWindow] | None = None
+    window_task: asyncio.Task[None] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +63,12 @@ class JoinResult:
             result["gap"] = True
             result["first_available_seq"] = self.first_available_seq
         return result
+
+
+def _retrieve(future: asyncio.Future[ChannelWindow]) -> None:
+    """Mark a shared read's outcome as seen: its joins may all have gone by then."""
+    if not future.cancelled():
+        future.exception()
 
 
 class Hub:
@@ -99,7 +108,7 @@ class Hub:
                     channel.subscription = await self._broker.subscribe_live(ref, self._on_live)
             member = Member(socket, ref)
             channel.members[id(socket)] = member
-            window = await self._broker.window(ref)
+            window = await self._shared_window(ref, channel)
         except BaseException:
             channel.members.pop(id(socket), None)
             raise
@@ -112,6 +121,35 @@ class Hub:
         gap = since_seq is not None and since_seq + 1 < window.first_stream_seq
         member.gap_reported = gap
         return member, JoinResult(window.last_seq, gap, window.first_stream_seq if gap else 0)
+
+    async def _shared_window(self, ref: ChannelRef, channel: _Channel) -> ChannelWindow:
+        """The channel's window, read once for every join waiting when the read starts.
+
+        A reconnect storm brings thousands of joins of one channel at once; each would cost
+        two JetStream requests. Sharing is safe because a read that starts after a member
+        registered sees every event the member's live buffer missed.
+        """
+        if channel.window_next is None:
+            channel.window_next = asyncio.get_running_loop().create_future()
+            channel.window_next.add_done_callback(_retrieve)
+            if channel.window_task is None:
+                channel.window_task = asyncio.create_task(self._read_windows(ref, channel))
+        return await asyncio.shield(channel.window_next)
+
+    async def _read_windows(self, ref: ChannelRef, channel: _Channel) -> None:
+        """Serve window reads one after another while joins keep asking for them."""
+        try:
+            while channel.window_next is not None:
+                future, channel.window_next = channel.window_next, None
+                try:
+                    future.set_result(await self._broker.window(ref))
+                except Exception as exc:
+                    future.set_exception(exc)
+        finally:
+            channel.window_task = None
+            if channel.window_next is not None:  # cancelled with a read still asked for
+                channel.window_next.cancel()
+                channel.window_next = None
 
     def start(self, member: Member, upto: int, check_retention: bool = False) -> None:
         """Replay (cursor, upto] to the member, then flush what arrived live meanwhile.
@@ -144,6 +182,8 @@ class Hub:
     def _drop_channel(self, ref: ChannelRef, channel: _Channel) -> None:
         if self._channels.get(ref) is channel:
             del self._channels[ref]
+        if channel.window_task is not None:  # nobody waits for its reads any more
+            channel.window_task.cancel()
         if channel.subscription is not None:
             sub, channel.subscription = channel.subscription, None
             task = asyncio.create_task(sub.close())

