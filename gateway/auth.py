@@ -19,8 +19,17 @@ log = logging.getLogger("arqonbus.gateway.auth")
 
 @dataclass(frozen=True, slots=True)
 class Principal:
+    """Who is connected, from the credential alone.
+
+    ``role`` names a capability set (owner, admin, member, read-only); ``grants`` add
+    capabilities as ``ROOM:CHANNEL:perms`` strings (patterns such as ``science:*``).
+    Dev tokens are owners of their tenant.
+    """
+
     tenant: str
     id: str
+    role: str = "owner"
+    grants: tuple[str, ...] = ()
 
 
 class AuthError(Exception):
