@@ -138,6 +138,7 @@ class Hub:
 
     async def _read_windows(self, ref: ChannelRef, channel: _Channel) -> None:
         """Serve window reads one after another while joins keep asking for them."""
+        future: asyncio.Future[ChannelWindow] | None = None
         try:
             while channel.window_next is not None:
                 future, channel.window_next = channel.window_next, None
@@ -146,10 +147,12 @@ class Hub:
                 except Exception as exc:
                     future.set_exception(exc)
         finally:
+            # Cancelled (the hub closing): nobody may wait forever for a read in flight.
             channel.window_task = None
-            if channel.window_next is not None:  # cancelled with a read still asked for
-                channel.window_next.cancel()
-                channel.window_next = None
+            for pending in (future, channel.window_next):
+                if pending is not None and not pending.done():
+                    pending.cancel()
+            channel.window_next = None
 
     def start(self, member: Member, upto: int, check_retention: bool = False) -> None:
         """Replay (cursor, upto] to the member, then flush what arrived live meanwhile.
