@@ -73,9 +73,13 @@ def _parser() -> argparse.ArgumentParser:
     gw = sub.add_parser("gateway", help="run one gateway against an existing NATS")
     gw.add_argument("--nats", help="NATS URL(s), comma-separated [ARQONBUS_NATS]")
     gw.add_argument("--listen", help="HOST:PORT [ARQONBUS_LISTEN]")
-    gw.add_argument("--auth", help="authentication mode: dev [ARQONBUS_AUTH]")
+    gw.add_argument("--auth", help="authentication mode: dev or jwt [ARQONBUS_AUTH]")
     gw.add_argument("--node-id", help="node name [ARQONBUS_NODE_ID]")
     gw.add_argument("--log-level", help="DEBUG, INFO, WARNING [ARQONBUS_LOG_LEVEL]")
+    gw.add_argument(
+        "--tls-cert", help="PEM certificate (chain) file; serves wss:// [ARQONBUS_TLS_CERT]"
+    )
+    gw.add_argument("--tls-key", help="PEM private key of --tls-cert [ARQONBUS_TLS_KEY]")
 
     mesh = sub.add_parser("mesh", help="mesh administration")
     mesh_sub = mesh.add_subparsers(dest="mesh_command", required=True)
@@ -108,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _settings_from(args: argparse.Namespace) -> Settings:
-    keys = ("nats", "listen", "auth", "node_id", "log_level")
+    keys = ("nats", "listen", "auth", "node_id", "log_level", "tls_cert", "tls_key")
     return load_settings(**{k: getattr(args, k, None) for k in keys})
 
 

@@ -16,12 +16,20 @@ from urllib.parse import urlsplit
 from gateway.admission import PendingHandshakes, RateLimiter, retry_after_header, retry_after_ms
 from gateway.auth import Authenticator, AuthError, Credentials, Principal, make_authenticator
 from gateway.hub import Hub
+from gateway.origin import OriginPolicy
 from gateway.session import Session
-from gateway.transport import HttpReply, ListenOptions, Server, Socket, start_server
+from gateway.transport import (
+    HttpReply,
+    ListenOptions,
+    Server,
+    Socket,
+    server_tls_context,
+    start_server,
+)
 from mesh.jetstream import JetStreamBroker
 from mesh.streams import StreamPolicy
-from shared.errors import RATE_LIMITED, CloseCode
-from shared.settings import Settings
+from shared.errors import FORBIDDEN_ORIGIN, RATE_LIMITED, CloseCode
+from shared.settings import ConfigError, Settings
 from shared.subjects import SubjectScheme
 
 log = logging.getLogger("arqonbus.gateway")
@@ -33,7 +41,10 @@ SHED_AFTER_LINK_FAILURES = 3  # NATS link down: close clients with 4002, refuse 
 
 
 def listen_options(settings: Settings, host: str, port: int) -> ListenOptions:
-    """The WebSocket listener's options for ``settings`` (also used by the Autobahn echo)."""
+    """The WebSocket listener's options for ``settings`` (also used by the Autobahn echo).
+
+    With ``tls_cert``/``tls_key`` set this loads them: ConfigError names a missing or bad file.
+    """
     return ListenOptions(
         host=host,
         port=port,
@@ -41,7 +52,19 @@ def listen_options(settings: Settings, host: str, port: int) -> ListenOptions:
         send_buffer_bytes=settings.send_buffer_bytes,
         open_timeout_s=settings.open_timeout_s,
         ping_interval_s=settings.ping_interval_s,
+        ssl=server_tls_context(settings.tls_cert, settings.tls_key)
+        if settings.tls_enabled
+        else None,
+        idle_timeout_s=settings.idle_timeout_s,
     )
+
+
+def origin_policy(settings: Settings) -> OriginPolicy:
+    """The Origin allowlist; ConfigError names a malformed entry."""
+    try:
+        return OriginPolicy.parse(settings.allowed_origins, settings.require_origin)
+    except ValueError as exc:
+        raise ConfigError(f"invalid setting ARQONBUS_ALLOWED_ORIGINS: {exc}") from None
 
 
 class PortInUse(Exception):
@@ -58,7 +81,7 @@ class Gateway:
     def __init__(self, settings: Settings, authenticator: Authenticator | None = None) -> None:
         self.settings = settings
         self.node_id = settings.node_id or default_node_id()
-        self.authenticator = authenticator or make_authenticator(settings.auth)
+        self.authenticator = authenticator or make_authenticator(settings.auth, settings)
         self.broker = JetStreamBroker(
             settings.nats_urls,
             SubjectScheme(settings.subject_prefix),
@@ -75,6 +98,9 @@ class Gateway:
         # Per client address: upgrades per second (429 beyond) and unfinished handshakes.
         self.conn_rate = RateLimiter(settings.conn_rate_per_ip, settings.conn_burst_per_ip)
         self.pending_handshakes = PendingHandshakes(settings.max_pending_handshakes_per_ip)
+        # Checked here, so a bad allowlist or TLS file stops the gateway before it listens.
+        self.origins = origin_policy(settings)
+        self.listener = listen_options(settings, settings.host, settings.port)
         self.draining = False
         self.healthy = False
         self.failed_checks = 0  # consecutive health checks JetStream did not answer
@@ -90,10 +116,11 @@ class Gateway:
         """Listen at once; connect to NATS in the background (readyz stays 503 until then)."""
         try:
             self._server = await start_server(
-                listen_options(self.settings, self.settings.host, self.settings.port),
+                self.listener,
                 self._on_request,
                 self._on_socket,
                 self.pending_handshakes if self.pending_handshakes.enabled else None,
+                Credentials.select_subprotocol,
             )
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
@@ -103,7 +130,13 @@ class Gateway:
                 ) from None
             raise
         self._tasks.append(asyncio.create_task(self._connect_and_watch()))
-        log.info("gateway %s listening on ws://%s:%d%s", self.node_id, *self.address, WS_PATH)
+        log.info(
+            "gateway %s listening on %s://%s:%d%s",
+            self.node_id,
+            self.listener.scheme,
+            *self.address,
+            WS_PATH,
+        )
 
     @property
     def address(self) -> tuple[str, int]:
@@ -191,6 +224,9 @@ class Gateway:
                     await self._server.wait_closed()
         await self.hub.close()
         await self.broker.close(timeout / 2)
+        close_authenticator = getattr(self.authenticator, "close", None)
+        if close_authenticator is not None:  # e.g. the JWT key-set refresher
+            close_authenticator()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -209,6 +245,10 @@ class Gateway:
             return HttpReply(
                 HTTPStatus.NOT_FOUND, {"error": "not found: the WebSocket endpoint is /ws"}
             )
+        if self.origins.enabled:
+            refusal = self._check_origin(headers)
+            if refusal is not None:
+                return refusal
         if self.draining:
             return HttpReply(
                 HTTPStatus.SERVICE_UNAVAILABLE, {"error": "draining: connect to another gateway"}
@@ -229,6 +269,23 @@ class Gateway:
                 HTTPStatus.UNAUTHORIZED, {"error": "unauthorized", "message": str(exc)}
             )
         return principal
+
+    def _check_origin(self, headers: Mapping[str, str]) -> HttpReply | None:
+        """403 ``forbidden_origin`` for a handshake the Origin allowlist refuses (CSWSH)."""
+        try:
+            origin = headers.get("Origin")
+        except LookupError:  # more than one Origin header: never from a browser
+            origin = ""
+        if self.origins.allows(origin):
+            return None
+        if origin is None:
+            detail = "the handshake has no Origin header and this gateway requires one"
+        else:
+            detail = f"origin {origin[:200]!r} is not allowed"
+        return HttpReply(
+            FORBIDDEN_ORIGIN.status,
+            {"error": FORBIDDEN_ORIGIN.code, "message": f"{detail}. {FORBIDDEN_ORIGIN.message}"},
+        )
 
     def _readyz(self) -> HttpReply:
         body: dict[str, object] = {

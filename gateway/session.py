@@ -23,7 +23,7 @@ from mesh.broker import (
     RequestTimeout,
     ServiceRequest,
 )
-from shared import commands
+from shared import authz, commands
 from shared.envelope import (
     ClientCommand,
     ClientEvent,
@@ -40,6 +40,7 @@ from shared.envelope import (
     with_seq,
 )
 from shared.errors import (
+    FORBIDDEN,
     INTERNAL,
     LIMIT_EXCEEDED,
     MESSAGE_TOO_LARGE,
@@ -53,6 +54,7 @@ from shared.errors import (
     CloseCode,
     ErrorCode,
 )
+from shared.inspect import policy_for, with_tags
 from shared.service import MalformedServiceMessage, ServiceCall, ServiceReply
 from shared.settings import Settings
 from shared.subjects import ChannelRef, SubjectScheme
@@ -68,6 +70,9 @@ GATEWAY = "arqonbus"
 # (interest spreads over the cluster's routes asynchronously). Ask again after these
 # pauses before answering no_responders; together they stay under 100 ms.
 _NO_RESPONDERS_RETRY_S = (0.01, 0.02, 0.03)
+# Authorization decisions memoized per connection, per (permission, room, channel); the memo
+# is emptied when it reaches this size (a connection may publish to many channels).
+_DECISION_MEMO_MAX = 1024
 
 
 _last_stamp: tuple[int, str] = (-1, "")
@@ -121,6 +126,9 @@ class Session:
         self._no_deliveries = asyncio.Event()
         self._no_deliveries.set()
         self._background: set[asyncio.Task[None]] = set()
+        self._policy = authz.policy_for(principal.role, tuple(principal.grants))
+        self._content_policy = policy_for(settings.policy_file)
+        self._decisions: dict[tuple[authz.Permission, str, str], authz.Decision] = {}
 
     def limits(self) -> dict[str, int]:
         return {
@@ -185,9 +193,14 @@ class Session:
         task.add_done_callback(self._in_flight.discard)
 
     async def _start_publish(self, event: ClientEvent) -> None:
+        self._authorize(authz.Permission.PUBLISH, event.room, event.channel, event.id)
+        # Content policies run before anything is stored (and may redact or tag).
+        event, tags = self._content_policy.check_event(
+            event, self.principal.tenant, self.principal.id
+        )
         await self._wait_for_slot()
         ref = ChannelRef(self.principal.tenant, event.room, event.channel)
-        body = encode_stored_event(event, self.principal.id, utc_timestamp())
+        body = with_tags(encode_stored_event(event, self.principal.id, utc_timestamp()), tags)
         if len(body) > self._broker.max_payload - _NATS_HEADER_ROOM:
             raise ArqonError(
                 MESSAGE_TOO_LARGE, "the stored envelope exceeds the NATS max_payload", event.id
@@ -227,12 +240,31 @@ class Session:
                 self._no_deliveries.wait(), max(0.0, deadline - time.monotonic())
             )
 
+    # -- authorization -----------------------------------------------------------------
+
+    def _authorize(
+        self, permission: authz.Permission, room: str, channel: str, request_id: str
+    ) -> None:
+        """Raise ``forbidden`` unless the principal has ``permission`` on room/channel."""
+        key = (permission, room, channel)
+        decision = self._decisions.get(key)
+        if decision is None:
+            decision = self._policy.decide(permission, room, channel)
+            if len(self._decisions) >= _DECISION_MEMO_MAX:
+                self._decisions.clear()
+            self._decisions[key] = decision
+        if not decision.allowed:
+            raise ArqonError(FORBIDDEN, decision.reason, request_id)
+
     # -- commands -------------------------------------------------------------------
 
     async def _run_command(self, command: ClientCommand) -> None:
         ref = ChannelRef(self.principal.tenant, command.room, command.channel)
         try:
             name = command.command
+            permission = authz.permission_for_command(name)
+            if permission is not None:
+                self._authorize(permission, command.room, command.channel, command.id)
             if name == commands.JOIN_CHANNEL:
                 await self._join(command, ref)
             elif name == commands.LEAVE_CHANNEL:
@@ -310,6 +342,7 @@ class Session:
                 int(self._settings.command_timeout_s * 1000),
                 int(self._settings.command_timeout_max_s * 1000),
             )
+            self._authorize(authz.Permission.COMMAND, command.room, command.channel, command.id)
         except ArqonError as exc:
             self._reply(command, error=exc.with_request_id(command.id))
             return

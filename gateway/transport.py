@@ -10,8 +10,10 @@ websockets itself also writes whole frames synchronously.
 from __future__ import annotations
 
 import asyncio
+import ssl
 import struct
-from collections.abc import Awaitable, Callable, Mapping
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
@@ -23,8 +25,10 @@ from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 from websockets.server import ServerProtocol
+from websockets.typing import Subprotocol
 
 from shared.errors import CloseCode
+from shared.settings import ConfigError
 
 _OP_TEXT = 0x81  # FIN + text
 _OP_BINARY = 0x82  # FIN + binary
@@ -67,11 +71,14 @@ class Socket:
         "_closing",
         "_coalesce_max",
         "_conn",
+        "_idle_handle",
+        "_idle_timeout",
         "_limit",
         "_loop",
         "_out",
         "_out_bytes",
         "_pace_at",
+        "_protocol",
         "_transport",
     )
 
@@ -86,6 +93,38 @@ class Socket:
         self._out_bytes = 0
         self._base = 0  # the transport's buffer when this turn's first frame was queued
         self._loop = asyncio.get_running_loop()
+        self._protocol = cast(_ServerProtocol, conn.protocol)
+        self._protocol.last_data_at = time.monotonic()
+        self._idle_timeout = 0.0
+        self._idle_handle: asyncio.TimerHandle | None = None
+
+    # -- idle timeout ------------------------------------------------------------------
+    # The protocol stamps each data frame as it is parsed (see _ServerProtocol); one timer per
+    # connection looks at the stamp when the timeout could next expire, never per message.
+
+    def watch_idle(self, timeout_s: float) -> None:
+        """Close with 4003 once the peer has sent no data frame for ``timeout_s`` (0 = never)."""
+        if timeout_s > 0:
+            self._idle_timeout = timeout_s
+            self._idle_handle = self._loop.call_later(timeout_s, self._check_idle)
+
+    def stop_watching(self) -> None:
+        if self._idle_handle is not None:
+            self._idle_handle.cancel()
+            self._idle_handle = None
+
+    def _check_idle(self) -> None:
+        self._idle_handle = None
+        if not self.is_open:
+            return
+        idle = time.monotonic() - self._protocol.last_data_at
+        if idle >= self._idle_timeout:
+            self.close_soon(
+                CloseCode.IDLE_TIMEOUT,
+                f"idle timeout: no message for {self._idle_timeout:g} s; reconnect when needed",
+            )
+        else:
+            self._idle_handle = self._loop.call_later(self._idle_timeout - idle, self._check_idle)
 
     @property
     def is_open(self) -> bool:
@@ -210,6 +249,7 @@ __all__ = [
     "Socket",
     "encode_binary_frame",
     "encode_text_frame",
+    "server_tls_context",
     "start_server",
 ]
 
@@ -236,6 +276,44 @@ class ListenOptions:
     ping_interval_s: float
     write_high_water: int = 64 * 1024
     close_timeout_s: float = 5.0
+    ssl: ssl.SSLContext | None = None  # TLS on the listener (wss://); see server_tls_context
+    idle_timeout_s: float = 0.0  # 0 = off; see Socket.watch_idle
+
+    @property
+    def scheme(self) -> str:
+        return "wss" if self.ssl is not None else "ws"
+
+
+def server_tls_context(cert_file: str, key_file: str) -> ssl.SSLContext:
+    """A server-side TLS 1.2+ context; ConfigError names the file that is missing or bad."""
+    for name, path in (("certificate", cert_file), ("key", key_file)):
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot read the TLS {name} file {path!r}: {exc.strerror or exc}. "
+                f"Check --tls-{'cert' if name == 'certificate' else 'key'} / "
+                f"ARQONBUS_TLS_{'CERT' if name == 'certificate' else 'KEY'}"
+            ) from None
+
+    def no_password() -> str:
+        raise ConfigError(
+            f"the TLS key file {key_file!r} is encrypted: give the gateway an unencrypted key "
+            "(readable only by its user)"
+        )
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(cert_file, key_file, password=no_password)
+    except ssl.SSLError as exc:
+        raise ConfigError(
+            f"cannot load the TLS certificate {cert_file!r} with the key {key_file!r}: "
+            f"{exc.reason or exc}. Both must be PEM files, and the key must belong to the "
+            "certificate"
+        ) from None
+    return context
 
 
 # on_request(path with query, headers, peer IP) -> HttpReply to refuse, or a context to upgrade with
@@ -308,13 +386,16 @@ class _ServerProtocol(ServerProtocol):
     """
 
     fragments = 0  # frames of the message being received
+    last_data_at = 0.0  # time.monotonic() of the last data frame (the idle timeout's clock)
 
     def recv_frame(self, frame: Frame) -> None:
         opcode = frame.opcode
         if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
             self.fragments = 1
+            self.last_data_at = time.monotonic()
         elif opcode is Opcode.CONT:
             self.fragments += 1
+            self.last_data_at = time.monotonic()
             if self.fragments > MAX_FRAGMENTS and self.current_size is not None:
                 raise _TooManyFragments(MAX_FRAGMENTS)
         elif opcode is Opcode.CLOSE and self.current_size is not None:
@@ -371,6 +452,7 @@ async def start_server(
     on_request: RequestHook,
     on_socket: SocketHandler,
     accept_gate: AcceptGate | None = None,
+    select_subprotocol: Callable[[Sequence[str]], str | None] | None = None,
 ) -> Server:
     """Listen for WebSocket upgrades and plain HTTP GETs on one port.
 
@@ -394,7 +476,12 @@ async def start_server(
     async def handler(connection: ServerConnection) -> None:
         context = contexts.pop(id(connection), None)
         if context is not None:
-            await on_socket(context, Socket(connection, options.send_buffer_bytes))
+            socket = Socket(connection, options.send_buffer_bytes)
+            socket.watch_idle(options.idle_timeout_s)
+            try:
+                await on_socket(context, socket)
+            finally:
+                socket.stop_watching()
 
     return await serve(
         handler,
@@ -402,6 +489,13 @@ async def start_server(
         options.port,
         create_connection=_gated_connection(accept_gate),
         process_request=process_request,
+        # Browsers send a token as a subprotocol and fail a handshake that echoes none
+        # of the offered ones; ``select_subprotocol`` picks which one to echo.
+        select_subprotocol=(
+            None
+            if select_subprotocol is None
+            else lambda _conn, offered: cast(Subprotocol | None, select_subprotocol(offered))
+        ),
         compression=None,
         max_size=options.max_frame_bytes,
         max_queue=16,
@@ -411,6 +505,9 @@ async def start_server(
         ping_timeout=options.ping_interval_s,
         close_timeout=options.close_timeout_s,
         server_header="ArqonBus",
+        ssl=options.ssl,
+        # The TLS handshake comes before the HTTP one: bound it the same way (slowloris).
+        ssl_handshake_timeout=options.open_timeout_s if options.ssl is not None else None,
         # Room for connection bursts (a reconnect storm): the default queue of 100
         # pending connections drops handshakes under load and clients retry after 1 s.
         backlog=_LISTEN_BACKLOG,

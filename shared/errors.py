@@ -91,6 +91,27 @@ UNKNOWN_REQUEST = ErrorCode(
     "already, or the caller's timeout passed. Answer each delivery once, within timeout_ms.",
     False,
 )
+# -- authorization (issue 6) --
+FORBIDDEN = ErrorCode(
+    "forbidden",
+    "Your credential's role and grants do not allow this action on this room and channel. "
+    "Ask the tenant's administrator for the named permission (a role or a grant such as "
+    "ROOM:CHANNEL:PERMISSION), or use a credential that has it.",
+    False,
+)
+# -- content policies (issue 6, shared/inspect.py) --
+POLICY_VIOLATION = ErrorCode(
+    "policy_violation",
+    "The tenant's content policy refuses this payload (the message names the rule). "
+    "Remove the refused content, then publish again.",
+    False,
+)
+INVALID_PAYLOAD = ErrorCode(
+    "invalid_payload",
+    "The payload does not match the JSON Schema the tenant's content policy sets for this "
+    "channel or payload type (the message names the field). Fix the field, then publish again.",
+    False,
+)
 INTERNAL = ErrorCode(
     "internal", "Internal gateway error. Retry with the same id; report it if it persists.", True
 )
@@ -111,6 +132,9 @@ CATALOGUE: dict[str, ErrorCode] = {
         TIMEOUT,
         NOT_REGISTERED,
         UNKNOWN_REQUEST,
+        FORBIDDEN,
+        POLICY_VIOLATION,
+        INVALID_PAYLOAD,
         INTERNAL,
     )
 }
@@ -134,6 +158,15 @@ RATE_LIMITED = HandshakeRefusal(
     "rate_limited",
     "Too many new connections from your address. Wait retry_after_ms (the Retry-After "
     "header, in seconds), then reconnect.",
+)
+
+
+# -- Origin allowlist (issue 6) --
+FORBIDDEN_ORIGIN = HandshakeRefusal(
+    403,
+    "forbidden_origin",
+    "This gateway does not accept WebSocket connections from this page's origin. Open the app "
+    "from an allowed origin, or ask the operator to add it to ARQONBUS_ALLOWED_ORIGINS.",
 )
 
 
@@ -170,6 +203,7 @@ class CloseCode(IntEnum):
     SERVICE_RESTART = 1012  # node draining: reconnect to another gateway and resume
     SLOW_CONSUMER = 4001  # send buffer overflowed: reconnect and resume from last seq
     BACKEND_UNAVAILABLE = 4002  # node lost the message store: reconnect elsewhere, resume
+    IDLE_TIMEOUT = 4003  # no message for idle_timeout_s: reconnect (and resume) when needed
 
     @property
     def should_reconnect(self) -> bool:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.subjects import is_valid_name
@@ -26,7 +26,7 @@ class Settings(BaseSettings):
     nats: str = Field("nats://127.0.0.1:4222", description="NATS URLs, comma-separated")
     listen: str = Field("127.0.0.1:8765", description="HOST:PORT of the WebSocket/HTTP listener")
     node_id: str = Field("", description="Node name shown in welcome; default host-pid")
-    auth: str = Field("", description="Authentication mode; only 'dev' exists for now")
+    auth: str = Field("", description="Authentication mode: 'dev' or 'jwt'")
     subject_prefix: str = Field("arq", description="First token of every NATS subject")
     max_envelope_bytes: int = Field(65536, ge=1024, le=1024 * 1024)
     send_buffer_bytes: int = Field(1024 * 1024, ge=64 * 1024)
@@ -48,12 +48,64 @@ class Settings(BaseSettings):
         64, ge=0, description="Unfinished handshakes one client address may hold; 0 = off"
     )
     ping_interval_s: float = Field(20.0, gt=0)
+    # -- listener security (issue 6): Origin allowlist, TLS, idle timeout --
+    allowed_origins: str = Field(
+        "", description="Origins allowed to open /ws, comma-separated; empty = no check"
+    )
+    require_origin: bool = Field(False, description="Refuse /ws handshakes without an Origin")
+    tls_cert: str = Field("", description="PEM certificate chain file; with tls_key: wss://")
+    tls_key: str = Field("", description="PEM private key file of tls_cert")
+    idle_timeout_s: float = Field(
+        0.0, ge=0, description="Close a connection that sends no message for this long; 0 = off"
+    )
     health_interval_s: float = Field(2.0, gt=0)
     max_handlers_per_connection: int = Field(100, ge=1, le=10_000)
     command_timeout_s: float = Field(5.0, gt=0, le=600)
     command_timeout_max_s: float = Field(60.0, gt=0, le=600)
     replay_buffer_msgs: int = Field(10_000, ge=100)
     log_level: str = Field("INFO")
+
+    # -- content policies (issue 6, shared/inspect.py): read and validated at start-up --
+    policy_file: str = Field("", description="JSON content policy file; empty = no policy")
+
+    @field_validator("policy_file")
+    @classmethod
+    def _policy_file_is_valid(cls, value: str) -> str:
+        if value:
+            from shared.inspect import policy_for  # jsonschema loads only when a policy is set
+
+            policy_for(value)  # raises PolicyError (a ValueError) naming the tenant and rule
+        return value
+
+    # -- JWT bearer tokens (ARQONBUS_AUTH=jwt; gateway/auth_jwt.py). Exactly one key source:
+    # jwt_secret_file / jwt_secret (HS*), jwt_public_key_file, jwt_jwks_file or jwt_jwks_url.
+    jwt_algorithms: str = Field(
+        "RS256,ES256,EdDSA",
+        description="Accepted JWT algorithms (never 'none'); HS* only with a secret",
+    )
+    jwt_secret_file: str = Field("", description="File holding the HS* shared secret (>= 32 bytes)")
+    jwt_secret: SecretStr = Field(SecretStr(""), description="The HS* shared secret itself")
+    jwt_public_key_file: str = Field("", description="PEM public key file (RSA, EC or Ed25519)")
+    jwt_jwks_file: str = Field("", description="JWKS file; tokens must carry a known kid")
+    jwt_jwks_url: str = Field("", description="JWKS URL, fetched at start and in the background")
+    jwt_jwks_refresh_s: float = Field(300.0, ge=1, description="JWKS URL refresh interval")
+    jwt_audience: str = Field("", description="Required 'aud' when set")
+    jwt_issuer: str = Field("", description="Required 'iss' when set")
+    jwt_leeway_s: float = Field(
+        30.0, ge=0, le=600, description="Clock skew allowed for exp/nbf/iat"
+    )
+    jwt_tenant_claim: str = Field("tenant", min_length=1, description="Claim naming the tenant")
+
+    @field_validator("jwt_algorithms")
+    @classmethod
+    def _jwt_algorithms_safe(cls, value: str) -> str:
+        # Names are checked in full by gateway/auth_jwt.py; 'none' is refused here too.
+        algorithms = [a.strip() for a in value.split(",") if a.strip()]
+        if not algorithms or any(a.lower() == "none" for a in algorithms):
+            raise ValueError(
+                "list JWT algorithms, e.g. RS256,ES256,EdDSA ('none' is never allowed)"
+            )
+        return ",".join(algorithms)
 
     @field_validator("subject_prefix")
     @classmethod
@@ -71,8 +123,8 @@ class Settings(BaseSettings):
     @field_validator("auth")
     @classmethod
     def _auth_is_known(cls, value: str) -> str:
-        if value not in ("", "dev"):
-            raise ValueError("must be 'dev' (the only mode in this version)")
+        if value not in ("", "dev", "jwt"):
+            raise ValueError("must be 'dev' or 'jwt'")
         return value
 
     @model_validator(mode="after")
@@ -92,6 +144,30 @@ class Settings(BaseSettings):
                 f"({self.command_timeout_s} > {self.command_timeout_max_s})"
             )
         return self
+
+    @model_validator(mode="after")
+    def _tls_cert_and_key_together(self) -> Settings:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            missing = "ARQONBUS_TLS_KEY (--tls-key)"
+            if not self.tls_cert:
+                missing = "ARQONBUS_TLS_CERT (--tls-cert)"
+            raise ValueError(
+                f"TLS needs both a certificate and its key: set {missing} too, or neither"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _require_origin_needs_allowlist(self) -> Settings:
+        if self.require_origin and not self.allowed_origins.strip():
+            raise ValueError(
+                "ARQONBUS_REQUIRE_ORIGIN needs ARQONBUS_ALLOWED_ORIGINS: list the origins "
+                "allowed to connect"
+            )
+        return self
+
+    @property
+    def tls_enabled(self) -> bool:
+        return bool(self.tls_cert)
 
     @property
     def nats_urls(self) -> list[str]:

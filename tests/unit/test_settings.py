@@ -66,7 +66,7 @@ def test_invalid_env_value_names_the_key(monkeypatch: pytest.MonkeyPatch, value:
         ("ARQONBUS_SUBJECT_PREFIX", "a.b"),
         ("ARQONBUS_SUBJECT_PREFIX", "*"),
         ("ARQONBUS_LISTEN", "nohost"),
-        ("ARQONBUS_AUTH", "jwt"),
+        ("ARQONBUS_AUTH", "oauth"),
         ("ARQONBUS_DEDUPE_WINDOW_S", "60"),
         ("ARQONBUS_MAX_IN_FLIGHT", "0"),
     ],

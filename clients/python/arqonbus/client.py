@@ -798,6 +798,9 @@ class Client:
             if exc.response.status_code == 401:
                 detail = _http_error_message(exc) or "unauthorized"
                 raise AuthenticationError(f"{url} refused the token: {detail}") from None
+            if exc.response.status_code == 403:  # e.g. forbidden_origin: retrying cannot help
+                detail = _http_error_message(exc) or "forbidden"
+                raise AuthenticationError(f"{url} refused the connection: {detail}") from None
             wait = _retry_after(exc) if exc.response.status_code == 429 else 0.0
             raise _AttemptFailed(_describe(exc), wait) from None
         except (OSError, TimeoutError, InvalidHandshake, WebSocketException) as exc:

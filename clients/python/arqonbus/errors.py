@@ -30,16 +30,19 @@ __all__ = [
     "ConnectionFailed",
     "ConnectionLost",
     "ConnectionRejected",
+    "Forbidden",
     "Internal",
     "InvalidEnvelope",
     "InvalidJson",
     "InvalidName",
     "InvalidParameters",
+    "InvalidPayload",
     "LimitExceeded",
     "MessageTooLarge",
     "NoResponders",
     "NotJoined",
     "NotRegistered",
+    "PolicyViolation",
     "Timeout",
     "Unavailable",
     "UnknownCommand",
@@ -175,6 +178,37 @@ class UnknownRequest(ArqonBusError):
     default_code = "unknown_request"
 
 
+class Forbidden(ArqonBusError):
+    """The token's role and grants lack the permission for this action on this channel.
+
+    The message names the missing permission and the room and channel. Retrying with the same
+    token cannot succeed: ask for a role or grant that has the permission.
+    """
+
+    default_code = "forbidden"
+
+
+# -- content policies (issue 6) --
+
+
+class PolicyViolation(ArqonBusError):
+    """The tenant's content policy refused the payload; the message names the rule.
+
+    Nothing was stored. Sending the same payload again gets the same answer.
+    """
+
+    default_code = "policy_violation"
+
+
+class InvalidPayload(ArqonBusError):
+    """The payload fails the JSON Schema the content policy sets for this channel or type.
+
+    The message names the field and the failed keyword (never the value). Fix the payload.
+    """
+
+    default_code = "invalid_payload"
+
+
 class CommandFailed(ArqonBusError):
     """A service handler answered with an error of its own ``code``.
 
@@ -259,6 +293,9 @@ ERROR_CLASSES: dict[str, type[ArqonBusError]] = {
         NoResponders,
         Timeout,
         UnknownRequest,
+        Forbidden,
+        PolicyViolation,
+        InvalidPayload,
     )
 }
 """The server error codes of protocol v1 and their exception classes."""
