@@ -34,6 +34,8 @@ class Principal:
     id: str
     role: str = "owner"
     grants: tuple[str, ...] = ()
+    # When the credential stops being valid (Unix seconds, grace included); None: never.
+    expires_at: float | None = None
 
 
 class AuthError(Exception):

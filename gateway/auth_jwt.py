@@ -26,6 +26,7 @@ last good key set stays in use.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -358,7 +359,10 @@ class JwtAuthenticator:
     # -- verification -------------------------------------------------------------------
 
     def authenticate(self, credentials: Credentials) -> Principal:
-        return self._principal(self._verify(credentials.token))
+        claims = self._verify(credentials.token)
+        # The session is closed (4004) once the token has expired, leeway included.
+        expires_at = float(claims["exp"]) + self.leeway_s
+        return dataclasses.replace(self._principal(claims), expires_at=expires_at)
 
     def expires_at(self, credentials: Credentials) -> float:
         """The token's ``exp`` (Unix seconds) after full verification; AuthError if invalid.

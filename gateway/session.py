@@ -143,6 +143,7 @@ class Session:
 
     async def run(self) -> None:
         self.socket.send(encode_welcome(self.id, self._node_id, self.limits()))
+        expiry = self._close_at_expiry()
         try:
             while True:
                 data = await self.socket.recv()
@@ -150,10 +151,25 @@ class Session:
                     break
                 await self.handle(data)
         finally:
+            if expiry is not None:
+                expiry.cancel()
             self._closed = True
             self._hub.leave_all(self.socket, list(self._joined))
             self._joined.clear()
             await self._close_handlers("the handler's connection closed before it answered")
+
+    def _close_at_expiry(self) -> asyncio.TimerHandle | None:
+        """Close with 4004 when the credential expires (a JWT's exp, leeway included)."""
+        expires_at = self.principal.expires_at
+        if expires_at is None:
+            return None
+        delay = max(0.0, expires_at - time.time())
+        return asyncio.get_running_loop().call_later(
+            delay,
+            self.socket.close_soon,
+            CloseCode.TOKEN_EXPIRED,
+            "token expired: get a fresh token, reconnect and resume",
+        )
 
     async def handle(self, data: bytes) -> None:
         try:

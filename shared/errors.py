@@ -204,6 +204,7 @@ class CloseCode(IntEnum):
     SLOW_CONSUMER = 4001  # send buffer overflowed: reconnect and resume from last seq
     BACKEND_UNAVAILABLE = 4002  # node lost the message store: reconnect elsewhere, resume
     IDLE_TIMEOUT = 4003  # no message for idle_timeout_s: reconnect (and resume) when needed
+    TOKEN_EXPIRED = 4004  # the credential expired: get a fresh one, reconnect and resume
 
     @property
     def should_reconnect(self) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -146,3 +147,26 @@ async def test_jwks_url(start_gateway, tenant, jwks_server, opened):
         assert "bad signature" in body["message"]
     finally:
         authenticator.close()
+
+
+async def test_a_session_is_closed_4004_when_its_token_expires(
+    start_gateway, tenant, jwks_file, opened
+):
+    gw = await start_gateway(
+        auth="jwt", jwt_jwks_file=jwks_file, jwt_audience="arqonbus", jwt_leeway_s=0
+    )
+    expiring = token(tenant, exp=int(time.time()) + 2)
+    lasting = token(tenant, "bob")
+    doomed = await connect(gw, opened, additional_headers={"Authorization": f"Bearer {expiring}"})
+    other = await connect(gw, opened, additional_headers={"Authorization": f"Bearer {lasting}"})
+    connected_at = time.monotonic()
+    await asyncio.wait_for(doomed.ws.wait_closed(), 10)
+    assert doomed.ws.close_code == 4004, doomed.ws.close_code
+    assert "token expired" in (doomed.ws.close_reason or "")
+    assert time.monotonic() - connected_at < 5
+    # The other session, whose token is still valid, goes on.
+    reply = await other.publish("lab", "results", {"n": 1}, id=new_id())
+    assert reply["type"] == "ack", reply
+    # And the expired token no longer opens a session.
+    body = await refused(gw, additional_headers={"Authorization": f"Bearer {expiring}"})
+    assert "expired" in body["message"]
