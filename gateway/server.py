@@ -36,7 +36,9 @@ log = logging.getLogger("arqonbus.gateway")
 
 WS_PATH = "/ws"
 # Consecutive failed checks (one per health_interval_s) before the gateway acts:
-RECONNECT_AFTER_FAILED_CHECKS = 2  # JetStream silent: drop the NATS server for another
+# JetStream silent: drop the NATS server for another, again every 2 checks (the next one
+# may be cut off too).
+RECONNECT_AFTER_FAILED_CHECKS = 2
 SHED_AFTER_LINK_FAILURES = 3  # NATS link down: close clients with 4002, refuse new ones (503)
 
 
@@ -169,7 +171,7 @@ class Gateway:
         """Act on consecutive failed checks: another NATS server, then other gateways."""
         self.failed_checks = 0 if self.healthy else self.failed_checks + 1
         self.link_failures = 0 if link_ok else self.link_failures + 1
-        if self.failed_checks == RECONNECT_AFTER_FAILED_CHECKS:
+        if self.failed_checks and self.failed_checks % RECONNECT_AFTER_FAILED_CHECKS == 0:
             # JetStream does not answer through this server: the link may be stalled, or
             # the node cut off from its cluster. Try another server of the pool. (During a
             # NATS election this reconnect is needless but harmless.)
