@@ -46,7 +46,9 @@ from typing import Any
 
 import orjson
 
+from chaos.procfs import rss_bytes
 from chaos.suite import finish, parse_suite_args
+from chaos.workload import percentile
 from mesh.local import LocalCluster
 from shared.settings import Settings
 from tests.support import GatewayProcess, WsClient
@@ -87,20 +89,8 @@ def _default(name: str) -> Any:
     return _DEFAULTS[name].default
 
 
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    rank = min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))
-    return ordered[rank]
-
-
 def rss_kb(pid: int) -> int:
-    with open(f"/proc/{pid}/status", encoding="ascii") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
+    return rss_bytes(pid) // 1024
 
 
 def cpu_s(pid: int) -> float:

@@ -42,6 +42,7 @@ from typing import Any
 
 import orjson
 
+from chaos.procfs import rss_bytes
 from chaos.suite import finish, parse_suite_args
 from gateway.transport import MAX_FRAGMENTS  # fragments per message the gateway assembles
 
@@ -330,14 +331,6 @@ async def attack_many(
             return await attack(target, names[i % len(names)])
 
     return list(await asyncio.gather(*(one(i) for i in range(count))))
-
-
-def rss_bytes(pid: int) -> int:
-    """The resident set size of ``pid`` (Linux /proc)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
 # -- the suite ----------------------------------------------------------------------------

@@ -118,23 +118,30 @@ ids = st.text(
 ).filter(str.isprintable)
 service_names = names.filter(lambda n: n not in commands.BUILTIN_COMMANDS)
 
-# Text orjson can write (no lone surrogates), scalars and values as orjson reads them back.
-json_text = st.text(st.characters(codec="utf-8"), max_size=24)
-json_scalars = (
-    st.none()
-    | st.booleans()
-    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
-    | st.floats(allow_nan=False, allow_infinity=False)
-    | json_text
-)
-json_values = st.recursive(
-    json_scalars,
-    lambda children: (
-        st.lists(children, max_size=3) | st.dictionaries(json_text, children, max_size=3)
-    ),
-    max_leaves=8,
-)
-json_objects = st.dictionaries(json_text, json_values, max_size=3)
+
+def json_strategies(
+    text_size: int, items: int, leaves: int, keys: int
+) -> tuple[st.SearchStrategy[str], st.SearchStrategy[Any], st.SearchStrategy[dict[str, Any]]]:
+    """Text orjson can write (no lone surrogates), JSON values, and JSON objects."""
+    text = st.text(st.characters(codec="utf-8"), max_size=text_size)
+    scalars = (
+        st.none()
+        | st.booleans()
+        | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+        | st.floats(allow_nan=False, allow_infinity=False)
+        | text
+    )
+    values = st.recursive(
+        scalars,
+        lambda children: (
+            st.lists(children, max_size=items) | st.dictionaries(text, children, max_size=items)
+        ),
+        max_leaves=leaves,
+    )
+    return text, values, st.dictionaries(text, values, max_size=keys)
+
+
+json_text, json_values, json_objects = json_strategies(text_size=24, items=3, leaves=8, keys=3)
 
 EDGE_INTS = (0, 1, -1, 2**31, 2**53 + 1, 2**63 - 1, 2**63, 2**64 - 1, 2**64, -(2**63), -(2**63) - 1)
 _LITERALS = (

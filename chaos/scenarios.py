@@ -30,6 +30,7 @@ from websockets.exceptions import ConnectionClosed
 from arqonbus import Client
 from chaos.mesh import Mesh, http_json
 from chaos.netns import NetnsCluster
+from chaos.procfs import rss_bytes
 from chaos.proxy import FaultProxy
 from chaos.workload import ChannelRef, Totals, Workload, percentile, read_store
 from mesh.local import LocalCluster
@@ -590,11 +591,6 @@ async def _run_link_trouble(plan: Plan, workdir: Path) -> Outcome:
 
 FIREHOSE_BYTES = 32 * 1024  # payload of each firehose event
 FIREHOSE_RATE = 100.0  # events/s: about 3.2 MB/s, so a reader that stops falls behind fast
-
-
-def rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/statm") as statm:
-        return int(statm.read().split()[1]) * 4096
 
 
 async def _firehose(wl: Workload, ref: ChannelRef, stop: asyncio.Event) -> int:

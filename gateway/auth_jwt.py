@@ -364,13 +364,6 @@ class JwtAuthenticator:
         expires_at = float(claims["exp"]) + self.leeway_s
         return dataclasses.replace(self._principal(claims), expires_at=expires_at)
 
-    def expires_at(self, credentials: Credentials) -> float:
-        """The token's ``exp`` (Unix seconds) after full verification; AuthError if invalid.
-
-        The gateway uses it to close the session when the token expires.
-        """
-        return float(self._verify(credentials.token)["exp"])
-
     def _key_for(self, header: Mapping[str, Any]) -> VerifyKey:
         kid = header.get("kid")
         if kid is not None and (

@@ -41,7 +41,7 @@ import importlib
 import importlib.metadata
 import logging
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -205,32 +205,26 @@ def _redact_path(value: Any, path: tuple[str, ...], at: int) -> Any:
     if at == len(path):
         return REDACTED
     segment = path[at]
+    slots: Sequence[Any]
     if type(value) is dict:
-        keys = list(value) if segment == "*" else [segment] if segment in value else []
-        out: dict[str, Any] | None = None
-        for key in keys:
-            new = _redact_path(value[key], path, at + 1)
-            if new is not value[key]:
-                if out is None:
-                    out = dict(value)
-                out[key] = new
-        return value if out is None else out
-    if type(value) is list:
+        slots = list(value) if segment == "*" else [segment] if segment in value else []
+    elif type(value) is list:
         if segment == "*":
-            indexes = range(len(value))
+            slots = range(len(value))
         elif segment.isdigit() and int(segment) < len(value):
-            indexes = range(int(segment), int(segment) + 1)
+            slots = [int(segment)]
         else:
             return value
-        items: list[Any] | None = None
-        for index in indexes:
-            new = _redact_path(value[index], path, at + 1)
-            if new is not value[index]:
-                if items is None:
-                    items = list(value)
-                items[index] = new
-        return value if items is None else items
-    return value
+    else:
+        return value
+    copy: Any = None  # copied on the first change only: the input is never modified
+    for slot in slots:
+        new = _redact_path(value[slot], path, at + 1)
+        if new is not value[slot]:
+            if copy is None:
+                copy = type(value)(value)
+            copy[slot] = new
+    return value if copy is None else copy
 
 
 def _cap(text: str, limit: int = MESSAGE_MAX) -> str:

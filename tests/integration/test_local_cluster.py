@@ -187,10 +187,24 @@ def test_find_nats_server_names_the_fix_for_a_bad_env_path(
     assert str(missing) in str(caught.value)
 
 
-def process_state(pid: int) -> str:
-    """The state letter in /proc/PID/stat (R, S, Z, ...); FileNotFoundError once it is gone."""
-    with open(f"/proc/{pid}/stat") as stat:
-        return stat.read().rsplit(")", 1)[1].split()[0]
+async def wait_exit_of(pid: int, timeout: float) -> None:
+    """Wait, on an event, until process ``pid`` (not our child) has exited.
+
+    A pidfd (Linux 5.3+) becomes readable when the process exits, zombie or not.
+    """
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return  # already gone
+    loop = asyncio.get_running_loop()
+    exited = asyncio.Event()
+    loop.add_reader(fd, exited.set)
+    try:
+        async with asyncio.timeout(timeout):
+            await exited.wait()
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
 
 
 async def test_nodes_die_with_the_process_that_started_them(tmp_path: Path) -> None:
@@ -212,14 +226,10 @@ async def test_nodes_die_with_the_process_that_started_them(tmp_path: Path) -> N
     assert child.stdout is not None
     node_pid = int(await asyncio.wait_for(child.stdout.readline(), 30))
     assert await asyncio.wait_for(child.wait(), 30) == -signal.SIGKILL
-    # Bounded poll: the node's end is only visible through /proc (it is not our child).
-    for _ in range(200):
-        try:
-            state = process_state(node_pid)
-        except FileNotFoundError:
-            return
-        if state == "Z":  # killed, waiting to be reaped by init
-            return
-        await asyncio.sleep(0.05)
-    os.kill(node_pid, signal.SIGKILL)  # ours: started by the child above
-    raise AssertionError(f"nats-server {node_pid} outlived the process that started it")
+    try:
+        await wait_exit_of(node_pid, 10)
+    except TimeoutError:
+        os.kill(node_pid, signal.SIGKILL)  # ours: started by the child above
+        raise AssertionError(
+            f"nats-server {node_pid} outlived the process that started it"
+        ) from None

@@ -129,10 +129,12 @@ async def test_delay_adds_latency_and_keeps_order(
     # The request crosses the proxy once each way: at least two delays.
     assert elapsed >= 0.3, elapsed
 
-    for k in range(count):
-        await nc.publish("seq", str(k).encode())
-        if k % 10 == 0:
-            await asyncio.sleep(0)  # let the proxy read, so the messages span many chunks
+    for batch in range(0, count, 10):
+        forwarded = proxy.stats.bytes_up
+        for k in range(batch, batch + 10):
+            await nc.publish("seq", str(k).encode())
+        # Each batch crosses the proxy before the next is sent: the messages span many chunks.
+        await proxy.wait_for(lambda stats, seen=forwarded: stats.bytes_up > seen, WAIT)
     await nc.flush(timeout=10)
     async with asyncio.timeout(WAIT):
         await all_in.wait()

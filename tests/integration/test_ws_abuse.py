@@ -18,8 +18,8 @@ from chaos.frames import (
     attack,
     attack_many,
     round_trip,
-    rss_bytes,
 )
+from chaos.procfs import rss_bytes
 from gateway.server import Gateway
 from mesh.local import LocalCluster
 from shared.settings import load_settings

@@ -126,9 +126,10 @@ def test_role_defaults_to_member_and_grants_to_none(auth: JwtAuthenticator) -> N
 
 def test_expires_at_is_the_verified_exp(auth: JwtAuthenticator) -> None:
     payload = good()
-    assert auth.expires_at(Credentials(sign(payload))) == payload["exp"]
+    principal = auth.authenticate(Credentials(sign(payload)))
+    assert principal.expires_at == payload["exp"] + auth.leeway_s
     with pytest.raises(AuthError, match="expired"):
-        auth.expires_at(Credentials(sign(good(exp=int(time.time()) - 3600))))
+        auth.authenticate(Credentials(sign(good(exp=int(time.time()) - 3600))))
 
 
 def test_tenant_claim_is_configurable() -> None:

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from chaos.fuzz import json_strategies
 from shared.envelope import (
     ID_MAX,
     PROTOCOL_VERSION,
@@ -72,23 +73,7 @@ def rejected(data: bytes | str, max_bytes: int = MAX) -> ArqonError:
     return info.value
 
 
-# Text that orjson can encode: no lone surrogates.
-json_text = st.text(st.characters(codec="utf-8"), max_size=20)
-json_scalars = (
-    st.none()
-    | st.booleans()
-    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
-    | st.floats(allow_nan=False, allow_infinity=False)
-    | json_text
-)
-json_values = st.recursive(
-    json_scalars,
-    lambda children: (
-        st.lists(children, max_size=4) | st.dictionaries(json_text, children, max_size=4)
-    ),
-    max_leaves=20,
-)
-json_objects = st.dictionaries(json_text, json_values, max_size=6)
+json_text, json_values, json_objects = json_strategies(text_size=20, items=4, leaves=20, keys=6)
 
 
 # -- valid frames ---------------------------------------------------------------
