@@ -1,21 +1,27 @@
-"""Credentials -> Principal. One interface; dev tokens are the only method so far.
+"""Credentials -> Principal. One interface, several methods.
 
-API keys, JWT and Ed25519 agent identity plug in behind :class:`Authenticator`.
-The tenant and the principal come only from the credential, never from envelopes.
+Methods: ``dev`` tokens (development only), ``jwt`` bearer tokens (gateway/auth_jwt.py),
+``apikey`` service-account keys (gateway/auth_keys.py) and ``agent`` Ed25519 agent
+identity (gateway/auth_agent.py). The gateway enables a comma-separated list of them
+(``ARQONBUS_AUTH=jwt,apikey,agent``); :class:`ChainAuthenticator` picks the method from
+the credential's form. The tenant and the principal come only from the credential,
+never from envelopes.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 from urllib.parse import parse_qs, urlsplit
 
 from shared import authz
+from shared.settings import AUTH_METHODS
 from shared.subjects import is_valid_name
 
 if TYPE_CHECKING:
+    from gateway.security import SecurityState
     from shared.settings import Settings
 
 log = logging.getLogger("arqonbus.gateway.auth")
@@ -36,10 +42,27 @@ class Principal:
     grants: tuple[str, ...] = ()
     # When the credential stops being valid (Unix seconds, grace included); None: never.
     expires_at: float | None = None
+    # How it signed in (dev, jwt, apikey, agent) and which credential it used: the API
+    # key id or the agent id (a revoke closes the sessions that used it); never a secret.
+    method: str = "dev"
+    credential_id: str = ""
 
 
 class AuthError(Exception):
-    """The handshake carries no valid credential (HTTP 401)."""
+    """The handshake carries no valid credential (HTTP 401).
+
+    ``tenant`` and ``credential_id`` name whose credential failed, when the credential
+    identifies a known tenant (for the audit stream); never a secret.
+    """
+
+    def __init__(self, message: str, tenant: str = "", credential_id: str = "") -> None:
+        super().__init__(message)
+        self.tenant = tenant
+        self.credential_id = credential_id
+
+
+class AuthUnavailable(Exception):
+    """The credential cannot be checked right now (HTTP 503): retry, or another gateway."""
 
 
 # Browsers cannot set headers on a WebSocket: they offer the token as a subprotocol,
@@ -100,9 +123,63 @@ class Credentials:
 
 
 class Authenticator(Protocol):
+    """``authenticate`` returns the principal, or an awaitable of it when the check needs
+    NATS (an agent's single-use nonce); it raises AuthError or AuthUnavailable."""
+
     name: str
 
-    def authenticate(self, credentials: Credentials) -> Principal: ...
+    def authenticate(self, credentials: Credentials) -> Principal | Awaitable[Principal]: ...
+
+
+# Token forms, by method. Anything else is taken for a JWT.
+DEV_TOKEN_PREFIX = "dev:"
+API_KEY_PREFIX = "arqk_"
+AGENT_TOKEN_PREFIX = "ed25519:"
+METHODS = AUTH_METHODS
+
+
+def token_method(token: str) -> str:
+    """The method a token is for, from its form alone."""
+    if token.startswith(DEV_TOKEN_PREFIX):
+        return "dev"
+    if token.startswith(API_KEY_PREFIX):
+        return "apikey"
+    if token.startswith(AGENT_TOKEN_PREFIX):
+        return "agent"
+    return "jwt"
+
+
+class ChainAuthenticator:
+    """Several methods on one gateway: the token's form picks the one that checks it."""
+
+    name = "chain"
+
+    def __init__(self, methods: Mapping[str, Authenticator]) -> None:
+        self.methods = dict(methods)
+
+    def authenticate(self, credentials: Credentials) -> Principal | Awaitable[Principal]:
+        if not credentials.token:
+            raise AuthError(
+                "missing credential: send a token in the Authorization header (Bearer), the "
+                f"subprotocol 'arqonbus.bearer.<token>' or ?token= (accepted: {self.accepted})"
+            )
+        method = token_method(credentials.token)
+        authenticator = self.methods.get(method)
+        if authenticator is None:
+            raise AuthError(
+                f"this gateway does not accept {method} credentials: use one of {self.accepted}"
+            )
+        return authenticator.authenticate(credentials)
+
+    @property
+    def accepted(self) -> str:
+        return ", ".join(self.methods)
+
+    def close(self) -> None:
+        for authenticator in self.methods.values():
+            close = getattr(authenticator, "close", None)
+            if close is not None:
+                close()
 
 
 class DevAuthenticator:
@@ -134,24 +211,62 @@ class DevAuthenticator:
         if not (is_valid_name(tenant) and is_valid_name(principal)):
             raise AuthError("tenant and principal must be 1-64 characters of A-Z a-z 0-9 _ -")
         if len(parts) == 3:
-            return Principal(tenant, principal)
+            return Principal(tenant, principal, method="dev")
         role = parts[3]
         if not authz.is_known_role(role):
             raise AuthError(f"unknown role in dev token: use one of {authz.ROLE_NAMES}")
-        return Principal(tenant, principal, role=role)
+        return Principal(tenant, principal, role=role, method="dev")
 
 
-def make_authenticator(mode: str, settings: Settings | None = None) -> Authenticator:
-    """The authenticator for ``mode``; ValueError (with the fix) on bad configuration."""
-    if mode == "dev":
+def parse_methods(mode: str) -> list[str]:
+    """``ARQONBUS_AUTH``: a comma-separated list of methods, in no particular order."""
+    methods = [m.strip() for m in mode.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown authentication method(s) {unknown}: use {', '.join(METHODS)}")
+    return list(dict.fromkeys(methods))
+
+
+def make_authenticator(
+    mode: str, settings: Settings | None = None, security: SecurityState | None = None
+) -> Authenticator:
+    """The authenticator for ``mode``; ValueError (with the fix) on bad configuration.
+
+    ``security`` (the gateway's KV-backed state) is needed by ``apikey`` and ``agent``.
+    """
+    methods = parse_methods(mode)
+    if not methods:
+        raise ValueError(
+            "no authentication mode configured: set ARQONBUS_AUTH to one or more of "
+            "jwt, apikey, agent (comma-separated), or dev (--auth dev) for development"
+        )
+    built: dict[str, Authenticator] = {}
+    for method in methods:
+        built[method] = _make_one(method, settings, security)
+    if len(built) == 1:
+        return next(iter(built.values()))
+    return ChainAuthenticator(built)
+
+
+def _make_one(
+    method: str, settings: Settings | None, security: SecurityState | None
+) -> Authenticator:
+    if method == "dev":
         return DevAuthenticator()
-    if mode == "jwt":
-        if settings is None:
-            raise ValueError("JWT authentication needs the gateway settings (ARQONBUS_JWT_*)")
+    if settings is None:
+        raise ValueError(f"{method} authentication needs the gateway settings")
+    if method == "jwt":
         from gateway.auth_jwt import JwtAuthenticator  # imports auth: import here, not at top
 
         return JwtAuthenticator.from_settings(settings)
-    raise ValueError(
-        "no authentication mode configured: set ARQONBUS_AUTH=jwt (with ARQONBUS_JWT_* keys) "
-        "or ARQONBUS_AUTH=dev (or --auth dev) for development"
-    )
+    if security is None:
+        raise ValueError(f"{method} authentication needs the gateway's NATS KV state")
+    if method == "apikey":
+        from gateway.auth_keys import ApiKeyAuthenticator
+
+        keys: Authenticator = ApiKeyAuthenticator(security, settings)
+        return keys
+    from gateway.auth_agent import AgentAuthenticator
+
+    agents: Authenticator = AgentAuthenticator(security, settings)
+    return agents

@@ -470,7 +470,11 @@ class JwtAuthenticator:
             authz.parse_grants(grants)
         except authz.GrantError as exc:
             raise AuthError(f"token claim 'grants': {exc}") from None
-        return Principal(tenant, sub, role, tuple(grants))
+        jti = claims.get("jti")
+        credential_id = jti[:128] if isinstance(jti, str) else ""
+        return Principal(
+            tenant, sub, role, tuple(grants), method="jwt", credential_id=credential_id
+        )
 
 
 def _read_file(path: str, setting: str) -> bytes:

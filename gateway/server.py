@@ -5,18 +5,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import inspect
 import logging
 import os
 import signal
 import socket as socketlib
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from http import HTTPStatus
 from urllib.parse import urlsplit
 
 from gateway.admission import PendingHandshakes, RateLimiter, retry_after_header, retry_after_ms
-from gateway.auth import Authenticator, AuthError, Credentials, Principal, make_authenticator
+from gateway.audit import AUTH_FAILED, AuditLog
+from gateway.auth import (
+    Authenticator,
+    AuthError,
+    AuthUnavailable,
+    Credentials,
+    Principal,
+    make_authenticator,
+)
 from gateway.hub import Hub
 from gateway.origin import OriginPolicy
+from gateway.security import SecurityState
 from gateway.session import Session
 from gateway.transport import (
     HttpReply,
@@ -83,7 +93,6 @@ class Gateway:
     def __init__(self, settings: Settings, authenticator: Authenticator | None = None) -> None:
         self.settings = settings
         self.node_id = settings.node_id or default_node_id()
-        self.authenticator = authenticator or make_authenticator(settings.auth, settings)
         self.broker = JetStreamBroker(
             settings.nats_urls,
             SubjectScheme(settings.subject_prefix),
@@ -96,6 +105,15 @@ class Gateway:
             name=f"arqonbus-gateway {self.node_id}",
         )
         self.hub = Hub(self.broker, settings.replay_buffer_msgs, 4 * settings.send_buffer_bytes)
+        # Security state shared by every gateway (NATS KV), and the audit stream.
+        self.security = SecurityState(self.broker, settings.subject_prefix)
+        self.audit = AuditLog(self.broker, settings.subject_prefix, self.node_id)
+        try:
+            self.authenticator = authenticator or make_authenticator(
+                settings.auth, settings, self.security
+            )
+        except ValueError as exc:
+            raise ConfigError(f"invalid setting ARQONBUS_AUTH: {exc}") from None
         self.sessions: set[Session] = set()
         # Per client address: upgrades per second (429 beyond) and unfinished handshakes.
         self.conn_rate = RateLimiter(settings.conn_rate_per_ip, settings.conn_burst_per_ip)
@@ -150,6 +168,8 @@ class Gateway:
     async def _connect_and_watch(self) -> None:
         if not await self.broker.connect_with_retry(self._stop):
             return
+        self.security.start()
+        self.audit.start()
         loop = asyncio.get_running_loop()
         interval = self.settings.health_interval_s
         while not self._stop.is_set():
@@ -225,6 +245,8 @@ class Gateway:
                 async with asyncio.timeout(timeout / 2):
                     await self._server.wait_closed()
         await self.hub.close()
+        await self.security.close()
+        await self.audit.close()
         await self.broker.close(timeout / 2)
         close_authenticator = getattr(self.authenticator, "close", None)
         if close_authenticator is not None:  # e.g. the JWT key-set refresher
@@ -237,7 +259,7 @@ class Gateway:
 
     def _on_request(
         self, target: str, headers: Mapping[str, str], peer_ip: str
-    ) -> HttpReply | Principal:
+    ) -> HttpReply | Principal | Awaitable[HttpReply | Principal]:
         path = urlsplit(target).path
         if path == "/healthz":
             return HttpReply(HTTPStatus.OK, {"status": "alive", "node": self.node_id})
@@ -265,12 +287,36 @@ class Gateway:
         if wait_s:
             return _rate_limited(wait_s)
         try:
-            principal = self.authenticator.authenticate(Credentials.from_request(target, headers))
-        except AuthError as exc:
+            outcome = self.authenticator.authenticate(Credentials.from_request(target, headers))
+        except (AuthError, AuthUnavailable) as exc:
+            return self._refuse_auth(exc, peer_ip)
+        if inspect.isawaitable(outcome):  # the method needs NATS (an agent's nonce)
+            return self._finish_auth(outcome, peer_ip)
+        return outcome
+
+    async def _finish_auth(
+        self, outcome: Awaitable[Principal], peer_ip: str
+    ) -> HttpReply | Principal:
+        try:
+            return await outcome
+        except (AuthError, AuthUnavailable) as exc:
+            return self._refuse_auth(exc, peer_ip)
+
+    def _refuse_auth(self, exc: AuthError | AuthUnavailable, peer_ip: str) -> HttpReply:
+        """401 for a bad credential (audited when it names a tenant); 503 to retry."""
+        if isinstance(exc, AuthUnavailable):
             return HttpReply(
-                HTTPStatus.UNAUTHORIZED, {"error": "unauthorized", "message": str(exc)}
+                HTTPStatus.SERVICE_UNAVAILABLE, {"error": "unavailable", "message": str(exc)}
             )
-        return principal
+        if exc.tenant:
+            self.audit.record(
+                exc.tenant,
+                AUTH_FAILED,
+                credential_id=exc.credential_id,
+                reason=str(exc),
+                peer_ip=peer_ip,
+            )
+        return HttpReply(HTTPStatus.UNAUTHORIZED, {"error": "unauthorized", "message": str(exc)})
 
     def _check_origin(self, headers: Mapping[str, str]) -> HttpReply | None:
         """403 ``forbidden_origin`` for a handshake the Origin allowlist refuses (CSWSH)."""
@@ -308,7 +354,16 @@ class Gateway:
         if self.draining:  # the handshake finished just as the drain began
             await socket.close(CloseCode.SERVICE_RESTART, "server draining: reconnect elsewhere")
             return
-        session = Session(socket, principal, self.hub, self.broker, self.settings, self.node_id)
+        session = Session(
+            socket,
+            principal,
+            self.hub,
+            self.broker,
+            self.settings,
+            self.node_id,
+            security=self.security,
+            audit=self.audit,
+        )
         self.sessions.add(session)
         try:
             await session.run()

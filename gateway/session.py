@@ -12,8 +12,10 @@ from datetime import UTC, datetime
 
 import orjson
 
+from gateway.audit import AuditLog
 from gateway.auth import Principal
 from gateway.hub import Hub
+from gateway.security import SecurityState
 from gateway.transport import Socket
 from mesh.broker import (
     Broker,
@@ -105,8 +107,12 @@ class Session:
         broker: Broker,
         settings: Settings,
         node_id: str,
+        security: SecurityState | None = None,
+        audit: AuditLog | None = None,
     ) -> None:
         self.socket = socket
+        self._security = security
+        self._audit = audit or AuditLog(None, settings.subject_prefix)
         self.principal = principal
         self.id = uuid.uuid4().hex
         self._hub = hub

@@ -10,6 +10,7 @@ websockets itself also writes whole frames synchronously.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import ssl
 import struct
 import time
@@ -463,15 +464,27 @@ async def start_server(
 
     contexts: dict[int, Any] = {}  # lives only from process_request to handler (or close)
 
-    def process_request(connection: ServerConnection, request: Request) -> Response | None:
-        peer = connection.remote_address
-        outcome = on_request(request.path, request.headers, str(peer[0]) if peer else "")
+    def accept(connection: ServerConnection, outcome: Any) -> Response | None:
         if isinstance(outcome, HttpReply):
             return _to_response(outcome)
         key = id(connection)
         contexts[key] = outcome
         connection.connection_lost_waiter.add_done_callback(lambda _: contexts.pop(key, None))
         return None
+
+    async def accept_later(
+        connection: ServerConnection, pending: Awaitable[Any]
+    ) -> Response | None:
+        return accept(connection, await pending)
+
+    def process_request(
+        connection: ServerConnection, request: Request
+    ) -> Response | Awaitable[Response | None] | None:
+        peer = connection.remote_address
+        outcome = on_request(request.path, request.headers, str(peer[0]) if peer else "")
+        if inspect.isawaitable(outcome):  # e.g. a credential checked against NATS
+            return accept_later(connection, outcome)
+        return accept(connection, outcome)
 
     async def handler(connection: ServerConnection) -> None:
         context = contexts.pop(id(connection), None)

@@ -29,6 +29,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext, JetStreamManager
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import APIError, NotFoundError, ServiceUnavailableError
+from nats.js.kv import KeyValue
 
 from mesh.broker import (
     BrokerUnavailable,
@@ -44,7 +45,8 @@ from mesh.broker import (
     ServiceRequest,
     StoredEvent,
 )
-from mesh.streams import StreamPolicy, StreamProvisioner
+from mesh.kv import open_bucket
+from mesh.streams import StreamPolicy, StreamProvisioner, choose_replicas
 from shared.subjects import ChannelRef, SubjectScheme
 
 log = logging.getLogger("arqonbus.mesh.jetstream")
@@ -481,6 +483,16 @@ class JetStreamBroker:
             except _TRANSIENT as exc:
                 raise BrokerUnavailable(f"publish not acknowledged: {type(exc).__name__}") from exc
         raise BrokerUnavailable("no stream answered for this tenant")
+
+    async def key_value(self, bucket: str, ttl_s: float | None = None) -> KeyValue:
+        """The KV bucket ``bucket`` (created if missing, replicated like the streams)."""
+        _, js, _, _ = self._require()
+        try:
+            return await open_bucket(
+                js, bucket, choose_replicas(self._policy, self.cluster_size()), ttl_s
+            )
+        except (NatsTimeoutError, TimeoutError, ConnectionClosedError, APIError) as exc:
+            raise BrokerUnavailable(f"KV bucket {bucket}: {exc}") from exc
 
     async def ensure_stream(self, tenant: str) -> int:
         """Create the tenant's stream if it does not exist (idempotent)."""

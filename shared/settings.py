@@ -14,6 +14,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from shared.subjects import is_valid_name
 
 ENV_PREFIX = "ARQONBUS_"
+AUTH_METHODS = ("dev", "jwt", "apikey", "agent")  # gateway/auth.py
 
 
 class ConfigError(Exception):
@@ -26,7 +27,9 @@ class Settings(BaseSettings):
     nats: str = Field("nats://127.0.0.1:4222", description="NATS URLs, comma-separated")
     listen: str = Field("127.0.0.1:8765", description="HOST:PORT of the WebSocket/HTTP listener")
     node_id: str = Field("", description="Node name shown in welcome; default host-pid")
-    auth: str = Field("", description="Authentication mode: 'dev' or 'jwt'")
+    auth: str = Field(
+        "", description="Authentication methods, comma-separated: jwt, apikey, agent, dev"
+    )
     subject_prefix: str = Field("arq", description="First token of every NATS subject")
     max_envelope_bytes: int = Field(65536, ge=1024, le=1024 * 1024)
     send_buffer_bytes: int = Field(1024 * 1024, ge=64 * 1024)
@@ -123,9 +126,14 @@ class Settings(BaseSettings):
     @field_validator("auth")
     @classmethod
     def _auth_is_known(cls, value: str) -> str:
-        if value not in ("", "dev", "jwt"):
-            raise ValueError("must be 'dev' or 'jwt'")
-        return value
+        methods = [m.strip() for m in value.split(",") if m.strip()]
+        unknown = [m for m in methods if m not in AUTH_METHODS]
+        if unknown:
+            raise ValueError(
+                f"unknown method(s) {', '.join(unknown)}: use a comma-separated list of "
+                f"{', '.join(AUTH_METHODS)}"
+            )
+        return ",".join(dict.fromkeys(methods))
 
     @model_validator(mode="after")
     def _max_age_covers_dedupe_window(self) -> Settings:

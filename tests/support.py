@@ -40,7 +40,15 @@ class WsClient:
 
     @classmethod
     async def connect(cls, url: str, tenant: str, principal: str, **kwargs: Any) -> WsClient:
-        ws = await websockets.connect(f"{url}?token=dev:{tenant}:{principal}", **kwargs)
+        return await cls.open(url, f"dev:{tenant}:{principal}", **kwargs)
+
+    @classmethod
+    async def open(cls, url: str, token: str | None, **kwargs: Any) -> WsClient:
+        """Connect with ``token`` as a Bearer header (none: no credential) and await welcome."""
+        headers = dict(kwargs.pop("additional_headers", None) or {})
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        ws = await websockets.connect(url, additional_headers=headers, **kwargs)
         client = cls(ws)
         client.welcome = await client.wait_for(lambda m: m["type"] == "welcome")
         return client

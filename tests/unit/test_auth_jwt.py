@@ -115,13 +115,15 @@ def test_good_tokens_of_each_algorithm_give_the_principal(auth: JwtAuthenticator
     # The session closes (4004) once exp plus the leeway has passed.
     assert principal.expires_at == payload["exp"] + auth.leeway_s
     assert replace(principal, expires_at=None) == Principal(
-        "acme", "alice", "admin", ("science:*:publish,subscribe",)
+        "acme", "alice", "admin", ("science:*:publish,subscribe",), method="jwt"
     )
 
 
 def test_role_defaults_to_member_and_grants_to_none(auth: JwtAuthenticator) -> None:
     principal = auth.authenticate(Credentials(sign(good())))
-    assert replace(principal, expires_at=None) == Principal("acme", "alice", "member", ())
+    assert replace(principal, expires_at=None) == Principal(
+        "acme", "alice", "member", (), method="jwt"
+    )
 
 
 def test_expires_at_is_the_verified_exp(auth: JwtAuthenticator) -> None:
