@@ -40,6 +40,8 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from chaos.suite import finish
+from gateway import auth_agent
+from gateway.rooms import check_admin_parameters
 from shared import commands, envelope, service, subjects
 from shared.envelope import (
     DEPTH_MAX,
@@ -537,8 +539,19 @@ def check_parameters(name: str, params: dict[str, Any]) -> None:
         elif name in (commands.REGISTER_HANDLER, commands.UNREGISTER_HANDLER):
             handled = commands.handler_params(params)
             assert is_valid_name(handled) and not commands.is_builtin(handled)
+        elif name in commands.ROOM_ADMIN_COMMANDS:
+            check_admin_parameters(name, params)
+        elif name == commands.REFRESH_TOKEN:
+            assert commands.refresh_token_params(params)
+        elif name == commands.REGISTER_AGENT:
+            try:  # as the session does, short of storing it
+                public_key, agent_name, role = auth_agent.registration_parameters(params)
+                auth_agent.new_record("t", agent_name, public_key, role)
+            except auth_agent.RegistrationError as exc:
+                raise ArqonError(INVALID_PARAMETERS, str(exc)) from None
         else:
-            assert name == commands.LEAVE_CHANNEL  # takes no parameters: nothing is parsed
+            # take no parameters: nothing is parsed
+            assert name in (commands.LEAVE_CHANNEL, commands.LIMITS)
     except Exception as exc:
         check_error(exc, PARAMETER_CODES)
 

@@ -49,9 +49,32 @@ def peer_key(ip: str) -> str:
 
 
 @dataclass(slots=True)
-class _Bucket:
+class TokenBucket:
+    """A token bucket's state; the rate and the size (``burst``) are passed in by its owner.
+
+    Shared by the per-address upgrade limiter below and by the per-connection and
+    per-principal message and byte limits (:mod:`gateway.limits`).
+    """
+
     tokens: float
     updated: float
+
+    def take(self, amount: float, now: float, rate: float, burst: float) -> float:
+        """Refill up to ``now``, then take ``amount``: 0.0 if taken, else seconds to wait.
+
+        Nothing is taken when refused. An amount larger than the bucket needs a full
+        bucket and leaves it in debt (negative), so a large frame is never refused forever.
+        """
+        elapsed = now - self.updated
+        if elapsed > 0:
+            tokens = self.tokens + elapsed * rate
+            self.tokens = tokens if tokens < burst else burst
+            self.updated = now
+        need = amount if amount < burst else burst
+        if self.tokens >= need:
+            self.tokens -= amount
+            return 0.0
+        return (need - self.tokens) / rate
 
 
 class RateLimiter:
@@ -79,7 +102,7 @@ class RateLimiter:
         self.max_entries = max_entries
         self._clock = clock
         # Least recently used first: ``updated`` never decreases along the order.
-        self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
+        self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
         # A bucket untouched for this long is full again: dropping it changes nothing.
         self._refill_s = self.burst / self.rate if self.rate > 0 else 0.0
         self.refused = 0
@@ -104,18 +127,13 @@ class RateLimiter:
             if len(self._buckets) >= self.max_entries:
                 self._buckets.popitem(last=False)
                 self.evicted += 1
-            bucket = self._buckets[key] = _Bucket(self.burst, now)
+            bucket = self._buckets[key] = TokenBucket(self.burst, now)
         else:
             self._buckets.move_to_end(key)
-            elapsed = now - bucket.updated
-            if elapsed > 0:
-                bucket.tokens = min(self.burst, bucket.tokens + elapsed * self.rate)
-            bucket.updated = max(bucket.updated, now)
-        if bucket.tokens >= 1.0:
-            bucket.tokens -= 1.0
-            return 0.0
-        self.refused += 1
-        return (1.0 - bucket.tokens) / self.rate
+        wait = bucket.take(1.0, now, self.rate, self.burst)
+        if wait:
+            self.refused += 1
+        return wait
 
     def _expire(self, now: float) -> None:
         buckets = self._buckets

@@ -1,19 +1,68 @@
-"""Security events to a per-tenant audit stream.
+"""Security events to a per-tenant audit stream in JetStream.
 
-Sessions, the handshake and the admin commands call :meth:`AuditLog.record`; it never
-blocks and never raises: events queue (bounded) and a background task writes them to
-JetStream. No secret is ever recorded: callers pass identifiers (principal, key id,
-agent id), never tokens, keys or signatures, and ``record`` drops fields whose names
-say they hold one.
+Sessions, the handshake, the CLIs and the admin commands call :meth:`AuditLog.record`;
+it never blocks and never raises: events go into a bounded queue and one background
+task writes them to JetStream, each publish acknowledged, retried with bounded backoff.
+
+Layout, with the subject prefix ``P`` (default ``arq``)::
+
+    stream   P-audit_<tenant>           one per tenant, created on the tenant's first event
+    subject  P.audit.<tenant>.<type>    e.g. arq.audit.acme.forbidden
+
+Tenant event streams are named ``P_<tenant>`` (shared/subjects.py): the ``-`` after the
+prefix keeps audit streams out of that namespace whatever a tenant is called (a tenant
+``audit_x`` cannot collide with the audit stream of tenant ``x``). Audit streams use
+file storage, the tenant streams' replica count, a maximum age
+(``ARQONBUS_AUDIT_MAX_AGE_S``, 90 days) and a maximum size
+(``ARQONBUS_AUDIT_MAX_BYTES``, 1 GiB) beyond which the oldest events go.
+
+Each event is a JSON object: ``id``, ``ts`` (UTC ISO 8601, ms), ``type``, ``tenant``,
+``principal``, ``node`` and ``details``.
+
+No secret is ever recorded. Callers pass identifiers (principal, key id, agent id),
+never tokens, keys or signatures; on top of that :func:`redact` (applied by ``record``)
+
+* drops every detail whose key contains ``token``, ``secret``, ``password``/``passwd``,
+  ``key_hash``, ``signature``, ``private``, ``authorization`` or ``cookie``
+  (case-insensitive, at any depth),
+* replaces text that looks like a credential inside values (a JWT, an ``arqk_`` API key,
+  an ``ed25519:`` agent proof, ``Bearer ...``) with a ``[redacted]`` marker,
+* truncates strings to 200 characters, and bounds nesting, list length and key count.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import re
+import time
+import uuid
+from collections.abc import Callable, Hashable, Iterable, Mapping
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+import nats.errors
+import orjson
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
+
+from mesh.broker import BrokerUnavailable
+from mesh.streams import StreamPolicy, choose_replicas
+from shared.subjects import is_valid_name
+
 if TYPE_CHECKING:
+    from nats.js.manager import JetStreamManager
+
     from mesh.jetstream import JetStreamBroker
+    from shared.settings import Settings
 
 log = logging.getLogger("arqonbus.gateway.audit")
 
@@ -26,21 +75,546 @@ AGENT_REGISTERED = "agent_registered"
 ADMIN_ACTION = "admin_action"
 POLICY_BLOCKED = "policy_blocked"
 RATE_LIMITED = "rate_limited"
+EVENT_TYPES = (
+    AUTH_FAILED,
+    FORBIDDEN,
+    KEY_CREATED,
+    KEY_REVOKED,
+    AGENT_REGISTERED,
+    ADMIN_ACTION,
+    POLICY_BLOCKED,
+    RATE_LIMITED,
+)
+
+DEFAULT_MAX_AGE_S = 90 * 86400.0
+DEFAULT_MAX_BYTES = 1 << 30
+DEFAULT_QUEUE_MAX = 10_000
+DUPLICATE_WINDOW_S = 120.0
+
+# -- redaction ----------------------------------------------------------------------
+
+SECRET_KEY_PARTS = (
+    "token",
+    "secret",
+    "password",
+    "passwd",
+    "key_hash",
+    "signature",
+    "private",
+    "authorization",
+    "cookie",
+)
+MAX_STRING = 200
+MAX_DETAILS = 32
+MAX_DEPTH = 3
+MAX_ITEMS = 20
+_TRUNCATED = "...[truncated]"
+_CREDENTIAL_PATTERNS = (
+    # A JWT: base64url JSON header ({"... is eyJ), payload, signature.
+    (re.compile(r"eyJ[A-Za-z0-9_-]{2,}\.[A-Za-z0-9_-]{2,}\.[A-Za-z0-9_-]*"), "[jwt redacted]"),
+    (re.compile(r"arqk_[A-Za-z0-9_.-]+"), "arqk_[redacted]"),
+    (re.compile(r"ed25519:\S+"), "ed25519:[redacted]"),
+    (re.compile(r"(?i)\bbearer\s+\S+"), "Bearer [redacted]"),
+)
+
+
+def is_secret_key(name: str) -> bool:
+    """True if a detail named ``name`` may hold a secret (it is then never recorded)."""
+    lowered = name.lower()
+    return any(part in lowered for part in SECRET_KEY_PARTS)
+
+
+def scrub_text(text: str) -> str:
+    """``text`` with credential-looking parts replaced, cut to MAX_STRING characters."""
+    # Cut first (bounded work), with room for a credential that straddles the cut.
+    text = text[: 4 * MAX_STRING]
+    for pattern, marker in _CREDENTIAL_PATTERNS:
+        text = pattern.sub(marker, text)
+    if len(text) > MAX_STRING:
+        text = text[: MAX_STRING - len(_TRUNCATED)] + _TRUNCATED
+    return text
+
+
+def _clean(value: Any, depth: int) -> Any:
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    if isinstance(value, str):
+        return scrub_text(value)
+    if isinstance(value, Mapping):
+        if depth >= MAX_DEPTH:
+            return "[nested too deep]"
+        return redact(value, depth + 1)
+    if isinstance(value, list | tuple | set | frozenset):
+        if depth >= MAX_DEPTH:
+            return "[nested too deep]"
+        return [_clean(item, depth + 1) for item in list(value)[:MAX_ITEMS]]
+    return scrub_text(str(value))  # enums, datetimes, exceptions...
+
+
+def redact(details: Mapping[Any, Any], depth: int = 0) -> dict[str, Any]:
+    """A JSON-safe copy of ``details`` without secrets (see the module docstring)."""
+    clean: dict[str, Any] = {}
+    for key, value in details.items():
+        name = scrub_text(str(key))
+        if is_secret_key(name):
+            continue
+        if len(clean) >= MAX_DETAILS:
+            clean["_more"] = "[further details dropped]"
+            break
+        clean[name] = _clean(value, depth)
+    return clean
+
+
+def utc_now_iso(now: datetime | None = None) -> str:
+    now = now or datetime.now(UTC)
+    return now.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def make_event(
+    tenant: str,
+    type_: str,
+    principal: str,
+    node: str,
+    details: Mapping[str, Any],
+    now: datetime | None = None,
+) -> dict[str, Any]:
+    """The stored JSON object of one audit event (details redacted)."""
+    return {
+        "id": uuid.uuid4().hex,
+        "ts": utc_now_iso(now),
+        "type": type_,
+        "tenant": tenant,
+        "principal": scrub_text(principal),
+        "node": node,
+        "details": redact(details),
+    }
+
+
+# -- names --------------------------------------------------------------------------
+
+
+def stream_name(prefix: str, tenant: str) -> str:
+    """The audit stream of ``tenant`` (``P-audit_<tenant>``; tenant streams are ``P_<tenant>``)."""
+    return f"{prefix}-audit_{tenant}"
+
+
+def subject(prefix: str, tenant: str, type_: str) -> str:
+    return f"{prefix}.audit.{tenant}.{type_}"
+
+
+def tenant_filter(prefix: str, tenant: str) -> str:
+    return f"{prefix}.audit.{tenant}.>"
+
+
+def stream_config(
+    prefix: str, tenant: str, replicas: int, max_age_s: float, max_bytes: int
+) -> StreamConfig:
+    return StreamConfig(
+        name=stream_name(prefix, tenant),
+        description=f"ArqonBus audit events of tenant {tenant}",
+        subjects=[tenant_filter(prefix, tenant)],
+        storage=StorageType.FILE,
+        num_replicas=replicas,
+        max_age=max_age_s,
+        max_bytes=max_bytes,
+        discard=DiscardPolicy.OLD,
+        duplicate_window=min(DUPLICATE_WINDOW_S, max_age_s),
+        allow_direct=True,
+    )
+
+
+# -- --since ------------------------------------------------------------------------
+
+_DURATION = re.compile(r"(\d{1,9})\s*([smhdw])")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_since(text: str, now: datetime | None = None) -> datetime:
+    """``30m``, ``1h``, ``2d`` (before now) or an ISO 8601 time (UTC unless it says)."""
+    value = text.strip()
+    match = _DURATION.fullmatch(value.lower())
+    if match:
+        seconds = int(match.group(1)) * _UNIT_S[match.group(2)]
+        return (now or datetime.now(UTC)) - timedelta(seconds=seconds)
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError(
+            f"--since {text[:64]!r} is neither a duration (30s, 30m, 1h, 2d, 1w) nor an ISO 8601 "
+            "time (2025-01-31T12:00:00Z)"
+        ) from None
+    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+
+
+# -- per-session throttle -------------------------------------------------------------
+
+
+class AuditThrottle:
+    """Bounds what one session can put in the audit stream by repeating a refused action.
+
+    ``check(key)`` answers the ``repeats`` to record (how many identical events were not
+    recorded since the last recorded one), or None to skip this one: at most one record
+    per key per ``window_s``, and at most ``per_window`` records per window in all (a
+    client cycling through channel names cannot flood the stream either; those are
+    counted in ``overflow`` and reported with the next record).
+    """
+
+    def __init__(
+        self,
+        window_s: float = 10.0,
+        per_window: int = 20,
+        max_keys: int = 256,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._window = window_s
+        self._per_window = per_window
+        self._max_keys = max_keys
+        self._clock = clock
+        self._last: dict[Hashable, list[float]] = {}  # key -> [recorded at, repeats since]
+        self._window_start = float("-inf")
+        self._in_window = 0
+        self.overflow = 0
+
+    def check(self, key: Hashable) -> int | None:
+        now = self._clock()
+        entry = self._last.get(key)
+        if entry is not None and now - entry[0] < self._window:
+            entry[1] += 1
+            return None
+        if now - self._window_start >= self._window:
+            self._window_start, self._in_window = now, 0
+        if self._in_window >= self._per_window:
+            self.overflow += 1
+            return None
+        self._in_window += 1
+        repeats = int(entry[1]) if entry is not None else 0
+        if entry is None and len(self._last) >= self._max_keys:
+            self._last = {k: v for k, v in self._last.items() if now - v[0] < self._window}
+            if len(self._last) >= self._max_keys:
+                self._last.clear()
+        self._last[key] = [now, 0]
+        return repeats
+
+    def take_overflow(self) -> int:
+        overflow, self.overflow = self.overflow, 0
+        return overflow
+
+
+# -- the writer ----------------------------------------------------------------------
+
+# JetStream API error codes.
+_ALREADY_EXISTS = 10058
+_REPLICAS_UNSUPPORTED = 10074
+# While NATS answers but refuses an event, it is retried this many times, then dropped;
+# while NATS is unreachable, events wait in the queue (bounded) however long it takes.
+MAX_ATTEMPTS = 8
+_BACKOFF_MAX_S = 5.0
+_WARN_EVERY_S = 10.0
+_Item = tuple[str, str, str, bytes]  # tenant, subject, message id, body
 
 
 class AuditLog:
-    """Placeholder until the audit stream lands: logs events at INFO."""
+    """Writes audit events of every tenant to that tenant's audit stream."""
 
-    def __init__(self, broker: JetStreamBroker | None, prefix: str, node_id: str = "") -> None:
+    def __init__(
+        self,
+        broker: JetStreamBroker | None,
+        prefix: str,
+        node_id: str = "",
+        *,
+        max_age_s: float = DEFAULT_MAX_AGE_S,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        replicas: int = 0,
+        queue_max: int = DEFAULT_QUEUE_MAX,
+        publish_timeout_s: float = 5.0,
+    ) -> None:
         self._broker = broker
         self._prefix = prefix
         self._node_id = node_id
+        self._max_age_s = max_age_s
+        self._max_bytes = max_bytes
+        self._replicas = replicas
+        self._publish_timeout = publish_timeout_s
+        self._queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=queue_max)
+        self._known: set[str] = set()
+        self._task: asyncio.Task[None] | None = None
+        self._last_warning = float("-inf")
+        self._unwarned_drops = 0
+        # Counters (for metrics): events stored, and events lost (queue full, refused,
+        # not flushed at close, or invalid tenant/type).
+        self.written = 0
+        self.dropped = 0
+
+    @classmethod
+    def from_settings(
+        cls, broker: JetStreamBroker | None, settings: Settings, node_id: str = ""
+    ) -> AuditLog:
+        """An audit log with the limits of ``settings`` (ARQONBUS_AUDIT_*)."""
+        return cls(
+            broker,
+            settings.subject_prefix,
+            node_id,
+            max_age_s=settings.audit_max_age_s,
+            max_bytes=settings.audit_max_bytes,
+            replicas=settings.stream_replicas,
+            queue_max=settings.audit_queue_max,
+            publish_timeout_s=settings.publish_timeout_s,
+        )
+
+    def stats(self) -> dict[str, int]:
+        return {"written": self.written, "dropped": self.dropped, "queued": self._queue.qsize()}
+
+    # -- recording ------------------------------------------------------------------
 
     def record(self, tenant: str, type_: str, principal: str = "", **details: Any) -> None:
-        log.info("audit %s %s %s %s", tenant, type_, principal, details)
+        """Queue one event; never blocks, never raises. Secret-looking details are dropped."""
+        try:
+            self._record(tenant, type_, principal, details)
+        except Exception:
+            self.dropped += 1
+            log.exception("audit event %r could not be queued", type_)
+
+    def _record(self, tenant: str, type_: str, principal: str, details: dict[str, Any]) -> None:
+        if not is_valid_name(tenant) or not is_valid_name(type_):
+            self._drop(f"invalid tenant or event type {tenant!r:.70}/{type_!r:.70}")
+            return
+        event = make_event(tenant, type_, principal, self._node_id, details)
+        if self._broker is None:  # no NATS (unit tests): the log is all there is
+            log.info("audit %s", orjson.dumps(event).decode())
+            return
+        item = (tenant, subject(self._prefix, tenant, type_), event["id"], orjson.dumps(event))
+        try:
+            self._queue.put_nowait(item)
+        except asyncio.QueueFull:
+            self._drop(f"the audit queue is full ({self._queue.maxsize} events)")
+
+    def _drop(self, why: str) -> None:
+        self.dropped += 1
+        self._unwarned_drops += 1
+        now = time.monotonic()
+        if now - self._last_warning >= _WARN_EVERY_S:
+            log.warning(
+                "audit: %d event(s) dropped since the last warning (%s); %d dropped in all",
+                self._unwarned_drops,
+                why,
+                self.dropped,
+            )
+            self._last_warning, self._unwarned_drops = now, 0
+
+    # -- lifecycle ------------------------------------------------------------------
 
     def start(self) -> None:
-        pass
+        """Start writing (call once NATS is connected or connecting); idempotent."""
+        if self._broker is not None and self._task is None:
+            self._task = asyncio.create_task(self._run(), name="audit-writer")
 
-    async def close(self) -> None:
-        pass
+    async def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until every queued event is written or dropped; False after ``timeout``."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._queue.join()
+        except TimeoutError:
+            return False
+        return True
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Write what is queued, for at most ``timeout`` seconds; the rest counts as dropped."""
+        task, self._task = self._task, None
+        if task is None:
+            return
+        if not task.done():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._queue.join()
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        lost = self._queue.qsize()
+        while not self._queue.empty():
+            self._queue.get_nowait()
+            self._queue.task_done()
+        if lost:
+            self.dropped += lost
+        if self.dropped:
+            log.warning(
+                "audit: %d event(s) dropped in all (none is retried after close)", self.dropped
+            )
+
+    async def _run(self) -> None:
+        while True:
+            item = await self._queue.get()
+            try:
+                if await self._write(item):
+                    self.written += 1
+                else:
+                    self._drop("JetStream refused them")
+            except asyncio.CancelledError:
+                self.dropped += 1  # closed while this one was being written
+                raise
+            except Exception:
+                self.dropped += 1
+                log.exception("audit: writing an event failed")
+            finally:
+                self._queue.task_done()
+
+    async def _write(self, item: _Item) -> bool:
+        """Publish one event with an ack; True once stored, False after MAX_ATTEMPTS refusals."""
+        assert self._broker is not None
+        tenant, subj, msg_id, body = item
+        delay, attempt = 0.1, 0
+        while True:
+            try:
+                _, js, jsm, _ = self._broker._require()
+                await self._ensure_stream(jsm, tenant)
+                # Nats-Msg-Id: a retry after a lost ack is stored once.
+                await js.publish(
+                    subj,
+                    body,
+                    timeout=self._publish_timeout,
+                    stream=stream_name(self._prefix, tenant),
+                    headers={"Nats-Msg-Id": msg_id},
+                )
+                return True
+            except (BrokerUnavailable, nats.errors.Error, APIError, TimeoutError, OSError) as exc:
+                if isinstance(exc, NoStreamResponseError | APIError):
+                    self._known.discard(tenant)  # deleted meanwhile? look again
+                if self._broker.connected:
+                    attempt += 1
+                if attempt >= MAX_ATTEMPTS:
+                    log.warning("audit: event for %s dropped: %s", tenant, exc)
+                    return False
+                log.debug("audit: write for %s failed (%s); retrying", tenant, exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _BACKOFF_MAX_S)
+
+    async def _ensure_stream(self, jsm: JetStreamManager, tenant: str) -> None:
+        """Create the tenant's audit stream if missing (idempotent; cached per tenant)."""
+        if tenant in self._known:
+            return
+        assert self._broker is not None
+        name = stream_name(self._prefix, tenant)
+        try:
+            info = await jsm.stream_info(name)
+        except NotFoundError:
+            info = None
+        if info is not None:
+            existing = info.config
+            if existing.max_age != self._max_age_s or existing.max_bytes != self._max_bytes:
+                config = stream_config(
+                    self._prefix,
+                    tenant,
+                    existing.num_replicas or 1,
+                    self._max_age_s,
+                    self._max_bytes,
+                )
+                try:
+                    await jsm.update_stream(config)
+                    log.info("audit stream %s: limits updated", name)
+                except APIError as exc:
+                    log.warning("audit stream %s: could not update its limits: %s", name, exc)
+            self._known.add(tenant)
+            return
+        replicas = choose_replicas(
+            StreamPolicy(replicas=self._replicas), self._broker.cluster_size()
+        )
+        while True:
+            config = stream_config(self._prefix, tenant, replicas, self._max_age_s, self._max_bytes)
+            try:
+                await jsm.add_stream(config)
+                log.info("created audit stream %s with %d replica(s)", name, replicas)
+            except APIError as exc:
+                if exc.err_code == _REPLICAS_UNSUPPORTED and replicas > 1:
+                    replicas = 1
+                    continue
+                if exc.err_code != _ALREADY_EXISTS:  # another gateway won the race: fine
+                    raise
+            break
+        self._known.add(tenant)
+
+
+# -- reading ------------------------------------------------------------------------
+
+_READ_WAIT_S = 5.0
+
+
+async def read_events(
+    broker: JetStreamBroker,
+    prefix: str,
+    tenant: str,
+    since: datetime | None = None,
+    types: Iterable[str] = (),
+    limit: int = 1000,
+) -> tuple[list[dict[str, Any]], bool]:
+    """Events of ``tenant`` from ``since`` (all kept when None), oldest first.
+
+    Returns (events, more): ``more`` is True when ``limit`` cut the result. An unknown
+    tenant (no audit stream) has no events. Only this tenant's stream is read.
+    """
+    nc, js, jsm, _ = broker._require()
+    name = stream_name(prefix, tenant)
+    wanted = sorted(set(types))
+    filters = [subject(prefix, tenant, t) for t in wanted] or [tenant_filter(prefix, tenant)]
+    config = ConsumerConfig(
+        deliver_subject=nc.new_inbox(),
+        deliver_policy=DeliverPolicy.BY_START_TIME if since else DeliverPolicy.ALL,
+        opt_start_time=since,
+        ack_policy=AckPolicy.NONE,
+        max_deliver=1,
+        flow_control=True,
+        idle_heartbeat=_READ_WAIT_S,
+        mem_storage=True,
+        num_replicas=1,
+        inactive_threshold=30.0,
+    )
+    if len(filters) == 1:
+        config.filter_subject = filters[0]
+    else:
+        config.filter_subjects = filters
+    try:
+        info = await jsm.add_consumer(name, config)
+    except NotFoundError:
+        return [], False
+    events: list[dict[str, Any]] = []
+    pending = info.num_pending or 0
+    if pending == 0:
+        with contextlib.suppress(Exception):
+            await jsm.delete_consumer(name, info.name)
+        return [], False
+    sub = await js.subscribe_bind(name, config, info.name, ordered_consumer=True)
+    more = False
+    try:
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=_READ_WAIT_S)
+            except nats.errors.TimeoutError:
+                raise BrokerUnavailable(
+                    f"the audit stream {name} stopped answering; try again"
+                ) from None
+            if len(events) >= limit:
+                more = True
+                break
+            with contextlib.suppress(orjson.JSONDecodeError):
+                event = orjson.loads(msg.data)
+                if isinstance(event, dict) and event.get("tenant") == tenant:
+                    events.append(event)
+            if msg.metadata.num_pending == 0:
+                break
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+        with contextlib.suppress(Exception):
+            await jsm.delete_consumer(name, info.name)
+    return events, more
+
+
+# -- helpers for the session hooks ----------------------------------------------------
+
+# The content-policy refusals recorded as ``policy_blocked`` (shared/inspect.py).
+POLICY_CODES = frozenset({"policy_violation", "invalid_payload"})
+_RULE_NAME = re.compile(r"""rule (?:'([^']*)'|"([^"]*)")""")
+
+
+def rule_name(detail: str) -> str:
+    """The content-policy rule a refusal's message names (shared/inspect.py quotes it), or ""."""
+    match = _RULE_NAME.search(detail)
+    return (match.group(1) or match.group(2) or "") if match else ""

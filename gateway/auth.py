@@ -10,6 +10,7 @@ never from envelopes.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
@@ -129,6 +130,14 @@ class Authenticator(Protocol):
     name: str
 
     def authenticate(self, credentials: Credentials) -> Principal | Awaitable[Principal]: ...
+
+
+async def check_credentials(authenticator: Authenticator, credentials: Credentials) -> Principal:
+    """``authenticator.authenticate``, awaited when the method needs NATS."""
+    outcome = authenticator.authenticate(credentials)
+    if inspect.isawaitable(outcome):
+        return await outcome
+    return outcome
 
 
 # Token forms, by method. Anything else is taken for a JWT.

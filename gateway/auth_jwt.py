@@ -393,6 +393,33 @@ class JwtAuthenticator:
             raise AuthError("signing keys not loaded yet (the JWKS URL has not answered): retry")
         return self._remote.keys
 
+    def _signed_failure(self, message: str, token: str, key: VerifyKey, alg: str) -> AuthError:
+        """A refusal after the signature verified: it names the token's tenant and jti, so
+        the failure goes to that tenant's audit stream. (A token whose signature fails names
+        no tenant: its claims are anyone's.)"""
+        try:
+            claims = jwt.decode(
+                token,
+                key.key,
+                algorithms=[alg],
+                options={
+                    "verify_exp": False,
+                    "verify_nbf": False,
+                    "verify_iat": False,
+                    "verify_aud": False,
+                    "verify_iss": False,
+                },
+            )
+        except jwt.PyJWTError:
+            return AuthError(message)
+        tenant = claims.get(self.tenant_claim)
+        jti = claims.get("jti")
+        return AuthError(
+            message,
+            tenant=tenant if isinstance(tenant, str) and is_valid_name(tenant) else "",
+            credential_id=jti[:128] if isinstance(jti, str) else "",
+        )
+
     def _verify(self, token: str | None) -> dict[str, Any]:
         if not token:
             raise AuthError(
@@ -429,15 +456,21 @@ class JwtAuthenticator:
                 },
             )
         except jwt.ExpiredSignatureError:
-            raise AuthError("token expired: get a new token") from None
+            raise self._signed_failure("token expired: get a new token", token, key, alg) from None
         except jwt.ImmatureSignatureError:
-            raise AuthError("token not yet valid (nbf/iat in the future): check clocks") from None
+            raise self._signed_failure(
+                "token not yet valid (nbf/iat in the future): check clocks", token, key, alg
+            ) from None
         except jwt.MissingRequiredClaimError as exc:
             raise AuthError(f"token lacks the required '{exc.claim}' claim") from None
         except jwt.InvalidAudienceError:
-            raise AuthError("token audience (aud) is not this gateway's") from None
+            raise self._signed_failure(
+                "token audience (aud) is not this gateway's", token, key, alg
+            ) from None
         except jwt.InvalidIssuerError:
-            raise AuthError("token issuer (iss) is not accepted") from None
+            raise self._signed_failure(
+                "token issuer (iss) is not accepted", token, key, alg
+            ) from None
         except jwt.InvalidSignatureError:
             raise AuthError("invalid token: bad signature") from None
         except jwt.PyJWTError:

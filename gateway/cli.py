@@ -11,8 +11,12 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from shared.settings import ConfigError, Settings, load_settings, unknown_variables
+
+if TYPE_CHECKING:
+    from mesh.jetstream import JetStreamBroker
 
 log = logging.getLogger("arqonbus")
 
@@ -80,13 +84,40 @@ def _parser() -> argparse.ArgumentParser:
         "--tls-cert", help="PEM certificate (chain) file; serves wss:// [ARQONBUS_TLS_CERT]"
     )
     gw.add_argument("--tls-key", help="PEM private key of --tls-cert [ARQONBUS_TLS_KEY]")
+    gw.add_argument(
+        "--insecure-dev-auth",
+        action="store_const",
+        const=True,
+        help="allow --auth dev (anyone may claim any identity): development only "
+        "[ARQONBUS_INSECURE_DEV_AUTH]",
+    )
 
     mesh = sub.add_parser("mesh", help="mesh administration")
     mesh_sub = mesh.add_subparsers(dest="mesh_command", required=True)
     prov = mesh_sub.add_parser("provision", help="create a tenant's stream (idempotent)")
     prov.add_argument("--tenant", action="append", required=True, help="tenant name (repeatable)")
     prov.add_argument("--nats", help="NATS URL(s), comma-separated [ARQONBUS_NATS]")
+    from gateway import cli_keys  # arqonbus keys create|list|revoke
+
+    cli_keys.add_parser(sub)
+    from gateway import cli_policy
+
+    cli_policy.add_parser(sub)
+    from gateway import cli_agents  # arqonbus agents keygen|register|list|revoke
+
+    cli_agents.add_parser(sub)
+    from gateway import cli_audit  # arqonbus audit --tenant T [--since] [--type] [--json]
+
+    cli_audit.add_parser(sub)
     return parser
+
+
+def cli_broker(settings: Settings, name: str) -> JetStreamBroker:
+    """A broker for a one-shot CLI command (not connected yet), with the NATS credentials
+    and TLS of ``settings`` (mesh/nats_auth.py)."""
+    from mesh.nats_auth import broker_from_settings
+
+    return broker_from_settings(settings, name)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -103,6 +134,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.warning("ignoring unknown variable %s: see the README's configuration table", name)
         if args.command == "gateway":
             return _run_gateway(settings)
+        if args.command == "keys":
+            from gateway import cli_keys
+
+            return asyncio.run(cli_keys.run(args, settings))
+        if args.command == "agents":
+            from gateway import cli_agents
+
+            return asyncio.run(cli_agents.run(args, settings))
+        if args.command == "audit":
+            from gateway import cli_audit
+
+            return asyncio.run(cli_audit.run(args, settings))
+        if args.command == "policy":
+            from gateway import cli_policy
+
+            return asyncio.run(cli_policy.run(args, settings))
         return asyncio.run(_provision(settings, args.tenant))
     except ConfigError as exc:
         print(f"arqonbus: {exc}", file=sys.stderr)
@@ -112,7 +159,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _settings_from(args: argparse.Namespace) -> Settings:
-    keys = ("nats", "listen", "auth", "node_id", "log_level", "tls_cert", "tls_key")
+    keys: tuple[str, ...] = ("nats", "listen", "auth", "node_id", "log_level", "tls_cert")
+    keys += ("tls_key", "insecure_dev_auth")
     return load_settings(**{k: getattr(args, k, None) for k in keys})
 
 
@@ -132,6 +180,7 @@ def _raise_open_file_limit() -> None:
 def _run_gateway(settings: Settings) -> int:
     from gateway.server import PortInUse, run_gateway
 
+    _refuse_dev_auth(settings)
     _raise_open_file_limit()
     try:
         return asyncio.run(run_gateway(settings))
@@ -143,17 +192,29 @@ def _run_gateway(settings: Settings) -> int:
         return 2
 
 
+def _refuse_dev_auth(settings: Settings) -> None:
+    """A production start never runs dev auth by accident: it needs an explicit opt-in."""
+    if "dev" not in settings.auth.split(","):
+        return
+    if not settings.insecure_dev_auth:
+        raise ConfigError(
+            "refusing to start with --auth dev (ARQONBUS_AUTH includes 'dev'): any client "
+            "could claim any tenant and identity with a dev: token. In production use jwt, "
+            "apikey or agent; for development run `arqonbus dev`, or pass --insecure-dev-auth "
+            "(ARQONBUS_INSECURE_DEV_AUTH=true)"
+        )
+    log.warning(
+        "INSECURE: dev authentication is on (--insecure-dev-auth): any client can claim any "
+        "identity; never expose this gateway"
+    )
+
+
 async def _provision(settings: Settings, tenants: list[str]) -> int:
     from mesh.broker import BrokerUnavailable
-    from mesh.jetstream import JetStreamBroker
-    from mesh.streams import StreamPolicy
     from shared.subjects import SubjectScheme, is_valid_name
 
     scheme = SubjectScheme(settings.subject_prefix)
-    policy = StreamPolicy(
-        settings.stream_max_age_s, settings.dedupe_window_s, settings.stream_replicas
-    )
-    broker = JetStreamBroker(settings.nats_urls, scheme, policy, settings.publish_timeout_s)
+    broker = cli_broker(settings, "arqonbus-provision")
     for tenant in tenants:
         if not is_valid_name(tenant):
             print(

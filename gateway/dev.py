@@ -6,8 +6,10 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 from mesh.local import LocalCluster, NatsServerNotFound, free_port
@@ -52,6 +54,7 @@ def gateway_command(nats: str, host: str, port: int, node_id: str) -> list[str]:
     return [
         sys.executable, "-m", "gateway", "gateway",
         "--nats", nats, "--listen", f"{host}:{port}", "--auth", "dev", "--node-id", node_id,
+        "--insecure-dev-auth",  # a local dev mesh: dev tokens on purpose
     ]  # fmt: skip
 
 
@@ -94,7 +97,28 @@ def _check_ports(host: str, first: int, count: int, what: str, flag: str) -> Non
                 ) from None
 
 
+# The dev mesh serves plain ws:// (its banner, readiness probe and examples say so); these
+# would make its gateways (which inherit the environment) serve TLS instead.
+_NOT_FOR_DEV = ("ARQONBUS_TLS_CERT", "ARQONBUS_TLS_KEY")
+
+
+def _refuse_production_env(environ: Mapping[str, str]) -> str | None:
+    """Why ``arqonbus dev`` cannot run with this environment, or None."""
+    found = [name for name in _NOT_FOR_DEV if environ.get(name)]
+    if not found:
+        return None
+    return (
+        f"arqonbus dev: unset {' and '.join(found)}: the dev mesh serves plain ws:// on "
+        "127.0.0.1. To try TLS, run `arqonbus gateway --tls-cert ... --tls-key ...` against "
+        "the dev mesh's NATS."
+    )
+
+
 async def run_dev(args: argparse.Namespace) -> int:
+    refused = _refuse_production_env(os.environ)
+    if refused:
+        print(refused, file=sys.stderr)
+        return 2
     _check_ports(args.host, args.nats_port, args.nats_nodes, "NATS", "--nats-port")
     _check_ports(args.host, args.port, args.gateways, "gateway", "--port")
     data_dir: Path = args.data_dir.resolve()

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from mesh import kv as kvmod
 from mesh.kv import WatchedBucket
+from shared.inspect import LayeredPolicy, policy_for
 
 if TYPE_CHECKING:
     from nats.js.kv import KeyValue
@@ -27,13 +28,15 @@ READY_WAIT_S = 5.0
 
 
 class SecurityState:
-    def __init__(self, broker: JetStreamBroker, prefix: str) -> None:
+    def __init__(self, broker: JetStreamBroker, prefix: str, policy_file: str = "") -> None:
         self.broker = broker
         self.prefix = prefix
         self.keys = self._watched(kvmod.KEYS)
         self.agents = self._watched(kvmod.AGENTS)
         self.rooms = self._watched(kvmod.ROOMS)
         self.policies = self._watched(kvmod.POLICIES)
+        # Content policies: a tenant's rules in KV replace the policy file's for it.
+        self.content_policy = LayeredPolicy(policy_for(policy_file), self.policies.get)
         self._nonces: KeyValue | None = None
         self._started = False
 
@@ -53,6 +56,11 @@ class SecurityState:
         for bucket in self.watched:
             bucket.start()
         self.broker.on_reconnect(self._restart_watches)
+
+    @property
+    def loaded(self) -> bool:
+        """Every watched bucket has loaded once: until then checks would fail open."""
+        return all(bucket.ready.is_set() for bucket in self.watched)
 
     async def _restart_watches(self) -> None:
         for bucket in self.watched:

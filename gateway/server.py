@@ -10,7 +10,9 @@ import logging
 import os
 import signal
 import socket as socketlib
+import time
 from collections.abc import Awaitable, Mapping
+from dataclasses import dataclass
 from http import HTTPStatus
 from urllib.parse import urlsplit
 
@@ -22,10 +24,15 @@ from gateway.auth import (
     AuthUnavailable,
     Credentials,
     Principal,
+    check_credentials,
     make_authenticator,
 )
+from gateway.auth_agent import issue_nonce, revoked_agent_id
+from gateway.auth_keys import revoked_key_id
 from gateway.hub import Hub
+from gateway.limits import ConnectionReporter, RateLimits, TenantConnections, rate_specs
 from gateway.origin import OriginPolicy
+from gateway.rooms import RoomDirectory, RoomSettings, banned_error
 from gateway.security import SecurityState
 from gateway.session import Session
 from gateway.transport import (
@@ -36,11 +43,17 @@ from gateway.transport import (
     server_tls_context,
     start_server,
 )
-from mesh.jetstream import JetStreamBroker
-from mesh.streams import StreamPolicy
-from shared.errors import FORBIDDEN_ORIGIN, RATE_LIMITED, CloseCode
+from mesh.kv import NONCE_TTL_S
+from mesh.nats_auth import broker_from_settings
+from shared.envelope import encode_auth_required, parse_auth_frame
+from shared.errors import (
+    FORBIDDEN_ORIGIN,
+    RATE_LIMITED,
+    TENANT_CONNECTIONS,
+    ArqonError,
+    CloseCode,
+)
 from shared.settings import ConfigError, Settings
-from shared.subjects import SubjectScheme
 
 log = logging.getLogger("arqonbus.gateway")
 
@@ -93,21 +106,12 @@ class Gateway:
     def __init__(self, settings: Settings, authenticator: Authenticator | None = None) -> None:
         self.settings = settings
         self.node_id = settings.node_id or default_node_id()
-        self.broker = JetStreamBroker(
-            settings.nats_urls,
-            SubjectScheme(settings.subject_prefix),
-            StreamPolicy(
-                max_age_s=settings.stream_max_age_s,
-                dedupe_window_s=settings.dedupe_window_s,
-                replicas=settings.stream_replicas,
-            ),
-            publish_timeout_s=settings.publish_timeout_s,
-            name=f"arqonbus-gateway {self.node_id}",
-        )
+        # Its URLs, stream policy (with the tenants' stored-bytes quota), credentials, TLS.
+        self.broker = broker_from_settings(settings, f"arqonbus-gateway {self.node_id}")
         self.hub = Hub(self.broker, settings.replay_buffer_msgs, 4 * settings.send_buffer_bytes)
         # Security state shared by every gateway (NATS KV), and the audit stream.
-        self.security = SecurityState(self.broker, settings.subject_prefix)
-        self.audit = AuditLog(self.broker, settings.subject_prefix, self.node_id)
+        self.security = SecurityState(self.broker, settings.subject_prefix, settings.policy_file)
+        self.audit = AuditLog.from_settings(self.broker, settings, self.node_id)
         try:
             self.authenticator = authenticator or make_authenticator(
                 settings.auth, settings, self.security
@@ -115,8 +119,24 @@ class Gateway:
         except ValueError as exc:
             raise ConfigError(f"invalid setting ARQONBUS_AUTH: {exc}") from None
         self.sessions: set[Session] = set()
+        # Agents: a revoke made anywhere closes this gateway's sessions of that agent.
+        self.security.agents.on_change(self._on_agent_change)
+        self._auth_methods = [m.strip() for m in settings.auth.split(",") if m.strip()]
+        # API keys: a revoke made anywhere closes this gateway's sessions that used the key.
+        self._revoked_keys: set[str] = set()
+        self.security.keys.on_change(self._on_key_change)
+        # Private rooms: a ban made on any gateway removes the member from the room here.
+        self.rooms = RoomDirectory.of(self.security)
+        self.rooms.on_update(self._on_room_update)
         # Per client address: upgrades per second (429 beyond) and unfinished handshakes.
         self.conn_rate = RateLimiter(settings.conn_rate_per_ip, settings.conn_burst_per_ip)
+        # Rate limits and connection quotas (gateway/limits.py).
+        self.rate_limits = RateLimits(*rate_specs(settings))
+        self.tenant_conns = TenantConnections(
+            settings.max_connections_per_tenant, reserve_s=settings.open_timeout_s + 5.0
+        )
+        self.conn_reports = ConnectionReporter(self.broker, settings, self.node_id)
+        self.rate_limits.tenant_connections = self._tenant_connections
         self.pending_handshakes = PendingHandshakes(settings.max_pending_handshakes_per_ip)
         # Checked here, so a bad allowlist or TLS file stops the gateway before it listens.
         self.origins = origin_policy(settings)
@@ -169,7 +189,10 @@ class Gateway:
         if not await self.broker.connect_with_retry(self._stop):
             return
         self.security.start()
+        if self.tenant_conns.enabled:  # other gateways' connection counts (gateway/limits.py)
+            self.conn_reports.start(self.tenant_conns.live)
         self.audit.start()
+        self._tasks.append(asyncio.create_task(self._ready_once_loaded()))
         loop = asyncio.get_running_loop()
         interval = self.settings.health_interval_s
         while not self._stop.is_set():
@@ -179,13 +202,19 @@ class Gateway:
                 self.broker.check_health(timeout=interval),
                 self.broker.check_link(timeout=interval),
             )
-            if self.healthy:
+            if self.ready:
                 self._became_ready.set()
             await self._after_check(link_ok)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(
                     self._stop.wait(), max(0.0, interval - (loop.time() - started))
                 )
+
+    async def _ready_once_loaded(self) -> None:
+        """Ready as soon as the security state loads (not at the next health check)."""
+        await asyncio.gather(*(bucket.ready.wait() for bucket in self.security.watched))
+        if self.ready:
+            self._became_ready.set()
 
     async def _after_check(self, link_ok: bool) -> None:
         """Act on consecutive failed checks: another NATS server, then other gateways."""
@@ -221,7 +250,7 @@ class Gateway:
 
     @property
     def ready(self) -> bool:
-        return self.healthy and self.broker.connected and not self.draining
+        return self.healthy and self.broker.connected and self.security.loaded and not self.draining
 
     async def drain(self) -> None:
         """readyz fails, no new sessions, clients closed with 1012, in-flight publishes finish."""
@@ -246,6 +275,7 @@ class Gateway:
                     await self._server.wait_closed()
         await self.hub.close()
         await self.security.close()
+        await self.conn_reports.close()
         await self.audit.close()
         await self.broker.close(timeout / 2)
         close_authenticator = getattr(self.authenticator, "close", None)
@@ -255,16 +285,52 @@ class Gateway:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
+    # -- API-key revocation ----------------------------------------------------------
+
+    def _on_room_update(self, tenant: str, room: str, settings: RoomSettings | None) -> None:
+        """ROOMS changed: sessions of a banned principal leave the room's channels."""
+        if settings is None or not settings.banned:
+            return
+        now = time.time()
+        for session in list(self.sessions):
+            principal = session.principal
+            if principal.tenant != tenant:
+                continue
+            ban = settings.ban_of(principal.id, now)
+            if ban is not None:
+                session.leave_room(room, banned_error(room, ban, now))
+
+    def _on_key_change(self, kv_key: str, value: bytes | None) -> None:
+        """A KEYS change: collect revoked key ids, then close their sessions in one scan."""
+        key_id = revoked_key_id(kv_key, value)
+        if key_id is None:
+            return
+        if not self._revoked_keys:  # revokes are rare: one scan per batch of changes
+            asyncio.get_running_loop().call_soon(self._close_revoked_sessions)
+        self._revoked_keys.add(key_id)
+
+    def _close_revoked_sessions(self) -> None:
+        revoked, self._revoked_keys = self._revoked_keys, set()
+        for session in list(self.sessions):
+            principal = session.principal
+            if principal.method == "apikey" and principal.credential_id in revoked:
+                session.socket.close_soon(
+                    CloseCode.CREDENTIAL_REVOKED,
+                    "the API key was revoked: do not reconnect with it; use a new key",
+                )
+
     # -- HTTP ------------------------------------------------------------------------
 
     def _on_request(
         self, target: str, headers: Mapping[str, str], peer_ip: str
-    ) -> HttpReply | Principal | Awaitable[HttpReply | Principal]:
+    ) -> HttpReply | Principal | PendingAuth | Awaitable[HttpReply | Principal]:
         path = urlsplit(target).path
         if path == "/healthz":
             return HttpReply(HTTPStatus.OK, {"status": "alive", "node": self.node_id})
         if path == "/readyz":
             return self._readyz()
+        if path == NONCE_PATH:
+            return self._nonce_request(peer_ip)
         if path != WS_PATH:
             return HttpReply(
                 HTTPStatus.NOT_FOUND, {"error": "not found: the WebSocket endpoint is /ws"}
@@ -283,22 +349,47 @@ class Gateway:
                 {"error": "unavailable: this gateway cannot reach the message store; "
                  "connect to another gateway"},
             )  # fmt: skip
+        if not self.security.loaded:
+            # Bans, revocations and private rooms are not known yet: checks would fail open.
+            return HttpReply(
+                HTTPStatus.SERVICE_UNAVAILABLE,
+                {"error": "unavailable", "message": "starting: the security state is not "
+                 "loaded yet; retry shortly or connect to another gateway"},
+            )  # fmt: skip
         wait_s = self.conn_rate.take(peer_ip)
         if wait_s:
             return _rate_limited(wait_s)
+        credentials = Credentials.from_request(target, headers)
+        if credentials.token is None and self.settings.auth_message_timeout_s > 0:
+            return PendingAuth(peer_ip)  # first-message auth: see _auth_phase
         try:
-            outcome = self.authenticator.authenticate(Credentials.from_request(target, headers))
+            outcome = self.authenticator.authenticate(credentials)
         except (AuthError, AuthUnavailable) as exc:
             return self._refuse_auth(exc, peer_ip)
         if inspect.isawaitable(outcome):  # the method needs NATS (an agent's nonce)
             return self._finish_auth(outcome, peer_ip)
-        return outcome
+        return self._reserve_tenant_slot(outcome)
+
+    def _tenant_connections(self, tenant: str) -> int:
+        """The tenant's connections: this gateway's live ones plus other gateways' reports."""
+        return self.tenant_conns.count(tenant) + self.conn_reports.others(tenant)
+
+    def _reserve_tenant_slot(self, outcome: HttpReply | Principal) -> HttpReply | Principal:
+        """429 ``limit_exceeded`` when the tenant is at max_connections_per_tenant."""
+        if isinstance(outcome, HttpReply) or not self.tenant_conns.enabled:
+            return outcome
+        tenant = outcome.tenant
+        if self.tenant_conns.try_reserve(tenant, self.conn_reports.others(tenant)):
+            return outcome
+        return _tenant_full(
+            tenant, self.tenant_conns.max_per_tenant, self.settings.health_interval_s
+        )
 
     async def _finish_auth(
         self, outcome: Awaitable[Principal], peer_ip: str
     ) -> HttpReply | Principal:
         try:
-            return await outcome
+            return self._reserve_tenant_slot(await outcome)
         except (AuthError, AuthUnavailable) as exc:
             return self._refuse_auth(exc, peer_ip)
 
@@ -340,6 +431,7 @@ class Gateway:
             "ready": self.ready,
             "nats_connected": self.broker.connected,
             "jetstream": self.healthy,
+            "security_state": self.security.loaded,
             "failed_checks": self.failed_checks,
             "link_failures": self.link_failures,
             "draining": self.draining,
@@ -350,7 +442,23 @@ class Gateway:
 
     # -- WebSocket -------------------------------------------------------------------
 
-    async def _on_socket(self, principal: Principal, socket: Socket) -> None:
+    async def _on_socket(self, context: Principal | PendingAuth, socket: Socket) -> None:
+        if isinstance(context, PendingAuth):
+            authenticated = await self._auth_phase(context, socket)
+            if authenticated is None:
+                return
+            principal = authenticated
+            # Authenticated after the upgrade: the tenant's connection cap is checked here.
+            if not self.tenant_conns.try_reserve(
+                principal.tenant, self.conn_reports.others(principal.tenant)
+            ):
+                await socket.close(
+                    CloseCode.TOO_MANY_CONNECTIONS,
+                    "the tenant is at its connection limit: reconnect later",
+                )
+                return
+        else:
+            principal = context
         if self.draining:  # the handshake finished just as the drain began
             await socket.close(CloseCode.SERVICE_RESTART, "server draining: reconnect elsewhere")
             return
@@ -363,14 +471,143 @@ class Gateway:
             self.node_id,
             security=self.security,
             audit=self.audit,
+            authenticator=self.authenticator,
+            rate_limits=self.rate_limits,
         )
+        self.tenant_conns.claim(principal.tenant)
         self.sessions.add(session)
+        if self._revoked_since_check(principal):
+            # Revoked between the credential check and now: the revocation scan that ran
+            # meanwhile could not see this session.
+            session.socket.close_soon(
+                CloseCode.CREDENTIAL_REVOKED, "the credential was revoked: do not reconnect with it"
+            )
         try:
             await session.run()
         except Exception:
             log.exception("session %s crashed", session.id)
         finally:
             self.sessions.discard(session)
+            self.tenant_conns.release(principal.tenant)
+
+    def _revoked_since_check(self, principal: Principal) -> bool:
+        """The principal's API key or agent is revoked (or gone) in the watched state now."""
+        if principal.method == "apikey":
+            kv_key = f"{principal.tenant}.{principal.credential_id}"
+            return revoked_key_id(kv_key, self.security.keys.get(kv_key)) is not None
+        if principal.method == "agent":
+            agent_id = principal.credential_id
+            return revoked_agent_id(agent_id, self.security.agents.get(agent_id)) is not None
+        return False
+
+    # -- agent identity: revocation, nonces, first-message auth (issue 6) ------------
+
+    def _on_agent_change(self, agent_id: str, value: bytes | None) -> None:
+        if revoked_agent_id(agent_id, value) is None:
+            return
+        for session in list(self.sessions):
+            principal = session.principal
+            if principal.method == "agent" and principal.credential_id == agent_id:
+                session.socket.close_soon(
+                    CloseCode.CREDENTIAL_REVOKED,
+                    "the agent was revoked: do not reconnect with it; register a new key",
+                )
+
+    def _nonce_request(self, peer_ip: str) -> HttpReply | Awaitable[HttpReply]:
+        """``GET /auth/nonce``: a single-use nonce for an agent token (any gateway accepts it)."""
+        wait_s = self.conn_rate.take(peer_ip)
+        if wait_s:
+            return _rate_limited(wait_s)
+        if not self.broker.connected or self.cut_off:
+            return HttpReply(
+                HTTPStatus.SERVICE_UNAVAILABLE,
+                {"error": "unavailable", "message": "cannot issue a nonce now: retry or use "
+                 "another gateway"},
+            )  # fmt: skip
+        return self._issue_nonce_reply()
+
+    async def _issue_nonce_reply(self) -> HttpReply:
+        try:
+            nonce = await issue_nonce(self.security)
+        except AuthUnavailable as exc:
+            return HttpReply(
+                HTTPStatus.SERVICE_UNAVAILABLE, {"error": "unavailable", "message": str(exc)}
+            )
+        return HttpReply(HTTPStatus.OK, {"nonce": nonce, "expires_in_s": int(NONCE_TTL_S)})
+
+    async def _auth_phase(self, pending: PendingAuth, socket: Socket) -> Principal | None:
+        """First-message auth: send auth_required (with a fresh nonce), await one auth frame.
+
+        Refused: close 4501 (fatal); no frame within auth_message_timeout_s: 4502 (fatal);
+        the credential cannot be checked now: 4002 (reconnect elsewhere).
+        """
+        timeout_s = self.settings.auth_message_timeout_s
+        nonce: str | None
+        try:
+            nonce = await issue_nonce(self.security)
+        except AuthUnavailable:
+            nonce = None  # agents cannot sign in now; the other methods still can
+        timeout_ms = int(timeout_s * 1000)
+        socket.send(encode_auth_required(nonce, self._auth_methods, timeout_ms, int(NONCE_TTL_S)))
+        try:
+            async with asyncio.timeout(timeout_s):
+                data = await socket.recv()
+        except TimeoutError:
+            await socket.close(
+                CloseCode.AUTH_TIMEOUT,
+                f"no auth frame within {timeout_s:g} s: send it right after auth_required",
+            )
+            return None
+        if data is None:
+            return None
+        try:
+            token = parse_auth_frame(data, self.settings.max_envelope_bytes)
+            principal = await check_credentials(self.authenticator, Credentials(token))
+        except ArqonError as exc:
+            await socket.close(CloseCode.AUTH_FAILED, _close_reason(f"{exc.code}: {exc.detail}"))
+            return None
+        except AuthUnavailable as exc:
+            await socket.close(CloseCode.BACKEND_UNAVAILABLE, _close_reason(str(exc)))
+            return None
+        except AuthError as exc:
+            self._refuse_auth(exc, pending.peer_ip)  # audited like a refused handshake
+            await socket.close(CloseCode.AUTH_FAILED, _close_reason(f"unauthorized: {exc}"))
+            return None
+        return principal
+
+
+# -- agent identity: nonces, revocation; first-message auth (issue 6) ------------------
+
+NONCE_PATH = "/auth/nonce"
+_CLOSE_REASON_MAX = 123  # bytes of UTF-8 a close frame's reason may hold (RFC 6455 5.5)
+
+
+@dataclass(frozen=True, slots=True)
+class PendingAuth:
+    """An upgrade without a credential: the first frame must be ``auth`` (see _auth_phase)."""
+
+    peer_ip: str
+
+
+def _close_reason(text: str) -> str:
+    data = text.encode()
+    if len(data) <= _CLOSE_REASON_MAX:
+        return text
+    return data[: _CLOSE_REASON_MAX - 3].decode(errors="ignore") + "..."
+
+
+def _tenant_full(tenant: str, limit: int, retry_s: float) -> HttpReply:
+    """429 ``limit_exceeded``: the tenant has ``limit`` connections over all gateways."""
+    return HttpReply(
+        TENANT_CONNECTIONS.status,
+        {
+            "error": TENANT_CONNECTIONS.code,
+            "message": f"tenant {tenant!r} has {limit} connections (max_connections_per_tenant)"
+            f". {TENANT_CONNECTIONS.message}",
+            "retry_after_ms": retry_after_ms(retry_s),
+        },
+        (("Retry-After", retry_after_header(retry_s)),),
+    )
 
 
 def _rate_limited(wait_s: float) -> HttpReply:

@@ -12,9 +12,21 @@ from datetime import UTC, datetime
 
 import orjson
 
-from gateway.audit import AuditLog
-from gateway.auth import Principal
+from gateway import audit as auditing
+from gateway import auth_agent
+from gateway.admission import retry_after_ms
+from gateway.audit import ADMIN_ACTION, AGENT_REGISTERED, RATE_LIMITED, AuditLog
+from gateway.auth import (
+    Authenticator,
+    AuthError,
+    AuthUnavailable,
+    Credentials,
+    Principal,
+    check_credentials,
+)
 from gateway.hub import Hub
+from gateway.limits import RateLimits, rate_specs, welcome_limits
+from gateway.rooms import RoomDirectory, RoomSettings, room_key_param, run_admin_command
 from gateway.security import SecurityState
 from gateway.transport import Socket
 from mesh.broker import (
@@ -24,6 +36,7 @@ from mesh.broker import (
     NoResponders,
     RequestTimeout,
     ServiceRequest,
+    StoreQuotaExceeded,
 )
 from shared import authz, commands
 from shared.envelope import (
@@ -44,11 +57,14 @@ from shared.envelope import (
 from shared.errors import (
     FORBIDDEN,
     INTERNAL,
+    INVALID_PARAMETERS,
     LIMIT_EXCEEDED,
+    MESSAGE_RATE_LIMITED,
     MESSAGE_TOO_LARGE,
     NO_RESPONDERS,
     NOT_JOINED,
     NOT_REGISTERED,
+    QUOTA_EXCEEDED,
     TIMEOUT,
     UNAVAILABLE,
     UNKNOWN_REQUEST,
@@ -75,6 +91,8 @@ _NO_RESPONDERS_RETRY_S = (0.01, 0.02, 0.03)
 # Authorization decisions memoized per connection, per (permission, room, channel); the memo
 # is emptied when it reaches this size (a connection may publish to many channels).
 _DECISION_MEMO_MAX = 1024
+# A connection over its rate limit is audited at most once per this many seconds.
+_RATE_AUDIT_EVERY_S = 10.0
 
 
 _last_stamp: tuple[int, str] = (-1, "")
@@ -109,8 +127,13 @@ class Session:
         node_id: str,
         security: SecurityState | None = None,
         audit: AuditLog | None = None,
+        authenticator: Authenticator | None = None,
+        rate_limits: RateLimits | None = None,
     ) -> None:
         self.socket = socket
+        # refresh_token checks the new credential with the gateway's authenticator.
+        self._authenticator = authenticator
+        self._expiry: asyncio.TimerHandle | None = None
         self._security = security
         self._audit = audit or AuditLog(None, settings.subject_prefix)
         self.principal = principal
@@ -133,11 +156,24 @@ class Session:
         self._no_deliveries.set()
         self._background: set[asyncio.Task[None]] = set()
         self._policy = authz.policy_for(principal.role, tuple(principal.grants))
-        self._content_policy = policy_for(settings.policy_file)
+        self._content_policy = (
+            security.content_policy if security is not None else policy_for(settings.policy_file)
+        )
         self._decisions: dict[tuple[authz.Permission, str, str], authz.Decision] = {}
+        # Rate limits (gateway/limits.py): this connection's buckets and its principal's.
+        if rate_limits is None:  # (an empty registry is falsy: it has a length)
+            rate_limits = RateLimits(*rate_specs(settings))
+        self._rate_limits = rate_limits
+        self._rates = self._rate_limits.open(principal.tenant, principal.id)
+        self._rate_audited = -_RATE_AUDIT_EVERY_S
+        # Audit: a client repeating a refused action gets one record per 10 s (with a count).
+        self._audit_throttle = auditing.AuditThrottle()
+        # Private rooms, bans, mutes (gateway/rooms.py); None without NATS security state.
+        self._rooms = RoomDirectory.of(security) if security is not None else None
 
-    def limits(self) -> dict[str, int]:
+    def limits(self) -> dict[str, int | float]:
         return {
+            **welcome_limits(self._settings),
             "max_envelope_bytes": self._settings.max_envelope_bytes,
             "max_in_flight": self._settings.max_in_flight,
             "history_max_limit": commands.HISTORY_MAX_LIMIT,
@@ -149,7 +185,7 @@ class Session:
 
     async def run(self) -> None:
         self.socket.send(encode_welcome(self.id, self._node_id, self.limits()))
-        expiry = self._close_at_expiry()
+        self._expiry = self._close_at_expiry()
         try:
             while True:
                 data = await self.socket.recv()
@@ -157,9 +193,10 @@ class Session:
                     break
                 await self.handle(data)
         finally:
-            if expiry is not None:
-                expiry.cancel()
+            if self._expiry is not None:
+                self._expiry.cancel()
             self._closed = True
+            self._rates.close()
             self._hub.leave_all(self.socket, list(self._joined))
             self._joined.clear()
             await self._close_handlers("the handler's connection closed before it answered")
@@ -181,13 +218,17 @@ class Session:
         try:
             message = parse_client_frame(data, self._settings.max_envelope_bytes)
             if isinstance(message, ClientResponse):
-                # Answers are taken even while draining: their callers are waiting.
+                # Answers are taken even while draining: their callers are waiting. Never
+                # refused by the rate limits either; their bytes are counted.
+                self._rates.charge(len(data))
                 await self._answer(message)
             elif self._stopping:
                 # Draining: drain() acks what is in flight, then closes 1012. Other frames
                 # that arrive meanwhile are not acted on (the client resends them
                 # elsewhere); reading on keeps the close handshake from stalling.
                 return
+            elif wait := self._rates.admit(len(data)):
+                self._refuse_rate(message.id, wait)
             elif isinstance(message, ClientEvent):
                 await self._start_publish(message)
             elif commands.is_builtin(message.command):
@@ -203,6 +244,22 @@ class Session:
                 encode_error(ArqonError(INTERNAL, "the gateway failed to handle this frame"))
             )
 
+    def _refuse_rate(self, request_id: str, wait_s: float) -> None:
+        """``rate_limited`` with ``retry_after_ms``: the frame is not acted on."""
+        retry_ms = retry_after_ms(wait_s)
+        error = ArqonError(MESSAGE_RATE_LIMITED, f"retry after {retry_ms} ms", request_id)
+        self.socket.send(encode_error(error, {"retry_after_ms": retry_ms}))
+        now = time.monotonic()
+        if now - self._rate_audited >= _RATE_AUDIT_EVERY_S:
+            self._rate_audited = now
+            self._audit.record(
+                self.principal.tenant,
+                RATE_LIMITED,
+                self.principal.id,
+                session=self.id,
+                retry_after_ms=retry_ms,
+            )
+
     # -- events -------------------------------------------------------------------
 
     async def _wait_for_slot(self) -> None:
@@ -216,10 +273,27 @@ class Session:
 
     async def _start_publish(self, event: ClientEvent) -> None:
         self._authorize(authz.Permission.PUBLISH, event.room, event.channel, event.id)
+        if self._rooms is not None:  # a room without settings: one dict lookup
+            room_settings = self._rooms.get(self.principal.tenant, event.room)
+            if room_settings is not None and self._refuse_publish(room_settings, event):
+                return
         # Content policies run before anything is stored (and may redact or tag).
-        event, tags = self._content_policy.check_event(
-            event, self.principal.tenant, self.principal.id
-        )
+        try:
+            event, tags = self._content_policy.check_event(
+                event, self.principal.tenant, self.principal.id
+            )
+        except ArqonError as exc:
+            if exc.code in auditing.POLICY_CODES:
+                self._audit_denial(
+                    auditing.POLICY_BLOCKED,
+                    ("policy", exc.code, event.room, event.channel),
+                    rule=auditing.rule_name(exc.detail or ""),
+                    code=exc.code,
+                    room=event.room,
+                    channel=event.channel,
+                    reason=exc.detail or "",
+                )
+            raise
         await self._wait_for_slot()
         ref = ChannelRef(self.principal.tenant, event.room, event.channel)
         body = with_tags(encode_stored_event(event, self.principal.id, utc_timestamp()), tags)
@@ -240,6 +314,9 @@ class Session:
     async def _publish(self, event: ClientEvent, ref: ChannelRef, body: bytes, key: str) -> None:
         try:
             result = await self._broker.publish(ref, body, key)
+        except StoreQuotaExceeded as exc:
+            self.socket.send(encode_error(ArqonError(QUOTA_EXCEEDED, str(exc), event.id)))
+            return
         except BrokerUnavailable as exc:
             log.warning("publish of %s failed: %s", event.id, exc)
             self.socket.send(encode_error(ArqonError(UNAVAILABLE, request_id=event.id)))
@@ -276,7 +353,36 @@ class Session:
                 self._decisions.clear()
             self._decisions[key] = decision
         if not decision.allowed:
+            self._audit_denial(
+                auditing.FORBIDDEN,
+                key,
+                permission=permission.value,
+                room=room,
+                channel=channel,
+                reason=decision.reason,
+            )
             raise ArqonError(FORBIDDEN, decision.reason, request_id)
+
+    def _audit_denial(self, type_: str, key: tuple[str, ...], **details: object) -> None:
+        """Record a refusal in the tenant's audit stream, throttled per session and key."""
+        repeats = self._audit_throttle.check(key)
+        if repeats is None:
+            return
+        if repeats:
+            details["repeats"] = repeats
+        overflow = self._audit_throttle.take_overflow()
+        if overflow:
+            details["suppressed_other"] = overflow
+        if self.principal.credential_id:
+            details["credential_id"] = self.principal.credential_id
+        self._audit.record(
+            self.principal.tenant,
+            type_,
+            self.principal.id,
+            method=self.principal.method,
+            session=self.id,
+            **details,
+        )
 
     # -- commands -------------------------------------------------------------------
 
@@ -287,14 +393,22 @@ class Session:
             permission = authz.permission_for_command(name)
             if permission is not None:
                 self._authorize(permission, command.room, command.channel, command.id)
-            if name == commands.JOIN_CHANNEL:
+            if name in commands.ROOM_ADMIN_COMMANDS:
+                await self._room_admin(command, ref)
+            elif name == commands.JOIN_CHANNEL:
                 await self._join(command, ref)
             elif name == commands.LEAVE_CHANNEL:
                 self._leave(command, ref)
             elif name == commands.HISTORY:
                 await self._history(command, ref)
+            elif name == commands.REFRESH_TOKEN:
+                await self._refresh_token(command)
+            elif name == commands.REGISTER_AGENT:
+                await self._register_agent(command)
             elif name == commands.REGISTER_HANDLER:
                 await self._register(command, ref)
+            elif name == commands.LIMITS:
+                self._reply(command, self._limits_report())
             else:
                 await self._unregister(command, ref)
         except ArqonError as exc:
@@ -305,6 +419,65 @@ class Session:
         except Exception:
             log.exception("command %s failed", command.command)
             self._reply(command, error=ArqonError(INTERNAL, request_id=command.id))
+
+    # -- credential refresh and agent registration (issue 6) -----------------------------
+
+    async def _refresh_token(self, command: ClientCommand) -> None:
+        """Replace this connection's credential with a newer one of the same principal.
+
+        A refused token is ``invalid_parameters``; a valid one for another tenant or
+        principal is ``forbidden`` (reconnect to change identity). On success the role,
+        grants and expiry are the new credential's, and the 4004 timer is re-armed.
+        """
+        token = commands.refresh_token_params(command.parameters)
+        if self._authenticator is None:
+            raise ArqonError(INVALID_PARAMETERS, "this gateway cannot check a new credential")
+        try:
+            principal = await check_credentials(self._authenticator, Credentials(token))
+        except AuthUnavailable as exc:
+            raise ArqonError(UNAVAILABLE, str(exc)) from None
+        except AuthError as exc:
+            raise ArqonError(INVALID_PARAMETERS, f"parameter 'token' was refused: {exc}") from None
+        if principal.tenant != self.principal.tenant or principal.id != self.principal.id:
+            raise ArqonError(
+                FORBIDDEN,
+                "the new credential is another tenant's or principal's: refresh_token renews "
+                "this connection's own credential only (reconnect to change identity)",
+            )
+        self.principal = principal
+        self._policy = authz.policy_for(principal.role, tuple(principal.grants))
+        self._decisions.clear()
+        if self._expiry is not None:
+            self._expiry.cancel()
+        self._expiry = None if self._closed else self._close_at_expiry()
+        self._reply(command, {"expires_at": principal.expires_at, "role": principal.role})
+
+    async def _register_agent(self, command: ClientCommand) -> None:
+        """Register an Ed25519 agent in the caller's tenant (admin; never above its role)."""
+        if self._security is None:
+            raise ArqonError(UNAVAILABLE, "agent registration needs the gateway's NATS state")
+        try:
+            record = await auth_agent.register_from_session(
+                self._security, self.principal.tenant, self.principal.role, command.parameters
+            )
+        except auth_agent.RegistrationError as exc:
+            raise ArqonError(INVALID_PARAMETERS, str(exc)) from None
+        self._audit.record(
+            self.principal.tenant,
+            AGENT_REGISTERED,
+            self.principal.id,
+            agent_id=record.agent_id,
+            role=record.role,
+        )
+        self._reply(
+            command,
+            {
+                "agent_id": record.agent_id,
+                "tenant": record.tenant,
+                "name": record.name,
+                "role": record.role,
+            },
+        )
 
     def _reply(
         self,
@@ -318,8 +491,33 @@ class Session:
             )
         )
 
+    def _limits_report(self) -> dict[str, object]:
+        """The ``limits`` command: configured limits and this connection's current usage."""
+        rates = self._rate_limits
+        settings = self._settings
+        counter = rates.tenant_connections
+        return {
+            "limits": self.limits(),
+            "rates": self._rates.report(),
+            "usage": {
+                "channels": len(self._joined),
+                "max_channels": settings.max_channels_per_connection,
+                "handlers": len(self._handlers),
+                "max_handlers": settings.max_handlers_per_connection,
+                "in_flight": len(self._in_flight),
+                "calls_in_flight": len(self._calls),
+                "max_in_flight": settings.max_in_flight,
+            },
+            "tenant": {
+                "connections": counter(self.principal.tenant) if counter is not None else None,
+                "max_connections": settings.max_connections_per_tenant,
+                "max_stored_bytes": settings.tenant_max_bytes,
+            },
+        }
+
     async def _join(self, command: ClientCommand, ref: ChannelRef) -> None:
         params = commands.join_params(command.parameters)
+        await self._check_room(command, "join", room_key_param(command.parameters))
         limit = self._settings.max_channels_per_connection
         if ref not in self._joined and len(self._joined) >= limit:
             raise ArqonError(LIMIT_EXCEEDED, f"this connection already has {limit} channels")
@@ -337,6 +535,7 @@ class Session:
     async def _history(self, command: ClientCommand, ref: ChannelRef) -> None:
         """One page of stored events, bounded by ``limit`` and by bytes (half the send buffer)."""
         params = commands.history_params(command.parameters)
+        await self._check_room(command, "read history", room_key_param(command.parameters))
         budget = self._settings.send_buffer_bytes // 2
         events: list[orjson.Fragment] = []
         next_since, size, more = params.since_seq, 0, False
@@ -353,6 +552,90 @@ class Session:
         more = more or len(events) == params.limit
         self._reply(command, {"events": events, "next_since_seq": next_since, "more": more})
 
+    # -- private rooms, bans, mutes (gateway/rooms.py) -----------------------------------
+
+    def _in_room(self, room: str) -> bool:
+        """Did this connection enter ``room`` (a channel joined or a handler registered)?"""
+        return any(ref.room == room for ref in self._joined) or any(
+            ref.room == room for ref, _ in self._handlers
+        )
+
+    def _is_room_admin(self, room: str, channel: str) -> bool:
+        return self._policy.decide(authz.Permission.ADMIN, room, channel).allowed
+
+    async def _check_room(self, command: ClientCommand, action: str, key: str | None) -> None:
+        """Raise unless the room's settings let this principal ``action`` (banned, private...)."""
+        if self._rooms is None or self._rooms.get(self.principal.tenant, command.room) is None:
+            return
+        await self._rooms.check_enter(
+            self.principal.tenant,
+            self.principal.id,
+            command.room,
+            is_admin=self._is_room_admin(command.room, command.channel),
+            member=self._in_room(command.room),
+            key=key,
+            action=action,
+        )
+
+    def _refuse_publish(self, room_settings: RoomSettings, event: ClientEvent) -> bool:
+        """Send the error and return True when a ban, a mute or privacy refuses the event."""
+        refusal = RoomDirectory.publish_refusal(
+            room_settings,
+            self.principal.id,
+            event.room,
+            is_admin=self._is_room_admin(event.room, event.channel),
+            member=self._in_room(event.room),
+        )
+        if refusal is None:
+            return False
+        error, extra = refusal
+        self.socket.send(encode_error(error.with_request_id(event.id), extra))
+        return True
+
+    async def _room_admin(self, command: ClientCommand, ref: ChannelRef) -> None:
+        """room_configure, room_invite, room_ban, ... (``admin`` was checked by the caller)."""
+        if self._rooms is None:
+            raise ArqonError(UNAVAILABLE, "room settings need the gateway's NATS security state")
+        outcome = await run_admin_command(
+            self._rooms,
+            command.command,
+            command.parameters,
+            ref.tenant,
+            self.principal.id,
+            ref.room,
+        )
+        if command.command != commands.ROOM_INFO:
+            self._audit.record(
+                ref.tenant,
+                ADMIN_ACTION,
+                self.principal.id,
+                action=command.command,
+                room=ref.room,
+                target=outcome.target,
+            )
+        self._reply(command, outcome.result)
+
+    def leave_room(self, room: str, error: ArqonError) -> bool:
+        """Leave every channel of ``room`` and drop its handlers (a ban); tell the client.
+
+        Returns whether the connection was in the room.
+        """
+        refs = [ref for ref in self._joined if ref.room == room]
+        handlers = [key for key in self._handlers if key[0].room == room]
+        if not refs and not handlers:
+            return False
+        for ref in refs:
+            self._hub.leave(self.socket, ref)
+            self._joined.discard(ref)
+        for key in handlers:
+            served = self._handlers.pop(key)
+            task = asyncio.create_task(served.close())
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+        channels = sorted({ref.channel for ref in refs} | {key[0].channel for key in handlers})
+        self.socket.send(encode_error(error, {"room": room, "channels": channels}))
+        return True
+
     # -- service commands: the caller's side ---------------------------------------
 
     async def _start_call(self, command: ClientCommand) -> None:
@@ -365,6 +648,9 @@ class Session:
                 int(self._settings.command_timeout_max_s * 1000),
             )
             self._authorize(authz.Permission.COMMAND, command.room, command.channel, command.id)
+            if self._rooms is not None and self._rooms.get(self.principal.tenant, command.room):
+                # The service's own parameters never carry a room key to the gateway.
+                await self._check_room(command, "call its services", None)
         except ArqonError as exc:
             self._reply(command, error=exc.with_request_id(command.id))
             return
@@ -423,6 +709,7 @@ class Session:
 
     async def _register(self, command: ClientCommand, ref: ChannelRef) -> None:
         name = commands.handler_params(command.parameters)
+        await self._check_room(command, "handle commands", room_key_param(command.parameters))
         key = (ref, name)
         if key not in self._handlers:
             limit = self._settings.max_handlers_per_connection

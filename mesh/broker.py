@@ -36,6 +36,13 @@ class BrokerUnavailable(Exception):
     """The store could not be reached or did not answer in time. Safe to retry."""
 
 
+class StoreQuotaExceeded(Exception):
+    """The tenant's stream is full (its max_bytes, discard new): the event was not stored.
+
+    Not transient: retrying succeeds only once old events expire or the quota is raised.
+    """
+
+
 class NoResponders(Exception):
     """No handler is registered for the service command right now."""
 

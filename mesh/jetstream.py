@@ -44,8 +44,10 @@ from mesh.broker import (
     ServiceHandler,
     ServiceRequest,
     StoredEvent,
+    StoreQuotaExceeded,
 )
 from mesh.kv import open_bucket
+from mesh.nats_auth import connect_failure, redact_url
 from mesh.streams import StreamPolicy, StreamProvisioner, choose_replicas
 from shared.subjects import ChannelRef, SubjectScheme
 
@@ -74,6 +76,8 @@ _SERVICE_DRAIN_S = 2.0
 _HANDLER_QUEUE = "arqonbus-handlers"
 _SERVICE_PENDING_MSGS = 10_000
 _SERVICE_PENDING_BYTES = 64 * 1024 * 1024
+# One connect pass: TCP + TLS + CONNECT (2 s each at most), twice per server, 0.5 s apart.
+_CONNECT_BUDGET_PER_SERVER_S = 10.0
 
 
 class _NoDirectGet(Exception):
@@ -179,6 +183,9 @@ class _PublishAcks:
                 description = (
                     error.get("description", "error") if isinstance(error, dict) else error
                 )
+                if "maximum bytes exceeded" in str(description):  # the tenant's quota
+                    future.set_exception(StoreQuotaExceeded(str(description)))
+                    return
                 future.set_exception(
                     BrokerUnavailable(f"publish rejected by JetStream: {description}")
                 )
@@ -229,6 +236,15 @@ class _LiveSub:
                 await self._sub.unsubscribe()
 
 
+def _abort_sockets(nc: NatsClient) -> None:
+    """Close what a failed connect left open (nats-py keeps the plain socket of a TLS upgrade)."""
+    transport = getattr(nc, "_transport", None)
+    for name in ("_io_writer", "_bare_io_writer"):
+        writer = getattr(transport, name, None)
+        if writer is not None:
+            writer.transport.abort()
+
+
 def _header_int(msg: Msg, name: str) -> int:
     headers = msg.headers or {}
     return int(headers.get(name, "0") or 0)
@@ -259,6 +275,7 @@ class JetStreamBroker:
         self._reconnect_handlers: list[ReconnectHandler] = []
         self._closing = False
         self._first_connect = False
+        self._connect_error: Exception | None = None  # why the last connect attempt failed
         self._cluster_seen = 0
         self._last_slow_log = 0.0
         self._resync: asyncio.Task[None] | None = None
@@ -299,25 +316,31 @@ class JetStreamBroker:
         """Connect once; raises BrokerUnavailable if no server answers."""
         nc = NatsClient()
         self._first_connect = True  # errors of this attempt are reported once, by the caller
+        self._connect_error = None
         try:
             # One pass over the servers here; the caller retries with backoff. Once
-            # connected, the client reconnects forever on its own.
-            await nc.connect(
-                servers=self._urls,
-                name=self._name,
-                connect_timeout=2,
-                allow_reconnect=True,
-                max_reconnect_attempts=1,
-                reconnect_time_wait=0.5,  # type: ignore[arg-type]  # float works; stub says int
-                ping_interval=5,
-                max_outstanding_pings=2,
-                error_cb=self._on_error,
-                disconnected_cb=self._on_disconnected,
-                reconnected_cb=self._on_reconnected,
-                **self._connect_options,
-            )
+            # connected, the client reconnects forever on its own. Bounded: after a failed TLS
+            # handshake nats-py (2.16) waits forever for the plain socket to close.
+            async with asyncio.timeout(_CONNECT_BUDGET_PER_SERVER_S * max(1, len(self._urls))):
+                await nc.connect(
+                    servers=self._urls,
+                    name=self._name,
+                    connect_timeout=2,
+                    allow_reconnect=True,
+                    max_reconnect_attempts=1,
+                    reconnect_time_wait=0.5,  # type: ignore[arg-type]  # float works; stub says int
+                    ping_interval=5,
+                    max_outstanding_pings=2,
+                    error_cb=self._on_error,
+                    disconnected_cb=self._on_disconnected,
+                    reconnected_cb=self._on_reconnected,
+                    **self._connect_options,
+                )
         except (TimeoutError, NoServersError, OSError, NatsTimeoutError) as exc:
-            raise BrokerUnavailable(f"no NATS server answered at {','.join(self._urls)}") from exc
+            _abort_sockets(nc)
+            urls = ",".join(redact_url(url) for url in self._urls)  # never log credentials
+            reason = connect_failure(self._connect_error or exc)
+            raise BrokerUnavailable(f"no NATS server answered at {urls}: {reason}") from exc
         finally:
             self._first_connect = False
         nc.options["max_reconnect_attempts"] = -1
@@ -328,7 +351,8 @@ class JetStreamBroker:
         self._streams = StreamProvisioner(self._jsm, self._scheme, self._policy, self.cluster_size)
         self._acks = _PublishAcks(nc, self._publish_timeout)
         await self._acks.start()
-        log.info("connected to NATS at %s", nc.connected_url.netloc if nc.connected_url else "?")
+        where = nc.connected_url  # host and port only: a URL may carry credentials
+        log.info("connected to NATS at %s", f"{where.hostname}:{where.port}" if where else "?")
 
     async def connect_with_retry(self, stop: asyncio.Event) -> bool:
         """Retry with jittered backoff until connected (True) or ``stop`` is set (False)."""
@@ -348,6 +372,7 @@ class JetStreamBroker:
 
     async def _on_error(self, exc: Exception) -> None:
         if self._first_connect:
+            self._connect_error = exc
             log.debug("NATS connect attempt failed: %s", exc)
             return
         if isinstance(exc, SlowConsumerError):
@@ -445,7 +470,10 @@ class JetStreamBroker:
         try:
             await asyncio.wait_for(self._nc.drain(), timeout)
         except (*_TRANSIENT, nats.errors.Error):
-            await self._nc.close()
+            # Draining fails while reconnecting (no server): just close; that may fail too,
+            # on the socket of the attempt in progress, and there is nothing left to do.
+            with contextlib.suppress(*_TRANSIENT, nats.errors.Error, OSError):
+                await self._nc.close()
         finally:
             if self._acks is not None:
                 await self._acks.close()
@@ -595,6 +623,8 @@ class JetStreamBroker:
     async def window(self, ref: ChannelRef) -> ChannelWindow:
         """The channel's newest seq (via the stream leader) and the stream's first seq."""
         _, _, jsm, _ = self._require()
+        if not self.connected:  # reconnecting: answer now rather than at the API timeout
+            raise BrokerUnavailable("not connected to NATS")
         stream = self._scheme.stream_name(ref.tenant)
         try:
             info = await jsm.stream_info(stream)

@@ -36,7 +36,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 import nats
 from nats.aio.client import Client
@@ -229,8 +229,14 @@ class _Node:
     paused: bool = False
 
 
-def render_config(spec: NodeSpec, cluster_name: str, routes: list[str]) -> str:
-    """Return the nats-server config for one node; no cluster block when ``routes`` is empty."""
+def render_config(
+    spec: NodeSpec, cluster_name: str, routes: list[str], extra_config: str = ""
+) -> str:
+    """Return the nats-server config for one node; no cluster block when ``routes`` is empty.
+
+    ``extra_config`` (top-level nats-server config, e.g. an ``authorization`` or ``tls``
+    block) is appended as is.
+    """
 
     def q(value: str) -> str:  # a JSON string is a valid quoted string in the nats config syntax
         return json.dumps(value, ensure_ascii=False)
@@ -257,6 +263,8 @@ def render_config(spec: NodeSpec, cluster_name: str, routes: list[str]) -> str:
             "  ]",
             "}",
         ]
+    if extra_config:
+        lines.append(extra_config.rstrip("\n"))
     return "\n".join(lines) + "\n"
 
 
@@ -278,7 +286,9 @@ async def _quiet_error_cb(exc: Exception) -> None:
 
 
 @contextlib.asynccontextmanager
-async def _probe_connection(url: str, timeout: float) -> AsyncIterator[JetStreamContext]:
+async def _probe_connection(
+    url: str, timeout: float, options: dict[str, Any] | None = None
+) -> AsyncIterator[JetStreamContext]:
     nc = Client()
     try:
         await nc.connect(
@@ -290,17 +300,20 @@ async def _probe_connection(url: str, timeout: float) -> AsyncIterator[JetStream
             max_reconnect_attempts=1,
             reconnect_time_wait=0,
             error_cb=_quiet_error_cb,
+            **(options or {}),  # credentials, TLS
         )
         yield nc.jetstream(timeout=timeout)
     finally:
         await nc.close()
 
 
-async def _probe(url: str, check: JetStreamCheck, timeout: float) -> str | None:
+async def _probe(
+    url: str, check: JetStreamCheck, timeout: float, options: dict[str, Any] | None = None
+) -> str | None:
     """Run one check through a fresh connection to ``url``; return why it failed, or None."""
     try:
         # One bound for the whole probe: a paused node accepts TCP but never sends INFO.
-        async with asyncio.timeout(timeout), _probe_connection(url, timeout) as js:
+        async with asyncio.timeout(timeout), _probe_connection(url, timeout, options) as js:
             await check(js)
     except (OSError, TimeoutError, nats.errors.Error) as exc:
         return f"{type(exc).__name__}: {exc}"
@@ -351,6 +364,8 @@ class LocalCluster:
         client_port: int | None = None,
         name: str = "arqonbus-local",
         binary: str | None = None,
+        extra_config: str = "",
+        connect_options: dict[str, Any] | None = None,
     ) -> None:
         if nodes < 1:
             raise ValueError(f"nodes must be >= 1, got {nodes}")
@@ -359,6 +374,10 @@ class LocalCluster:
         self.binary = binary or find_nats_server()
         self._nodes = [_Node(spec) for spec in self._plan(nodes, host, client_port)]
         self._plan_args = (nodes, host, client_port)
+        # Appended to every node's config (an authorization or tls block); the readiness probes
+        # connect with ``connect_options`` (nats-py connect() arguments: credentials, tls).
+        self.extra_config = extra_config
+        self.connect_options = dict(connect_options or {})
         self._started = False
 
     def _plan(self, count: int, host: str, client_port: int | None) -> list[NodeSpec]:
@@ -525,7 +544,9 @@ class LocalCluster:
         last_error = "no attempt yet"
         while (remaining := _until(deadline)) > 0:
             _raise_if_exited(node)
-            error = await _probe(node.spec.url, check, min(PROBE_TIMEOUT_SECONDS, remaining))
+            error = await _probe(
+                node.spec.url, check, min(PROBE_TIMEOUT_SECONDS, remaining), self.connect_options
+            )
             if error is None:
                 log.info("%s: ok through node %s (%s)", condition, node.spec.name, node.spec.url)
                 return
@@ -543,7 +564,7 @@ class LocalCluster:
             spec = node.spec
             routes = [other.spec.route for other in self._nodes if other is not node]
             spec.store_dir.mkdir(parents=True, exist_ok=True)
-            spec.config_path.write_text(render_config(spec, self.name, routes))
+            spec.config_path.write_text(render_config(spec, self.name, routes, self.extra_config))
 
     # Hooks for subclasses that run nodes elsewhere (chaos.netns: one network namespace per node).
 

@@ -33,7 +33,13 @@ class StreamPolicy:
     max_age_s: float = 86400.0
     dedupe_window_s: float = 120.0
     replicas: int = 0  # 0 = min(3, cluster size)
+    # Stored bytes per tenant (ARQONBUS_TENANT_MAX_BYTES); -1 = unlimited. A full stream
+    # refuses new events (discard NEW): the publisher gets quota_exceeded, history stays.
     max_bytes: int = -1
+
+    @property
+    def discard(self) -> DiscardPolicy:
+        return DiscardPolicy.NEW if self.max_bytes > 0 else DiscardPolicy.OLD
 
 
 def tenant_stream_config(
@@ -49,7 +55,7 @@ def tenant_stream_config(
         max_age=policy.max_age_s,
         max_bytes=policy.max_bytes,
         duplicate_window=policy.dedupe_window_s,
-        discard=DiscardPolicy.OLD,
+        discard=policy.discard,
         allow_direct=True,
         republish=RePublish(
             src=scheme.tenant_ingest_filter(tenant), dest=scheme.tenant_live_filter(tenant)
@@ -144,8 +150,31 @@ class StreamProvisioner:
                     raise
                 log.info("stream %s did not answer yet; asking again", name)
                 continue
+            await self._reconcile_quota(info.config)
             return info.config.num_replicas or 1
         raise AssertionError("unreachable")
+
+    async def _reconcile_quota(self, config: StreamConfig) -> None:
+        """Apply the configured max_bytes (and its discard policy) to an existing stream.
+
+        Only these two fields change, so a stream created by another version keeps the
+        rest of its configuration. Lowering max_bytes below what is already stored may make
+        JetStream remove the oldest events to fit; raising it or turning it off loses nothing.
+        """
+        want_bytes = self._policy.max_bytes if self._policy.max_bytes > 0 else -1
+        have_bytes = config.max_bytes if config.max_bytes is not None else -1
+        if have_bytes == want_bytes and config.discard == self._policy.discard:
+            return
+        config.max_bytes = want_bytes
+        config.discard = self._policy.discard
+        await self._jsm.update_stream(config)
+        log.info(
+            "stream %s: max_bytes %s -> %s, discard %s",
+            config.name,
+            have_bytes,
+            want_bytes,
+            config.discard.value if config.discard else "old",
+        )
 
     async def _create(self, tenant: str) -> int:
         replicas = choose_replicas(self._policy, self._cluster_size())

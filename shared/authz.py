@@ -74,6 +74,18 @@ ACTION_PERMISSIONS: dict[str, Permission | None] = {
     "history": Permission.HISTORY,
     "register_handler": Permission.HANDLE,
     "unregister_handler": Permission.HANDLE,
+    "register_agent": Permission.ADMIN,  # agent identity (gateway/auth_agent.py)
+    "refresh_token": None,  # the new credential must be the same principal's
+    "limits": None,  # rate limits and usage (gateway/limits.py)
+    # private rooms, bans, mutes (gateway/rooms.py): admin on the envelope's room/channel
+    "room_configure": Permission.ADMIN,
+    "room_invite": Permission.ADMIN,
+    "room_uninvite": Permission.ADMIN,
+    "room_ban": Permission.ADMIN,
+    "room_unban": Permission.ADMIN,
+    "room_mute": Permission.ADMIN,
+    "room_unmute": Permission.ADMIN,
+    "room_info": Permission.ADMIN,
 }
 
 

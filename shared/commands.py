@@ -13,7 +13,41 @@ LEAVE_CHANNEL = "leave_channel"
 HISTORY = "history"
 REGISTER_HANDLER = "register_handler"
 UNREGISTER_HANDLER = "unregister_handler"
-BUILTIN_COMMANDS = (JOIN_CHANNEL, LEAVE_CHANNEL, HISTORY, REGISTER_HANDLER, UNREGISTER_HANDLER)
+LIMITS = "limits"  # rate limits and usage of this connection (gateway/limits.py)
+# -- private rooms, bans, mutes (gateway/rooms.py): each needs `admin` on the envelope's
+# room and channel (send them on any channel of the room) --
+ROOM_CONFIGURE = "room_configure"
+ROOM_INVITE = "room_invite"
+ROOM_UNINVITE = "room_uninvite"
+ROOM_BAN = "room_ban"
+ROOM_UNBAN = "room_unban"
+ROOM_MUTE = "room_mute"
+ROOM_UNMUTE = "room_unmute"
+ROOM_INFO = "room_info"
+ROOM_ADMIN_COMMANDS = (
+    ROOM_CONFIGURE,
+    ROOM_INVITE,
+    ROOM_UNINVITE,
+    ROOM_BAN,
+    ROOM_UNBAN,
+    ROOM_MUTE,
+    ROOM_UNMUTE,
+    ROOM_INFO,
+)
+# -- agent identity and token refresh (gateway/auth_agent.py, session.py) --
+REGISTER_AGENT = "register_agent"  # needs admin on the command's room/channel
+REFRESH_TOKEN = "refresh_token"  # no permission: the new token must be the same principal's
+BUILTIN_COMMANDS: tuple[str, ...] = (
+    JOIN_CHANNEL,
+    LEAVE_CHANNEL,
+    HISTORY,
+    REGISTER_HANDLER,
+    UNREGISTER_HANDLER,
+    LIMITS,
+    *ROOM_ADMIN_COMMANDS,
+    REGISTER_AGENT,
+    REFRESH_TOKEN,
+)
 
 HISTORY_DEFAULT_LIMIT = 100
 HISTORY_MAX_LIMIT = 1000
@@ -92,3 +126,13 @@ def history_params(parameters: dict[str, Any], max_limit: int = HISTORY_MAX_LIMI
     if not 1 <= limit <= max_limit:
         raise ArqonError(INVALID_PARAMETERS, f"parameter 'limit' must be between 1 and {max_limit}")
     return HistoryParams(since, limit)
+
+
+def refresh_token_params(parameters: dict[str, Any]) -> str:
+    """The ``token`` parameter of refresh_token: a new credential for the same principal."""
+    token = parameters.get("token")
+    if not isinstance(token, str) or not 1 <= len(token) <= 8192:
+        raise ArqonError(
+            INVALID_PARAMETERS, "parameter 'token' must be the new credential (a non-empty string)"
+        )
+    return token

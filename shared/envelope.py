@@ -224,6 +224,66 @@ def parse_response_error(error: object) -> ResponseError:
     return ResponseError(code, message, retryable)
 
 
+# -- first-message auth (issue 6) ---------------------------------------------
+# A client that connects without a credential (when the gateway allows it) is sent
+# ``auth_required`` and must answer with ``{"type": "auth", "payload": {"token": ...}}``.
+
+AUTH_TOKEN_MAX = 8192
+
+
+def parse_auth_frame(data: bytes | str, max_bytes: int) -> str:
+    """The token of a client's ``auth`` frame. Raises ArqonError with a stable code."""
+    if isinstance(data, str):
+        try:
+            data = data.encode()
+        except UnicodeEncodeError:
+            raise ArqonError(INVALID_JSON, "the frame is not valid UTF-8") from None
+    if len(data) > max_bytes:
+        raise ArqonError(MESSAGE_TOO_LARGE, f"envelope is {len(data)} bytes, limit is {max_bytes}")
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        raise ArqonError(INVALID_JSON, "could not parse the frame as JSON") from None
+    if not isinstance(obj, dict):
+        raise ArqonError(INVALID_ENVELOPE, "the envelope must be a JSON object")
+    version = obj.get("version", PROTOCOL_VERSION)
+    if version != PROTOCOL_VERSION:
+        raise ArqonError(
+            INVALID_ENVELOPE, f"field 'version' must be {PROTOCOL_VERSION!r}, got {_shown(version)}"
+        )
+    if obj.get("type") != "auth":
+        raise ArqonError(
+            INVALID_ENVELOPE,
+            f"the first frame must have type 'auth' (got {_shown(obj.get('type'))}): send "
+            '{"type": "auth", "payload": {"token": "..."}}',
+        )
+    payload = obj.get("payload")
+    if not isinstance(payload, dict):
+        raise ArqonError(INVALID_ENVELOPE, "field 'payload' must be a JSON object")
+    token = payload.get("token")
+    if not isinstance(token, str) or not 1 <= len(token) <= AUTH_TOKEN_MAX:
+        raise ArqonError(
+            INVALID_ENVELOPE,
+            f"field 'payload.token' must be a string of 1-{AUTH_TOKEN_MAX} characters",
+        )
+    return token
+
+
+def encode_auth_required(
+    nonce: str | None, methods: list[str], timeout_ms: int, nonce_expires_in_s: int
+) -> bytes:
+    """Sent on a connection opened without a credential: send an ``auth`` frame in time."""
+    return _server_message(
+        "auth_required",
+        {
+            "nonce": nonce,
+            "nonce_expires_in_s": nonce_expires_in_s,
+            "methods": methods,
+            "timeout_ms": timeout_ms,
+        },
+    )
+
+
 # -- gateway -> store ---------------------------------------------------------
 
 
@@ -258,7 +318,7 @@ def _server_message(kind: str, payload: dict[str, Any], **fields: Any) -> bytes:
     return orjson.dumps({"version": PROTOCOL_VERSION, "type": kind, **fields, "payload": payload})
 
 
-def encode_welcome(session_id: str, node: str, limits: dict[str, int]) -> bytes:
+def encode_welcome(session_id: str, node: str, limits: dict[str, int | float]) -> bytes:
     return _server_message(
         "welcome",
         {"session_id": session_id, "node": node, "protocol": PROTOCOL_VERSION, "limits": limits},

@@ -112,6 +112,38 @@ INVALID_PAYLOAD = ErrorCode(
     "channel or payload type (the message names the field). Fix the field, then publish again.",
     False,
 )
+# -- rate limits and quotas (issue 6, gateway/limits.py) --
+MESSAGE_RATE_LIMITED = ErrorCode(
+    "rate_limited",
+    "This connection or principal sends faster than its rate limit (the limits command shows "
+    "them). The frame was not acted on: wait retry_after_ms, then send it again.",
+    True,
+)
+QUOTA_EXCEEDED = ErrorCode(
+    "quota_exceeded",
+    "The tenant's stored-bytes quota is full: the event was not stored. Retry once older "
+    "events expire (stream_max_age_s), or ask the operator to raise ARQONBUS_TENANT_MAX_BYTES.",
+    False,
+)
+# -- private rooms, bans, mutes (issue 6, gateway/rooms.py) --
+ROOM_KEY_REQUIRED = ErrorCode(
+    "room_key_required",
+    "This room is private. Join with parameter room_key set to the room's key (ask a room "
+    "admin for it), or ask a room admin to invite you with room_invite.",
+    False,
+)
+BANNED = ErrorCode(
+    "banned",
+    "A room admin banned you from this room: you cannot join, read or publish there. If "
+    "retry_after_ms is given the ban ends then; otherwise ask a room admin to run room_unban.",
+    False,
+)
+MUTED = ErrorCode(
+    "muted",
+    "A room admin muted you in this room: you may still join and read, but not publish. If "
+    "retry_after_ms is given the mute ends then; otherwise ask a room admin to run room_unmute.",
+    False,
+)
 INTERNAL = ErrorCode(
     "internal", "Internal gateway error. Retry with the same id; report it if it persists.", True
 )
@@ -135,6 +167,11 @@ CATALOGUE: dict[str, ErrorCode] = {
         FORBIDDEN,
         POLICY_VIOLATION,
         INVALID_PAYLOAD,
+        MESSAGE_RATE_LIMITED,
+        QUOTA_EXCEEDED,
+        ROOM_KEY_REQUIRED,
+        BANNED,
+        MUTED,
         INTERNAL,
     )
 }
@@ -158,6 +195,15 @@ RATE_LIMITED = HandshakeRefusal(
     "rate_limited",
     "Too many new connections from your address. Wait retry_after_ms (the Retry-After "
     "header, in seconds), then reconnect.",
+)
+
+
+# -- connections per tenant (issue 6, gateway/limits.py) --
+TENANT_CONNECTIONS = HandshakeRefusal(
+    429,
+    "limit_exceeded",
+    "Your tenant has reached its connection limit (ARQONBUS_MAX_CONNECTIONS_PER_TENANT). "
+    "Close a connection of this tenant, or wait retry_after_ms and try again.",
 )
 
 
@@ -205,6 +251,13 @@ class CloseCode(IntEnum):
     BACKEND_UNAVAILABLE = 4002  # node lost the message store: reconnect elsewhere, resume
     IDLE_TIMEOUT = 4003  # no message for idle_timeout_s: reconnect (and resume) when needed
     TOKEN_EXPIRED = 4004  # the credential expired: get a fresh one, reconnect and resume
+    TOO_MANY_CONNECTIONS = 4005  # the tenant is at max_connections_per_tenant: retry later
+    # The credential (an API key, an agent) was revoked: do not reconnect with it (fatal).
+    CREDENTIAL_REVOKED = 4500
+    # First-message auth (ARQONBUS_AUTH_MESSAGE_TIMEOUT_S): fatal, the same credential or
+    # client bug would fail again.
+    AUTH_FAILED = 4501  # the auth frame's credential was refused: fix it, do not retry as is
+    AUTH_TIMEOUT = 4502  # no auth frame within timeout_ms of auth_required: a client bug
 
     @property
     def should_reconnect(self) -> bool:

@@ -31,8 +31,9 @@ start-up (see docs/protocol.md, "Content policies")::
     }}
 
 ``"*"`` is the chain of every tenant not listed. Every rule may have ``name`` (shown in
-errors), ``rooms`` and ``channels`` (it applies only there). Keeping policies in NATS KV is
-not supported yet.
+errors), ``rooms`` and ``channels`` (it applies only there). A tenant's rules may also be
+kept in NATS KV (``arqonbus policy set``; :class:`LayeredPolicy`): they replace the file's
+rules for that tenant on every gateway, without a restart.
 """
 
 from __future__ import annotations
@@ -454,7 +455,7 @@ class Policy:
         self, event: ClientEvent, tenant: str, principal: str
     ) -> tuple[ClientEvent, list[str]]:
         """The event to store (maybe redacted) and its tags; raises ArqonError if refused."""
-        chain = self._chains.get(tenant, self._default)
+        chain = self.chain_for(tenant)
         if chain is None:
             return event, []
         ctx = InspectContext(tenant, event.room, event.channel, principal)
@@ -468,6 +469,59 @@ class Policy:
 
 
 EMPTY_POLICY = Policy()
+
+
+class _InvalidStoredPolicy:
+    """Stands in for a tenant's KV policy that does not parse: every publish fails closed."""
+
+    def __init__(self, problem: str) -> None:
+        self.problem = problem
+
+    def inspect(self, ctx: InspectContext, payload: dict[str, Any]) -> Verdict:
+        raise PolicyError(self.problem)
+
+
+class LayeredPolicy(Policy):
+    """Per-tenant rules kept in NATS KV, over the policy file's.
+
+    ``lookup(tenant)`` returns the tenant's stored rules (JSON: the list of rules a policy
+    file gives a tenant), or None. A tenant with stored rules uses them instead of the
+    file's (an empty list: no rules). Stored rules are parsed once per change. Rules that
+    do not parse (written around ``arqonbus policy set``, which validates) fail closed:
+    every publish of that tenant is refused with ``internal`` until they are fixed.
+    """
+
+    def __init__(self, base: Policy, lookup: Callable[[str], bytes | None]) -> None:
+        super().__init__()
+        self._base = base
+        self._lookup = lookup
+        self._parsed: dict[str, tuple[bytes, Chain | None]] = {}
+
+    @property
+    def empty(self) -> bool:
+        return False
+
+    def chain_for(self, tenant: str) -> Chain | None:
+        raw = self._lookup(tenant)
+        if raw is None:
+            self._parsed.pop(tenant, None)
+            return self._base.chain_for(tenant)
+        parsed = self._parsed.get(tenant)
+        if parsed is None or parsed[0] is not raw:  # a new value is a new bytes object
+            parsed = (raw, parse_stored_rules(tenant, raw))
+            self._parsed[tenant] = parsed
+        return parsed[1]
+
+
+def parse_stored_rules(tenant: str, raw: bytes) -> Chain | None:
+    """A tenant's rules as stored in KV; an invalid entry becomes a chain that fails closed."""
+    try:
+        rules = orjson.loads(raw)
+        return parse_policy({"tenants": {tenant: rules}}, "stored policy").chain_for(tenant)
+    except (orjson.JSONDecodeError, PolicyError) as exc:
+        log.error("the stored content policy of tenant %r is invalid: %s", tenant, exc)
+        problem = "the stored policy is invalid: fix it with 'arqonbus policy set'"
+        return Chain([Rule("stored-policy", _InvalidStoredPolicy(problem), None, None)])
 
 
 def with_tags(stored: bytes, tags: list[str]) -> bytes:

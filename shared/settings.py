@@ -68,6 +68,32 @@ class Settings(BaseSettings):
     replay_buffer_msgs: int = Field(10_000, ge=100)
     log_level: str = Field("INFO")
 
+    # -- rate limits and quotas (issue 6, gateway/limits.py); 0 = off --
+    msg_rate_per_conn: float = Field(
+        1000.0, ge=0, description="Event and command frames per second per connection"
+    )
+    msg_burst_per_conn: int = Field(
+        2000, ge=0, description="Frames one connection may send at once; 0 = 2 x the rate"
+    )
+    bytes_rate_per_conn: float = Field(
+        4 * 1024 * 1024, ge=0, description="Bytes per second of frames per connection"
+    )
+    bytes_burst_per_conn: int = Field(0, ge=0, description="Byte bucket size; 0 = 2 x the rate")
+    msg_rate_per_principal: float = Field(
+        0.0, ge=0, description="Frames per second of one principal on one gateway (all its conns)"
+    )
+    msg_burst_per_principal: int = Field(0, ge=0, description="0 = 2 x the rate")
+    bytes_rate_per_principal: float = Field(
+        0.0, ge=0, description="Bytes per second of one principal on one gateway (all its conns)"
+    )
+    bytes_burst_per_principal: int = Field(0, ge=0, description="0 = 2 x the rate")
+    max_connections_per_tenant: int = Field(
+        0, ge=0, description="Connections of one tenant over all gateways; 0 = off"
+    )
+    tenant_max_bytes: int = Field(
+        0, ge=0, description="Stored bytes per tenant stream (new events refused when full)"
+    )
+
     # -- content policies (issue 6, shared/inspect.py): read and validated at start-up --
     policy_file: str = Field("", description="JSON content policy file; empty = no policy")
 
@@ -79,6 +105,17 @@ class Settings(BaseSettings):
 
             policy_for(value)  # raises PolicyError (a ValueError) naming the tenant and rule
         return value
+
+    # -- audit stream (issue 6, gateway/audit.py): one JetStream stream per tenant --
+    audit_max_age_s: float = Field(
+        90 * 86400.0, ge=3600, description="How long audit events are kept (default 90 days)"
+    )
+    audit_max_bytes: int = Field(
+        1 << 30, ge=1 << 20, description="Audit stream size per tenant; the oldest go beyond"
+    )
+    audit_queue_max: int = Field(
+        10_000, ge=100, le=1_000_000, description="Audit events awaiting write; beyond: dropped"
+    )
 
     # -- JWT bearer tokens (ARQONBUS_AUTH=jwt; gateway/auth_jwt.py). Exactly one key source:
     # jwt_secret_file / jwt_secret (HS*), jwt_public_key_file, jwt_jwks_file or jwt_jwks_url.
@@ -98,6 +135,16 @@ class Settings(BaseSettings):
         30.0, ge=0, le=600, description="Clock skew allowed for exp/nbf/iat"
     )
     jwt_tenant_claim: str = Field("tenant", min_length=1, description="Claim naming the tenant")
+    # -- agent identity and first-message auth (issue 6; gateway/auth_agent.py, server.py) --
+    agent_clock_skew_s: float = Field(
+        30.0, ge=1, le=300, description="How far an agent token's timestamp may be off, seconds"
+    )
+    auth_message_timeout_s: float = Field(
+        10.0,
+        ge=0,
+        le=300,
+        description="A handshake without a credential waits this long for an auth frame; 0 = off",
+    )
 
     @field_validator("jwt_algorithms")
     @classmethod
@@ -171,6 +218,31 @@ class Settings(BaseSettings):
                 "ARQONBUS_REQUIRE_ORIGIN needs ARQONBUS_ALLOWED_ORIGINS: list the origins "
                 "allowed to connect"
             )
+        return self
+
+    # -- gateway -> NATS credentials and TLS (issue 6; mesh/nats_auth.py builds the options).
+    # At most one of: nats_user (+ nats_password), nats_token, nats_nkey_seed_file, nats_creds_file.
+    nats_user: str = Field("", description="NATS user name; needs nats_password")
+    nats_password: SecretStr = Field(SecretStr(""), description="Password of nats_user")
+    nats_token: SecretStr = Field(SecretStr(""), description="NATS authorization token")
+    nats_nkey_seed_file: str = Field("", description="File holding the NATS user nkey seed (SU...)")
+    nats_creds_file: str = Field("", description="NATS .creds file (user JWT + nkey seed)")
+    nats_tls_ca: str = Field("", description="PEM CA file that signed the NATS servers' certs")
+    nats_tls_cert: str = Field("", description="PEM client certificate for mutual TLS to NATS")
+    nats_tls_key: str = Field("", description="PEM private key of nats_tls_cert")
+    nats_tls_handshake_first: bool = Field(
+        False, description="TLS before any NATS byte (server: tls { handshake_first: true })"
+    )
+    # -- production refusal of dev auth (issue 6; gateway/cli.py)
+    insecure_dev_auth: bool = Field(
+        False, description="Allow ARQONBUS_AUTH=dev in `arqonbus gateway` (development only)"
+    )
+
+    @model_validator(mode="after")
+    def _nats_credentials_consistent(self) -> Settings:
+        from mesh.nats_auth import check_settings  # the rules live next to the options builder
+
+        check_settings(self)
         return self
 
     @property

@@ -66,6 +66,15 @@ async def start_gateway(nats_cluster: LocalCluster) -> AsyncIterator[GatewayFact
 
 
 @pytest.fixture
+async def opened() -> AsyncIterator[list[WsClient]]:
+    """A list to put WebSocket clients in (opened any way); all are closed after the test."""
+    clients: list[WsClient] = []
+    yield clients
+    for client in clients:
+        await client.close()
+
+
+@pytest.fixture
 async def clients() -> AsyncIterator[Callable[..., Awaitable[WsClient]]]:
     """Open WebSocket clients; all are closed after the test."""
     opened: list[WsClient] = []

@@ -242,7 +242,7 @@ class GatewayProcess:
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "gateway", "gateway",
             "--nats", self.nats_urls, "--listen", f"127.0.0.1:{self.port}", "--auth", "dev",
-            "--node-id", f"gw-{self.port}",
+            "--node-id", f"gw-{self.port}", "--insecure-dev-auth",
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
             stderr=self._log, env=self.env, start_new_session=True,
         )  # fmt: skip

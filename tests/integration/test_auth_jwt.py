@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,14 +38,6 @@ def token(tenant: str, sub: str = "alice", key: Any = ED_KEY, **claims: Any) -> 
     now = int(time.time())
     payload = {"sub": sub, "tenant": tenant, "aud": "arqonbus", "exp": now + 300, **claims}
     return jwt.encode(payload, key, algorithm="EdDSA", headers={"kid": "ed1"})
-
-
-@pytest.fixture
-async def opened() -> AsyncIterator[list[WsClient]]:
-    clients: list[WsClient] = []
-    yield clients
-    for client in clients:
-        await client.close()
 
 
 async def connect(gw: Gateway, opened: list[WsClient], **kwargs: Any) -> WsClient:
@@ -119,7 +111,7 @@ async def test_bad_token_is_401_before_the_upgrade(start_gateway, tenant, jwks_f
 
 
 async def test_missing_token_is_401(start_gateway, jwks_file):
-    gw = await start_gateway(auth="jwt", jwt_jwks_file=jwks_file)
+    gw = await start_gateway(auth="jwt", jwt_jwks_file=jwks_file, auth_message_timeout_s=0)
     body = await refused(gw)
     assert "missing token" in body["message"]
 

@@ -261,13 +261,14 @@ async def test_unavailable_when_the_store_is_unreachable(clients, tenant):
         host, port = gw.address
         assert await http_status(host, port, "/healthz") == 200
         assert await http_status(host, port, "/readyz") == 503
-        client = await clients(gateway_url(gw), tenant, "alice")
-
-        for msg_id in ("u-1", "u-2"):  # the connection lives on after the first error
-            assert_error(await client.publish("r", "c", {"n": 1}, id=msg_id), "unavailable", msg_id)
-        assert_command_error(await client.command("r", "c", "join_channel"), "unavailable")
-        assert_command_error(await client.command("r", "c", "history"), "unavailable")
-        assert not client.closed.is_set()
+        # It never loaded bans, revocations and private rooms: it refuses to let anyone in
+        # (503, retry elsewhere) rather than check against nothing.
+        for _ in range(2):
+            with pytest.raises(InvalidStatus) as refused:
+                await clients(gateway_url(gw), tenant, "alice")
+            assert refused.value.response.status_code == 503
+            body = orjson.loads(refused.value.response.body)
+            assert body["error"] == "unavailable" and "another gateway" in body["message"]
         assert await http_status(host, port, "/readyz") == 503
     finally:
         await gw.close()
@@ -282,7 +283,8 @@ async def test_unavailable_when_the_store_is_unreachable(clients, tenant):
      "?token=dev:t:p:extra", "?token=prod:t:p", "?other=dev:t:p"],
 )  # fmt: skip
 async def test_handshake_without_valid_token_is_401(start_gateway, query):
-    gw = await start_gateway()
+    # Without first-message auth, no credential at all is refused too (see test_auth_message).
+    gw = await start_gateway(auth_message_timeout_s=0)
 
     with pytest.raises(InvalidStatus) as info:
         await websockets.connect(gateway_url(gw) + query)

@@ -276,15 +276,25 @@ async def test_bad_token_and_unreachable_gateways_fail_connect(start_gateway, te
         await nowhere.publish(ROOM, CHANNEL, {})
 
 
-async def test_retryable_errors_are_retried_with_the_same_id_then_raised(tenant, caplog):
-    # A gateway whose store is unreachable answers unavailable to everything.
+async def test_retryable_errors_are_retried_with_the_same_id_then_raised(tenant, caplog, tmp_path):
+    # A gateway whose store became unreachable answers unavailable to everything (it has
+    # loaded its security state: a gateway that never reached NATS refuses handshakes).
+    cluster = LocalCluster(tmp_path / "nats", nodes=1)
+    await cluster.start(timeout=30)
     settings = load_settings(
-        nats=f"nats://127.0.0.1:{free_port()}", listen="127.0.0.1:0", auth="dev"
+        nats=cluster.url_csv,
+        listen="127.0.0.1:0",
+        auth="dev",
+        publish_timeout_s=0.3,
+        health_interval_s=60,  # no health check sends the client away during the test
     )
     gw = Gateway(settings)
     await gw.start()
     try:
+        await gw.wait_ready(30)
         async with Client(gateway_url(gw), f"dev:{tenant}:a", max_backoff=0.1) as client:
+            await client.publish(ROOM, "warm-up", {"creates": "the stream"})
+            await cluster.kill_node(0)
             with caplog.at_level(logging.DEBUG, logger="arqonbus.client"):
                 with pytest.raises(Unavailable) as publish:
                     await client.publish(ROOM, CHANNEL, {"n": 1}, id="u-1", timeout=1.0)
@@ -295,6 +305,7 @@ async def test_retryable_errors_are_retried_with_the_same_id_then_raised(tenant,
             assert client.connected  # errors, not a reason to reconnect
     finally:
         await gw.close()
+        await cluster.stop()
 
     assert publish.value.request_id == "u-1" and publish.value.retryable
     messages = [r.getMessage() for r in caplog.records]

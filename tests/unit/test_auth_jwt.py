@@ -443,3 +443,22 @@ def test_select_subprotocol_never_echoes_the_token() -> None:
     )
     assert Credentials.select_subprotocol(["arqonbus.bearer.t"]) is None
     assert Credentials.select_subprotocol([]) is None
+
+
+def test_a_refusal_names_the_tenant_only_once_the_signature_verified(
+    auth: JwtAuthenticator,
+) -> None:
+    # Verified signature, failed claim check: the failure belongs to the token's tenant
+    # (it goes to that tenant's audit stream).
+    expired = sign(good(exp=int(time.time()) - 3600, jti="tok-1"))
+    with pytest.raises(AuthError) as info:
+        auth.authenticate(Credentials(expired))
+    assert (info.value.tenant, info.value.credential_id) == ("acme", "tok-1")
+    with pytest.raises(AuthError) as info:
+        auth.authenticate(Credentials(sign(good(aud="elsewhere"))))
+    assert info.value.tenant == "acme"
+    # Signed by someone else: its claims are anyone's, so no tenant is named.
+    forged = sign(good(exp=int(time.time()) - 3600), kid="rsa1", key=OTHER_RSA_KEY, alg="RS256")
+    with pytest.raises(AuthError) as info:
+        auth.authenticate(Credentials(forged))
+    assert (info.value.tenant, info.value.credential_id) == ("", "")

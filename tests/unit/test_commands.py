@@ -34,13 +34,24 @@ def params_error(call: Any, *args: Any, **kwargs: Any) -> ArqonError:
 # -- command names ----------------------------------------------------------------
 
 
-def test_builtin_commands_are_the_documented_five() -> None:
+def test_builtin_commands_are_the_documented_ones() -> None:
     assert set(BUILTIN_COMMANDS) == {
         "join_channel",
         "leave_channel",
         "history",
         "register_handler",
         "unregister_handler",
+        "limits",
+        "room_configure",
+        "room_invite",
+        "room_uninvite",
+        "room_ban",
+        "room_unban",
+        "room_mute",
+        "room_unmute",
+        "room_info",
+        "register_agent",
+        "refresh_token",
     }
     assert all(is_builtin(name) for name in BUILTIN_COMMANDS)
 

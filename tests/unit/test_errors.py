@@ -33,7 +33,8 @@ def test_entry_has_stable_code_and_message(entry: ErrorCode) -> None:
 
 def test_only_transient_errors_are_retryable() -> None:
     retryable = {code for code, entry in CATALOGUE.items() if entry.retryable}
-    assert retryable == {"unavailable", "internal", "no_responders", "timeout"}
+    # rate_limited: wait retry_after_ms, then send the same frame again.
+    assert retryable == {"unavailable", "internal", "no_responders", "timeout", "rate_limited"}
 
 
 def test_error_message_puts_detail_before_the_catalogue_text() -> None:

@@ -16,7 +16,9 @@ Quick start::
 See the README of this package for the resume guarantee and the error classes.
 """
 
+from arqonbus.agent import AgentCredentials
 from arqonbus.client import (
+    ADMIN_COMMANDS,
     BUILTIN_COMMANDS,
     Client,
     CommandHandler,
@@ -27,6 +29,7 @@ from arqonbus.client import (
 from arqonbus.errors import (
     ArqonBusError,
     AuthenticationError,
+    Banned,
     ClientClosed,
     CommandFailed,
     ConnectionFailed,
@@ -41,10 +44,14 @@ from arqonbus.errors import (
     InvalidPayload,
     LimitExceeded,
     MessageTooLarge,
+    Muted,
     NoResponders,
     NotJoined,
     NotRegistered,
     PolicyViolation,
+    QuotaExceeded,
+    RateLimited,
+    RoomKeyRequired,
     Timeout,
     Unavailable,
     UnknownCommand,
@@ -55,10 +62,13 @@ from arqonbus.models import Ack, CommandRequest, Event, Gap, HistoryPage, Welcom
 __version__ = "0.1.0"
 
 __all__ = [
+    "ADMIN_COMMANDS",
     "BUILTIN_COMMANDS",
     "Ack",
+    "AgentCredentials",
     "ArqonBusError",
     "AuthenticationError",
+    "Banned",
     "Client",
     "ClientClosed",
     "CommandFailed",
@@ -80,10 +90,14 @@ __all__ = [
     "InvalidPayload",
     "LimitExceeded",
     "MessageTooLarge",
+    "Muted",
     "NoResponders",
     "NotJoined",
     "NotRegistered",
     "PolicyViolation",
+    "QuotaExceeded",
+    "RateLimited",
+    "RoomKeyRequired",
     "Subscription",
     "SubscriptionCallback",
     "Timeout",

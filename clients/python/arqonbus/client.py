@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import itertools
 import logging
 import random
 import re
@@ -35,7 +36,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 from websockets.asyncio.client import ClientConnection
@@ -60,11 +61,15 @@ from arqonbus.errors import (
     Internal,
     InvalidEnvelope,
     MessageTooLarge,
+    RateLimited,
     Timeout,
     Unavailable,
     error_from_wire,
 )
 from arqonbus.models import Ack, CommandRequest, Event, Gap, HistoryPage, Welcome
+
+if TYPE_CHECKING:
+    from arqonbus.agent import AgentCredentials
 
 __all__ = [
     "BUILTIN_COMMANDS",
@@ -78,8 +83,29 @@ __all__ = [
 log = logging.getLogger("arqonbus.client")
 
 PROTOCOL_VERSION = "1.0"
-BUILTIN_COMMANDS = frozenset(
-    {"join_channel", "leave_channel", "history", "register_handler", "unregister_handler"}
+ADMIN_COMMANDS = frozenset(
+    {
+        "room_configure",
+        "room_invite",
+        "room_uninvite",
+        "room_ban",
+        "room_unban",
+        "room_mute",
+        "room_unmute",
+        "room_info",
+        "register_agent",
+    }
+)
+BUILTIN_COMMANDS = ADMIN_COMMANDS | frozenset(
+    {
+        "join_channel",
+        "leave_channel",
+        "history",
+        "register_handler",
+        "unregister_handler",
+        "limits",
+        "refresh_token",
+    }
 )
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
 _ID_MAX = 128
@@ -111,6 +137,17 @@ def _check_id(value: str) -> None:
 def _backoff(attempt: int, cap: float) -> float:
     """Jittered exponential backoff: about 0.05 s, 0.1 s, 0.2 s, ... up to ``cap``."""
     return random.uniform(0.5, 1.0) * min(cap, _INITIAL_BACKOFF * 2.0 ** min(attempt, 30))
+
+
+def _retry_delay(exc: ArqonBusError, attempt: int, cap: float) -> float:
+    """How long to wait before resending after a retryable error.
+
+    Over a rate limit the gateway says when to come back (``retry_after_ms``); otherwise
+    jittered exponential backoff.
+    """
+    if isinstance(exc, RateLimited) and exc.retry_after_ms > 0:
+        return exc.retry_after_ms / 1000
+    return _backoff(attempt, cap)
 
 
 def _round_delay(rounds: int, cap: float, asked: float) -> float:
@@ -208,8 +245,9 @@ class Client:
     def __init__(
         self,
         urls: str | Sequence[str],
-        token: str,
+        token: str | None = None,
         *,
+        agent: AgentCredentials | None = None,
         connect_timeout: float = 10.0,
         request_timeout: float = 10.0,
         max_backoff: float = 5.0,
@@ -231,8 +269,11 @@ class Client:
             raise ValueError("queue_size must be at least 1")
         if handler_concurrency < 1:
             raise ValueError("handler_concurrency must be at least 1")
+        if (token is None) == (agent is None):
+            raise ValueError("pass exactly one credential: a token, or agent=AgentCredentials(...)")
         self.urls: list[str] = url_list
         self._token = token
+        self._agent = agent
         self.connect_timeout = connect_timeout
         self.request_timeout = request_timeout
         self.max_backoff = max_backoff
@@ -404,9 +445,9 @@ class Client:
         while True:
             try:
                 return await self._publish_once(msg_id, frame, deadline)
-            except (Unavailable, Internal) as exc:
+            except (Unavailable, Internal, RateLimited) as exc:
                 # Retryable, and safe: a resend with the same id is never stored twice.
-                delay = _backoff(attempt, self.max_backoff)
+                delay = _retry_delay(exc, attempt, self.max_backoff)
                 attempt += 1
                 if deadline - loop.time() <= delay:
                     raise
@@ -567,7 +608,8 @@ class Client:
         if command in BUILTIN_COMMANDS:
             raise ValueError(
                 f"{command!r} is a built-in command: use subscribe(), history(), "
-                "register_handler() or unregister_handler()"
+                "register_handler(), unregister_handler(), admin(), limits() or "
+                "refresh_token()"
             )
         if params is not None and not isinstance(params, dict):
             raise TypeError("params must be a dict or None")
@@ -580,6 +622,50 @@ class Client:
             timeout=timeout + 1.0,
             extra={"timeout_ms": timeout_ms},
         )
+
+    async def admin(
+        self,
+        room: str,
+        command: str,
+        params: dict[str, Any] | None = None,
+        *,
+        channel: str = "admin",
+        timeout: float | None = None,
+    ) -> dict[str, Any]:
+        """Run a built-in admin command on ``room``; needs the ``admin`` permission there.
+
+        ``command`` is one of :data:`ADMIN_COMMANDS`: ``room_configure`` (``private``,
+        ``key``, ``invite_only``), ``room_invite``/``room_uninvite``, ``room_ban``/
+        ``room_unban`` (``principal``, ``duration_s``, ``reason``), ``room_mute``/
+        ``room_unmute``, ``room_info``, ``register_agent`` (``public_key``, ``name``,
+        ``role``). Raises :class:`Forbidden` without the permission. Not retried.
+        """
+        if command not in ADMIN_COMMANDS:
+            raise ValueError(
+                f"{command!r} is not an admin command: use one of {sorted(ADMIN_COMMANDS)}"
+            )
+        budget = self.request_timeout if timeout is None else timeout
+        return await self._request(room, channel, command, params or {}, timeout=budget)
+
+    async def limits(self, *, timeout: float | None = None) -> dict[str, Any]:
+        """This connection's limits and current usage (rates, tokens left, channels, ...)."""
+        budget = self.request_timeout if timeout is None else timeout
+        return await self._request("limits", "limits", "limits", {}, timeout=budget)
+
+    async def refresh_token(self, token: str, *, timeout: float | None = None) -> dict[str, Any]:
+        """Replace the credential in place (same principal), before the old one expires.
+
+        The gateway checks ``token`` and moves the connection's expiry (close 4004) to the
+        new one's; later reconnects use it too. Returns ``{expires_at, role}``. Raises
+        :class:`Forbidden` for another principal's token, :class:`InvalidParameters` for a
+        token the gateway refuses.
+        """
+        if self._token is None:
+            raise ValueError("an agent signs in afresh on each connect: no token to refresh")
+        budget = self.request_timeout if timeout is None else timeout
+        result = await self._request("auth", "auth", "refresh_token", {"token": token}, budget)
+        self._token = token
+        return result
 
     def handles(self, room: str, channel: str, command: str) -> Callable[[_H], _H]:
         """Decorator: answer service ``command`` on ``room``/``channel`` with the function.
@@ -699,7 +785,34 @@ class Client:
         timeout: float,
         extra: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """Send one command and return its result; errors raise. Not retried."""
+        """Send one command and return its result; errors raise.
+
+        Not retried, except over a rate limit: the gateway did not act on the command, so
+        it is sent again after ``retry_after_ms`` while ``timeout`` allows.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        for attempt in itertools.count():
+            try:
+                return await self._request_once(
+                    room, channel, command, parameters, deadline - loop.time(), extra
+                )
+            except RateLimited as exc:
+                delay = _retry_delay(exc, attempt, self.max_backoff)
+                if deadline - loop.time() <= delay:
+                    raise
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
+    async def _request_once(
+        self,
+        room: str,
+        channel: str,
+        command: str,
+        parameters: dict[str, Any],
+        timeout: float,
+        extra: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
         request_id = f"{command[:20]}_{uuid.uuid4().hex}"
         payload: dict[str, Any] = {"command": command, "parameters": parameters}
         if extra:
@@ -754,8 +867,8 @@ class Client:
                 return await self._request(room, channel, command, parameters, remaining)
             except ConnectionLost:
                 continue  # _request waits for the next connection
-            except (Unavailable, Internal) as exc:
-                delay = _backoff(attempt, self.max_backoff)
+            except (Unavailable, Internal, RateLimited) as exc:
+                delay = _retry_delay(exc, attempt, self.max_backoff)
                 attempt += 1
                 if deadline - loop.time() <= delay:
                     raise exc from None
@@ -782,10 +895,13 @@ class Client:
 
     async def _open(self, url: str, timeout: float) -> tuple[ClientConnection, Welcome]:
         """One attempt: handshake and welcome. Raises _AttemptFailed or AuthenticationError."""
+        # An agent signs in by its first frame (it signs the gateway's nonce); a token
+        # travels in the handshake.
+        headers = {} if self._token is None else {"Authorization": f"Bearer {self._token}"}
         try:
             conn = await ws_connect(
                 url,
-                additional_headers={"Authorization": f"Bearer {self._token}"},
+                additional_headers=headers,
                 open_timeout=timeout,
                 compression=None,
                 max_size=self._max_frame_bytes,
@@ -808,18 +924,45 @@ class Client:
         try:
             raw = await asyncio.wait_for(conn.recv(), timeout)
             message = orjson.loads(raw)
+            if self._agent is not None and isinstance(message, dict):
+                raw = await self._sign_in(conn, url, message, timeout)
+                message = orjson.loads(raw)
             if not isinstance(message, dict) or message.get("type") != "welcome":
                 raise _AttemptFailed(f"expected a welcome message, got {str(raw)[:100]}")
             return conn, Welcome.from_wire(message)
         except BaseException as exc:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(conn.close(), 1.0)
-            if isinstance(exc, _AttemptFailed | asyncio.CancelledError):
+            if isinstance(exc, _AttemptFailed | AuthenticationError | asyncio.CancelledError):
                 raise
             if isinstance(exc, orjson.JSONDecodeError):
                 raise _AttemptFailed("the welcome message is not JSON") from None
             if isinstance(exc, Exception):
                 raise _AttemptFailed(_describe(exc)) from None
+            raise
+
+    async def _sign_in(
+        self, conn: ClientConnection, url: str, message: dict[str, Any], timeout: float
+    ) -> str | bytes:
+        """Answer ``auth_required`` with the agent's signature of its nonce; the next frame."""
+        assert self._agent is not None
+        nonce = (message.get("payload") or {}).get("nonce")
+        if message.get("type") != "auth_required" or not isinstance(nonce, str):
+            raise _AttemptFailed(f"{url} offered no sign-in nonce (auth_required)")
+        frame = {
+            "version": PROTOCOL_VERSION,
+            "id": uuid.uuid4().hex,
+            "type": "auth",
+            "payload": {"token": self._agent.token(nonce)},
+        }
+        await conn.send(orjson.dumps(frame).decode())
+        try:
+            return await asyncio.wait_for(conn.recv(), timeout)
+        except ConnectionClosed as exc:
+            code = exc.rcvd.code if exc.rcvd is not None else None
+            if code is not None and 4500 <= code <= 4999:
+                reason = exc.rcvd.reason if exc.rcvd is not None else ""
+                raise AuthenticationError(f"{url} refused the agent: {reason}") from None
             raise
 
     def _attempt_timeout(self) -> float:
@@ -1178,7 +1321,7 @@ class Client:
             return
         exc = error_from_wire(payload.get("error"), request_id)
         if exc.retryable:
-            delay = _backoff(sub._join_failures, self.max_backoff)
+            delay = _retry_delay(exc, sub._join_failures, self.max_backoff)
             sub._join_failures += 1
             log.warning(
                 "join of %s/%s failed (%s); retrying in %.2fs", sub.room, sub.channel, exc, delay

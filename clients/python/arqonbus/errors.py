@@ -25,6 +25,7 @@ __all__ = [
     "ERROR_CLASSES",
     "ArqonBusError",
     "AuthenticationError",
+    "Banned",
     "ClientClosed",
     "CommandFailed",
     "ConnectionFailed",
@@ -39,10 +40,14 @@ __all__ = [
     "InvalidPayload",
     "LimitExceeded",
     "MessageTooLarge",
+    "Muted",
     "NoResponders",
     "NotJoined",
     "NotRegistered",
     "PolicyViolation",
+    "QuotaExceeded",
+    "RateLimited",
+    "RoomKeyRequired",
     "Timeout",
     "Unavailable",
     "UnknownCommand",
@@ -209,6 +214,51 @@ class InvalidPayload(ArqonBusError):
     default_code = "invalid_payload"
 
 
+# -- rate limits and quotas (issue 6) --
+
+
+class RateLimited(ArqonBusError):
+    """The connection or its principal exceeded a rate limit; the frame was not acted on.
+
+    ``retry_after_ms`` says how long to wait before sending it again (the same ``id``).
+    """
+
+    default_code = "rate_limited"
+    default_retryable = True
+    retry_after_ms: int = 0
+
+
+class QuotaExceeded(ArqonBusError):
+    """The tenant's stored-bytes quota is full: the event was not stored."""
+
+    default_code = "quota_exceeded"
+
+
+# -- private rooms, bans, mutes (issue 6) --
+
+
+class RoomKeyRequired(ArqonBusError):
+    """The room is private: join with ``room_key`` set to its key, or get invited."""
+
+    default_code = "room_key_required"
+
+
+class Banned(ArqonBusError):
+    """A room admin banned this principal from the room (join, read and publish refused).
+
+    The gateway may also push this error without a request (``request_id`` None) when a ban
+    removes the connection from the room's channels.
+    """
+
+    default_code = "banned"
+
+
+class Muted(ArqonBusError):
+    """A room admin muted this principal in the room: reading works, publishing does not."""
+
+    default_code = "muted"
+
+
 class CommandFailed(ArqonBusError):
     """A service handler answered with an error of its own ``code``.
 
@@ -296,6 +346,11 @@ ERROR_CLASSES: dict[str, type[ArqonBusError]] = {
         Forbidden,
         PolicyViolation,
         InvalidPayload,
+        RoomKeyRequired,
+        Banned,
+        Muted,
+        RateLimited,
+        QuotaExceeded,
     )
 }
 """The server error codes of protocol v1 and their exception classes."""
@@ -314,4 +369,8 @@ def error_from_wire(error: Any, request_id: str | None = None) -> ArqonBusError:
     cls = ERROR_CLASSES.get(code)
     if cls is None:
         return CommandFailed(code, message, retryable=bool(retry), request_id=request_id)
-    return cls(message, request_id=request_id, retryable=retry)
+    exc = cls(message, request_id=request_id, retryable=retry)
+    if isinstance(exc, RateLimited):
+        wait = error.get("retry_after_ms")
+        exc.retry_after_ms = wait if isinstance(wait, int) and not isinstance(wait, bool) else 0
+    return exc

@@ -1,0 +1,114 @@
+"""``arqonbus policy``: a tenant's content-policy rules in NATS KV (every gateway, no restart)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from gateway.audit import ADMIN_ACTION, AuditLog
+from mesh import kv as kvmod
+from mesh.broker import BrokerUnavailable
+from shared.inspect import PolicyError, parse_policy
+from shared.settings import Settings
+from shared.subjects import is_valid_name
+
+MAX_POLICY_BYTES = 512 * 1024  # under the KV value limit (the NATS max_payload)
+
+
+def add_parser(sub: Any) -> None:
+    policy = sub.add_parser("policy", help="a tenant's content-policy rules (NATS KV)")
+    policy_sub = policy.add_subparsers(dest="policy_command", required=True)
+    put = policy_sub.add_parser("set", help="validate and store a tenant's rules")
+    put.add_argument("--tenant", required=True)
+    put.add_argument(
+        "file",
+        type=Path,
+        help='JSON: a list of rules, or a policy file ({"tenants": {...}}) naming the tenant',
+    )
+    show = policy_sub.add_parser("show", help="print a tenant's stored rules")
+    show.add_argument("--tenant", required=True)
+    delete = policy_sub.add_parser("delete", help="drop a tenant's stored rules (file rules apply)")
+    delete.add_argument("--tenant", required=True)
+    for command in (put, show, delete):
+        command.add_argument("--nats", help="NATS URL(s), comma-separated [ARQONBUS_NATS]")
+
+
+def rules_from(doc: Any, tenant: str) -> list[Any]:
+    """The tenant's rules from a list, or from a policy file's ``tenants`` entry."""
+    if isinstance(doc, dict) and "tenants" in doc:
+        tenants = doc["tenants"]
+        if not isinstance(tenants, dict) or tenant not in tenants:
+            raise PolicyError(f"the policy file has no rules for tenant {tenant!r}")
+        doc = tenants[tenant]
+    if not isinstance(doc, list):
+        raise PolicyError('expected a JSON list of rules, or {"tenants": {TENANT: [...]}}')
+    parse_policy({"tenants": {tenant: doc}}, f"rules for tenant {tenant!r}")  # validates
+    return doc
+
+
+async def run(args: argparse.Namespace, settings: Settings) -> int:
+    tenant = args.tenant
+    if not is_valid_name(tenant):
+        print(f"arqonbus: tenant {tenant!r} is not a valid name", file=sys.stderr)
+        return 2
+    body = b""
+    if args.policy_command == "set":
+        try:
+            rules = rules_from(orjson.loads(args.file.read_bytes()), tenant)
+        except OSError as exc:
+            print(f"arqonbus: cannot read {args.file}: {exc.strerror}", file=sys.stderr)
+            return 2
+        except (orjson.JSONDecodeError, PolicyError) as exc:
+            print(f"arqonbus: {args.file}: {exc}", file=sys.stderr)
+            return 2
+        body = orjson.dumps(rules)
+        if len(body) > MAX_POLICY_BYTES:
+            print(f"arqonbus: the rules exceed {MAX_POLICY_BYTES} bytes", file=sys.stderr)
+            return 2
+    return await _apply(settings, args.policy_command, tenant, body)
+
+
+async def _apply(settings: Settings, command: str, tenant: str, body: bytes) -> int:
+    from gateway.cli import cli_broker
+
+    broker = cli_broker(settings, "arqonbus policy")
+    audit = AuditLog(broker, settings.subject_prefix, "cli")
+    try:
+        await broker.connect()
+        audit.start()
+        kv = await broker.key_value(kvmod.bucket_name(settings.subject_prefix, kvmod.POLICIES))
+        if command == "show":
+            entry = await _get(kv, tenant)
+            if entry is None:
+                print(f"tenant {tenant} has no stored rules (the policy file applies)")
+            else:
+                print(orjson.dumps(orjson.loads(entry), option=orjson.OPT_INDENT_2).decode())
+            return 0
+        if command == "set":
+            await kv.put(tenant, body)
+            print(f"stored {len(orjson.loads(body))} rule(s) for tenant {tenant}")
+        else:
+            await kv.delete(tenant)
+            print(f"dropped the stored rules of tenant {tenant}")
+        audit.record(tenant, ADMIN_ACTION, "cli", action=f"policy_{command}")
+        return 0
+    except BrokerUnavailable as exc:
+        print(f"arqonbus: {exc}. Check --nats / ARQONBUS_NATS.", file=sys.stderr)
+        return 1
+    finally:
+        await audit.close()
+        await broker.close()
+
+
+async def _get(kv: Any, tenant: str) -> bytes | None:
+    from nats.js.errors import KeyNotFoundError
+
+    try:
+        entry = await kv.get(tenant)
+    except KeyNotFoundError:
+        return None
+    return entry.value or None

@@ -1,0 +1,498 @@
+"""Rate limits and quotas of client traffic: messages/s and bytes/s, connections per tenant.
+
+Two scopes of rate limits, each a pair of token buckets (messages and bytes, the bucket of
+:class:`gateway.admission.TokenBucket`):
+
+* **per connection**: every connection has its own pair;
+* **per principal**: (tenant, principal id) shares one pair among all of that principal's
+  connections **on this gateway**. The buckets live in the gateway's memory, so a principal
+  connected to N gateways gets up to N times the rate; a hard global cap needs a
+  coordinated counter (NATS round trips on the message path) and is not done.
+
+What counts: every client ``event`` and ``command`` frame (built-in or service, ``limits``
+included), by its size on the wire. A refused frame takes no tokens and is not acted on;
+the client gets an ``error`` frame ``rate_limited`` with ``retry_after_ms`` and the frame's
+``request_id``, and the connection stays open. A handler's ``command_response`` is never
+refused (its caller is waiting), but its bytes are charged, so a handler that answers
+with a flood of bytes waits longer before its next event.
+
+Connections per tenant (:class:`TenantConnections`): counted at the handshake, after
+authentication. A handshake that passes reserves a slot, the session claims it when it
+starts, and an unclaimed reservation (the upgrade failed) expires after ``reserve_s``.
+Other gateways' counts come from their periodic reports (:class:`ConnectionReports`).
+
+Everything here is pure (the clock is passed in), so it is unit-testable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import orjson
+
+from gateway.admission import Clock, TokenBucket
+from mesh.kv import WatchedBucket, bucket_name
+from shared.settings import Settings
+
+if TYPE_CHECKING:
+    from nats.js.kv import KeyValue
+
+    from mesh.jetstream import JetStreamBroker
+
+log = logging.getLogger("arqonbus.gateway.limits")
+
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class RateSpec:
+    """Rates of one scope; 0 = that limit off. A burst of 0 means two seconds' worth."""
+
+    msgs_per_s: float = 0.0
+    msgs_burst: float = 0.0
+    bytes_per_s: float = 0.0
+    bytes_burst: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("msgs_per_s", "msgs_burst", "bytes_per_s", "bytes_burst"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0 = off)")
+
+    @property
+    def enabled(self) -> bool:
+        return self.msgs_per_s > 0 or self.bytes_per_s > 0
+
+    @property
+    def msg_burst(self) -> float:
+        return max(1.0, self.msgs_burst or 2 * self.msgs_per_s)
+
+    @property
+    def byte_burst(self) -> float:
+        return max(1.0, self.bytes_burst or 2 * self.bytes_per_s)
+
+    def describe(self) -> dict[str, float | int]:
+        """The configured rates, as the ``limits`` command and the welcome show them."""
+        return {
+            "msgs_per_s": _number(self.msgs_per_s),
+            "msgs_burst": _number(self.msg_burst) if self.msgs_per_s else 0,
+            "bytes_per_s": _number(self.bytes_per_s),
+            "bytes_burst": _number(self.byte_burst) if self.bytes_per_s else 0,
+        }
+
+
+def _number(value: float) -> float | int:
+    return int(value) if value == int(value) else value
+
+
+class FrameMeter:
+    """The message and byte buckets of one scope, and its traffic in the last second."""
+
+    __slots__ = (
+        "_byte_burst",
+        "_byte_rate",
+        "_bytes",
+        "_msg_burst",
+        "_msg_rate",
+        "_msgs",
+        "_prev_bytes",
+        "_prev_msgs",
+        "_window",
+        "_window_bytes",
+        "_window_msgs",
+        "connections",
+        "spec",
+    )
+
+    def __init__(self, spec: RateSpec, now: float) -> None:
+        self.spec = spec
+        self._msg_rate = spec.msgs_per_s
+        self._msg_burst = spec.msg_burst
+        self._byte_rate = spec.bytes_per_s
+        self._byte_burst = spec.byte_burst
+        self._msgs = TokenBucket(self._msg_burst, now)
+        self._bytes = TokenBucket(self._byte_burst, now)
+        self._window = now  # start of the current one-second window
+        self._window_msgs = self._window_bytes = 0
+        self._prev_msgs = self._prev_bytes = 0
+        self.connections = 0  # connections sharing this meter (principal scope)
+
+    def take(self, size: int, now: float) -> float:
+        """Admit one frame of ``size`` bytes (0.0) or say how long to wait (nothing taken)."""
+        if self._msg_rate:
+            wait = self._msgs.take(1.0, now, self._msg_rate, self._msg_burst)
+            if wait:
+                return wait
+        if self._byte_rate:
+            wait = self._bytes.take(size, now, self._byte_rate, self._byte_burst)
+            if wait:
+                if self._msg_rate:
+                    self._msgs.tokens += 1.0  # give the message token back
+                return wait
+        self._count(size, now)
+        return 0.0
+
+    def give_back(self, size: int) -> None:
+        """Undo a :meth:`take` (the other scope refused the frame)."""
+        if self._msg_rate:
+            self._msgs.tokens += 1.0
+        if self._byte_rate:
+            self._bytes.tokens += size
+        self._window_msgs -= 1
+        self._window_bytes -= size
+
+    def charge(self, size: int, now: float) -> None:
+        """Count bytes that are never refused (a handler's answer): the bucket may owe."""
+        if self._byte_rate:
+            self._bytes.take(0.0, now, self._byte_rate, self._byte_burst)
+            self._bytes.tokens -= size
+        self._count(size, now, msgs=0)
+
+    def _count(self, size: int, now: float, msgs: int = 1) -> None:
+        elapsed = now - self._window
+        if elapsed >= 1.0:
+            if elapsed >= 2.0:  # the previous window was empty
+                self._prev_msgs = self._prev_bytes = 0
+            else:
+                self._prev_msgs, self._prev_bytes = self._window_msgs, self._window_bytes
+            self._window += elapsed // 1.0
+            self._window_msgs = self._window_bytes = 0
+        self._window_msgs += msgs
+        self._window_bytes += size
+
+    def usage(self, now: float) -> dict[str, float | int]:
+        """Tokens left now and the traffic of the last second (a sliding estimate)."""
+        elapsed = now - self._window
+        if elapsed >= 2.0:
+            cur_msgs = cur_bytes = prev_msgs = prev_bytes = 0
+            fraction = 0.0
+        elif elapsed >= 1.0:
+            cur_msgs, cur_bytes = 0, 0
+            prev_msgs, prev_bytes = self._window_msgs, self._window_bytes
+            fraction = elapsed - 1.0
+        else:
+            cur_msgs, cur_bytes = self._window_msgs, self._window_bytes
+            prev_msgs, prev_bytes = self._prev_msgs, self._prev_bytes
+            fraction = elapsed
+        keep = 1.0 - fraction
+        result: dict[str, float | int] = {
+            "msgs_last_s": round(cur_msgs + prev_msgs * keep),
+            "bytes_last_s": round(cur_bytes + prev_bytes * keep),
+        }
+        if self._msg_rate:
+            self._msgs.take(0.0, now, self._msg_rate, self._msg_burst)  # refill only
+            result["msg_tokens"] = round(self._msgs.tokens, 3)
+        if self._byte_rate:
+            self._bytes.take(0.0, now, self._byte_rate, self._byte_burst)
+            result["byte_tokens"] = round(self._bytes.tokens, 1)
+        return result
+
+
+class ConnectionLimits:
+    """The meters of one connection: its own and its principal's (shared on this gateway)."""
+
+    __slots__ = ("_clock", "_on", "_release", "connection", "principal")
+
+    def __init__(
+        self,
+        connection: FrameMeter,
+        principal: FrameMeter,
+        release: Callable[[], None] | None = None,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        self.connection = connection
+        self.principal = principal
+        self._on = connection.spec.enabled or principal.spec.enabled
+        self._release = release
+        self._clock = clock
+
+    def admit(self, size: int) -> float:
+        """One event or command frame: 0.0 to act on it, else seconds until it would pass."""
+        now = self._clock()
+        if not self._on:
+            self.connection._count(size, now)
+            self.principal._count(size, now)
+            return 0.0
+        wait: float = self.connection.take(size, now)
+        if wait:
+            return wait
+        wait = self.principal.take(size, now)
+        if wait:
+            self.connection.give_back(size)
+        return wait
+
+    def charge(self, size: int) -> None:
+        """A frame that is never refused (a handler's answer): count its bytes."""
+        now = self._clock()
+        self.connection.charge(size, now)
+        self.principal.charge(size, now)
+
+    def close(self) -> None:
+        if self._release is not None:
+            self._release()
+            self._release = None
+
+    def report(self) -> dict[str, object]:
+        now = self._clock()
+        return {
+            "connection": {
+                **self.connection.spec.describe(),
+                **self.connection.usage(now),
+            },
+            "principal": {
+                **self.principal.spec.describe(),
+                **self.principal.usage(now),
+                "connections_on_gateway": self.principal.connections,
+            },
+        }
+
+
+class RateLimits:
+    """The gateway's rate-limit registry: hands each new connection its meters."""
+
+    def __init__(
+        self, per_connection: RateSpec, per_principal: RateSpec, clock: Clock = time.monotonic
+    ) -> None:
+        self.per_connection = per_connection
+        self.per_principal = per_principal
+        self._clock = clock
+        self._principals: dict[tuple[str, str], FrameMeter] = {}
+        # This tenant's connections over all gateways (set by the gateway), for ``limits``.
+        self.tenant_connections: Callable[[str], int] | None = None
+
+    def __len__(self) -> int:
+        return len(self._principals)
+
+    def open(self, tenant: str, principal: str) -> ConnectionLimits:
+        """The meters of a new connection; call ``close()`` on them when it ends."""
+        now = self._clock()
+        key = (tenant, principal)
+        shared = self._principals.get(key)
+        if shared is None:
+            shared = self._principals[key] = FrameMeter(self.per_principal, now)
+        shared.connections += 1
+
+        def release() -> None:
+            shared.connections -= 1
+            if shared.connections <= 0 and self._principals.get(key) is shared:
+                del self._principals[key]
+
+        return ConnectionLimits(FrameMeter(self.per_connection, now), shared, release, self._clock)
+
+
+# -- connections per tenant ------------------------------------------------------------
+
+
+class TenantConnections:
+    """Live connections per tenant on this gateway, plus handshakes that reserved a slot.
+
+    ``try_reserve(tenant, others)`` at the handshake: False if this gateway's live and
+    reserved connections of the tenant plus ``others`` (the other gateways' reported count)
+    reach ``max_per_tenant``. ``claim(tenant)`` when the session starts turns the oldest
+    reservation into a live connection; ``release(tenant)`` when it ends. A reservation
+    never claimed (the upgrade failed after the HTTP check) lapses after ``reserve_s``.
+    """
+
+    def __init__(
+        self, max_per_tenant: int, reserve_s: float = 15.0, clock: Clock = time.monotonic
+    ) -> None:
+        if max_per_tenant < 0:
+            raise ValueError("max_per_tenant must be >= 0 (0 = off)")
+        self.max_per_tenant = max_per_tenant
+        self.reserve_s = reserve_s
+        self._clock = clock
+        self.live: dict[str, int] = {}
+        self._reserved: dict[str, deque[float]] = {}
+        self.refused = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_per_tenant > 0
+
+    def _pending(self, tenant: str, now: float) -> int:
+        reserved = self._reserved.get(tenant)
+        if reserved is None:
+            return 0
+        while reserved and reserved[0] <= now:
+            reserved.popleft()
+        if not reserved:
+            del self._reserved[tenant]
+            return 0
+        return len(reserved)
+
+    def count(self, tenant: str) -> int:
+        """This gateway's connections of ``tenant``: live ones and reserved handshakes."""
+        return self.live.get(tenant, 0) + self._pending(tenant, self._clock())
+
+    def try_reserve(self, tenant: str, others: int = 0) -> bool:
+        if not self.enabled:
+            return True
+        now = self._clock()
+        if self.live.get(tenant, 0) + self._pending(tenant, now) + others >= self.max_per_tenant:
+            self.refused += 1
+            return False
+        self._reserved.setdefault(tenant, deque()).append(now + self.reserve_s)
+        return True
+
+    def claim(self, tenant: str) -> None:
+        reserved = self._reserved.get(tenant)
+        if reserved:
+            reserved.popleft()
+            if not reserved:
+                del self._reserved[tenant]
+        self.live[tenant] = self.live.get(tenant, 0) + 1
+
+    def release(self, tenant: str) -> None:
+        count = self.live.get(tenant, 0) - 1
+        if count > 0:
+            self.live[tenant] = count
+        else:
+            self.live.pop(tenant, None)
+
+
+class ConnectionReports:
+    """The other gateways' last reported connection counts per tenant.
+
+    Each gateway writes ``{tenant: count}`` under its node key every health interval (a KV
+    bucket, see :func:`report_key`); this keeps the last report of every other node, with
+    the local time it arrived. A report older than ``max_age_s`` (a gateway that stopped
+    reporting: it died or lost NATS) no longer counts. ``others(tenant)`` sums the fresh
+    reports. Staleness: a report is at most one health interval old plus the watch's delay,
+    so connections that other gateways accepted since their last report are not seen yet
+    and the cap can be exceeded by what they accept within about one interval.
+    """
+
+    def __init__(self, node_key: str, max_age_s: float, clock: Clock = time.monotonic) -> None:
+        self.node_key = node_key
+        self.max_age_s = max_age_s
+        self._clock = clock
+        self._reports: dict[str, tuple[float, dict[str, int]]] = {}
+
+    def update(self, node_key: str, counts: dict[str, int] | None) -> None:
+        if node_key == self.node_key:
+            return
+        if not counts:
+            self._reports.pop(node_key, None)
+            return
+        clean = {t: n for t, n in counts.items() if type(n) is int and n > 0}
+        self._reports[node_key] = (self._clock(), clean)
+
+    def others(self, tenant: str) -> int:
+        oldest = self._clock() - self.max_age_s
+        total = 0
+        for received, counts in list(self._reports.values()):
+            if received >= oldest:
+                total += counts.get(tenant, 0)
+        return total
+
+
+def report_key(node_id: str) -> str:
+    """A node id as a KV key (letters, digits, ``-`` and ``_``; anything else becomes ``_``)."""
+    return "".join(c if c.isascii() and (c.isalnum() or c in "-_") else "_" for c in node_id)
+
+
+def rate_specs(settings: Settings) -> tuple[RateSpec, RateSpec]:
+    """The per-connection and per-principal rates of ``settings``."""
+    return (
+        RateSpec(
+            settings.msg_rate_per_conn,
+            settings.msg_burst_per_conn,
+            settings.bytes_rate_per_conn,
+            settings.bytes_burst_per_conn,
+        ),
+        RateSpec(
+            settings.msg_rate_per_principal,
+            settings.msg_burst_per_principal,
+            settings.bytes_rate_per_principal,
+            settings.bytes_burst_per_principal,
+        ),
+    )
+
+
+def welcome_limits(settings: Settings) -> dict[str, float | int]:
+    """The rates as the welcome's ``limits`` announce them (bursts resolved; 0 = off)."""
+    conn, principal = rate_specs(settings)
+    result: dict[str, float | int] = {}
+    for scope, spec in (("conn", conn), ("principal", principal)):
+        described = spec.describe()
+        result[f"msg_rate_per_{scope}"] = described["msgs_per_s"]
+        result[f"msg_burst_per_{scope}"] = described["msgs_burst"]
+        result[f"bytes_rate_per_{scope}"] = described["bytes_per_s"]
+        result[f"bytes_burst_per_{scope}"] = described["bytes_burst"]
+    return result
+
+
+# -- connection counts shared between gateways ------------------------------------------
+
+CONNS_BUCKET = "conns"  # ``<prefix>_conns``: ``<node key>`` -> {"tenant": count, ...}
+
+
+class ConnectionReporter:
+    """Publishes this gateway's per-tenant connection counts, reads the other gateways'.
+
+    Every ``health_interval_s`` this gateway puts its live counts under its node key in the
+    KV bucket ``<prefix>_conns``; a watch keeps :class:`ConnectionReports` of the others. A
+    report counts for three intervals after it arrived (see ConnectionReports). Started
+    only when ``max_connections_per_tenant`` is set.
+    """
+
+    def __init__(self, broker: JetStreamBroker, settings: Settings, node_id: str) -> None:
+        self._broker = broker
+        self._interval = settings.health_interval_s
+        self._bucket = bucket_name(settings.subject_prefix, CONNS_BUCKET)
+        self.node_key = report_key(node_id)
+        self.reports = ConnectionReports(self.node_key, 3 * self._interval)
+        self._watched: WatchedBucket | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def others(self, tenant: str) -> int:
+        return self.reports.others(tenant)
+
+    def start(self, live: dict[str, int]) -> None:
+        if self._task is not None:
+            return
+        self._watched = WatchedBucket(self._bucket, self._open)
+        self._watched.on_change(self._on_report)
+        self._watched.start()
+        self._task = asyncio.create_task(self._report(live), name="connection reports")
+
+    async def _open(self) -> KeyValue:
+        return await self._broker.key_value(self._bucket, ttl_s=max(1.0, 3 * self._interval))
+
+    def _on_report(self, key: str, value: bytes | None) -> None:
+        counts = None
+        if value:
+            try:
+                counts = orjson.loads(value)
+            except orjson.JSONDecodeError:
+                log.warning("unreadable connection report from %s", key)
+                return
+        self.reports.update(key, counts if isinstance(counts, dict) else None)
+
+    async def _report(self, live: dict[str, int]) -> None:
+        while True:
+            try:
+                kv = await self._open()
+                await kv.put(self.node_key, orjson.dumps(live))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # NATS down: the next round tries again
+                log.debug("could not report connection counts: %s", exc)
+            await asyncio.sleep(self._interval)  # the report period
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            with contextlib.suppress(Exception):  # best effort: it expires anyway
+                kv = await asyncio.wait_for(self._open(), 1.0)
+                await asyncio.wait_for(kv.delete(self.node_key), 1.0)
+        if self._watched is not None:
+            await self._watched.close()

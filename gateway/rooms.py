@@ -1,0 +1,786 @@
+"""Private rooms, invites, bans and mutes: room settings in NATS KV, enforced on every gateway.
+
+A room's settings live in the ROOMS bucket (:mod:`mesh.kv`) under ``<tenant>.<room>``; the
+tenant is always the session's, never the envelope's, so tenant A's settings never touch a
+room of tenant B. Every gateway keeps a decoded copy (:class:`RoomDirectory`, fed by the
+bucket's watch): a room without settings costs one dict lookup on the publish path.
+
+The record (JSON)::
+
+    {"private": bool, "key_hash": "scrypt$16384$8$1$<salt>$<hash>" | "",
+     "invite_only": bool, "invited": [principal, ...],
+     "banned": {principal: {"until": unix_s | null, "reason": str}},
+     "muted": {principal: {"until": unix_s | null}},
+     "created_by": principal, "updated_at": unix_s}
+
+Rules (checked by :class:`gateway.session.Session`):
+
+* banned (ban not expired): join, publish, history, service calls and register_handler are
+  refused with ``banned``; a ban applied while the member is joined removes it from the
+  room's channels on every gateway and pushes an ``error`` frame with code ``banned``.
+* invite-only: only invited principals and principals with ``admin`` on the room may join.
+* private: a join needs parameter ``room_key`` matching the room's key, unless the principal
+  is invited or has ``admin`` on the room. Publishing, history, service calls and handlers in
+  a private or invite-only room need the same membership: invited, admin, or a channel of
+  the room joined on this connection (history and register_handler also take ``room_key``).
+* muted: publishing is refused with ``muted`` (``retry_after_ms`` when the mute is timed);
+  reading (join, history) is allowed.
+
+Room keys are stored only as a salted scrypt hash. A successful verification is remembered
+in memory (per tenant, room and an HMAC of the candidate under a per-process secret), so a
+join storm with the right key costs one scrypt, not one per join.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import logging
+import os
+import random
+import secrets
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError
+
+from shared import commands
+from shared.errors import (
+    BANNED,
+    FORBIDDEN,
+    INVALID_PARAMETERS,
+    LIMIT_EXCEEDED,
+    MUTED,
+    ROOM_KEY_REQUIRED,
+    UNAVAILABLE,
+    ArqonError,
+)
+from shared.subjects import is_valid_name
+
+if TYPE_CHECKING:
+    from nats.js.kv import KeyValue
+
+    from gateway.security import SecurityState
+    from mesh.kv import WatchedBucket
+
+log = logging.getLogger("arqonbus.gateway.rooms")
+
+# -- bounds ------------------------------------------------------------------------------
+MAX_ENTRIES = 10_000  # invites, bans and mutes, each, per room
+MAX_RECORD_BYTES = 512 * 1024  # well under the KV max value (NATS max_payload, 1 MiB default)
+MAX_REASON_CHARS = 200
+ROOM_KEY_MIN_CHARS = 8
+ROOM_KEY_MAX_CHARS = 256
+MAX_DURATION_S = 366 * 86400
+CAS_ATTEMPTS = 12
+INFO_LIST_MAX = 1000  # room_info lists at most this many entries of each kind
+
+# -- room key hashing (scrypt: ~50 ms, 16 MiB per hash) --------------------------------------
+SCRYPT_N = 2**14
+SCRYPT_R = 8
+SCRYPT_P = 1
+SCRYPT_DKLEN = 32
+SCRYPT_MAXMEM = 64 * 1024 * 1024
+_MAX_STORED_N = 2**20
+_VERIFIED_MAX = 4096
+# Verifications run in threads, at most this many at once (the rest wait their turn).
+_HASH_CONCURRENCY = 2
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def hash_room_key(key: str) -> str:
+    """``scrypt$N$r$p$<salt b64>$<hash b64>`` of ``key`` with a random 16-byte salt."""
+    salt = os.urandom(16)
+    digest = hashlib.scrypt(
+        key.encode(),
+        salt=salt,
+        n=SCRYPT_N,
+        r=SCRYPT_R,
+        p=SCRYPT_P,
+        dklen=SCRYPT_DKLEN,
+        maxmem=SCRYPT_MAXMEM,
+    )
+    return f"scrypt${SCRYPT_N}${SCRYPT_R}${SCRYPT_P}${_b64(salt)}${_b64(digest)}"
+
+
+def verify_room_key(key: str, stored: str) -> bool:
+    """Does ``key`` match the stored hash? Constant-time compare; a malformed hash: False."""
+    try:
+        scheme, n_s, r_s, p_s, salt_s, digest_s = stored.split("$")
+        n, r, p = int(n_s), int(r_s), int(p_s)
+        salt, expected = (
+            base64.b64decode(salt_s, validate=True),
+            base64.b64decode(digest_s, validate=True),
+        )
+    except ValueError:
+        return False
+    if scheme != "scrypt" or not (2 <= n <= _MAX_STORED_N and 1 <= r <= 32 and 1 <= p <= 4):
+        return False
+    if not expected or len(expected) > 64:
+        return False
+    try:
+        digest = hashlib.scrypt(
+            key.encode(), salt=salt, n=n, r=r, p=p, dklen=len(expected), maxmem=SCRYPT_MAXMEM
+        )
+    except (ValueError, MemoryError):
+        return False
+    return hmac.compare_digest(digest, expected)
+
+
+# -- the record ------------------------------------------------------------------------------
+
+
+class RoomRecordError(ValueError):
+    """A stored room record does not parse (the room then fails closed: admins only)."""
+
+
+@dataclass(slots=True)
+class Ban:
+    until: float | None  # Unix seconds; None: until unbanned
+    reason: str = ""
+
+    def active(self, now: float) -> bool:
+        return self.until is None or now < self.until
+
+
+@dataclass(slots=True)
+class Mute:
+    until: float | None
+
+    def active(self, now: float) -> bool:
+        return self.until is None or now < self.until
+
+
+def _retry_after_ms(until: float | None, now: float) -> int | None:
+    if until is None:
+        return None
+    return max(1, int((until - now) * 1000) + 1)
+
+
+@dataclass(slots=True)
+class RoomSettings:
+    private: bool = False
+    key_hash: str = ""
+    invite_only: bool = False
+    invited: set[str] = field(default_factory=set)
+    banned: dict[str, Ban] = field(default_factory=dict)
+    muted: dict[str, Mute] = field(default_factory=dict)
+    created_by: str = ""
+    updated_at: float = 0.0
+    # A record that did not parse: only admins may enter (fail closed).
+    broken: bool = False
+
+    @property
+    def restricted(self) -> bool:
+        """Entering needs membership (key, invite or admin)."""
+        return self.private or self.invite_only or self.broken
+
+    def ban_of(self, principal: str, now: float) -> Ban | None:
+        ban = self.banned.get(principal)
+        return ban if ban is not None and ban.active(now) else None
+
+    def mute_of(self, principal: str, now: float) -> Mute | None:
+        mute = self.muted.get(principal)
+        return mute if mute is not None and mute.active(now) else None
+
+    def prune(self, now: float) -> None:
+        """Drop bans and mutes that have ended."""
+        self.banned = {p: b for p, b in self.banned.items() if b.active(now)}
+        self.muted = {p: m for p, m in self.muted.items() if m.active(now)}
+
+    def check_bounds(self) -> None:
+        for label, size in (
+            ("invites", len(self.invited)),
+            ("bans", len(self.banned)),
+            ("mutes", len(self.muted)),
+        ):
+            if size > MAX_ENTRIES:
+                raise ArqonError(
+                    LIMIT_EXCEEDED,
+                    f"a room holds at most {MAX_ENTRIES} {label}: remove some (room_uninvite, "
+                    "room_unban, room_unmute) first",
+                )
+
+    def encode(self) -> bytes:
+        body = orjson.dumps(
+            {
+                "private": self.private,
+                "key_hash": self.key_hash,
+                "invite_only": self.invite_only,
+                "invited": sorted(self.invited),
+                "banned": {
+                    p: {"until": b.until, "reason": b.reason} for p, b in self.banned.items()
+                },
+                "muted": {p: {"until": m.until} for p, m in self.muted.items()},
+                "created_by": self.created_by,
+                "updated_at": self.updated_at,
+            }
+        )
+        if len(body) > MAX_RECORD_BYTES:
+            raise ArqonError(
+                LIMIT_EXCEEDED,
+                f"the room's settings would exceed {MAX_RECORD_BYTES} bytes: remove invites, "
+                "bans or mutes, or use shorter reasons",
+            )
+        return body
+
+    @classmethod
+    def decode(cls, data: bytes) -> RoomSettings:
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            raise RoomRecordError(f"not JSON: {exc}") from None
+        if not isinstance(obj, dict):
+            raise RoomRecordError("not a JSON object")
+        settings = cls(
+            private=_field(obj, "private", bool, False),
+            key_hash=_field(obj, "key_hash", str, ""),
+            invite_only=_field(obj, "invite_only", bool, False),
+            created_by=_field(obj, "created_by", str, ""),
+            updated_at=float(_field(obj, "updated_at", (int, float), 0.0)),
+        )
+        invited = _field(obj, "invited", list, [])
+        if not all(is_valid_name(p) for p in invited):
+            raise RoomRecordError("'invited' holds an invalid principal")
+        settings.invited = set(invited)
+        for principal, entry in _field(obj, "banned", dict, {}).items():
+            if not is_valid_name(principal) or not isinstance(entry, dict):
+                raise RoomRecordError("'banned' holds an invalid entry")
+            settings.banned[principal] = Ban(_until(entry), _field(entry, "reason", str, ""))
+        for principal, entry in _field(obj, "muted", dict, {}).items():
+            if not is_valid_name(principal) or not isinstance(entry, dict):
+                raise RoomRecordError("'muted' holds an invalid entry")
+            settings.muted[principal] = Mute(_until(entry))
+        return settings
+
+    def info(self, room: str, now: float) -> dict[str, Any]:
+        """What ``room_info`` shows: everything but the key hash; lists capped."""
+        bans = {p: b for p, b in self.banned.items() if b.active(now)}
+        mutes = {p: m for p, m in self.muted.items() if m.active(now)}
+        return {
+            "room": room,
+            "configured": True,
+            "private": self.private,
+            "has_key": bool(self.key_hash),
+            "invite_only": self.invite_only,
+            "invited": sorted(self.invited)[:INFO_LIST_MAX],
+            "invited_count": len(self.invited),
+            "banned": {
+                p: {"until": b.until, "reason": b.reason}
+                for p, b in sorted(bans.items())[:INFO_LIST_MAX]
+            },
+            "banned_count": len(bans),
+            "muted": {p: {"until": m.until} for p, m in sorted(mutes.items())[:INFO_LIST_MAX]},
+            "muted_count": len(mutes),
+            "created_by": self.created_by,
+            "updated_at": self.updated_at,
+        }
+
+
+def _field(obj: dict[str, Any], name: str, kind: Any, default: Any) -> Any:
+    value = obj.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) and kind is not bool and bool not in _as_tuple(kind):
+        raise RoomRecordError(f"field {name!r} has the wrong type")
+    if not isinstance(value, kind):
+        raise RoomRecordError(f"field {name!r} has the wrong type")
+    return value
+
+
+def _as_tuple(kind: Any) -> tuple[Any, ...]:
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
+def _until(entry: dict[str, Any]) -> float | None:
+    value = entry.get("until")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise RoomRecordError("'until' must be a number or null")
+    return float(value)
+
+
+def empty_info(room: str) -> dict[str, Any]:
+    return {
+        "room": room,
+        "configured": False,
+        "private": False,
+        "has_key": False,
+        "invite_only": False,
+        "invited": [],
+        "invited_count": 0,
+        "banned": {},
+        "banned_count": 0,
+        "muted": {},
+        "muted_count": 0,
+        "created_by": "",
+        "updated_at": 0.0,
+    }
+
+
+# -- admin command parameters --------------------------------------------------------------
+
+
+def _invalid(detail: str) -> ArqonError:
+    return ArqonError(INVALID_PARAMETERS, detail)
+
+
+def principal_param(parameters: dict[str, Any]) -> str:
+    value = parameters.get("principal")
+    if not is_valid_name(value):
+        raise _invalid(
+            "parameter 'principal' must be a principal id of 1-64 characters of A-Z, a-z, 0-9, "
+            "'_' or '-'"
+        )
+    assert isinstance(value, str)
+    return value
+
+
+def duration_param(parameters: dict[str, Any]) -> float | None:
+    value = parameters.get("duration_s")
+    if value is None:
+        return None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not 0 < value <= MAX_DURATION_S
+    ):
+        raise _invalid(
+            f"parameter 'duration_s' must be a number of seconds between 0 and {MAX_DURATION_S} "
+            "(omit it for a ban or mute without end)"
+        )
+    return float(value)
+
+
+def reason_param(parameters: dict[str, Any]) -> str:
+    value = parameters.get("reason")
+    if value is None:
+        return ""
+    if not isinstance(value, str) or len(value) > MAX_REASON_CHARS:
+        raise _invalid(
+            f"parameter 'reason' must be a string of at most {MAX_REASON_CHARS} characters"
+        )
+    return value
+
+
+def room_key_param(parameters: dict[str, Any], name: str = "room_key") -> str | None:
+    """A room key given by a client (join, history, register_handler): None if absent."""
+    value = parameters.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not 1 <= len(value) <= ROOM_KEY_MAX_CHARS:
+        raise _invalid(f"parameter {name!r} must be a string of 1-{ROOM_KEY_MAX_CHARS} characters")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigureParams:
+    private: bool | None
+    invite_only: bool | None
+    set_key: bool  # False: leave the key as it is
+    key: str | None  # with set_key: the new key, or None to remove it
+
+
+def configure_params(parameters: dict[str, Any]) -> ConfigureParams:
+    known = {"private", "invite_only", "key"}
+    unknown = sorted(set(parameters) - known)
+    if unknown:
+        raise _invalid(
+            f"unknown parameter {unknown[0][:64]!r}: room_configure takes private, key, invite_only"
+        )
+    if not parameters:
+        raise _invalid("room_configure needs at least one of: private, key, invite_only")
+    flags: dict[str, bool | None] = {}
+    for name in ("private", "invite_only"):
+        value = parameters.get(name)
+        if value is not None and not isinstance(value, bool):
+            raise _invalid(f"parameter {name!r} must be true or false")
+        flags[name] = value
+    key: str | None = None
+    set_key = "key" in parameters
+    if set_key:
+        raw = parameters["key"]
+        if raw is not None and (
+            not isinstance(raw, str) or not ROOM_KEY_MIN_CHARS <= len(raw) <= ROOM_KEY_MAX_CHARS
+        ):
+            raise _invalid(
+                f"parameter 'key' must be a string of {ROOM_KEY_MIN_CHARS}-{ROOM_KEY_MAX_CHARS} "
+                "characters (null removes the key)"
+            )
+        key = raw
+    return ConfigureParams(flags["private"], flags["invite_only"], set_key, key)
+
+
+# -- the directory ---------------------------------------------------------------------------
+
+RoomListener = Callable[[str, str, "RoomSettings | None"], None]
+
+_DIRECTORIES: weakref.WeakKeyDictionary[SecurityState, RoomDirectory] = weakref.WeakKeyDictionary()
+
+
+def room_key(tenant: str, room: str) -> str:
+    return f"{tenant}.{room}"
+
+
+class RoomDirectory:
+    """Every room's settings, decoded, kept current by the ROOMS bucket's watch.
+
+    One per :class:`SecurityState` (``RoomDirectory.of(security)``). ``on_update(handler)``
+    is called with ``(tenant, room, settings_or_None)`` after the copy changed.
+    """
+
+    def __init__(self, bucket: WatchedBucket, open_kv: Callable[[], Any]) -> None:
+        self._bucket = bucket
+        self._open_kv = open_kv
+        self._rooms: dict[tuple[str, str], RoomSettings] = {}
+        self._listeners: list[RoomListener] = []
+        self._secret = secrets.token_bytes(32)
+        # (tenant, room, hmac of the candidate) -> the key hash it matched.
+        self._verified: dict[tuple[str, str, bytes], str] = {}
+        self._hashing = asyncio.Semaphore(_HASH_CONCURRENCY)
+        self._write_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
+            weakref.WeakValueDictionary()
+        )
+        for key, value in bucket.items():
+            self._on_change(key, value)
+        bucket.on_change(self._on_change)
+
+    @classmethod
+    def of(cls, security: SecurityState) -> RoomDirectory:
+        directory = _DIRECTORIES.get(security)
+        if directory is None:
+            name = security.rooms.name
+            directory = cls(security.rooms, lambda: security.broker.key_value(name))
+            _DIRECTORIES[security] = directory
+        return directory
+
+    def on_update(self, listener: RoomListener) -> None:
+        self._listeners.append(listener)
+
+    def get(self, tenant: str, room: str) -> RoomSettings | None:
+        """The room's settings; None (most rooms): no restriction. One dict lookup."""
+        return self._rooms.get((tenant, room))
+
+    def _on_change(self, key: str, value: bytes | None) -> None:
+        tenant, dot, room = key.partition(".")
+        if not dot or not is_valid_name(tenant) or not is_valid_name(room):
+            return
+        settings: RoomSettings | None = None
+        if value is None:
+            self._rooms.pop((tenant, room), None)
+        else:
+            try:
+                settings = RoomSettings.decode(value)
+            except RoomRecordError as exc:
+                log.error("room settings %s do not parse (%s): admins only until fixed", key, exc)
+                settings = RoomSettings(broken=True)
+            self._rooms[(tenant, room)] = settings
+        for listener in self._listeners:
+            try:
+                listener(tenant, room, settings)
+            except Exception:
+                log.exception("room listener failed for %s", key)
+
+    # -- checks ------------------------------------------------------------------------
+
+    async def key_matches(self, tenant: str, room: str, settings: RoomSettings, key: str) -> bool:
+        stored = settings.key_hash
+        if not stored:
+            return False
+        tag = hmac.new(self._secret, key.encode(), hashlib.sha256).digest()
+        memo = (tenant, room, tag)
+        if self._verified.get(memo) == stored:
+            return True
+        async with self._hashing:
+            ok = await asyncio.to_thread(verify_room_key, key, stored)
+        if ok:
+            if len(self._verified) >= _VERIFIED_MAX:
+                self._verified.clear()
+            self._verified[memo] = stored
+        return ok
+
+    async def check_enter(
+        self,
+        tenant: str,
+        principal: str,
+        room: str,
+        *,
+        is_admin: bool,
+        member: bool,
+        key: str | None,
+        action: str,
+    ) -> None:
+        """Raise unless ``principal`` may ``action`` (join, history, ...) in ``room``.
+
+        ``member``: the connection already entered the room (joined one of its channels).
+        """
+        settings = self._rooms.get((tenant, room))
+        if settings is None:
+            return
+        now = time.time()
+        ban = settings.ban_of(principal, now)
+        if ban is not None:
+            raise banned_error(room, ban, now)
+        if not settings.restricted or is_admin or member or principal in settings.invited:
+            return
+        if settings.broken:
+            raise ArqonError(
+                FORBIDDEN, f"room {room!r} has unreadable settings: only its admins may {action}"
+            )
+        if settings.invite_only:
+            raise ArqonError(
+                FORBIDDEN,
+                f"room {room!r} is invite-only: ask a room admin to invite you (room_invite) "
+                f"before you {action}",
+            )
+        if not settings.key_hash:
+            raise ArqonError(
+                FORBIDDEN,
+                f"room {room!r} is private and has no key: ask a room admin to invite you",
+            )
+        if key is None:
+            raise ArqonError(
+                ROOM_KEY_REQUIRED,
+                f"room {room!r} is private: {action} with parameter 'room_key'",
+            )
+        if not await self.key_matches(tenant, room, settings, key):
+            raise ArqonError(ROOM_KEY_REQUIRED, f"the room_key for room {room!r} does not match")
+
+    @staticmethod
+    def publish_refusal(
+        settings: RoomSettings, principal: str, room: str, *, is_admin: bool, member: bool
+    ) -> tuple[ArqonError, dict[str, Any]] | None:
+        """Why a publish is refused (error and extra payload fields), or None."""
+        now = time.time()
+        ban = settings.ban_of(principal, now)
+        if ban is not None:
+            return banned_error(room, ban, now), _extra(room, ban.until, now)
+        mute = settings.mute_of(principal, now)
+        if mute is not None:
+            until = "" if mute.until is None else " (see retry_after_ms)"
+            error = ArqonError(MUTED, f"you are muted in room {room!r}{until}")
+            return error, _extra(room, mute.until, now)
+        if settings.restricted and not (is_admin or member or principal in settings.invited):
+            detail = (
+                f"room {room!r} is private or invite-only: join one of its channels "
+                "(with its room_key, or after an invite) before you publish"
+            )
+            return ArqonError(FORBIDDEN, detail), {"room": room}
+        return None
+
+    # -- writes (admin commands) -------------------------------------------------------
+
+    async def hash_key(self, key: str) -> str:
+        async with self._hashing:
+            return await asyncio.to_thread(hash_room_key, key)
+
+    async def _kv(self) -> KeyValue:
+        kv = self._bucket.kv
+        if kv is None:
+            kv = await self._open_kv()
+        return kv
+
+    async def update(
+        self,
+        tenant: str,
+        room: str,
+        actor: str,
+        change: Callable[[RoomSettings], None],
+    ) -> RoomSettings:
+        """Read, change, write back with compare-and-set; retried on a concurrent write."""
+        key = room_key(tenant, room)
+        lock = self._write_locks.get(key)
+        if lock is None:
+            lock = self._write_locks[key] = asyncio.Lock()
+        async with lock:  # this gateway's writers take turns; others are caught by the CAS
+            return await self._update(key, room, actor, change)
+
+    async def _update(
+        self, key: str, room: str, actor: str, change: Callable[[RoomSettings], None]
+    ) -> RoomSettings:
+        kv = await self._kv()
+        for attempt in range(CAS_ATTEMPTS):
+            if attempt:
+                # Another gateway wrote meanwhile (or our read came from a replica that is
+                # behind): back off a little, with jitter, and read again.
+                await asyncio.sleep(random.uniform(0.005, 0.02) * attempt)
+            revision: int | None
+            try:
+                entry = await kv.get(key)
+                revision = entry.revision
+                settings = RoomSettings.decode(entry.value or b"{}")
+            except KeyNotFoundError:  # also KeyDeletedError
+                revision = None
+                settings = RoomSettings(created_by=actor)
+            except RoomRecordError as exc:
+                log.error("room settings %s do not parse (%s): rewriting them", key, exc)
+                settings = RoomSettings(created_by=actor)
+            now = time.time()
+            change(settings)
+            settings.prune(now)
+            settings.check_bounds()
+            settings.updated_at = now
+            body = settings.encode()
+            try:
+                if revision is None:
+                    await kv.create(key, body)
+                else:
+                    await kv.update(key, body, last=revision)
+            except (KeyWrongLastSequenceError, KeyNotFoundError):
+                # Another admin wrote meanwhile: read theirs and apply the change to it.
+                # (KeyNotFoundError: create lost a race and its check read a lagging replica.)
+                continue
+            except APIError as exc:
+                if "wrong last sequence" not in str(exc.description or ""):
+                    raise
+                continue
+            return settings
+        raise ArqonError(UNAVAILABLE, f"room {room!r} is being changed by others right now; retry")
+
+    async def read(self, tenant: str, room: str) -> RoomSettings | None:
+        kv = await self._kv()
+        try:
+            entry = await kv.get(room_key(tenant, room))
+        except KeyNotFoundError:
+            return None
+        try:
+            return RoomSettings.decode(entry.value or b"{}")
+        except RoomRecordError:
+            return RoomSettings(broken=True)
+
+
+def banned_error(room: str, ban: Ban, now: float) -> ArqonError:
+    until = "" if ban.until is None else " (see retry_after_ms for when it ends)"
+    reason = f": {ban.reason}" if ban.reason else ""
+    return ArqonError(BANNED, f"you are banned from room {room!r}{until}{reason}")
+
+
+def _extra(room: str, until: float | None, now: float) -> dict[str, Any]:
+    extra: dict[str, Any] = {"room": room}
+    retry = _retry_after_ms(until, now)
+    if retry is not None:
+        extra["retry_after_ms"] = retry
+    return extra
+
+
+def until_of(duration_s: float | None) -> float | None:
+    return None if duration_s is None else time.time() + duration_s
+
+
+# -- admin commands --------------------------------------------------------------------------
+
+ADMIN_COMMANDS = commands.ROOM_ADMIN_COMMANDS
+
+
+def check_admin_parameters(name: str, parameters: dict[str, Any]) -> None:
+    """Validate an admin command's parameters as :func:`run_admin_command` does (no I/O).
+
+    Raises ``invalid_parameters``; for fuzzing and for clients' own checks.
+    """
+    if name == commands.ROOM_INFO:
+        return
+    if name == commands.ROOM_CONFIGURE:
+        configure_params(parameters)
+        return
+    principal_param(parameters)
+    if name in (commands.ROOM_BAN, commands.ROOM_MUTE):
+        duration_param(parameters)
+    if name == commands.ROOM_BAN:
+        reason_param(parameters)
+
+
+@dataclass(frozen=True, slots=True)
+class AdminOutcome:
+    result: dict[str, Any]
+    target: str  # the principal acted on ("" for room_configure / room_info)
+
+
+async def run_admin_command(
+    directory: RoomDirectory,
+    name: str,
+    parameters: dict[str, Any],
+    tenant: str,
+    actor: str,
+    room: str,
+) -> AdminOutcome:
+    """One admin command on ``tenant``'s ``room`` (the caller checked ``admin``)."""
+    if name == commands.ROOM_INFO:
+        settings = await directory.read(tenant, room)
+        now = time.time()
+        return AdminOutcome(empty_info(room) if settings is None else settings.info(room, now), "")
+    if name == commands.ROOM_CONFIGURE:
+        params = configure_params(parameters)
+        new_hash = ""
+        if params.set_key and params.key is not None:
+            new_hash = await directory.hash_key(params.key)
+
+        def configure(settings: RoomSettings) -> None:
+            if params.private is not None:
+                settings.private = params.private
+            if params.invite_only is not None:
+                settings.invite_only = params.invite_only
+            if params.set_key:
+                settings.key_hash = new_hash
+
+        settings = await directory.update(tenant, room, actor, configure)
+        return AdminOutcome(settings.info(room, time.time()), "")
+    target = principal_param(parameters)
+    change: Callable[[RoomSettings], None]
+    if name == commands.ROOM_INVITE:
+
+        def change(settings: RoomSettings) -> None:
+            settings.invited.add(target)
+
+    elif name == commands.ROOM_UNINVITE:
+
+        def change(settings: RoomSettings) -> None:
+            settings.invited.discard(target)
+
+    elif name == commands.ROOM_BAN:
+        ban = Ban(until_of(duration_param(parameters)), reason_param(parameters))
+
+        def change(settings: RoomSettings) -> None:
+            settings.banned[target] = ban
+
+    elif name == commands.ROOM_UNBAN:
+
+        def change(settings: RoomSettings) -> None:
+            settings.banned.pop(target, None)
+
+    elif name == commands.ROOM_MUTE:
+        mute = Mute(until_of(duration_param(parameters)))
+
+        def change(settings: RoomSettings) -> None:
+            settings.muted[target] = mute
+
+    elif name == commands.ROOM_UNMUTE:
+
+        def change(settings: RoomSettings) -> None:
+            settings.muted.pop(target, None)
+
+    else:  # pragma: no cover - the caller dispatches only ADMIN_COMMANDS
+        raise ValueError(name)
+    settings = await directory.update(tenant, room, actor, change)
+    now = time.time()
+    result: dict[str, Any] = {"room": room, "principal": target}
+    if name in (commands.ROOM_INVITE, commands.ROOM_UNINVITE):
+        result["invited"] = target in settings.invited
+    elif name in (commands.ROOM_BAN, commands.ROOM_UNBAN):
+        active_ban = settings.ban_of(target, now)
+        result["banned"] = active_ban is not None
+        result["until"] = None if active_ban is None else active_ban.until
+    else:
+        active_mute = settings.mute_of(target, now)
+        result["muted"] = active_mute is not None
+        result["until"] = None if active_mute is None else active_mute.until
+    return AdminOutcome(result, target)
