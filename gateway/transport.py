@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import ssl
 import struct
 import time
@@ -317,6 +318,13 @@ def server_tls_context(cert_file: str, key_file: str) -> ssl.SSLContext:
     return context
 
 
+# websockets logs handshake headers and frame contents at DEBUG: bearer tokens, auth frames,
+# refresh_token and room keys would reach the log. Its logger stays at INFO whatever the
+# gateway's level.
+_WS_LOG = logging.getLogger("arqonbus.gateway.websockets")
+_WS_LOG.setLevel(logging.INFO)
+
+
 # on_request(path with query, headers, peer IP) -> HttpReply to refuse, or a context to upgrade with
 RequestHook = Callable[[str, Mapping[str, str], str], Any]
 # on_socket(context, socket) runs for the life of an upgraded connection
@@ -518,6 +526,7 @@ async def start_server(
         ping_timeout=options.ping_interval_s,
         close_timeout=options.close_timeout_s,
         server_header="ArqonBus",
+        logger=_WS_LOG,
         ssl=options.ssl,
         # The TLS handshake comes before the HTTP one: bound it the same way (slowloris).
         ssl_handshake_timeout=options.open_timeout_s if options.ssl is not None else None,

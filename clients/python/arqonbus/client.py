@@ -81,6 +81,10 @@ __all__ = [
 ]
 
 log = logging.getLogger("arqonbus.client")
+# websockets logs the handshake's headers and every frame at DEBUG, tokens included: its
+# logger stays at INFO whatever the application's level.
+_WS_LOG = logging.getLogger("arqonbus.client.websockets")
+_WS_LOG.setLevel(logging.INFO)
 
 PROTOCOL_VERSION = "1.0"
 ADMIN_COMMANDS = frozenset(
@@ -902,6 +906,7 @@ class Client:
             conn = await ws_connect(
                 url,
                 additional_headers=headers,
+                logger=_WS_LOG,
                 open_timeout=timeout,
                 compression=None,
                 max_size=self._max_frame_bytes,
