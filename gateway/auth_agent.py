@@ -124,6 +124,9 @@ class AgentAuthenticator:
         except AgentIdentityError:
             log.error("agent record %s is malformed", token.agent_id)
             raise AuthError("unknown agent: register it first (arqonbus agents register)") from None
+        if record.agent_id != token.agent_id:  # stored under another agent's id: refuse
+            log.error("agent record %s names another agent id", token.agent_id)
+            raise AuthError("unknown agent: register it first (arqonbus agents register)")
         if record.revoked:
             raise AuthError(
                 "this agent was revoked: register a new key",
@@ -286,8 +289,10 @@ async def register_from_session(
 ) -> AgentRecord:
     """The ``register_agent`` command: into the caller's tenant; never above the caller's role."""
     public_key, name, role = registration_parameters(parameters)
-    if role == "owner" and caller_role != "owner":
-        raise RegistrationError("only an owner may register an owner agent: choose admin or below")
+    if not authz.may_give_role(caller_role, role):
+        raise RegistrationError(
+            f"a {caller_role} may register agents of its own role or lower, not {role!r}"
+        )
     if not await security.wait_ready(security.agents):
         raise BrokerUnavailable("agent identities are not loaded yet")
     record = new_record(tenant, name, public_key, role, (), records(security.agents.items()))
@@ -311,5 +316,6 @@ def revoked_agent_id(key: str, value: bytes | None) -> str | None:
     try:
         record = AgentRecord.from_json(value)
     except AgentIdentityError:
-        return None
-    return key if record.revoked else None
+        return key  # fail closed: a record that does not parse ends the agent's sessions
+    # A record under another agent's key is not this agent's: treat it as gone.
+    return key if record.revoked or record.agent_id != key else None

@@ -77,7 +77,11 @@ def _parser() -> argparse.ArgumentParser:
     gw = sub.add_parser("gateway", help="run one gateway against an existing NATS")
     gw.add_argument("--nats", help="NATS URL(s), comma-separated [ARQONBUS_NATS]")
     gw.add_argument("--listen", help="HOST:PORT [ARQONBUS_LISTEN]")
-    gw.add_argument("--auth", help="authentication mode: dev or jwt [ARQONBUS_AUTH]")
+    gw.add_argument(
+        "--auth",
+        help="authentication methods, comma-separated: jwt, apikey, agent, dev "
+        "(dev needs --insecure-dev-auth) [ARQONBUS_AUTH]",
+    )
     gw.add_argument("--node-id", help="node name [ARQONBUS_NODE_ID]")
     gw.add_argument("--log-level", help="DEBUG, INFO, WARNING [ARQONBUS_LOG_LEVEL]")
     gw.add_argument(

@@ -12,7 +12,7 @@ import orjson
 from gateway.audit import ADMIN_ACTION, AuditLog
 from mesh import kv as kvmod
 from mesh.broker import BrokerUnavailable
-from shared.inspect import PolicyError, parse_policy
+from shared.inspect import PolicyError, check_storable, parse_policy
 from shared.settings import Settings
 from shared.subjects import is_valid_name
 
@@ -46,6 +46,7 @@ def rules_from(doc: Any, tenant: str) -> list[Any]:
         doc = tenants[tenant]
     if not isinstance(doc, list):
         raise PolicyError('expected a JSON list of rules, or {"tenants": {TENANT: [...]}}')
+    check_storable(doc)
     parse_policy({"tenants": {tenant: doc}}, f"rules for tenant {tenant!r}")  # validates
     return doc
 

@@ -386,9 +386,14 @@ class ConnectionReports:
     def others(self, tenant: str) -> int:
         oldest = self._clock() - self.max_age_s
         total = 0
-        for received, counts in list(self._reports.values()):
+        stale = []
+        for node_key, (received, counts) in self._reports.items():
             if received >= oldest:
                 total += counts.get(tenant, 0)
+            else:
+                stale.append(node_key)
+        for node_key in stale:  # gone gateways (node ids change with every restart)
+            del self._reports[node_key]
         return total
 
 

@@ -45,6 +45,7 @@ import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -549,10 +550,13 @@ class RoomDirectory:
                 f"room {room!r} is private and has no key: ask a room admin to invite you",
             )
         if key is None:
-            raise ArqonError(
-                ROOM_KEY_REQUIRED,
-                f"room {room!r} is private: {action} with parameter 'room_key'",
+            # A service call carries no room key of its own: membership comes from a join.
+            how = (
+                "join one of its channels with parameter 'room_key' first"
+                if action == CALL_ACTION
+                else f"{action} with parameter 'room_key'"
             )
+            raise ArqonError(ROOM_KEY_REQUIRED, f"room {room!r} is private: {how}")
         if not await self.key_matches(tenant, room, settings, key):
             raise ArqonError(ROOM_KEY_REQUIRED, f"the room_key for room {room!r} does not match")
 
@@ -567,7 +571,7 @@ class RoomDirectory:
             return banned_error(room, ban, now), _extra(room, ban.until, now)
         mute = settings.mute_of(principal, now)
         if mute is not None:
-            until = "" if mute.until is None else " (see retry_after_ms)"
+            until = _until_text(mute.until)
             error = ArqonError(MUTED, f"you are muted in room {room!r}{until}")
             return error, _extra(room, mute.until, now)
         if settings.restricted and not (is_admin or member or principal in settings.invited):
@@ -623,8 +627,10 @@ class RoomDirectory:
                 revision = None
                 settings = RoomSettings(created_by=actor)
             except RoomRecordError as exc:
-                log.error("room settings %s do not parse (%s): rewriting them", key, exc)
-                settings = RoomSettings(created_by=actor)
+                # Its bans, invites and key are unknown: start again locked down (private
+                # and invite-only, so admins only) rather than open; admins reopen it.
+                log.error("room settings %s do not parse (%s): rewriting them locked", key, exc)
+                settings = RoomSettings(created_by=actor, private=True, invite_only=True)
             now = time.time()
             change(settings)
             settings.prune(now)
@@ -660,9 +666,19 @@ class RoomDirectory:
 
 
 def banned_error(room: str, ban: Ban, now: float) -> ArqonError:
-    until = "" if ban.until is None else " (see retry_after_ms for when it ends)"
+    until = _until_text(ban.until)
     reason = f": {ban.reason}" if ban.reason else ""
     return ArqonError(BANNED, f"you are banned from room {room!r}{until}{reason}")
+
+
+CALL_ACTION = "call its services"  # check_enter's action for a service call
+
+
+def _until_text(until: float | None) -> str:
+    """`` until <UTC time>`` for a timed ban or mute, empty for an open-ended one."""
+    if until is None:
+        return ""
+    return " until " + datetime.fromtimestamp(until, UTC).isoformat(timespec="seconds")
 
 
 def _extra(room: str, until: float | None, now: float) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from http import HTTPStatus
 from urllib.parse import urlsplit
 
 from gateway.admission import PendingHandshakes, RateLimiter, retry_after_header, retry_after_ms
-from gateway.audit import AUTH_FAILED, AuditLog
+from gateway.audit import AUTH_FAILED, AuditLog, AuditThrottle
 from gateway.auth import (
     Authenticator,
     AuthError,
@@ -112,6 +112,7 @@ class Gateway:
         # Security state shared by every gateway (NATS KV), and the audit stream.
         self.security = SecurityState(self.broker, settings.subject_prefix, settings.policy_file)
         self.audit = AuditLog.from_settings(self.broker, settings, self.node_id)
+        self._auth_failures = AuditThrottle(per_window=200, max_keys=4096)
         try:
             self.authenticator = authenticator or make_authenticator(
                 settings.auth, settings, self.security
@@ -138,6 +139,7 @@ class Gateway:
         self.conn_reports = ConnectionReporter(self.broker, settings, self.node_id)
         self.rate_limits.tenant_connections = self._tenant_connections
         self.pending_handshakes = PendingHandshakes(settings.max_pending_handshakes_per_ip)
+        self.unauthenticated = PendingHandshakes(settings.max_pending_handshakes_per_ip)
         # Checked here, so a bad allowlist or TLS file stops the gateway before it listens.
         self.origins = origin_policy(settings)
         self.listener = listen_options(settings, settings.host, settings.port)
@@ -399,14 +401,20 @@ class Gateway:
             return HttpReply(
                 HTTPStatus.SERVICE_UNAVAILABLE, {"error": "unavailable", "message": str(exc)}
             )
+        # Key and agent ids are not secret: anyone can fail with them. At most one record
+        # per (tenant, credential, address) per window, and a bounded number per window in
+        # all, so refused handshakes cannot wash a tenant's real history out of its stream.
         if exc.tenant:
-            self.audit.record(
-                exc.tenant,
-                AUTH_FAILED,
-                credential_id=exc.credential_id,
-                reason=str(exc),
-                peer_ip=peer_ip,
-            )
+            repeats = self._auth_failures.check((exc.tenant, exc.credential_id, peer_ip))
+            if repeats is not None:
+                self.audit.record(
+                    exc.tenant,
+                    AUTH_FAILED,
+                    credential_id=exc.credential_id,
+                    reason=str(exc),
+                    peer_ip=peer_ip,
+                    **({"repeats": repeats} if repeats else {}),
+                )
         return HttpReply(HTTPStatus.UNAUTHORIZED, {"error": "unauthorized", "message": str(exc)})
 
     def _check_origin(self, headers: Mapping[str, str]) -> HttpReply | None:
@@ -542,11 +550,27 @@ class Gateway:
         the credential cannot be checked now: 4002 (reconnect elsewhere).
         """
         timeout_s = self.settings.auth_message_timeout_s
-        nonce: str | None
+        # Sockets waiting for their auth frame hold no credential yet: one address may hold
+        # as many as it may hold unfinished handshakes, no more.
+        if not self.unauthenticated.acquire(pending.peer_ip):
+            await socket.close(
+                CloseCode.TRY_AGAIN_LATER,
+                "too many connections from your address are waiting to authenticate",
+            )
+            return None
         try:
-            nonce = await issue_nonce(self.security)
-        except AuthUnavailable:
-            nonce = None  # agents cannot sign in now; the other methods still can
+            return await self._authenticate_first_frame(socket, timeout_s, pending.peer_ip)
+        finally:
+            self.unauthenticated.release(pending.peer_ip)
+
+    async def _authenticate_first_frame(
+        self, socket: Socket, timeout_s: float, peer_ip: str
+    ) -> Principal | None:
+        nonce: str | None = None
+        if "agent" in self._auth_methods:  # a KV write: only when agents can use it
+            # If it fails, agents cannot sign in now; the other methods still can.
+            with contextlib.suppress(AuthUnavailable):
+                nonce = await issue_nonce(self.security)
         timeout_ms = int(timeout_s * 1000)
         socket.send(encode_auth_required(nonce, self._auth_methods, timeout_ms, int(NONCE_TTL_S)))
         try:
@@ -570,7 +594,7 @@ class Gateway:
             await socket.close(CloseCode.BACKEND_UNAVAILABLE, _close_reason(str(exc)))
             return None
         except AuthError as exc:
-            self._refuse_auth(exc, pending.peer_ip)  # audited like a refused handshake
+            self._refuse_auth(exc, peer_ip)  # audited like a refused handshake
             await socket.close(CloseCode.AUTH_FAILED, _close_reason(f"unauthorized: {exc}"))
             return None
         return principal

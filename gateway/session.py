@@ -26,7 +26,13 @@ from gateway.auth import (
 )
 from gateway.hub import Hub
 from gateway.limits import RateLimits, rate_specs, welcome_limits
-from gateway.rooms import RoomDirectory, RoomSettings, room_key_param, run_admin_command
+from gateway.rooms import (
+    CALL_ACTION,
+    RoomDirectory,
+    RoomSettings,
+    room_key_param,
+    run_admin_command,
+)
 from gateway.security import SecurityState
 from gateway.transport import Socket
 from mesh.broker import (
@@ -216,12 +222,25 @@ class Session:
 
     async def handle(self, data: bytes) -> None:
         try:
-            message = parse_client_frame(data, self._settings.max_envelope_bytes)
+            try:
+                message = parse_client_frame(data, self._settings.max_envelope_bytes)
+            except ArqonError:
+                # A frame that does not parse counts like any other: garbage floods are
+                # limited too (and answered with rate_limited instead of an error each).
+                if wait := self._rates.admit(len(data)):
+                    self._refuse_rate(None, wait)
+                    return
+                raise
             if isinstance(message, ClientResponse):
-                # Answers are taken even while draining: their callers are waiting. Never
-                # refused by the rate limits either; their bytes are counted.
-                self._rates.charge(len(data))
-                await self._answer(message)
+                if message.request_id in self._deliveries:
+                    # An answer owed to a waiting caller: taken even while draining and
+                    # never refused by the rate limits; its bytes are counted.
+                    self._rates.charge(len(data))
+                    await self._answer(message)
+                elif wait := self._rates.admit(len(data)):  # answers to nothing: a flood
+                    self._refuse_rate(message.id, wait)
+                else:
+                    await self._answer(message)  # unknown_request
             elif self._stopping:
                 # Draining: drain() acks what is in flight, then closes 1012. Other frames
                 # that arrive meanwhile are not acted on (the client resends them
@@ -244,7 +263,7 @@ class Session:
                 encode_error(ArqonError(INTERNAL, "the gateway failed to handle this frame"))
             )
 
-    def _refuse_rate(self, request_id: str, wait_s: float) -> None:
+    def _refuse_rate(self, request_id: str | None, wait_s: float) -> None:
         """``rate_limited`` with ``retry_after_ms``: the frame is not acted on."""
         retry_ms = retry_after_ms(wait_s)
         error = ArqonError(MESSAGE_RATE_LIMITED, f"retry after {retry_ms} ms", request_id)
@@ -447,6 +466,7 @@ class Session:
         self.principal = principal
         self._policy = authz.policy_for(principal.role, tuple(principal.grants))
         self._decisions.clear()
+        self._drop_what_is_no_longer_allowed()
         if self._expiry is not None:
             self._expiry.cancel()
         self._expiry = None if self._closed else self._close_at_expiry()
@@ -454,6 +474,14 @@ class Session:
 
     async def _register_agent(self, command: ClientCommand) -> None:
         """Register an Ed25519 agent in the caller's tenant (admin; never above its role)."""
+        # An agent acts on the whole tenant: admin of one room is not enough.
+        if not self._policy.decide(authz.Permission.ADMIN, "*", "*").allowed:
+            raise ArqonError(
+                FORBIDDEN,
+                "register_agent needs admin on the whole tenant (role owner or admin, or a "
+                "*:*:admin grant)",
+                command.id,
+            )
         if self._security is None:
             raise ArqonError(UNAVAILABLE, "agent registration needs the gateway's NATS state")
         try:
@@ -624,6 +652,13 @@ class Session:
         handlers = [key for key in self._handlers if key[0].room == room]
         if not refs and not handlers:
             return False
+        self._drop(refs, handlers)
+        channels = sorted({ref.channel for ref in refs} | {key[0].channel for key in handlers})
+        self.socket.send(encode_error(error, {"room": room, "channels": channels}))
+        return True
+
+    def _drop(self, refs: list[ChannelRef], handlers: list[tuple[ChannelRef, str]]) -> None:
+        """Leave these channels and stop serving these handlers (the client is told apart)."""
         for ref in refs:
             self._hub.leave(self.socket, ref)
             self._joined.discard(ref)
@@ -632,9 +667,28 @@ class Session:
             task = asyncio.create_task(served.close())
             self._background.add(task)
             task.add_done_callback(self._background.discard)
-        channels = sorted({ref.channel for ref in refs} | {key[0].channel for key in handlers})
-        self.socket.send(encode_error(error, {"room": room, "channels": channels}))
-        return True
+
+    def _drop_what_is_no_longer_allowed(self) -> None:
+        """After refresh_token narrowed the rights: leave channels and handlers it denies."""
+        refs = [
+            ref
+            for ref in self._joined
+            if not self._policy.decide(authz.Permission.SUBSCRIBE, ref.room, ref.channel).allowed
+        ]
+        handlers = [
+            key
+            for key in self._handlers
+            if not self._policy.decide(authz.Permission.HANDLE, key[0].room, key[0].channel).allowed
+        ]
+        if not refs and not handlers:
+            return
+        self._drop(refs, handlers)
+        dropped = sorted(
+            {f"{ref.room}/{ref.channel}" for ref in refs}
+            | {f"{key[0].room}/{key[0].channel}:{key[1]}" for key in handlers}
+        )
+        error = ArqonError(FORBIDDEN, "the refreshed credential no longer allows these")
+        self.socket.send(encode_error(error, {"dropped": dropped}))
 
     # -- service commands: the caller's side ---------------------------------------
 
@@ -650,7 +704,7 @@ class Session:
             self._authorize(authz.Permission.COMMAND, command.room, command.channel, command.id)
             if self._rooms is not None and self._rooms.get(self.principal.tenant, command.room):
                 # The service's own parameters never carry a room key to the gateway.
-                await self._check_room(command, "call its services", None)
+                await self._check_room(command, CALL_ACTION, None)
         except ArqonError as exc:
             self._reply(command, error=exc.with_request_id(command.id))
             return

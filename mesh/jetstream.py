@@ -245,6 +245,27 @@ def _abort_sockets(nc: NatsClient) -> None:
             writer.transport.abort()
 
 
+_TLS_DOWNGRADE = (
+    "the NATS server did not switch to TLS although TLS is configured (a downgrade?): set "
+    "ARQONBUS_NATS_TLS_HANDSHAKE_FIRST=true with handshake_first on the servers, and check "
+    "the network path"
+)
+
+
+def _uses_tls_as_configured(nc: NatsClient, options: dict[str, Any]) -> bool:
+    """With TLS configured, the connection must be TLS.
+
+    nats-py upgrades to TLS only when the server's INFO asks for it, so a man in the middle
+    could strip that and keep the link in plaintext. (With handshake-first, TLS comes before
+    any NATS byte and this cannot happen.)
+    """
+    if "tls" not in options:
+        return True
+    transport = getattr(nc, "_transport", None)
+    writer = getattr(transport, "_io_writer", None)
+    return writer is not None and writer.get_extra_info("ssl_object") is not None
+
+
 def _header_int(msg: Msg, name: str) -> int:
     headers = msg.headers or {}
     return int(headers.get(name, "0") or 0)
@@ -343,6 +364,9 @@ class JetStreamBroker:
             raise BrokerUnavailable(f"no NATS server answered at {urls}: {reason}") from exc
         finally:
             self._first_connect = False
+        if not _uses_tls_as_configured(nc, self._connect_options):
+            await nc.close()
+            raise BrokerUnavailable(_TLS_DOWNGRADE)
         nc.options["max_reconnect_attempts"] = -1
         self._nc = nc
         self._cluster_seen = max(self._cluster_seen, self._cluster_in_info())
@@ -392,6 +416,10 @@ class JetStreamBroker:
         log.warning("disconnected from NATS; reconnecting")
 
     async def _on_reconnected(self) -> None:
+        if self._nc is not None and not _uses_tls_as_configured(self._nc, self._connect_options):
+            log.error("%s: dropping the connection", _TLS_DOWNGRADE)
+            await self._nc.force_reconnect()
+            return
         log.info("reconnected to NATS")
         self._schedule_resync()
 

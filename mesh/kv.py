@@ -17,14 +17,14 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 from nats.js.api import KeyValueConfig, StorageType
-from nats.js.errors import BucketNotFoundError
+from nats.js.errors import BucketNotFoundError, NoStreamResponseError
+from nats.js.kv import KeyValue
 
 if TYPE_CHECKING:
     from nats.js.client import JetStreamContext
-    from nats.js.kv import KeyValue
 
 log = logging.getLogger("arqonbus.mesh.kv")
 
@@ -37,6 +37,7 @@ POLICIES = "policies"  # content policies: ``<tenant>`` -> policy JSON
 
 NONCE_TTL_S = 120.0
 _RETRY_S = 1.0
+_WRITE_RETRIES = 8  # about 2.5 s in all (see _RetryingJetStream)
 
 ChangeHandler = Callable[[str, "bytes | None"], None]
 
@@ -45,12 +46,44 @@ def bucket_name(prefix: str, kind: str) -> str:
     return f"{prefix}_{kind}"
 
 
+class _RetryingJetStream:
+    """A JetStream context whose publishes are sent again while no stream listens.
+
+    Right after a bucket is created, its subjects take a moment to reach every server of
+    the cluster: a write then meets no responder (nats-py: NoStreamResponseError) and
+    nothing is stored, so sending it again is safe. Everything else is the real context.
+    """
+
+    def __init__(self, js: JetStreamContext) -> None:
+        self._real = js
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    async def publish(self, *args: Any, **kwargs: Any) -> Any:
+        delay = 0.02
+        for attempt in range(_WRITE_RETRIES):
+            try:
+                return await self._real.publish(*args, **kwargs)
+            except NoStreamResponseError:
+                if attempt == _WRITE_RETRIES - 1:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.5)
+        raise AssertionError("unreachable")
+
+
+def _retrying(kv: KeyValue) -> KeyValue:
+    js = cast("JetStreamContext", _RetryingJetStream(kv._js))
+    return KeyValue(kv._name, kv._stream, kv._pre, js, kv._direct)
+
+
 async def open_bucket(
     js: JetStreamContext, name: str, replicas: int, ttl_s: float | None = None
 ) -> KeyValue:
     """The KV bucket ``name``, created (file storage, ``replicas`` copies) if missing."""
     try:
-        return await js.key_value(name)
+        return _retrying(await js.key_value(name))
     except BucketNotFoundError:
         pass
     config = KeyValueConfig(
@@ -61,7 +94,7 @@ async def open_bucket(
         ttl=ttl_s,
     )
     # Two gateways may race to create it: the same config is idempotent in JetStream.
-    return await js.create_key_value(config)
+    return _retrying(await js.create_key_value(config))
 
 
 class WatchedBucket:

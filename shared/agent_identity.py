@@ -34,6 +34,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
+from shared import authz
+from shared.subjects import is_valid_name
+
 # Same value as gateway.auth.AGENT_TOKEN_PREFIX (tests check they agree).
 TOKEN_PREFIX = "ed25519:"
 CONTEXT = b"arqonbus-agent-auth-v1\n"
@@ -286,7 +289,7 @@ class AgentRecord:
     def from_json(cls, data: bytes) -> AgentRecord:
         try:
             obj: Any = orjson.loads(data)
-            return cls(
+            record = cls(
                 agent_id=str(obj["agent_id"]),
                 tenant=str(obj["tenant"]),
                 name=str(obj.get("name", "")),
@@ -296,5 +299,15 @@ class AgentRecord:
                 created_at=float(obj.get("created_at") or 0.0),
                 revoked_at=None if obj.get("revoked_at") is None else float(obj["revoked_at"]),
             )
+            # Everything a principal is built from must be valid (fail closed otherwise).
+            valid = (
+                is_agent_id(record.agent_id)
+                and is_valid_name(record.tenant)
+                and authz.is_known_role(record.role)
+            )
+            authz.parse_grants(record.grants)
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             raise AgentIdentityError("the stored agent record is malformed") from None
+        if not valid:
+            raise AgentIdentityError("the stored agent record has an invalid id, tenant or role")
+        return record

@@ -190,6 +190,15 @@ def is_known_role(role: str) -> bool:
     return role in ROLES
 
 
+# Roles by rank: a principal may give out (to an agent it registers) its own role or lower.
+_ROLE_RANK = {"read-only": 0, "member": 1, "admin": 2, "owner": 3}
+
+
+def may_give_role(giver_role: str, role: str) -> bool:
+    """Whether a principal with ``giver_role`` may give ``role`` to another principal."""
+    return _ROLE_RANK.get(role, 99) <= _ROLE_RANK.get(giver_role, -1)
+
+
 @dataclass(frozen=True, slots=True)
 class Decision:
     allowed: bool

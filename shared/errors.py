@@ -247,6 +247,7 @@ class CloseCode(IntEnum):
     NORMAL = 1000
     MESSAGE_TOO_BIG = 1009
     SERVICE_RESTART = 1012  # node draining: reconnect to another gateway and resume
+    TRY_AGAIN_LATER = 1013  # too many unauthenticated connections from this address
     SLOW_CONSUMER = 4001  # send buffer overflowed: reconnect and resume from last seq
     BACKEND_UNAVAILABLE = 4002  # node lost the message store: reconnect elsewhere, resume
     IDLE_TIMEOUT = 4003  # no message for idle_timeout_s: reconnect (and resume) when needed
@@ -261,4 +262,6 @@ class CloseCode(IntEnum):
 
     @property
     def should_reconnect(self) -> bool:
-        return self == CloseCode.SERVICE_RESTART or 4000 <= self <= 4499
+        return self in (CloseCode.SERVICE_RESTART, CloseCode.TRY_AGAIN_LATER) or (
+            4000 <= self <= 4499
+        )

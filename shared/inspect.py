@@ -513,10 +513,28 @@ class LayeredPolicy(Policy):
         return parsed[1]
 
 
+def check_storable(rules: Any) -> None:
+    """Rules kept in NATS KV may name plugins by entry point only (installed code).
+
+    ``object`` imports any module of the gateway's Python path: from a file the operator
+    controls that is fine, from KV (writable by anyone with its NATS credential) it would
+    let a bucket write run code on every gateway.
+    """
+    if not isinstance(rules, list):
+        return
+    for i, rule in enumerate(rules):
+        if isinstance(rule, dict) and rule.get("kind") == "plugin" and "object" in rule:
+            raise PolicyError(
+                f"stored rule #{i + 1}: a plugin kept in NATS KV must use 'entry_point' (an "
+                "installed inspector), not 'object'"
+            )
+
+
 def parse_stored_rules(tenant: str, raw: bytes) -> Chain | None:
     """A tenant's rules as stored in KV; an invalid entry becomes a chain that fails closed."""
     try:
         rules = orjson.loads(raw)
+        check_storable(rules)
         return parse_policy({"tenants": {tenant: rules}}, "stored policy").chain_for(tenant)
     except (orjson.JSONDecodeError, PolicyError) as exc:
         log.error("the stored content policy of tenant %r is invalid: %s", tenant, exc)

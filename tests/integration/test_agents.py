@@ -21,6 +21,7 @@ from websockets.exceptions import InvalidStatus
 from gateway import cli_agents
 from gateway.server import Gateway
 from shared import agent_identity as ai
+from shared import apikeys
 from tests.conftest import GatewayFactory, gateway_url
 from tests.support import WsClient
 
@@ -288,3 +289,32 @@ async def test_nonce_endpoint_is_rate_limited(start_gateway):
         return 200
 
     assert await asyncio.to_thread(fetch) == 429
+
+
+async def test_a_room_admin_cannot_register_a_tenant_wide_agent(
+    start_gateway, nats_cluster, tenant, capsys, opened
+):
+    from tests.integration.test_api_keys import create_key
+
+    gw = await start_gateway(auth="apikey,agent,dev")
+    # Admin of room "lobby" only (a grant), read-only elsewhere.
+    key = await create_key(
+        capsys, nats_cluster, tenant, "lobby-admin", "read-only", "lobby:*:admin"
+    )
+    seen = asyncio.Event()
+    gw.security.keys.on_change(lambda _k, _v: seen.set())
+    if apikeys.parse_key(key).key_id not in "".join(k for k, _ in gw.security.keys.items()):
+        await asyncio.wait_for(seen.wait(), 10)
+    room_admin = await WsClient.open(gateway_url(gw), key)
+    opened.append(room_admin)
+    params = {"public_key": ai.public_key_b64(ai.generate_private_key()), "name": "x"}
+    for role in ("admin", "member", "read-only"):
+        reply = await room_admin.command("lobby", "ops", "register_agent", {**params, "role": role})
+        assert reply["payload"]["error"]["code"] == "forbidden", reply
+    # A tenant admin may register up to admin; only an owner registers an owner.
+    admin = await WsClient.open(gateway_url(gw), f"dev:{tenant}:boss:admin")
+    opened.append(admin)
+    reply = await admin.command("lobby", "ops", "register_agent", {**params, "role": "owner"})
+    assert reply["payload"]["error"]["code"] == "invalid_parameters", reply
+    reply = await admin.command("lobby", "ops", "register_agent", {**params, "role": "admin"})
+    assert reply["payload"]["status"] == "success", reply

@@ -172,3 +172,48 @@ async def test_refresh_token_with_a_bad_token(gw, tenant, opened):
     for params in ({}, {"token": 5}, {"token": "dev:x"}):
         reply = await client.command("r", "c", "refresh_token", params)
         assert reply["payload"]["error"]["code"] == "invalid_parameters"
+
+
+async def test_waiting_to_authenticate_is_capped_per_address_and_issues_no_needless_nonce(
+    start_gateway, opened
+):
+    gw = await start_gateway(auth="dev", max_pending_handshakes_per_ip=2)
+    waiting = [await no_credential(gw, opened) for _ in range(2)]
+    for _, required in waiting:
+        assert required["nonce"] is None  # no agents here: no KV write for a nonce
+    third = WsClient(await websockets.connect(gateway_url(gw)))
+    opened.append(third)
+    assert (await closed_with(third))[0] == 1013  # try again later
+    # One of the two authenticates: its slot frees, and a new connection may wait again.
+    await auth(waiting[0][0], "dev:t1:alice")
+    _, required = await no_credential(gw, opened)
+    assert required["methods"] == ["dev"]
+
+
+async def test_refresh_token_that_narrows_the_rights_drops_what_they_no_longer_allow(
+    gw, tenant, opened
+):
+    client = await WsClient.open(gateway_url(gw), f"dev:{tenant}:alice:member")
+    caller = await WsClient.open(gateway_url(gw), f"dev:{tenant}:bob:member")
+    opened += [client, caller]
+    await client.join("r", "c")
+    registered = await client.command("r", "c", "register_handler", {"command": "svc"})
+    assert registered["payload"]["status"] == "success", registered
+    start = len(client.received)
+    reply = await client.command(
+        "r", "c", "refresh_token", {"token": f"dev:{tenant}:alice:read-only"}
+    )
+    assert reply["payload"]["result"]["role"] == "read-only"
+    pushed = await client.wait_for(
+        lambda m: m["type"] == "error" and "dropped" in m["payload"], start=start
+    )
+    assert pushed["payload"]["code"] == "forbidden"
+    assert pushed["payload"]["dropped"] == ["r/c:svc"]  # read-only may still subscribe
+    # The handler no longer serves: calls find no one once its unsubscribe has reached
+    # the NATS server (bounded), and none is ever delivered to it.
+    for _ in range(20):
+        answer = await caller.command("r", "c", "svc", {}, timeout_ms=200)
+        if answer["payload"]["error"]["code"] == "no_responders":
+            break
+    assert answer["payload"]["error"]["code"] == "no_responders", answer
+    assert client.deliveries() == []

@@ -259,3 +259,32 @@ async def test_quota_is_applied_to_an_existing_stream(
     info = await jsm.stream_info(quota.broker._scheme.stream_name(tenant))
     assert info.config.max_bytes == 1 << 20
     assert info.config.discard == "new"  # a full tenant is refused, its history kept
+
+
+async def test_garbage_and_answers_to_nothing_count_against_the_rate(
+    start_gateway: GatewayFactory, clients: Connect, tenant: str
+) -> None:
+    # Frames that do not parse, and command_responses that answer no delivery, cost a token
+    # each like any other frame: a flood of them is refused with rate_limited.
+    gw = await start_gateway(msg_rate_per_conn=1, msg_burst_per_conn=2, bytes_rate_per_conn=0)
+    client = await clients(gateway_url(gw), tenant, "alice")
+    start = len(client.received)
+    for _ in range(6):
+        await client.send(b"{not json")
+    bogus = [new_id("r") for _ in range(6)]
+    for answer_id in bogus:
+        await client.send(
+            {
+                "id": answer_id,
+                "type": "command_response",
+                "room": ROOM,
+                "channel": CHANNEL,
+                "payload": {"request_id": "nothing", "status": "success", "result": {}},
+            }
+        )
+    for answer_id in bogus:
+        await client.reply_to(answer_id, start=start)
+    errors = [m["payload"]["code"] for m in client.received[start:] if m["type"] == "error"]
+    assert len(errors) == 12, errors
+    assert errors.count("rate_limited") >= 9, errors  # 2 at once, ~1 more per second
+    assert not client.closed.is_set()

@@ -307,3 +307,18 @@ def test_creds_file_is_passed_to_nats_py(tmp_path: Path) -> None:
     )
     options = connect_options(load_settings(auth="dev", nats_creds_file=str(creds)))
     assert options == {"user_credentials": str(creds)}
+
+
+async def test_a_server_that_does_not_switch_to_tls_is_refused(nats_cluster: LocalCluster) -> None:
+    # nats-py upgrades to TLS only when the server's INFO asks: a plaintext server (or a man
+    # in the middle that strips the flag) must not get a TLS-configured gateway's traffic.
+    from mesh.broker import BrokerUnavailable
+    from mesh.nats_auth import broker_from_settings
+
+    context = ssl.create_default_context()
+    settings = load_settings(nats=nats_cluster.url_csv, listen="127.0.0.1:0", auth="dev")
+    broker = broker_from_settings(settings, "downgrade-test")
+    broker._connect_options["tls"] = context  # as nats_tls_ca would set it
+    with pytest.raises(BrokerUnavailable, match="did not switch to TLS"):
+        await broker.connect()
+    await broker.close()

@@ -99,3 +99,32 @@ async def test_the_cli_refuses_invalid_rules_before_storing(
     assert "pattern" in capsys.readouterr().err
     assert await policy_cli(nats_cluster, "show", "--tenant", tenant) == 0
     assert "no stored rules" in capsys.readouterr().out
+
+
+async def test_stored_rules_cannot_import_code_by_object(
+    start_gateway: Any, clients: Any, nats_cluster: LocalCluster, tenant: str, tmp_path: Path
+) -> None:
+    # 'object' would import any module: from KV (writable with a NATS credential) that is
+    # code execution on every gateway. The CLI refuses it, and a gateway fails closed.
+    marker = tmp_path / "ran"
+    rule = {
+        "kind": "plugin",
+        "object": "logging.config:dictConfig",
+        "options": {
+            "version": 1,
+            "handlers": {"h": {"()": "os.system", "command": f"touch {marker}"}},
+        },
+    }
+    bad = tmp_path / "bad.json"
+    bad.write_bytes(orjson.dumps([rule]))
+    assert await policy_cli(nats_cluster, "set", "--tenant", tenant, str(bad)) == 2
+    gateway = await start_gateway()
+    alice = await clients(gateway_url(gateway), tenant, "alice")
+    seen = changed(gateway, tenant)
+    kv = await gateway.broker.key_value(gateway.security.policies.name)
+    await kv.put(tenant, orjson.dumps([rule]))  # around the CLI
+    await asyncio.wait_for(seen.wait(), 10)
+    refused = await alice.publish("r", "c", {"t": "x"})
+    assert refused["payload"]["code"] == "internal", refused
+    assert not marker.exists()
+    await kv.delete(tenant)

@@ -115,6 +115,7 @@ _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
 _ID_MAX = 128
 _ERROR_MESSAGE_MAX = 1024
 _INITIAL_BACKOFF = 0.05
+_MAX_RETRY_AFTER_S = 60.0  # the most a gateway's retry_after_ms can make the client wait
 _DEFAULT_LIMITS = {"max_envelope_bytes": 65536, "max_in_flight": 1000, "history_max_limit": 1000}
 
 CommandHandler = Callable[[CommandRequest], Awaitable[dict[str, Any] | None]]
@@ -150,7 +151,7 @@ def _retry_delay(exc: ArqonBusError, attempt: int, cap: float) -> float:
     jittered exponential backoff.
     """
     if isinstance(exc, RateLimited) and exc.retry_after_ms > 0:
-        return exc.retry_after_ms / 1000
+        return min(exc.retry_after_ms / 1000, _MAX_RETRY_AFTER_S)
     return _backoff(attempt, cap)
 
 
