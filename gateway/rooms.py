@@ -51,12 +51,14 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError
 
+from gateway.admission import RateLimiter
 from shared import commands
 from shared.errors import (
     BANNED,
     FORBIDDEN,
     INVALID_PARAMETERS,
     LIMIT_EXCEEDED,
+    MESSAGE_RATE_LIMITED,
     MUTED,
     ROOM_KEY_REQUIRED,
     UNAVAILABLE,
@@ -446,8 +448,10 @@ class RoomDirectory:
         self._rooms: dict[tuple[str, str], RoomSettings] = {}
         self._listeners: list[RoomListener] = []
         self._secret = secrets.token_bytes(32)
-        # (tenant, room, hmac of the candidate) -> the key hash it matched.
-        self._verified: dict[tuple[str, str, bytes], str] = {}
+        # (tenant, room, hmac of the candidate) -> (the key hash checked, whether it matched).
+        self._verified: dict[tuple[str, str, bytes], tuple[str, bool]] = {}
+        # Key checks that needed a hash, per (tenant, principal): 5 at once, then 1 a second.
+        self._guesses = RateLimiter(1.0, 5)
         self._hashing = asyncio.Semaphore(_HASH_CONCURRENCY)
         self._write_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
             weakref.WeakValueDictionary()
@@ -494,20 +498,31 @@ class RoomDirectory:
 
     # -- checks ------------------------------------------------------------------------
 
-    async def key_matches(self, tenant: str, room: str, settings: RoomSettings, key: str) -> bool:
+    async def key_matches(
+        self, tenant: str, room: str, settings: RoomSettings, key: str, principal: str = ""
+    ) -> bool:
         stored = settings.key_hash
         if not stored:
             return False
         tag = hmac.new(self._secret, key.encode(), hashlib.sha256).digest()
         memo = (tenant, room, tag)
-        if self._verified.get(memo) == stored:
-            return True
+        known = self._verified.get(memo)
+        if known is not None and known[0] == stored:
+            # A key checked before against this hash costs nothing: right or wrong.
+            return known[1]
+        # Each scrypt costs ~50 ms of CPU: a principal may try a few keys, then one a second
+        # (online guessing, and a flood of wrong keys stalling everyone's joins).
+        wait_s = self._guesses.take(f"{tenant}/{principal}")
+        if wait_s:
+            raise ArqonError(
+                MESSAGE_RATE_LIMITED,
+                f"too many room_key attempts: retry after {int(wait_s * 1000) + 1} ms",
+            )
         async with self._hashing:
             ok = await asyncio.to_thread(verify_room_key, key, stored)
-        if ok:
-            if len(self._verified) >= _VERIFIED_MAX:
-                self._verified.clear()
-            self._verified[memo] = stored
+        if len(self._verified) >= _VERIFIED_MAX:
+            self._verified.clear()
+        self._verified[memo] = (stored, ok)
         return ok
 
     async def check_enter(
@@ -557,7 +572,7 @@ class RoomDirectory:
                 else f"{action} with parameter 'room_key'"
             )
             raise ArqonError(ROOM_KEY_REQUIRED, f"room {room!r} is private: {how}")
-        if not await self.key_matches(tenant, room, settings, key):
+        if not await self.key_matches(tenant, room, settings, key, principal):
             raise ArqonError(ROOM_KEY_REQUIRED, f"the room_key for room {room!r} does not match")
 
     @staticmethod

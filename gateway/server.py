@@ -407,14 +407,14 @@ class Gateway:
         if exc.tenant:
             repeats = self._auth_failures.check((exc.tenant, exc.credential_id, peer_ip))
             if repeats is not None:
-                self.audit.record(
-                    exc.tenant,
-                    AUTH_FAILED,
-                    credential_id=exc.credential_id,
-                    reason=str(exc),
-                    peer_ip=peer_ip,
-                    **({"repeats": repeats} if repeats else {}),
-                )
+                details: dict[str, object] = {
+                    "credential_id": exc.credential_id,
+                    "reason": str(exc),
+                    "peer_ip": peer_ip,
+                }
+                if repeats:
+                    details["repeats"] = repeats
+                self.audit.record(exc.tenant, AUTH_FAILED, "", **details)
         return HttpReply(HTTPStatus.UNAUTHORIZED, {"error": "unauthorized", "message": str(exc)})
 
     def _check_origin(self, headers: Mapping[str, str]) -> HttpReply | None:

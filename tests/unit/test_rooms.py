@@ -10,6 +10,7 @@ import orjson
 import pytest
 
 from gateway import rooms
+from gateway.admission import RateLimiter
 from gateway.rooms import (
     MAX_ENTRIES,
     Ban,
@@ -80,7 +81,7 @@ def test_a_malformed_stored_hash_never_verifies(stored: str) -> None:
     assert not verify_room_key("anything", stored)
 
 
-async def test_successful_verifications_are_cached_and_follow_the_key() -> None:
+async def test_verifications_are_cached_and_follow_the_key() -> None:
     d, _ = directory()
     settings = RoomSettings(private=True, key_hash=hash_room_key("secret-one"))
     calls = 0
@@ -98,9 +99,9 @@ async def test_successful_verifications_are_cached_and_follow_the_key() -> None:
         assert calls == 1  # one scrypt for the storm
         for _ in range(2):
             assert not await d.key_matches("t", "r", settings, "wrong-key")
-        assert calls == 3  # failures are never cached as successes
+        assert calls == 2  # a wrong key is hashed once too, and never taken for a right one
         assert await d.key_matches("t", "other", settings, "secret-one")
-        assert calls == 4  # per room
+        assert calls == 3  # per room
         settings.key_hash = hash_room_key("secret-two")  # the key changed
         assert not await d.key_matches("t", "r", settings, "secret-one")
         assert await d.key_matches("t", "r", settings, "secret-two")
@@ -292,3 +293,17 @@ def test_admin_commands_are_built_in_and_need_admin() -> None:
         assert authz.decide("admin", (), name, "lobby", "ctl").allowed
     for code in ("room_key_required", "banned", "muted"):
         assert code in CATALOGUE
+
+
+async def test_key_guessing_is_limited_per_principal() -> None:
+    d, _ = directory()
+    d._guesses = RateLimiter(1.0, 5, clock=lambda: 0.0)  # time stands still: no refill
+    settings = RoomSettings(private=True, key_hash=hash_room_key("secret-one"))
+    for n in range(5):  # 5 guesses at once
+        assert not await d.key_matches("t", "r", settings, f"guess-{n}", "mallory")
+    with pytest.raises(ArqonError) as refused:
+        await d.key_matches("t", "r", settings, "guess-5", "mallory")
+    assert refused.value.code == "rate_limited"
+    # Another principal is not held back, and a key already checked costs no guess.
+    assert await d.key_matches("t", "r", settings, "secret-one", "alice")
+    assert not await d.key_matches("t", "r", settings, "guess-0", "mallory")
