@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import itertools
 import logging
 import math
@@ -352,7 +353,7 @@ class JetStreamBroker:
                     reconnect_time_wait=0.5,  # type: ignore[arg-type]  # float works; stub says int
                     ping_interval=5,
                     max_outstanding_pings=2,
-                    error_cb=self._on_error,
+                    error_cb=functools.partial(self._on_error, client=nc),
                     disconnected_cb=self._on_disconnected,
                     reconnected_cb=self._on_reconnected,
                     **self._connect_options,
@@ -394,9 +395,12 @@ class JetStreamBroker:
             delay = min(delay * 2, 5.0)
         return False
 
-    async def _on_error(self, exc: Exception) -> None:
-        if self._first_connect:
-            self._connect_error = exc
+    async def _on_error(self, exc: Exception, client: NatsClient | None = None) -> None:
+        if self._first_connect or client is not self._nc:
+            # A connect attempt's errors (reported once, by connect_with_retry), also those
+            # nats-py delivers after the attempt has given up.
+            if self._first_connect:
+                self._connect_error = exc
             log.debug("NATS connect attempt failed: %s", exc)
             return
         if isinstance(exc, SlowConsumerError):

@@ -296,12 +296,13 @@ async def test_retryable_errors_are_retried_with_the_same_id_then_raised(tenant,
             await client.publish(ROOM, "warm-up", {"creates": "the stream"})
             await cluster.kill_node(0)
             with caplog.at_level(logging.DEBUG, logger="arqonbus.client"):
+                # Budgets of 3 s: many 0.3 s attempts each, even on a loaded machine.
                 with pytest.raises(Unavailable) as publish:
-                    await client.publish(ROOM, CHANNEL, {"n": 1}, id="u-1", timeout=1.0)
+                    await client.publish(ROOM, CHANNEL, {"n": 1}, id="u-1", timeout=3.0)
                 with pytest.raises(Unavailable):
-                    await client.history(ROOM, CHANNEL, timeout=1.0).list()
+                    await client.history(ROOM, CHANNEL, timeout=3.0).list()
                 with pytest.raises(Timeout):
-                    await client.subscribe(ROOM, CHANNEL).start(timeout=1.0)
+                    await client.subscribe(ROOM, CHANNEL).start(timeout=3.0)
             assert client.connected  # errors, not a reason to reconnect
     finally:
         await gw.close()
