@@ -72,6 +72,7 @@ FORBIDDEN = "forbidden"
 KEY_CREATED = "key_created"
 KEY_REVOKED = "key_revoked"
 AGENT_REGISTERED = "agent_registered"
+AGENT_REVOKED = "agent_revoked"
 ADMIN_ACTION = "admin_action"
 POLICY_BLOCKED = "policy_blocked"
 RATE_LIMITED = "rate_limited"
@@ -81,6 +82,7 @@ EVENT_TYPES = (
     KEY_CREATED,
     KEY_REVOKED,
     AGENT_REGISTERED,
+    AGENT_REVOKED,
     ADMIN_ACTION,
     POLICY_BLOCKED,
     RATE_LIMITED,
@@ -618,3 +620,13 @@ def rule_name(detail: str) -> str:
     """The content-policy rule a refusal's message names (shared/inspect.py quotes it), or ""."""
     match = _RULE_NAME.search(detail)
     return (match.group(1) or match.group(2) or "") if match else ""
+
+
+async def record_once(
+    broker: JetStreamBroker, prefix: str, tenant: str, type_: str, **details: Any
+) -> None:
+    """One event from a one-shot command (``arqonbus keys``, ...), written before it returns."""
+    audit = AuditLog(broker, prefix, "cli")
+    audit.start()
+    audit.record(tenant, type_, principal="cli", **details)
+    await audit.close()

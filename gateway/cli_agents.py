@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from gateway.audit import AGENT_REGISTERED, AGENT_REVOKED, record_once
 from gateway.auth_agent import RegistrationError, new_record, records, revoke, store_new
 from mesh import kv as kvmod
 from mesh.broker import BrokerUnavailable
@@ -111,6 +112,15 @@ async def run(args: argparse.Namespace, settings: Settings | None = None) -> int
             record = new_record(args.tenant, args.name, public_key, args.role, args.grant, existing)
             await store_new(kv, record)
             print(record.agent_id)
+            await record_once(
+                broker,
+                settings.subject_prefix,
+                args.tenant,
+                AGENT_REGISTERED,
+                agent_id=record.agent_id,
+                name=record.name,
+                role=record.role,
+            )
         elif args.agents_command == "list":
             for record in sorted(records(await _items(kv)), key=lambda r: r.created_at):
                 if record.tenant != args.tenant:
@@ -126,6 +136,9 @@ async def run(args: argparse.Namespace, settings: Settings | None = None) -> int
         else:
             await revoke(kv, args.tenant, args.agent_id)
             print(f"revoked {args.agent_id}")
+            await record_once(
+                broker, settings.subject_prefix, args.tenant, AGENT_REVOKED, agent_id=args.agent_id
+            )
     except (RegistrationError, AgentIdentityError) as exc:
         return _error(str(exc))
     except BrokerUnavailable as exc:

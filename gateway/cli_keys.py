@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from gateway.audit import KEY_CREATED, KEY_REVOKED, AuditLog
+from gateway.audit import KEY_CREATED, KEY_REVOKED, record_once
 from mesh import kv as kvmod
 from shared import apikeys
 from shared.apikeys import RecordError
@@ -141,15 +141,6 @@ def _check_input(args: argparse.Namespace) -> None:
             )
 
 
-async def _audit(
-    broker: JetStreamBroker, prefix: str, tenant: str, type_: str, **details: str
-) -> None:
-    audit = AuditLog(broker, prefix, "cli")
-    audit.start()
-    audit.record(tenant, type_, principal=CLI_PRINCIPAL, **details)
-    await audit.close()
-
-
 async def _create(
     args: argparse.Namespace, broker: JetStreamBroker, kv: KeyValue, prefix: str
 ) -> int:
@@ -160,7 +151,7 @@ async def _create(
         await kv.create(apikeys.kv_key(record.tenant, record.key_id), record.encode())
     except KeyWrongLastSequenceError:  # a 60-bit id collision: practically never
         raise _BadInput("a key with the same id exists: run the command again") from None
-    await _audit(
+    await record_once(
         broker,
         prefix,
         record.tenant,
@@ -259,7 +250,7 @@ async def _revoke(
         break
     else:
         raise _BadInput(f"API key {key_id} kept changing while revoking it: run the command again")
-    await _audit(broker, prefix, args.tenant, KEY_REVOKED, key_id=key_id)
+    await record_once(broker, prefix, args.tenant, KEY_REVOKED, key_id=key_id)
     print(
         f"revoked API key {key_id} of tenant {args.tenant}: every gateway refuses it and closes "
         "its sessions (close code 4500)"

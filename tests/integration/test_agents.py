@@ -318,3 +318,22 @@ async def test_a_room_admin_cannot_register_a_tenant_wide_agent(
     assert reply["payload"]["error"]["code"] == "invalid_parameters", reply
     reply = await admin.command("lobby", "ops", "register_agent", {**params, "role": "admin"})
     assert reply["payload"]["status"] == "success", reply
+
+
+async def test_cli_registration_and_revocation_are_audited(
+    two, nats_cluster, tenant, capsys, opened
+):
+    from tests.integration.test_audit import query
+
+    gw_a, _ = two
+    key = ai.generate_private_key()
+    agent_id = await register(gw_a, capsys, tenant, key)
+    await cli(gw_a, capsys, agents_command="revoke", tenant=tenant, agent_id=agent_id)
+    events = await query(
+        capsys, nats_cluster, tenant, "--type", "agent_registered", "--type", "agent_revoked"
+    )
+    assert [(e["type"], e["details"]["agent_id"]) for e in events] == [
+        ("agent_registered", agent_id),
+        ("agent_revoked", agent_id),
+    ]
+    assert ai.public_key_b64(key) not in str(events)  # identifiers only

@@ -3,6 +3,7 @@ refresh_token in place, and waiting out rate limits."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -11,9 +12,12 @@ import pytest
 from arqonbus import (
     AgentCredentials,
     AuthenticationError,
+    Banned,
     Client,
+    Event,
     Forbidden,
     RateLimited,
+    RoomKeyRequired,
 )
 from shared import agent_identity as ai
 from tests.conftest import GatewayFactory, gateway_url
@@ -95,3 +99,31 @@ async def test_publish_waits_out_the_rate_limit_and_every_event_is_stored(
     assert len({ack.seq for ack in acks}) == 15
     waited = [r for r in caplog.records if RateLimited.default_code in r.getMessage()]
     assert waited, "the limit (5 at once, then 20/s) was never reached"
+
+
+async def test_private_room_with_a_key_and_a_ban_that_ends_the_subscription(
+    start_gateway: GatewayFactory, sdk_client: Any, tenant: str
+) -> None:
+    gw = await start_gateway()
+    url = [gateway_url(gw)]
+    owner: Client = await sdk_client(url, tenant, "owner")
+    configured = asyncio.Event()
+    gw.security.rooms.on_change(lambda key, _v: key == f"{tenant}.vault" and configured.set())
+    await owner.admin("vault", "room_configure", {"private": True, "key": "vault-key-123"})
+    await asyncio.wait_for(configured.wait(), 10)
+
+    alice: Client = await sdk_client(url, tenant, "alice:member")
+    with pytest.raises(RoomKeyRequired):
+        await alice.subscribe("vault", "chat").start(timeout=5)
+    sub = await alice.subscribe("vault", "chat", since_seq=0, room_key="vault-key-123").start()
+    await owner.publish("vault", "chat", {"n": 1})
+    first = await asyncio.wait_for(anext(aiter(sub)), 10)
+    assert isinstance(first, Event) and first.payload == {"n": 1}
+    history = await alice.history("vault", "chat", room_key="vault-key-123").list()
+    assert [e.payload["n"] for e in history] == [1]
+
+    await owner.admin("vault", "room_ban", {"principal": "alice", "reason": "spam"})
+    with pytest.raises(Banned):  # the pushed ban ends the subscription on the client
+        async with asyncio.timeout(10):
+            async for _ in sub:
+                pass

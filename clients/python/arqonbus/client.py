@@ -499,6 +499,7 @@ class Client:
         since_seq: int | None = None,
         *,
         queue_size: int | None = None,
+        room_key: str | None = None,
     ) -> Subscription:
         """A subscription to one channel: an async iterator of :class:`Event` and :class:`Gap`.
 
@@ -508,7 +509,8 @@ class Client:
         held for the application; when it is full the subscription pauses and later resumes
         from the store, so nothing is lost and memory stays bounded.
 
-        One client holds at most one subscription per room and channel.
+        One client holds at most one subscription per room and channel. ``room_key``
+        enters a private room (sent with every join, also after a reconnect).
         """
         if since_seq is not None and (
             isinstance(since_seq, bool) or not isinstance(since_seq, int) or since_seq < 0
@@ -517,7 +519,7 @@ class Client:
         size = self.queue_size if queue_size is None else queue_size
         if size < 1:
             raise ValueError("queue_size must be at least 1")
-        return Subscription(self, room, channel, since_seq, size)
+        return Subscription(self, room, channel, since_seq, size, room_key)
 
     async def on(
         self,
@@ -564,6 +566,7 @@ class Client:
         *,
         page_size: int | None = None,
         timeout: float | None = None,
+        room_key: str | None = None,
     ) -> History:
         """Stored events of a channel with ``seq > since_seq``, without joining it.
 
@@ -583,7 +586,7 @@ class Client:
             raise ValueError("limit must be an integer >= 1, or None for no limit")
         if page_size is not None and page_size < 1:
             raise ValueError("page_size must be at least 1")
-        return History(self, room, channel, since_seq, limit, page_size, timeout)
+        return History(self, room, channel, since_seq, limit, page_size, timeout, room_key)
 
     # -- commands ---------------------------------------------------------------------------
 
@@ -1241,6 +1244,16 @@ class Client:
                     future.set_exception(exc)
                 return
             self._quiet.discard(request_id)
+        room, channels = payload.get("room"), payload.get("channels")
+        if request_id is None and isinstance(room, str) and isinstance(channels, list):
+            # Pushed: this connection was removed from those channels (a ban). Their
+            # subscriptions end with the error; rejoining would only be refused.
+            for channel in channels:
+                sub = self._subs.pop((room, channel), None) if isinstance(channel, str) else None
+                if sub is not None:
+                    sub._fail(exc)
+            log.warning("removed from room %s (%s): %s", room, ", ".join(map(str, channels)), exc)
+            return
         log.warning("the gateway reported an error for request %s: %s", request_id, exc)
 
     def _on_gap(self, message: dict[str, Any]) -> None:
@@ -1287,7 +1300,9 @@ class Client:
         sub._join_id = request_id
         sub._accepting = False
         self._joins[request_id] = (sub, since)
-        parameters = {} if since is None else {"since_seq": since}
+        parameters: dict[str, Any] = {} if since is None else {"since_seq": since}
+        if sub._room_key is not None:
+            parameters["room_key"] = sub._room_key
         return orjson.dumps(
             {
                 "version": PROTOCOL_VERSION,
@@ -1524,11 +1539,18 @@ class Subscription:
     """
 
     def __init__(
-        self, client: Client, room: str, channel: str, since_seq: int | None, maxsize: int
+        self,
+        client: Client,
+        room: str,
+        channel: str,
+        since_seq: int | None,
+        maxsize: int,
+        room_key: str | None = None,
     ) -> None:
         self._client = client
         self.room = room
         self.channel = channel
+        self._room_key = room_key
         self._maxsize = maxsize
         self._last_seq: int | None = since_seq  # handed to the application
         self._accepted_seq: int | None = since_seq  # accepted into the queue
@@ -1688,10 +1710,12 @@ class History:
         limit: int | None,
         page_size: int | None,
         timeout: float | None,
+        room_key: str | None = None,
     ) -> None:
         self._client = client
         self.room = room
         self.channel = channel
+        self.room_key = room_key
         self.since_seq = since_seq
         self.limit = limit
         self.page_size = page_size
@@ -1727,8 +1751,11 @@ class _PageIterator:
         want = min(h.page_size or max_limit, max_limit)
         if self._remaining is not None:
             want = min(want, self._remaining)
+        parameters: dict[str, Any] = {"since_seq": self._since, "limit": want}
+        if h.room_key is not None:
+            parameters["room_key"] = h.room_key
         result = await client._request_idempotent(
-            h.room, h.channel, "history", {"since_seq": self._since, "limit": want}, h.timeout
+            h.room, h.channel, "history", parameters, h.timeout
         )
         raw_events = result.get("events")
         events = [
