@@ -113,6 +113,9 @@ def _parser() -> argparse.ArgumentParser:
     from gateway import cli_audit  # arqonbus audit --tenant T [--since] [--type] [--json]
 
     cli_audit.add_parser(sub)
+    from gateway import cli_tenants  # arqonbus tenants set|show|reset
+
+    cli_tenants.add_parser(sub)
     return parser
 
 
@@ -154,6 +157,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from gateway import cli_policy
 
             return asyncio.run(cli_policy.run(args, settings))
+        if args.command == "tenants":
+            from gateway import cli_tenants
+
+            return asyncio.run(cli_tenants.run(args, settings))
         return asyncio.run(_provision(settings, args.tenant))
     except ConfigError as exc:
         print(f"arqonbus: {exc}", file=sys.stderr)

@@ -83,7 +83,7 @@ async def _apply(settings: Settings, command: str, tenant: str, body: bytes) -> 
         audit.start()
         kv = await broker.key_value(kvmod.bucket_name(settings.subject_prefix, kvmod.POLICIES))
         if command == "show":
-            entry = await _get(kv, tenant)
+            entry = await kvmod.get_value(kv, tenant)
             if entry is None:
                 print(f"tenant {tenant} has no stored rules (the policy file applies)")
             else:
@@ -103,13 +103,3 @@ async def _apply(settings: Settings, command: str, tenant: str, body: bytes) -> 
     finally:
         await audit.close()
         await broker.close()
-
-
-async def _get(kv: Any, tenant: str) -> bytes | None:
-    from nats.js.errors import KeyNotFoundError
-
-    try:
-        entry = await kv.get(tenant)
-    except KeyNotFoundError:
-        return None
-    return entry.value or None

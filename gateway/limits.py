@@ -44,6 +44,7 @@ from shared.settings import Settings
 if TYPE_CHECKING:
     from nats.js.kv import KeyValue
 
+    from gateway.tenant_limits import TenantLimitsTable
     from mesh.jetstream import JetStreamBroker
 
 log = logging.getLogger("arqonbus.gateway.limits")
@@ -122,6 +123,16 @@ class FrameMeter:
         self._window_msgs = self._window_bytes = 0
         self._prev_msgs = self._prev_bytes = 0
         self.connections = 0  # connections sharing this meter (principal scope)
+
+    def retune(self, spec: RateSpec) -> None:
+        """New rates (a tenant's limits changed): the buckets keep at most the new burst."""
+        if spec == self.spec:
+            return
+        self.spec = spec
+        self._msg_rate, self._msg_burst = spec.msgs_per_s, spec.msg_burst
+        self._byte_rate, self._byte_burst = spec.bytes_per_s, spec.byte_burst
+        self._msgs.tokens = min(self._msgs.tokens, self._msg_burst)
+        self._bytes.tokens = min(self._bytes.tokens, self._byte_burst)
 
     def take(self, size: int, now: float) -> float:
         """Admit one frame of ``size`` bytes (0.0) or say how long to wait (nothing taken)."""
@@ -233,6 +244,12 @@ class ConnectionLimits:
         self.connection.charge(size, now)
         self.principal.charge(size, now)
 
+    def retune(self, connection: RateSpec, principal: RateSpec) -> None:
+        """Apply changed rates to a live connection (and its principal's shared meter)."""
+        self.connection.retune(connection)
+        self.principal.retune(principal)
+        self._on = connection.enabled or principal.enabled
+
     def close(self) -> None:
         if self._release is not None:
             self._release()
@@ -265,6 +282,9 @@ class RateLimits:
         self._principals: dict[tuple[str, str], FrameMeter] = {}
         # This tenant's connections over all gateways (set by the gateway), for ``limits``.
         self.tenant_connections: Callable[[str], int] | None = None
+        # Per-tenant overrides (gateway/tenant_limits.py, set by the gateway): None = the
+        # rates above for every tenant.
+        self.tenant_limits: TenantLimitsTable | None = None
 
     def __len__(self) -> int:
         return len(self._principals)
@@ -272,10 +292,13 @@ class RateLimits:
     def open(self, tenant: str, principal: str) -> ConnectionLimits:
         """The meters of a new connection; call ``close()`` on them when it ends."""
         now = self._clock()
+        per_connection, per_principal = self.specs(tenant)
         key = (tenant, principal)
         shared = self._principals.get(key)
         if shared is None:
-            shared = self._principals[key] = FrameMeter(self.per_principal, now)
+            shared = self._principals[key] = FrameMeter(per_principal, now)
+        else:
+            shared.retune(per_principal)
         shared.connections += 1
 
         def release() -> None:
@@ -283,7 +306,13 @@ class RateLimits:
             if shared.connections <= 0 and self._principals.get(key) is shared:
                 del self._principals[key]
 
-        return ConnectionLimits(FrameMeter(self.per_connection, now), shared, release, self._clock)
+        return ConnectionLimits(FrameMeter(per_connection, now), shared, release, self._clock)
+
+    def specs(self, tenant: str) -> tuple[RateSpec, RateSpec]:
+        """The per-connection and per-principal rates of ``tenant`` (its overrides, if any)."""
+        if self.tenant_limits is None:
+            return self.per_connection, self.per_principal
+        return self.tenant_limits.rate_specs(tenant)
 
 
 # -- connections per tenant ------------------------------------------------------------
@@ -330,11 +359,13 @@ class TenantConnections:
         """This gateway's connections of ``tenant``: live ones and reserved handshakes."""
         return self.live.get(tenant, 0) + self._pending(tenant, self._clock())
 
-    def try_reserve(self, tenant: str, others: int = 0) -> bool:
-        if not self.enabled:
+    def try_reserve(self, tenant: str, others: int = 0, limit: int | None = None) -> bool:
+        """``limit``: the tenant's own cap (its override), else ``max_per_tenant``; 0 = off."""
+        cap = self.max_per_tenant if limit is None else limit
+        if cap <= 0:
             return True
         now = self._clock()
-        if self.live.get(tenant, 0) + self._pending(tenant, now) + others >= self.max_per_tenant:
+        if self.live.get(tenant, 0) + self._pending(tenant, now) + others >= cap:
             self.refused += 1
             return False
         self._reserved.setdefault(tenant, deque()).append(now + self.reserve_s)
@@ -420,9 +451,13 @@ def rate_specs(settings: Settings) -> tuple[RateSpec, RateSpec]:
     )
 
 
-def welcome_limits(settings: Settings) -> dict[str, float | int]:
-    """The rates as the welcome's ``limits`` announce them (bursts resolved; 0 = off)."""
-    conn, principal = rate_specs(settings)
+def welcome_limits(
+    settings: Settings, specs: tuple[RateSpec, RateSpec] | None = None
+) -> dict[str, float | int]:
+    """The rates as the welcome's ``limits`` announce them (bursts resolved; 0 = off).
+
+    ``specs``: the connection's own rates (its tenant's overrides), else the settings'."""
+    conn, principal = specs or rate_specs(settings)
     result: dict[str, float | int] = {}
     for scope, spec in (("conn", conn), ("principal", principal)):
         described = spec.describe()
@@ -444,7 +479,8 @@ class ConnectionReporter:
     Every ``health_interval_s`` this gateway puts its live counts under its node key in the
     KV bucket ``<prefix>_conns``; a watch keeps :class:`ConnectionReports` of the others. A
     report counts for three intervals after it arrived (see ConnectionReports). Started
-    only when ``max_connections_per_tenant`` is set.
+    only when ``max_connections_per_tenant`` is set or a tenant has a ``max_connections``
+    override (gateway/tenant_limits.py).
     """
 
     def __init__(self, broker: JetStreamBroker, settings: Settings, node_id: str) -> None:

@@ -35,6 +35,8 @@ class SecurityState:
         self.agents = self._watched(kvmod.AGENTS)
         self.rooms = self._watched(kvmod.ROOMS)
         self.policies = self._watched(kvmod.POLICIES)
+        # Per-tenant limit overrides (gateway/tenant_limits.py): plans without a restart.
+        self.tenants = self._watched(kvmod.TENANTS)
         # Content policies: a tenant's rules in KV replace the policy file's for it.
         self.content_policy = LayeredPolicy(policy_for(policy_file), self.policies.get)
         self._nonces: KeyValue | None = None
@@ -46,7 +48,7 @@ class SecurityState:
 
     @property
     def watched(self) -> tuple[WatchedBucket, ...]:
-        return (self.keys, self.agents, self.rooms, self.policies)
+        return (self.keys, self.agents, self.rooms, self.policies, self.tenants)
 
     def start(self) -> None:
         """Begin watching (call once NATS is connected); restarts after a reconnect."""
@@ -62,9 +64,13 @@ class SecurityState:
         """Every watched bucket has loaded once: until then checks would fail open."""
         return all(bucket.ready.is_set() for bucket in self.watched)
 
-    async def _restart_watches(self) -> None:
+    def restart(self) -> None:
+        """Reload every watched bucket (changes missed meanwhile are reported)."""
         for bucket in self.watched:
             bucket.restart()
+
+    async def _restart_watches(self) -> None:
+        self.restart()
 
     async def nonces(self) -> KeyValue:
         """The nonce bucket (entries expire after NONCE_TTL_S); not watched."""

@@ -35,6 +35,7 @@ from gateway.origin import OriginPolicy
 from gateway.rooms import RoomDirectory, RoomSettings, banned_error
 from gateway.security import SecurityState
 from gateway.session import Session
+from gateway.tenant_limits import TenantLimitsTable
 from gateway.transport import (
     HttpReply,
     ListenOptions,
@@ -43,6 +44,7 @@ from gateway.transport import (
     server_tls_context,
     start_server,
 )
+from mesh.broker import BrokerUnavailable
 from mesh.kv import NONCE_TTL_S
 from mesh.nats_auth import broker_from_settings
 from shared.envelope import encode_auth_required, parse_auth_frame
@@ -138,6 +140,12 @@ class Gateway:
         )
         self.conn_reports = ConnectionReporter(self.broker, settings, self.node_id)
         self.rate_limits.tenant_connections = self._tenant_connections
+        # Per-tenant overrides of the limits above, from NATS KV (gateway/tenant_limits.py).
+        self.tenant_limits = TenantLimitsTable(settings, self.security.tenants.get)
+        self.rate_limits.tenant_limits = self.tenant_limits
+        self.broker.max_bytes_for = self.tenant_limits.max_stored_bytes
+        self.security.tenants.on_change(self._on_tenant_limits)
+        self._quota_updates: set[asyncio.Task[None]] = set()
         self.pending_handshakes = PendingHandshakes(settings.max_pending_handshakes_per_ip)
         self.unauthenticated = PendingHandshakes(settings.max_pending_handshakes_per_ip)
         # Checked here, so a bad allowlist or TLS file stops the gateway before it listens.
@@ -193,6 +201,7 @@ class Gateway:
         self.security.start()
         if self.tenant_conns.enabled:  # other gateways' connection counts (gateway/limits.py)
             self.conn_reports.start(self.tenant_conns.live)
+        # (else started by the first tenant override with a connection cap: _on_tenant_limits)
         self.audit.start()
         self._tasks.append(asyncio.create_task(self._ready_once_loaded()))
         loop = asyncio.get_running_loop()
@@ -220,6 +229,10 @@ class Gateway:
 
     async def _after_check(self, link_ok: bool) -> None:
         """Act on consecutive failed checks: another NATS server, then other gateways."""
+        if self.healthy and self.failed_checks:
+            # JetStream answers again after an outage: watches may have stalled meanwhile
+            # (a revoke or ban made then would never arrive). Reload them all.
+            self.security.restart()
         self.failed_checks = 0 if self.healthy else self.failed_checks + 1
         self.link_failures = 0 if link_ok else self.link_failures + 1
         if self.failed_checks and self.failed_checks % RECONNECT_AFTER_FAILED_CHECKS == 0:
@@ -278,6 +291,9 @@ class Gateway:
         await self.hub.close()
         await self.security.close()
         await self.conn_reports.close()
+        for update in list(self._quota_updates):
+            update.cancel()
+        await asyncio.gather(*self._quota_updates, return_exceptions=True)
         await self.audit.close()
         await self.broker.close(timeout / 2)
         close_authenticator = getattr(self.authenticator, "close", None)
@@ -301,6 +317,28 @@ class Gateway:
             ban = settings.ban_of(principal.id, now)
             if ban is not None:
                 session.leave_room(room, banned_error(room, ban, now))
+
+    def _on_tenant_limits(self, tenant: str, value: bytes | None) -> None:
+        """A tenant's limits changed (any gateway sees it): apply them here, now.
+
+        Live sessions of the tenant get the new rates; the connection cap applies from the
+        next handshake; the stream's max_bytes is updated (every gateway sends the same
+        idempotent update, sent only when the stream differs)."""
+        per_connection, per_principal = self.tenant_limits.rate_specs(tenant)
+        for session in list(self.sessions):
+            if session.principal.tenant == tenant:
+                session.retune_rates(per_connection, per_principal)
+        if self.tenant_limits.max_connections(tenant) > 0:
+            self.conn_reports.start(self.tenant_conns.live)  # no-op once started
+        task = asyncio.create_task(self._apply_quota(tenant), name=f"quota {tenant}")
+        self._quota_updates.add(task)
+        task.add_done_callback(self._quota_updates.discard)
+
+    async def _apply_quota(self, tenant: str) -> None:
+        try:
+            await self.broker.apply_quota(tenant)
+        except BrokerUnavailable as exc:  # the next provisioning applies it
+            log.warning("stored-bytes quota of tenant %s not applied yet: %s", tenant, exc)
 
     def _on_key_change(self, kv_key: str, value: bytes | None) -> None:
         """A KEYS change: collect revoked key ids, then close their sessions in one scan."""
@@ -378,14 +416,15 @@ class Gateway:
 
     def _reserve_tenant_slot(self, outcome: HttpReply | Principal) -> HttpReply | Principal:
         """429 ``limit_exceeded`` when the tenant is at max_connections_per_tenant."""
-        if isinstance(outcome, HttpReply) or not self.tenant_conns.enabled:
+        if isinstance(outcome, HttpReply):
             return outcome
         tenant = outcome.tenant
-        if self.tenant_conns.try_reserve(tenant, self.conn_reports.others(tenant)):
+        limit = self.tenant_limits.max_connections(tenant)  # its override, else the setting
+        if limit <= 0 or self.tenant_conns.try_reserve(
+            tenant, self.conn_reports.others(tenant), limit
+        ):
             return outcome
-        return _tenant_full(
-            tenant, self.tenant_conns.max_per_tenant, self.settings.health_interval_s
-        )
+        return _tenant_full(tenant, limit, self.settings.health_interval_s)
 
     async def _finish_auth(
         self, outcome: Awaitable[Principal], peer_ip: str
@@ -458,7 +497,9 @@ class Gateway:
             principal = authenticated
             # Authenticated after the upgrade: the tenant's connection cap is checked here.
             if not self.tenant_conns.try_reserve(
-                principal.tenant, self.conn_reports.others(principal.tenant)
+                principal.tenant,
+                self.conn_reports.others(principal.tenant),
+                self.tenant_limits.max_connections(principal.tenant),
             ):
                 await socket.close(
                     CloseCode.TOO_MANY_CONNECTIONS,
@@ -626,8 +667,8 @@ def _tenant_full(tenant: str, limit: int, retry_s: float) -> HttpReply:
         TENANT_CONNECTIONS.status,
         {
             "error": TENANT_CONNECTIONS.code,
-            "message": f"tenant {tenant!r} has {limit} connections (max_connections_per_tenant)"
-            f". {TENANT_CONNECTIONS.message}",
+            "message": f"tenant {tenant!r} has {limit} connections (max_connections_per_tenant"
+            f", or the tenant's max_connections). {TENANT_CONNECTIONS.message}",
             "retry_after_ms": retry_after_ms(retry_s),
         },
         (("Retry-After", retry_after_header(retry_s)),),

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -25,7 +26,7 @@ from gateway.auth import (
     check_credentials,
 )
 from gateway.hub import Hub
-from gateway.limits import RateLimits, rate_specs, welcome_limits
+from gateway.limits import RateLimits, RateSpec, rate_specs, welcome_limits
 from gateway.rooms import (
     CALL_ACTION,
     RoomDirectory,
@@ -177,9 +178,15 @@ class Session:
         # Private rooms, bans, mutes (gateway/rooms.py); None without NATS security state.
         self._rooms = RoomDirectory.of(security) if security is not None else None
 
+    def retune_rates(self, per_connection: RateSpec, per_principal: RateSpec) -> None:
+        """The tenant's limits changed (gateway/tenant_limits.py): new rates from now on."""
+        self._rates.retune(per_connection, per_principal)
+
     def limits(self) -> dict[str, int | float]:
+        # The rates of this connection: its tenant's overrides, else the settings.
+        specs = (self._rates.connection.spec, self._rates.principal.spec)
         return {
-            **welcome_limits(self._settings),
+            **welcome_limits(self._settings, specs),
             "max_envelope_bytes": self._settings.max_envelope_bytes,
             "max_in_flight": self._settings.max_in_flight,
             "history_max_limit": commands.HISTORY_MAX_LIMIT,
@@ -519,6 +526,27 @@ class Session:
             )
         )
 
+    def _tenant_overrides(self) -> list[str]:
+        """The limits set for this tenant with ``arqonbus tenants set`` (gateway/tenant_limits.py)."""
+        table = self._rate_limits.tenant_limits
+        return [] if table is None else sorted(table.overrides(self.principal.tenant).as_dict())
+
+    def _tenant_limits(self, counter: Callable[[str], int] | None) -> dict[str, object]:
+        """The tenant's connection cap and stored-bytes quota: its overrides, else settings."""
+        tenant = self.principal.tenant
+        table = self._rate_limits.tenant_limits
+        if table is None:
+            max_connections = self._settings.max_connections_per_tenant
+            max_stored_bytes = self._settings.tenant_max_bytes
+        else:
+            max_connections = table.max_connections(tenant)
+            max_stored_bytes = table.max_stored_bytes(tenant)
+        return {
+            "connections": counter(tenant) if counter is not None else None,
+            "max_connections": max_connections,
+            "max_stored_bytes": max_stored_bytes,
+        }
+
     def _limits_report(self) -> dict[str, object]:
         """The ``limits`` command: configured limits and this connection's current usage."""
         rates = self._rate_limits
@@ -536,11 +564,8 @@ class Session:
                 "calls_in_flight": len(self._calls),
                 "max_in_flight": settings.max_in_flight,
             },
-            "tenant": {
-                "connections": counter(self.principal.tenant) if counter is not None else None,
-                "max_connections": settings.max_connections_per_tenant,
-                "max_stored_bytes": settings.tenant_max_bytes,
-            },
+            "tenant": self._tenant_limits(counter),
+            "tenant_overrides": self._tenant_overrides(),
         }
 
     async def _join(self, command: ClientCommand, ref: ChannelRef) -> None:

@@ -303,6 +303,8 @@ class JetStreamBroker:
         self._resync: asyncio.Task[None] | None = None
         self._resync_again = False
         self._acks: _PublishAcks | None = None
+        # Per-tenant stored-bytes quotas (gateway/tenant_limits.py); None = the policy's.
+        self.max_bytes_for: Callable[[str], int] | None = None
 
     # -- connection -----------------------------------------------------------
 
@@ -374,6 +376,7 @@ class JetStreamBroker:
         self._js = nc.jetstream(timeout=self._publish_timeout)
         self._jsm = nc.jsm()
         self._streams = StreamProvisioner(self._jsm, self._scheme, self._policy, self.cluster_size)
+        self._streams.max_bytes_for = self.max_bytes_for
         self._acks = _PublishAcks(nc, self._publish_timeout)
         await self._acks.start()
         where = nc.connected_url  # host and port only: a URL may carry credentials
@@ -553,6 +556,14 @@ class JetStreamBroker:
             )
         except (NatsTimeoutError, TimeoutError, ConnectionClosedError, APIError) as exc:
             raise BrokerUnavailable(f"KV bucket {bucket}: {exc}") from exc
+
+    async def apply_quota(self, tenant: str) -> bool:
+        """Update the tenant's existing stream to its stored-bytes quota (idempotent)."""
+        _, _, _, streams = self._require()
+        try:
+            return await streams.apply_quota(tenant)
+        except (*_TRANSIENT, APIError) as exc:
+            raise BrokerUnavailable(f"could not update the stream of {tenant}: {exc}") from exc
 
     async def ensure_stream(self, tenant: str) -> int:
         """Create the tenant's stream if it does not exist (idempotent)."""

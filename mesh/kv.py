@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from nats.js.api import KeyValueConfig, StorageType
-from nats.js.errors import BucketNotFoundError, NoStreamResponseError
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NoStreamResponseError
 from nats.js.kv import KeyValue
 
 if TYPE_CHECKING:
@@ -34,6 +34,7 @@ AGENTS = "agents"  # Ed25519 agents: ``<agent id>`` -> record with tenant and pu
 NONCES = "nonces"  # agent sign-in nonces: ``<nonce>`` -> issued/used, expire after NONCE_TTL_S
 ROOMS = "rooms"  # private rooms: ``<tenant>.<room>`` -> key hash, invites, bans, mutes
 POLICIES = "policies"  # content policies: ``<tenant>`` -> policy JSON
+TENANTS = "tenants"  # per-tenant limit overrides: ``<tenant>`` -> JSON (gateway/tenant_limits.py)
 
 NONCE_TTL_S = 120.0
 _RETRY_S = 1.0
@@ -95,6 +96,15 @@ async def open_bucket(
     )
     # Two gateways may race to create it: the same config is idempotent in JetStream.
     return _retrying(await js.create_key_value(config))
+
+
+async def get_value(kv: KeyValue, key: str) -> bytes | None:
+    """The value of ``key``, or None when it is absent or deleted."""
+    try:
+        entry = await kv.get(key)
+    except KeyNotFoundError:  # also KeyDeletedError
+        return None
+    return entry.value or None
 
 
 class WatchedBucket:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from nats.errors import NoRespondersError
 from nats.js import JetStreamManager
@@ -84,6 +84,28 @@ class StreamProvisioner:
         self._policy = policy
         self._known: set[str] = set()
         self._locks: dict[str, asyncio.Lock] = {}
+        # A tenant's own stored-bytes quota (gateway/tenant_limits.py; 0 = unlimited),
+        # else the policy's max_bytes for every tenant.
+        self.max_bytes_for: Callable[[str], int] | None = None
+
+    def policy_for(self, tenant: str) -> StreamPolicy:
+        if self.max_bytes_for is None:
+            return self._policy
+        max_bytes = self.max_bytes_for(tenant)
+        return replace(self._policy, max_bytes=max_bytes if max_bytes > 0 else -1)
+
+    async def apply_quota(self, tenant: str) -> bool:
+        """Bring an existing stream's max_bytes to the tenant's quota now (idempotent).
+
+        Called on every gateway when a tenant's limits change; a stream that does not exist
+        yet gets the quota when it is created. True if the stream exists."""
+        name = self._scheme.stream_name(tenant)
+        try:
+            info = await asyncio.wait_for(self._jsm.stream_info(name), _LOOKUP_TIMEOUT_S * 5)
+        except NotFoundError:
+            return False
+        await self._reconcile_quota(info.config, self.policy_for(tenant))
+        return True
 
     def forget(self, tenant: str) -> None:
         self._known.discard(tenant)
@@ -150,23 +172,23 @@ class StreamProvisioner:
                     raise
                 log.info("stream %s did not answer yet; asking again", name)
                 continue
-            await self._reconcile_quota(info.config)
+            await self._reconcile_quota(info.config, self.policy_for(tenant))
             return info.config.num_replicas or 1
         raise AssertionError("unreachable")
 
-    async def _reconcile_quota(self, config: StreamConfig) -> None:
+    async def _reconcile_quota(self, config: StreamConfig, policy: StreamPolicy) -> None:
         """Apply the configured max_bytes (and its discard policy) to an existing stream.
 
         Only these two fields change, so a stream created by another version keeps the
         rest of its configuration. Lowering max_bytes below what is already stored may make
         JetStream remove the oldest events to fit; raising it or turning it off loses nothing.
         """
-        want_bytes = self._policy.max_bytes if self._policy.max_bytes > 0 else -1
+        want_bytes = policy.max_bytes if policy.max_bytes > 0 else -1
         have_bytes = config.max_bytes if config.max_bytes is not None else -1
-        if have_bytes == want_bytes and config.discard == self._policy.discard:
+        if have_bytes == want_bytes and config.discard == policy.discard:
             return
         config.max_bytes = want_bytes
-        config.discard = self._policy.discard
+        config.discard = policy.discard
         await self._jsm.update_stream(config)
         log.info(
             "stream %s: max_bytes %s -> %s, discard %s",
@@ -178,9 +200,10 @@ class StreamProvisioner:
 
     async def _create(self, tenant: str) -> int:
         replicas = choose_replicas(self._policy, self._cluster_size())
+        policy = self.policy_for(tenant)
         delay = 0.1
         for attempt in range(_PLACEMENT_RETRIES):
-            config = tenant_stream_config(self._scheme, tenant, self._policy, replicas)
+            config = tenant_stream_config(self._scheme, tenant, policy, replicas)
             try:
                 await self._jsm.add_stream(config)
                 log.info("created stream %s with %d replica(s)", config.name, replicas)

@@ -50,3 +50,24 @@ async def test_a_restarted_watch_reloads_and_reports_what_changed_meanwhile(
     await kv.put(key, b"x")
     await asyncio.wait_for(seen.wait(), 5)
     assert bucket.get(key) == b"x"
+
+
+async def test_watches_reload_when_jetstream_answers_again_after_failed_checks(
+    start_gateway: GatewayFactory,
+) -> None:
+    # A watch may stall silently while JetStream is away: the first good check after failed
+    # ones reloads every bucket (test_a_restarted_watch_... shows what a reload reports).
+    gw = await start_gateway(health_interval_s=600)  # only this test's checks run
+    reloads: list[int] = []
+    gw.security.restart = lambda: reloads.append(1)  # type: ignore[method-assign]
+    gw.healthy = True
+    await gw._after_check(link_ok=True)
+    assert reloads == []  # steady health: nothing to do
+    gw.healthy = False
+    await gw._after_check(link_ok=True)
+    assert reloads == []
+    gw.healthy = True
+    await gw._after_check(link_ok=True)
+    assert reloads == [1]
+    await gw._after_check(link_ok=True)
+    assert reloads == [1]
