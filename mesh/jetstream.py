@@ -303,6 +303,7 @@ class JetStreamBroker:
         self._resync: asyncio.Task[None] | None = None
         self._resync_again = False
         self._acks: _PublishAcks | None = None
+        self._link_up = asyncio.Event()  # set while connected (see window)
         # Per-tenant stored-bytes quotas (gateway/tenant_limits.py); None = the policy's.
         self.max_bytes_for: Callable[[str], int] | None = None
 
@@ -372,6 +373,7 @@ class JetStreamBroker:
             raise BrokerUnavailable(_TLS_DOWNGRADE)
         nc.options["max_reconnect_attempts"] = -1
         self._nc = nc
+        self._link_up.set()
         self._cluster_seen = max(self._cluster_seen, self._cluster_in_info())
         self._js = nc.jetstream(timeout=self._publish_timeout)
         self._jsm = nc.jsm()
@@ -418,6 +420,7 @@ class JetStreamBroker:
         log.warning("NATS error: %s", exc)
 
     async def _on_disconnected(self) -> None:
+        self._link_up.clear()
         if self._closing:
             return
         log.warning("disconnected from NATS; reconnecting")
@@ -428,6 +431,7 @@ class JetStreamBroker:
             await self._nc.force_reconnect()
             return
         log.info("reconnected to NATS")
+        self._link_up.set()
         self._schedule_resync()
 
     def _schedule_resync(self) -> None:
@@ -666,8 +670,15 @@ class JetStreamBroker:
     async def window(self, ref: ChannelRef) -> ChannelWindow:
         """The channel's newest seq (via the stream leader) and the stream's first seq."""
         _, _, jsm, _ = self._require()
-        if not self.connected:  # reconnecting: answer now rather than at the API timeout
-            raise BrokerUnavailable("not connected to NATS")
+        if not self.connected:
+            # Reconnecting: wait for the link as long as a publish would, then answer
+            # (a short reconnect, e.g. to another node, costs the client nothing; a long
+            # outage is answered at publish_timeout_s rather than at the API timeout).
+            try:
+                async with asyncio.timeout(self._publish_timeout):
+                    await self._link_up.wait()
+            except TimeoutError:
+                raise BrokerUnavailable("not connected to NATS") from None
         stream = self._scheme.stream_name(ref.tenant)
         try:
             info = await jsm.stream_info(stream)

@@ -867,19 +867,27 @@ class Client:
         budget = self.request_timeout if timeout is None else timeout
         deadline = loop.time() + budget
         attempt = 0
+        last_error: ArqonBusError | None = None
         while True:
             remaining = deadline - loop.time()
             if remaining <= 0:
+                if last_error is not None:  # the server's own answer says more
+                    raise last_error
                 raise Timeout(f"{command} on {room}/{channel} did not succeed within {budget:g}s")
             try:
                 return await self._request(room, channel, command, parameters, remaining)
             except ConnectionLost:
                 continue  # _request waits for the next connection
+            except Timeout:
+                if last_error is not None:  # the budget ran out during a retry
+                    raise last_error from None
+                raise
             except (Unavailable, Internal, RateLimited) as exc:
                 delay = _retry_delay(exc, attempt, self.max_backoff)
                 attempt += 1
                 if deadline - loop.time() <= delay:
                     raise exc from None
+                last_error = exc
                 log.debug("%s on %s/%s failed (%s); retrying", command, room, channel, exc)
                 await asyncio.sleep(delay)
 
