@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 
-from gateway.audit import ADMIN_ACTION, AuditLog
+from gateway.audit import ADMIN_ACTION, record_once
 from mesh import kv as kvmod
 from mesh.broker import BrokerUnavailable
 from shared.inspect import PolicyError, check_storable, parse_policy
@@ -77,10 +77,8 @@ async def _apply(settings: Settings, command: str, tenant: str, body: bytes) -> 
     from gateway.cli import cli_broker
 
     broker = cli_broker(settings, "arqonbus policy")
-    audit = AuditLog(broker, settings.subject_prefix, "cli")
     try:
         await broker.connect()
-        audit.start()
         kv = await broker.key_value(kvmod.bucket_name(settings.subject_prefix, kvmod.POLICIES))
         if command == "show":
             entry = await kvmod.get_value(kv, tenant)
@@ -95,11 +93,12 @@ async def _apply(settings: Settings, command: str, tenant: str, body: bytes) -> 
         else:
             await kv.delete(tenant)
             print(f"dropped the stored rules of tenant {tenant}")
-        audit.record(tenant, ADMIN_ACTION, "cli", action=f"policy_{command}")
+        await record_once(
+            broker, settings.subject_prefix, tenant, ADMIN_ACTION, action=f"policy_{command}"
+        )
         return 0
     except BrokerUnavailable as exc:
         print(f"arqonbus: {exc}. Check --nats / ARQONBUS_NATS.", file=sys.stderr)
         return 1
     finally:
-        await audit.close()
         await broker.close()

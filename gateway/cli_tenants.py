@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from gateway.audit import ADMIN_ACTION, AuditLog
+from gateway.audit import ADMIN_ACTION, record_once
 from gateway.tenant_limits import FIELDS, TenantLimits, TenantLimitsError
 from mesh import kv as kvmod
 from mesh.broker import BrokerUnavailable
@@ -68,10 +68,8 @@ async def _apply(settings: Settings, command: str, tenant: str, updates: TenantL
     from gateway.cli import cli_broker
 
     broker = cli_broker(settings, "arqonbus tenants")
-    audit = AuditLog(broker, settings.subject_prefix, "cli")
     try:
         await broker.connect()
-        audit.start()
         kv = await broker.key_value(kvmod.bucket_name(settings.subject_prefix, kvmod.TENANTS))
         raw = await kvmod.get_value(kv, tenant)
         if command == "show":
@@ -98,11 +96,17 @@ async def _apply(settings: Settings, command: str, tenant: str, updates: TenantL
             await kv.delete(tenant)
             print(f"deleted the overrides of tenant {tenant} (the gateway settings apply)")
             details = {}
-        audit.record(tenant, ADMIN_ACTION, "cli", action=f"tenants_{command}", **details)
+        await record_once(
+            broker,
+            settings.subject_prefix,
+            tenant,
+            ADMIN_ACTION,
+            action=f"tenants_{command}",
+            **details,
+        )
         return 0
     except BrokerUnavailable as exc:
         print(f"arqonbus: {exc}. Check --nats / ARQONBUS_NATS.", file=sys.stderr)
         return 1
     finally:
-        await audit.close()
         await broker.close()

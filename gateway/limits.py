@@ -278,7 +278,7 @@ class RateLimits:
     ) -> None:
         self.per_connection = per_connection
         self.per_principal = per_principal
-        self._clock = clock
+        self.clock = clock  # given to each new connection's meters
         self._principals: dict[tuple[str, str], FrameMeter] = {}
         # This tenant's connections over all gateways (set by the gateway), for ``limits``.
         self.tenant_connections: Callable[[str], int] | None = None
@@ -291,7 +291,7 @@ class RateLimits:
 
     def open(self, tenant: str, principal: str) -> ConnectionLimits:
         """The meters of a new connection; call ``close()`` on them when it ends."""
-        now = self._clock()
+        now = self.clock()
         per_connection, per_principal = self.specs(tenant)
         key = (tenant, principal)
         shared = self._principals.get(key)
@@ -306,7 +306,7 @@ class RateLimits:
             if shared.connections <= 0 and self._principals.get(key) is shared:
                 del self._principals[key]
 
-        return ConnectionLimits(FrameMeter(per_connection, now), shared, release, self._clock)
+        return ConnectionLimits(FrameMeter(per_connection, now), shared, release, self.clock)
 
     def specs(self, tenant: str) -> tuple[RateSpec, RateSpec]:
         """The per-connection and per-principal rates of ``tenant`` (its overrides, if any)."""

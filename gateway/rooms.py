@@ -448,6 +448,8 @@ class RoomDirectory:
         self._rooms: dict[tuple[str, str], RoomSettings] = {}
         self._listeners: list[RoomListener] = []
         self._secret = secrets.token_bytes(32)
+        # When timed bans and mutes end is read from this clock (tests move it forward).
+        self.clock: Callable[[], float] = time.time
         # (tenant, room, hmac of the candidate) -> (the key hash checked, whether it matched).
         self._verified: dict[tuple[str, str, bytes], tuple[str, bool]] = {}
         # Key checks that needed a hash, per (tenant, principal): 5 at once, then 1 a second.
@@ -543,7 +545,7 @@ class RoomDirectory:
         settings = self._rooms.get((tenant, room))
         if settings is None:
             return
-        now = time.time()
+        now = self.clock()
         ban = settings.ban_of(principal, now)
         if ban is not None:
             raise banned_error(room, ban, now)
@@ -575,12 +577,11 @@ class RoomDirectory:
         if not await self.key_matches(tenant, room, settings, key, principal):
             raise ArqonError(ROOM_KEY_REQUIRED, f"the room_key for room {room!r} does not match")
 
-    @staticmethod
     def publish_refusal(
-        settings: RoomSettings, principal: str, room: str, *, is_admin: bool, member: bool
+        self, settings: RoomSettings, principal: str, room: str, *, is_admin: bool, member: bool
     ) -> tuple[ArqonError, dict[str, Any]] | None:
         """Why a publish is refused (error and extra payload fields), or None."""
-        now = time.time()
+        now = self.clock()
         ban = settings.ban_of(principal, now)
         if ban is not None:
             return banned_error(room, ban, now), _extra(room, ban.until, now)

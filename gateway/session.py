@@ -632,7 +632,8 @@ class Session:
 
     def _refuse_publish(self, room_settings: RoomSettings, event: ClientEvent) -> bool:
         """Send the error and return True when a ban, a mute or privacy refuses the event."""
-        refusal = RoomDirectory.publish_refusal(
+        assert self._rooms is not None  # room_settings came from it
+        refusal = self._rooms.publish_refusal(
             room_settings,
             self.principal.id,
             event.room,

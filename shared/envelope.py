@@ -80,8 +80,8 @@ class ClientResponse:
 ClientMessage = ClientEvent | ClientCommand | ClientResponse
 
 
-def parse_client_frame(data: bytes | str, max_bytes: int) -> ClientMessage:
-    """Parse and validate one client frame. Raises ArqonError with a stable code."""
+def _decode_object(data: bytes | str, max_bytes: int) -> tuple[bytes, dict[str, Any]]:
+    """A frame's bytes and its JSON object, within ``max_bytes``; ArqonError if not."""
     if isinstance(data, str):
         try:
             data = data.encode()
@@ -96,6 +96,12 @@ def parse_client_frame(data: bytes | str, max_bytes: int) -> ClientMessage:
         raise ArqonError(INVALID_JSON, "could not parse the frame as JSON") from None
     if not isinstance(obj, dict):
         raise ArqonError(INVALID_ENVELOPE, "the envelope must be a JSON object")
+    return data, obj
+
+
+def parse_client_frame(data: bytes | str, max_bytes: int) -> ClientMessage:
+    """Parse and validate one client frame. Raises ArqonError with a stable code."""
+    data, obj = _decode_object(data, max_bytes)
     request_id = _read_id(obj)
     try:
         _check_depth(data, obj)
@@ -233,19 +239,7 @@ AUTH_TOKEN_MAX = 8192
 
 def parse_auth_frame(data: bytes | str, max_bytes: int) -> str:
     """The token of a client's ``auth`` frame. Raises ArqonError with a stable code."""
-    if isinstance(data, str):
-        try:
-            data = data.encode()
-        except UnicodeEncodeError:
-            raise ArqonError(INVALID_JSON, "the frame is not valid UTF-8") from None
-    if len(data) > max_bytes:
-        raise ArqonError(MESSAGE_TOO_LARGE, f"envelope is {len(data)} bytes, limit is {max_bytes}")
-    try:
-        obj = orjson.loads(data)
-    except orjson.JSONDecodeError:
-        raise ArqonError(INVALID_JSON, "could not parse the frame as JSON") from None
-    if not isinstance(obj, dict):
-        raise ArqonError(INVALID_ENVELOPE, "the envelope must be a JSON object")
+    _, obj = _decode_object(data, max_bytes)
     version = obj.get("version", PROTOCOL_VERSION)
     if version != PROTOCOL_VERSION:
         raise ArqonError(

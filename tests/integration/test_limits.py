@@ -7,6 +7,7 @@ the bucket has a token again), not a synchronisation with some other event.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -22,6 +23,19 @@ pytestmark = pytest.mark.integration
 
 Connect = Callable[..., Awaitable[WsClient]]
 ROOM, CHANNEL = "lim", "general"
+
+
+class StoppedClock:
+    """A monotonic clock that stands still until ``advance``."""
+
+    def __init__(self) -> None:
+        self.now = time.monotonic()
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
 
 
 def event(msg_id: str, payload: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -57,6 +71,8 @@ async def test_connection_over_its_message_rate_is_refused_then_works_again(
 ) -> None:
     # 3 frames at once, then 2 per second: of 6 frames sent back to back, 3 pass.
     gw = await start_gateway(msg_rate_per_conn=2, msg_burst_per_conn=3, bytes_rate_per_conn=0)
+    clock = StoppedClock()
+    gw.rate_limits.clock = clock  # the buckets' time moves only when the test says
     client = await clients(gateway_url(gw), tenant, "alice")
     assert client.welcome is not None
     assert client.welcome["payload"]["limits"]["msg_rate_per_conn"] == 2
@@ -73,8 +89,7 @@ async def test_connection_over_its_message_rate_is_refused_then_works_again(
     assert not client.closed.is_set()  # the connection stays open
 
     # A refused frame was not acted on: only the acked events are stored.
-    wait_ms = limited[-1]["payload"]["retry_after_ms"]
-    await asyncio.sleep(wait_ms / 1000)  # the advertised wait: the protocol, not a sync
+    clock.advance(limited[-1]["payload"]["retry_after_ms"] / 1000)  # the advertised wait
     retried = await client.publish(ROOM, CHANNEL, {}, id=limited[0]["payload"]["request_id"])
     assert retried["type"] == "ack", retried
     # Another connection has its own bucket (the principal limit is off).

@@ -187,19 +187,20 @@ def test_timed_bans_and_mutes_expire_and_are_pruned() -> None:
 
 
 def test_publish_refusal_says_when_a_timed_mute_ends() -> None:
+    d, _ = directory()
     now = time.time()
     s = RoomSettings(muted={"m": Mute(now + 5)}, banned={"b": Ban(now + 10, "spam")})
-    refusal = RoomDirectory.publish_refusal(s, "m", "lobby", is_admin=False, member=True)
+    refusal = d.publish_refusal(s, "m", "lobby", is_admin=False, member=True)
     assert refusal is not None
     error, extra = refusal
     assert error.code == "muted" and 4000 < extra["retry_after_ms"] <= 5001
-    refusal = RoomDirectory.publish_refusal(s, "b", "lobby", is_admin=True, member=True)
+    refusal = d.publish_refusal(s, "b", "lobby", is_admin=True, member=True)
     assert refusal is not None and refusal[0].code == "banned" and "spam" in refusal[0].message
-    assert RoomDirectory.publish_refusal(s, "ok", "lobby", is_admin=False, member=False) is None
+    assert d.publish_refusal(s, "ok", "lobby", is_admin=False, member=False) is None
     private = RoomSettings(private=True)
-    refusal = RoomDirectory.publish_refusal(private, "x", "lobby", is_admin=False, member=False)
+    refusal = d.publish_refusal(private, "x", "lobby", is_admin=False, member=False)
     assert refusal is not None and refusal[0].code == "forbidden"
-    assert RoomDirectory.publish_refusal(private, "x", "lobby", is_admin=False, member=True) is None
+    assert d.publish_refusal(private, "x", "lobby", is_admin=False, member=True) is None
 
 
 # -- the entry check -------------------------------------------------------------------------
