@@ -9,7 +9,7 @@ WORKERS ?= 2
 .PHONY: help install run test test-unit lint format clean bench bench-smoke chaos
 
 help:
-	@echo "make run    start a local mesh: 3 NATS nodes + 2 gateways (ws://127.0.0.1:8765/ws)"
+	@echo "make run    start a local mesh: 3 NATS nodes + 2 gateways (ws://127.0.0.1:8765/ws); ARGS=\"...\" passes options to arqonbus dev"
 	@echo "make test   unit + integration tests against a real JetStream cluster"
 	@echo "make lint   ruff + mypy"
 	@echo "make bench  ArqonBus against python-socketio, Node socket.io and raw NATS WebSocket (about 15 min)"
@@ -26,8 +26,11 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml
 
 install: $(STAMP)
 
+# Arguments for arqonbus dev: make run ARGS="--port 8865 --nats-port 4322 --data-dir .arqonbus-2"
+ARGS ?=
+
 run: install
-	$(BIN)/arqonbus dev
+	$(BIN)/arqonbus dev $(ARGS)
 
 test: install
 	$(BIN)/python -m pytest -n $(WORKERS) --dist loadfile

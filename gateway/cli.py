@@ -9,7 +9,7 @@ import os
 import resource
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -60,13 +60,33 @@ def _setup_logging(level: str) -> None:
     logging.getLogger("asyncio").addFilter(_OncePerInterval())
 
 
+def _at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``low``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be {low} or more, got {value}")
+        return value
+
+    return parse
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="arqonbus", description="ArqonBus message bus")
     sub = parser.add_subparsers(dest="command", required=True)
 
     dev = sub.add_parser("dev", help="run a local NATS cluster and gateways (development)")
-    dev.add_argument("--nats-nodes", type=int, default=3, help="NATS nodes (default 3)")
-    dev.add_argument("--gateways", type=int, default=2, help="gateway processes (default 2)")
+    dev.add_argument("--nats-nodes", type=_at_least(1), default=3, help="NATS nodes (default 3)")
+    dev.add_argument(
+        "--gateways",
+        type=_at_least(0),
+        default=2,
+        help="gateway processes (default 2; 0 runs only NATS, for gateways of your own)",
+    )
     dev.add_argument("--port", type=int, default=8765, help="first gateway port (default 8765)")
     dev.add_argument(
         "--nats-port", type=int, default=4222, help="first NATS client port (default 4222)"

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from mesh.local import LocalCluster, NatsServerNotFound, free_port
+from mesh.local import DataDirInUse, LocalCluster, NatsServerNotFound, free_port
 
 log = logging.getLogger("arqonbus.dev")
 
@@ -38,6 +38,10 @@ async def http_status(host: str, port: int, path: str, timeout: float = 2.0) -> 
     return int(parts[1]) if len(parts) >= 2 and parts[1].isdigit() else None
 
 
+class GatewayFailed(RuntimeError):
+    """A gateway process exited before it was ready."""
+
+
 async def wait_http_ready(
     host: str, port: int, proc: asyncio.subprocess.Process, timeout: float
 ) -> None:
@@ -45,24 +49,34 @@ async def wait_http_ready(
     async with asyncio.timeout(timeout):
         while await http_status(host, port, "/readyz") != 200:
             if proc.returncode is not None:
-                raise RuntimeError(f"gateway on port {port} exited with {proc.returncode}")
+                raise GatewayFailed(f"the gateway on port {port} exited with {proc.returncode}")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(proc.wait(), 0.1)
 
 
-def gateway_command(nats: str, host: str, port: int, node_id: str) -> list[str]:
-    return [
+def gateway_command(nats: str, host: str, port: int, node_id: str, auth: str | None) -> list[str]:
+    """The argv of one dev gateway; ``auth`` None leaves the methods to ``ARQONBUS_AUTH``."""
+    command = [
         sys.executable, "-m", "gateway", "gateway",
-        "--nats", nats, "--listen", f"{host}:{port}", "--auth", "dev", "--node-id", node_id,
-        "--insecure-dev-auth",  # a local dev mesh: dev tokens on purpose
+        "--nats", nats, "--listen", f"{host}:{port}", "--node-id", node_id,
+        "--insecure-dev-auth",  # a local dev mesh: dev tokens on purpose (when dev is on)
     ]  # fmt: skip
+    return command if auth is None else [*command, "--auth", auth]
+
+
+def dev_auth(environ: Mapping[str, str]) -> tuple[str | None, str]:
+    """(the ``--auth`` to pass, or None to let the environment's win; the methods in force)."""
+    from_env = environ.get("ARQONBUS_AUTH", "").strip()
+    if from_env:
+        return None, from_env
+    return "dev", "dev"
 
 
 async def spawn_gateway(
-    nats: str, host: str, port: int, node_id: str
+    nats: str, host: str, port: int, node_id: str, auth: str | None = "dev"
 ) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
-        *gateway_command(nats, host, port, node_id),
+        *gateway_command(nats, host, port, node_id, auth),
         stdin=asyncio.subprocess.DEVNULL,
         start_new_session=True,
     )
@@ -93,8 +107,18 @@ def _check_ports(host: str, first: int, count: int, what: str, flag: str) -> Non
             except OSError:
                 raise SystemExit(
                     f"arqonbus dev: {what} port {port} on {host} is in use: stop the other "
-                    f"process or pass {flag} with a free port"
+                    f"process or pass {flag} with a free port (a second dev mesh also needs "
+                    "its own --data-dir)"
                 ) from None
+
+
+def _data_dir_in_use(exc: DataDirInUse, data_dir: Path) -> str:
+    by = f"(pid {exc.holder_pid})" if exc.holder_pid else "(another process)"
+    return (
+        f"arqonbus dev: {data_dir} is in use by another dev mesh {by}. Stop it, or run a "
+        "second mesh on its own data directory and ports, e.g. "
+        "`arqonbus dev --data-dir .arqonbus-2 --port 8865 --nats-port 4322`"
+    )
 
 
 # The dev mesh serves plain ws:// (its banner, readiness probe and examples say so); these
@@ -119,14 +143,20 @@ async def run_dev(args: argparse.Namespace) -> int:
     if refused:
         print(refused, file=sys.stderr)
         return 2
-    _check_ports(args.host, args.nats_port, args.nats_nodes, "NATS", "--nats-port")
-    _check_ports(args.host, args.port, args.gateways, "gateway", "--port")
     data_dir: Path = args.data_dir.resolve()
     try:
         cluster = LocalCluster(data_dir / "nats", args.nats_nodes, args.host, args.nats_port)
+        # Before anything else: a second mesh on these files would corrupt the first one's.
+        cluster.lock_data_dir()
     except NatsServerNotFound as exc:
         print(f"arqonbus dev: {exc}", file=sys.stderr)
         return 2
+    except DataDirInUse as exc:
+        print(_data_dir_in_use(exc, args.data_dir), file=sys.stderr)
+        return 2
+    _check_ports(args.host, args.nats_port, args.nats_nodes, "NATS", "--nats-port")
+    _check_ports(args.host, args.port, args.gateways, "gateway", "--port")
+    auth_flag, auth = dev_auth(os.environ)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -136,12 +166,20 @@ async def run_dev(args: argparse.Namespace) -> int:
         print(f"starting {args.nats_nodes} NATS node(s) in {data_dir / 'nats'} ...", flush=True)
         await cluster.start()
         ports = [args.port + i for i in range(args.gateways)]
+        if ports:
+            print(f"starting {len(ports)} gateway(s), auth: {auth} ...", flush=True)
         for i, port in enumerate(ports):
-            gateways.append(await spawn_gateway(cluster.url_csv, args.host, port, f"gw{i}"))
+            gateways.append(
+                await spawn_gateway(cluster.url_csv, args.host, port, f"gw{i}", auth_flag)
+            )
         for proc, port in zip(gateways, ports, strict=True):
             await wait_http_ready(args.host, port, proc, READY_TIMEOUT_S)
-        _print_banner(cluster, args.host, ports, gateways)
+        _print_banner(cluster, args.host, ports, gateways, auth, auth_flag is None)
         await _supervise(stop, gateways, ports)
+    except (GatewayFailed, TimeoutError) as exc:
+        reason = exc if isinstance(exc, GatewayFailed) else "a gateway was not ready in time"
+        print(f"arqonbus dev: {reason}; its log is above", file=sys.stderr)
+        return 1
     finally:
         print("stopping gateways (drain) and NATS ...", flush=True)
         await asyncio.gather(*(stop_process(p, STOP_TIMEOUT_S) for p in gateways))
@@ -169,19 +207,39 @@ async def _supervise(
 
 
 def _print_banner(
-    cluster: LocalCluster, host: str, ports: list[int], gateways: list[asyncio.subprocess.Process]
+    cluster: LocalCluster,
+    host: str,
+    ports: list[int],
+    gateways: list[asyncio.subprocess.Process],
+    auth: str,
+    auth_from_env: bool,
 ) -> None:
     lines = ["", "ArqonBus dev mesh is up.", f"  NATS:      {cluster.url_csv}"]
     for port, proc in zip(ports, gateways, strict=True):
         lines.append(f"  gateway:   ws://{host}:{port}/ws   (pid {proc.pid})")
-    lines += [
-        "  dev token: dev:demo:alice   (any dev:<tenant>:<principal> works)",
-        "",
-        f"  try:  python -m websockets 'ws://{host}:{ports[0]}/ws?token=dev:demo:alice'",
-        "  Ctrl-C stops everything.",
-        "",
-    ]
+    if ports:
+        lines += _auth_lines(auth, auth_from_env)
+        lines += [
+            "",
+            f"  try:  python -m websockets 'ws://{host}:{ports[0]}/ws?token=dev:demo:alice'",
+        ]
+    else:
+        lines += [
+            "  gateways:  none (--gateways 0). Start your own against this NATS, e.g.",
+            f"    arqonbus gateway --nats {cluster.url_csv} --listen {host}:8765 --auth apikey",
+        ]
+    lines += ["  Ctrl-C stops everything.", ""]
     print("\n".join(lines), flush=True)
+
+
+def _auth_lines(auth: str, from_env: bool) -> list[str]:
+    source = "  (from ARQONBUS_AUTH)" if from_env else ""
+    lines = [f"  auth:      {auth}{source}"]
+    if "dev" in auth.split(","):
+        lines.append("  dev token: dev:demo:alice   (any dev:<tenant>:<principal> works)")
+    else:
+        lines.append("  dev tokens are off: unset ARQONBUS_AUTH (or add dev to it) to use them")
+    return lines
 
 
 __all__ = ["free_port", "http_status", "run_dev", "stop_process", "wait_http_ready"]

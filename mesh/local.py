@@ -12,6 +12,7 @@ Exception tree::
 
     NatsServerNotFound(RuntimeError)   no usable nats-server binary; the message names the fix
     PortInUse(RuntimeError)            a node's port is taken before it starts; says by what
+    DataDirInUse(RuntimeError)         another cluster (another process) runs on the same data dir
     NodeExited(RuntimeError)           a node process ended while we waited for it; carries its log
     ClusterNotReady(TimeoutError)      a readiness condition did not hold within the timeout
 """
@@ -21,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import fcntl
 import json
 import logging
 import math
@@ -81,6 +83,20 @@ class PortInUse(RuntimeError):
             f"there (another `arqonbus dev`? `ss -ltnp 'sport = :{port}'` names it) "
             "or choose other ports."
         )
+
+
+class DataDirInUse(RuntimeError):
+    """Another process runs a cluster on this data directory (it holds the directory's lock).
+
+    Two clusters on one data directory rewrite each other's configs and share JetStream stores:
+    both acknowledge different messages under the same sequence numbers and one set is lost.
+    """
+
+    def __init__(self, base_dir: Path, holder_pid: int | None) -> None:
+        self.base_dir = base_dir
+        self.holder_pid = holder_pid
+        by = f"process {holder_pid}" if holder_pid else "another process"
+        super().__init__(f"the NATS data directory {base_dir} is in use by {by}")
 
 
 class NodeExited(RuntimeError):
@@ -276,6 +292,54 @@ def _log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+# -- the data directory's lock --------------------------------------------------------------------
+
+LOCK_FILE = ".lock"
+
+
+class DataDirLock:
+    """An exclusive ``flock`` on ``<base_dir>/.lock``, held while a cluster runs there.
+
+    The kernel drops the lock when the holder exits, however it exits (SIGKILL included), so a
+    crashed run never leaves a stale lock. The holder's PID is written into the file for the
+    message another process shows.
+    """
+
+    def __init__(self, base_dir: Path) -> None:
+        self.path = base_dir / LOCK_FILE
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self) -> None:
+        """Take the lock (a no-op if this object holds it); raise DataDirInUse if another does."""
+        if self._fd is not None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_pid(fd)
+            os.close(fd)
+            raise DataDirInUse(self.path.parent, holder) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the only descriptor drops the flock
+            self._fd = None
+
+
+def _read_pid(fd: int) -> int | None:
+    text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+    return int(text) if text.isdigit() else None
+
+
 # -- readiness probes ---------------------------------------------------------------------------
 
 JetStreamCheck = Callable[[JetStreamContext], Awaitable[None]]
@@ -378,6 +442,7 @@ class LocalCluster:
         # connect with ``connect_options`` (nats-py connect() arguments: credentials, tls).
         self.extra_config = extra_config
         self.connect_options = dict(connect_options or {})
+        self._lock = DataDirLock(self.base_dir)
         self._started = False
 
     def _plan(self, count: int, host: str, client_port: int | None) -> list[NodeSpec]:
@@ -422,15 +487,26 @@ class LocalCluster:
 
     # -- whole cluster
 
+    def lock_data_dir(self) -> None:
+        """Claim ``base_dir`` for this cluster until ``stop()``; ``start()`` does it too.
+
+        Raises DataDirInUse if another process runs a cluster there. Call it early to refuse
+        before doing anything else (``arqonbus dev`` does, before it checks ports).
+        """
+        self._lock.acquire()
+
     async def start(self, timeout: float = 30.0) -> None:
         """Start every node; return once each answers JetStream and replicated streams can be placed.
 
-        On any failure every node started so far is stopped before the error propagates.
+        Raises DataDirInUse before touching any file if another process runs a cluster on
+        ``base_dir``. On any failure every node started so far is stopped before the error
+        propagates.
         """
         if self._started:
             raise RuntimeError("LocalCluster already started; stop() it first")
         deadline = asyncio.get_running_loop().time() + timeout
         for attempt in range(_PORT_RACE_ATTEMPTS):
+            self.lock_data_dir()
             self._started = True
             try:
                 await self._start_all(deadline)
@@ -467,6 +543,7 @@ class LocalCluster:
             *(_terminate(node, signal.SIGTERM, STOP_GRACE_SECONDS) for node in self._nodes)
         )
         self._started = False
+        self._lock.release()
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -490,6 +567,7 @@ class LocalCluster:
         """
         if self.is_running(i):
             raise RuntimeError(f"node {self._nodes[i].spec.name} is already running")
+        self.lock_data_dir()
         await self._spawn(i)
         if wait_ready:
             deadline = asyncio.get_running_loop().time() + timeout
@@ -548,7 +626,7 @@ class LocalCluster:
                 node.spec.url, check, min(PROBE_TIMEOUT_SECONDS, remaining), self.connect_options
             )
             if error is None:
-                log.info("%s: ok through node %s (%s)", condition, node.spec.name, node.spec.url)
+                log.debug("%s: ok through node %s (%s)", condition, node.spec.name, node.spec.url)
                 return
             last_error = error
             await _wait_exit(node, min(READY_POLL_SECONDS, max(0.0, _until(deadline))))

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from gateway.cli import main as cli_main
-from gateway.dev import gateway_command, http_status, stop_process
+from gateway.dev import dev_auth, gateway_command, http_status, stop_process
 from mesh.local import LocalCluster, free_port
 
 pytestmark = pytest.mark.integration
@@ -119,9 +119,17 @@ async def test_jwt_needs_no_flag(nats_cluster: LocalCluster) -> None:
 
 
 def test_dev_mesh_passes_the_flag_to_its_gateways() -> None:
-    command = gateway_command("nats://127.0.0.1:4222", "127.0.0.1", 8765, "gw0")
+    command = gateway_command("nats://127.0.0.1:4222", "127.0.0.1", 8765, "gw0", "dev")
     assert command[command.index("--auth") + 1] == "dev"
     assert FLAG in command
+
+
+def test_dev_mesh_leaves_auth_to_the_environment_when_it_is_set() -> None:
+    assert dev_auth({}) == ("dev", "dev")
+    assert dev_auth({"ARQONBUS_AUTH": "apikey,dev"}) == (None, "apikey,dev")
+    command = gateway_command("nats://127.0.0.1:4222", "127.0.0.1", 8765, "gw0", None)
+    assert "--auth" not in command  # the gateway reads ARQONBUS_AUTH itself
+    assert FLAG in command  # dev tokens work when the environment's list includes dev
 
 
 def test_dev_refuses_listener_tls_it_cannot_probe(
