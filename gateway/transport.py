@@ -325,6 +325,30 @@ _WS_LOG = logging.getLogger("arqonbus.gateway.websockets")
 _WS_LOG.setLevel(logging.INFO)
 
 
+class _NoPerConnectionLines(logging.Filter):
+    """Drops websockets' one INFO line per connection and per plain HTTP answer.
+
+    Every health probe (a load balancer's, Kubernetes', the dev supervisor's readiness polling)
+    and every client would log "HTTP response sent (200 OK)" / "connection open" / "connection
+    closed": thousands of lines that hide the few that matter.
+    """
+
+    PER_CONNECTION = frozenset(
+        {
+            "connection open",
+            "connection closed",
+            "HTTP response sent (%d %s)",
+            "connection rejected (%d %s)",
+        }
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg not in self.PER_CONNECTION
+
+
+_WS_LOG.addFilter(_NoPerConnectionLines())
+
+
 # on_request(path with query, headers, peer IP) -> HttpReply to refuse, or a context to upgrade with
 RequestHook = Callable[[str, Mapping[str, str], str], Any]
 # on_socket(context, socket) runs for the life of an upgraded connection

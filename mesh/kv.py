@@ -19,6 +19,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NoStreamResponseError
 from nats.js.kv import KeyValue
@@ -39,6 +40,7 @@ TENANTS = "tenants"  # per-tenant limit overrides: ``<tenant>`` -> JSON (gateway
 NONCE_TTL_S = 120.0
 _RETRY_S = 1.0
 _WRITE_RETRIES = 8  # about 2.5 s in all (see _RetryingJetStream)
+_OPEN_ATTEMPTS = 3  # see open_bucket
 
 ChangeHandler = Callable[[str, "bytes | None"], None]
 
@@ -82,11 +84,13 @@ def _retrying(kv: KeyValue) -> KeyValue:
 async def open_bucket(
     js: JetStreamContext, name: str, replicas: int, ttl_s: float | None = None
 ) -> KeyValue:
-    """The KV bucket ``name``, created (file storage, ``replicas`` copies) if missing."""
-    try:
-        return _retrying(await js.key_value(name))
-    except BucketNotFoundError:
-        pass
+    """The KV bucket ``name``, created (file storage, ``replicas`` copies) if missing.
+
+    Gateways that start together all create the same buckets. JetStream can leave one of two
+    identical, concurrent creates unanswered until the stream has a leader (nats-server#3677),
+    so a request that times out is asked again, up to ``_OPEN_ATTEMPTS`` times: by then the
+    bucket exists, and the lookup finds it. Only the last timeout propagates.
+    """
     config = KeyValueConfig(
         bucket=name,
         history=1,
@@ -94,8 +98,24 @@ async def open_bucket(
         storage=StorageType.FILE,
         ttl=ttl_s,
     )
+    for attempt in range(1, _OPEN_ATTEMPTS + 1):
+        try:
+            return _retrying(await _lookup_or_create(js, config))
+        except NatsTimeoutError:
+            if attempt == _OPEN_ATTEMPTS:
+                raise
+            log.debug("opening KV bucket %s timed out (attempt %d); asking again", name, attempt)
+    raise AssertionError("unreachable")
+
+
+async def _lookup_or_create(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:
+    assert config.bucket is not None
+    try:
+        return await js.key_value(config.bucket)
+    except BucketNotFoundError:
+        pass
     # Two gateways may race to create it: the same config is idempotent in JetStream.
-    return _retrying(await js.create_key_value(config))
+    return await js.create_key_value(config)
 
 
 async def get_value(kv: KeyValue, key: str) -> bytes | None:
