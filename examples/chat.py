@@ -16,7 +16,10 @@ import argparse
 import asyncio
 import contextlib
 import os
+import selectors
+import stat
 import sys
+from collections.abc import AsyncGenerator
 
 from arqonbus import Client, Event, Gap
 
@@ -37,28 +40,62 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-async def read_lines(queue: asyncio.Queue[str | None]) -> None:
-    """stdin, line by line, without blocking the event loop; None at end of input."""
+def _pollable(fd: int) -> bool:
+    """Whether the event loop can wait for ``fd`` to be readable: a pipe, socket or terminal.
+
+    A regular file or /dev/null cannot be watched (epoll refuses them with EPERM, and the loop
+    would never see their end) but never blocks either: those are read directly.
+    """
+    mode = os.fstat(fd).st_mode
+    if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISCHR(mode)):
+        return False
+    with selectors.DefaultSelector() as selector:
+        try:
+            selector.register(fd, selectors.EVENT_READ)
+        except OSError:  # e.g. /dev/null: a character device that cannot be polled
+            return False
+    return True
+
+
+async def stdin_lines() -> AsyncGenerator[str, None]:
+    """The non-blank lines of stdin, without blocking the event loop; ends at end of input.
+
+    Works with stdin from a terminal, a pipe, a file or /dev/null (no stdin: no lines).
+    """
+    try:
+        fd = sys.stdin.fileno()
+        watch = _pollable(fd)
+    except (AttributeError, OSError, ValueError):  # no stdin at all (None or closed)
+        return
+    if not watch:
+        for raw in sys.stdin.buffer:
+            line = raw.decode(errors="replace").rstrip("\r\n")
+            if line.strip():
+                yield line
+        return
     loop = asyncio.get_running_loop()
-    stream = asyncio.StreamReader()
+    reader = asyncio.StreamReader()
+    was_blocking = os.get_blocking(fd)
+    # A copy of the descriptor: closing the transport must not close sys.stdin.
+    pipe = os.fdopen(os.dup(fd), "rb", buffering=0)
     try:
         transport, _ = await loop.connect_read_pipe(
-            lambda: asyncio.StreamReaderProtocol(stream), sys.stdin
+            lambda: asyncio.StreamReaderProtocol(reader), pipe
         )
-    except ValueError:  # stdin is a regular file: read it whole
-        for line in sys.stdin.read().splitlines():
-            if line.strip():
-                await queue.put(line)
-        await queue.put(None)
-        return
+    except BaseException:
+        pipe.close()
+        raise
     try:
-        while line_bytes := await stream.readline():
-            line = line_bytes.decode(errors="replace").rstrip("\n")
+        while raw := await reader.readline():
+            line = raw.decode(errors="replace").rstrip("\r\n")
             if line.strip():
-                await queue.put(line)
-        await queue.put(None)
+                yield line
     finally:
         transport.close()
+        # The loop made the descriptor non-blocking; a terminal shares that flag with the
+        # shell, which would then fail its reads (EAGAIN): give it back as it was.
+        with contextlib.suppress(OSError):
+            os.set_blocking(fd, was_blocking)
 
 
 async def main() -> None:
@@ -91,11 +128,10 @@ async def main() -> None:
             print(f"[{event.from_}] {event.payload.get('message', '')}  (#{event.seq})", flush=True)
 
         listener = asyncio.create_task(listen())
-        lines: asyncio.Queue[str | None] = asyncio.Queue()
-        reader = asyncio.create_task(read_lines(lines))
         try:
-            while (line := await lines.get()) is not None:
-                await client.publish(args.room, args.channel, {"message": line})
+            async with contextlib.aclosing(stdin_lines()) as lines:
+                async for line in lines:
+                    await client.publish(args.room, args.channel, {"message": line})
             if args.exit_after:
                 await heard.wait()
         finally:
@@ -103,7 +139,6 @@ async def main() -> None:
             with contextlib.suppress(asyncio.CancelledError):
                 await listener
             await subscription.close()
-            reader.cancel()
         print(f"* {args.name} left", flush=True)
 
 

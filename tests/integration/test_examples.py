@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import pty
 import re
+import shlex
 import signal
 import sys
 import uuid
@@ -13,8 +16,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import orjson
 import pytest
 
+from arqonbus import Client
 from tests.integration.test_dev import (
     GATEWAY_LINE,
     free_port_run,
@@ -28,6 +33,7 @@ pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"
+SDK_README = REPO / "clients" / "python" / "README.md"
 
 
 @dataclass
@@ -76,11 +82,15 @@ class Example:
         self.lines: list[str] = []
 
     @classmethod
-    async def start(cls, script: str, *args: str, stdin: bool = False) -> Example:
+    async def start(
+        cls, script: str, *args: str, stdin: bool = False, stdin_fd: int | None = None
+    ) -> Example:
+        """stdin: a pipe (``stdin=True``), the descriptor ``stdin_fd``, else /dev/null."""
+        if stdin_fd is None:
+            stdin_fd = asyncio.subprocess.PIPE if stdin else asyncio.subprocess.DEVNULL
         proc = await asyncio.create_subprocess_exec(
             sys.executable, str(EXAMPLES / script), *args,
-            stdin=asyncio.subprocess.PIPE if stdin else asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            stdin=stdin_fd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
             cwd=REPO, start_new_session=True,
         )  # fmt: skip
         return cls(proc)
@@ -115,8 +125,10 @@ class Example:
 
 
 @contextlib.asynccontextmanager
-async def running(script: str, *args: str, stdin: bool = False) -> AsyncIterator[Example]:
-    example = await Example.start(script, *args, stdin=stdin)
+async def running(
+    script: str, *args: str, stdin: bool = False, stdin_fd: int | None = None
+) -> AsyncIterator[Example]:
+    example = await Example.start(script, *args, stdin=stdin, stdin_fd=stdin_fd)
     try:
         yield example
     finally:
@@ -154,6 +166,44 @@ async def test_example_1_chat_between_two_gateways(dev_mesh: Mesh, demo_tenant: 
     assert [text for text, _ in heard] == ["Hello everyone!", "how is the experiment going?"]
     assert int(heard[0][1]) < int(heard[1][1])
     assert out.rstrip().endswith("* bob left")
+
+
+@pytest.mark.parametrize("source", ["devnull", "file", "pipe", "tty"])
+async def test_example_1_chat_leaves_at_the_end_of_any_stdin(
+    dev_mesh: Mesh, demo_tenant: str, source: str, tmp_path: Path
+) -> None:
+    lines = [] if source == "devnull" else ["first line", "second line"]
+    text = "".join(f"{line}\n" for line in lines).encode()
+    channel = f"stdin-{source}"
+    args = ["--name", "carol", "--tenant", demo_tenant, "--url", dev_mesh.csv,
+            "--room", "science", "--channel", channel]  # fmt: skip
+    with contextlib.ExitStack() as fds:
+        stdin_fd: int | None = None  # /dev/null
+        if source == "file":
+            (tmp_path / "input").write_bytes(text)
+            stdin_fd = fds.enter_context((tmp_path / "input").open("rb")).fileno()
+        elif source == "tty":
+            controller, stdin_fd = pty.openpty()
+            for fd in (controller, stdin_fd):
+                fds.callback(os.close, fd)
+            os.write(controller, text + b"\x04")  # Ctrl-D at the start of a line: end of input
+        async with running("chat.py", *args, stdin=source == "pipe", stdin_fd=stdin_fd) as chat:
+            if source == "pipe":
+                assert chat.proc.stdin is not None
+                chat.proc.stdin.write(text)
+                chat.proc.stdin.close()
+            code, out, err = await chat.finish(timeout=30)
+        if source == "tty":
+            # The terminal's O_NONBLOCK is shared with the shell: chat.py must give it back.
+            assert os.get_blocking(stdin_fd), "chat.py left the terminal non-blocking"
+
+    assert code == 0, f"exit {code}\nstdout:\n{out}\nstderr:\n{err}"
+    assert "Traceback" not in err and "Exception in callback" not in err, err
+    assert out.startswith(f"* carol joined science/{channel}\n"), out
+    assert out.rstrip().endswith("* carol left"), out
+    async with Client(dev_mesh.urls, f"dev:{demo_tenant}:checker") as checker:
+        stored = await checker.history("science", channel).list()
+    assert [(e.from_, e.payload) for e in stored] == [("carol", {"message": m}) for m in lines]
 
 
 async def test_example_2_telemetry_services_and_a_dashboard(
@@ -219,3 +269,41 @@ async def test_example_4_demo_in_one_process(dev_mesh: Mesh, demo_tenant: str) -
         "services.py", "demo", "--calls", "2", "--tenant", demo_tenant, "--url", dev_mesh.csv
     )
     assert len(re.findall(r"^api: status\(connection_pool\) -> ", out, re.M)) == 2, out
+
+
+def documented_arq_cmd() -> list[str]:
+    """The ``arq cmd`` line of the SDK README's command-line section, as argv."""
+    commands = [
+        shlex.split(line, comments=True)
+        for line in SDK_README.read_text().splitlines()
+        if line.startswith("arq cmd ")
+    ]
+    assert len(commands) == 1, commands
+    return commands[0]
+
+
+async def test_the_readmes_arq_cmd_works_against_example_4(
+    dev_mesh: Mesh, demo_tenant: str
+) -> None:
+    argv = documented_arq_cmd()
+    assert argv[:5] == ["arq", "cmd", "services", "database", "status"], argv
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ARQONBUS_")}
+    # The README runs against make run (its URLs, tenant demo): here the test mesh and tenant.
+    env |= {"ARQONBUS_URL": dev_mesh.csv, "ARQONBUS_TOKEN": f"dev:{demo_tenant}:arq"}
+    base = ["--tenant", demo_tenant, "--url", dev_mesh.csv]
+    async with running("services.py", "db", "--name", "db_1", *base) as db:
+        await db.wait_line("db_1: serving status on services/database")
+        arq = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "arqonbus.cli", *argv[1:],
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, env=env,
+        )  # fmt: skip
+        try:
+            out, err = await asyncio.wait_for(arq.communicate(), 30)
+        finally:
+            if arq.returncode is None:
+                arq.kill()
+                await arq.wait()
+    assert (arq.returncode, err.decode()) == (0, ""), out
+    result = orjson.loads(out)
+    assert result["service"] == "db_1" and "active_connections" in result, result

@@ -338,11 +338,13 @@ def describe_error(exc: BaseException, urls: Sequence[str]) -> tuple[str, int]:
         return str(exc), EXIT_USAGE
     if isinstance(exc, ConnectionFailed):
         reason = exc.message.removeprefix("cannot reach any gateway ")
-        return (
-            f"cannot reach any gateway {reason}. Is the mesh running? Start one with make run, "
-            "or pass --url.",
-            EXIT_CONNECTION,
-        )
+        if any(refusal.status == 503 for refusal in exc.refusals.values()):
+            # The gateway is up and said why it cannot take connections (starting, draining,
+            # cut off from NATS): the reason is in the message; the mesh is running.
+            hint = "Retry shortly, or pass --url with another gateway."
+        else:
+            hint = "Is the mesh running? Start one with make run, or pass --url."
+        return f"cannot reach any gateway {reason}. {hint}", EXIT_CONNECTION
     if isinstance(exc, AuthenticationError):
         return (
             f"the gateway refused the token: {exc.message}. Pass --token "

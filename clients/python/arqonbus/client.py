@@ -58,6 +58,7 @@ from arqonbus.errors import (
     ConnectionFailed,
     ConnectionLost,
     ConnectionRejected,
+    HandshakeRefusal,
     Internal,
     InvalidEnvelope,
     MessageTooLarge,
@@ -166,11 +167,7 @@ def _round_delay(rounds: int, cap: float, asked: float) -> float:
 def _describe(exc: BaseException) -> str:
     """A short, human reason for a failed connection attempt."""
     if isinstance(exc, InvalidStatus):
-        status = exc.response.status_code
-        if status == 503:
-            return "HTTP 503: the gateway is draining"
-        detail = _http_error_message(exc)
-        return f"HTTP {status}" + (f": {detail}" if detail else "")
+        return _describe_refusal(_refusal(exc))
     if isinstance(exc, ConnectionRefusedError):
         return "connection refused"
     if isinstance(exc, socket.gaierror):
@@ -184,29 +181,74 @@ def _describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _http_error_message(exc: InvalidStatus) -> str:
+def _describe_refusal(refusal: HandshakeRefusal) -> str:
+    """``HTTP 503 (unavailable): starting: ...``: the status, then the gateway's own reason."""
+    text = f"HTTP {refusal.status}" + (f" ({refusal.code})" if refusal.code else "")
+    if refusal.message:
+        return f"{text}: {refusal.message}"
+    if refusal.code:
+        return text
+    if refusal.status == 503:
+        return f"{text}: the gateway cannot take connections now (it gave no reason)"
+    return text
+
+
+_REASON_MAX = 300  # the most of a gateway's reason a refusal keeps
+_CODE_PREFIX = re.compile(r"([A-Za-z0-9_-]{1,64}): (.+)\Z", re.DOTALL)
+
+
+def _one_line(text: str) -> str:
+    """Server text made safe for one log or terminal line: no control characters, bounded."""
+    text = " ".join("".join(c if c.isprintable() else " " for c in text).split())
+    return text if len(text) <= _REASON_MAX else text[: _REASON_MAX - 3] + "..."
+
+
+def _refusal(exc: InvalidStatus) -> HandshakeRefusal:
+    """What the gateway said when it refused the upgrade, from its JSON body.
+
+    The gateway answers ``{"error": code, "message": text}``, or ``{"error": "code: text"}``
+    (draining, cut off from NATS). A body that is not JSON is kept as text; an empty one gives
+    an empty code and message.
+    """
+    status = exc.response.status_code
     body = exc.response.body or b""
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
-        return body.decode(errors="replace")[:200]
-    if isinstance(data, dict):
-        message = data.get("message") or data.get("error")
-        if isinstance(message, str):
-            return message
-    return ""
+        return HandshakeRefusal(status, "", _one_line(body[:1000].decode(errors="replace")))
+    if not isinstance(data, dict):
+        return HandshakeRefusal(status, "", "")
+    error, message = data.get("error"), data.get("message")
+    error = error.strip() if isinstance(error, str) else ""
+    message = message.strip() if isinstance(message, str) else ""
+    if not message and (prefixed := _CODE_PREFIX.match(error)):
+        error, message = prefixed.group(1), prefixed.group(2)
+    if _is_name(error):
+        return HandshakeRefusal(status, error, _one_line(message))
+    # Not a code: a free-text reason of its own.
+    return HandshakeRefusal(status, "", _one_line(": ".join(t for t in (error, message) if t)))
+
+
+def _http_error_message(exc: InvalidStatus) -> str:
+    """The gateway's reason for a refusal (its message, else its code); "" when it gave none."""
+    refusal = _refusal(exc)
+    return refusal.message or refusal.code
 
 
 class _AttemptFailed(Exception):
     """One connection attempt failed; try the next URL.
 
     ``retry_after`` (seconds) is how long the gateway asked us to wait before trying it again
-    (HTTP 429 with ``Retry-After`` / ``retry_after_ms``); 0 when it did not say.
+    (HTTP 429 with ``Retry-After`` / ``retry_after_ms``); 0 when it did not say. ``refusal``
+    is the gateway's HTTP answer when it refused the upgrade.
     """
 
-    def __init__(self, message: str, retry_after: float = 0.0) -> None:
+    def __init__(
+        self, message: str, retry_after: float = 0.0, refusal: HandshakeRefusal | None = None
+    ) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.refusal = refusal
 
 
 def _retry_after(exc: InvalidStatus) -> float:
@@ -935,7 +977,8 @@ class Client:
                 detail = _http_error_message(exc) or "forbidden"
                 raise AuthenticationError(f"{url} refused the connection: {detail}") from None
             wait = _retry_after(exc) if exc.response.status_code == 429 else 0.0
-            raise _AttemptFailed(_describe(exc), wait) from None
+            refusal = _refusal(exc)
+            raise _AttemptFailed(_describe_refusal(refusal), wait, refusal) from None
         except (OSError, TimeoutError, InvalidHandshake, WebSocketException) as exc:
             raise _AttemptFailed(_describe(exc)) from None
         try:
@@ -988,6 +1031,7 @@ class Client:
     async def _open_first(self, deadline: float) -> tuple[ClientConnection, Welcome]:
         loop = asyncio.get_running_loop()
         reasons: dict[str, str] = {}
+        refusals: dict[str, HandshakeRefusal] = {}  # the last HTTP refusal of each URL
         tried = 0
         rounds = 0
         asked = 0.0  # the longest Retry-After of this round
@@ -995,7 +1039,7 @@ class Client:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 summary = "; ".join(f"{u}: {r}" for u, r in reasons.items()) or "timed out"
-                raise ConnectionFailed(f"cannot reach any gateway ({summary})")
+                raise ConnectionFailed(f"cannot reach any gateway ({summary})", refusals=refusals)
             url = self.urls[self._url_index % len(self.urls)]
             try:
                 conn, welcome = await self._open(url, min(remaining, self._attempt_timeout()))
@@ -1003,6 +1047,10 @@ class Client:
                 return conn, welcome
             except _AttemptFailed as exc:
                 reasons[url] = str(exc)
+                if exc.refusal is not None:
+                    refusals[url] = exc.refusal
+                else:
+                    refusals.pop(url, None)
                 asked = max(asked, exc.retry_after)
                 log.debug("cannot connect to %s: %s", url, exc)
             self._url_index += 1

@@ -19,6 +19,8 @@ does not know, for example one a service handler made up, becomes :class:`Comman
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 __all__ = [
@@ -32,6 +34,7 @@ __all__ = [
     "ConnectionLost",
     "ConnectionRejected",
     "Forbidden",
+    "HandshakeRefusal",
     "Internal",
     "InvalidEnvelope",
     "InvalidJson",
@@ -297,11 +300,41 @@ class ConnectionLost(ArqonBusError):
     default_retryable = True
 
 
+@dataclass(frozen=True, slots=True)
+class HandshakeRefusal:
+    """A gateway's HTTP answer instead of the WebSocket upgrade, e.g. ``503`` while it starts.
+
+    ``code`` and ``message`` come from the gateway's JSON body (``unavailable``, ``starting:
+    the security state is not loaded yet; ...``); each is ``""`` when the body had none.
+    """
+
+    status: int
+    code: str
+    message: str
+
+
 class ConnectionFailed(ArqonBusError):
-    """:meth:`Client.connect` could not reach any gateway within ``connect_timeout``."""
+    """:meth:`Client.connect` could not reach any gateway within ``connect_timeout``.
+
+    The message gives each URL's last reason. ``refusals`` maps each URL whose last attempt
+    the gateway refused at the HTTP level (503 while starting, draining or cut off from NATS;
+    429) to that :class:`HandshakeRefusal`.
+    """
 
     default_code = "connection_failed"
     default_retryable = True
+
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        refusals: Mapping[str, HandshakeRefusal] | None = None,
+        code: str | None = None,
+        request_id: str | None = None,
+        retryable: bool | None = None,
+    ) -> None:
+        super().__init__(message, code=code, request_id=request_id, retryable=retryable)
+        self.refusals: dict[str, HandshakeRefusal] = dict(refusals or {})
 
 
 class AuthenticationError(ArqonBusError):
