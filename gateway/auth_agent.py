@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from nats.js.errors import KeyNotFoundError, KeyValueError, KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
 
 from gateway.auth import AuthError, AuthUnavailable, Credentials, Principal
 from mesh import kv as kvmod
@@ -38,8 +39,6 @@ from shared.agent_identity import (
 )
 
 if TYPE_CHECKING:
-    from nats.js.kv import KeyValue
-
     from gateway.security import SecurityState
     from shared.settings import Settings
 
@@ -50,6 +49,8 @@ NONCE_USED = b"used"
 NONCE_REFUSED = "nonce unknown, expired or already used: get a new one"
 # Bound on each NATS round trip of a sign-in (nonce get and update).
 _NATS_TIMEOUT_S = 5.0
+# create_key: conditional writes tried while the key keeps changing between write and read.
+_CREATE_ATTEMPTS = 5
 
 
 def _nats_failure(exc: BaseException) -> bool:
@@ -230,19 +231,69 @@ def public_key_index(tenant: str, public_key: str) -> str:
     return f"pubkey.{tenant}.{digest}"
 
 
+class KeyExistsError(Exception):
+    """:func:`create_key` found a live value under the key (``value``, at ``revision``)."""
+
+    def __init__(self, key: str, value: bytes, revision: int) -> None:
+        super().__init__(f"key {key!r} exists (revision {revision})")
+        self.key = key
+        self.value = value
+        self.revision = revision
+
+
+class KeyContendedError(Exception):
+    """:func:`create_key` could not tell: the key changed under every attempt."""
+
+
+async def create_key(kv: KeyValue, key: str, value: bytes) -> int:
+    """Store ``value`` under ``key`` only if the key has no live value; the new revision.
+
+    Raises :class:`KeyExistsError` when it has one: of any number of concurrent callers (on
+    any gateways or NATS servers) exactly one succeeds. ``KeyValue.create`` is not enough
+    under such a race: after its conditional write is refused it reads the key back to tell
+    a live value from a delete marker, and that read is a direct get, answered by any
+    replica of the bucket. A replica that has not yet applied the winner's write answers
+    "not found", and ``create`` raises KeyNotFoundError, which looked like a store failure.
+    Here the read after a refused write goes to the stream leader, which refused the write
+    and so holds what refused it. A delete marker is written over (at its revision).
+    Store failures propagate as they are.
+    """
+    leader = KeyValue(kv._name, kv._stream, kv._pre, kv._js, False)  # STREAM.MSG.GET
+    last = 0
+    for _ in range(_CREATE_ATTEMPTS):
+        try:
+            return await kv.update(key, value, last=last)
+        except KeyWrongLastSequenceError:
+            pass
+        try:
+            entry = await leader.get(key)
+        except KeyNotFoundError as exc:
+            # A delete marker (its entry names the revision to write over), or nothing: the
+            # key was purged since our write was refused. Either way, write again.
+            marker = exc.entry
+            last = marker.revision if marker is not None and marker.revision else 0
+            continue
+        raise KeyExistsError(key, entry.value or b"", entry.revision or 0)
+    raise KeyContendedError(f"key {key!r} kept changing: {_CREATE_ATTEMPTS} writes were refused")
+
+
 async def store_new(kv: KeyValue, record: AgentRecord) -> None:
-    """Store a new agent. The key's index entry is created first, atomically: of two
-    registrations of one key at once (on any gateways or CLIs) exactly one succeeds."""
+    """Store a new agent. The key's index entry is created first, atomically: of any number
+    of registrations of one key at once (on any gateways or CLIs) exactly one succeeds, and
+    every other one gets RegistrationError (create_key, not KeyValue.create, whose read-back
+    after a refused create can miss the winner's write and raise "key not found")."""
     try:
-        await kv.create(
-            public_key_index(record.tenant, record.public_key), record.agent_id.encode()
+        await create_key(
+            kv, public_key_index(record.tenant, record.public_key), record.agent_id.encode()
         )
-    except KeyWrongLastSequenceError:
+    except KeyExistsError as exc:
+        owner = exc.value.decode(errors="replace")
+        agent = f" (agent {owner})" if is_agent_id(owner) else ""
         raise RegistrationError(
-            f"this public key is already registered in tenant {record.tenant}: generate a new "
-            "key pair for a new agent"
+            f"this public key is already registered in tenant {record.tenant}{agent}: generate "
+            "a new key pair for a new agent"
         ) from None
-    await kv.create(record.agent_id, record.to_json())
+    await create_key(kv, record.agent_id, record.to_json())
 
 
 async def revoke(kv: KeyValue, tenant: str, agent_id: str) -> AgentRecord:

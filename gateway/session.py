@@ -757,7 +757,10 @@ class Session:
             body = await self._request(ref, command.command, call.encode(), timeout_ms / 1000)
             reply = ServiceReply.decode(body)
         except NoResponders:
-            self._reply(command, error=ArqonError(NO_RESPONDERS, request_id=command.id))
+            # No service takes this name. If it looks like a mistyped built-in command, say
+            # which one (unknown_command, not retryable) instead of "start the service".
+            error = commands.misspelt_builtin(command.command) or ArqonError(NO_RESPONDERS)
+            self._reply(command, error=error.with_request_id(command.id))
         except RequestTimeout:
             detail = f"no answer within {timeout_ms} ms"
             self._reply(command, error=ArqonError(TIMEOUT, detail, command.id))

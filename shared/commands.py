@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,16 +75,57 @@ def _seq(parameters: dict[str, Any], name: str) -> int | None:
     return value
 
 
+# Other buses' words for built-in commands, taken as meaning them when no service has the name.
+COMMAND_ALIASES: dict[str, str] = {
+    "subscribe": JOIN_CHANNEL,
+    "sub": JOIN_CHANNEL,
+    "join": JOIN_CHANNEL,
+    "unsubscribe": LEAVE_CHANNEL,
+    "unsub": LEAVE_CHANNEL,
+    "leave": LEAVE_CHANNEL,
+}
+# A name at least this close to a built-in one (difflib's ratio, after case and separators
+# are normalized) is taken as its misspelling: "histroy", "join-channel", "room_mutee" are;
+# "register" (as close to register_agent as to register_handler) and "status" are not.
+BUILTIN_MATCH_CUTOFF = 0.8
+_SEPARATORS = re.compile(r"[\s.\-]+")
+
+
 def is_builtin(name: str) -> bool:
     return name in BUILTIN_COMMANDS
+
+
+def builtin_suggestion(name: str) -> str | None:
+    """The built-in command ``name`` was probably meant to be, or None.
+
+    Asked only about names that are not built-in and that no service handles (a service
+    may be called "subscribe": while one is registered, its calls reach it).
+    """
+    normal = _SEPARATORS.sub("_", name.strip().lower()).strip("_")
+    if normal in BUILTIN_COMMANDS:
+        return normal
+    if normal in COMMAND_ALIASES:
+        return COMMAND_ALIASES[normal]
+    close = difflib.get_close_matches(normal, BUILTIN_COMMANDS, n=1, cutoff=BUILTIN_MATCH_CUTOFF)
+    return close[0] if close else None
+
+
+def misspelt_builtin(name: str) -> ArqonError | None:
+    """``unknown_command`` (not retryable) for a name that no service handles and that looks
+    like a built-in command; None when it does not (the caller answers ``no_responders``)."""
+    suggestion = builtin_suggestion(name)
+    if suggestion is None:
+        return None
+    return ArqonError(UNKNOWN_COMMAND, f"unknown command {name[:64]!r}; did you mean {suggestion}?")
 
 
 def require_service_name(name: str) -> str:
     """A command that is not built-in goes to a service; its name becomes a subject token."""
     if not is_valid_name(name):
-        raise ArqonError(
-            UNKNOWN_COMMAND, f"command {name[:64]!r} is not built-in and not a valid service name"
-        )
+        detail = f"command {name[:64]!r} is not built-in and not a valid service name"
+        if suggestion := builtin_suggestion(name[:128]):
+            detail += f"; did you mean {suggestion}?"
+        raise ArqonError(UNKNOWN_COMMAND, detail)
     return name
 
 

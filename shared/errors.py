@@ -40,8 +40,9 @@ INVALID_NAME = ErrorCode(
 )
 UNKNOWN_COMMAND = ErrorCode(
     "unknown_command",
-    "A command name must be a built-in command or a service command name of 1-64 characters "
-    "of A-Z, a-z, 0-9, '_' or '-'.",
+    "Use a built-in command (docs/protocol.md lists them), or a service command name of 1-64 "
+    "characters of A-Z, a-z, 0-9, '_' or '-' that a service has registered with "
+    "register_handler.",
     False,
 )
 INVALID_PARAMETERS = ErrorCode(
@@ -234,7 +235,9 @@ class ArqonError(Exception):
     @property
     def message(self) -> str:
         if self.detail:
-            return f"{self.detail}. {self.error.message}"
+            # A detail may end in its own punctuation ("...; did you mean history?").
+            stop = "" if self.detail.endswith((".", "?", "!")) else "."
+            return f"{self.detail}{stop} {self.error.message}"
         return self.error.message
 
     def with_request_id(self, request_id: str | None) -> ArqonError:

@@ -337,3 +337,36 @@ async def test_cli_registration_and_revocation_are_audited(
         ("agent_revoked", agent_id),
     ]
     assert ai.public_key_b64(key) not in str(events)  # identifiers only
+
+
+async def test_concurrent_registrations_of_one_key_one_wins_the_rest_invalid_parameters(
+    start_gateway, nats_cluster, tenant, opened, caplog
+):
+    """Six admins on two gateways (on two NATS servers) register the same new key at once,
+    several rounds: exactly one gets the agent, every other one invalid_parameters (never
+    unavailable), and no gateway logs a store failure."""
+    caplog.set_level("WARNING", logger="arqonbus")
+    # Each gateway on its own NATS server: at least one of them is not the KV stream's
+    # leader, where a read right after a refused create can miss the winner's write.
+    gw_a = await start_gateway(auth="dev,agent", nats=nats_cluster.urls[0])
+    gw_b = await start_gateway(auth="dev,agent", nats=nats_cluster.urls[1])
+    admins = []
+    for i in range(6):
+        gw = (gw_a, gw_b)[i % 2]
+        admins.append(await WsClient.open(gateway_url(gw), f"dev:{tenant}:boss{i}:admin"))
+    opened += admins
+
+    for round_ in range(8):
+        params = {"public_key": ai.public_key_b64(ai.generate_private_key()), "name": "racer"}
+        ids = await asyncio.gather(
+            *(a.send_command("ops", "agents", "register_agent", params) for a in admins)
+        )
+        replies = [await a.reply_to(i) for a, i in zip(admins, ids, strict=True)]
+        won = [r for r in replies if r["payload"]["status"] == "success"]
+        lost = [r["payload"]["error"] for r in replies if r["payload"]["status"] != "success"]
+        assert len(won) == 1, (round_, replies)
+        assert [e["code"] for e in lost] == ["invalid_parameters"] * 5, (round_, lost)
+        assert all("already registered" in e["message"] for e in lost), lost
+        assert not any(e["retryable"] for e in lost), lost
+    failures = [r.getMessage() for r in caplog.records if "could not store agent" in r.getMessage()]
+    assert failures == []

@@ -336,3 +336,39 @@ async def test_a_connection_that_calls_its_own_handler_never_blocks_its_answers(
         await both.answer(delivery, {"echo": delivery["payload"]["parameters"]["n"]})
     answers = [await both.reply_to(i, timeout=5) for i in ids[:2]]
     assert [a["payload"]["result"] for a in answers] == [{"echo": 0}, {"echo": 1}]
+
+
+async def test_a_mistyped_built_in_is_unknown_command_unless_a_service_has_the_name(
+    start_gateway, clients, tenant
+):
+    """A name no service handles that looks like a built-in command gets unknown_command (not
+    retryable) naming the built-in, instead of no_responders ("start the service"). A service
+    registered under such a name is still reached; other names still get no_responders."""
+    gw_a, gw_b = await start_gateway(), await start_gateway()
+    api = await clients(gateway_url(gw_a), tenant, "api")
+    for name, meant in [
+        ("subscribe", "join_channel"),
+        ("unsubscribe", "leave_channel"),
+        ("histroy", "history"),
+        ("JOIN_CHANNEL", "join_channel"),
+    ]:
+        reply = await api.command(ROOM, CHANNEL, name, {"since_seq": 0}, reply_timeout=5)
+        error = error_of(reply)
+        assert error["code"] == "unknown_command", reply
+        assert error["retryable"] is False, reply
+        assert error["message"].startswith(f"unknown command '{name}'; did you mean {meant}? ")
+        assert reply["from"] == "arqonbus"
+    for name in ("status", "explode"):  # no built-in is close: the service is just not there
+        error = error_of(await api.command(ROOM, CHANNEL, name, reply_timeout=5))
+        assert (error["code"], error["retryable"]) == ("no_responders", True), name
+
+    svc = await clients(gateway_url(gw_b), tenant, "svc")
+    await register(svc, "subscribe")
+    cmd_id = await api.send_command(ROOM, CHANNEL, "subscribe", {"topic": "x"})
+    delivery = await svc.next_delivery()
+    assert delivery["payload"]["command"] == "subscribe"
+    assert delivery["payload"]["parameters"] == {"topic": "x"}
+    await svc.answer(delivery, {"subscribed": "x"})
+    reply = await api.reply_to(cmd_id)
+    assert (reply["from"], reply["payload"]["status"]) == ("svc", "success"), reply
+    assert reply["payload"]["result"] == {"subscribed": "x"}

@@ -8,14 +8,17 @@ import pytest
 
 from shared.commands import (
     BUILTIN_COMMANDS,
+    COMMAND_ALIASES,
     HISTORY_DEFAULT_LIMIT,
     HISTORY_MAX_LIMIT,
     HistoryParams,
     JoinParams,
+    builtin_suggestion,
     handler_params,
     history_params,
     is_builtin,
     join_params,
+    misspelt_builtin,
     require_service_name,
     service_timeout_ms,
 )
@@ -68,6 +71,81 @@ def test_a_service_name_that_cannot_be_a_subject_token_is_unknown_command(name: 
         require_service_name(name)
     assert info.value.code == "unknown_command"
     assert len(info.value.message) < 400
+
+
+@pytest.mark.parametrize(
+    ("name", "meant"),
+    [
+        ("subscribe", "join_channel"),
+        ("Subscribe", "join_channel"),
+        ("unsubscribe", "leave_channel"),
+        ("join", "join_channel"),
+        ("leave", "leave_channel"),
+        ("JOIN_CHANNEL", "join_channel"),
+        ("join-channel", "join_channel"),
+        ("join.channel", "join_channel"),
+        ("join_channel ", "join_channel"),
+        ("joinchannel", "join_channel"),
+        ("join_chanel", "join_channel"),
+        ("histroy", "history"),
+        ("limit", "limits"),
+        ("room_ben", "room_ban"),
+        ("room_mutee", "room_mute"),
+        ("room_config", "room_configure"),
+        ("register_agents", "register_agent"),
+        ("refresh_tokens", "refresh_token"),
+    ],
+)
+def test_a_name_close_to_a_built_in_suggests_it(name: str, meant: str) -> None:
+    assert builtin_suggestion(name) == meant
+    error = misspelt_builtin(name)
+    assert error is not None
+    assert (error.code, error.error.retryable) == ("unknown_command", False)
+    assert error.message.startswith(f"unknown command {name!r}; did you mean {meant}? ")
+
+
+# Names services use in the tests and examples, and names close to several built-ins.
+@pytest.mark.parametrize(
+    "name",
+    [
+        "status",
+        "stats",
+        "restart",
+        "explode",
+        "svc",
+        "echo",
+        "ping",
+        "search",
+        "one",
+        "register",
+        "unregister",
+        "refresh",
+        "hist",
+        "get_history",
+        "room",
+        "x" * 64,
+        "",
+        "_",
+    ],
+)
+def test_a_name_far_from_every_built_in_suggests_nothing(name: str) -> None:
+    assert builtin_suggestion(name) is None
+    assert misspelt_builtin(name) is None
+
+
+def test_aliases_name_built_ins() -> None:
+    assert set(COMMAND_ALIASES.values()) <= set(BUILTIN_COMMANDS)
+    assert not set(COMMAND_ALIASES) & set(BUILTIN_COMMANDS)
+
+
+def test_an_invalid_service_name_close_to_a_built_in_suggests_it() -> None:
+    with pytest.raises(ArqonError) as info:
+        require_service_name("join_channel ")
+    assert info.value.code == "unknown_command"
+    assert "did you mean join_channel? " in info.value.message
+    with pytest.raises(ArqonError) as info:
+        require_service_name("a.b")
+    assert "did you mean" not in info.value.message
 
 
 @pytest.mark.parametrize(

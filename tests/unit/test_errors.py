@@ -44,6 +44,11 @@ def test_error_message_puts_detail_before_the_catalogue_text() -> None:
     assert str(error) == error.message
 
 
+def test_a_detail_ending_in_its_own_punctuation_gets_no_extra_full_stop() -> None:
+    error = ArqonError(INVALID_NAME, "did you mean 'ab'?")
+    assert error.message == f"did you mean 'ab'? {INVALID_NAME.message}"
+
+
 def test_error_without_detail_uses_catalogue_message() -> None:
     error = ArqonError(UNAVAILABLE)
     assert error.message == UNAVAILABLE.message
