@@ -38,7 +38,15 @@ test: install
 test-unit: install
 	$(BIN)/python -m pytest tests/unit
 
-lint: install
+# mypy cannot follow the editable install's import hook: it reads the server's packages
+# through links named as they install (arqonbus_server.shared -> shared/, ...).
+MYPY_LINKS := .build/mypy/arqonbus_server
+
+$(MYPY_LINKS):
+	mkdir -p $@
+	for pkg in shared mesh gateway; do ln -sfn ../../../$$pkg $@/$$pkg; done
+
+lint: install $(MYPY_LINKS)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
@@ -61,4 +69,4 @@ format: install
 	$(BIN)/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) .arqonbus .bench-smoke .chaos .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .build .arqonbus .bench-smoke .chaos .pytest_cache .mypy_cache .ruff_cache .hypothesis

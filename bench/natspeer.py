@@ -17,8 +17,8 @@ import orjson
 from nats.js.api import DeliverPolicy
 from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
-from mesh.streams import StreamPolicy, tenant_stream_config
-from shared.subjects import ChannelRef, SubjectScheme
+from arqonbus_server.mesh.streams import StreamPolicy, tenant_stream_config
+from arqonbus_server.shared.subjects import ChannelRef, SubjectScheme
 
 SCHEME = SubjectScheme()
 ROOM, CHANNEL = "bench", "replay"

@@ -31,9 +31,9 @@ from typing import Any
 
 import orjson
 
+from arqonbus_server.gateway.dev import http_status
+from arqonbus_server.mesh.local import LocalCluster, free_port
 from bench.loadgen import percentile_us
-from gateway.dev import http_status
-from mesh.local import LocalCluster, free_port
 
 log = logging.getLogger("bench")
 REPO = Path(__file__).resolve().parents[1]
@@ -87,7 +87,7 @@ async def start_gateway(nats_urls: str, index: int, log_dir: Path) -> Gateway:
     }
     with (log_dir / f"gw{index}.log").open("wb") as err:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gateway", "gateway", "--nats", nats_urls,
+            sys.executable, "-m", "arqonbus_server.gateway", "gateway", "--nats", nats_urls,
             "--listen", f"127.0.0.1:{port}", "--auth", "dev", "--node-id", f"gw{index}",
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=err,
             env=env, cwd=REPO, start_new_session=True, preexec_fn=raise_nofile,

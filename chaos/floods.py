@@ -46,11 +46,11 @@ from typing import Any
 
 import orjson
 
+from arqonbus_server.mesh.local import LocalCluster
+from arqonbus_server.shared.settings import Settings
 from chaos.procfs import rss_bytes
 from chaos.suite import finish, parse_suite_args
 from chaos.workload import percentile
-from mesh.local import LocalCluster
-from shared.settings import Settings
 from tests.support import GatewayProcess, WsClient
 
 NAME = "floods"
@@ -471,7 +471,7 @@ class RssSampler:
 
 
 async def _readyz(port: int) -> int | None:
-    from gateway.dev import http_status
+    from arqonbus_server.gateway.dev import http_status
 
     return await http_status("127.0.0.1", port, "/readyz", timeout=5.0)
 

@@ -42,9 +42,11 @@ from typing import Any
 
 import orjson
 
+from arqonbus_server.gateway.transport import (
+    MAX_FRAGMENTS,  # fragments per message the gateway assembles
+)
 from chaos.procfs import rss_bytes
 from chaos.suite import finish, parse_suite_args
-from gateway.transport import MAX_FRAGMENTS  # fragments per message the gateway assembles
 
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 
@@ -369,8 +371,8 @@ async def round_trip(ws: RawWs) -> bool:
 
 
 async def run(long: bool = False, workdir: Path | None = None) -> dict[str, Any]:
-    from mesh.local import LocalCluster
-    from shared.settings import load_settings
+    from arqonbus_server.mesh.local import LocalCluster
+    from arqonbus_server.shared.settings import load_settings
     from tests.support import GatewayProcess
 
     rounds_n, per_round = (6, 500) if long else (2, 100)

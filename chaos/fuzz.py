@@ -39,11 +39,10 @@ import orjson
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from chaos.suite import finish
-from gateway import auth_agent
-from gateway.rooms import check_admin_parameters
-from shared import commands, envelope, service, subjects
-from shared.envelope import (
+from arqonbus_server.gateway import auth_agent
+from arqonbus_server.gateway.rooms import check_admin_parameters
+from arqonbus_server.shared import commands, envelope, service, subjects
+from arqonbus_server.shared.envelope import (
     DEPTH_MAX,
     ERROR_MESSAGE_MAX,
     ID_MAX,
@@ -53,7 +52,7 @@ from shared.envelope import (
     ClientResponse,
     ResponseError,
 )
-from shared.errors import (
+from arqonbus_server.shared.errors import (
     CATALOGUE,
     INVALID_ENVELOPE,
     INVALID_JSON,
@@ -64,8 +63,9 @@ from shared.errors import (
     ArqonError,
     ErrorCode,
 )
-from shared.service import ServiceCall, ServiceReply
-from shared.subjects import ChannelRef, SubjectScheme, is_valid_name
+from arqonbus_server.shared.service import ServiceCall, ServiceReply
+from arqonbus_server.shared.subjects import ChannelRef, SubjectScheme, is_valid_name
+from chaos.suite import finish
 
 MAX_BYTES = 65536  # the default max_envelope_bytes
 TIMEOUT_DEFAULT_MS, TIMEOUT_MAX_MS = 5000, 60000  # the default service command timeouts

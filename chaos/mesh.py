@@ -14,8 +14,8 @@ from typing import Any, Protocol
 
 import nats
 
-from mesh.local import LocalCluster
-from shared.subjects import SubjectScheme
+from arqonbus_server.mesh.local import LocalCluster
+from arqonbus_server.shared.subjects import SubjectScheme
 from tests.support import GatewayProcess
 
 

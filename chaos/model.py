@@ -51,7 +51,7 @@ from nats.js.api import StreamConfig
 from nats.js.errors import BadRequestError, NotFoundError
 
 from arqonbus import ArqonBusError, Client, Gap
-from mesh.local import LocalCluster
+from arqonbus_server.mesh.local import LocalCluster
 from tests.support import GatewayProcess
 
 log = logging.getLogger("arqonbus.chaos.model")

@@ -69,7 +69,7 @@ import nats
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from mesh.local import LocalCluster, NodeSpec
+from arqonbus_server.mesh.local import LocalCluster, NodeSpec
 
 log = logging.getLogger("arqonbus.chaos.netns")
 

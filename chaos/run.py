@@ -170,7 +170,7 @@ def update_doc(body: str) -> None:
 
 
 def nats_version() -> str:
-    from mesh.local import find_nats_server
+    from arqonbus_server.mesh.local import find_nats_server
 
     out = subprocess.run(
         [find_nats_server(), "--version"], capture_output=True, text=True, check=False

@@ -28,12 +28,12 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
 
 from arqonbus import Client
+from arqonbus_server.mesh.local import LocalCluster
 from chaos.mesh import Mesh, http_json
 from chaos.netns import NetnsCluster
 from chaos.procfs import rss_bytes
 from chaos.proxy import FaultProxy
 from chaos.workload import ChannelRef, Totals, Workload, percentile, read_store
-from mesh.local import LocalCluster
 from tests.support import GatewayProcess
 
 

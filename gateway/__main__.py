@@ -1,3 +1,3 @@
-from gateway.cli import main
+from arqonbus_server.gateway.cli import main
 
 raise SystemExit(main())

@@ -54,15 +54,15 @@ from nats.js.api import (
 )
 from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
 
-from mesh.broker import BrokerUnavailable
-from mesh.streams import StreamPolicy, choose_replicas
-from shared.subjects import is_valid_name
+from arqonbus_server.mesh.broker import BrokerUnavailable
+from arqonbus_server.mesh.streams import StreamPolicy, choose_replicas
+from arqonbus_server.shared.subjects import is_valid_name
 
 if TYPE_CHECKING:
     from nats.js.manager import JetStreamManager
 
-    from mesh.jetstream import JetStreamBroker
-    from shared.settings import Settings
+    from arqonbus_server.mesh.jetstream import JetStreamBroker
+    from arqonbus_server.shared.settings import Settings
 
 log = logging.getLogger("arqonbus.gateway.audit")
 

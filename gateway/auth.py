@@ -17,13 +17,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 from urllib.parse import parse_qs, urlsplit
 
-from shared import authz
-from shared.settings import AUTH_METHODS
-from shared.subjects import is_valid_name
+from arqonbus_server.shared import authz
+from arqonbus_server.shared.settings import AUTH_METHODS
+from arqonbus_server.shared.subjects import is_valid_name
 
 if TYPE_CHECKING:
-    from gateway.security import SecurityState
-    from shared.settings import Settings
+    from arqonbus_server.gateway.security import SecurityState
+    from arqonbus_server.shared.settings import Settings
 
 log = logging.getLogger("arqonbus.gateway.auth")
 
@@ -265,17 +265,19 @@ def _make_one(
     if settings is None:
         raise ValueError(f"{method} authentication needs the gateway settings")
     if method == "jwt":
-        from gateway.auth_jwt import JwtAuthenticator  # imports auth: import here, not at top
+        from arqonbus_server.gateway.auth_jwt import (
+            JwtAuthenticator,  # imports auth: import here, not at top
+        )
 
         return JwtAuthenticator.from_settings(settings)
     if security is None:
         raise ValueError(f"{method} authentication needs the gateway's NATS KV state")
     if method == "apikey":
-        from gateway.auth_keys import ApiKeyAuthenticator
+        from arqonbus_server.gateway.auth_keys import ApiKeyAuthenticator
 
         keys: Authenticator = ApiKeyAuthenticator(security, settings)
         return keys
-    from gateway.auth_agent import AgentAuthenticator
+    from arqonbus_server.gateway.auth_agent import AgentAuthenticator
 
     agents: Authenticator = AgentAuthenticator(security, settings)
     return agents

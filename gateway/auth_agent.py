@@ -22,11 +22,11 @@ from typing import TYPE_CHECKING, Any
 from nats.js.errors import KeyNotFoundError, KeyValueError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
-from gateway.auth import AuthError, AuthUnavailable, Credentials, Principal
-from mesh import kv as kvmod
-from mesh.broker import BrokerUnavailable
-from shared import authz
-from shared.agent_identity import (
+from arqonbus_server.gateway.auth import AuthError, AuthUnavailable, Credentials, Principal
+from arqonbus_server.mesh import kv as kvmod
+from arqonbus_server.mesh.broker import BrokerUnavailable
+from arqonbus_server.shared import authz
+from arqonbus_server.shared.agent_identity import (
     AgentIdentityError,
     AgentRecord,
     b64url,
@@ -39,8 +39,8 @@ from shared.agent_identity import (
 )
 
 if TYPE_CHECKING:
-    from gateway.security import SecurityState
-    from shared.settings import Settings
+    from arqonbus_server.gateway.security import SecurityState
+    from arqonbus_server.shared.settings import Settings
 
 log = logging.getLogger("arqonbus.gateway.auth_agent")
 

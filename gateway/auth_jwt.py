@@ -43,12 +43,12 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from gateway.auth import AuthError, Credentials, Principal
-from shared import authz
-from shared.subjects import is_valid_name
+from arqonbus_server.gateway.auth import AuthError, Credentials, Principal
+from arqonbus_server.shared import authz
+from arqonbus_server.shared.subjects import is_valid_name
 
 if TYPE_CHECKING:
-    from shared.settings import Settings
+    from arqonbus_server.shared.settings import Settings
 
 log = logging.getLogger("arqonbus.gateway.auth.jwt")
 

@@ -13,13 +13,13 @@ import logging
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
-from gateway.auth import AuthError, AuthUnavailable, Credentials, Principal
-from shared import apikeys
-from shared.apikeys import ApiKeyRecord, KeyFormatError, RecordError
+from arqonbus_server.gateway.auth import AuthError, AuthUnavailable, Credentials, Principal
+from arqonbus_server.shared import apikeys
+from arqonbus_server.shared.apikeys import ApiKeyRecord, KeyFormatError, RecordError
 
 if TYPE_CHECKING:
-    from gateway.security import SecurityState
-    from shared.settings import Settings
+    from arqonbus_server.gateway.security import SecurityState
+    from arqonbus_server.shared.settings import Settings
 
 log = logging.getLogger("arqonbus.gateway.auth_keys")
 

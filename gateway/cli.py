@@ -13,10 +13,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from shared.settings import ConfigError, Settings, load_settings, unknown_variables
+from arqonbus_server.shared.settings import ConfigError, Settings, load_settings, unknown_variables
 
 if TYPE_CHECKING:
-    from mesh.jetstream import JetStreamBroker
+    from arqonbus_server.mesh.jetstream import JetStreamBroker
 
 log = logging.getLogger("arqonbus")
 
@@ -121,19 +121,21 @@ def _parser() -> argparse.ArgumentParser:
     prov = mesh_sub.add_parser("provision", help="create a tenant's stream (idempotent)")
     prov.add_argument("--tenant", action="append", required=True, help="tenant name (repeatable)")
     prov.add_argument("--nats", help="NATS URL(s), comma-separated [ARQONBUS_NATS]")
-    from gateway import cli_keys  # arqonbus keys create|list|revoke
+    from arqonbus_server.gateway import cli_keys  # arqonbus keys create|list|revoke
 
     cli_keys.add_parser(sub)
-    from gateway import cli_policy
+    from arqonbus_server.gateway import cli_policy
 
     cli_policy.add_parser(sub)
-    from gateway import cli_agents  # arqonbus agents keygen|register|list|revoke
+    from arqonbus_server.gateway import cli_agents  # arqonbus agents keygen|register|list|revoke
 
     cli_agents.add_parser(sub)
-    from gateway import cli_audit  # arqonbus audit --tenant T [--since] [--type] [--json]
+    from arqonbus_server.gateway import (
+        cli_audit,  # arqonbus audit --tenant T [--since] [--type] [--json]
+    )
 
     cli_audit.add_parser(sub)
-    from gateway import cli_tenants  # arqonbus tenants set|show|reset
+    from arqonbus_server.gateway import cli_tenants  # arqonbus tenants set|show|reset
 
     cli_tenants.add_parser(sub)
     return parser
@@ -142,7 +144,7 @@ def _parser() -> argparse.ArgumentParser:
 def cli_broker(settings: Settings, name: str) -> JetStreamBroker:
     """A broker for a one-shot CLI command (not connected yet), with the NATS credentials
     and TLS of ``settings`` (mesh/nats_auth.py)."""
-    from mesh.nats_auth import broker_from_settings
+    from arqonbus_server.mesh.nats_auth import broker_from_settings
 
     return broker_from_settings(settings, name)
 
@@ -151,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "dev":
-            from gateway.dev import run_dev
+            from arqonbus_server.gateway.dev import run_dev
 
             _setup_logging("INFO")
             return asyncio.run(run_dev(args))
@@ -162,23 +164,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "gateway":
             return _run_gateway(settings)
         if args.command == "keys":
-            from gateway import cli_keys
+            from arqonbus_server.gateway import cli_keys
 
             return asyncio.run(cli_keys.run(args, settings))
         if args.command == "agents":
-            from gateway import cli_agents
+            from arqonbus_server.gateway import cli_agents
 
             return asyncio.run(cli_agents.run(args, settings))
         if args.command == "audit":
-            from gateway import cli_audit
+            from arqonbus_server.gateway import cli_audit
 
             return asyncio.run(cli_audit.run(args, settings))
         if args.command == "policy":
-            from gateway import cli_policy
+            from arqonbus_server.gateway import cli_policy
 
             return asyncio.run(cli_policy.run(args, settings))
         if args.command == "tenants":
-            from gateway import cli_tenants
+            from arqonbus_server.gateway import cli_tenants
 
             return asyncio.run(cli_tenants.run(args, settings))
         return asyncio.run(_provision(settings, args.tenant))
@@ -209,7 +211,7 @@ def _raise_open_file_limit() -> None:
 
 
 def _run_gateway(settings: Settings) -> int:
-    from gateway.server import PortInUse, run_gateway
+    from arqonbus_server.gateway.server import PortInUse, run_gateway
 
     _refuse_dev_auth(settings)
     _raise_open_file_limit()
@@ -241,8 +243,8 @@ def _refuse_dev_auth(settings: Settings) -> None:
 
 
 async def _provision(settings: Settings, tenants: list[str]) -> int:
-    from mesh.broker import BrokerUnavailable
-    from shared.subjects import SubjectScheme, is_valid_name
+    from arqonbus_server.mesh.broker import BrokerUnavailable
+    from arqonbus_server.shared.subjects import SubjectScheme, is_valid_name
 
     scheme = SubjectScheme(settings.subject_prefix)
     broker = cli_broker(settings, "arqonbus-provision")

@@ -18,19 +18,25 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from gateway.audit import AGENT_REGISTERED, AGENT_REVOKED, record_once
-from gateway.auth_agent import RegistrationError, new_record, records, revoke, store_new
-from mesh import kv as kvmod
-from mesh.broker import BrokerUnavailable
-from shared.agent_identity import (
+from arqonbus_server.gateway.audit import AGENT_REGISTERED, AGENT_REVOKED, record_once
+from arqonbus_server.gateway.auth_agent import (
+    RegistrationError,
+    new_record,
+    records,
+    revoke,
+    store_new,
+)
+from arqonbus_server.mesh import kv as kvmod
+from arqonbus_server.mesh.broker import BrokerUnavailable
+from arqonbus_server.shared.agent_identity import (
     AgentIdentityError,
     generate_private_key,
     is_agent_id,
     private_key_pem,
     public_key_b64,
 )
-from shared.settings import Settings, load_settings
-from shared.subjects import is_valid_name
+from arqonbus_server.shared.settings import Settings, load_settings
+from arqonbus_server.shared.subjects import is_valid_name
 
 
 def add_parser(sub: Any) -> None:
@@ -101,7 +107,7 @@ async def run(args: argparse.Namespace, settings: Settings | None = None) -> int
     if args.agents_command == "revoke" and not is_agent_id(args.agent_id):
         return _error("AGENT_ID must be the UUID that `arqonbus agents register` printed")
 
-    from gateway.cli import cli_broker
+    from arqonbus_server.gateway.cli import cli_broker
 
     broker = cli_broker(settings, "arqonbus agents")
     try:

@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import orjson
 
-from gateway.audit import EVENT_TYPES, parse_since, read_events
-from shared.subjects import is_valid_name
+from arqonbus_server.gateway.audit import EVENT_TYPES, parse_since, read_events
+from arqonbus_server.shared.subjects import is_valid_name
 
 if TYPE_CHECKING:
-    from shared.settings import Settings
+    from arqonbus_server.shared.settings import Settings
 
 EXIT_OK, EXIT_UNREACHABLE, EXIT_BAD_INPUT = 0, 1, 2
 DEFAULT_LIMIT = 1000
@@ -96,8 +96,8 @@ async def run(args: argparse.Namespace, settings: Settings, out: TextIO | None =
     if not 1 <= args.limit <= MAX_LIMIT:
         return _bad(f"--limit must be between 1 and {MAX_LIMIT}")
 
-    from mesh.broker import BrokerUnavailable
-    from mesh.nats_auth import broker_from_settings
+    from arqonbus_server.mesh.broker import BrokerUnavailable
+    from arqonbus_server.mesh.nats_auth import broker_from_settings
 
     broker = broker_from_settings(settings, "arqonbus-audit")
     try:

@@ -10,17 +10,17 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from gateway.audit import KEY_CREATED, KEY_REVOKED, record_once
-from mesh import kv as kvmod
-from shared import apikeys
-from shared.apikeys import RecordError
-from shared.subjects import is_valid_name
+from arqonbus_server.gateway.audit import KEY_CREATED, KEY_REVOKED, record_once
+from arqonbus_server.mesh import kv as kvmod
+from arqonbus_server.shared import apikeys
+from arqonbus_server.shared.apikeys import RecordError
+from arqonbus_server.shared.subjects import is_valid_name
 
 if TYPE_CHECKING:
     from nats.js.kv import KeyValue
 
-    from mesh.jetstream import JetStreamBroker
-    from shared.settings import Settings
+    from arqonbus_server.mesh.jetstream import JetStreamBroker
+    from arqonbus_server.shared.settings import Settings
 
 CLI_PRINCIPAL = "cli"
 EXIT_OK, EXIT_UNREACHABLE, EXIT_BAD_INPUT = 0, 1, 2
@@ -66,7 +66,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
 
 def _broker(settings: Settings) -> JetStreamBroker:
-    from gateway.cli import cli_broker  # with the NATS credentials of the settings
+    from arqonbus_server.gateway.cli import cli_broker  # with the NATS credentials of the settings
 
     return cli_broker(settings, "arqonbus keys")
 
@@ -78,7 +78,7 @@ def _fail(message: str, code: int) -> int:
 
 async def run(args: argparse.Namespace, settings: Settings) -> int:
     """Run ``arqonbus keys <command>``; returns the exit code."""
-    from mesh.broker import BrokerUnavailable
+    from arqonbus_server.mesh.broker import BrokerUnavailable
 
     if not is_valid_name(args.tenant):
         return _fail(

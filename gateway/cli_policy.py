@@ -9,12 +9,12 @@ from typing import Any
 
 import orjson
 
-from gateway.audit import ADMIN_ACTION, record_once
-from mesh import kv as kvmod
-from mesh.broker import BrokerUnavailable
-from shared.inspect import PolicyError, check_storable, parse_policy
-from shared.settings import Settings
-from shared.subjects import is_valid_name
+from arqonbus_server.gateway.audit import ADMIN_ACTION, record_once
+from arqonbus_server.mesh import kv as kvmod
+from arqonbus_server.mesh.broker import BrokerUnavailable
+from arqonbus_server.shared.inspect import PolicyError, check_storable, parse_policy
+from arqonbus_server.shared.settings import Settings
+from arqonbus_server.shared.subjects import is_valid_name
 
 MAX_POLICY_BYTES = 512 * 1024  # under the KV value limit (the NATS max_payload)
 
@@ -74,7 +74,7 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _apply(settings: Settings, command: str, tenant: str, body: bytes) -> int:
-    from gateway.cli import cli_broker
+    from arqonbus_server.gateway.cli import cli_broker
 
     broker = cli_broker(settings, "arqonbus policy")
     try:

@@ -13,12 +13,12 @@ from typing import Any
 
 import orjson
 
-from gateway.audit import ADMIN_ACTION, record_once
-from gateway.tenant_limits import FIELDS, TenantLimits, TenantLimitsError
-from mesh import kv as kvmod
-from mesh.broker import BrokerUnavailable
-from shared.settings import Settings
-from shared.subjects import is_valid_name
+from arqonbus_server.gateway.audit import ADMIN_ACTION, record_once
+from arqonbus_server.gateway.tenant_limits import FIELDS, TenantLimits, TenantLimitsError
+from arqonbus_server.mesh import kv as kvmod
+from arqonbus_server.mesh.broker import BrokerUnavailable
+from arqonbus_server.shared.settings import Settings
+from arqonbus_server.shared.subjects import is_valid_name
 
 
 def add_parser(sub: Any) -> None:
@@ -65,7 +65,7 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _apply(settings: Settings, command: str, tenant: str, updates: TenantLimits) -> int:
-    from gateway.cli import cli_broker
+    from arqonbus_server.gateway.cli import cli_broker
 
     broker = cli_broker(settings, "arqonbus tenants")
     try:

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from mesh.local import DataDirInUse, LocalCluster, NatsServerNotFound, free_port
+from arqonbus_server.mesh.local import DataDirInUse, LocalCluster, NatsServerNotFound, free_port
 
 log = logging.getLogger("arqonbus.dev")
 
@@ -57,7 +57,7 @@ async def wait_http_ready(
 def gateway_command(nats: str, host: str, port: int, node_id: str, auth: str | None) -> list[str]:
     """The argv of one dev gateway; ``auth`` None leaves the methods to ``ARQONBUS_AUTH``."""
     command = [
-        sys.executable, "-m", "gateway", "gateway",
+        sys.executable, "-m", "arqonbus_server.gateway", "gateway",
         "--nats", nats, "--listen", f"{host}:{port}", "--node-id", node_id,
         "--insecure-dev-auth",  # a local dev mesh: dev tokens on purpose (when dev is on)
     ]  # fmt: skip

@@ -16,11 +16,17 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.transport import Socket, encode_text_frame
-from mesh.broker import Broker, BrokerUnavailable, ChannelWindow, LiveEvent, LiveSubscription
-from shared.envelope import encode_gap, with_seq
-from shared.errors import CloseCode
-from shared.subjects import ChannelRef
+from arqonbus_server.gateway.transport import Socket, encode_text_frame
+from arqonbus_server.mesh.broker import (
+    Broker,
+    BrokerUnavailable,
+    ChannelWindow,
+    LiveEvent,
+    LiveSubscription,
+)
+from arqonbus_server.shared.envelope import encode_gap, with_seq
+from arqonbus_server.shared.errors import CloseCode
+from arqonbus_server.shared.subjects import ChannelRef
 
 log = logging.getLogger("arqonbus.gateway.hub")
 

@@ -37,15 +37,15 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from gateway.admission import Clock, TokenBucket
-from mesh.kv import WatchedBucket, bucket_name
-from shared.settings import Settings
+from arqonbus_server.gateway.admission import Clock, TokenBucket
+from arqonbus_server.mesh.kv import WatchedBucket, bucket_name
+from arqonbus_server.shared.settings import Settings
 
 if TYPE_CHECKING:
     from nats.js.kv import KeyValue
 
-    from gateway.tenant_limits import TenantLimitsTable
-    from mesh.jetstream import JetStreamBroker
+    from arqonbus_server.gateway.tenant_limits import TenantLimitsTable
+    from arqonbus_server.mesh.jetstream import JetStreamBroker
 
 log = logging.getLogger("arqonbus.gateway.limits")
 

@@ -51,9 +51,9 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError
 
-from gateway.admission import RateLimiter
-from shared import commands
-from shared.errors import (
+from arqonbus_server.gateway.admission import RateLimiter
+from arqonbus_server.shared import commands
+from arqonbus_server.shared.errors import (
     BANNED,
     FORBIDDEN,
     INVALID_PARAMETERS,
@@ -64,13 +64,13 @@ from shared.errors import (
     UNAVAILABLE,
     ArqonError,
 )
-from shared.subjects import is_valid_name
+from arqonbus_server.shared.subjects import is_valid_name
 
 if TYPE_CHECKING:
     from nats.js.kv import KeyValue
 
-    from gateway.security import SecurityState
-    from mesh.kv import WatchedBucket
+    from arqonbus_server.gateway.security import SecurityState
+    from arqonbus_server.mesh.kv import WatchedBucket
 
 log = logging.getLogger("arqonbus.gateway.rooms")
 

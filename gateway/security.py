@@ -12,14 +12,14 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
-from mesh import kv as kvmod
-from mesh.kv import WatchedBucket
-from shared.inspect import LayeredPolicy, policy_for
+from arqonbus_server.mesh import kv as kvmod
+from arqonbus_server.mesh.kv import WatchedBucket
+from arqonbus_server.shared.inspect import LayeredPolicy, policy_for
 
 if TYPE_CHECKING:
     from nats.js.kv import KeyValue
 
-    from mesh.jetstream import JetStreamBroker
+    from arqonbus_server.mesh.jetstream import JetStreamBroker
 
 log = logging.getLogger("arqonbus.gateway.security")
 

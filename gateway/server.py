@@ -16,9 +16,14 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from urllib.parse import urlsplit
 
-from gateway.admission import PendingHandshakes, RateLimiter, retry_after_header, retry_after_ms
-from gateway.audit import AUTH_FAILED, AuditLog, AuditThrottle
-from gateway.auth import (
+from arqonbus_server.gateway.admission import (
+    PendingHandshakes,
+    RateLimiter,
+    retry_after_header,
+    retry_after_ms,
+)
+from arqonbus_server.gateway.audit import AUTH_FAILED, AuditLog, AuditThrottle
+from arqonbus_server.gateway.auth import (
     Authenticator,
     AuthError,
     AuthUnavailable,
@@ -27,16 +32,21 @@ from gateway.auth import (
     check_credentials,
     make_authenticator,
 )
-from gateway.auth_agent import issue_nonce, revoked_agent_id
-from gateway.auth_keys import revoked_key_id
-from gateway.hub import Hub
-from gateway.limits import ConnectionReporter, RateLimits, TenantConnections, rate_specs
-from gateway.origin import OriginPolicy
-from gateway.rooms import RoomDirectory, RoomSettings, banned_error
-from gateway.security import SecurityState
-from gateway.session import Session
-from gateway.tenant_limits import TenantLimitsTable
-from gateway.transport import (
+from arqonbus_server.gateway.auth_agent import issue_nonce, revoked_agent_id
+from arqonbus_server.gateway.auth_keys import revoked_key_id
+from arqonbus_server.gateway.hub import Hub
+from arqonbus_server.gateway.limits import (
+    ConnectionReporter,
+    RateLimits,
+    TenantConnections,
+    rate_specs,
+)
+from arqonbus_server.gateway.origin import OriginPolicy
+from arqonbus_server.gateway.rooms import RoomDirectory, RoomSettings, banned_error
+from arqonbus_server.gateway.security import SecurityState
+from arqonbus_server.gateway.session import Session
+from arqonbus_server.gateway.tenant_limits import TenantLimitsTable
+from arqonbus_server.gateway.transport import (
     HttpReply,
     ListenOptions,
     Server,
@@ -44,18 +54,18 @@ from gateway.transport import (
     server_tls_context,
     start_server,
 )
-from mesh.broker import BrokerUnavailable
-from mesh.kv import NONCE_TTL_S
-from mesh.nats_auth import broker_from_settings
-from shared.envelope import encode_auth_required, parse_auth_frame
-from shared.errors import (
+from arqonbus_server.mesh.broker import BrokerUnavailable
+from arqonbus_server.mesh.kv import NONCE_TTL_S
+from arqonbus_server.mesh.nats_auth import broker_from_settings
+from arqonbus_server.shared.envelope import encode_auth_required, parse_auth_frame
+from arqonbus_server.shared.errors import (
     FORBIDDEN_ORIGIN,
     RATE_LIMITED,
     TENANT_CONNECTIONS,
     ArqonError,
     CloseCode,
 )
-from shared.settings import ConfigError, Settings
+from arqonbus_server.shared.settings import ConfigError, Settings
 
 log = logging.getLogger("arqonbus.gateway")
 

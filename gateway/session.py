@@ -13,11 +13,11 @@ from datetime import UTC, datetime
 
 import orjson
 
-from gateway import audit as auditing
-from gateway import auth_agent
-from gateway.admission import retry_after_ms
-from gateway.audit import ADMIN_ACTION, AGENT_REGISTERED, RATE_LIMITED, AuditLog
-from gateway.auth import (
+from arqonbus_server.gateway import audit as auditing
+from arqonbus_server.gateway import auth_agent
+from arqonbus_server.gateway.admission import retry_after_ms
+from arqonbus_server.gateway.audit import ADMIN_ACTION, AGENT_REGISTERED, RATE_LIMITED, AuditLog
+from arqonbus_server.gateway.auth import (
     Authenticator,
     AuthError,
     AuthUnavailable,
@@ -25,18 +25,18 @@ from gateway.auth import (
     Principal,
     check_credentials,
 )
-from gateway.hub import Hub
-from gateway.limits import RateLimits, RateSpec, rate_specs, welcome_limits
-from gateway.rooms import (
+from arqonbus_server.gateway.hub import Hub
+from arqonbus_server.gateway.limits import RateLimits, RateSpec, rate_specs, welcome_limits
+from arqonbus_server.gateway.rooms import (
     CALL_ACTION,
     RoomDirectory,
     RoomSettings,
     room_key_param,
     run_admin_command,
 )
-from gateway.security import SecurityState
-from gateway.transport import Socket
-from mesh.broker import (
+from arqonbus_server.gateway.security import SecurityState
+from arqonbus_server.gateway.transport import Socket
+from arqonbus_server.mesh.broker import (
     Broker,
     BrokerUnavailable,
     LiveSubscription,
@@ -45,8 +45,8 @@ from mesh.broker import (
     ServiceRequest,
     StoreQuotaExceeded,
 )
-from shared import authz, commands
-from shared.envelope import (
+from arqonbus_server.shared import authz, commands
+from arqonbus_server.shared.envelope import (
     ClientCommand,
     ClientEvent,
     ClientResponse,
@@ -61,7 +61,7 @@ from shared.envelope import (
     parse_client_frame,
     with_seq,
 )
-from shared.errors import (
+from arqonbus_server.shared.errors import (
     FORBIDDEN,
     INTERNAL,
     INVALID_PARAMETERS,
@@ -79,10 +79,10 @@ from shared.errors import (
     CloseCode,
     ErrorCode,
 )
-from shared.inspect import policy_for, with_tags
-from shared.service import MalformedServiceMessage, ServiceCall, ServiceReply
-from shared.settings import Settings
-from shared.subjects import ChannelRef, SubjectScheme
+from arqonbus_server.shared.inspect import policy_for, with_tags
+from arqonbus_server.shared.service import MalformedServiceMessage, ServiceCall, ServiceReply
+from arqonbus_server.shared.settings import Settings
+from arqonbus_server.shared.subjects import ChannelRef, SubjectScheme
 
 log = logging.getLogger("arqonbus.gateway.session")
 

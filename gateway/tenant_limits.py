@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from gateway.limits import RateSpec
+from arqonbus_server.gateway.limits import RateSpec
 
 if TYPE_CHECKING:
-    from shared.settings import Settings
+    from arqonbus_server.shared.settings import Settings
 
 log = logging.getLogger("arqonbus.gateway.tenant_limits")
 

@@ -29,8 +29,8 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 
-from shared.errors import CloseCode
-from shared.settings import ConfigError
+from arqonbus_server.shared.errors import CloseCode
+from arqonbus_server.shared.settings import ConfigError
 
 _OP_TEXT = 0x81  # FIN + text
 _OP_BINARY = 0x82  # FIN + binary

@@ -29,7 +29,7 @@ from collections.abc import AsyncGenerator, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from shared.subjects import ChannelRef
+from arqonbus_server.shared.subjects import ChannelRef
 
 
 class BrokerUnavailable(Exception):

@@ -32,7 +32,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import APIError, NotFoundError, ServiceUnavailableError
 from nats.js.kv import KeyValue
 
-from mesh.broker import (
+from arqonbus_server.mesh.broker import (
     BrokerUnavailable,
     ChannelWindow,
     LiveEvent,
@@ -47,10 +47,10 @@ from mesh.broker import (
     StoredEvent,
     StoreQuotaExceeded,
 )
-from mesh.kv import open_bucket
-from mesh.nats_auth import connect_failure, redact_url
-from mesh.streams import StreamPolicy, StreamProvisioner, choose_replicas
-from shared.subjects import ChannelRef, SubjectScheme
+from arqonbus_server.mesh.kv import open_bucket
+from arqonbus_server.mesh.nats_auth import connect_failure, redact_url
+from arqonbus_server.mesh.streams import StreamPolicy, StreamProvisioner, choose_replicas
+from arqonbus_server.shared.subjects import ChannelRef, SubjectScheme
 
 log = logging.getLogger("arqonbus.mesh.jetstream")
 

@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 if TYPE_CHECKING:
-    from mesh.jetstream import JetStreamBroker
-    from shared.settings import Settings
+    from arqonbus_server.mesh.jetstream import JetStreamBroker
+    from arqonbus_server.shared.settings import Settings
 
 _CREDENTIALS = (
     ("nats_user", "ARQONBUS_NATS_USER"),
@@ -124,7 +124,7 @@ def tls_context(settings: Settings) -> ssl.SSLContext | None:
 
     Raises ConfigError naming the setting when a PEM file cannot be loaded.
     """
-    from shared.settings import ConfigError
+    from arqonbus_server.shared.settings import ConfigError
 
     if not (settings.nats_tls_ca or settings.nats_tls_cert or settings.nats_tls_handshake_first):
         return None
@@ -214,9 +214,9 @@ def broker_from_settings(settings: Settings, name: str = "arqonbus") -> JetStrea
     ``name`` is the NATS connection name (shown by the server's monitoring).
     Raises ConfigError when a TLS file cannot be loaded.
     """
-    from mesh.jetstream import JetStreamBroker
-    from mesh.streams import StreamPolicy
-    from shared.subjects import SubjectScheme
+    from arqonbus_server.mesh.jetstream import JetStreamBroker
+    from arqonbus_server.mesh.streams import StreamPolicy
+    from arqonbus_server.shared.subjects import SubjectScheme
 
     return JetStreamBroker(
         settings.nats_urls,

@@ -12,7 +12,7 @@ from nats.js import JetStreamManager
 from nats.js.api import DiscardPolicy, RePublish, StorageType, StreamConfig
 from nats.js.errors import APIError, NotFoundError
 
-from shared.subjects import SubjectScheme
+from arqonbus_server.shared.subjects import SubjectScheme
 
 log = logging.getLogger("arqonbus.mesh.streams")
 

@@ -34,8 +34,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
-from shared import authz
-from shared.subjects import is_valid_name
+from arqonbus_server.shared import authz
+from arqonbus_server.shared.subjects import is_valid_name
 
 # Same value as gateway.auth.AGENT_TOKEN_PREFIX (tests check they agree).
 TOKEN_PREFIX = "ed25519:"

@@ -27,8 +27,8 @@ from datetime import UTC, datetime
 import orjson
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-from shared import authz
-from shared.subjects import is_valid_name
+from arqonbus_server.shared import authz
+from arqonbus_server.shared.subjects import is_valid_name
 
 KEY_PREFIX = "arqk_"
 KEY_ID_LENGTH = 12

@@ -47,7 +47,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 
-from shared.subjects import is_valid_name
+from arqonbus_server.shared.subjects import is_valid_name
 
 WILDCARD = "*"
 

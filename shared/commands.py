@@ -7,8 +7,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from shared.errors import INVALID_PARAMETERS, UNKNOWN_COMMAND, ArqonError
-from shared.subjects import is_valid_name
+from arqonbus_server.shared.errors import INVALID_PARAMETERS, UNKNOWN_COMMAND, ArqonError
+from arqonbus_server.shared.subjects import is_valid_name
 
 JOIN_CHANNEL = "join_channel"
 LEAVE_CHANNEL = "leave_channel"

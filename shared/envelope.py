@@ -14,13 +14,13 @@ from typing import Any
 
 import orjson
 
-from shared.errors import (
+from arqonbus_server.shared.errors import (
     INVALID_ENVELOPE,
     INVALID_JSON,
     MESSAGE_TOO_LARGE,
     ArqonError,
 )
-from shared.subjects import is_valid_name, validate_name
+from arqonbus_server.shared.subjects import is_valid_name, validate_name
 
 PROTOCOL_VERSION = "1.0"
 ID_MAX = 128

@@ -52,8 +52,8 @@ import jsonschema.exceptions
 import jsonschema.validators
 import orjson
 
-from shared.envelope import ClientEvent
-from shared.errors import (
+from arqonbus_server.shared.envelope import ClientEvent
+from arqonbus_server.shared.errors import (
     CATALOGUE,
     INTERNAL,
     INVALID_PAYLOAD,
@@ -61,7 +61,7 @@ from shared.errors import (
     ArqonError,
     ErrorCode,
 )
-from shared.subjects import is_valid_name
+from arqonbus_server.shared.subjects import is_valid_name
 
 log = logging.getLogger("arqonbus.inspect")
 

@@ -13,8 +13,8 @@ from typing import Any
 
 import orjson
 
-from shared.envelope import ResponseError, parse_response_error
-from shared.errors import ArqonError
+from arqonbus_server.shared.envelope import ResponseError, parse_response_error
+from arqonbus_server.shared.errors import ArqonError
 
 
 class MalformedServiceMessage(ValueError):

@@ -11,7 +11,7 @@ from typing import Any
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from shared.subjects import is_valid_name
+from arqonbus_server.shared.subjects import is_valid_name
 
 ENV_PREFIX = "ARQONBUS_"
 AUTH_METHODS = ("dev", "jwt", "apikey", "agent")  # gateway/auth.py
@@ -101,7 +101,9 @@ class Settings(BaseSettings):
     @classmethod
     def _policy_file_is_valid(cls, value: str) -> str:
         if value:
-            from shared.inspect import policy_for  # jsonschema loads only when a policy is set
+            from arqonbus_server.shared.inspect import (
+                policy_for,  # jsonschema loads only when a policy is set
+            )
 
             policy_for(value)  # raises PolicyError (a ValueError) naming the tenant and rule
         return value
@@ -240,7 +242,9 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _nats_credentials_consistent(self) -> Settings:
-        from mesh.nats_auth import check_settings  # the rules live next to the options builder
+        from arqonbus_server.mesh.nats_auth import (
+            check_settings,  # the rules live next to the options builder
+        )
 
         check_settings(self)
         return self

@@ -18,7 +18,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 
-from shared.errors import INVALID_NAME, ArqonError
+from arqonbus_server.shared.errors import INVALID_NAME, ArqonError
 
 NAME_MAX = 64
 _NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")

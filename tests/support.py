@@ -17,8 +17,8 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
-from gateway.dev import http_status
-from mesh.local import free_port
+from arqonbus_server.gateway.dev import http_status
+from arqonbus_server.mesh.local import free_port
 
 Message = dict[str, Any]
 
@@ -240,7 +240,7 @@ class GatewayProcess:
 
     async def start(self, timeout: float = 30.0) -> None:
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gateway", "gateway",
+            sys.executable, "-m", "arqonbus_server.gateway", "gateway",
             "--nats", self.nats_urls, "--listen", f"127.0.0.1:{self.port}", "--auth", "dev",
             "--node-id", f"gw-{self.port}", "--insecure-dev-auth",
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from shared.errors import POLICY_VIOLATION
-from shared.inspect import ALLOW, InspectContext, Verdict
+from arqonbus_server.shared.errors import POLICY_VIOLATION
+from arqonbus_server.shared.inspect import ALLOW, InspectContext, Verdict
 
 
 class MaxLength:

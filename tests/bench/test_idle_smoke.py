@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
+from arqonbus_server.mesh.local import LocalCluster
 from bench.idle import run_idle
 from bench.peers import start_peer
-from mesh.local import LocalCluster
 from tests.support import GatewayProcess
 
 N = 300

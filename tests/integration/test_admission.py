@@ -20,8 +20,8 @@ import websockets
 from websockets.exceptions import InvalidStatus
 
 from arqonbus import Client
-from gateway.dev import http_status
-from gateway.server import Gateway
+from arqonbus_server.gateway.dev import http_status
+from arqonbus_server.gateway.server import Gateway
 from tests.conftest import GatewayFactory, gateway_url
 from tests.support import WsClient
 

@@ -18,10 +18,10 @@ import websockets
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from websockets.exceptions import InvalidStatus
 
-from gateway import cli_agents
-from gateway.server import Gateway
-from shared import agent_identity as ai
-from shared import apikeys
+from arqonbus_server.gateway import cli_agents
+from arqonbus_server.gateway.server import Gateway
+from arqonbus_server.shared import agent_identity as ai
+from arqonbus_server.shared import apikeys
 from tests.conftest import GatewayFactory, gateway_url
 from tests.support import WsClient
 
@@ -221,7 +221,7 @@ async def test_the_cli_as_a_command(two, tenant, tmp_path, opened):
 
     async def arqonbus(*argv: str) -> tuple[int, str, str]:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gateway", "agents", *argv, cwd=REPO, env=env,
+            sys.executable, "-m", "arqonbus_server.gateway", "agents", *argv, cwd=REPO, env=env,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
         out, err = await asyncio.wait_for(proc.communicate(), 60)

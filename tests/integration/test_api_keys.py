@@ -1,6 +1,6 @@
 """API keys end to end: the ``arqonbus keys`` CLI, real gateways and a real NATS cluster.
 
-Keys are created, listed and revoked through the CLI entry point (``gateway.cli.main``,
+Keys are created, listed and revoked through the CLI entry point (``arqonbus_server.gateway.cli.main``,
 in a thread, as a shell would run it); clients sign in with them over WebSocket.
 """
 
@@ -14,15 +14,15 @@ import pytest
 import websockets
 from websockets.exceptions import InvalidStatus
 
-from gateway.auth import ChainAuthenticator
-from gateway.auth_keys import ApiKeyAuthenticator
-from gateway.cli import main as cli_main
-from gateway.server import Gateway
-from mesh.kv import KEYS, bucket_name
-from mesh.local import LocalCluster, free_port
-from shared import apikeys
-from shared.errors import CloseCode
-from shared.settings import load_settings
+from arqonbus_server.gateway.auth import ChainAuthenticator
+from arqonbus_server.gateway.auth_keys import ApiKeyAuthenticator
+from arqonbus_server.gateway.cli import main as cli_main
+from arqonbus_server.gateway.server import Gateway
+from arqonbus_server.mesh.kv import KEYS, bucket_name
+from arqonbus_server.mesh.local import LocalCluster, free_port
+from arqonbus_server.shared import apikeys
+from arqonbus_server.shared.errors import CloseCode
+from arqonbus_server.shared.settings import load_settings
 from tests.conftest import GatewayFactory, gateway_url
 from tests.support import WsClient, new_id
 

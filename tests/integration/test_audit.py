@@ -11,10 +11,10 @@ import orjson
 import pytest
 from nats.js.api import DiscardPolicy, StorageType
 
-from gateway import audit, cli
-from gateway.auth import AuthError
-from gateway.server import Gateway
-from mesh.local import LocalCluster
+from arqonbus_server.gateway import audit, cli
+from arqonbus_server.gateway.auth import AuthError
+from arqonbus_server.gateway.server import Gateway
+from arqonbus_server.mesh.local import LocalCluster
 from tests.conftest import gateway_url
 from tests.support import WsClient
 

@@ -12,8 +12,8 @@ import pytest
 import websockets
 from websockets.exceptions import InvalidStatus
 
-from gateway.server import Gateway
-from shared import agent_identity as ai
+from arqonbus_server.gateway.server import Gateway
+from arqonbus_server.shared import agent_identity as ai
 from tests.conftest import GatewayFactory, gateway_url
 from tests.integration.test_agents import known_everywhere
 from tests.integration.test_auth_jwt import jwks_document

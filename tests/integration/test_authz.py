@@ -11,7 +11,7 @@ import asyncio
 import pytest
 
 from arqonbus import Client, Forbidden
-from shared.errors import CATALOGUE
+from arqonbus_server.shared.errors import CATALOGUE
 from tests.conftest import gateway_url
 from tests.support import Message, WsClient, new_id
 

@@ -17,11 +17,11 @@ import pytest
 from nats.js import JetStreamManager
 from nats.js.api import StorageType, StreamInfo
 
-from gateway.dev import http_status
-from gateway.server import Gateway
-from mesh.local import LocalCluster, free_port
-from shared.settings import ConfigError, load_settings
-from shared.subjects import ChannelRef, SubjectScheme
+from arqonbus_server.gateway.dev import http_status
+from arqonbus_server.gateway.server import Gateway
+from arqonbus_server.mesh.local import LocalCluster, free_port
+from arqonbus_server.shared.settings import ConfigError, load_settings
+from arqonbus_server.shared.subjects import ChannelRef, SubjectScheme
 from tests.conftest import gateway_url
 from tests.support import Message, WsClient
 
@@ -126,7 +126,7 @@ def assert_tenant_stream(info: StreamInfo, tenant: str) -> None:
 
 async def run_cli(*args: str, timeout: float = 30.0) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway", *args,
+        sys.executable, "-m", "arqonbus_server.gateway", *args,
         cwd=REPO, stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip

@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 import pytest
 
-from shared import commands
+from arqonbus_server.shared import commands
 from tests.conftest import gateway_url
 from tests.support import Message, WsClient, new_id
 

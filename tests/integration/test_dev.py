@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from mesh.local import free_port
+from arqonbus_server.mesh.local import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -73,7 +73,7 @@ async def start_dev(
 ) -> asyncio.subprocess.Process:
     with stderr.open("wb") as err:
         return await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gateway", "dev", "--nats-nodes", "3", "--gateways", "2",
+            sys.executable, "-m", "arqonbus_server.gateway", "dev", "--nats-nodes", "3", "--gateways", "2",
             "--port", str(port), "--nats-port", str(nats_port), "--data-dir", str(data_dir),
             cwd=REPO, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             stderr=err, start_new_session=True,
@@ -134,7 +134,7 @@ def assert_quiet_start(stderr: Path) -> None:
 async def second_dev_fails(port: int, nats_port: int, data_dir: Path) -> tuple[int, str]:
     before = set(pids_running_with(str(data_dir)))  # a first mesh on the same data dir lives on
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway", "dev", "--port", str(port),
+        sys.executable, "-m", "arqonbus_server.gateway", "dev", "--port", str(port),
         "--nats-port", str(nats_port), "--data-dir", str(data_dir),
         cwd=REPO, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE, start_new_session=True,
@@ -241,7 +241,7 @@ async def test_dev_with_no_gateways_runs_only_nats_and_says_how_to_add_one(tmp_p
     stderr = tmp_path / "dev.stderr"
     with stderr.open("wb") as err:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gateway", "dev", "--nats-nodes", "1", "--gateways", "0",
+            sys.executable, "-m", "arqonbus_server.gateway", "dev", "--nats-nodes", "1", "--gateways", "0",
             "--nats-port", str(nats_port), "--data-dir", str(data_dir),
             cwd=REPO, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             stderr=err, start_new_session=True,
@@ -264,7 +264,7 @@ async def test_dev_with_no_gateways_runs_only_nats_and_says_how_to_add_one(tmp_p
 @pytest.mark.parametrize("value", ["-1", "two"])
 async def test_dev_refuses_a_bad_gateway_count(value):
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway", "dev", "--gateways", value,
+        sys.executable, "-m", "arqonbus_server.gateway", "dev", "--gateways", value,
         cwd=REPO, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip

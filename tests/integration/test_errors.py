@@ -16,11 +16,11 @@ import websockets
 from nats.aio.msg import Msg
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from gateway.dev import http_status
-from gateway.server import Gateway
-from mesh.local import LocalCluster, free_port
-from shared.errors import CATALOGUE
-from shared.settings import load_settings
+from arqonbus_server.gateway.dev import http_status
+from arqonbus_server.gateway.server import Gateway
+from arqonbus_server.mesh.local import LocalCluster, free_port
+from arqonbus_server.shared.errors import CATALOGUE
+from arqonbus_server.shared.settings import load_settings
 from tests.conftest import gateway_url
 from tests.support import Message, WsClient, new_id
 
@@ -75,16 +75,16 @@ async def test_invalid_json_text_and_binary_frames(start_gateway, clients, tenan
 async def test_a_bug_handling_one_frame_answers_internal_and_keeps_the_connection(
     start_gateway, clients, tenant, monkeypatch
 ):
-    import gateway.session
+    from arqonbus_server.gateway import session as gateway_session
 
-    real = gateway.session.parse_client_frame
+    real = gateway_session.parse_client_frame
 
     def broken_on_marker(data: bytes, limit: int) -> object:
         if b"trip-the-bug" in data:
             raise KeyError("a stand-in for a decoder bug")
         return real(data, limit)
 
-    monkeypatch.setattr(gateway.session, "parse_client_frame", broken_on_marker)
+    monkeypatch.setattr(gateway_session, "parse_client_frame", broken_on_marker)
     gw = await start_gateway()
     client = await clients(gateway_url(gw), tenant, "alice")
     reply = await send_and_wait_error(client, orjson.dumps(event("trip-the-bug")).decode())

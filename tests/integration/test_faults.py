@@ -21,11 +21,11 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from gateway.dev import http_status
-from gateway.server import Gateway
-from gateway.session import Session
-from mesh.local import LocalCluster
-from shared.settings import load_settings
+from arqonbus_server.gateway.dev import http_status
+from arqonbus_server.gateway.server import Gateway
+from arqonbus_server.gateway.session import Session
+from arqonbus_server.mesh.local import LocalCluster
+from arqonbus_server.shared.settings import load_settings
 from tests.conftest import gateway_url
 from tests.support import Message, WsClient
 
@@ -405,9 +405,9 @@ async def test_a_gateway_started_while_a_node_is_down_plans_every_configured_nod
     A gateway (re)started during a node outage sees only two servers in NATS's INFO; its
     new tenant streams must still be planned for three replicas, not created with two.
     """
-    from mesh.jetstream import JetStreamBroker
-    from mesh.streams import StreamPolicy
-    from shared.subjects import SubjectScheme
+    from arqonbus_server.mesh.jetstream import JetStreamBroker
+    from arqonbus_server.mesh.streams import StreamPolicy
+    from arqonbus_server.shared.subjects import SubjectScheme
 
     cluster = LocalCluster(tmp_path / "nats", nodes=3)
     await cluster.start()

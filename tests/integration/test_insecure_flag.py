@@ -18,9 +18,9 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from gateway.cli import main as cli_main
-from gateway.dev import dev_auth, gateway_command, http_status, stop_process
-from mesh.local import LocalCluster, free_port
+from arqonbus_server.gateway.cli import main as cli_main
+from arqonbus_server.gateway.dev import dev_auth, gateway_command, http_status, stop_process
+from arqonbus_server.mesh.local import LocalCluster, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -68,7 +68,7 @@ async def gateway_process(
     port = free_port()
     log = tempfile.NamedTemporaryFile()  # noqa: SIM115  # closed below
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway", "gateway", "--listen", f"127.0.0.1:{port}", *argv,
+        sys.executable, "-m", "arqonbus_server.gateway", "gateway", "--listen", f"127.0.0.1:{port}", *argv,
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=log,
         env={**os.environ, **env}, start_new_session=True,
     )  # fmt: skip

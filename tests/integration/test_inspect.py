@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from arqonbus.errors import InvalidPayload, PolicyViolation, error_from_wire
-from shared.errors import CATALOGUE
+from arqonbus_server.shared.errors import CATALOGUE
 from tests.conftest import gateway_url
 from tests.support import Message, WsClient, new_id
 

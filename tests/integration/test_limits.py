@@ -15,7 +15,7 @@ import orjson
 import pytest
 from websockets.exceptions import InvalidStatus
 
-from gateway.server import Gateway
+from arqonbus_server.gateway.server import Gateway
 from tests.conftest import GatewayFactory, gateway_url
 from tests.support import WsClient, new_id
 

@@ -17,7 +17,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.api import StreamConfig, StreamInfo
 
-from mesh.local import (
+from arqonbus_server.mesh.local import (
     BINARY_ENV,
     ClusterNotReady,
     LocalCluster,
@@ -212,7 +212,7 @@ async def test_nodes_die_with_the_process_that_started_them(tmp_path: Path) -> N
     script = (
         "import asyncio, os, sys\n"
         "from pathlib import Path\n"
-        "from mesh.local import LocalCluster\n"
+        "from arqonbus_server.mesh.local import LocalCluster\n"
         "async def main():\n"
         f"    cluster = LocalCluster(Path({str(tmp_path)!r}) / 'c', nodes=1)\n"
         "    await cluster.start()\n"

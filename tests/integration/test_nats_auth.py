@@ -23,11 +23,11 @@ import nkeys
 import pytest
 from nats.aio.client import Client as NatsClient
 
-from gateway.dev import http_status
-from gateway.server import Gateway
-from mesh.local import LocalCluster
-from mesh.nats_auth import connect_options
-from shared.settings import ConfigError, load_settings
+from arqonbus_server.gateway.dev import http_status
+from arqonbus_server.gateway.server import Gateway
+from arqonbus_server.mesh.local import LocalCluster
+from arqonbus_server.mesh.nats_auth import connect_options
+from arqonbus_server.shared.settings import ConfigError, load_settings
 from tests.integration.test_origin_tls import make_cert
 from tests.support import WsClient
 
@@ -312,8 +312,8 @@ def test_creds_file_is_passed_to_nats_py(tmp_path: Path) -> None:
 async def test_a_server_that_does_not_switch_to_tls_is_refused(nats_cluster: LocalCluster) -> None:
     # nats-py upgrades to TLS only when the server's INFO asks: a plaintext server (or a man
     # in the middle that strips the flag) must not get a TLS-configured gateway's traffic.
-    from mesh.broker import BrokerUnavailable
-    from mesh.nats_auth import broker_from_settings
+    from arqonbus_server.mesh.broker import BrokerUnavailable
+    from arqonbus_server.mesh.nats_auth import broker_from_settings
 
     context = ssl.create_default_context()
     settings = load_settings(nats=nats_cluster.url_csv, listen="127.0.0.1:0", auth="dev")

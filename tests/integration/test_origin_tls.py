@@ -21,10 +21,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from websockets.exceptions import InvalidStatus
 
-from gateway.cli import main as cli_main
-from gateway.server import Gateway, listen_options
-from shared.errors import CloseCode
-from shared.settings import ConfigError, load_settings
+from arqonbus_server.gateway.cli import main as cli_main
+from arqonbus_server.gateway.server import Gateway, listen_options
+from arqonbus_server.shared.errors import CloseCode
+from arqonbus_server.shared.settings import ConfigError, load_settings
 from tests.conftest import GatewayFactory, gateway_url
 from tests.support import WsClient
 

@@ -9,9 +9,9 @@ from typing import Any
 import orjson
 import pytest
 
-from gateway import cli, cli_policy
-from mesh.local import LocalCluster
-from shared.settings import load_settings
+from arqonbus_server.gateway import cli, cli_policy
+from arqonbus_server.mesh.local import LocalCluster
+from arqonbus_server.shared.settings import load_settings
 from tests.conftest import gateway_url
 
 pytestmark = pytest.mark.integration

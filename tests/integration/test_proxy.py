@@ -12,8 +12,8 @@ import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
+from arqonbus_server.mesh.local import LocalCluster
 from chaos.proxy import FaultProxy, Mode
-from mesh.local import LocalCluster
 
 pytestmark = pytest.mark.integration
 

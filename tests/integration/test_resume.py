@@ -11,10 +11,10 @@ import nats
 import pytest
 from nats.js import JetStreamManager
 
-from gateway.server import Gateway
-from mesh.local import LocalCluster
-from mesh.streams import StreamPolicy, tenant_stream_config
-from shared.subjects import SubjectScheme
+from arqonbus_server.gateway.server import Gateway
+from arqonbus_server.mesh.local import LocalCluster
+from arqonbus_server.mesh.streams import StreamPolicy, tenant_stream_config
+from arqonbus_server.shared.subjects import SubjectScheme
 from tests.conftest import gateway_url
 from tests.support import Message, WsClient
 

@@ -13,10 +13,10 @@ import orjson
 import pytest
 from websockets.exceptions import InvalidStatus
 
-from gateway import cli, cli_tenants
-from gateway.server import Gateway
-from mesh.local import LocalCluster
-from shared.settings import load_settings
+from arqonbus_server.gateway import cli, cli_tenants
+from arqonbus_server.gateway.server import Gateway
+from arqonbus_server.mesh.local import LocalCluster
+from arqonbus_server.shared.settings import load_settings
 from tests.conftest import GatewayFactory, gateway_url
 from tests.support import WsClient, new_id
 

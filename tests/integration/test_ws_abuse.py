@@ -10,6 +10,9 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
+from arqonbus_server.gateway.server import Gateway
+from arqonbus_server.mesh.local import LocalCluster
+from arqonbus_server.shared.settings import load_settings
 from chaos.frames import (
     ATTACKS,
     MEMORY_MIX,
@@ -20,9 +23,6 @@ from chaos.frames import (
     round_trip,
 )
 from chaos.procfs import rss_bytes
-from gateway.server import Gateway
-from mesh.local import LocalCluster
-from shared.settings import load_settings
 from tests.conftest import GatewayFactory, gateway_url
 from tests.support import GatewayProcess, WsClient
 

@@ -15,7 +15,7 @@ import orjson
 import pytest
 
 from arqonbus import Client, CommandFailed, CommandRequest
-from mesh.local import free_port
+from arqonbus_server.mesh.local import free_port
 from tests.conftest import gateway_url
 
 pytestmark = pytest.mark.integration

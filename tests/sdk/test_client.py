@@ -38,11 +38,11 @@ from arqonbus import (
     UnknownCommand,
 )
 from arqonbus.errors import ERROR_CLASSES, error_from_wire
-from gateway.server import Gateway
-from mesh.local import LocalCluster, free_port
-from shared.errors import CATALOGUE
-from shared.settings import load_settings
-from shared.subjects import SubjectScheme
+from arqonbus_server.gateway.server import Gateway
+from arqonbus_server.mesh.local import LocalCluster, free_port
+from arqonbus_server.shared.errors import CATALOGUE
+from arqonbus_server.shared.settings import load_settings
+from arqonbus_server.shared.subjects import SubjectScheme
 from tests.conftest import gateway_url
 
 pytestmark = pytest.mark.integration

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from arqonbus import Ack, Client, Event, Gap, Subscription
-from mesh.local import LocalCluster
+from arqonbus_server.mesh.local import LocalCluster
 from tests.support import GatewayProcess
 
 pytestmark = pytest.mark.integration

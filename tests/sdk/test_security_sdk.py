@@ -19,7 +19,7 @@ from arqonbus import (
     RateLimited,
     RoomKeyRequired,
 )
-from shared import agent_identity as ai
+from arqonbus_server.shared import agent_identity as ai
 from tests.conftest import GatewayFactory, gateway_url
 
 pytestmark = pytest.mark.integration

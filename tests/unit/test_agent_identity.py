@@ -7,11 +7,11 @@ import time
 
 import pytest
 
-from gateway.auth import AGENT_TOKEN_PREFIX, token_method
-from gateway.auth_agent import RegistrationError, new_record, revoked_agent_id
-from shared import agent_identity as ai
-from shared.envelope import parse_auth_frame
-from shared.errors import ArqonError
+from arqonbus_server.gateway.auth import AGENT_TOKEN_PREFIX, token_method
+from arqonbus_server.gateway.auth_agent import RegistrationError, new_record, revoked_agent_id
+from arqonbus_server.shared import agent_identity as ai
+from arqonbus_server.shared.envelope import parse_auth_frame
+from arqonbus_server.shared.errors import ArqonError
 
 KEY = ai.generate_private_key()
 AGENT = "9d6b1f2e-4c3a-4b8e-9f10-2a3b4c5d6e7f"  # fixed: xdist workers collect the same ids

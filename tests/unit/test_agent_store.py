@@ -15,7 +15,7 @@ from nats.js.api import RawStreamMsg
 from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 
-from gateway.auth_agent import (
+from arqonbus_server.gateway.auth_agent import (
     KeyContendedError,
     KeyExistsError,
     RegistrationError,
@@ -25,8 +25,8 @@ from gateway.auth_agent import (
     register_from_session,
     store_new,
 )
-from mesh.broker import BrokerUnavailable
-from shared import agent_identity as ai
+from arqonbus_server.mesh.broker import BrokerUnavailable
+from arqonbus_server.shared import agent_identity as ai
 
 STREAM, PRE = "KV_t", "$KV.t."
 _EXPECTED_LAST = "Nats-Expected-Last-Subject-Sequence"

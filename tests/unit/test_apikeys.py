@@ -7,8 +7,8 @@ import hashlib
 import orjson
 import pytest
 
-from shared import apikeys
-from shared.apikeys import KeyFormatError, RecordError
+from arqonbus_server.shared import apikeys
+from arqonbus_server.shared.apikeys import KeyFormatError, RecordError
 
 
 def test_a_new_key_has_the_documented_form_and_parses_back() -> None:

@@ -8,8 +8,8 @@ from datetime import UTC, datetime, timedelta
 import orjson
 import pytest
 
-from gateway import audit
-from gateway.audit import (
+from arqonbus_server.gateway import audit
+from arqonbus_server.gateway.audit import (
     MAX_STRING,
     AuditLog,
     AuditThrottle,
@@ -19,9 +19,9 @@ from gateway.audit import (
     rule_name,
     scrub_text,
 )
-from mesh.jetstream import JetStreamBroker
-from mesh.streams import StreamPolicy
-from shared.subjects import SubjectScheme
+from arqonbus_server.mesh.jetstream import JetStreamBroker
+from arqonbus_server.mesh.streams import StreamPolicy
+from arqonbus_server.shared.subjects import SubjectScheme
 
 JWT = (
     "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9."

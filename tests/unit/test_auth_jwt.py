@@ -17,9 +17,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from gateway.auth import AuthError, Credentials, Principal, make_authenticator
-from gateway.auth_jwt import JwtAuthenticator
-from shared.settings import ConfigError, load_settings
+from arqonbus_server.gateway.auth import AuthError, Credentials, Principal, make_authenticator
+from arqonbus_server.gateway.auth_jwt import JwtAuthenticator
+from arqonbus_server.shared.settings import ConfigError, load_settings
 from tests.jwks import JwksServer
 
 RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.auth import AuthError, Credentials, DevAuthenticator
-from shared import authz
-from shared.authz import (
+from arqonbus_server.gateway.auth import AuthError, Credentials, DevAuthenticator
+from arqonbus_server.shared import authz
+from arqonbus_server.shared.authz import (
     ACTION_PERMISSIONS,
     ALL_PERMISSIONS,
     Capability,
@@ -18,7 +18,7 @@ from shared.authz import (
     permission_for_command,
     policy_for,
 )
-from shared.commands import BUILTIN_COMMANDS
+from arqonbus_server.shared.commands import BUILTIN_COMMANDS
 
 P = Permission
 READ = {P.SUBSCRIBE, P.HISTORY, P.PRESENCE}

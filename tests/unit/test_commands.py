@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from shared.commands import (
+from arqonbus_server.shared.commands import (
     BUILTIN_COMMANDS,
     COMMAND_ALIASES,
     HISTORY_DEFAULT_LIMIT,
@@ -22,7 +22,7 @@ from shared.commands import (
     require_service_name,
     service_timeout_ms,
 )
-from shared.errors import ArqonError
+from arqonbus_server.shared.errors import ArqonError
 
 BAD_SEQS: list[Any] = [True, False, -1, 1.0, 1.5, "3", [3], {"n": 3}]
 

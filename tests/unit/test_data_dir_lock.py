@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from mesh.local import DataDirInUse, DataDirLock
+from arqonbus_server.mesh.local import DataDirInUse, DataDirLock
 
 HOLD = """
 import sys
 from pathlib import Path
-from mesh.local import DataDirLock
+from arqonbus_server.mesh.local import DataDirLock
 DataDirLock(Path(sys.argv[1])).acquire()
 print("held", flush=True)
 sys.stdin.read()

@@ -9,8 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chaos.fuzz import json_strategies
-from shared.envelope import (
+from arqonbus_server.shared.envelope import (
     ID_MAX,
     PROTOCOL_VERSION,
     ClientCommand,
@@ -27,12 +26,13 @@ from shared.envelope import (
     parse_client_frame,
     with_seq,
 )
-from shared.errors import (
+from arqonbus_server.shared.errors import (
     INVALID_ENVELOPE,
     INVALID_PARAMETERS,
     UNAVAILABLE,
     ArqonError,
 )
+from chaos.fuzz import json_strategies
 
 MAX = 65536
 REQUEST_ID = "req-1"
@@ -498,13 +498,13 @@ def test_gap_shape() -> None:
 
 # -- regressions found by fuzzing (chaos/fuzz.py) ---------------------------------
 
-from shared.envelope import (  # noqa: E402
+from arqonbus_server.shared.envelope import (  # noqa: E402
     DEPTH_MAX,
     ERROR_MESSAGE_MAX,
     encode_delivery,
     encode_response,
 )
-from shared.service import ServiceCall, ServiceReply  # noqa: E402
+from arqonbus_server.shared.service import ServiceCall, ServiceReply  # noqa: E402
 
 
 def nested(levels: int) -> bytes:

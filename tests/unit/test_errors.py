@@ -6,8 +6,15 @@ import re
 
 import pytest
 
-from shared import errors
-from shared.errors import CATALOGUE, INVALID_NAME, UNAVAILABLE, ArqonError, CloseCode, ErrorCode
+from arqonbus_server.shared import errors
+from arqonbus_server.shared.errors import (
+    CATALOGUE,
+    INVALID_NAME,
+    UNAVAILABLE,
+    ArqonError,
+    CloseCode,
+    ErrorCode,
+)
 
 DEFINED = [v for v in vars(errors).values() if isinstance(v, ErrorCode)]
 

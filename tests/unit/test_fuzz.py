@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
+from arqonbus_server.shared import envelope
+from arqonbus_server.shared.errors import INVALID_NAME, INVALID_PARAMETERS, ArqonError
 from chaos import fuzz
-from shared import envelope
-from shared.errors import INVALID_NAME, INVALID_PARAMETERS, ArqonError
 
 # Examples per target: the frame targets draw whole envelopes, the others are cheap.
 EXAMPLES = {

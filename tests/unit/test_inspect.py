@@ -12,9 +12,9 @@ from typing import Any
 import orjson
 import pytest
 
-from shared.envelope import ClientEvent, encode_stored_event, with_seq
-from shared.errors import CATALOGUE, ArqonError
-from shared.inspect import (
+from arqonbus_server.shared.envelope import ClientEvent, encode_stored_event, with_seq
+from arqonbus_server.shared.errors import CATALOGUE, ArqonError
+from arqonbus_server.shared.inspect import (
     EMPTY_POLICY,
     ENTRY_POINT_GROUP,
     MESSAGE_MAX,
@@ -27,7 +27,7 @@ from shared.inspect import (
     policy_for,
     with_tags,
 )
-from shared.settings import ConfigError, load_settings
+from arqonbus_server.shared.settings import ConfigError, load_settings
 
 PLUGIN_DIR = Path(__file__).resolve().parents[2] / "examples" / "inspector_plugin"
 SSN = r"\b\d{3}-\d{2}-\d{4}\b"
@@ -398,7 +398,11 @@ def test_builtins_satisfy_the_inspector_protocol():
             r"cannot import module 'no_such_module_x'",
         ),
         (
-            {"tenants": {"acme": [{"kind": "plugin", "object": "shared.inspect:Nope"}]}},
+            {
+                "tenants": {
+                    "acme": [{"kind": "plugin", "object": "arqonbus_server.shared.inspect:Nope"}]
+                }
+            },
             r"has no 'Nope'",
         ),
         (

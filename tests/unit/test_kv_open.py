@@ -12,7 +12,7 @@ import pytest
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.errors import BucketNotFoundError
 
-from mesh import kv as kvmod
+from arqonbus_server.mesh import kv as kvmod
 
 
 class ScriptedJetStream:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.admission import TokenBucket, retry_after_ms
-from gateway.limits import (
+from arqonbus_server.gateway.admission import TokenBucket, retry_after_ms
+from arqonbus_server.gateway.limits import (
     ConnectionReports,
     FrameMeter,
     RateLimits,
@@ -15,7 +15,7 @@ from gateway.limits import (
     report_key,
     welcome_limits,
 )
-from shared.settings import load_settings
+from arqonbus_server.shared.settings import load_settings
 
 
 class Clock:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.origin import OriginPolicy, normalize_origin, origin_allowed
+from arqonbus_server.gateway.origin import OriginPolicy, normalize_origin, origin_allowed
 
 EXACT = "https://app.example.com, http://localhost:3000"
 WILD = "*.example.com"

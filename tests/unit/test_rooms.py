@@ -9,9 +9,9 @@ from typing import Any
 import orjson
 import pytest
 
-from gateway import rooms
-from gateway.admission import RateLimiter
-from gateway.rooms import (
+from arqonbus_server.gateway import rooms
+from arqonbus_server.gateway.admission import RateLimiter
+from arqonbus_server.gateway.rooms import (
     MAX_ENTRIES,
     Ban,
     Mute,
@@ -26,8 +26,8 @@ from gateway.rooms import (
     reason_param,
     verify_room_key,
 )
-from shared import authz, commands
-from shared.errors import CATALOGUE, ArqonError
+from arqonbus_server.shared import authz, commands
+from arqonbus_server.shared.errors import CATALOGUE, ArqonError
 
 
 class FakeBucket:

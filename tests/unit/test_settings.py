@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 from pydantic import ValidationError
 
-from shared.settings import ConfigError, Settings, load_settings, parse_host_port
+from arqonbus_server.shared.settings import ConfigError, Settings, load_settings, parse_host_port
 
 
 @pytest.fixture(autouse=True)

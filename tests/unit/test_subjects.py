@@ -8,8 +8,14 @@ import pytest
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
-from shared.errors import ArqonError
-from shared.subjects import NAME_MAX, ChannelRef, SubjectScheme, is_valid_name, validate_name
+from arqonbus_server.shared.errors import ArqonError
+from arqonbus_server.shared.subjects import (
+    NAME_MAX,
+    ChannelRef,
+    SubjectScheme,
+    is_valid_name,
+    validate_name,
+)
 
 NAME_CHARS = string.ascii_letters + string.digits + "_-"
 

@@ -7,9 +7,14 @@ import math
 import orjson
 import pytest
 
-from gateway.limits import RateLimits, RateSpec, TenantConnections
-from gateway.tenant_limits import FIELDS, TenantLimits, TenantLimitsError, TenantLimitsTable
-from shared.settings import load_settings
+from arqonbus_server.gateway.limits import RateLimits, RateSpec, TenantConnections
+from arqonbus_server.gateway.tenant_limits import (
+    FIELDS,
+    TenantLimits,
+    TenantLimitsError,
+    TenantLimitsTable,
+)
+from arqonbus_server.shared.settings import load_settings
 
 
 def test_parse_keeps_only_the_given_fields() -> None:

@@ -10,7 +10,7 @@ On every connect (and reconnect) the client opens the connection without a token
 the single-use nonce of the gateway's ``auth_required`` frame, signs it with the current
 time, and answers with an ``auth`` frame. A signed token is good for one sign-in only.
 
-Needs the ``cryptography`` package (``pip install arqonbus-client[agent]``).
+Needs the ``cryptography`` package (``pip install arqonbus[agent]``).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def _load(pem: bytes) -> Ed25519PrivateKey:
         from cryptography.hazmat.primitives.serialization import load_pem_private_key
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ImportError(
-            "agent identity needs the 'cryptography' package: pip install arqonbus-client[agent]"
+            "agent identity needs the 'cryptography' package: pip install arqonbus[agent]"
         ) from exc
     key = load_pem_private_key(pem, password=None)
     if not isinstance(key, Ed25519PrivateKey):
