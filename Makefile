@@ -11,7 +11,7 @@ WORKERS ?= 2
 help:
 	@echo "make run    start a local mesh: 3 NATS nodes + 2 gateways (ws://127.0.0.1:8765/ws); ARGS=\"...\" passes options to arqonbus dev"
 	@echo "make test   unit + integration tests against a real JetStream cluster"
-	@echo "make lint   ruff + mypy"
+	@echo "make lint   ruff + mypy + import-linter layering contracts"
 	@echo "make bench  ArqonBus against python-socketio, Node socket.io and raw NATS WebSocket (about 15 min)"
 	@echo "make bench-smoke  a short run of the same harness (under 60 s), as CI runs it"
 	@echo "make chaos  fault scenarios and bad-input suites against a real mesh (about 30 min, needs root for netns)"
@@ -50,6 +50,7 @@ lint: install $(MYPY_LINKS)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 # Writes bench/results/<date>.{md,json,png} and the table in docs/performance.md.
 bench: install

@@ -371,8 +371,8 @@ async def round_trip(ws: RawWs) -> bool:
 
 
 async def run(long: bool = False, workdir: Path | None = None) -> dict[str, Any]:
+    from arqonbus_server.gateway.config import load_settings
     from arqonbus_server.mesh.local import LocalCluster
-    from arqonbus_server.shared.settings import load_settings
     from tests.support import GatewayProcess
 
     rounds_n, per_round = (6, 500) if long else (2, 100)

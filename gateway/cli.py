@@ -13,7 +13,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from arqonbus_server.shared.settings import ConfigError, Settings, load_settings, unknown_variables
+from arqonbus_server.gateway.config import load_settings
+from arqonbus_server.shared.settings import ConfigError, Settings, unknown_variables
 
 if TYPE_CHECKING:
     from arqonbus_server.mesh.jetstream import JetStreamBroker

@@ -26,6 +26,7 @@ from arqonbus_server.gateway.auth_agent import (
     revoke,
     store_new,
 )
+from arqonbus_server.gateway.config import load_settings
 from arqonbus_server.mesh import kv as kvmod
 from arqonbus_server.mesh.broker import BrokerUnavailable
 from arqonbus_server.shared.agent_identity import (
@@ -35,7 +36,7 @@ from arqonbus_server.shared.agent_identity import (
     private_key_pem,
     public_key_b64,
 )
-from arqonbus_server.shared.settings import Settings, load_settings
+from arqonbus_server.shared.settings import Settings
 from arqonbus_server.shared.subjects import is_valid_name
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import orjson
 
 from arqonbus_server.gateway.audit import ADMIN_ACTION, record_once
+from arqonbus_server.gateway.policies import load_plugin
 from arqonbus_server.mesh import kv as kvmod
 from arqonbus_server.mesh.broker import BrokerUnavailable
 from arqonbus_server.shared.inspect import PolicyError, check_storable, parse_policy
@@ -47,7 +48,8 @@ def rules_from(doc: Any, tenant: str) -> list[Any]:
     if not isinstance(doc, list):
         raise PolicyError('expected a JSON list of rules, or {"tenants": {TENANT: [...]}}')
     check_storable(doc)
-    parse_policy({"tenants": {tenant: doc}}, f"rules for tenant {tenant!r}")  # validates
+    # validates, building any plugin as every gateway will
+    parse_policy({"tenants": {tenant: doc}}, f"rules for tenant {tenant!r}", load_plugin)
     return doc
 
 

@@ -12,9 +12,10 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
+from arqonbus_server.gateway.policies import policy_for
 from arqonbus_server.mesh import kv as kvmod
 from arqonbus_server.mesh.kv import WatchedBucket
-from arqonbus_server.shared.inspect import LayeredPolicy, policy_for
+from arqonbus_server.shared.inspect import LayeredPolicy
 
 if TYPE_CHECKING:
     from nats.js.kv import KeyValue

@@ -27,6 +27,7 @@ from arqonbus_server.gateway.auth import (
 )
 from arqonbus_server.gateway.hub import Hub
 from arqonbus_server.gateway.limits import RateLimits, RateSpec, rate_specs, welcome_limits
+from arqonbus_server.gateway.policies import policy_for
 from arqonbus_server.gateway.rooms import (
     CALL_ACTION,
     RoomDirectory,
@@ -79,7 +80,7 @@ from arqonbus_server.shared.errors import (
     CloseCode,
     ErrorCode,
 )
-from arqonbus_server.shared.inspect import policy_for, with_tags
+from arqonbus_server.shared.inspect import with_tags
 from arqonbus_server.shared.service import MalformedServiceMessage, ServiceCall, ServiceReply
 from arqonbus_server.shared.settings import Settings
 from arqonbus_server.shared.subjects import ChannelRef, SubjectScheme

@@ -25,66 +25,18 @@ import os
 import ssl
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
+
+from arqonbus_server.shared.settings import NATS_FILES, ConfigError, Settings, redact_url
 
 if TYPE_CHECKING:
     from arqonbus_server.mesh.jetstream import JetStreamBroker
-    from arqonbus_server.shared.settings import Settings
-
-_CREDENTIALS = (
-    ("nats_user", "ARQONBUS_NATS_USER"),
-    ("nats_token", "ARQONBUS_NATS_TOKEN"),
-    ("nats_nkey_seed_file", "ARQONBUS_NATS_NKEY_SEED_FILE"),
-    ("nats_creds_file", "ARQONBUS_NATS_CREDS_FILE"),
-)
-_FILES = (
-    ("nats_nkey_seed_file", "ARQONBUS_NATS_NKEY_SEED_FILE"),
-    ("nats_creds_file", "ARQONBUS_NATS_CREDS_FILE"),
-    ("nats_tls_ca", "ARQONBUS_NATS_TLS_CA"),
-    ("nats_tls_cert", "ARQONBUS_NATS_TLS_CERT"),
-    ("nats_tls_key", "ARQONBUS_NATS_TLS_KEY"),
-)
 
 
-def _secret(value: Any) -> str:
-    return value.get_secret_value() if hasattr(value, "get_secret_value") else str(value or "")
-
-
-def redact_url(url: str) -> str:
-    """``url`` without any ``user:password@`` part, safe to log."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparsable NATS URL>"
-    if "@" not in parts.netloc:
-        return url
-    return parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]).geturl()
-
-
-def check_settings(settings: Settings) -> None:
-    """Raise ValueError (naming the variable and the fix, never a secret) if the NATS auth
-    settings are inconsistent or a file they name cannot be read."""
-    for url in settings.nats_urls:
-        if "@" in urlsplit(url).netloc:
-            raise ValueError(
-                f"ARQONBUS_NATS has credentials in a URL ({redact_url(url)}): URLs are logged; "
-                "put them in ARQONBUS_NATS_USER + ARQONBUS_NATS_PASSWORD or ARQONBUS_NATS_TOKEN"
-            )
-    chosen = [env for field, env in _CREDENTIALS if _secret(getattr(settings, field))]
-    if len(chosen) > 1:
-        raise ValueError(
-            f"set at most one NATS credential, not {' and '.join(chosen)}: a user (with "
-            "ARQONBUS_NATS_PASSWORD), a token, an nkey seed file or a creds file"
-        )
-    has_password = bool(_secret(settings.nats_password))
-    if settings.nats_user and not has_password:
-        raise ValueError("ARQONBUS_NATS_USER needs ARQONBUS_NATS_PASSWORD too")
-    if has_password and not settings.nats_user:
-        raise ValueError("ARQONBUS_NATS_PASSWORD needs ARQONBUS_NATS_USER too")
-    if bool(settings.nats_tls_cert) != bool(settings.nats_tls_key):
-        missing = "ARQONBUS_NATS_TLS_KEY" if settings.nats_tls_cert else "ARQONBUS_NATS_TLS_CERT"
-        raise ValueError(f"a NATS client certificate needs its key: set {missing} too, or neither")
-    for field, env in _FILES:
+def check_files(settings: Settings) -> None:
+    """Raise ValueError (naming the variable and the fix, never a secret) if a file the NATS
+    settings name cannot be read or does not hold what it should. The other rules are pure
+    and checked when the settings are built (shared/settings.py)."""
+    for field, env in NATS_FILES:
         path = getattr(settings, field)
         if path and not (os.path.isfile(path) and os.access(path, os.R_OK)):
             raise ValueError(f"{env}={path} is not a readable file: fix the path or unset it")
@@ -124,8 +76,6 @@ def tls_context(settings: Settings) -> ssl.SSLContext | None:
 
     Raises ConfigError naming the setting when a PEM file cannot be loaded.
     """
-    from arqonbus_server.shared.settings import ConfigError
-
     if not (settings.nats_tls_ca or settings.nats_tls_cert or settings.nats_tls_handshake_first):
         return None
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
@@ -235,7 +185,7 @@ def broker_from_settings(settings: Settings, name: str = "arqonbus") -> JetStrea
 
 __all__ = [
     "broker_from_settings",
-    "check_settings",
+    "check_files",
     "connect_failure",
     "connect_options",
     "describe_options",

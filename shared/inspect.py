@@ -38,13 +38,10 @@ rules for that tenant on every gateway, without a restart.
 
 from __future__ import annotations
 
-import importlib
-import importlib.metadata
 import logging
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import jsonschema
@@ -66,6 +63,9 @@ from arqonbus_server.shared.subjects import is_valid_name
 log = logging.getLogger("arqonbus.inspect")
 
 ENTRY_POINT_GROUP = "arqonbus.inspectors"
+# (way, value, where) -> the plugin's factory; way is "entry_point" or "object". The gateway's
+# loader (gateway/policies.py) imports code, so it is passed in, never imported here.
+PluginLoader = Callable[[str, object, str], Callable[[dict[str, Any]], Any]]
 REDACTED = "[redacted]"
 DEFAULT_TENANT = "*"
 # Bounds of one scan of a payload's string values (per rule; configurable per rule).
@@ -438,9 +438,15 @@ def _check_verdict(verdict: object) -> None:
 class Policy:
     """The chains of all tenants: what :meth:`check_event` applies to each publish."""
 
-    def __init__(self, chains: Mapping[str, Chain | None] | None = None) -> None:
+    def __init__(
+        self,
+        chains: Mapping[str, Chain | None] | None = None,
+        plugins: PluginLoader | None = None,
+    ) -> None:
         # A tenant listed with no rules maps to None: no chain, and not the "*" one either.
         chains = dict(chains or {})
+        # Builds the plugin rules of rules stored later (LayeredPolicy); None: none allowed.
+        self.plugins = plugins
         self._default = chains.pop(DEFAULT_TENANT, None)
         self._chains = chains
 
@@ -492,7 +498,7 @@ class LayeredPolicy(Policy):
     """
 
     def __init__(self, base: Policy, lookup: Callable[[str], bytes | None]) -> None:
-        super().__init__()
+        super().__init__(plugins=base.plugins)
         self._base = base
         self._lookup = lookup
         self._parsed: dict[str, tuple[bytes, Chain | None]] = {}
@@ -508,7 +514,7 @@ class LayeredPolicy(Policy):
             return self._base.chain_for(tenant)
         parsed = self._parsed.get(tenant)
         if parsed is None or parsed[0] is not raw:  # a new value is a new bytes object
-            parsed = (raw, parse_stored_rules(tenant, raw))
+            parsed = (raw, parse_stored_rules(tenant, raw, self.plugins))
             self._parsed[tenant] = parsed
         return parsed[1]
 
@@ -530,12 +536,15 @@ def check_storable(rules: Any) -> None:
             )
 
 
-def parse_stored_rules(tenant: str, raw: bytes) -> Chain | None:
+def parse_stored_rules(
+    tenant: str, raw: bytes, plugins: PluginLoader | None = None
+) -> Chain | None:
     """A tenant's rules as stored in KV; an invalid entry becomes a chain that fails closed."""
     try:
         rules = orjson.loads(raw)
         check_storable(rules)
-        return parse_policy({"tenants": {tenant: rules}}, "stored policy").chain_for(tenant)
+        doc = {"tenants": {tenant: rules}}
+        return parse_policy(doc, "stored policy", plugins).chain_for(tenant)
     except (orjson.JSONDecodeError, PolicyError) as exc:
         log.error("the stored content policy of tenant %r is invalid: %s", tenant, exc)
         problem = "the stored policy is invalid: fix it with 'arqonbus policy set'"
@@ -561,33 +570,10 @@ _KIND_KEYS = {
     "plugin": {"entry_point", "object", "options"},
 }
 
-_loaded: dict[str, Policy] = {}
 
-
-def policy_for(path: str) -> Policy:
-    """The policy in the file at ``path`` ("" = none), read once per process."""
-    if not path:
-        return EMPTY_POLICY
-    policy = _loaded.get(path)
-    if policy is None:
-        policy = _loaded[path] = load_policy(path)
-    return policy
-
-
-def load_policy(path: str) -> Policy:
-    """Read and validate a policy file. Raises PolicyError naming the tenant and rule."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise PolicyError(f"policy file {path!r}: cannot read it ({exc.strerror})") from None
-    try:
-        doc = orjson.loads(data)
-    except orjson.JSONDecodeError as exc:
-        raise PolicyError(f"policy file {path!r}: not valid JSON ({exc})") from None
-    return parse_policy(doc, f"policy file {path!r}")
-
-
-def parse_policy(doc: Any, source: str = "policy") -> Policy:
+def parse_policy(doc: Any, source: str = "policy", plugins: PluginLoader | None = None) -> Policy:
+    """Validate a policy document; plugin rules are built with ``plugins`` (the gateway's
+    loader, gateway/policies.py); without one, a plugin rule is refused."""
     if not isinstance(doc, dict) or set(doc) - {"tenants"} or "tenants" not in doc:
         raise PolicyError(f'{source}: must be a JSON object {{"tenants": {{...}}}}')
     tenants = doc["tenants"]
@@ -601,13 +587,14 @@ def parse_policy(doc: Any, source: str = "policy") -> Policy:
         if not isinstance(rules, list):
             raise PolicyError(f"{where}: must be a list of rules")
         parsed = [
-            _parse_rule(rule, f"{where} rule #{i + 1}", i + 1) for i, rule in enumerate(rules)
+            _parse_rule(rule, f"{where} rule #{i + 1}", i + 1, plugins)
+            for i, rule in enumerate(rules)
         ]
         chains[tenant] = Chain(parsed) if parsed else None
-    return Policy(chains)
+    return Policy(chains, plugins)
 
 
-def _parse_rule(rule: Any, where: str, number: int) -> Rule:
+def _parse_rule(rule: Any, where: str, number: int, plugins: PluginLoader | None) -> Rule:
     if not isinstance(rule, dict):
         raise PolicyError(f"{where}: must be a JSON object")
     kind = rule.get("kind")
@@ -625,7 +612,10 @@ def _parse_rule(rule: Any, where: str, number: int) -> Rule:
         )
     rooms = _names(rule, "rooms", where)
     channels = _names(rule, "channels", where)
-    inspector = _BUILDERS[kind](rule, name, where)
+    if kind == "plugin":
+        inspector = _build_plugin(rule, where, plugins)
+    else:
+        inspector = _BUILDERS[kind](rule, name, where)
     return Rule(name, inspector, rooms, channels)
 
 
@@ -718,19 +708,17 @@ def _build_tag(rule: dict[str, Any], name: str, where: str) -> Inspector:
     return Tag(name, tag, _patterns(rule, where, True), _bounds(rule, where))
 
 
-def _build_plugin(rule: dict[str, Any], name: str, where: str) -> Inspector:
+def _build_plugin(rule: dict[str, Any], where: str, plugins: PluginLoader | None) -> Inspector:
     options = rule.get("options", {})
     if not isinstance(options, dict):
         raise PolicyError(f"{where}: 'options' must be a JSON object")
     if ("entry_point" in rule) == ("object" in rule):
         raise PolicyError(f"{where}: a plugin rule needs exactly one of 'entry_point' or 'object'")
+    if plugins is None:
+        raise PolicyError(f"{where}: plugins cannot be loaded here")
+    way = "entry_point" if "entry_point" in rule else "object"
     try:
-        factory = (
-            _entry_point(rule["entry_point"], where)
-            if "entry_point" in rule
-            else _import_object(rule["object"], where)
-        )
-        inspector = factory(options)
+        inspector = plugins(way, rule[way], where)(options)
     except PolicyError:
         raise
     except Exception as exc:
@@ -740,43 +728,9 @@ def _build_plugin(rule: dict[str, Any], name: str, where: str) -> Inspector:
     return inspector
 
 
-def _entry_point(value: object, where: str) -> Callable[[dict[str, Any]], Any]:
-    if not isinstance(value, str) or not value:
-        raise PolicyError(f"{where}: 'entry_point' must be a non-empty string")
-    found = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP, name=value)
-    if not found:
-        known = sorted(ep.name for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
-        raise PolicyError(
-            f"{where}: no entry point {value!r} in group {ENTRY_POINT_GROUP!r} "
-            f"(installed: {known}); install the package that provides it"
-        )
-    factory = next(iter(found)).load()
-    if not callable(factory):
-        raise PolicyError(f"{where}: entry point {value!r} is not callable")
-    return factory  # type: ignore[no-any-return]
-
-
-def _import_object(value: object, where: str) -> Callable[[dict[str, Any]], Any]:
-    if not isinstance(value, str) or value.count(":") != 1:
-        raise PolicyError(f"{where}: 'object' must be 'module:attribute', got {value!r}")
-    module_name, _, attribute = value.partition(":")
-    try:
-        target: Any = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise PolicyError(f"{where}: cannot import module {module_name!r} ({exc})") from None
-    for part in attribute.split("."):
-        target = getattr(target, part, None)
-        if target is None:
-            raise PolicyError(f"{where}: module {module_name!r} has no {attribute!r}")
-    if not callable(target):
-        raise PolicyError(f"{where}: {value!r} is not callable")
-    return target  # type: ignore[no-any-return]
-
-
 _BUILDERS: dict[str, Callable[[dict[str, Any], str, str], Inspector]] = {
     "deny": _build_deny,
     "schema": _build_schema,
     "redact": _build_redact,
     "tag": _build_tag,
-    "plugin": _build_plugin,
 }

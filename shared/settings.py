@@ -1,15 +1,26 @@
-"""Typed settings, read once at start-up from ``ARQONBUS_*`` variables and flags.
+"""Typed settings: the model and its pure rules.
 
-Every field below is a documented setting (see the README's configuration table).
+Every field below is a documented setting (see docs/operations.md's configuration table).
+Nothing here reads the environment or a file: ``settings_from(environ, **overrides)`` builds
+settings from a mapping it is given; the composition root (``arqonbus_server.gateway.config``)
+passes ``os.environ`` and then checks the files the settings name.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from arqonbus_server.shared.subjects import is_valid_name
 
@@ -21,8 +32,8 @@ class ConfigError(Exception):
     """A setting is invalid; the message names the key and the fix."""
 
 
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     nats: str = Field("nats://127.0.0.1:4222", description="NATS URLs, comma-separated")
     listen: str = Field("127.0.0.1:8765", description="HOST:PORT of the WebSocket/HTTP listener")
@@ -94,19 +105,9 @@ class Settings(BaseSettings):
         0, ge=0, description="Stored bytes per tenant stream (new events refused when full)"
     )
 
-    # -- content policies (issue 6, shared/inspect.py): read and validated at start-up --
+    # -- content policies (issue 6, shared/inspect.py); the file is read and validated at
+    # start-up by gateway/config.py --
     policy_file: str = Field("", description="JSON content policy file; empty = no policy")
-
-    @field_validator("policy_file")
-    @classmethod
-    def _policy_file_is_valid(cls, value: str) -> str:
-        if value:
-            from arqonbus_server.shared.inspect import (
-                policy_for,  # jsonschema loads only when a policy is set
-            )
-
-            policy_for(value)  # raises PolicyError (a ValueError) naming the tenant and rule
-        return value
 
     # -- audit stream (issue 6, gateway/audit.py): one JetStream stream per tenant --
     audit_max_age_s: float = Field(
@@ -242,11 +243,30 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _nats_credentials_consistent(self) -> Settings:
-        from arqonbus_server.mesh.nats_auth import (
-            check_settings,  # the rules live next to the options builder
-        )
-
-        check_settings(self)
+        """At most one credential, complete pairs, none in a URL (files: gateway/config.py)."""
+        for url in self.nats_urls:
+            if "@" in urlsplit(url).netloc:
+                raise ValueError(
+                    f"ARQONBUS_NATS has credentials in a URL ({redact_url(url)}): URLs are "
+                    "logged; put them in ARQONBUS_NATS_USER + ARQONBUS_NATS_PASSWORD or "
+                    "ARQONBUS_NATS_TOKEN"
+                )
+        chosen = [env for field, env in NATS_CREDENTIALS if _secret(getattr(self, field))]
+        if len(chosen) > 1:
+            raise ValueError(
+                f"set at most one NATS credential, not {' and '.join(chosen)}: a user (with "
+                "ARQONBUS_NATS_PASSWORD), a token, an nkey seed file or a creds file"
+            )
+        has_password = bool(self.nats_password.get_secret_value())
+        if self.nats_user and not has_password:
+            raise ValueError("ARQONBUS_NATS_USER needs ARQONBUS_NATS_PASSWORD too")
+        if has_password and not self.nats_user:
+            raise ValueError("ARQONBUS_NATS_PASSWORD needs ARQONBUS_NATS_USER too")
+        if bool(self.nats_tls_cert) != bool(self.nats_tls_key):
+            missing = "ARQONBUS_NATS_TLS_KEY" if self.nats_tls_cert else "ARQONBUS_NATS_TLS_CERT"
+            raise ValueError(
+                f"a NATS client certificate needs its key: set {missing} too, or neither"
+            )
         return self
 
     @property
@@ -266,6 +286,37 @@ class Settings(BaseSettings):
         return parse_host_port(self.listen)[1]
 
 
+# The NATS credentials (at most one) and the files NATS settings name, with their variables.
+NATS_CREDENTIALS = (
+    ("nats_user", "ARQONBUS_NATS_USER"),
+    ("nats_token", "ARQONBUS_NATS_TOKEN"),
+    ("nats_nkey_seed_file", "ARQONBUS_NATS_NKEY_SEED_FILE"),
+    ("nats_creds_file", "ARQONBUS_NATS_CREDS_FILE"),
+)
+NATS_FILES = (
+    ("nats_nkey_seed_file", "ARQONBUS_NATS_NKEY_SEED_FILE"),
+    ("nats_creds_file", "ARQONBUS_NATS_CREDS_FILE"),
+    ("nats_tls_ca", "ARQONBUS_NATS_TLS_CA"),
+    ("nats_tls_cert", "ARQONBUS_NATS_TLS_CERT"),
+    ("nats_tls_key", "ARQONBUS_NATS_TLS_KEY"),
+)
+
+
+def _secret(value: Any) -> str:
+    return value.get_secret_value() if hasattr(value, "get_secret_value") else str(value or "")
+
+
+def redact_url(url: str) -> str:
+    """``url`` without any ``user:password@`` part, safe to log."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparsable NATS URL>"
+    if "@" not in parts.netloc:
+        return url
+    return parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]).geturl()
+
+
 def parse_host_port(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
@@ -283,11 +334,19 @@ def unknown_variables(environ: Mapping[str, str]) -> list[str]:
     return sorted(k for k in environ if k.startswith(ENV_PREFIX) and k not in known)
 
 
-def load_settings(**overrides: Any) -> Settings:
-    """Read settings from the environment, with explicit overrides (from flags) on top."""
-    clean = {k: v for k, v in overrides.items() if v is not None}
+def settings_from(environ: Mapping[str, str], **overrides: Any) -> Settings:
+    """Settings from ``ARQONBUS_<FIELD>`` entries of ``environ`` (any case), with explicit
+    overrides (from flags; None = not given) on top. Raises ConfigError naming the variable.
+    """
+    by_upper = {key.upper(): value for key, value in environ.items()}
+    values: dict[str, Any] = {
+        name: by_upper[ENV_PREFIX + name.upper()]
+        for name in Settings.model_fields
+        if ENV_PREFIX + name.upper() in by_upper
+    }
+    values.update({k: v for k, v in overrides.items() if v is not None})
     try:
-        return Settings(**clean)
+        return Settings(**values)
     except ValidationError as exc:
         raise ConfigError(_describe(exc)) from None
 

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
+from arqonbus_server.gateway.config import load_settings
 from arqonbus_server.gateway.server import Gateway
 from arqonbus_server.mesh.local import LocalCluster
-from arqonbus_server.shared.settings import load_settings
 from tests.support import GatewayProcess, WsClient
 
 

@@ -17,12 +17,12 @@ from websockets.exceptions import InvalidStatus
 from arqonbus_server.gateway.auth import ChainAuthenticator
 from arqonbus_server.gateway.auth_keys import ApiKeyAuthenticator
 from arqonbus_server.gateway.cli import main as cli_main
+from arqonbus_server.gateway.config import load_settings
 from arqonbus_server.gateway.server import Gateway
 from arqonbus_server.mesh.kv import KEYS, bucket_name
 from arqonbus_server.mesh.local import LocalCluster, free_port
 from arqonbus_server.shared import apikeys
 from arqonbus_server.shared.errors import CloseCode
-from arqonbus_server.shared.settings import load_settings
 from tests.conftest import GatewayFactory, gateway_url
 from tests.support import WsClient, new_id
 

@@ -17,10 +17,11 @@ import pytest
 from nats.js import JetStreamManager
 from nats.js.api import StorageType, StreamInfo
 
+from arqonbus_server.gateway.config import load_settings
 from arqonbus_server.gateway.dev import http_status
 from arqonbus_server.gateway.server import Gateway
 from arqonbus_server.mesh.local import LocalCluster, free_port
-from arqonbus_server.shared.settings import ConfigError, load_settings
+from arqonbus_server.shared.settings import ConfigError
 from arqonbus_server.shared.subjects import ChannelRef, SubjectScheme
 from tests.conftest import gateway_url
 from tests.support import Message, WsClient

@@ -16,11 +16,11 @@ import websockets
 from nats.aio.msg import Msg
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from arqonbus_server.gateway.config import load_settings
 from arqonbus_server.gateway.dev import http_status
 from arqonbus_server.gateway.server import Gateway
 from arqonbus_server.mesh.local import LocalCluster, free_port
 from arqonbus_server.shared.errors import CATALOGUE
-from arqonbus_server.shared.settings import load_settings
 from tests.conftest import gateway_url
 from tests.support import Message, WsClient, new_id
 

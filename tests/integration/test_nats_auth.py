@@ -23,11 +23,12 @@ import nkeys
 import pytest
 from nats.aio.client import Client as NatsClient
 
+from arqonbus_server.gateway.config import load_settings
 from arqonbus_server.gateway.dev import http_status
 from arqonbus_server.gateway.server import Gateway
 from arqonbus_server.mesh.local import LocalCluster
 from arqonbus_server.mesh.nats_auth import connect_options
-from arqonbus_server.shared.settings import ConfigError, load_settings
+from arqonbus_server.shared.settings import ConfigError
 from tests.integration.test_origin_tls import make_cert
 from tests.support import WsClient
 

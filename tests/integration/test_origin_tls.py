@@ -22,9 +22,10 @@ from cryptography.x509.oid import NameOID
 from websockets.exceptions import InvalidStatus
 
 from arqonbus_server.gateway.cli import main as cli_main
+from arqonbus_server.gateway.config import load_settings
 from arqonbus_server.gateway.server import Gateway, listen_options
 from arqonbus_server.shared.errors import CloseCode
-from arqonbus_server.shared.settings import ConfigError, load_settings
+from arqonbus_server.shared.settings import ConfigError
 from tests.conftest import GatewayFactory, gateway_url
 from tests.support import WsClient
 

@@ -10,8 +10,8 @@ import orjson
 import pytest
 
 from arqonbus_server.gateway import cli, cli_policy
+from arqonbus_server.gateway.config import load_settings
 from arqonbus_server.mesh.local import LocalCluster
-from arqonbus_server.shared.settings import load_settings
 from tests.conftest import gateway_url
 
 pytestmark = pytest.mark.integration

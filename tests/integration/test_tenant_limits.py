@@ -14,9 +14,9 @@ import pytest
 from websockets.exceptions import InvalidStatus
 
 from arqonbus_server.gateway import cli, cli_tenants
+from arqonbus_server.gateway.config import load_settings
 from arqonbus_server.gateway.server import Gateway
 from arqonbus_server.mesh.local import LocalCluster
-from arqonbus_server.shared.settings import load_settings
 from tests.conftest import GatewayFactory, gateway_url
 from tests.support import WsClient, new_id
 

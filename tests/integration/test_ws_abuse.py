@@ -10,9 +10,9 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
+from arqonbus_server.gateway.config import load_settings
 from arqonbus_server.gateway.server import Gateway
 from arqonbus_server.mesh.local import LocalCluster
-from arqonbus_server.shared.settings import load_settings
 from chaos.frames import (
     ATTACKS,
     MEMORY_MIX,

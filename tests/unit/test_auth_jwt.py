@@ -19,7 +19,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from arqonbus_server.gateway.auth import AuthError, Credentials, Principal, make_authenticator
 from arqonbus_server.gateway.auth_jwt import JwtAuthenticator
-from arqonbus_server.shared.settings import ConfigError, load_settings
+from arqonbus_server.gateway.config import load_settings
+from arqonbus_server.shared.settings import ConfigError
 from tests.jwks import JwksServer
 
 RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)

@@ -12,6 +12,8 @@ from typing import Any
 import orjson
 import pytest
 
+from arqonbus_server.gateway.config import load_settings
+from arqonbus_server.gateway.policies import load_plugin, load_policy, policy_for
 from arqonbus_server.shared.envelope import ClientEvent, encode_stored_event, with_seq
 from arqonbus_server.shared.errors import CATALOGUE, ArqonError
 from arqonbus_server.shared.inspect import (
@@ -22,12 +24,10 @@ from arqonbus_server.shared.inspect import (
     Inspector,
     PolicyError,
     Verdict,
-    load_policy,
     parse_policy,
-    policy_for,
     with_tags,
 )
-from arqonbus_server.shared.settings import ConfigError, load_settings
+from arqonbus_server.shared.settings import ConfigError
 
 PLUGIN_DIR = Path(__file__).resolve().parents[2] / "examples" / "inspector_plugin"
 SSN = r"\b\d{3}-\d{2}-\d{4}\b"
@@ -39,7 +39,7 @@ def event(payload: dict[str, Any], room: str = "lobby", channel: str = "general"
 
 
 def policy(*rules: dict[str, Any], tenant: str = "acme") -> Any:
-    return parse_policy({"tenants": {tenant: list(rules)}})
+    return parse_policy({"tenants": {tenant: list(rules)}}, "policy", load_plugin)
 
 
 def refused(pol: Any, payload: dict[str, Any], **where: str) -> ArqonError:
@@ -413,7 +413,7 @@ def test_builtins_satisfy_the_inspector_protocol():
 )
 def test_config_errors_name_the_tenant_and_rule(doc: Any, expected: str):
     with pytest.raises(PolicyError, match=expected):
-        parse_policy(doc)
+        parse_policy(doc, "policy", load_plugin)
 
 
 def test_policy_file_setting_is_validated_at_start_up(tmp_path: Path):
@@ -437,7 +437,7 @@ def test_policy_file_setting_is_validated_at_start_up(tmp_path: Path):
 def test_the_protocol_doc_example_is_a_valid_policy(plugin_path: Path):
     text = (Path(__file__).resolve().parents[2] / "docs" / "protocol.md").read_text()
     block = text.split("## Content policies")[1].split("```json")[1].split("```")[0]
-    pol = parse_policy(orjson.loads(block))
+    pol = parse_policy(orjson.loads(block), "policy", load_plugin)
     assert len(pol.chain_for("acme").rules) == 6
 
 
@@ -445,3 +445,10 @@ def test_schema_remote_ref_is_never_fetched_and_fails_closed(caplog: pytest.LogC
     pol = policy({"kind": "schema", "name": "remote", "schema": {"$ref": "http://127.0.0.1:9/s"}})
     err = refused(pol, {"a": SECRET})
     assert err.code == "internal" and "remote" in err.message and SECRET not in caplog.text
+
+
+def test_without_a_loader_a_plugin_rule_is_refused_and_nothing_is_imported():
+    """shared/ never imports plugin code itself: the gateway passes its loader in."""
+    doc = {"tenants": {"acme": [{"kind": "plugin", "object": "no_such_module_x:C"}]}}
+    with pytest.raises(PolicyError, match="plugins cannot be loaded here"):
+        parse_policy(doc)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from arqonbus_server.gateway.admission import TokenBucket, retry_after_ms
+from arqonbus_server.gateway.config import load_settings
 from arqonbus_server.gateway.limits import (
     ConnectionReports,
     FrameMeter,
@@ -15,7 +16,6 @@ from arqonbus_server.gateway.limits import (
     report_key,
     welcome_limits,
 )
-from arqonbus_server.shared.settings import load_settings
 
 
 class Clock:

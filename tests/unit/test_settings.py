@@ -8,7 +8,8 @@ from collections.abc import Iterator
 import pytest
 from pydantic import ValidationError
 
-from arqonbus_server.shared.settings import ConfigError, Settings, load_settings, parse_host_port
+from arqonbus_server.gateway.config import load_settings
+from arqonbus_server.shared.settings import ConfigError, Settings, parse_host_port
 
 
 @pytest.fixture(autouse=True)

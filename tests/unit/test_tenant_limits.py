@@ -7,6 +7,7 @@ import math
 import orjson
 import pytest
 
+from arqonbus_server.gateway.config import load_settings
 from arqonbus_server.gateway.limits import RateLimits, RateSpec, TenantConnections
 from arqonbus_server.gateway.tenant_limits import (
     FIELDS,
@@ -14,7 +15,6 @@ from arqonbus_server.gateway.tenant_limits import (
     TenantLimitsError,
     TenantLimitsTable,
 )
-from arqonbus_server.shared.settings import load_settings
 
 
 def test_parse_keeps_only_the_given_fields() -> None:
