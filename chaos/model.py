@@ -260,7 +260,7 @@ class Mesh:
                             if (i.config.num_replicas or 1) < 3
                         ]
                         if short:
-                            # The README promises a new stream is never created with fewer
+                            # docs/operations.md (stream_replicas) promises a new stream is never created with fewer
                             # replicas because a node is down.
                             raise ModelViolation(
                                 f"tenant streams with fewer than 3 replicas on a 3-node "

@@ -161,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = _settings_from(args)
         _setup_logging(settings.log_level)
         for name in unknown_variables(os.environ):
-            log.warning("ignoring unknown variable %s: see the README's configuration table", name)
+            log.warning("ignoring unknown variable %s: see docs/operations.md#settings", name)
         if args.command == "gateway":
             return _run_gateway(settings)
         if args.command == "keys":

@@ -2,6 +2,12 @@
 
 Design
 ------
+Every protocol decision and the state it needs (unacked events, subscription cursors and
+queues, joins, pending commands, error mapping) live in the sans-I/O core
+:class:`arqonbus._protocol.ClientProtocol`. This module is the asyncio shell around it: it
+connects, reads frames into the core, sends the frames the core produces, and turns the
+core's events into resolved futures, woken iterators and log lines.
+
 One background task owns the socket. It connects (trying the gateway URLs in turn, with
 jittered exponential backoff), reads frames and dispatches each one synchronously, in frame
 order, then reconnects when the connection drops. Nothing else reads the socket.
@@ -34,7 +40,6 @@ import socket
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -50,6 +55,26 @@ from websockets.exceptions import (
 )
 from websockets.uri import parse_uri
 
+from arqonbus._protocol import (
+    PROTOCOL_VERSION,
+    Acked,
+    ClientProtocol,
+    CommandResult,
+    Delivered,
+    ErrorReceived,
+    GapDetected,
+    Joined,
+    JoinRetry,
+    Paused,
+    ProtocolEvent,
+    PublishFailed,
+    RemovedFromRoom,
+    ServiceRequest,
+    SubscriptionFailed,
+    SubscriptionState,
+    answer_error,
+    answer_result,
+)
 from arqonbus.errors import (
     ArqonBusError,
     AuthenticationError,
@@ -60,12 +85,9 @@ from arqonbus.errors import (
     ConnectionRejected,
     HandshakeRefusal,
     Internal,
-    InvalidEnvelope,
-    MessageTooLarge,
     RateLimited,
     Timeout,
     Unavailable,
-    error_from_wire,
 )
 from arqonbus.models import Ack, CommandRequest, Event, Gap, HistoryPage, Welcome
 
@@ -87,7 +109,6 @@ log = logging.getLogger("arqonbus.client")
 _WS_LOG = logging.getLogger("arqonbus.client.websockets")
 _WS_LOG.setLevel(logging.INFO)
 
-PROTOCOL_VERSION = "1.0"
 ADMIN_COMMANDS = frozenset(
     {
         "room_configure",
@@ -113,11 +134,8 @@ BUILTIN_COMMANDS = ADMIN_COMMANDS | frozenset(
     }
 )
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
-_ID_MAX = 128
-_ERROR_MESSAGE_MAX = 1024
 _INITIAL_BACKOFF = 0.05
 _MAX_RETRY_AFTER_S = 60.0  # the most a gateway's retry_after_ms can make the client wait
-_DEFAULT_LIMITS = {"max_envelope_bytes": 65536, "max_in_flight": 1000, "history_max_limit": 1000}
 
 CommandHandler = Callable[[CommandRequest], Awaitable[dict[str, Any] | None]]
 """``async def handler(request: CommandRequest) -> dict``: the result of a service command."""
@@ -131,13 +149,6 @@ _T = TypeVar("_T")
 
 def _is_name(value: object) -> bool:
     return isinstance(value, str) and _NAME.match(value) is not None
-
-
-def _check_id(value: str) -> None:
-    if not isinstance(value, str) or not 1 <= len(value) <= _ID_MAX or not value.isprintable():
-        raise InvalidEnvelope(
-            f"id {value!r} is not valid: it must be a string of 1-{_ID_MAX} printable characters"
-        )
 
 
 def _backoff(attempt: int, cap: float) -> float:
@@ -264,14 +275,6 @@ def _retry_after(exc: InvalidStatus) -> float:
     return float(header) if header.isdigit() and int(header) <= 3600 else 0.0
 
 
-@dataclass(slots=True)
-class _Outgoing:
-    """An unacknowledged publish: the exact frame to resend, and who waits for the ack."""
-
-    frame: bytes
-    future: asyncio.Future[Ack]
-
-
 class Client:
     """An ArqonBus connection that reconnects and resumes by itself.
 
@@ -332,18 +335,15 @@ class Client:
         self._url: str | None = None
         self._url_index = 0
         self._welcome: Welcome | None = None
-        self._limits: dict[str, int] = dict(_DEFAULT_LIMITS)
-        self._ready = False
+        self._core = ClientProtocol()  # every protocol decision and its state
         self._ready_event = asyncio.Event()  # set while ready, closing or failed
         self._closing = False
         self._fatal: ArqonBusError | None = None
         self._run_task: asyncio.Task[None] | None = None
 
-        self._unacked: dict[str, _Outgoing] = {}
+        self._acks: dict[str, asyncio.Future[Ack]] = {}  # unacked publishes' callers
         self._slot_freed = asyncio.Event()
         self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
-        self._joins: dict[str, tuple[Subscription, int | None]] = {}
-        self._quiet: set[str] = set()  # requests whose reply nobody awaits (leave on pause)
         self._subs: dict[tuple[str, str], Subscription] = {}
         self._handlers: dict[tuple[str, str, str], CommandHandler] = {}
         self._handler_slots = asyncio.Semaphore(handler_concurrency)
@@ -367,6 +367,10 @@ class Client:
     def connected(self) -> bool:
         """True while a connection is up and resumed."""
         return self._ready
+
+    @property
+    def _ready(self) -> bool:
+        return self._core.connected
 
     @property
     def url(self) -> str | None:
@@ -411,7 +415,7 @@ class Client:
         if self._closing:
             return
         self._closing = True
-        self._ready = False
+        self._core.connection_lost()
         self._ready_event.set()
         self._slot_freed.set()
         conn = self._conn
@@ -458,31 +462,9 @@ class Client:
         and backoff; the error is raised only when the timeout leaves no room for another
         attempt.
         """
-        if not isinstance(payload, dict):
-            raise TypeError(f"payload must be a dict (a JSON object), not {type(payload).__name__}")
-        msg_id = uuid.uuid4().hex if id is None else id
-        _check_id(msg_id)
-        try:
-            frame = orjson.dumps(
-                {
-                    "version": PROTOCOL_VERSION,
-                    "id": msg_id,
-                    "type": "event",
-                    "room": room,
-                    "channel": channel,
-                    "payload": payload,
-                }
-            )
-        except TypeError as exc:
-            raise TypeError(f"payload is not JSON-serializable: {exc}") from None
-        limit = self._limits["max_envelope_bytes"]
-        if len(frame) > limit:
-            raise MessageTooLarge(
-                f"envelope is {len(frame)} bytes, limit is {limit}: send a smaller payload",
-                request_id=msg_id,
-            )
+        msg_id, frame = self._core.encode_event(room, channel, payload, id)
         self._check_usable()
-        if msg_id in self._unacked:
+        if msg_id in self._acks:
             raise ValueError(f"a publish with id {msg_id!r} is already waiting for its ack")
         budget = self.request_timeout if timeout is None else timeout
         loop = asyncio.get_running_loop()
@@ -513,23 +495,23 @@ class Client:
 
     async def _publish_once(self, msg_id: str, frame: bytes, deadline: float) -> Ack:
         """Send once (and again after each reconnect) until the ack or an error arrives."""
-        entry = _Outgoing(frame, asyncio.get_running_loop().create_future())
+        future: asyncio.Future[Ack] = asyncio.get_running_loop().create_future()
         try:
             async with asyncio.timeout_at(deadline):
-                while len(self._unacked) >= self._limits["max_in_flight"]:
+                while self._core.in_flight >= self._core.limits["max_in_flight"]:
                     self._slot_freed.clear()
                     await self._slot_freed.wait()
                     self._check_usable()
-                if msg_id in self._unacked:
+                if msg_id in self._acks:
                     raise ValueError(f"a publish with id {msg_id!r} is already waiting for its ack")
-                self._unacked[msg_id] = entry
-                conn = self._conn
-                if self._ready and conn is not None:
-                    await self._send_on(conn, frame)
-                return await entry.future
+                self._core.send_event(msg_id, frame)
+                self._acks[msg_id] = future
+                await self._send_pending()
+                return await future
         finally:
-            if self._unacked.get(msg_id) is entry:
-                del self._unacked[msg_id]
+            if self._acks.get(msg_id) is future:
+                del self._acks[msg_id]
+                self._core.forget_event(msg_id)
                 self._slot_freed.set()
 
     # -- subscribing ------------------------------------------------------------------------
@@ -863,27 +845,15 @@ class Client:
         timeout: float,
         extra: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        request_id = f"{command[:20]}_{uuid.uuid4().hex}"
-        payload: dict[str, Any] = {"command": command, "parameters": parameters}
-        if extra:
-            payload.update(extra)
-        frame = orjson.dumps(
-            {
-                "version": PROTOCOL_VERSION,
-                "id": request_id,
-                "type": "command",
-                "room": room,
-                "channel": channel,
-                "payload": payload,
-            }
-        )
+        request_id = self._core.new_request_id(command)
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         try:
             async with asyncio.timeout(timeout):
-                conn = await self._wait_ready()
+                await self._wait_ready()
+                self._core.command(room, channel, command, parameters, extra, request_id)
                 self._pending[request_id] = future
-                await self._send_on(conn, frame)
-                reply = await future
+                await self._send_pending()
+                return await future
         except TimeoutError:
             raise Timeout(
                 f"no reply to {command} on {room}/{channel} within {timeout:g}s",
@@ -891,10 +861,7 @@ class Client:
             ) from None
         finally:
             self._pending.pop(request_id, None)
-        if reply.get("status") == "success":
-            result = reply.get("result")
-            return result if isinstance(result, dict) else {}
-        raise error_from_wire(reply.get("error"), request_id)
+            self._core.forget_command(request_id)
 
     async def _request_idempotent(
         self,
@@ -937,6 +904,24 @@ class Client:
         """Send on one specific connection; if it is gone, the reconnect logic takes over."""
         with contextlib.suppress(ConnectionClosed):
             await conn.send(frame, text=True)
+
+    async def _send_all(self, conn: ClientConnection, frames: list[bytes]) -> None:
+        for frame in frames:
+            await self._send_on(conn, frame)
+
+    async def _send_pending(self) -> None:
+        """Send what the core has to send, on the current connection, in order."""
+        frames = self._core.data_to_send()
+        conn = self._conn
+        if frames and conn is not None:
+            await self._send_all(conn, frames)
+
+    def _flush(self) -> None:
+        """:meth:`_send_pending` from synchronous code (the reader, callbacks)."""
+        frames = self._core.data_to_send()
+        conn = self._conn
+        if frames and conn is not None:
+            self._spawn(self._send_all(conn, frames))
 
     def _spawn(self, coro: Coroutine[Any, Any, _T]) -> asyncio.Task[_T]:
         task = asyncio.create_task(coro)
@@ -1085,8 +1070,7 @@ class Client:
     def _attach(self, conn: ClientConnection, welcome: Welcome) -> asyncio.Task[None]:
         """Make ``conn`` the current connection and start resuming on it."""
         self._conn, self._welcome = conn, welcome
-        self._limits = {**_DEFAULT_LIMITS, **welcome.limits}
-        return self._spawn(self._resume(conn))
+        return self._spawn(self._resume(conn, welcome))
 
     async def _run(self, conn: ClientConnection) -> None:
         """The connection task: read until the connection drops, then reconnect and resume."""
@@ -1152,28 +1136,21 @@ class Client:
             return 1006, ""
         return conn.close_code or 1006, conn.close_reason or ""
 
-    async def _resume(self, conn: ClientConnection) -> None:
+    async def _resume(self, conn: ClientConnection, welcome: Welcome) -> None:
         """After (re)connecting: rejoin, resend unacked publishes, register handlers."""
         # Synchronous part: what to resend is fixed at the moment the client becomes ready.
-        joins = [
-            self._prepare_join(sub, reset=True)
-            for sub in list(self._subs.values())
-            if not sub._closed and sub._error is None
-        ]
-        resend = [entry.frame for entry in self._unacked.values()]
+        resent = self._core.in_flight
+        self._core.connection_made(welcome)
+        frames = self._core.data_to_send()
         handlers = list(self._handlers)
-        self._ready = True
         self._ready_event.set()
-        for frame in joins:
-            await self._send_on(conn, frame)
-        for frame in resend:
-            await self._send_on(conn, frame)
-        if resend:
-            log.info("resent %d unacked event(s) to %s", len(resend), self._url)
+        await self._send_all(conn, frames)
+        if resent:
+            log.info("resent %d unacked event(s) to %s", resent, self._url)
         await asyncio.gather(*(self._register_logged(*key) for key in handlers))
 
     def _on_disconnect(self) -> None:
-        self._ready = False
+        self._core.connection_lost()
         if not self._closing and self._fatal is None:
             self._ready_event.clear()
         self._fail_pending(
@@ -1181,11 +1158,6 @@ class Client:
             if self._closing
             else ConnectionLost("the connection dropped before the reply")
         )
-        self._joins.clear()
-        self._quiet.clear()
-        for sub in self._subs.values():
-            sub._accepting = False
-            sub._join_id = None
 
     def _fail_pending(self, exc: ArqonBusError, publishes: bool = False) -> None:
         pending, self._pending = self._pending, {}
@@ -1193,16 +1165,17 @@ class Client:
             if not future.done():
                 future.set_exception(exc)
         if publishes:
-            unacked, self._unacked = self._unacked, {}
-            for entry in unacked.values():
-                if not entry.future.done():
-                    entry.future.set_exception(exc)
+            self._core.abandon()
+            acks, self._acks = self._acks, {}
+            for ack in acks.values():
+                if not ack.done():
+                    ack.set_exception(exc)
             self._slot_freed.set()
 
     def _set_fatal(self, exc: ArqonBusError) -> None:
         log.error("%s", exc)
         self._fatal = exc
-        self._ready = False
+        self._core.connection_lost()
         self._ready_event.set()
         self._fail_pending(exc, publishes=True)
         for sub in list(self._subs.values()):
@@ -1210,116 +1183,92 @@ class Client:
 
     # -- dispatch (runs in the reader, in frame order) -------------------------------------
 
-    def _sub_for(self, message: dict[str, Any]) -> Subscription | None:
-        room, channel = message.get("room"), message.get("channel")
-        if isinstance(room, str) and isinstance(channel, str):
-            return self._subs.get((room, channel))
-        return None
-
     def _dispatch(self, message: dict[str, Any], conn: ClientConnection) -> None:
-        kind = message.get("type")
-        if kind == "event":
-            sub = self._sub_for(message)
-            if sub is not None:
-                sub._offer_event(message)
-        elif kind == "ack":
-            self._on_ack(message)
-        elif kind == "command_response":
-            self._on_response(message)
-        elif kind == "error":
-            self._on_error(message)
-        elif kind == "gap":
-            self._on_gap(message)
-        elif kind == "command":
-            self._on_delivery(message, conn)
-        elif kind != "welcome":
-            log.debug("ignoring a message of type %r", kind)
+        for event in self._core.receive(message):
+            self._handle(event, conn)
+        self._flush()
 
-    def _on_ack(self, message: dict[str, Any]) -> None:
-        payload = message.get("payload")
-        if not isinstance(payload, dict):
-            return
-        request_id = payload.get("request_id")
-        if not isinstance(request_id, str):
-            return
-        entry = self._unacked.pop(request_id, None)
-        if entry is None:
-            return
+    def _handle(self, event: ProtocolEvent, conn: ClientConnection) -> None:
+        """Carry out what the core decided: resolve futures, wake iterators, log."""
+        match event:
+            case Delivered(event=item):
+                self._wake(item.room, item.channel)
+            case GapDetected(gap=gap):
+                self._wake(gap.room, gap.channel)
+            case Acked() | PublishFailed():
+                self._on_publish_answer(event)
+            case CommandResult():
+                self._on_command_result(event)
+            case Joined(room=room, channel=channel):
+                self._on_joined(room, channel)
+            case JoinRetry():
+                self._on_join_retry(event, conn)
+            case SubscriptionFailed(room=room, channel=channel, error=error):
+                self._on_subscription_failed(room, channel, error)
+            case Paused(room=room, channel=channel, queued=queued):
+                log.info(
+                    "subscription %s/%s paused: its queue of %d events is full",
+                    room,
+                    channel,
+                    queued,
+                )
+            case ServiceRequest(request=request):
+                handler = self._handlers.get((request.room, request.channel, request.command))
+                self._spawn(self._answer(conn, request, handler))
+            case RemovedFromRoom(room=room, channels=channels, error=error):
+                log.warning("removed from room %s (%s): %s", room, ", ".join(channels), error)
+            case ErrorReceived(request_id=request_id, error=error):
+                log.warning("the gateway reported an error for request %s: %s", request_id, error)
+
+    def _on_publish_answer(self, event: Acked | PublishFailed) -> None:
         self._slot_freed.set()
-        seq = payload.get("seq")
-        if not entry.future.done():
-            entry.future.set_result(
-                Ack(
-                    request_id, seq if isinstance(seq, int) else 0, payload.get("duplicate") is True
-                )
-            )
+        future = self._acks.pop(event.request_id, None)
+        if future is None or future.done():
+            return
+        if isinstance(event, Acked):
+            future.set_result(event.ack())
+        else:
+            future.set_exception(event.error)
 
-    def _on_response(self, message: dict[str, Any]) -> None:
-        payload = message.get("payload")
-        if not isinstance(payload, dict):
+    def _on_command_result(self, event: CommandResult) -> None:
+        future = self._pending.get(event.request_id)
+        if future is None or future.done():
             return
-        request_id = payload.get("request_id")
-        if not isinstance(request_id, str):
-            return
-        join = self._joins.pop(request_id, None)
-        if join is not None:
-            self._on_join_reply(join[0], request_id, join[1], payload)
-            return
-        future = self._pending.get(request_id)
-        if future is not None:
-            if not future.done():
-                future.set_result(payload)
-            return
-        if request_id in self._quiet:
-            self._quiet.discard(request_id)
-            return
-        log.debug("reply to an unknown request %r", request_id)
+        if event.error is not None:
+            future.set_exception(event.error)
+        else:
+            future.set_result(event.result or {})
 
-    def _on_error(self, message: dict[str, Any]) -> None:
-        payload = message.get("payload")
-        if not isinstance(payload, dict):
-            return
-        request_id = payload.get("request_id")
-        exc = error_from_wire(payload, request_id if isinstance(request_id, str) else None)
-        if isinstance(request_id, str):
-            entry = self._unacked.pop(request_id, None)
-            if entry is not None:
-                self._slot_freed.set()
-                if not entry.future.done():
-                    entry.future.set_exception(exc)
-                return
-            join = self._joins.pop(request_id, None)
-            if join is not None:
-                self._on_join_reply(
-                    join[0], request_id, join[1], {"status": "error", "error": payload}
-                )
-                return
-            future = self._pending.get(request_id)
-            if future is not None:
-                if not future.done():
-                    future.set_exception(exc)
-                return
-            self._quiet.discard(request_id)
-        room, channels = payload.get("room"), payload.get("channels")
-        if request_id is None and isinstance(room, str) and isinstance(channels, list):
-            # Pushed: this connection was removed from those channels (a ban). Their
-            # subscriptions end with the error; rejoining would only be refused.
-            for channel in channels:
-                sub = self._subs.pop((room, channel), None) if isinstance(channel, str) else None
-                if sub is not None:
-                    sub._fail(exc)
-            log.warning("removed from room %s (%s): %s", room, ", ".join(map(str, channels)), exc)
-            return
-        log.warning("the gateway reported an error for request %s: %s", request_id, exc)
+    def _wake(self, room: str, channel: str) -> None:
+        sub = self._subs.get((room, channel))
+        if sub is not None:
+            sub._wakeup.set()
 
-    def _on_gap(self, message: dict[str, Any]) -> None:
-        sub = self._sub_for(message)
-        payload = message.get("payload")
-        if sub is None or not isinstance(payload, dict):
-            return
-        after, first = payload.get("after_seq"), payload.get("first_available_seq")
-        if isinstance(after, int) and isinstance(first, int):
-            sub._offer_gap(after, first)
+    def _on_joined(self, room: str, channel: str) -> None:
+        sub = self._subs.get((room, channel))
+        if sub is not None:
+            sub._wakeup.set()
+            if not sub._started.done():
+                sub._started.set_result(None)
+
+    def _on_join_retry(self, event: JoinRetry, conn: ClientConnection) -> None:
+        sub = self._subs.get((event.room, event.channel))
+        delay = _retry_delay(event.error, event.attempt, self.max_backoff)
+        log.warning(
+            "join of %s/%s failed (%s); retrying in %.2fs",
+            event.room,
+            event.channel,
+            event.error,
+            delay,
+        )
+        if sub is not None:
+            self._spawn(self._rejoin_later(sub, conn, delay))
+
+    def _on_subscription_failed(self, room: str, channel: str, error: ArqonBusError) -> None:
+        sub = self._subs.get((room, channel))
+        if sub is not None and sub._state.error is error:
+            del self._subs[(room, channel)]
+            sub._fail(error)
 
     # -- subscriptions (called by Subscription) --------------------------------------------
 
@@ -1333,143 +1282,19 @@ class Client:
                 "close it first, or use another Client"
             )
         self._subs[key] = sub
-        conn = self._conn
-        if self._ready and conn is not None:
-            self._spawn(self._send_on(conn, self._prepare_join(sub, reset=True)))
-
-    def _prepare_join(self, sub: Subscription, reset: bool) -> bytes:
-        """Make ``sub`` wait for a new join and return the join frame.
-
-        Events are refused until the join's reply is read: the gateway sends it before the
-        first event of the new membership. With ``reset`` (a new connection) the events
-        queued but not handed yet are dropped and the join resumes from the last seq handed
-        to the application; without it (resuming a paused subscription) the queue is kept
-        and the join resumes from the last seq accepted into it.
-        """
-        if reset:
-            sub._items.clear()
-            sub._queued_events = 0
-            sub._paused = False
-            sub._accepted_seq = sub._last_seq
-        since = sub._accepted_seq
-        request_id = f"join_{uuid.uuid4().hex}"
-        sub._join_id = request_id
-        sub._accepting = False
-        self._joins[request_id] = (sub, since)
-        parameters: dict[str, Any] = {} if since is None else {"since_seq": since}
-        if sub._room_key is not None:
-            parameters["room_key"] = sub._room_key
-        return orjson.dumps(
-            {
-                "version": PROTOCOL_VERSION,
-                "id": request_id,
-                "type": "command",
-                "room": sub.room,
-                "channel": sub.channel,
-                "payload": {"command": "join_channel", "parameters": parameters},
-            }
-        )
-
-    def _on_join_reply(
-        self, sub: Subscription, request_id: str, since: int | None, payload: dict[str, Any]
-    ) -> None:
-        if sub._join_id != request_id or sub._closed or sub._error is not None:
-            return
-        sub._join_id = None
-        if payload.get("status") == "success":
-            result = payload.get("result")
-            result = result if isinstance(result, dict) else {}
-            last_seq = result.get("last_seq")
-            last_seq = last_seq if isinstance(last_seq, int) else 0
-            if since is None:
-                sub._accepted_seq = last_seq
-                if sub._last_seq is None:
-                    sub._last_seq = last_seq
-            sub._paused = False
-            sub._accepting = True
-            sub._join_failures = 0
-            if result.get("gap") is True:
-                first = result.get("first_available_seq")
-                sub._push(
-                    Gap(sub.room, sub.channel, since or 0, first if isinstance(first, int) else 0)
-                )
-            if not sub._started.done():
-                sub._started.set_result(None)
-            return
-        exc = error_from_wire(payload.get("error"), request_id)
-        if exc.retryable:
-            delay = _retry_delay(exc, sub._join_failures, self.max_backoff)
-            sub._join_failures += 1
-            log.warning(
-                "join of %s/%s failed (%s); retrying in %.2fs", sub.room, sub.channel, exc, delay
-            )
-            conn = self._conn
-            if conn is not None:
-                self._spawn(self._rejoin_later(sub, conn, delay))
-            return
-        sub._fail(exc)
-        if self._subs.get((sub.room, sub.channel)) is sub:
-            del self._subs[(sub.room, sub.channel)]
+        self._core.subscribe(sub._state)
+        self._flush()
 
     async def _rejoin_later(self, sub: Subscription, conn: ClientConnection, delay: float) -> None:
         await asyncio.sleep(delay)
-        if (
-            conn is self._conn
-            and self._ready
-            and sub._join_id is None
-            and not sub._accepting
-            and not sub._closed
-            and sub._error is None
-            and self._subs.get((sub.room, sub.channel)) is sub
-        ):
-            await self._send_on(conn, self._prepare_join(sub, reset=False))
+        if conn is self._conn and self._subs.get((sub.room, sub.channel)) is sub:
+            self._core.rejoin(sub._state)
+            self._flush()
 
-    def _pause(self, sub: Subscription) -> None:
-        """The application does not keep up: stop accepting events and leave the channel.
-
-        The refused events stay in the store; the subscription rejoins from the last
-        accepted seq once the application has taken half of its queue.
-        """
-        sub._accepting = False
-        sub._paused = True
-        sub._pause_count += 1
-        conn = self._conn
-        if self._ready and conn is not None:
-            request_id = f"leave_{uuid.uuid4().hex}"
-            self._quiet.add(request_id)
-            self._spawn(self._send_on(conn, self._leave_frame(sub, request_id)))
-        log.info(
-            "subscription %s/%s paused: its queue of %d events is full",
-            sub.room,
-            sub.channel,
-            sub._maxsize,
-        )
-
-    def _after_take(self, sub: Subscription) -> None:
-        conn = self._conn
-        if (
-            sub._paused
-            and sub._join_id is None
-            and not sub._closed
-            and sub._queued_events <= sub._maxsize // 2
-            and self._ready
-            and conn is not None
-        ):
-            frame = self._prepare_join(sub, reset=False)
-            self._spawn(self._send_on(conn, frame))
-
-    @staticmethod
-    def _leave_frame(sub: Subscription, request_id: str) -> bytes:
-        return orjson.dumps(
-            {
-                "version": PROTOCOL_VERSION,
-                "id": request_id,
-                "type": "command",
-                "room": sub.room,
-                "channel": sub.channel,
-                "payload": {"command": "leave_channel", "parameters": {}},
-            }
-        )
+    def _take(self, sub: Subscription) -> Event | Gap | None:
+        item = self._core.take(sub._state)
+        self._flush()  # a paused subscription may rejoin now
+        return item
 
     async def _remove_subscription(self, sub: Subscription) -> None:
         if self._subs.get((sub.room, sub.channel)) is not sub:
@@ -1483,31 +1308,16 @@ class Client:
         finally:
             if self._subs.get((sub.room, sub.channel)) is sub:
                 del self._subs[(sub.room, sub.channel)]
+                self._core.unsubscribe(sub._state)
 
     # -- service handlers ---------------------------------------------------------------------
-
-    def _on_delivery(self, message: dict[str, Any], conn: ClientConnection) -> None:
-        request = CommandRequest.from_wire(message)
-        if not request.delivery_id:
-            return
-        handler = self._handlers.get((request.room, request.channel, request.command))
-        self._spawn(self._answer(conn, request, handler))
 
     async def _answer(
         self, conn: ClientConnection, request: CommandRequest, handler: CommandHandler | None
     ) -> None:
         async with self._handler_slots:
             payload = await self._run_handler(request, handler)
-        frame = self._response_frame(request, payload)
-        if len(frame) > self._limits["max_envelope_bytes"]:
-            payload = self._error_payload(
-                request,
-                "message_too_large",
-                f"the handler's answer is {len(frame)} bytes, more than the limit "
-                f"{self._limits['max_envelope_bytes']}",
-                False,
-            )
-            frame = self._response_frame(request, payload)
+        frame = self._core.encode_answer(request, payload)
         if conn is not self._conn or not self._ready:
             log.info(
                 "answer to %s dropped: the connection that delivered it closed", request.command
@@ -1519,7 +1329,7 @@ class Client:
         self, request: CommandRequest, handler: CommandHandler | None
     ) -> dict[str, Any]:
         if handler is None:
-            return self._error_payload(
+            return answer_error(
                 request,
                 "not_registered",
                 f"this client no longer handles {request.command!r} on "
@@ -1542,47 +1352,18 @@ class Client:
                     request.command,
                     exc.code,
                 )
-                return self._error_payload(
+                return answer_error(
                     request, "internal", "handler failed: CommandFailed with an invalid code", True
                 )
-            return self._error_payload(request, exc.code, exc.message, exc.retryable)
+            return answer_error(request, exc.code, exc.message, exc.retryable)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             log.exception(
                 "handler of %s on %s/%s failed", request.command, request.room, request.channel
             )
-            return self._error_payload(
-                request, "internal", f"handler failed: {type(exc).__name__}", False
-            )
-        return {"request_id": request.delivery_id, "status": "success", "result": result}
-
-    @staticmethod
-    def _error_payload(
-        request: CommandRequest, code: str, message: str, retryable: bool
-    ) -> dict[str, Any]:
-        return {
-            "request_id": request.delivery_id,
-            "status": "error",
-            "error": {
-                "code": code,
-                "message": message[:_ERROR_MESSAGE_MAX],
-                "retryable": retryable,
-            },
-        }
-
-    @staticmethod
-    def _response_frame(request: CommandRequest, payload: dict[str, Any]) -> bytes:
-        return orjson.dumps(
-            {
-                "version": PROTOCOL_VERSION,
-                "id": f"arq_resp_{uuid.uuid4().hex}",
-                "type": "command_response",
-                "room": request.room,
-                "channel": request.channel,
-                "payload": payload,
-            }
-        )
+            return answer_error(request, "internal", f"handler failed: {type(exc).__name__}", False)
+        return answer_result(request, result)
 
 
 class Subscription:
@@ -1606,41 +1387,38 @@ class Subscription:
         self._client = client
         self.room = room
         self.channel = channel
-        self._room_key = room_key
-        self._maxsize = maxsize
-        self._last_seq: int | None = since_seq  # handed to the application
-        self._accepted_seq: int | None = since_seq  # accepted into the queue
-        self._items: deque[Event | Gap] = deque()
-        self._queued_events = 0
+        # The cursor, the queue and the join state: the client's core decides over them.
+        self._state = SubscriptionState(room, channel, since_seq, room_key, maxsize)
         self._wakeup = asyncio.Event()
-        self._accepting = False
-        self._paused = False
-        self._pause_count = 0
-        self._join_id: str | None = None
-        self._join_failures = 0
         self._start_called = False
         self._started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._closed = False
-        self._error: ArqonBusError | None = None
         self._callback_task: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
-        return f"<Subscription {self.room}/{self.channel} last_seq={self._last_seq}>"
+        return f"<Subscription {self.room}/{self.channel} last_seq={self.last_seq}>"
 
     @property
     def last_seq(self) -> int | None:
         """The seq of the last event handed to the application (None before the join)."""
-        return self._last_seq
+        return self._state.last_seq
 
     @property
     def pause_count(self) -> int:
         """How often the subscription paused because its queue was full."""
-        return self._pause_count
+        return self._state.pause_count
 
     @property
     def closed(self) -> bool:
         """True once closed, failed, or the client closed."""
-        return self._closed or self._error is not None
+        return not self._state.active
+
+    @property
+    def _error(self) -> ArqonBusError | None:
+        return self._state.error
+
+    @property
+    def _closed(self) -> bool:
+        return self._state.closed
 
     async def start(self, timeout: float | None = None) -> Subscription:
         """Join the channel and wait for the gateway to confirm (retried across reconnects).
@@ -1695,12 +1473,8 @@ class Subscription:
         if not self._start_called:
             await self.start()
         while True:
-            if self._items:
-                item = self._items.popleft()
-                if isinstance(item, Event):
-                    self._queued_events -= 1
-                    self._last_seq = item.seq
-                    self._client._after_take(self)
+            item = self._client._take(self)
+            if item is not None:
                 return item
             if self._error is not None:
                 raise self._error
@@ -1709,45 +1483,17 @@ class Subscription:
             self._wakeup.clear()
             await self._wakeup.wait()
 
-    # -- called by the client's reader -------------------------------------------------
-
-    def _offer_event(self, message: dict[str, Any]) -> None:
-        if not self._accepting:
-            return
-        seq = message.get("seq")
-        if isinstance(seq, bool) or not isinstance(seq, int):
-            return
-        if self._accepted_seq is not None and seq <= self._accepted_seq:
-            return  # already accepted: a resume seam
-        if self._queued_events >= self._maxsize:
-            self._client._pause(self)
-            return
-        self._items.append(Event.from_wire(message))
-        self._queued_events += 1
-        self._accepted_seq = seq
-        self._wakeup.set()
-
-    def _offer_gap(self, after_seq: int, first_available_seq: int) -> None:
-        if self._accepting:
-            self._push(Gap(self.room, self.channel, after_seq, first_available_seq))
-
-    def _push(self, item: Gap) -> None:
-        self._items.append(item)
-        self._wakeup.set()
+    # -- called by the client ------------------------------------------------------------
 
     def _end(self) -> None:
-        self._closed = True
-        self._accepting = False
-        self._items.clear()
-        self._queued_events = 0
+        self._state.end()
         self._wakeup.set()
         if not self._started.done():
             self._started.set_exception(ClientClosed("the subscription was closed"))
             self._started.exception()  # retrieved: nobody may be waiting
 
     def _fail(self, exc: ArqonBusError) -> None:
-        self._error = exc
-        self._accepting = False
+        self._state.fail(exc)
         self._wakeup.set()
         if not self._started.done():
             self._started.set_exception(exc)
@@ -1803,7 +1549,7 @@ class _PageIterator:
         h, client = self._h, self._h._client
         if self._done or (self._remaining is not None and self._remaining <= 0):
             raise StopAsyncIteration
-        max_limit = client._limits.get("history_max_limit", 1000)
+        max_limit = client._core.limits.get("history_max_limit", 1000)
         want = min(h.page_size or max_limit, max_limit)
         if self._remaining is not None:
             want = min(want, self._remaining)

@@ -1,6 +1,42 @@
 """Exceptions raised by the ArqonBus SDK.
 
-Every exception is an :class:`ArqonBusError` with four attributes:
+Every exception the SDK raises for the bus is an :class:`ArqonBusError` (misuse of the API
+raises ``ValueError`` or ``TypeError``, as usual in Python). The tree::
+
+    ArqonBusError
+    ├── errors the gateway sends (``error`` frames, ``command_response`` errors);
+    │   the wire ``code`` in brackets
+    │   ├── InvalidJson          [invalid_json]
+    │   ├── InvalidEnvelope      [invalid_envelope]   also raised before sending a bad id
+    │   ├── InvalidName          [invalid_name]
+    │   ├── UnknownCommand       [unknown_command]
+    │   ├── InvalidParameters    [invalid_parameters]
+    │   ├── MessageTooLarge      [message_too_large]  also raised before sending
+    │   ├── NotJoined            [not_joined]
+    │   ├── NotRegistered        [not_registered]
+    │   ├── LimitExceeded        [limit_exceeded]
+    │   ├── Unavailable          [unavailable]        retryable
+    │   ├── Internal             [internal]           retryable
+    │   ├── NoResponders         [no_responders]      retryable
+    │   ├── Timeout              [timeout]            retryable; also the SDK's own timeouts
+    │   ├── UnknownRequest       [unknown_request]
+    │   ├── Forbidden            [forbidden]
+    │   ├── PolicyViolation      [policy_violation]
+    │   ├── InvalidPayload       [invalid_payload]
+    │   ├── RateLimited          [rate_limited]       retryable, retry_after_ms
+    │   ├── QuotaExceeded        [quota_exceeded]
+    │   ├── RoomKeyRequired      [room_key_required]
+    │   ├── Banned               [banned]             room, channels, retry_after_ms
+    │   ├── Muted                [muted]              room, retry_after_ms
+    │   └── CommandFailed        [a handler's own code]
+    └── errors of the connection (raised by the SDK itself)
+        ├── ConnectionLost       [connection_lost]    retryable
+        ├── ConnectionFailed     [connection_failed]  retryable, refusals
+        ├── AuthenticationError  [unauthorized]
+        ├── ConnectionRejected   [connection_rejected] close_code
+        └── ClientClosed         [client_closed]
+
+Every :class:`ArqonBusError` carries its fields as attributes:
 
 ``code``
     The stable error code. For server errors it is the wire code (``invalid_name``,
@@ -12,6 +48,12 @@ Every exception is an :class:`ArqonBusError` with four attributes:
     The ``id`` of the request it answers, when there is one.
 ``retryable``
     Whether sending the same request again can succeed.
+``retry_after_ms``
+    How long the gateway asked to wait before sending again (``rate_limited``, a timed
+    ``banned`` or ``muted``); 0 when it did not say.
+``room``, ``channels``
+    The room (and, for a ban that removed the connection, its channels) the gateway named;
+    ``None`` and ``()`` when it named none.
 
 Server errors map one-to-one onto subclasses (see :data:`ERROR_CLASSES`). A code the SDK
 does not know, for example one a service handler made up, becomes :class:`CommandFailed`.
@@ -72,11 +114,17 @@ class ArqonBusError(Exception):
         code: str | None = None,
         request_id: str | None = None,
         retryable: bool | None = None,
+        retry_after_ms: int = 0,
+        room: str | None = None,
+        channels: tuple[str, ...] = (),
     ) -> None:
         self.code: str = code or self.default_code
         self.message: str = message
         self.request_id: str | None = request_id
         self.retryable: bool = self.default_retryable if retryable is None else retryable
+        self.retry_after_ms: int = retry_after_ms
+        self.room: str | None = room
+        self.channels: tuple[str, ...] = channels
         super().__init__(message)
 
     def __str__(self) -> str:
@@ -228,7 +276,6 @@ class RateLimited(ArqonBusError):
 
     default_code = "rate_limited"
     default_retryable = True
-    retry_after_ms: int = 0
 
 
 class QuotaExceeded(ArqonBusError):
@@ -250,14 +297,18 @@ class Banned(ArqonBusError):
     """A room admin banned this principal from the room (join, read and publish refused).
 
     The gateway may also push this error without a request (``request_id`` None) when a ban
-    removes the connection from the room's channels.
+    removes the connection from the room's channels (``room``, ``channels``). A timed ban
+    says when it ends in ``retry_after_ms``.
     """
 
     default_code = "banned"
 
 
 class Muted(ArqonBusError):
-    """A room admin muted this principal in the room: reading works, publishing does not."""
+    """A room admin muted this principal in the room: reading works, publishing does not.
+
+    ``room`` names the room; ``retry_after_ms`` says when a timed mute ends.
+    """
 
     default_code = "muted"
 
@@ -282,8 +333,19 @@ class CommandFailed(ArqonBusError):
         *,
         retryable: bool = False,
         request_id: str | None = None,
+        retry_after_ms: int = 0,
+        room: str | None = None,
+        channels: tuple[str, ...] = (),
     ) -> None:
-        super().__init__(message, code=code, request_id=request_id, retryable=retryable)
+        super().__init__(
+            message,
+            code=code,
+            request_id=request_id,
+            retryable=retryable,
+            retry_after_ms=retry_after_ms,
+            room=room,
+            channels=channels,
+        )
 
 
 # -- errors of the connection -------------------------------------------------------------
@@ -399,11 +461,16 @@ def error_from_wire(error: Any, request_id: str | None = None) -> ArqonBusError:
     code = code if isinstance(code, str) and code else "internal"
     message = message if isinstance(message, str) else ""
     retry = retryable if isinstance(retryable, bool) else None
+    wait, room, channels = error.get("retry_after_ms"), error.get("room"), error.get("channels")
+    fields: dict[str, Any] = {
+        "request_id": request_id,
+        "retry_after_ms": wait if isinstance(wait, int) and not isinstance(wait, bool) else 0,
+        "room": room if isinstance(room, str) else None,
+        "channels": tuple(c for c in channels if isinstance(c, str))
+        if isinstance(channels, list)
+        else (),
+    }
     cls = ERROR_CLASSES.get(code)
     if cls is None:
-        return CommandFailed(code, message, retryable=bool(retry), request_id=request_id)
-    exc = cls(message, request_id=request_id, retryable=retry)
-    if isinstance(exc, RateLimited):
-        wait = error.get("retry_after_ms")
-        exc.retry_after_ms = wait if isinstance(wait, int) and not isinstance(wait, bool) else 0
-    return exc
+        return CommandFailed(code, message, retryable=bool(retry), **fields)
+    return cls(message, retryable=retry, **fields)
