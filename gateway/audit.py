@@ -2,19 +2,20 @@
 
 Sessions, the handshake, the CLIs and the admin commands call :meth:`AuditLog.record`;
 it never blocks and never raises: events go into a bounded queue and one background
-task writes them to JetStream, each publish acknowledged, retried with bounded backoff.
+task appends them to an :class:`mesh.ports.AuditSink` (JetStream: mesh/audit.py), each
+append acknowledged, retried with bounded backoff.
 
 Layout, with the subject prefix ``P`` (default ``arq``)::
 
     stream   P-audit_<tenant>           one per tenant, created on the tenant's first event
     subject  P.audit.<tenant>.<type>    e.g. arq.audit.acme.forbidden
 
-Tenant event streams are named ``P_<tenant>`` (shared/subjects.py): the ``-`` after the
-prefix keeps audit streams out of that namespace whatever a tenant is called (a tenant
-``audit_x`` cannot collide with the audit stream of tenant ``x``). Audit streams use
-file storage, the tenant streams' replica count, a maximum age
-(``ARQONBUS_AUDIT_MAX_AGE_S``, 90 days) and a maximum size
-(``ARQONBUS_AUDIT_MAX_BYTES``, 1 GiB) beyond which the oldest events go.
+The names come from shared/subjects.py. Tenant event streams are named ``P_<tenant>``:
+the ``-`` after the prefix keeps audit streams out of that namespace whatever a tenant is
+called (a tenant ``audit_x`` cannot collide with the audit stream of tenant ``x``). Audit
+streams use file storage, the tenant streams' replica count, a maximum age
+(``ARQONBUS_AUDIT_MAX_AGE_S``, 90 days) and a maximum size (``ARQONBUS_AUDIT_MAX_BYTES``,
+1 GiB) beyond which the oldest events go (mesh/audit.py).
 
 Each event is a JSON object: ``id``, ``ts`` (UTC ISO 8601, ms), ``type``, ``tenant``,
 ``principal``, ``node`` and ``details``.
@@ -42,26 +43,13 @@ from collections.abc import Callable, Hashable, Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-import nats.errors
 import orjson
-from nats.js.api import (
-    AckPolicy,
-    ConsumerConfig,
-    DeliverPolicy,
-    DiscardPolicy,
-    StorageType,
-    StreamConfig,
-)
-from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
 
-from arqonbus_server.mesh.broker import BrokerUnavailable
-from arqonbus_server.mesh.streams import StreamPolicy, choose_replicas
-from arqonbus_server.shared.subjects import is_valid_name
+from arqonbus_server.mesh.ports import BrokerUnavailable
+from arqonbus_server.shared.subjects import SubjectScheme, is_valid_name
 
 if TYPE_CHECKING:
-    from nats.js.manager import JetStreamManager
-
-    from arqonbus_server.mesh.jetstream import JetStreamBroker
+    from arqonbus_server.mesh.ports import AuditSink
     from arqonbus_server.shared.settings import Settings
 
 log = logging.getLogger("arqonbus.gateway.audit")
@@ -88,10 +76,7 @@ EVENT_TYPES = (
     RATE_LIMITED,
 )
 
-DEFAULT_MAX_AGE_S = 90 * 86400.0
-DEFAULT_MAX_BYTES = 1 << 30
 DEFAULT_QUEUE_MAX = 10_000
-DUPLICATE_WINDOW_S = 120.0
 
 # -- redaction ----------------------------------------------------------------------
 
@@ -192,37 +177,20 @@ def make_event(
     }
 
 
-# -- names --------------------------------------------------------------------------
+# -- names (shared/subjects.py formats them) ---------------------------------------------
 
 
 def stream_name(prefix: str, tenant: str) -> str:
     """The audit stream of ``tenant`` (``P-audit_<tenant>``; tenant streams are ``P_<tenant>``)."""
-    return f"{prefix}-audit_{tenant}"
+    return SubjectScheme(prefix).audit_stream(tenant)
 
 
 def subject(prefix: str, tenant: str, type_: str) -> str:
-    return f"{prefix}.audit.{tenant}.{type_}"
+    return SubjectScheme(prefix).audit(tenant, type_)
 
 
 def tenant_filter(prefix: str, tenant: str) -> str:
-    return f"{prefix}.audit.{tenant}.>"
-
-
-def stream_config(
-    prefix: str, tenant: str, replicas: int, max_age_s: float, max_bytes: int
-) -> StreamConfig:
-    return StreamConfig(
-        name=stream_name(prefix, tenant),
-        description=f"ArqonBus audit events of tenant {tenant}",
-        subjects=[tenant_filter(prefix, tenant)],
-        storage=StorageType.FILE,
-        num_replicas=replicas,
-        max_age=max_age_s,
-        max_bytes=max_bytes,
-        discard=DiscardPolicy.OLD,
-        duplicate_window=min(DUPLICATE_WINDOW_S, max_age_s),
-        allow_direct=True,
-    )
+    return SubjectScheme(prefix).audit_filter(tenant)
 
 
 # -- --since ------------------------------------------------------------------------
@@ -304,41 +272,23 @@ class AuditThrottle:
 
 # -- the writer ----------------------------------------------------------------------
 
-# JetStream API error codes.
-_ALREADY_EXISTS = 10058
-_REPLICAS_UNSUPPORTED = 10074
 # While NATS answers but refuses an event, it is retried this many times, then dropped;
 # while NATS is unreachable, events wait in the queue (bounded) however long it takes.
 MAX_ATTEMPTS = 8
 _BACKOFF_MAX_S = 5.0
 _WARN_EVERY_S = 10.0
-_Item = tuple[str, str, str, bytes]  # tenant, subject, message id, body
+_Item = tuple[str, str, str, bytes]  # tenant, event type, event id, body
 
 
 class AuditLog:
-    """Writes audit events of every tenant to that tenant's audit stream."""
+    """Writes audit events of every tenant to that tenant's audit stream (``sink``)."""
 
     def __init__(
-        self,
-        broker: JetStreamBroker | None,
-        prefix: str,
-        node_id: str = "",
-        *,
-        max_age_s: float = DEFAULT_MAX_AGE_S,
-        max_bytes: int = DEFAULT_MAX_BYTES,
-        replicas: int = 0,
-        queue_max: int = DEFAULT_QUEUE_MAX,
-        publish_timeout_s: float = 5.0,
+        self, sink: AuditSink | None, node_id: str = "", *, queue_max: int = DEFAULT_QUEUE_MAX
     ) -> None:
-        self._broker = broker
-        self._prefix = prefix
+        self._sink = sink
         self._node_id = node_id
-        self._max_age_s = max_age_s
-        self._max_bytes = max_bytes
-        self._replicas = replicas
-        self._publish_timeout = publish_timeout_s
         self._queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=queue_max)
-        self._known: set[str] = set()
         self._task: asyncio.Task[None] | None = None
         self._last_warning = float("-inf")
         self._unwarned_drops = 0
@@ -349,19 +299,10 @@ class AuditLog:
 
     @classmethod
     def from_settings(
-        cls, broker: JetStreamBroker | None, settings: Settings, node_id: str = ""
+        cls, sink: AuditSink | None, settings: Settings, node_id: str = ""
     ) -> AuditLog:
-        """An audit log with the limits of ``settings`` (ARQONBUS_AUDIT_*)."""
-        return cls(
-            broker,
-            settings.subject_prefix,
-            node_id,
-            max_age_s=settings.audit_max_age_s,
-            max_bytes=settings.audit_max_bytes,
-            replicas=settings.stream_replicas,
-            queue_max=settings.audit_queue_max,
-            publish_timeout_s=settings.publish_timeout_s,
-        )
+        """An audit log with the queue bound of ``settings`` (the sink has the stream limits)."""
+        return cls(sink, node_id, queue_max=settings.audit_queue_max)
 
     def stats(self) -> dict[str, int]:
         return {"written": self.written, "dropped": self.dropped, "queued": self._queue.qsize()}
@@ -381,10 +322,10 @@ class AuditLog:
             self._drop(f"invalid tenant or event type {tenant!r:.70}/{type_!r:.70}")
             return
         event = make_event(tenant, type_, principal, self._node_id, details)
-        if self._broker is None:  # no NATS (unit tests): the log is all there is
+        if self._sink is None:  # no NATS (unit tests): the log is all there is
             log.info("audit %s", orjson.dumps(event).decode())
             return
-        item = (tenant, subject(self._prefix, tenant, type_), event["id"], orjson.dumps(event))
+        item = (tenant, type_, event["id"], orjson.dumps(event))
         try:
             self._queue.put_nowait(item)
         except asyncio.QueueFull:
@@ -407,7 +348,7 @@ class AuditLog:
 
     def start(self) -> None:
         """Start writing (call once NATS is connected or connecting); idempotent."""
-        if self._broker is not None and self._task is None:
+        if self._sink is not None and self._task is None:
             self._task = asyncio.create_task(self._run(), name="audit-writer")
 
     async def flush(self, timeout: float = 10.0) -> bool:
@@ -460,27 +401,17 @@ class AuditLog:
                 self._queue.task_done()
 
     async def _write(self, item: _Item) -> bool:
-        """Publish one event with an ack; True once stored, False after MAX_ATTEMPTS refusals."""
-        assert self._broker is not None
-        tenant, subj, msg_id, body = item
+        """Append one event; True once stored, False after MAX_ATTEMPTS refusals."""
+        assert self._sink is not None
+        tenant, type_, event_id, body = item
         delay, attempt = 0.1, 0
         while True:
             try:
-                _, js, jsm, _ = self._broker._require()
-                await self._ensure_stream(jsm, tenant)
-                # Nats-Msg-Id: a retry after a lost ack is stored once.
-                await js.publish(
-                    subj,
-                    body,
-                    timeout=self._publish_timeout,
-                    stream=stream_name(self._prefix, tenant),
-                    headers={"Nats-Msg-Id": msg_id},
-                )
+                # The event id dedupes: a retry after a lost ack is stored once.
+                await self._sink.append(tenant, type_, event_id, body)
                 return True
-            except (BrokerUnavailable, nats.errors.Error, APIError, TimeoutError, OSError) as exc:
-                if isinstance(exc, NoStreamResponseError | APIError):
-                    self._known.discard(tenant)  # deleted meanwhile? look again
-                if self._broker.connected:
+            except (BrokerUnavailable, TimeoutError, OSError) as exc:
+                if self._sink.connected:
                     attempt += 1
                 if attempt >= MAX_ATTEMPTS:
                     log.warning("audit: event for %s dropped: %s", tenant, exc)
@@ -489,59 +420,12 @@ class AuditLog:
             await asyncio.sleep(delay)
             delay = min(delay * 2, _BACKOFF_MAX_S)
 
-    async def _ensure_stream(self, jsm: JetStreamManager, tenant: str) -> None:
-        """Create the tenant's audit stream if missing (idempotent; cached per tenant)."""
-        if tenant in self._known:
-            return
-        assert self._broker is not None
-        name = stream_name(self._prefix, tenant)
-        try:
-            info = await jsm.stream_info(name)
-        except NotFoundError:
-            info = None
-        if info is not None:
-            existing = info.config
-            if existing.max_age != self._max_age_s or existing.max_bytes != self._max_bytes:
-                config = stream_config(
-                    self._prefix,
-                    tenant,
-                    existing.num_replicas or 1,
-                    self._max_age_s,
-                    self._max_bytes,
-                )
-                try:
-                    await jsm.update_stream(config)
-                    log.info("audit stream %s: limits updated", name)
-                except APIError as exc:
-                    log.warning("audit stream %s: could not update its limits: %s", name, exc)
-            self._known.add(tenant)
-            return
-        replicas = choose_replicas(
-            StreamPolicy(replicas=self._replicas), self._broker.cluster_size()
-        )
-        while True:
-            config = stream_config(self._prefix, tenant, replicas, self._max_age_s, self._max_bytes)
-            try:
-                await jsm.add_stream(config)
-                log.info("created audit stream %s with %d replica(s)", name, replicas)
-            except APIError as exc:
-                if exc.err_code == _REPLICAS_UNSUPPORTED and replicas > 1:
-                    replicas = 1
-                    continue
-                if exc.err_code != _ALREADY_EXISTS:  # another gateway won the race: fine
-                    raise
-            break
-        self._known.add(tenant)
-
 
 # -- reading ------------------------------------------------------------------------
 
-_READ_WAIT_S = 5.0
-
 
 async def read_events(
-    broker: JetStreamBroker,
-    prefix: str,
+    sink: AuditSink,
     tenant: str,
     since: datetime | None = None,
     types: Iterable[str] = (),
@@ -552,61 +436,7 @@ async def read_events(
     Returns (events, more): ``more`` is True when ``limit`` cut the result. An unknown
     tenant (no audit stream) has no events. Only this tenant's stream is read.
     """
-    nc, js, jsm, _ = broker._require()
-    name = stream_name(prefix, tenant)
-    wanted = sorted(set(types))
-    filters = [subject(prefix, tenant, t) for t in wanted] or [tenant_filter(prefix, tenant)]
-    config = ConsumerConfig(
-        deliver_subject=nc.new_inbox(),
-        deliver_policy=DeliverPolicy.BY_START_TIME if since else DeliverPolicy.ALL,
-        opt_start_time=since,
-        ack_policy=AckPolicy.NONE,
-        max_deliver=1,
-        flow_control=True,
-        idle_heartbeat=_READ_WAIT_S,
-        mem_storage=True,
-        num_replicas=1,
-        inactive_threshold=30.0,
-    )
-    if len(filters) == 1:
-        config.filter_subject = filters[0]
-    else:
-        config.filter_subjects = filters
-    try:
-        info = await jsm.add_consumer(name, config)
-    except NotFoundError:
-        return [], False
-    events: list[dict[str, Any]] = []
-    pending = info.num_pending or 0
-    if pending == 0:
-        with contextlib.suppress(Exception):
-            await jsm.delete_consumer(name, info.name)
-        return [], False
-    sub = await js.subscribe_bind(name, config, info.name, ordered_consumer=True)
-    more = False
-    try:
-        while True:
-            try:
-                msg = await sub.next_msg(timeout=_READ_WAIT_S)
-            except nats.errors.TimeoutError:
-                raise BrokerUnavailable(
-                    f"the audit stream {name} stopped answering; try again"
-                ) from None
-            if len(events) >= limit:
-                more = True
-                break
-            with contextlib.suppress(orjson.JSONDecodeError):
-                event = orjson.loads(msg.data)
-                if isinstance(event, dict) and event.get("tenant") == tenant:
-                    events.append(event)
-            if msg.metadata.num_pending == 0:
-                break
-    finally:
-        with contextlib.suppress(Exception):
-            await sub.unsubscribe()
-        with contextlib.suppress(Exception):
-            await jsm.delete_consumer(name, info.name)
-    return events, more
+    return await sink.read(tenant, since, types, limit)
 
 
 # -- helpers for the session hooks ----------------------------------------------------
@@ -622,11 +452,9 @@ def rule_name(detail: str) -> str:
     return (match.group(1) or match.group(2) or "") if match else ""
 
 
-async def record_once(
-    broker: JetStreamBroker, prefix: str, tenant: str, type_: str, **details: Any
-) -> None:
+async def record_once(sink: AuditSink, tenant: str, type_: str, **details: Any) -> None:
     """One event from a one-shot command (``arqonbus keys``, ...), written before it returns."""
-    audit = AuditLog(broker, prefix, "cli")
+    audit = AuditLog(sink, "cli")
     audit.start()
     audit.record(tenant, type_, principal="cli", **details)
     await audit.close()

@@ -6,8 +6,8 @@ the agents KV bucket: unknown or revoked is refused), the timestamp (within
 ``agent_clock_skew_s``), the signature against the registered public key, and last the
 nonce: it must have been issued by a gateway (``kv.create(nonce, "issued")`` in the
 nonces bucket, whose entries expire after NONCE_TTL_S) and is consumed with a
-compare-and-set (``kv.update(nonce, "used", last=revision)``), so of any number of
-gateways that see the same token exactly one accepts it.
+compare-and-set (``kv.update(nonce, "used", revision)``), so of any number of
+gateways that see the same token exactly one accepts it (mesh/ports.py: KVBucket).
 """
 
 from __future__ import annotations
@@ -19,13 +19,15 @@ import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from nats.js.errors import KeyNotFoundError, KeyValueError, KeyWrongLastSequenceError
-from nats.js.kv import KeyValue
-
 from arqonbus_server.gateway.auth import AuthError, AuthUnavailable, Credentials, Principal
-from arqonbus_server.mesh import kv as kvmod
-from arqonbus_server.mesh.broker import BrokerUnavailable
-from arqonbus_server.shared import authz
+from arqonbus_server.mesh.ports import (
+    BrokerUnavailable,
+    KeyContended,
+    KeyExists,
+    KVBucket,
+    RevisionMismatch,
+)
+from arqonbus_server.shared import authz, subjects
 from arqonbus_server.shared.agent_identity import (
     AgentIdentityError,
     AgentRecord,
@@ -49,13 +51,9 @@ NONCE_USED = b"used"
 NONCE_REFUSED = "nonce unknown, expired or already used: get a new one"
 # Bound on each NATS round trip of a sign-in (nonce get and update).
 _NATS_TIMEOUT_S = 5.0
-# create_key: conditional writes tried while the key keeps changing between write and read.
-_CREATE_ATTEMPTS = 5
-
-
-def _nats_failure(exc: BaseException) -> bool:
-    """A failure of NATS itself (retry later), not an answer about the key."""
-    return not isinstance(exc, KeyValueError)
+# The state store's answers about a key (as opposed to the store failing to answer).
+KeyExistsError = KeyExists
+KeyContendedError = KeyContended
 
 
 async def issue_nonce(security: SecurityState) -> str:
@@ -78,17 +76,15 @@ async def consume_nonce(security: SecurityState, nonce: str) -> None:
         async with asyncio.timeout(_NATS_TIMEOUT_S):
             kv = await security.nonces()
             entry = await kv.get(nonce)
-            if entry.value != NONCE_ISSUED or entry.revision is None:
+            if entry is None or entry.value != NONCE_ISSUED:
                 raise AuthError(NONCE_REFUSED)
             # Compare-and-set on the revision read: of concurrent consumers only one wins.
-            await kv.update(nonce, NONCE_USED, last=entry.revision)
+            await kv.update(nonce, NONCE_USED, entry.revision)
     except AuthError:
         raise
-    except (KeyNotFoundError, KeyWrongLastSequenceError):
+    except RevisionMismatch:
         raise AuthError(NONCE_REFUSED) from None
     except Exception as exc:
-        if not _nats_failure(exc):
-            raise AuthError(NONCE_REFUSED) from None
         raise AuthUnavailable(
             "cannot check the nonce now (message store unreachable): get a new nonce and retry"
         ) from exc
@@ -231,78 +227,30 @@ def public_key_index(tenant: str, public_key: str) -> str:
     return f"pubkey.{tenant}.{digest}"
 
 
-class KeyExistsError(Exception):
-    """:func:`create_key` found a live value under the key (``value``, at ``revision``)."""
-
-    def __init__(self, key: str, value: bytes, revision: int) -> None:
-        super().__init__(f"key {key!r} exists (revision {revision})")
-        self.key = key
-        self.value = value
-        self.revision = revision
-
-
-class KeyContendedError(Exception):
-    """:func:`create_key` could not tell: the key changed under every attempt."""
-
-
-async def create_key(kv: KeyValue, key: str, value: bytes) -> int:
-    """Store ``value`` under ``key`` only if the key has no live value; the new revision.
-
-    Raises :class:`KeyExistsError` when it has one: of any number of concurrent callers (on
-    any gateways or NATS servers) exactly one succeeds. ``KeyValue.create`` is not enough
-    under such a race: after its conditional write is refused it reads the key back to tell
-    a live value from a delete marker, and that read is a direct get, answered by any
-    replica of the bucket. A replica that has not yet applied the winner's write answers
-    "not found", and ``create`` raises KeyNotFoundError, which looked like a store failure.
-    Here the read after a refused write goes to the stream leader, which refused the write
-    and so holds what refused it. A delete marker is written over (at its revision).
-    Store failures propagate as they are.
-    """
-    leader = KeyValue(kv._name, kv._stream, kv._pre, kv._js, False)  # STREAM.MSG.GET
-    last = 0
-    for _ in range(_CREATE_ATTEMPTS):
-        try:
-            return await kv.update(key, value, last=last)
-        except KeyWrongLastSequenceError:
-            pass
-        try:
-            entry = await leader.get(key)
-        except KeyNotFoundError as exc:
-            # A delete marker (its entry names the revision to write over), or nothing: the
-            # key was purged since our write was refused. Either way, write again.
-            marker = exc.entry
-            last = marker.revision if marker is not None and marker.revision else 0
-            continue
-        raise KeyExistsError(key, entry.value or b"", entry.revision or 0)
-    raise KeyContendedError(f"key {key!r} kept changing: {_CREATE_ATTEMPTS} writes were refused")
-
-
-async def store_new(kv: KeyValue, record: AgentRecord) -> None:
+async def store_new(kv: KVBucket, record: AgentRecord) -> None:
     """Store a new agent. The key's index entry is created first, atomically: of any number
     of registrations of one key at once (on any gateways or CLIs) exactly one succeeds, and
-    every other one gets RegistrationError (create_key, not KeyValue.create, whose read-back
-    after a refused create can miss the winner's write and raise "key not found")."""
+    every other one gets RegistrationError (KVBucket.create names the winner)."""
     try:
-        await create_key(
-            kv, public_key_index(record.tenant, record.public_key), record.agent_id.encode()
+        await kv.create(
+            public_key_index(record.tenant, record.public_key), record.agent_id.encode()
         )
-    except KeyExistsError as exc:
+    except KeyExists as exc:
         owner = exc.value.decode(errors="replace")
         agent = f" (agent {owner})" if is_agent_id(owner) else ""
         raise RegistrationError(
             f"this public key is already registered in tenant {record.tenant}{agent}: generate "
             "a new key pair for a new agent"
         ) from None
-    await create_key(kv, record.agent_id, record.to_json())
+    await kv.create(record.agent_id, record.to_json())
 
 
-async def revoke(kv: KeyValue, tenant: str, agent_id: str) -> AgentRecord:
+async def revoke(kv: KVBucket, tenant: str, agent_id: str) -> AgentRecord:
     """Mark an agent revoked (kept for the record); RegistrationError if not in ``tenant``."""
-    try:
-        entry = await kv.get(agent_id)
-    except KeyNotFoundError:
-        raise RegistrationError(f"no agent {agent_id} in tenant {tenant}") from None
-    record = AgentRecord.from_json(entry.value or b"")
+    entry = await kv.get(agent_id)
+    if entry is None:
+        raise RegistrationError(f"no agent {agent_id} in tenant {tenant}")
+    record = AgentRecord.from_json(entry.value)
     if record.tenant != tenant:
         raise RegistrationError(f"no agent {agent_id} in tenant {tenant}")
     if record.revoked:
@@ -317,7 +265,7 @@ async def revoke(kv: KeyValue, tenant: str, agent_id: str) -> AgentRecord:
         record.created_at,
         time.time(),
     )
-    await kv.update(agent_id, revoked.to_json(), last=entry.revision)
+    await kv.update(agent_id, revoked.to_json(), entry.revision)
     return revoked
 
 
@@ -347,7 +295,7 @@ async def register_from_session(
     if not await security.wait_ready(security.agents):
         raise BrokerUnavailable("agent identities are not loaded yet")
     record = new_record(tenant, name, public_key, role, (), records(security.agents.items()))
-    kv = await security.broker.key_value(kvmod.bucket_name(security.prefix, kvmod.AGENTS))
+    kv = await security.state.bucket(subjects.KV_AGENTS)
     try:
         async with asyncio.timeout(_NATS_TIMEOUT_S):
             await store_new(kv, record)

@@ -18,6 +18,7 @@ from arqonbus_server.shared.settings import ConfigError, Settings, unknown_varia
 
 if TYPE_CHECKING:
     from arqonbus_server.mesh.jetstream import JetStreamBroker
+    from arqonbus_server.mesh.ports import AuditSink, StateStore
 
 log = logging.getLogger("arqonbus")
 
@@ -148,6 +149,30 @@ def cli_broker(settings: Settings, name: str) -> JetStreamBroker:
     from arqonbus_server.mesh.nats_auth import broker_from_settings
 
     return broker_from_settings(settings, name)
+
+
+class CliPorts:
+    """What a one-shot admin command uses: the broker (connect and close it), the state
+    store and the audit sink on it."""
+
+    def __init__(self, broker: JetStreamBroker, state: StateStore, audit: AuditSink) -> None:
+        self.broker = broker
+        self.state = state
+        self.audit = audit
+
+
+def cli_ports(settings: Settings, name: str) -> CliPorts:
+    """The ports of a one-shot CLI command (not connected yet; see :func:`cli_broker`).
+
+    The audit sink has the gateways' stream limits (``ARQONBUS_AUDIT_*``): a CLI that writes
+    an audit event must not reset an existing audit stream to the defaults."""
+    from arqonbus_server.mesh.audit import JetStreamAuditSink
+    from arqonbus_server.mesh.kv import JetStreamStateStore
+
+    broker = cli_broker(settings, name)
+    return CliPorts(
+        broker, JetStreamStateStore(broker), JetStreamAuditSink.from_settings(broker, settings)
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -27,8 +27,8 @@ from arqonbus_server.gateway.auth_agent import (
     store_new,
 )
 from arqonbus_server.gateway.config import load_settings
-from arqonbus_server.mesh import kv as kvmod
-from arqonbus_server.mesh.broker import BrokerUnavailable
+from arqonbus_server.mesh.ports import BrokerUnavailable, KVBucket
+from arqonbus_server.shared import subjects
 from arqonbus_server.shared.agent_identity import (
     AgentIdentityError,
     generate_private_key,
@@ -108,20 +108,19 @@ async def run(args: argparse.Namespace, settings: Settings | None = None) -> int
     if args.agents_command == "revoke" and not is_agent_id(args.agent_id):
         return _error("AGENT_ID must be the UUID that `arqonbus agents register` printed")
 
-    from arqonbus_server.gateway.cli import cli_broker
+    from arqonbus_server.gateway.cli import cli_ports
 
-    broker = cli_broker(settings, "arqonbus agents")
+    ports = cli_ports(settings, "arqonbus agents")
     try:
-        await broker.connect()
-        kv = await broker.key_value(kvmod.bucket_name(settings.subject_prefix, kvmod.AGENTS))
+        await ports.broker.connect()
+        kv = await ports.state.bucket(subjects.KV_AGENTS)
         if args.agents_command == "register":
             existing = records(await _items(kv))
             record = new_record(args.tenant, args.name, public_key, args.role, args.grant, existing)
             await store_new(kv, record)
             print(record.agent_id)
             await record_once(
-                broker,
-                settings.subject_prefix,
+                ports.audit,
                 args.tenant,
                 AGENT_REGISTERED,
                 agent_id=record.agent_id,
@@ -143,35 +142,19 @@ async def run(args: argparse.Namespace, settings: Settings | None = None) -> int
         else:
             await revoke(kv, args.tenant, args.agent_id)
             print(f"revoked {args.agent_id}")
-            await record_once(
-                broker, settings.subject_prefix, args.tenant, AGENT_REVOKED, agent_id=args.agent_id
-            )
+            await record_once(ports.audit, args.tenant, AGENT_REVOKED, agent_id=args.agent_id)
     except (RegistrationError, AgentIdentityError) as exc:
         return _error(str(exc))
     except BrokerUnavailable as exc:
         print(f"arqonbus: {exc}. Check --nats / ARQONBUS_NATS.", file=sys.stderr)
         return 1
     finally:
-        await broker.close()
+        await ports.broker.close()
     return 0
 
 
-async def _items(kv: Any) -> list[tuple[str, bytes]]:
-    from nats.js.errors import KeyNotFoundError, NoKeysError
-
-    try:
-        keys = await kv.keys()
-    except NoKeysError:
-        return []
-    items = []
-    for key in keys:
-        try:
-            entry = await kv.get(key)
-        except KeyNotFoundError:
-            continue
-        if entry.value:
-            items.append((key, entry.value))
-    return items
+async def _items(kv: KVBucket) -> list[tuple[str, bytes]]:
+    return [(key, value) for key, value in await kv.items() if value]
 
 
 def _when(stamp: float) -> str:

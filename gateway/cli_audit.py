@@ -96,15 +96,14 @@ async def run(args: argparse.Namespace, settings: Settings, out: TextIO | None =
     if not 1 <= args.limit <= MAX_LIMIT:
         return _bad(f"--limit must be between 1 and {MAX_LIMIT}")
 
-    from arqonbus_server.mesh.broker import BrokerUnavailable
-    from arqonbus_server.mesh.nats_auth import broker_from_settings
+    from arqonbus_server.gateway.cli import cli_ports
+    from arqonbus_server.mesh.ports import BrokerUnavailable
 
-    broker = broker_from_settings(settings, "arqonbus-audit")
+    ports = cli_ports(settings, "arqonbus-audit")
+    broker = ports.broker
     try:
         await broker.connect()
-        events, more = await read_events(
-            broker, settings.subject_prefix, args.tenant, since, args.types, args.limit
-        )
+        events, more = await read_events(ports.audit, args.tenant, since, args.types, args.limit)
     except BrokerUnavailable as exc:
         print(f"arqonbus audit: {exc}. Check --nats / ARQONBUS_NATS.", file=sys.stderr)
         return EXIT_UNREACHABLE

@@ -11,15 +11,14 @@ import sys
 from typing import TYPE_CHECKING
 
 from arqonbus_server.gateway.audit import KEY_CREATED, KEY_REVOKED, record_once
-from arqonbus_server.mesh import kv as kvmod
-from arqonbus_server.shared import apikeys
+from arqonbus_server.mesh.ports import KeyExists, RevisionMismatch
+from arqonbus_server.shared import apikeys, subjects
 from arqonbus_server.shared.apikeys import RecordError
 from arqonbus_server.shared.subjects import is_valid_name
 
 if TYPE_CHECKING:
-    from nats.js.kv import KeyValue
-
-    from arqonbus_server.mesh.jetstream import JetStreamBroker
+    from arqonbus_server.gateway.cli import CliPorts
+    from arqonbus_server.mesh.ports import KVBucket
     from arqonbus_server.shared.settings import Settings
 
 CLI_PRINCIPAL = "cli"
@@ -65,10 +64,10 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     revoke.add_argument("--nats", help="NATS URL(s), comma-separated [ARQONBUS_NATS]")
 
 
-def _broker(settings: Settings) -> JetStreamBroker:
-    from arqonbus_server.gateway.cli import cli_broker  # with the NATS credentials of the settings
+def _ports(settings: Settings) -> CliPorts:
+    from arqonbus_server.gateway.cli import cli_ports  # with the NATS credentials of the settings
 
-    return cli_broker(settings, "arqonbus keys")
+    return cli_ports(settings, "arqonbus keys")
 
 
 def _fail(message: str, code: int) -> int:
@@ -90,15 +89,15 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
         _check_input(args)
     except _BadInput as exc:
         return _fail(str(exc), EXIT_BAD_INPUT)
-    broker = _broker(settings)
+    ports = _ports(settings)
     try:
-        await broker.connect()
-        kv = await broker.key_value(kvmod.bucket_name(settings.subject_prefix, kvmod.KEYS))
+        await ports.broker.connect()
+        kv = await ports.state.bucket(subjects.KV_KEYS)
         if args.keys_command == "create":
-            return await _create(args, broker, kv, settings.subject_prefix)
+            return await _create(args, ports, kv)
         if args.keys_command == "list":
             return await _list(args, kv)
-        return await _revoke(args, broker, kv, settings.subject_prefix)
+        return await _revoke(args, ports, kv)
     except _BadInput as exc:
         return _fail(str(exc), EXIT_BAD_INPUT)
     except (BrokerUnavailable, TimeoutError, OSError) as exc:
@@ -112,7 +111,7 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
             )
         raise
     finally:
-        await broker.close()
+        await ports.broker.close()
 
 
 def _new_key(args: argparse.Namespace) -> tuple[str, apikeys.ApiKeyRecord]:
@@ -141,19 +140,14 @@ def _check_input(args: argparse.Namespace) -> None:
             )
 
 
-async def _create(
-    args: argparse.Namespace, broker: JetStreamBroker, kv: KeyValue, prefix: str
-) -> int:
-    from nats.js.errors import KeyWrongLastSequenceError
-
+async def _create(args: argparse.Namespace, ports: CliPorts, kv: KVBucket) -> int:
     key, record = _new_key(args)
     try:
         await kv.create(apikeys.kv_key(record.tenant, record.key_id), record.encode())
-    except KeyWrongLastSequenceError:  # a 60-bit id collision: practically never
+    except KeyExists:  # a 60-bit id collision: practically never
         raise _BadInput("a key with the same id exists: run the command again") from None
     await record_once(
-        broker,
-        prefix,
+        ports.audit,
         record.tenant,
         KEY_CREATED,
         key_id=record.key_id,
@@ -170,27 +164,21 @@ async def _create(
     return EXIT_OK
 
 
-async def _records(kv: KeyValue, tenant: str) -> list[tuple[str, apikeys.ApiKeyRecord | None]]:
+async def _records(kv: KVBucket, tenant: str) -> list[tuple[str, apikeys.ApiKeyRecord | None]]:
     """The tenant's records, by key id (None: a record that does not validate)."""
-    watcher = await kv.watch(f"{tenant}.*", ignore_deletes=True)
     found: dict[str, apikeys.ApiKeyRecord | None] = {}
-    try:
-        async for entry in watcher:
-            if entry is None:  # the current values are in
-                break
-            parts = apikeys.split_kv_key(entry.key)
-            if parts is None or entry.operation in ("DEL", "PURGE") or not entry.value:
-                continue
-            try:
-                found[parts[1]] = apikeys.decode_record(entry.value)
-            except RecordError:
-                found[parts[1]] = None
-    finally:
-        await watcher.stop()  # type: ignore[no-untyped-call]
+    for name, value in await kv.items(f"{tenant}."):
+        parts = apikeys.split_kv_key(name)
+        if parts is None or parts[0] != tenant or not value:
+            continue
+        try:
+            found[parts[1]] = apikeys.decode_record(value)
+        except RecordError:
+            found[parts[1]] = None
     return sorted(found.items(), key=lambda item: item[0])
 
 
-async def _list(args: argparse.Namespace, kv: KeyValue) -> int:
+async def _list(args: argparse.Namespace, kv: KVBucket) -> int:
     records = await _records(kv, args.tenant)
     if not records:
         print(f"no API keys for tenant {args.tenant}")
@@ -218,23 +206,18 @@ async def _list(args: argparse.Namespace, kv: KeyValue) -> int:
     return EXIT_OK
 
 
-async def _revoke(
-    args: argparse.Namespace, broker: JetStreamBroker, kv: KeyValue, prefix: str
-) -> int:
-    from nats.js.errors import KeyDeletedError, KeyNotFoundError, KeyWrongLastSequenceError
-
+async def _revoke(args: argparse.Namespace, ports: CliPorts, kv: KVBucket) -> int:
     key_id = args.key_id
     name = apikeys.kv_key(args.tenant, key_id)
     for _ in range(5):  # compare-and-set: a concurrent change makes us read again
-        try:
-            entry = await kv.get(name)
-        except (KeyNotFoundError, KeyDeletedError):
+        entry = await kv.get(name)
+        if entry is None:
             raise _BadInput(
                 f"no API key {key_id} in tenant {args.tenant} (see 'arqonbus keys list "
                 f"--tenant {args.tenant}')"
-            ) from None
+            )
         try:
-            record = apikeys.decode_record(entry.value or b"")
+            record = apikeys.decode_record(entry.value)
         except RecordError:
             await kv.delete(name)  # an invalid record is refused anyway: remove it
             break
@@ -244,13 +227,13 @@ async def _revoke(
             )
             return EXIT_OK
         try:
-            await kv.update(name, record.revoke().encode(), last=entry.revision)
-        except KeyWrongLastSequenceError:
+            await kv.update(name, record.revoke().encode(), entry.revision)
+        except RevisionMismatch:
             continue
         break
     else:
         raise _BadInput(f"API key {key_id} kept changing while revoking it: run the command again")
-    await record_once(broker, prefix, args.tenant, KEY_REVOKED, key_id=key_id)
+    await record_once(ports.audit, args.tenant, KEY_REVOKED, key_id=key_id)
     print(
         f"revoked API key {key_id} of tenant {args.tenant}: every gateway refuses it and closes "
         "its sessions (close code 4500)"

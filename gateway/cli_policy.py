@@ -11,8 +11,8 @@ import orjson
 
 from arqonbus_server.gateway.audit import ADMIN_ACTION, record_once
 from arqonbus_server.gateway.policies import load_plugin
-from arqonbus_server.mesh import kv as kvmod
-from arqonbus_server.mesh.broker import BrokerUnavailable
+from arqonbus_server.mesh.ports import BrokerUnavailable
+from arqonbus_server.shared import subjects
 from arqonbus_server.shared.inspect import PolicyError, check_storable, parse_policy
 from arqonbus_server.shared.settings import Settings
 from arqonbus_server.shared.subjects import is_valid_name
@@ -76,14 +76,15 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _apply(settings: Settings, command: str, tenant: str, body: bytes) -> int:
-    from arqonbus_server.gateway.cli import cli_broker
+    from arqonbus_server.gateway.cli import cli_ports
 
-    broker = cli_broker(settings, "arqonbus policy")
+    ports = cli_ports(settings, "arqonbus policy")
     try:
-        await broker.connect()
-        kv = await broker.key_value(kvmod.bucket_name(settings.subject_prefix, kvmod.POLICIES))
+        await ports.broker.connect()
+        kv = await ports.state.bucket(subjects.KV_POLICIES)
         if command == "show":
-            entry = await kvmod.get_value(kv, tenant)
+            stored = await kv.get(tenant)
+            entry = stored.value if stored is not None and stored.value else None
             if entry is None:
                 print(f"tenant {tenant} has no stored rules (the policy file applies)")
             else:
@@ -95,12 +96,10 @@ async def _apply(settings: Settings, command: str, tenant: str, body: bytes) -> 
         else:
             await kv.delete(tenant)
             print(f"dropped the stored rules of tenant {tenant}")
-        await record_once(
-            broker, settings.subject_prefix, tenant, ADMIN_ACTION, action=f"policy_{command}"
-        )
+        await record_once(ports.audit, tenant, ADMIN_ACTION, action=f"policy_{command}")
         return 0
     except BrokerUnavailable as exc:
         print(f"arqonbus: {exc}. Check --nats / ARQONBUS_NATS.", file=sys.stderr)
         return 1
     finally:
-        await broker.close()
+        await ports.broker.close()

@@ -15,8 +15,8 @@ import orjson
 
 from arqonbus_server.gateway.audit import ADMIN_ACTION, record_once
 from arqonbus_server.gateway.tenant_limits import FIELDS, TenantLimits, TenantLimitsError
-from arqonbus_server.mesh import kv as kvmod
-from arqonbus_server.mesh.broker import BrokerUnavailable
+from arqonbus_server.mesh.ports import BrokerUnavailable
+from arqonbus_server.shared import subjects
 from arqonbus_server.shared.settings import Settings
 from arqonbus_server.shared.subjects import is_valid_name
 
@@ -65,13 +65,14 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _apply(settings: Settings, command: str, tenant: str, updates: TenantLimits) -> int:
-    from arqonbus_server.gateway.cli import cli_broker
+    from arqonbus_server.gateway.cli import cli_ports
 
-    broker = cli_broker(settings, "arqonbus tenants")
+    ports = cli_ports(settings, "arqonbus tenants")
     try:
-        await broker.connect()
-        kv = await broker.key_value(kvmod.bucket_name(settings.subject_prefix, kvmod.TENANTS))
-        raw = await kvmod.get_value(kv, tenant)
+        await ports.broker.connect()
+        kv = await ports.state.bucket(subjects.KV_TENANTS)
+        stored = await kv.get(tenant)
+        raw = stored.value if stored is not None and stored.value else None
         if command == "show":
             if raw is None:
                 print(f"tenant {tenant} has no overrides (the gateway settings apply)")
@@ -97,8 +98,7 @@ async def _apply(settings: Settings, command: str, tenant: str, updates: TenantL
             print(f"deleted the overrides of tenant {tenant} (the gateway settings apply)")
             details = {}
         await record_once(
-            broker,
-            settings.subject_prefix,
+            ports.audit,
             tenant,
             ADMIN_ACTION,
             action=f"tenants_{command}",
@@ -109,4 +109,4 @@ async def _apply(settings: Settings, command: str, tenant: str, updates: TenantL
         print(f"arqonbus: {exc}. Check --nats / ARQONBUS_NATS.", file=sys.stderr)
         return 1
     finally:
-        await broker.close()
+        await ports.broker.close()

@@ -38,14 +38,13 @@ from typing import TYPE_CHECKING
 import orjson
 
 from arqonbus_server.gateway.admission import Clock, TokenBucket
-from arqonbus_server.mesh.kv import WatchedBucket, bucket_name
+from arqonbus_server.mesh.watched import WatchedBucket
+from arqonbus_server.shared import subjects
 from arqonbus_server.shared.settings import Settings
 
 if TYPE_CHECKING:
-    from nats.js.kv import KeyValue
-
     from arqonbus_server.gateway.tenant_limits import TenantLimitsTable
-    from arqonbus_server.mesh.jetstream import JetStreamBroker
+    from arqonbus_server.mesh.ports import KVBucket, StateStore
 
 log = logging.getLogger("arqonbus.gateway.limits")
 
@@ -470,7 +469,7 @@ def welcome_limits(
 
 # -- connection counts shared between gateways ------------------------------------------
 
-CONNS_BUCKET = "conns"  # ``<prefix>_conns``: ``<node key>`` -> {"tenant": count, ...}
+CONNS_BUCKET = subjects.KV_CONNS  # ``<prefix>_conns``: ``<node key>`` -> {"tenant": count}
 
 
 class ConnectionReporter:
@@ -483,10 +482,10 @@ class ConnectionReporter:
     override (gateway/tenant_limits.py).
     """
 
-    def __init__(self, broker: JetStreamBroker, settings: Settings, node_id: str) -> None:
-        self._broker = broker
+    def __init__(self, state: StateStore, settings: Settings, node_id: str) -> None:
+        self._state = state
         self._interval = settings.health_interval_s
-        self._bucket = bucket_name(settings.subject_prefix, CONNS_BUCKET)
+        self._bucket = subjects.kv_bucket_name(settings.subject_prefix, CONNS_BUCKET)
         self.node_key = report_key(node_id)
         self.reports = ConnectionReports(self.node_key, 3 * self._interval)
         self._watched: WatchedBucket | None = None
@@ -503,8 +502,8 @@ class ConnectionReporter:
         self._watched.start()
         self._task = asyncio.create_task(self._report(live), name="connection reports")
 
-    async def _open(self) -> KeyValue:
-        return await self._broker.key_value(self._bucket, ttl_s=max(1.0, 3 * self._interval))
+    async def _open(self) -> KVBucket:
+        return await self._state.bucket(CONNS_BUCKET, ttl_s=max(1.0, 3 * self._interval))
 
     def _on_report(self, key: str, value: bytes | None) -> None:
         counts = None

@@ -1,6 +1,6 @@
 """Private rooms, invites, bans and mutes: room settings in NATS KV, enforced on every gateway.
 
-A room's settings live in the ROOMS bucket (:mod:`mesh.kv`) under ``<tenant>.<room>``; the
+A room's settings live in the ROOMS bucket (a :class:`mesh.ports.KVBucket`) under ``<tenant>.<room>``; the
 tenant is always the session's, never the envelope's, so tenant A's settings never touch a
 room of tenant B. Every gateway keeps a decoded copy (:class:`RoomDirectory`, fed by the
 bucket's watch): a room without settings costs one dict lookup on the publish path.
@@ -43,16 +43,16 @@ import random
 import secrets
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError
 
 from arqonbus_server.gateway.admission import RateLimiter
-from arqonbus_server.shared import commands
+from arqonbus_server.mesh.ports import KeyExists, RevisionMismatch
+from arqonbus_server.shared import commands, subjects
 from arqonbus_server.shared.errors import (
     BANNED,
     FORBIDDEN,
@@ -67,10 +67,9 @@ from arqonbus_server.shared.errors import (
 from arqonbus_server.shared.subjects import is_valid_name
 
 if TYPE_CHECKING:
-    from nats.js.kv import KeyValue
-
     from arqonbus_server.gateway.security import SecurityState
-    from arqonbus_server.mesh.kv import WatchedBucket
+    from arqonbus_server.mesh.ports import KVBucket
+    from arqonbus_server.mesh.watched import WatchedBucket
 
 log = logging.getLogger("arqonbus.gateway.rooms")
 
@@ -442,7 +441,7 @@ class RoomDirectory:
     is called with ``(tenant, room, settings_or_None)`` after the copy changed.
     """
 
-    def __init__(self, bucket: WatchedBucket, open_kv: Callable[[], Any]) -> None:
+    def __init__(self, bucket: WatchedBucket, open_kv: Callable[[], Awaitable[KVBucket]]) -> None:
         self._bucket = bucket
         self._open_kv = open_kv
         self._rooms: dict[tuple[str, str], RoomSettings] = {}
@@ -466,8 +465,7 @@ class RoomDirectory:
     def of(cls, security: SecurityState) -> RoomDirectory:
         directory = _DIRECTORIES.get(security)
         if directory is None:
-            name = security.rooms.name
-            directory = cls(security.rooms, lambda: security.broker.key_value(name))
+            directory = cls(security.rooms, lambda: security.state.bucket(subjects.KV_ROOMS))
             _DIRECTORIES[security] = directory
         return directory
 
@@ -604,7 +602,7 @@ class RoomDirectory:
         async with self._hashing:
             return await asyncio.to_thread(hash_room_key, key)
 
-    async def _kv(self) -> KeyValue:
+    async def _kv(self) -> KVBucket:
         kv = self._bucket.kv
         if kv is None:
             kv = await self._open_kv()
@@ -635,13 +633,14 @@ class RoomDirectory:
                 # behind): back off a little, with jitter, and read again.
                 await asyncio.sleep(random.uniform(0.005, 0.02) * attempt)
             revision: int | None
+            entry = await kv.get(key)
             try:
-                entry = await kv.get(key)
-                revision = entry.revision
-                settings = RoomSettings.decode(entry.value or b"{}")
-            except KeyNotFoundError:  # also KeyDeletedError
-                revision = None
-                settings = RoomSettings(created_by=actor)
+                if entry is None:  # absent or deleted
+                    revision = None
+                    settings = RoomSettings(created_by=actor)
+                else:
+                    revision = entry.revision
+                    settings = RoomSettings.decode(entry.value or b"{}")
             except RoomRecordError as exc:
                 # Its bans, invites and key are unknown: start again locked down (private
                 # and invite-only, so admins only) rather than open; admins reopen it.
@@ -657,23 +656,17 @@ class RoomDirectory:
                 if revision is None:
                     await kv.create(key, body)
                 else:
-                    await kv.update(key, body, last=revision)
-            except (KeyWrongLastSequenceError, KeyNotFoundError):
+                    await kv.update(key, body, revision)
+            except (RevisionMismatch, KeyExists):
                 # Another admin wrote meanwhile: read theirs and apply the change to it.
-                # (KeyNotFoundError: create lost a race and its check read a lagging replica.)
-                continue
-            except APIError as exc:
-                if "wrong last sequence" not in str(exc.description or ""):
-                    raise
                 continue
             return settings
         raise ArqonError(UNAVAILABLE, f"room {room!r} is being changed by others right now; retry")
 
     async def read(self, tenant: str, room: str) -> RoomSettings | None:
         kv = await self._kv()
-        try:
-            entry = await kv.get(room_key(tenant, room))
-        except KeyNotFoundError:
+        entry = await kv.get(room_key(tenant, room))
+        if entry is None:
             return None
         try:
             return RoomSettings.decode(entry.value or b"{}")

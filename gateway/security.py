@@ -1,7 +1,7 @@
 """The gateway's security state: KV buckets shared by every gateway, and the audit log.
 
-One :class:`SecurityState` per gateway. It opens the buckets of :mod:`mesh.kv` once
-NATS is up and keeps watched copies of them, so that checks on the handshake and
+One :class:`SecurityState` per gateway. It opens the buckets of the state store
+(:class:`mesh.ports.StateStore`) once NATS is up and keeps watched copies of them, so that checks on the handshake and
 message paths answer from memory and a change made anywhere (a key revoked, a member
 banned) reaches every gateway within a watch round trip.
 """
@@ -13,39 +13,42 @@ import logging
 from typing import TYPE_CHECKING
 
 from arqonbus_server.gateway.policies import policy_for
-from arqonbus_server.mesh import kv as kvmod
-from arqonbus_server.mesh.kv import WatchedBucket
+from arqonbus_server.mesh.watched import WatchedBucket
+from arqonbus_server.shared import subjects
 from arqonbus_server.shared.inspect import LayeredPolicy
 
 if TYPE_CHECKING:
-    from nats.js.kv import KeyValue
-
-    from arqonbus_server.mesh.jetstream import JetStreamBroker
+    from arqonbus_server.mesh.ports import Broker, KVBucket, StateStore
 
 log = logging.getLogger("arqonbus.gateway.security")
 
 # How long a handshake waits for the first load of a bucket before answering 503.
 READY_WAIT_S = 5.0
+# Agent sign-in nonces expire this long after they are issued.
+NONCE_TTL_S = 120.0
 
 
 class SecurityState:
-    def __init__(self, broker: JetStreamBroker, prefix: str, policy_file: str = "") -> None:
+    def __init__(
+        self, broker: Broker, state: StateStore, prefix: str, policy_file: str = ""
+    ) -> None:
         self.broker = broker
+        self.state = state
         self.prefix = prefix
-        self.keys = self._watched(kvmod.KEYS)
-        self.agents = self._watched(kvmod.AGENTS)
-        self.rooms = self._watched(kvmod.ROOMS)
-        self.policies = self._watched(kvmod.POLICIES)
+        self.keys = self._watched(subjects.KV_KEYS)
+        self.agents = self._watched(subjects.KV_AGENTS)
+        self.rooms = self._watched(subjects.KV_ROOMS)
+        self.policies = self._watched(subjects.KV_POLICIES)
         # Per-tenant limit overrides (gateway/tenant_limits.py): plans without a restart.
-        self.tenants = self._watched(kvmod.TENANTS)
+        self.tenants = self._watched(subjects.KV_TENANTS)
         # Content policies: a tenant's rules in KV replace the policy file's for it.
         self.content_policy = LayeredPolicy(policy_for(policy_file), self.policies.get)
-        self._nonces: KeyValue | None = None
+        self._nonces: KVBucket | None = None
         self._started = False
 
     def _watched(self, kind: str) -> WatchedBucket:
-        name = kvmod.bucket_name(self.prefix, kind)
-        return WatchedBucket(name, lambda: self.broker.key_value(name))
+        name = subjects.kv_bucket_name(self.prefix, kind)
+        return WatchedBucket(name, lambda: self.state.bucket(kind))
 
     @property
     def watched(self) -> tuple[WatchedBucket, ...]:
@@ -73,12 +76,10 @@ class SecurityState:
     async def _restart_watches(self) -> None:
         self.restart()
 
-    async def nonces(self) -> KeyValue:
+    async def nonces(self) -> KVBucket:
         """The nonce bucket (entries expire after NONCE_TTL_S); not watched."""
         if self._nonces is None:
-            self._nonces = await self.broker.key_value(
-                kvmod.bucket_name(self.prefix, kvmod.NONCES), ttl_s=kvmod.NONCE_TTL_S
-            )
+            self._nonces = await self.state.bucket(subjects.KV_NONCES, ttl_s=NONCE_TTL_S)
         return self._nonces
 
     async def wait_ready(self, bucket: WatchedBucket, timeout: float = READY_WAIT_S) -> bool:

@@ -43,7 +43,7 @@ from arqonbus_server.gateway.limits import (
 )
 from arqonbus_server.gateway.origin import OriginPolicy
 from arqonbus_server.gateway.rooms import RoomDirectory, RoomSettings, banned_error
-from arqonbus_server.gateway.security import SecurityState
+from arqonbus_server.gateway.security import NONCE_TTL_S, SecurityState
 from arqonbus_server.gateway.session import Session
 from arqonbus_server.gateway.tenant_limits import TenantLimitsTable
 from arqonbus_server.gateway.transport import (
@@ -54,8 +54,9 @@ from arqonbus_server.gateway.transport import (
     server_tls_context,
     start_server,
 )
+from arqonbus_server.mesh.audit import JetStreamAuditSink
 from arqonbus_server.mesh.broker import BrokerUnavailable
-from arqonbus_server.mesh.kv import NONCE_TTL_S
+from arqonbus_server.mesh.kv import JetStreamStateStore
 from arqonbus_server.mesh.nats_auth import broker_from_settings
 from arqonbus_server.shared.envelope import encode_auth_required, parse_auth_frame
 from arqonbus_server.shared.errors import (
@@ -122,8 +123,12 @@ class Gateway:
         self.broker = broker_from_settings(settings, f"arqonbus-gateway {self.node_id}")
         self.hub = Hub(self.broker, settings.replay_buffer_msgs, 4 * settings.send_buffer_bytes)
         # Security state shared by every gateway (NATS KV), and the audit stream.
-        self.security = SecurityState(self.broker, settings.subject_prefix, settings.policy_file)
-        self.audit = AuditLog.from_settings(self.broker, settings, self.node_id)
+        self.state = JetStreamStateStore(self.broker)
+        self.security = SecurityState(
+            self.broker, self.state, settings.subject_prefix, settings.policy_file
+        )
+        self.audit_sink = JetStreamAuditSink.from_settings(self.broker, settings)
+        self.audit = AuditLog.from_settings(self.audit_sink, settings, self.node_id)
         self._auth_failures = AuditThrottle(per_window=200, max_keys=4096)
         try:
             self.authenticator = authenticator or make_authenticator(
@@ -148,7 +153,7 @@ class Gateway:
         self.tenant_conns = TenantConnections(
             settings.max_connections_per_tenant, reserve_s=settings.open_timeout_s + 5.0
         )
-        self.conn_reports = ConnectionReporter(self.broker, settings, self.node_id)
+        self.conn_reports = ConnectionReporter(self.state, settings, self.node_id)
         self.rate_limits.tenant_connections = self._tenant_connections
         # Per-tenant overrides of the limits above, from NATS KV (gateway/tenant_limits.py).
         self.tenant_limits = TenantLimitsTable(settings, self.security.tenants.get)

@@ -1,4 +1,4 @@
-"""The JetStream implementation of :class:`mesh.broker.Broker`."""
+"""The JetStream implementation of :class:`mesh.ports.Broker`."""
 
 from __future__ import annotations
 
@@ -32,7 +32,9 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import APIError, NotFoundError, ServiceUnavailableError
 from nats.js.kv import KeyValue
 
-from arqonbus_server.mesh.broker import (
+from arqonbus_server.mesh.kv import open_bucket
+from arqonbus_server.mesh.nats_auth import connect_failure, redact_url
+from arqonbus_server.mesh.ports import (
     BrokerUnavailable,
     ChannelWindow,
     LiveEvent,
@@ -47,8 +49,6 @@ from arqonbus_server.mesh.broker import (
     StoredEvent,
     StoreQuotaExceeded,
 )
-from arqonbus_server.mesh.kv import open_bucket
-from arqonbus_server.mesh.nats_auth import connect_failure, redact_url
 from arqonbus_server.mesh.streams import StreamPolicy, StreamProvisioner, choose_replicas
 from arqonbus_server.shared.subjects import ChannelRef, SubjectScheme
 
@@ -312,6 +312,15 @@ class JetStreamBroker:
     @property
     def connected(self) -> bool:
         return self._nc is not None and self._nc.is_connected
+
+    @property
+    def scheme(self) -> SubjectScheme:
+        """The names of every subject, stream and bucket this broker uses."""
+        return self._scheme
+
+    @property
+    def policy(self) -> StreamPolicy:
+        return self._policy
 
     @property
     def max_payload(self) -> int:

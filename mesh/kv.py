@@ -1,14 +1,12 @@
-"""Security state in NATS KV: buckets every gateway reads, and watched copies of them.
+"""The :class:`mesh.ports.StateStore` in NATS KV: buckets every gateway reads and writes.
 
-API keys, agent identities, private-room settings and content policies live in
-replicated KV buckets, so every gateway enforces the same state and a change (a
-revoke, a ban) reaches every gateway through a watch. A :class:`WatchedBucket`
-keeps an in-memory copy of one bucket: lookups on the handshake and message paths
-never wait on NATS, and ``on_change`` callbacks act on updates (closing the sessions
-of a revoked key, for example).
+API keys, agent identities, nonces, private-room settings, content policies, tenant limits
+and connection counts live in replicated KV buckets, so every gateway enforces the same
+state and a change (a revoke, a ban) reaches every gateway through a watch
+(:class:`mesh.watched.WatchedBucket` keeps an in-memory copy of one bucket).
 
-Bucket names carry the subject prefix (``<prefix>_keys``), so meshes that share a
-NATS cluster under different prefixes do not see each other's state.
+Bucket names carry the subject prefix (``<prefix>_keys``, :func:`shared.subjects.kv_bucket_name`),
+so meshes that share a NATS cluster under different prefixes do not see each other's state.
 """
 
 from __future__ import annotations
@@ -16,37 +14,56 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, cast
 
+import nats.errors
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import KeyValueConfig, StorageType
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NoStreamResponseError
-from nats.js.kv import KeyValue
+from nats.js.errors import (
+    APIError,
+    BucketNotFoundError,
+    InvalidKeyError,
+    KeyNotFoundError,
+    KeyWrongLastSequenceError,
+    NoStreamResponseError,
+)
+from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
+
+from arqonbus_server.mesh.ports import (
+    BrokerUnavailable,
+    InvalidKey,
+    KeyContended,
+    KeyExists,
+    KVChange,
+    KVEntry,
+    RevisionMismatch,
+)
+from arqonbus_server.mesh.watched import WatchedBucket
+from arqonbus_server.shared import subjects
 
 if TYPE_CHECKING:
     from nats.js.client import JetStreamContext
 
+    from arqonbus_server.mesh.jetstream import JetStreamBroker
+
 log = logging.getLogger("arqonbus.mesh.kv")
 
-# Bucket kinds (the name is ``<subject prefix>_<kind>``).
-KEYS = "keys"  # API keys: ``<tenant>.<key id>`` -> record with the secret's hash
-AGENTS = "agents"  # Ed25519 agents: ``<agent id>`` -> record with tenant and public key
-NONCES = "nonces"  # agent sign-in nonces: ``<nonce>`` -> issued/used, expire after NONCE_TTL_S
-ROOMS = "rooms"  # private rooms: ``<tenant>.<room>`` -> key hash, invites, bans, mutes
-POLICIES = "policies"  # content policies: ``<tenant>`` -> policy JSON
-TENANTS = "tenants"  # per-tenant limit overrides: ``<tenant>`` -> JSON (gateway/tenant_limits.py)
+# Bucket kinds (the name is ``<subject prefix>_<kind>``; shared/subjects.py names them).
+KEYS = subjects.KV_KEYS
+AGENTS = subjects.KV_AGENTS
+NONCES = subjects.KV_NONCES  # entries expire (gateway/security.py: NONCE_TTL_S)
+ROOMS = subjects.KV_ROOMS
+POLICIES = subjects.KV_POLICIES
+TENANTS = subjects.KV_TENANTS
+bucket_name = subjects.kv_bucket_name
 
-NONCE_TTL_S = 120.0
-_RETRY_S = 1.0
 _WRITE_RETRIES = 8  # about 2.5 s in all (see _RetryingJetStream)
 _OPEN_ATTEMPTS = 3  # see open_bucket
-
-ChangeHandler = Callable[[str, "bytes | None"], None]
-
-
-def bucket_name(prefix: str, kind: str) -> str:
-    return f"{prefix}_{kind}"
+# create: conditional writes tried while the key keeps changing between write and read.
+_CREATE_ATTEMPTS = 5
+# Failures of the store itself (no answer), as opposed to answers about a key.
+_UNAVAILABLE = (nats.errors.Error, TimeoutError, OSError)
 
 
 class _RetryingJetStream:
@@ -118,127 +135,162 @@ async def _lookup_or_create(js: JetStreamContext, config: KeyValueConfig) -> Key
     return await js.create_key_value(config)
 
 
-async def get_value(kv: KeyValue, key: str) -> bytes | None:
-    """The value of ``key``, or None when it is absent or deleted."""
-    try:
-        entry = await kv.get(key)
-    except KeyNotFoundError:  # also KeyDeletedError
+def _is_wrong_revision(exc: BaseException) -> bool:
+    if isinstance(exc, KeyWrongLastSequenceError):
+        return True
+    return isinstance(exc, APIError) and "wrong last sequence" in str(exc.description or "")
+
+
+class _Failures:
+    """Maps nats-py's errors to the port's: InvalidKey, RevisionMismatch, BrokerUnavailable."""
+
+    def __init__(self, bucket: str, key: str) -> None:
+        self._what = f"KV {bucket}/{key}"
+
+    def __enter__(self) -> None:
         return None
-    return entry.value or None
+
+    def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
+        if exc is None or isinstance(exc, KeyExists | KeyContended | RevisionMismatch):
+            return
+        if isinstance(exc, InvalidKeyError):
+            raise InvalidKey(f"{self._what}: not a valid key") from exc
+        if _is_wrong_revision(exc):
+            raise RevisionMismatch(self._what) from exc
+        if isinstance(exc, _UNAVAILABLE):
+            raise BrokerUnavailable(f"{self._what}: {type(exc).__name__} {exc}") from exc
 
 
-class WatchedBucket:
-    """An in-memory copy of a KV bucket, kept current by a watch.
+class _JetStreamWatch:
+    """A nats-py KeyWatcher as a :class:`mesh.ports.KVWatch`."""
 
-    ``get`` answers from memory. ``ready`` is set once the initial values are in. The
-    watch restarts (with a full reload) after an error; ``on_change(key, value)`` is
-    called for every change seen after the initial load (``value`` None: deleted).
-    """
+    def __init__(self, watcher: Any) -> None:
+        self._watcher = watcher
 
-    def __init__(self, name: str, open_kv: Callable[[], object]) -> None:
-        self.name = name
-        self._open_kv = open_kv
-        self._values: dict[str, bytes] = {}
-        self._handlers: list[ChangeHandler] = []
-        self.ready = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._stop = asyncio.Event()
-        self._restart = asyncio.Event()
-        self.kv: KeyValue | None = None
-
-    def on_change(self, handler: ChangeHandler) -> None:
-        self._handlers.append(handler)
-
-    def get(self, key: str) -> bytes | None:
-        return self._values.get(key)
-
-    def items(self) -> list[tuple[str, bytes]]:
-        return list(self._values.items())
-
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name=f"watch {self.name}")
-
-    async def close(self) -> None:
-        self._stop.set()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-
-    def restart(self) -> None:
-        """Reload and watch again (after a NATS reconnect: the old watch may be stale)."""
-        self._restart.set()
-
-    async def _run(self) -> None:
-        while not self._stop.is_set():
-            self._restart.clear()
-            watch = asyncio.create_task(self._watch_once())
-            restart = asyncio.create_task(self._restart.wait())
-            try:
-                await asyncio.wait({watch, restart}, return_when=asyncio.FIRST_COMPLETED)
-            finally:  # also when close() cancels this task
-                restart.cancel()
-                if self._stop.is_set():
-                    watch.cancel()
-            if not watch.done():  # restarted: drop this watch, reload at once
-                watch.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await watch
+    async def __aiter__(self) -> AsyncIterator[KVChange | None]:
+        async for entry in self._watcher:
+            if entry is None:
+                yield None
                 continue
-            exc = watch.exception()
-            if exc is not None:
-                log.warning("watch of KV bucket %s failed (%s); restarting", self.name, exc)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), _RETRY_S)
+            deleted = entry.operation in (KV_DEL, KV_PURGE, "DEL", "PURGE") or entry.value is None
+            yield KVChange(entry.key, None if deleted else entry.value or b"", entry.revision or 0)
 
-    async def _watch_once(self) -> None:
-        kv = await self._open_kv()  # type: ignore[misc]
-        self.kv = kv
-        watcher = await kv.watchall()
-        loaded: dict[str, bytes] = {}
-        initial = True
-        try:
-            async for entry in watcher:
-                if entry is None:  # the initial values are in
-                    if initial:
-                        self._replace(loaded)
-                        initial = False
-                        self.ready.set()
-                    continue
-                deleted = entry.operation in ("DEL", "PURGE") or entry.value is None
-                if initial:
-                    if deleted:
-                        loaded.pop(entry.key, None)
-                    else:
-                        loaded[entry.key] = entry.value or b""
-                    continue
-                self._apply(entry.key, None if deleted else (entry.value or b""))
-        finally:
-            with contextlib.suppress(Exception):
-                await watcher.stop()
+    async def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._watcher.stop()
 
-    def _replace(self, loaded: dict[str, bytes]) -> None:
-        """After a (re)load: report what changed while the watch was down."""
-        old = self._values
-        self._values = loaded
-        for key in old.keys() - loaded.keys():
-            self._notify(key, None)
-        for key, value in loaded.items():
-            if old.get(key) != value:
-                self._notify(key, value)
 
-    def _apply(self, key: str, value: bytes | None) -> None:
-        if value is None:
-            if self._values.pop(key, None) is None:
-                return
-        else:
-            self._values[key] = value
-        self._notify(key, value)
+class JetStreamBucket:
+    """A NATS KV bucket as a :class:`mesh.ports.KVBucket` (guarantees stated there)."""
 
-    def _notify(self, key: str, value: bytes | None) -> None:
-        for handler in self._handlers:
+    def __init__(self, kv: KeyValue) -> None:
+        self._kv = kv
+        # Reads that must see the latest write go to the stream leader (STREAM.MSG.GET):
+        # a direct get may be answered by a replica that has not applied it yet.
+        self._leader = KeyValue(kv._name, kv._stream, kv._pre, kv._js, False)
+
+    @property
+    def name(self) -> str:
+        return self._kv._name
+
+    async def get(self, key: str) -> KVEntry | None:
+        with _Failures(self.name, key):
             try:
-                handler(key, value)
-            except Exception:
-                log.exception("KV change handler for %s failed", self.name)
+                entry = await self._kv.get(key)
+            except KeyNotFoundError:  # also deleted
+                return None
+        return KVEntry(key, entry.value or b"", entry.revision or 0)
+
+    async def create(self, key: str, value: bytes) -> int:
+        """Create-if-absent that reads the leader after a refused write.
+
+        ``KeyValue.create`` is not enough under a race: after its conditional write is
+        refused it reads the key back to tell a live value from a delete marker, and that
+        read may be a direct get, answered by any replica. A replica that has not yet
+        applied the winner's write answers "not found", which looked like a store failure.
+        Here the read goes to the stream leader, which refused the write and so holds what
+        refused it. A delete marker is written over (at its revision).
+        """
+        last = 0
+        with _Failures(self.name, key):
+            for _ in range(_CREATE_ATTEMPTS):
+                try:
+                    return await self._kv.update(key, value, last=last)
+                except KeyWrongLastSequenceError:
+                    pass
+                try:
+                    entry = await self._leader.get(key)
+                except KeyNotFoundError as exc:
+                    # A delete marker (its entry names the revision to write over), or
+                    # nothing: the key was purged since our write was refused. Write again.
+                    marker = exc.entry
+                    last = marker.revision if marker is not None and marker.revision else 0
+                    continue
+                raise KeyExists(key, entry.value or b"", entry.revision or 0)
+        raise KeyContended(f"key {key!r} kept changing: {_CREATE_ATTEMPTS} writes were refused")
+
+    async def update(self, key: str, value: bytes, revision: int) -> int:
+        if revision <= 0:
+            raise RevisionMismatch(f"KV {self.name}/{key}: revision {revision}")
+        with _Failures(self.name, key):
+            return await self._kv.update(key, value, last=revision)
+
+    async def put(self, key: str, value: bytes) -> int:
+        with _Failures(self.name, key):
+            return await self._kv.put(key, value)
+
+    async def delete(self, key: str) -> None:
+        with _Failures(self.name, key):
+            await self._kv.delete(key)
+
+    async def items(self, prefix: str = "") -> list[tuple[str, bytes]]:
+        """The stream's subjects under the prefix (STREAM.INFO), then each key's latest value
+        from the leader. Not a watch: nats-py's watch can mark "no more values" before
+        delivering the ones that raced its consumer-info check, and a snapshot must not
+        come back short."""
+        if prefix and not prefix.endswith("."):
+            raise InvalidKey(f"prefix {prefix!r} must end with '.'")
+        found: list[tuple[str, bytes]] = []
+        with _Failures(self.name, prefix or ">"):
+            pre = self._kv._pre
+            info = await self._kv._js.stream_info(
+                self._kv._stream, subjects_filter=f"{pre}{prefix}>"
+            )
+            for subject in sorted(info.state.subjects or {}):
+                key = subject[len(pre) :]
+                try:
+                    entry = await self._leader.get(key)
+                except KeyNotFoundError:  # deleted
+                    continue
+                found.append((key, entry.value or b""))
+        return found
+
+    async def watch(self) -> _JetStreamWatch:
+        with _Failures(self.name, ">"):
+            return _JetStreamWatch(await self._kv.watchall())
+
+
+class JetStreamStateStore:
+    """The :class:`mesh.ports.StateStore` on a connected :class:`JetStreamBroker`."""
+
+    def __init__(self, broker: JetStreamBroker) -> None:
+        self._broker = broker
+
+    async def bucket(self, kind: str, ttl_s: float | None = None) -> JetStreamBucket:
+        name = self._broker.scheme.kv_bucket(kind)
+        return JetStreamBucket(await self._broker.key_value(name, ttl_s))
+
+
+__all__ = [
+    "AGENTS",
+    "KEYS",
+    "NONCES",
+    "POLICIES",
+    "ROOMS",
+    "TENANTS",
+    "JetStreamBucket",
+    "JetStreamStateStore",
+    "WatchedBucket",
+    "bucket_name",
+    "open_bucket",
+]

@@ -7,9 +7,14 @@ Layout, with the configurable prefix ``P`` (default ``arq``)::
     P.cmd.<tenant>.<room>.<channel>.<command>
                                        service commands: NATS request/reply, one queue group
 
-One JetStream stream per tenant captures ``P.ev.<tenant>.>``. Every token is a
-validated name, so no subject ever contains a wildcard, whitespace or an extra
-token, and no input can produce a subject of another tenant.
+    P.audit.<tenant>.<type>            security events (gateway/audit.py)
+
+One JetStream stream per tenant captures ``P.ev.<tenant>.>``; its audit stream
+``P-audit_<tenant>`` captures ``P.audit.<tenant>.>`` (the ``-`` keeps audit streams out of
+the ``P_<tenant>`` namespace whatever a tenant is called). KV buckets are ``P_<kind>``
+(the kinds below). Every token is a validated name, so no subject ever contains a
+wildcard, whitespace or an extra token, and no input can produce a subject of another
+tenant.
 """
 
 from __future__ import annotations
@@ -21,6 +26,16 @@ from dataclasses import dataclass
 from arqonbus_server.shared.errors import INVALID_NAME, ArqonError
 
 NAME_MAX = 64
+
+# KV bucket kinds (the bucket is ``<prefix>_<kind>``, see :func:`kv_bucket_name`).
+KV_KEYS = "keys"  # API keys: ``<tenant>.<key id>`` -> record with the secret's hash
+KV_AGENTS = "agents"  # Ed25519 agents: ``<agent id>`` -> record with tenant and public key
+KV_NONCES = "nonces"  # agent sign-in nonces: ``<nonce>`` -> issued/used (they expire)
+KV_ROOMS = "rooms"  # private rooms: ``<tenant>.<room>`` -> key hash, invites, bans, mutes
+KV_POLICIES = "policies"  # content policies: ``<tenant>`` -> policy JSON
+KV_TENANTS = "tenants"  # per-tenant limit overrides: ``<tenant>`` -> JSON
+KV_CONNS = "conns"  # connection counts: ``<node key>`` -> {"tenant": count, ...}
+KV_KINDS = (KV_KEYS, KV_AGENTS, KV_NONCES, KV_ROOMS, KV_POLICIES, KV_TENANTS, KV_CONNS)
 _NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
@@ -35,6 +50,11 @@ def validate_name(value: object, field: str) -> str:
         return value
     shown = repr(value)[:80]
     raise ArqonError(INVALID_NAME, f"{field} {shown} is not a valid name")
+
+
+def kv_bucket_name(prefix: str, kind: str) -> str:
+    """The KV bucket of ``kind`` under subject prefix ``prefix`` (``<prefix>_<kind>``)."""
+    return f"{validate_name(prefix, 'subject prefix')}_{validate_name(kind, 'bucket kind')}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +105,20 @@ class SubjectScheme:
 
     def stream_name(self, tenant: str) -> str:
         return f"{self.prefix}_{validate_name(tenant, 'tenant')}"
+
+    def kv_bucket(self, kind: str) -> str:
+        return kv_bucket_name(self.prefix, kind)
+
+    def audit_stream(self, tenant: str) -> str:
+        """``P-audit_<tenant>``: never equal to a tenant's event stream ``P_<tenant>``."""
+        return f"{self.prefix}-audit_{validate_name(tenant, 'tenant')}"
+
+    def audit(self, tenant: str, type_: str) -> str:
+        """The subject of one audit event of ``tenant``, e.g. ``arq.audit.acme.forbidden``."""
+        return f"{self.prefix}.audit.{validate_name(tenant, 'tenant')}.{validate_name(type_, 'audit event type')}"
+
+    def audit_filter(self, tenant: str) -> str:
+        return f"{self.prefix}.audit.{validate_name(tenant, 'tenant')}.>"
 
     def parse_live(self, subject: str) -> ChannelRef | None:
         """Map a delivery subject back to its channel, or None if it is not one of ours."""

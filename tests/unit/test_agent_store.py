@@ -1,5 +1,6 @@
-"""Agent registration's create-if-absent (gateway.auth_agent.create_key, store_new): a
-lagging replica is never mistaken for a store failure, nor a deleted key for a live one.
+"""Agent registration's create-if-absent (mesh.kv.JetStreamBucket.create, and
+gateway.auth_agent.store_new on it): a lagging replica is never mistaken for a store
+failure, nor a deleted key for a live one.
 
 The fake below is a KV stream with a leader and one lagging replica: conditional writes
 (``Nats-Expected-Last-Subject-Sequence``) and non-direct reads go to the leader, direct
@@ -16,16 +17,14 @@ from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from arqonbus_server.gateway.auth_agent import (
-    KeyContendedError,
-    KeyExistsError,
     RegistrationError,
-    create_key,
     new_record,
     public_key_index,
     register_from_session,
     store_new,
 )
-from arqonbus_server.mesh.broker import BrokerUnavailable
+from arqonbus_server.mesh.kv import JetStreamBucket
+from arqonbus_server.mesh.ports import BrokerUnavailable, KeyContended, KeyExists
 from arqonbus_server.shared import agent_identity as ai
 
 STREAM, PRE = "KV_t", "$KV.t."
@@ -83,6 +82,10 @@ def bucket(stream: FakeStream) -> KeyValue:
     return KeyValue("t", STREAM, PRE, stream, True)  # type: ignore[arg-type]
 
 
+async def create_key(kv: KeyValue, key: str, value: bytes) -> int:
+    return await JetStreamBucket(kv).create(key, value)
+
+
 async def test_creates_an_absent_key() -> None:
     stream = FakeStream()
     assert await create_key(bucket(stream), "k", b"v") == 1
@@ -97,7 +100,7 @@ async def test_a_key_created_by_another_caller_is_key_exists_even_if_a_replica_l
     # What the register_agent race hit: KeyValue.create's read-back misses the winner.
     with pytest.raises(KeyNotFoundError):
         await kv.create("k", b"loser")
-    with pytest.raises(KeyExistsError) as info:
+    with pytest.raises(KeyExists) as info:
         await create_key(kv, "k", b"loser")
     assert (info.value.value, info.value.revision) == (b"winner", 1)
     assert len(stream.log) == 1
@@ -126,14 +129,14 @@ async def test_a_key_that_keeps_changing_is_contended_not_exists() -> None:
         stream.log.append((f"{PRE}k", b"", {"KV-Operation": "DEL"}))
 
     stream.before_publish = [delete_again] * 10  # a new marker before each of our writes
-    with pytest.raises(KeyContendedError):
+    with pytest.raises(KeyContended):
         await create_key(kv, "k", b"new")
 
 
-async def test_a_store_failure_is_raised_as_is() -> None:
+async def test_a_store_failure_is_broker_unavailable() -> None:
     stream = FakeStream()
     stream.fail_publish = TimeoutError()
-    with pytest.raises(TimeoutError):
+    with pytest.raises(BrokerUnavailable):
         await create_key(bucket(stream), "k", b"v")
 
 
@@ -145,10 +148,10 @@ async def test_a_losing_registration_is_already_registered_even_if_a_replica_lag
     kv = bucket(stream)
     key = ai.public_key_b64(ai.generate_private_key())
     winner, loser = new_record("t1", "a", key), new_record("t1", "b", key)
-    await store_new(kv, winner)
+    await store_new(JetStreamBucket(kv), winner)
     stream.replica_applied = 0
     with pytest.raises(RegistrationError) as info:
-        await store_new(kv, loser)
+        await store_new(JetStreamBucket(kv), loser)
     assert str(info.value) == (
         f"this public key is already registered in tenant t1 (agent {winner.agent_id}): "
         "generate a new key pair for a new agent"
@@ -163,8 +166,8 @@ async def test_a_store_failure_while_registering_is_not_a_registration_error() -
     stream = FakeStream()
     stream.fail_publish = TimeoutError()
     record = new_record("t1", "a", ai.public_key_b64(ai.generate_private_key()))
-    with pytest.raises(TimeoutError):  # register_from_session: BrokerUnavailable
-        await store_new(bucket(stream), record)
+    with pytest.raises(BrokerUnavailable):  # not a RegistrationError
+        await store_new(JetStreamBucket(bucket(stream)), record)
 
 
 class _Agents:
@@ -172,13 +175,13 @@ class _Agents:
         return []
 
 
-class _Broker:
+class _State:
     def __init__(self, kv: KeyValue) -> None:
         self.kv = kv
 
-    async def key_value(self, bucket: str) -> KeyValue:
-        assert bucket == "arq_agents"
-        return self.kv
+    async def bucket(self, kind: str) -> JetStreamBucket:
+        assert kind == "agents"
+        return JetStreamBucket(self.kv)
 
 
 class _Security:
@@ -186,7 +189,7 @@ class _Security:
 
     def __init__(self, kv: KeyValue) -> None:
         self.agents = _Agents()
-        self.broker = _Broker(kv)
+        self.state = _State(kv)
         self.prefix = "arq"
 
     async def wait_ready(self, bucket: object) -> bool:

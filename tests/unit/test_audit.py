@@ -19,6 +19,7 @@ from arqonbus_server.gateway.audit import (
     rule_name,
     scrub_text,
 )
+from arqonbus_server.mesh.audit import JetStreamAuditSink
 from arqonbus_server.mesh.jetstream import JetStreamBroker
 from arqonbus_server.mesh.streams import StreamPolicy
 from arqonbus_server.shared.subjects import SubjectScheme
@@ -148,20 +149,22 @@ def test_throttle_caps_distinct_keys_per_window() -> None:
     assert throttle.check(("publish", "r", "new")) == 0
 
 
-def _unconnected_broker() -> JetStreamBroker:
-    # A real broker that is never connected: record() must not need NATS.
-    return JetStreamBroker(["nats://127.0.0.1:1"], SubjectScheme("arq"), StreamPolicy())
+def _unconnected_sink() -> JetStreamAuditSink:
+    # A real sink on a broker that is never connected: record() must not need NATS.
+    return JetStreamAuditSink(
+        JetStreamBroker(["nats://127.0.0.1:1"], SubjectScheme("arq"), StreamPolicy())
+    )
 
 
 async def test_bounded_queue_drops_and_counts() -> None:
-    log = AuditLog(_unconnected_broker(), "arq", "gw", queue_max=100)
+    log = AuditLog(_unconnected_sink(), "gw", queue_max=100)
     for i in range(250):
         log.record("acme", audit.FORBIDDEN, "alice", n=i)
     assert log.stats() == {"written": 0, "dropped": 150, "queued": 100}
 
 
 async def test_record_never_raises_and_drops_invalid_names() -> None:
-    log = AuditLog(_unconnected_broker(), "arq", "gw")
+    log = AuditLog(_unconnected_sink(), "gw")
     log.record("bad tenant!", audit.FORBIDDEN)
     log.record("acme", "no.dots")
     log.record("acme", audit.FORBIDDEN, "alice", weird=object(), when=datetime.now(UTC))
@@ -169,7 +172,7 @@ async def test_record_never_raises_and_drops_invalid_names() -> None:
 
 
 async def test_close_gives_up_after_its_timeout_without_nats() -> None:
-    log = AuditLog(_unconnected_broker(), "arq", "gw")
+    log = AuditLog(_unconnected_sink(), "gw")
     log.start()
     for _ in range(3):
         log.record("acme", audit.AUTH_FAILED, reason="x")
@@ -180,7 +183,7 @@ async def test_close_gives_up_after_its_timeout_without_nats() -> None:
 
 
 async def test_without_broker_events_only_go_to_the_log(caplog: pytest.LogCaptureFixture) -> None:
-    log = AuditLog(None, "arq", "gw")
+    log = AuditLog(None, "gw")
     with caplog.at_level("INFO", logger="arqonbus.gateway.audit"):
         log.record("acme", audit.AUTH_FAILED, "bob", token=JWT, reason=f"bad {JWT}")
     assert "auth_failed" in caplog.text and JWT not in caplog.text

@@ -1,0 +1,33 @@
+"""Static proof, for mypy, that every implementation satisfies its port (mesh/ports.py).
+
+The behaviour behind the signatures is checked by the contract suite, tests/contract/.
+Nothing here runs.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from arqonbus_server.mesh.audit import JetStreamAuditSink
+    from arqonbus_server.mesh.jetstream import JetStreamBroker
+    from arqonbus_server.mesh.kv import JetStreamBucket, JetStreamStateStore
+    from arqonbus_server.mesh.memory import (
+        MemoryAuditSink,
+        MemoryBroker,
+        MemoryBucket,
+        MemoryStateStore,
+    )
+    from arqonbus_server.mesh.ports import AuditSink, Broker, KVBucket, StateStore
+
+    def _brokers(real: JetStreamBroker, twin: MemoryBroker) -> list[Broker]:
+        return [real, twin]
+
+    def _state_stores(real: JetStreamStateStore, twin: MemoryStateStore) -> list[StateStore]:
+        return [real, twin]
+
+    def _buckets(real: JetStreamBucket, twin: MemoryBucket) -> list[KVBucket]:
+        return [real, twin]
+
+    def _audit_sinks(real: JetStreamAuditSink, twin: MemoryAuditSink) -> list[AuditSink]:
+        return [real, twin]

@@ -1,0 +1,438 @@
+"""In-memory twins of the mesh's ports, held to the same contract suite (tests/contract/).
+
+One :class:`MemoryMesh` stands for a NATS cluster: every :class:`MemoryBroker`,
+:class:`MemoryStateStore` and :class:`MemoryAuditSink` made on it sees the same streams,
+buckets and handlers, as gateways on one cluster do. Nothing here does I/O; live events
+and watch changes are handed over on the event loop (``call_soon``), after the write
+returned, as they would arrive from NATS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import random
+import re
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from arqonbus_server.mesh.ports import (
+    BrokerUnavailable,
+    ChannelWindow,
+    InvalidKey,
+    KeyExists,
+    KVChange,
+    KVEntry,
+    LiveEvent,
+    LiveHandler,
+    NoResponders,
+    PublishResult,
+    ReconnectHandler,
+    RequestTimeout,
+    RevisionMismatch,
+    ServiceHandler,
+    ServiceRequest,
+    StoredEvent,
+    StoreQuotaExceeded,
+)
+from arqonbus_server.shared.subjects import ChannelRef, SubjectScheme
+
+_KEY_RE = re.compile(r"[-/_=.a-zA-Z0-9]+")
+MAX_PAYLOAD = 1024 * 1024
+
+
+def _check_key(key: str) -> None:
+    if not _KEY_RE.fullmatch(key) or key.startswith(".") or key.endswith("."):
+        raise InvalidKey(f"{key[:80]!r} is not a valid KV key")
+
+
+# -- streams -------------------------------------------------------------------------------
+
+
+@dataclass
+class _Stored:
+    seq: int
+    ref: ChannelRef
+    body: bytes
+    prev_seq: int
+
+
+@dataclass
+class _Stream:
+    max_bytes: int = -1
+    events: list[_Stored] = field(default_factory=list)
+    last_seq: int = 0
+    stored_bytes: int = 0
+    dedupe: dict[str, tuple[int, float]] = field(default_factory=dict)
+
+    def last_of(self, ref: ChannelRef) -> int:
+        for event in reversed(self.events):
+            if event.ref == ref:
+                return event.seq
+        return 0
+
+
+@dataclass
+class _Bucket:
+    ttl_s: float | None
+    values: dict[str, tuple[bytes, int, float]] = field(default_factory=dict)
+    revision: int = 0
+    watchers: list[_MemoryWatch] = field(default_factory=list)
+
+
+class MemoryMesh:
+    """The shared state of a cluster: streams, buckets, handlers and subscribers."""
+
+    def __init__(
+        self,
+        scheme: SubjectScheme | None = None,
+        dedupe_window_s: float = 120.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.scheme = scheme or SubjectScheme()
+        self.dedupe_window_s = dedupe_window_s
+        self.clock = clock
+        self.streams: dict[str, _Stream] = {}
+        self.live: dict[ChannelRef, list[_Subscription]] = {}
+        self.handlers: dict[tuple[ChannelRef, str], list[_Subscription]] = {}
+        self.replies: dict[str, asyncio.Future[bytes]] = {}
+        self.buckets: dict[str, _Bucket] = {}
+        self.audit: dict[str, list[tuple[int, datetime, str, bytes]]] = {}
+        self.audit_ids: dict[str, dict[str, tuple[int, float]]] = {}
+
+
+class _Subscription:
+    def __init__(self, registry: list[_Subscription], handler: Callable[..., None]) -> None:
+        self._registry = registry
+        self.handler = handler
+        registry.append(self)
+
+    async def close(self) -> None:
+        with contextlib.suppress(ValueError):
+            self._registry.remove(self)
+
+
+# -- Broker -------------------------------------------------------------------------------
+
+
+class MemoryBroker:
+    """A :class:`mesh.ports.Broker` in memory (guarantees stated there)."""
+
+    def __init__(self, mesh: MemoryMesh | None = None, default_max_bytes: int = -1) -> None:
+        self.mesh = mesh or MemoryMesh()
+        self._default_max_bytes = default_max_bytes
+        self._connected = False
+        self._known: set[str] = set()
+        self._reconnect_handlers: list[ReconnectHandler] = []
+        self._replies = itertools.count(1)
+        self.max_bytes_for: Callable[[str], int] | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    @property
+    def max_payload(self) -> int:
+        return MAX_PAYLOAD
+
+    async def connect(self) -> None:
+        self._connected = True
+
+    async def connect_with_retry(self, stop: Any) -> bool:
+        await self.connect()
+        return True
+
+    def _require(self) -> None:
+        if not self._connected:
+            raise BrokerUnavailable("not connected")
+
+    def _quota(self, tenant: str) -> int:
+        own = self.max_bytes_for(tenant) if self.max_bytes_for is not None else 0
+        return own if own > 0 else self._default_max_bytes
+
+    async def ensure_stream(self, tenant: str) -> int:
+        self._require()
+        if tenant in self._known:
+            return -1
+        if tenant not in self.mesh.streams:
+            self.mesh.streams[tenant] = _Stream(max_bytes=self._quota(tenant))
+        self._known.add(tenant)
+        return 1
+
+    async def apply_quota(self, tenant: str) -> bool:
+        self._require()
+        stream = self.mesh.streams.get(tenant)
+        if stream is None:
+            return False
+        stream.max_bytes = self._quota(tenant)
+        return True
+
+    async def publish(self, ref: ChannelRef, body: bytes, dedupe_key: str) -> PublishResult:
+        await self.ensure_stream(ref.tenant)
+        stream = self.mesh.streams[ref.tenant]
+        now = self.mesh.clock()
+        known = stream.dedupe.get(dedupe_key)
+        if known is not None and now - known[1] < self.mesh.dedupe_window_s:
+            return PublishResult(known[0], True)
+        if 0 < stream.max_bytes < stream.stored_bytes + len(body):
+            raise StoreQuotaExceeded("maximum bytes exceeded")
+        stream.last_seq += 1
+        event = _Stored(stream.last_seq, ref, body, stream.last_of(ref))
+        stream.events.append(event)
+        stream.stored_bytes += len(body)
+        stream.dedupe[dedupe_key] = (event.seq, now)
+        live = LiveEvent(event.seq, event.prev_seq, body)
+        loop = asyncio.get_running_loop()
+        for sub in list(self.mesh.live.get(ref, ())):
+            loop.call_soon(sub.handler, ref, live)
+        return PublishResult(event.seq, False)
+
+    async def subscribe_live(self, ref: ChannelRef, handler: LiveHandler) -> _Subscription:
+        self._require()
+        return _Subscription(self.mesh.live.setdefault(ref, []), handler)
+
+    async def window(self, ref: ChannelRef) -> ChannelWindow:
+        self._require()
+        stream = self.mesh.streams.get(ref.tenant)
+        if stream is None:
+            return ChannelWindow(0, 0)
+        first = stream.events[0].seq if stream.events else 0
+        return ChannelWindow(stream.last_of(ref), first)
+
+    async def replay(
+        self, ref: ChannelRef, start_seq: int, end_seq: int | None, limit: int | None = None
+    ) -> AsyncGenerator[StoredEvent, None]:
+        self._require()
+        stream = self.mesh.streams.get(ref.tenant)
+        if stream is None:
+            return
+        end = stream.last_of(ref) if end_seq is None else end_seq
+        count = 0
+        for event in list(stream.events):
+            if limit is not None and count >= limit:
+                return
+            if event.ref == ref and start_seq <= event.seq <= end:
+                count += 1
+                yield StoredEvent(event.seq, event.body)
+
+    async def request(self, ref: ChannelRef, command: str, body: bytes, timeout: float) -> bytes:
+        self._require()
+        handlers = self.mesh.handlers.get((ref, self.mesh.scheme.command(ref, command)), [])
+        if not handlers:
+            raise NoResponders(command)
+        reply = f"_INBOX.memory.{id(self)}.{next(self._replies)}"
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self.mesh.replies[reply] = future
+        random.choice(handlers).handler(ServiceRequest(body, reply))
+        try:
+            async with asyncio.timeout(timeout):
+                return await future
+        except TimeoutError:
+            raise RequestTimeout(command) from None
+        finally:
+            self.mesh.replies.pop(reply, None)
+
+    async def serve(self, ref: ChannelRef, command: str, handler: ServiceHandler) -> _Subscription:
+        self._require()
+        key = (ref, self.mesh.scheme.command(ref, command))
+        return _Subscription(self.mesh.handlers.setdefault(key, []), handler)
+
+    async def respond(self, reply: str, body: bytes) -> None:
+        self._require()
+        future = self.mesh.replies.get(reply)
+        if future is not None and not future.done():
+            future.set_result(body)
+
+    async def check_health(self, timeout: float = 5.0) -> bool:
+        return self._connected
+
+    async def check_link(self, timeout: float = 5.0) -> bool:
+        return self._connected
+
+    async def reconnect_elsewhere(self) -> None:
+        for handler in list(self._reconnect_handlers):
+            await handler()
+
+    def on_reconnect(self, handler: ReconnectHandler) -> None:
+        self._reconnect_handlers.append(handler)
+
+    async def close(self, timeout: float = 5.0) -> None:
+        self._connected = False
+
+
+# -- StateStore ----------------------------------------------------------------------------
+
+
+class _MemoryWatch:
+    def __init__(self, bucket: _Bucket, initial: list[KVChange]) -> None:
+        self._bucket = bucket
+        self._queue: asyncio.Queue[KVChange | None] = asyncio.Queue()
+        for change in initial:
+            self._queue.put_nowait(change)
+        self._queue.put_nowait(None)
+        self._stopped = False
+        bucket.watchers.append(self)
+
+    def offer(self, change: KVChange) -> None:
+        asyncio.get_running_loop().call_soon(self._queue.put_nowait, change)
+
+    async def __aiter__(self) -> AsyncIterator[KVChange | None]:
+        while not self._stopped:
+            item = await self._queue.get()
+            if self._stopped:
+                return
+            yield item
+
+    async def stop(self) -> None:
+        self._stopped = True
+        with contextlib.suppress(ValueError):
+            self._bucket.watchers.remove(self)
+        self._queue.put_nowait(None)  # wakes an iteration waiting for a change
+
+
+class MemoryBucket:
+    """A :class:`mesh.ports.KVBucket` in memory (guarantees stated there)."""
+
+    def __init__(self, name: str, bucket: _Bucket, clock: Callable[[], float]) -> None:
+        self._name = name
+        self._bucket = bucket
+        self._clock = clock
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    def _live(self, key: str) -> tuple[bytes, int] | None:
+        found = self._bucket.values.get(key)
+        if found is None:
+            return None
+        value, revision, written = found
+        ttl = self._bucket.ttl_s
+        if ttl is not None and self._clock() - written >= ttl:
+            del self._bucket.values[key]
+            return None
+        return value, revision
+
+    def _write(self, key: str, value: bytes | None) -> int:
+        bucket = self._bucket
+        bucket.revision += 1
+        if value is None:
+            bucket.values.pop(key, None)
+        else:
+            bucket.values[key] = (value, bucket.revision, self._clock())
+        for watch in list(bucket.watchers):
+            watch.offer(KVChange(key, value, bucket.revision))
+        return bucket.revision
+
+    async def get(self, key: str) -> KVEntry | None:
+        _check_key(key)
+        live = self._live(key)
+        return None if live is None else KVEntry(key, live[0], live[1])
+
+    async def create(self, key: str, value: bytes) -> int:
+        _check_key(key)
+        live = self._live(key)
+        if live is not None:
+            raise KeyExists(key, live[0], live[1])
+        return self._write(key, value)
+
+    async def update(self, key: str, value: bytes, revision: int) -> int:
+        _check_key(key)
+        live = self._live(key)
+        if live is None or live[1] != revision:
+            raise RevisionMismatch(f"KV {self._name}/{key}: revision {revision}")
+        return self._write(key, value)
+
+    async def put(self, key: str, value: bytes) -> int:
+        _check_key(key)
+        return self._write(key, value)
+
+    async def delete(self, key: str) -> None:
+        _check_key(key)
+        self._write(key, None)
+
+    async def items(self, prefix: str = "") -> list[tuple[str, bytes]]:
+        if prefix and not prefix.endswith("."):
+            raise InvalidKey(f"prefix {prefix!r} must end with '.'")
+        found = []
+        for key in sorted(self._bucket.values):
+            live = self._live(key)
+            if key.startswith(prefix) and live is not None:
+                found.append((key, live[0]))
+        return found
+
+    async def watch(self) -> _MemoryWatch:
+        initial = []
+        for key in sorted(self._bucket.values):
+            live = self._live(key)
+            if live is not None:
+                initial.append(KVChange(key, live[0], live[1]))
+        return _MemoryWatch(self._bucket, initial)
+
+
+class MemoryStateStore:
+    """A :class:`mesh.ports.StateStore` in memory."""
+
+    def __init__(self, mesh: MemoryMesh | None = None) -> None:
+        self.mesh = mesh or MemoryMesh()
+
+    async def bucket(self, kind: str, ttl_s: float | None = None) -> MemoryBucket:
+        name = self.mesh.scheme.kv_bucket(kind)
+        bucket = self.mesh.buckets.setdefault(name, _Bucket(ttl_s))
+        return MemoryBucket(name, bucket, self.mesh.clock)
+
+
+# -- AuditSink -------------------------------------------------------------------------------
+
+
+class MemoryAuditSink:
+    """A :class:`mesh.ports.AuditSink` in memory."""
+
+    def __init__(self, mesh: MemoryMesh | None = None) -> None:
+        self.mesh = mesh or MemoryMesh()
+
+    @property
+    def connected(self) -> bool:
+        return True
+
+    async def append(self, tenant: str, type_: str, event_id: str, body: bytes) -> int:
+        self.mesh.scheme.audit(tenant, type_)  # the same name checks as the real sink
+        events = self.mesh.audit.setdefault(tenant, [])
+        ids = self.mesh.audit_ids.setdefault(tenant, {})
+        now = self.mesh.clock()
+        known = ids.get(event_id)
+        if known is not None and now - known[1] < self.mesh.dedupe_window_s:
+            return known[0]
+        seq = events[-1][0] + 1 if events else 1
+        events.append((seq, datetime.now(UTC), type_, body))
+        ids[event_id] = (seq, now)
+        return seq
+
+    async def read(
+        self,
+        tenant: str,
+        since: datetime | None = None,
+        types: Iterable[str] = (),
+        limit: int = 1000,
+    ) -> tuple[list[dict[str, Any]], bool]:
+        wanted = set(types)
+        found: list[dict[str, Any]] = []
+        for _, stored_at, type_, body in self.mesh.audit.get(tenant, []):
+            if (since is not None and stored_at < since) or (wanted and type_ not in wanted):
+                continue
+            try:
+                event = orjson.loads(body)
+            except orjson.JSONDecodeError:
+                continue
+            if not isinstance(event, dict) or event.get("tenant") != tenant:
+                continue
+            if len(found) >= limit:
+                return found, True
+            found.append(event)
+        return found, False

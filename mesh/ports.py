@@ -1,0 +1,386 @@
+"""The mesh's ports: what the gateway needs from NATS, and what each call guarantees.
+
+Three ports, each with a JetStream implementation (:mod:`mesh.jetstream`, :mod:`mesh.kv`,
+:mod:`mesh.audit`) and an in-memory twin (:mod:`mesh.memory`). Both are held to one
+contract suite, ``tests/contract/``, which checks exactly the guarantees stated here:
+
+* :class:`Broker`: events (store, dedupe, seq, live delivery, replay), service commands,
+  per-tenant stream provisioning and quotas, and the connection's health.
+* :class:`StateStore`: the KV buckets of shared state (API keys, agents, nonces, rooms,
+  content policies, tenant limits, connection counts), each a :class:`KVBucket` with
+  get / create-if-absent / compare-and-set update / put / delete / snapshot / watch.
+* :class:`AuditSink`: each tenant's audit stream, appended to and read back.
+
+Errors are the exceptions below. :class:`BrokerUnavailable` always means "the store did not
+answer or could not be reached": nothing is known about the effect, retrying is safe
+where the call says so. Every other exception is an answer about the data.
+Names of subjects, streams and buckets all come from :mod:`shared.subjects`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol
+
+from arqonbus_server.shared.subjects import ChannelRef
+
+# -- errors -----------------------------------------------------------------------------
+
+
+class BrokerUnavailable(Exception):
+    """The store could not be reached or did not answer in time. Safe to retry."""
+
+
+class StoreQuotaExceeded(Exception):
+    """The tenant's stream is full (its max_bytes, discard new): the event was not stored.
+
+    Not transient: retrying succeeds only once old events expire or the quota is raised.
+    """
+
+
+class NoResponders(Exception):
+    """No handler is registered for the service command right now."""
+
+
+class RequestTimeout(Exception):
+    """The handler did not reply in time; it may still have acted on the command."""
+
+
+class KeyExists(Exception):
+    """:meth:`KVBucket.create` found a live value under the key (``value`` at ``revision``)."""
+
+    def __init__(self, key: str, value: bytes, revision: int) -> None:
+        super().__init__(f"key {key!r} exists (revision {revision})")
+        self.key = key
+        self.value = value
+        self.revision = revision
+
+
+class KeyContended(Exception):
+    """:meth:`KVBucket.create` could not tell: the key changed under every attempt."""
+
+
+class RevisionMismatch(Exception):
+    """:meth:`KVBucket.update` was refused: the key's latest revision is not the one given."""
+
+
+class InvalidKey(ValueError):
+    """The key cannot be stored (KV keys are ``[-/_=.a-zA-Z0-9]+``, no leading/trailing dot)."""
+
+
+# -- data ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceRequest:
+    """A service command delivered to a handler; answer with ``Broker.respond(reply, ...)``."""
+
+    body: bytes
+    reply: str
+
+
+@dataclass(frozen=True, slots=True)
+class PublishResult:
+    seq: int
+    duplicate: bool
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    seq: int
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class LiveEvent:
+    seq: int
+    prev_seq: int
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelWindow:
+    """What the store holds for a channel: its newest seq and the stream's oldest."""
+
+    last_seq: int
+    first_stream_seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class KVEntry:
+    """A live value and its revision (the store's sequence of the write that set it)."""
+
+    key: str
+    value: bytes
+    revision: int
+
+
+@dataclass(frozen=True, slots=True)
+class KVChange:
+    """One change seen by a watch; ``value`` None means the key was deleted."""
+
+    key: str
+    value: bytes | None
+    revision: int
+
+
+LiveHandler = Callable[[ChannelRef, LiveEvent], None]
+ServiceHandler = Callable[[ServiceRequest], None]
+ReconnectHandler = Callable[[], Coroutine[Any, Any, None]]
+
+
+class LiveSubscription(Protocol):
+    async def close(self) -> None:
+        """Stop delivery. Never raises; closing twice is harmless."""
+
+
+# -- Broker ---------------------------------------------------------------------------------
+
+
+class Broker(Protocol):
+    """Events stored per tenant, delivered live per channel, and service request/reply.
+
+    Guarantees:
+
+    * **Store before ack.** ``publish`` returns only after the event is stored
+      (replicated, per the stream's replica count). At-least-once into the store.
+    * **Dedupe by key.** Publishing the same ``dedupe_key`` again within the dedupe window
+      stores nothing and returns the original seq with ``duplicate=True``.
+    * **Seq strictly increasing.** Seqs are strictly increasing per tenant, and so per
+      channel, in store order.
+    * **Ordered live delivery with a continuity link.** ``subscribe_live`` delivers each
+      stored event of the channel, in store order, with ``prev_seq``: the seq of the
+      channel's previous stored event (0 if none). Live delivery is at-most-once;
+      a consumer whose last seen seq is below ``prev_seq`` missed events and ``replay``\\ s.
+    * **Replay is exact.** ``replay`` yields every stored event of the channel with
+      ``start_seq <= seq <= end_seq``, in order, each once.
+    * **Service commands go to one handler.** ``request`` reaches exactly one of the
+      handlers that ``serve`` the command, on any gateway, and returns its reply.
+    * **Tenant isolation.** A channel of one tenant never reaches a stream, subject or
+      subscription of another.
+    """
+
+    @property
+    def connected(self) -> bool:
+        """True while the link to the store is up."""
+        ...
+
+    @property
+    def max_payload(self) -> int:
+        """The largest message the store accepts, in bytes (headers included)."""
+        ...
+
+    # Per-tenant stored-bytes quota (0 or less: the configured default), read when a
+    # tenant's stream is created or its quota applied. Set once by the composition root.
+    max_bytes_for: Callable[[str], int] | None
+
+    async def connect(self) -> None:
+        """Connect once. Raises BrokerUnavailable if no server answers."""
+        ...
+
+    async def connect_with_retry(self, stop: Any) -> bool:
+        """Connect with jittered backoff until connected (True) or ``stop`` (an
+        :class:`asyncio.Event`) is set (False). Never raises BrokerUnavailable."""
+        ...
+
+    async def ensure_stream(self, tenant: str) -> int:
+        """Create the tenant's stream if missing. Idempotent and safe when callers race
+        (on any gateways): all of them see one stream. Returns its replica count, or -1 when
+        this broker already knew the stream. Raises BrokerUnavailable."""
+        ...
+
+    async def apply_quota(self, tenant: str) -> bool:
+        """Bring the tenant's existing stream to its stored-bytes quota (``max_bytes_for``)
+        now; idempotent. True if the stream exists (False: it gets the quota when created).
+        Raises BrokerUnavailable."""
+        ...
+
+    async def publish(self, ref: ChannelRef, body: bytes, dedupe_key: str) -> PublishResult:
+        """Store one event of ``ref``'s channel (creating the tenant's stream if needed).
+
+        Returns once stored, with its seq, strictly greater than every seq stored before
+        in the tenant. The same ``dedupe_key`` within the dedupe window stores nothing and
+        returns the first publish's seq with ``duplicate=True``. Raises StoreQuotaExceeded
+        when the tenant's quota refuses the event (nothing stored), BrokerUnavailable when
+        the store did not acknowledge (publish again with the same key: stored once).
+        """
+        ...
+
+    async def subscribe_live(self, ref: ChannelRef, handler: LiveHandler) -> LiveSubscription:
+        """Call ``handler(ref, event)`` for each event stored in the channel from now on,
+        in store order, with the channel's previous seq as ``prev_seq``. When this returns
+        the subscription is in place: every event stored after it is offered to it.
+        At-most-once: an event may be missed (``prev_seq`` shows it). Raises BrokerUnavailable.
+        """
+        ...
+
+    async def window(self, ref: ChannelRef) -> ChannelWindow:
+        """The channel's newest stored seq (0: none) and the tenant stream's first seq
+        (0: no stream). Reflects every publish acknowledged before the call.
+        Raises BrokerUnavailable."""
+        ...
+
+    def replay(
+        self, ref: ChannelRef, start_seq: int, end_seq: int | None, limit: int | None = None
+    ) -> AsyncGenerator[StoredEvent, None]:
+        """Every stored event of the channel with start_seq <= seq <= end_seq (None: the
+        channel's newest), in seq order, each once, at most ``limit`` of them. Never ends
+        short of events the store acknowledged: raises BrokerUnavailable instead."""
+        ...
+
+    async def request(self, ref: ChannelRef, command: str, body: bytes, timeout: float) -> bytes:
+        """Send a service command to exactly one of its handlers and return the reply.
+
+        Raises NoResponders at once when no handler serves it, RequestTimeout when none
+        replied within ``timeout`` s (the handler may have acted), BrokerUnavailable when
+        not connected. Commands are neither stored nor retried.
+        """
+        ...
+
+    async def serve(
+        self, ref: ChannelRef, command: str, handler: ServiceHandler
+    ) -> LiveSubscription:
+        """Become one of the command's handlers: each request goes to one handler only.
+        In place when this returns. Raises BrokerUnavailable."""
+        ...
+
+    async def respond(self, reply: str, body: bytes) -> None:
+        """Answer a :class:`ServiceRequest` (its ``reply``). Raises BrokerUnavailable."""
+        ...
+
+    async def check_health(self, timeout: float = 5.0) -> bool:
+        """True when connected and the store answers within ``timeout`` s. Never raises."""
+        ...
+
+    async def check_link(self, timeout: float = 5.0) -> bool:
+        """True when the connected server answers a ping within ``timeout`` s. Never raises."""
+        ...
+
+    async def reconnect_elsewhere(self) -> None:
+        """Drop the current server for another (the link is bad); reconnect handlers run."""
+        ...
+
+    def on_reconnect(self, handler: ReconnectHandler) -> None:
+        """Run ``handler`` after a reconnect or a dropped live event (resync: replay)."""
+        ...
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Flush what is in flight (up to ``timeout`` s), then disconnect. Never raises."""
+        ...
+
+
+# -- StateStore -------------------------------------------------------------------------------
+
+
+class KVWatch(Protocol):
+    """The changes of a bucket: first its current values, then ``None`` once, then updates.
+
+    The initial part holds every live key once with its current value (a deleted key may
+    show as a change with value None). After the ``None`` marker, each later write or delete
+    arrives in the order the store applied it. :meth:`stop` ends the iteration.
+    """
+
+    def __aiter__(self) -> AsyncIterator[KVChange | None]: ...
+
+    async def stop(self) -> None:
+        """Stop watching. Never raises."""
+        ...
+
+
+class KVBucket(Protocol):
+    """One replicated key-value bucket of shared state, the same on every gateway.
+
+    Keys are ``[-/_=.a-zA-Z0-9]+`` (InvalidKey otherwise). Revisions are strictly increasing
+    per bucket. Every method raises BrokerUnavailable when the store did not answer.
+    """
+
+    @property
+    def name(self) -> str:
+        """The bucket's name (``shared.subjects.kv_bucket_name``)."""
+        ...
+
+    async def get(self, key: str) -> KVEntry | None:
+        """The key's latest value and revision, or None when absent or deleted."""
+        ...
+
+    async def create(self, key: str, value: bytes) -> int:
+        """Store ``value`` only if the key has no live value; returns the new revision.
+
+        Atomic: of any number of concurrent creates of one key (on any gateways or
+        servers) exactly one succeeds; every other raises KeyExists naming the winner's
+        value. A deleted key is created again. Raises KeyContended when the key kept
+        changing under every attempt (neither outcome is known to hold).
+        """
+        ...
+
+    async def update(self, key: str, value: bytes, revision: int) -> int:
+        """Compare-and-set: store ``value`` only if the key's latest revision is
+        ``revision``; returns the new revision. Raises RevisionMismatch otherwise (a write
+        came between, or the key is absent): of concurrent updates at one revision exactly
+        one succeeds."""
+        ...
+
+    async def put(self, key: str, value: bytes) -> int:
+        """Store ``value`` whatever is there; returns the new revision."""
+        ...
+
+    async def delete(self, key: str) -> None:
+        """Delete the key (absent afterwards; deleting an absent key is not an error)."""
+        ...
+
+    async def items(self, prefix: str = "") -> list[tuple[str, bytes]]:
+        """A snapshot of the live keys starting with ``prefix`` ("" or ending with "."),
+        sorted by key, with their values."""
+        ...
+
+    async def watch(self) -> KVWatch:
+        """Watch the whole bucket (see :class:`KVWatch`); in place when this returns."""
+        ...
+
+
+class StateStore(Protocol):
+    """The KV buckets of shared state (kinds: ``shared.subjects.KV_*``)."""
+
+    async def bucket(self, kind: str, ttl_s: float | None = None) -> KVBucket:
+        """The bucket of ``kind``, created (replicated like the streams) if missing.
+
+        Idempotent and safe when gateways race to create it. With ``ttl_s`` its values
+        expire that long after their last write. Raises BrokerUnavailable.
+        """
+        ...
+
+
+# -- AuditSink -------------------------------------------------------------------------------
+
+
+class AuditSink(Protocol):
+    """Each tenant's audit stream: security events, appended and read back in order."""
+
+    @property
+    def connected(self) -> bool:
+        """True while the store can be reached (failures then count as refusals)."""
+        ...
+
+    async def append(self, tenant: str, type_: str, event_id: str, body: bytes) -> int:
+        """Store one event (JSON ``body``, its ``"tenant"`` being ``tenant``) in the
+        tenant's audit stream, creating the stream if missing; returns its seq, strictly
+        increasing per tenant. At-least-once into the store, and dedupe by ``event_id``:
+        appending the same id again within the duplicate window stores nothing. Raises
+        BrokerUnavailable when it was not acknowledged (append again: stored once).
+        """
+        ...
+
+    async def read(
+        self,
+        tenant: str,
+        since: datetime | None = None,
+        types: Iterable[str] = (),
+        limit: int = 1000,
+    ) -> tuple[list[dict[str, Any]], bool]:
+        """The tenant's events stored at or after ``since`` (None: all kept), of ``types``
+        (none given: all), oldest first, at most ``limit``; ``more`` is True when the limit
+        cut the result. Only this tenant's stream is read; an unknown tenant has no events.
+        Raises BrokerUnavailable."""
+        ...

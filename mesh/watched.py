@@ -1,0 +1,135 @@
+"""An in-memory copy of a KV bucket (any :class:`mesh.ports.KVBucket`), kept current by a watch.
+
+Lookups on the handshake and message paths never wait on the store, and ``on_change``
+callbacks act on updates (closing the sessions of a revoked key, for example).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+from arqonbus_server.mesh.ports import KVBucket
+
+log = logging.getLogger("arqonbus.mesh.kv")
+
+_RETRY_S = 1.0
+
+ChangeHandler = Callable[[str, "bytes | None"], None]
+
+
+class WatchedBucket:
+    """An in-memory copy of a KV bucket, kept current by a watch.
+
+    ``get`` answers from memory. ``ready`` is set once the initial values are in. The
+    watch restarts (with a full reload) after an error; ``on_change(key, value)`` is
+    called for every change seen after the initial load (``value`` None: deleted).
+    """
+
+    def __init__(self, name: str, open_kv: Callable[[], Awaitable[KVBucket]]) -> None:
+        self.name = name
+        self._open_kv = open_kv
+        self._values: dict[str, bytes] = {}
+        self._handlers: list[ChangeHandler] = []
+        self.ready = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
+        self._restart = asyncio.Event()
+        self.kv: KVBucket | None = None  # the bucket, once opened
+
+    def on_change(self, handler: ChangeHandler) -> None:
+        self._handlers.append(handler)
+
+    def get(self, key: str) -> bytes | None:
+        return self._values.get(key)
+
+    def items(self) -> list[tuple[str, bytes]]:
+        return list(self._values.items())
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name=f"watch {self.name}")
+
+    async def close(self) -> None:
+        self._stop.set()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+
+    def restart(self) -> None:
+        """Reload and watch again (after a NATS reconnect: the old watch may be stale)."""
+        self._restart.set()
+
+    async def _run(self) -> None:
+        while not self._stop.is_set():
+            self._restart.clear()
+            watch = asyncio.create_task(self._watch_once())
+            restart = asyncio.create_task(self._restart.wait())
+            try:
+                await asyncio.wait({watch, restart}, return_when=asyncio.FIRST_COMPLETED)
+            finally:  # also when close() cancels this task
+                restart.cancel()
+                if self._stop.is_set():
+                    watch.cancel()
+            if not watch.done():  # restarted: drop this watch, reload at once
+                watch.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await watch
+                continue
+            exc = watch.exception()
+            if exc is not None:
+                log.warning("watch of KV bucket %s failed (%s); restarting", self.name, exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), _RETRY_S)
+
+    async def _watch_once(self) -> None:
+        kv = await self._open_kv()
+        self.kv = kv
+        watcher = await kv.watch()
+        loaded: dict[str, bytes] = {}
+        initial = True
+        try:
+            async for change in watcher:
+                if change is None:  # the initial values are in
+                    if initial:
+                        self._replace(loaded)
+                        initial = False
+                        self.ready.set()
+                    continue
+                if initial:
+                    if change.value is None:
+                        loaded.pop(change.key, None)
+                    else:
+                        loaded[change.key] = change.value
+                    continue
+                self._apply(change.key, change.value)
+        finally:
+            await watcher.stop()
+
+    def _replace(self, loaded: dict[str, bytes]) -> None:
+        """After a (re)load: report what changed while the watch was down."""
+        old = self._values
+        self._values = loaded
+        for key in old.keys() - loaded.keys():
+            self._notify(key, None)
+        for key, value in loaded.items():
+            if old.get(key) != value:
+                self._notify(key, value)
+
+    def _apply(self, key: str, value: bytes | None) -> None:
+        if value is None:
+            if self._values.pop(key, None) is None:
+                return
+        else:
+            self._values[key] = value
+        self._notify(key, value)
+
+    def _notify(self, key: str, value: bytes | None) -> None:
+        for handler in self._handlers:
+            try:
+                handler(key, value)
+            except Exception:
+                log.exception("KV change handler for %s failed", self.name)

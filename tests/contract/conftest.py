@@ -1,0 +1,93 @@
+"""One contract suite for the mesh's ports (mesh/ports.py), run against every implementation.
+
+Each test takes the ``mesh`` fixture, parametrized over the implementations: ``jetstream``
+(the real ones, on the session's 3-node NATS cluster from tests/conftest.py) and ``memory``
+(mesh/memory.py). ``mesh.broker()`` opens another connected broker on the same cluster (a
+second gateway); everything opened is closed after the test.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+from arqonbus_server.mesh.audit import JetStreamAuditSink
+from arqonbus_server.mesh.jetstream import JetStreamBroker
+from arqonbus_server.mesh.kv import JetStreamStateStore
+from arqonbus_server.mesh.local import LocalCluster
+from arqonbus_server.mesh.memory import MemoryAuditSink, MemoryBroker, MemoryMesh, MemoryStateStore
+from arqonbus_server.mesh.ports import AuditSink, Broker, StateStore
+from arqonbus_server.mesh.streams import StreamPolicy
+from arqonbus_server.shared.subjects import SubjectScheme
+
+IMPLEMENTATIONS = ["jetstream", "memory"]
+
+
+class Mesh:
+    """The ports of one implementation, on one cluster (real or in memory)."""
+
+    def __init__(self, kind: str, make_broker: Callable[[], Any]) -> None:
+        self.kind = kind
+        self._make_broker = make_broker
+        self.opened: list[Any] = []
+
+    async def broker(self, max_bytes_for: Callable[[str], int] | None = None) -> Broker:
+        broker = self._make_broker()
+        broker.max_bytes_for = max_bytes_for  # read when a stream is created
+        await broker.connect()
+        self.opened.append(broker)
+        return broker  # type: ignore[no-any-return]
+
+    async def state(self, on: Broker | None = None) -> StateStore:
+        """A state store on broker ``on`` (default: the first one opened)."""
+        broker: Any = on or await self._first_broker()
+        if self.kind == "memory":
+            return MemoryStateStore(broker.mesh)
+        return JetStreamStateStore(broker)
+
+    async def audit(self) -> AuditSink:
+        first = await self._first_broker()
+        if self.kind == "memory":
+            return MemoryAuditSink(first.mesh)
+        return JetStreamAuditSink(first)
+
+    async def _first_broker(self) -> Any:
+        if not self.opened:
+            await self.broker()
+        return self.opened[0]
+
+    async def close(self) -> None:
+        for broker in self.opened:
+            await broker.close()
+
+
+@pytest.fixture
+async def jetstream_mesh(nats_cluster: LocalCluster) -> AsyncIterator[Mesh]:
+    def make() -> JetStreamBroker:
+        return JetStreamBroker(cluster.urls, SubjectScheme(), StreamPolicy(), name="contract-test")
+
+    cluster = nats_cluster
+    ports = Mesh("jetstream", make)
+    try:
+        yield ports
+    finally:
+        await ports.close()
+
+
+@pytest.fixture
+async def memory_mesh() -> AsyncIterator[Mesh]:
+    shared = MemoryMesh()
+    ports = Mesh("memory", lambda: MemoryBroker(shared))
+    try:
+        yield ports
+    finally:
+        await ports.close()
+
+
+@pytest.fixture(params=IMPLEMENTATIONS)
+def mesh(request: pytest.FixtureRequest) -> Mesh:
+    """The ports of each implementation in turn (the real cluster only when asked for)."""
+    ports: Mesh = request.getfixturevalue(f"{request.param}_mesh")
+    return ports
