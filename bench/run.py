@@ -31,7 +31,7 @@ from typing import Any
 
 import orjson
 
-from arqonbus_server.gateway.dev import http_status
+from arqonbus_server.gateway.admin.dev import http_status
 from arqonbus_server.mesh.local import LocalCluster, free_port
 from bench.loadgen import percentile_us
 

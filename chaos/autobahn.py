@@ -38,9 +38,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from arqonbus_server.gateway.app import listen_options
 from arqonbus_server.gateway.config import load_settings
-from arqonbus_server.gateway.server import listen_options
-from arqonbus_server.gateway.transport import MAX_FRAGMENTS, Server, Socket, start_server
+from arqonbus_server.gateway.ws.transport import MAX_FRAGMENTS, Server, Socket, start_server
 from arqonbus_server.shared.settings import Settings
 from chaos.suite import finish, parse_suite_args
 

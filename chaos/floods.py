@@ -471,7 +471,7 @@ class RssSampler:
 
 
 async def _readyz(port: int) -> int | None:
-    from arqonbus_server.gateway.dev import http_status
+    from arqonbus_server.gateway.admin.dev import http_status
 
     return await http_status("127.0.0.1", port, "/readyz", timeout=5.0)
 

@@ -42,7 +42,7 @@ from typing import Any
 
 import orjson
 
-from arqonbus_server.gateway.transport import (
+from arqonbus_server.gateway.ws.transport import (
     MAX_FRAGMENTS,  # fragments per message the gateway assembles
 )
 from chaos.procfs import rss_bytes

@@ -39,8 +39,8 @@ import orjson
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from arqonbus_server.gateway import auth_agent
-from arqonbus_server.gateway.rooms import check_admin_parameters
+from arqonbus_server.gateway.auth import agent as auth_agent
+from arqonbus_server.gateway.state.rooms import check_admin_parameters
 from arqonbus_server.shared import commands, envelope, service, subjects
 from arqonbus_server.shared.envelope import (
     DEPTH_MAX,

@@ -1,3 +1,3 @@
-from arqonbus_server.gateway.cli import main
+from arqonbus_server.gateway.admin.cli import main
 
 raise SystemExit(main())

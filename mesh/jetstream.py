@@ -33,7 +33,7 @@ from nats.js.errors import APIError, NotFoundError, ServiceUnavailableError
 from nats.js.kv import KeyValue
 
 from arqonbus_server.mesh.kv import open_bucket
-from arqonbus_server.mesh.nats_auth import connect_failure, redact_url
+from arqonbus_server.mesh.nats_auth import connect_failure, connect_options, redact_url
 from arqonbus_server.mesh.ports import (
     BrokerUnavailable,
     ChannelWindow,
@@ -50,6 +50,7 @@ from arqonbus_server.mesh.ports import (
     StoreQuotaExceeded,
 )
 from arqonbus_server.mesh.streams import StreamPolicy, StreamProvisioner, choose_replicas
+from arqonbus_server.shared.settings import Settings
 from arqonbus_server.shared.subjects import ChannelRef, SubjectScheme
 
 log = logging.getLogger("arqonbus.mesh.jetstream")
@@ -304,7 +305,7 @@ class JetStreamBroker:
         self._resync_again = False
         self._acks: _PublishAcks | None = None
         self._link_up = asyncio.Event()  # set while connected (see window)
-        # Per-tenant stored-bytes quotas (gateway/tenant_limits.py); None = the policy's.
+        # Per-tenant stored-bytes quotas (gateway/state/tenant_limits.py); None = the policy's.
         self.max_bytes_for: Callable[[str], int] | None = None
 
     # -- connection -----------------------------------------------------------
@@ -872,3 +873,24 @@ class JetStreamBroker:
     async def _delete_consumer(self, jsm: JetStreamManager, stream: str, name: str) -> None:
         with contextlib.suppress(*_TRANSIENT, APIError):
             await jsm.delete_consumer(stream, name)
+
+
+def broker_from_settings(settings: Settings, name: str = "arqonbus") -> JetStreamBroker:
+    """The JetStream broker for ``settings``: its URLs, stream policy, credentials and TLS.
+
+    ``name`` is the NATS connection name (shown by the server's monitoring).
+    Raises ConfigError when a TLS file cannot be loaded.
+    """
+    return JetStreamBroker(
+        settings.nats_urls,
+        SubjectScheme(settings.subject_prefix),
+        StreamPolicy(
+            max_age_s=settings.stream_max_age_s,
+            dedupe_window_s=settings.dedupe_window_s,
+            replicas=settings.stream_replicas,
+            max_bytes=settings.tenant_max_bytes or -1,  # the tenants' stored-bytes quota
+        ),
+        publish_timeout_s=settings.publish_timeout_s,
+        name=name,
+        connect_options=connect_options(settings),
+    )

@@ -52,7 +52,7 @@ log = logging.getLogger("arqonbus.mesh.kv")
 # Bucket kinds (the name is ``<subject prefix>_<kind>``; shared/subjects.py names them).
 KEYS = subjects.KV_KEYS
 AGENTS = subjects.KV_AGENTS
-NONCES = subjects.KV_NONCES  # entries expire (gateway/security.py: NONCE_TTL_S)
+NONCES = subjects.KV_NONCES  # entries expire (gateway/state/security.py: NONCE_TTL_S)
 ROOMS = subjects.KV_ROOMS
 POLICIES = subjects.KV_POLICIES
 TENANTS = subjects.KV_TENANTS

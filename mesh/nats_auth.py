@@ -24,12 +24,9 @@ from __future__ import annotations
 import os
 import ssl
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from arqonbus_server.shared.settings import NATS_FILES, ConfigError, Settings, redact_url
-
-if TYPE_CHECKING:
-    from arqonbus_server.mesh.jetstream import JetStreamBroker
 
 
 def check_files(settings: Settings) -> None:
@@ -158,33 +155,7 @@ def describe_options(options: dict[str, Any]) -> str:
     return method + (" over TLS" if "tls" in options else "")
 
 
-def broker_from_settings(settings: Settings, name: str = "arqonbus") -> JetStreamBroker:
-    """The JetStream broker for ``settings``: its URLs, stream policy, credentials and TLS.
-
-    ``name`` is the NATS connection name (shown by the server's monitoring).
-    Raises ConfigError when a TLS file cannot be loaded.
-    """
-    from arqonbus_server.mesh.jetstream import JetStreamBroker
-    from arqonbus_server.mesh.streams import StreamPolicy
-    from arqonbus_server.shared.subjects import SubjectScheme
-
-    return JetStreamBroker(
-        settings.nats_urls,
-        SubjectScheme(settings.subject_prefix),
-        StreamPolicy(
-            max_age_s=settings.stream_max_age_s,
-            dedupe_window_s=settings.dedupe_window_s,
-            replicas=settings.stream_replicas,
-            max_bytes=settings.tenant_max_bytes or -1,  # the tenants' stored-bytes quota
-        ),
-        publish_timeout_s=settings.publish_timeout_s,
-        name=name,
-        connect_options=connect_options(settings),
-    )
-
-
 __all__ = [
-    "broker_from_settings",
     "check_files",
     "connect_failure",
     "connect_options",

@@ -84,7 +84,7 @@ class StreamProvisioner:
         self._policy = policy
         self._known: set[str] = set()
         self._locks: dict[str, asyncio.Lock] = {}
-        # A tenant's own stored-bytes quota (gateway/tenant_limits.py; 0 = unlimited),
+        # A tenant's own stored-bytes quota (gateway/state/tenant_limits.py; 0 = unlimited),
         # else the policy's max_bytes for every tenant.
         self.max_bytes_for: Callable[[str], int] | None = None
 

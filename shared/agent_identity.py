@@ -1,6 +1,6 @@
 """Ed25519 agent identity: keys, the signed sign-in message, agent tokens and records.
 
-Pure (no I/O): used by the gateway (gateway/auth_agent.py), the CLI, the SDK and tests.
+Pure (no I/O): used by the gateway (gateway/auth/agent.py), the CLI, the SDK and tests.
 
 An agent is registered with its public key (raw 32 bytes, base64url) and signs in with a
 token built from a single-use nonce the gateway issued (``GET /auth/nonce`` or the

@@ -21,7 +21,7 @@ An unknown role denies everything, whatever its grants; so does a principal with
 does not parse (fail closed; authenticators should reject such credentials at the handshake
 with :func:`parse_grants`).
 
-What each client action needs (``shared/commands.py``, ``gateway/session.py``):
+What each client action needs (``shared/commands.py``, ``gateway/ws/session.py``):
 
 =============================================  ==============  ==========================
 client action                                  permission      answered ``forbidden`` as
@@ -74,10 +74,10 @@ ACTION_PERMISSIONS: dict[str, Permission | None] = {
     "history": Permission.HISTORY,
     "register_handler": Permission.HANDLE,
     "unregister_handler": Permission.HANDLE,
-    "register_agent": Permission.ADMIN,  # agent identity (gateway/auth_agent.py)
+    "register_agent": Permission.ADMIN,  # agent identity (gateway/auth/agent.py)
     "refresh_token": None,  # the new credential must be the same principal's
-    "limits": None,  # rate limits and usage (gateway/limits.py)
-    # private rooms, bans, mutes (gateway/rooms.py): admin on the envelope's room/channel
+    "limits": None,  # rate limits and usage (gateway/state/limits.py)
+    # private rooms, bans, mutes (gateway/state/rooms.py): admin on the envelope's room/channel
     "room_configure": Permission.ADMIN,
     "room_invite": Permission.ADMIN,
     "room_uninvite": Permission.ADMIN,

@@ -15,8 +15,8 @@ LEAVE_CHANNEL = "leave_channel"
 HISTORY = "history"
 REGISTER_HANDLER = "register_handler"
 UNREGISTER_HANDLER = "unregister_handler"
-LIMITS = "limits"  # rate limits and usage of this connection (gateway/limits.py)
-# -- private rooms, bans, mutes (gateway/rooms.py): each needs `admin` on the envelope's
+LIMITS = "limits"  # rate limits and usage of this connection (gateway/state/limits.py)
+# -- private rooms, bans, mutes (gateway/state/rooms.py): each needs `admin` on the envelope's
 # room and channel (send them on any channel of the room) --
 ROOM_CONFIGURE = "room_configure"
 ROOM_INVITE = "room_invite"
@@ -36,7 +36,7 @@ ROOM_ADMIN_COMMANDS = (
     ROOM_UNMUTE,
     ROOM_INFO,
 )
-# -- agent identity and token refresh (gateway/auth_agent.py, session.py) --
+# -- agent identity and token refresh (gateway/auth/agent.py, session.py) --
 REGISTER_AGENT = "register_agent"  # needs admin on the command's room/channel
 REFRESH_TOKEN = "refresh_token"  # no permission: the new token must be the same principal's
 BUILTIN_COMMANDS: tuple[str, ...] = (

@@ -113,7 +113,7 @@ INVALID_PAYLOAD = ErrorCode(
     "channel or payload type (the message names the field). Fix the field, then publish again.",
     False,
 )
-# -- rate limits and quotas (issue 6, gateway/limits.py) --
+# -- rate limits and quotas (issue 6, gateway/state/limits.py) --
 MESSAGE_RATE_LIMITED = ErrorCode(
     "rate_limited",
     "This connection or principal sends faster than its rate limit (the limits command shows "
@@ -126,7 +126,7 @@ QUOTA_EXCEEDED = ErrorCode(
     "events expire (stream_max_age_s), or ask the operator to raise ARQONBUS_TENANT_MAX_BYTES.",
     False,
 )
-# -- private rooms, bans, mutes (issue 6, gateway/rooms.py) --
+# -- private rooms, bans, mutes (issue 6, gateway/state/rooms.py) --
 ROOM_KEY_REQUIRED = ErrorCode(
     "room_key_required",
     "This room is private. Join with parameter room_key set to the room's key (ask a room "
@@ -199,7 +199,7 @@ RATE_LIMITED = HandshakeRefusal(
 )
 
 
-# -- connections per tenant (issue 6, gateway/limits.py) --
+# -- connections per tenant (issue 6, gateway/state/limits.py) --
 TENANT_CONNECTIONS = HandshakeRefusal(
     429,
     "limit_exceeded",

@@ -25,7 +25,7 @@ from pydantic import (
 from arqonbus_server.shared.subjects import is_valid_name
 
 ENV_PREFIX = "ARQONBUS_"
-AUTH_METHODS = ("dev", "jwt", "apikey", "agent")  # gateway/auth.py
+AUTH_METHODS = ("dev", "jwt", "apikey", "agent")  # gateway/auth/base.py
 
 
 class ConfigError(Exception):
@@ -79,7 +79,7 @@ class Settings(BaseModel):
     replay_buffer_msgs: int = Field(10_000, ge=100)
     log_level: str = Field("INFO")
 
-    # -- rate limits and quotas (issue 6, gateway/limits.py); 0 = off --
+    # -- rate limits and quotas (issue 6, gateway/state/limits.py); 0 = off --
     msg_rate_per_conn: float = Field(
         1000.0, ge=0, description="Event and command frames per second per connection"
     )
@@ -109,7 +109,7 @@ class Settings(BaseModel):
     # start-up by gateway/config.py --
     policy_file: str = Field("", description="JSON content policy file; empty = no policy")
 
-    # -- audit stream (issue 6, gateway/audit.py): one JetStream stream per tenant --
+    # -- audit stream (issue 6, gateway/state/audit.py): one JetStream stream per tenant --
     audit_max_age_s: float = Field(
         90 * 86400.0, ge=3600, description="How long audit events are kept (default 90 days)"
     )
@@ -120,7 +120,7 @@ class Settings(BaseModel):
         10_000, ge=100, le=1_000_000, description="Audit events awaiting write; beyond: dropped"
     )
 
-    # -- JWT bearer tokens (ARQONBUS_AUTH=jwt; gateway/auth_jwt.py). Exactly one key source:
+    # -- JWT bearer tokens (ARQONBUS_AUTH=jwt; gateway/auth/jwt.py). Exactly one key source:
     # jwt_secret_file / jwt_secret (HS*), jwt_public_key_file, jwt_jwks_file or jwt_jwks_url.
     jwt_algorithms: str = Field(
         "RS256,ES256,EdDSA",
@@ -138,7 +138,7 @@ class Settings(BaseModel):
         30.0, ge=0, le=600, description="Clock skew allowed for exp/nbf/iat"
     )
     jwt_tenant_claim: str = Field("tenant", min_length=1, description="Claim naming the tenant")
-    # -- agent identity and first-message auth (issue 6; gateway/auth_agent.py, server.py) --
+    # -- agent identity and first-message auth (issue 6; gateway/auth/agent.py, server.py) --
     agent_clock_skew_s: float = Field(
         30.0, ge=1, le=300, description="How far an agent token's timestamp may be off, seconds"
     )
@@ -152,7 +152,7 @@ class Settings(BaseModel):
     @field_validator("jwt_algorithms")
     @classmethod
     def _jwt_algorithms_safe(cls, value: str) -> str:
-        # Names are checked in full by gateway/auth_jwt.py; 'none' is refused here too.
+        # Names are checked in full by gateway/auth/jwt.py; 'none' is refused here too.
         algorithms = [a.strip() for a in value.split(",") if a.strip()]
         if not algorithms or any(a.lower() == "none" for a in algorithms):
             raise ValueError(
@@ -236,7 +236,7 @@ class Settings(BaseModel):
     nats_tls_handshake_first: bool = Field(
         False, description="TLS before any NATS byte (server: tls { handshake_first: true })"
     )
-    # -- production refusal of dev auth (issue 6; gateway/cli.py)
+    # -- production refusal of dev auth (issue 6; gateway/admin/cli.py)
     insecure_dev_auth: bool = Field(
         False, description="Allow ARQONBUS_AUTH=dev in `arqonbus gateway` (development only)"
     )

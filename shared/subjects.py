@@ -7,7 +7,7 @@ Layout, with the configurable prefix ``P`` (default ``arq``)::
     P.cmd.<tenant>.<room>.<channel>.<command>
                                        service commands: NATS request/reply, one queue group
 
-    P.audit.<tenant>.<type>            security events (gateway/audit.py)
+    P.audit.<tenant>.<type>            security events (gateway/state/audit.py)
 
 One JetStream stream per tenant captures ``P.ev.<tenant>.>``; its audit stream
 ``P-audit_<tenant>`` captures ``P.audit.<tenant>.>`` (the ``-`` keeps audit streams out of

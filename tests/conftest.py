@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
+from arqonbus_server.gateway.app import Gateway
 from arqonbus_server.gateway.config import load_settings
-from arqonbus_server.gateway.server import Gateway
 from arqonbus_server.mesh.local import LocalCluster
 from tests.support import GatewayProcess, WsClient
 

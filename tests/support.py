@@ -17,7 +17,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
-from arqonbus_server.gateway.dev import http_status
+from arqonbus_server.gateway.admin.dev import http_status
 from arqonbus_server.mesh.local import free_port
 
 Message = dict[str, Any]

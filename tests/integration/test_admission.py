@@ -20,8 +20,8 @@ import websockets
 from websockets.exceptions import InvalidStatus
 
 from arqonbus import Client
-from arqonbus_server.gateway.dev import http_status
-from arqonbus_server.gateway.server import Gateway
+from arqonbus_server.gateway.admin.dev import http_status
+from arqonbus_server.gateway.app import Gateway
 from tests.conftest import GatewayFactory, gateway_url
 from tests.support import WsClient
 

@@ -18,8 +18,8 @@ import websockets
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from websockets.exceptions import InvalidStatus
 
-from arqonbus_server.gateway import cli_agents
-from arqonbus_server.gateway.server import Gateway
+from arqonbus_server.gateway.admin import agents as cli_agents
+from arqonbus_server.gateway.app import Gateway
 from arqonbus_server.shared import agent_identity as ai
 from arqonbus_server.shared import apikeys
 from tests.conftest import GatewayFactory, gateway_url

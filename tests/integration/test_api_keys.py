@@ -1,6 +1,6 @@
 """API keys end to end: the ``arqonbus keys`` CLI, real gateways and a real NATS cluster.
 
-Keys are created, listed and revoked through the CLI entry point (``arqonbus_server.gateway.cli.main``,
+Keys are created, listed and revoked through the CLI entry point (``arqonbus_server.gateway.admin.cli.main``,
 in a thread, as a shell would run it); clients sign in with them over WebSocket.
 """
 
@@ -14,11 +14,11 @@ import pytest
 import websockets
 from websockets.exceptions import InvalidStatus
 
-from arqonbus_server.gateway.auth import ChainAuthenticator
-from arqonbus_server.gateway.auth_keys import ApiKeyAuthenticator
-from arqonbus_server.gateway.cli import main as cli_main
+from arqonbus_server.gateway.admin.cli import main as cli_main
+from arqonbus_server.gateway.app import Gateway
+from arqonbus_server.gateway.auth.chain import ChainAuthenticator
+from arqonbus_server.gateway.auth.keys import ApiKeyAuthenticator
 from arqonbus_server.gateway.config import load_settings
-from arqonbus_server.gateway.server import Gateway
 from arqonbus_server.mesh.kv import KEYS, bucket_name
 from arqonbus_server.mesh.local import LocalCluster, free_port
 from arqonbus_server.shared import apikeys

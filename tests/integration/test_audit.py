@@ -11,9 +11,10 @@ import orjson
 import pytest
 from nats.js.api import DiscardPolicy, StorageType
 
-from arqonbus_server.gateway import audit, cli
-from arqonbus_server.gateway.auth import AuthError
-from arqonbus_server.gateway.server import Gateway
+from arqonbus_server.gateway.admin import cli
+from arqonbus_server.gateway.app import Gateway
+from arqonbus_server.gateway.auth.base import AuthError
+from arqonbus_server.gateway.state import audit
 from arqonbus_server.mesh.local import LocalCluster
 from tests.conftest import gateway_url
 from tests.support import WsClient

@@ -16,8 +16,8 @@ import websockets
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from websockets.exceptions import InvalidStatus
 
-from arqonbus_server.gateway.auth_jwt import JwtAuthenticator
-from arqonbus_server.gateway.server import Gateway
+from arqonbus_server.gateway.app import Gateway
+from arqonbus_server.gateway.auth.jwt import JwtAuthenticator
 from tests.conftest import gateway_url
 from tests.jwks import JwksServer
 from tests.support import WsClient, new_id

@@ -12,7 +12,7 @@ import pytest
 import websockets
 from websockets.exceptions import InvalidStatus
 
-from arqonbus_server.gateway.server import Gateway
+from arqonbus_server.gateway.app import Gateway
 from arqonbus_server.shared import agent_identity as ai
 from tests.conftest import GatewayFactory, gateway_url
 from tests.integration.test_agents import known_everywhere

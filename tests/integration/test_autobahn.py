@@ -21,7 +21,7 @@ async def test_autobahn_short_subset_has_no_unexpected_failures(tmp_path: Path) 
     assert [c.case for c in report.unexpected] == [], report.summary_md()
     # Nothing below 9.x comes near the 128 KiB limit: no case may fail at all.
     assert [c.case for c in report.cases if c.status == "FAILED"] == [], report.summary_md()
-    # Regressions fixed in gateway/transport.py:
+    # Regressions fixed in gateway/ws/transport.py:
     by_case = {c.case: c for c in report.cases}
     # a Close between the fragments of a message is answered, not failed with 1002
     assert by_case["7.1.5"].status == "OK", report.summary_md()

@@ -17,9 +17,9 @@ import pytest
 from nats.js import JetStreamManager
 from nats.js.api import StorageType, StreamInfo
 
+from arqonbus_server.gateway.admin.dev import http_status
+from arqonbus_server.gateway.app import Gateway
 from arqonbus_server.gateway.config import load_settings
-from arqonbus_server.gateway.dev import http_status
-from arqonbus_server.gateway.server import Gateway
 from arqonbus_server.mesh.local import LocalCluster, free_port
 from arqonbus_server.shared.settings import ConfigError
 from arqonbus_server.shared.subjects import ChannelRef, SubjectScheme

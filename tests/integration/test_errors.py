@@ -16,9 +16,9 @@ import websockets
 from nats.aio.msg import Msg
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from arqonbus_server.gateway.admin.dev import http_status
+from arqonbus_server.gateway.app import Gateway
 from arqonbus_server.gateway.config import load_settings
-from arqonbus_server.gateway.dev import http_status
-from arqonbus_server.gateway.server import Gateway
 from arqonbus_server.mesh.local import LocalCluster, free_port
 from arqonbus_server.shared.errors import CATALOGUE
 from tests.conftest import gateway_url
@@ -75,7 +75,7 @@ async def test_invalid_json_text_and_binary_frames(start_gateway, clients, tenan
 async def test_a_bug_handling_one_frame_answers_internal_and_keeps_the_connection(
     start_gateway, clients, tenant, monkeypatch
 ):
-    from arqonbus_server.gateway import session as gateway_session
+    from arqonbus_server.gateway.ws import session as gateway_session
 
     real = gateway_session.parse_client_frame
 

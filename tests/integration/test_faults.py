@@ -21,10 +21,10 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from arqonbus_server.gateway.admin.dev import http_status
+from arqonbus_server.gateway.app import Gateway
 from arqonbus_server.gateway.config import load_settings
-from arqonbus_server.gateway.dev import http_status
-from arqonbus_server.gateway.server import Gateway
-from arqonbus_server.gateway.session import Session
+from arqonbus_server.gateway.ws.session import Session
 from arqonbus_server.mesh.local import LocalCluster
 from tests.conftest import gateway_url
 from tests.support import Message, WsClient

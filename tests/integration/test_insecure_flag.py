@@ -18,8 +18,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from arqonbus_server.gateway.cli import main as cli_main
-from arqonbus_server.gateway.dev import dev_auth, gateway_command, http_status, stop_process
+from arqonbus_server.gateway.admin.cli import main as cli_main
+from arqonbus_server.gateway.admin.dev import dev_auth, gateway_command, http_status, stop_process
 from arqonbus_server.mesh.local import LocalCluster, free_port
 
 pytestmark = pytest.mark.integration

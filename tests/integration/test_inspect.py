@@ -1,6 +1,6 @@
 """Content policies end to end: a real gateway with policy_file, real NATS, raw WebSocket clients.
 
-Passes once gateway/session.py calls shared.inspect in _start_publish (see the issue-6 report).
+Passes once gateway/ws/session.py calls shared.inspect in _start_publish (see the issue-6 report).
 Move to tests/integration/test_inspect.py then.
 """
 

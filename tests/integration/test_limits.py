@@ -1,4 +1,4 @@
-"""Rate limits and quotas against real gateways and a real NATS cluster (gateway/limits.py).
+"""Rate limits and quotas against real gateways and a real NATS cluster (gateway/state/limits.py).
 
 Waiting for ``retry_after_ms`` after a refusal is the protocol itself (the gateway says when
 the bucket has a token again), not a synchronisation with some other event.
@@ -15,7 +15,7 @@ import orjson
 import pytest
 from websockets.exceptions import InvalidStatus
 
-from arqonbus_server.gateway.server import Gateway
+from arqonbus_server.gateway.app import Gateway
 from tests.conftest import GatewayFactory, gateway_url
 from tests.support import WsClient, new_id
 

@@ -23,9 +23,9 @@ import nkeys
 import pytest
 from nats.aio.client import Client as NatsClient
 
+from arqonbus_server.gateway.admin.dev import http_status
+from arqonbus_server.gateway.app import Gateway
 from arqonbus_server.gateway.config import load_settings
-from arqonbus_server.gateway.dev import http_status
-from arqonbus_server.gateway.server import Gateway
 from arqonbus_server.mesh.local import LocalCluster
 from arqonbus_server.mesh.nats_auth import connect_options
 from arqonbus_server.shared.settings import ConfigError
@@ -314,7 +314,7 @@ async def test_a_server_that_does_not_switch_to_tls_is_refused(nats_cluster: Loc
     # nats-py upgrades to TLS only when the server's INFO asks: a plaintext server (or a man
     # in the middle that strips the flag) must not get a TLS-configured gateway's traffic.
     from arqonbus_server.mesh.broker import BrokerUnavailable
-    from arqonbus_server.mesh.nats_auth import broker_from_settings
+    from arqonbus_server.mesh.jetstream import broker_from_settings
 
     context = ssl.create_default_context()
     settings = load_settings(nats=nats_cluster.url_csv, listen="127.0.0.1:0", auth="dev")

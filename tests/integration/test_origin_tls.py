@@ -21,9 +21,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from websockets.exceptions import InvalidStatus
 
-from arqonbus_server.gateway.cli import main as cli_main
+from arqonbus_server.gateway.admin.cli import main as cli_main
+from arqonbus_server.gateway.app import Gateway, listen_options
 from arqonbus_server.gateway.config import load_settings
-from arqonbus_server.gateway.server import Gateway, listen_options
 from arqonbus_server.shared.errors import CloseCode
 from arqonbus_server.shared.settings import ConfigError
 from tests.conftest import GatewayFactory, gateway_url

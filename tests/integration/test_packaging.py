@@ -42,10 +42,11 @@ def test_a_fresh_install_holds_only_the_two_namespaces(tmp_path: Path) -> None:
     assert server == {"arqonbus_server", info}
     assert (tmp_path / "server" / info / "top_level.txt").read_text().split() == ["arqonbus_server"]
     entry_points = (tmp_path / "server" / info / "entry_points.txt").read_text()
-    assert "arqonbus = arqonbus_server.gateway.cli:main" in entry_points
+    assert "arqonbus = arqonbus_server.gateway.admin.cli:main" in entry_points
     for top in SERVER_DIRS:
-        installed = {p.name for p in (tmp_path / "server" / "arqonbus_server" / top).glob("*.py")}
-        assert installed == {p.name for p in (REPO / top).glob("*.py")}
+        where = tmp_path / "server" / "arqonbus_server" / top
+        installed = {str(p.relative_to(where)) for p in where.rglob("*.py")}
+        assert installed == {str(p.relative_to(REPO / top)) for p in (REPO / top).rglob("*.py")}
 
     sdk = install(REPO / "clients" / "python", tmp_path / "sdk")
     [info] = [name for name in sdk if name.endswith(".dist-info")]

@@ -9,7 +9,8 @@ from typing import Any
 import orjson
 import pytest
 
-from arqonbus_server.gateway import cli, cli_policy
+from arqonbus_server.gateway.admin import cli
+from arqonbus_server.gateway.admin import policy as cli_policy
 from arqonbus_server.gateway.config import load_settings
 from arqonbus_server.mesh.local import LocalCluster
 from tests.conftest import gateway_url

@@ -7,8 +7,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from arqonbus_server.gateway.rooms import RoomDirectory, RoomSettings
-from arqonbus_server.gateway.server import Gateway
+from arqonbus_server.gateway.app import Gateway
+from arqonbus_server.gateway.state.rooms import RoomDirectory, RoomSettings
 from tests.conftest import GatewayFactory, gateway_url
 from tests.support import Message, WsClient
 

@@ -11,7 +11,7 @@ import nats
 import pytest
 from nats.js import JetStreamManager
 
-from arqonbus_server.gateway.server import Gateway
+from arqonbus_server.gateway.app import Gateway
 from arqonbus_server.mesh.local import LocalCluster
 from arqonbus_server.mesh.streams import StreamPolicy, tenant_stream_config
 from arqonbus_server.shared.subjects import SubjectScheme

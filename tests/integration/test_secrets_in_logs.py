@@ -15,7 +15,7 @@ import pytest
 import websockets
 from websockets.exceptions import InvalidStatus
 
-from arqonbus_server.gateway.cli import main as cli_main
+from arqonbus_server.gateway.admin.cli import main as cli_main
 from arqonbus_server.shared import agent_identity as ai
 from tests.conftest import GatewayFactory, gateway_url
 from tests.support import WsClient
@@ -106,6 +106,6 @@ async def test_no_secret_is_ever_logged(
 
 
 async def _nonce(gw: Any) -> str:
-    from arqonbus_server.gateway.auth_agent import issue_nonce
+    from arqonbus_server.gateway.auth.agent import issue_nonce
 
     return await issue_nonce(gw.security)

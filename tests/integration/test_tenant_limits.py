@@ -13,9 +13,10 @@ import orjson
 import pytest
 from websockets.exceptions import InvalidStatus
 
-from arqonbus_server.gateway import cli, cli_tenants
+from arqonbus_server.gateway.admin import cli
+from arqonbus_server.gateway.admin import tenants as cli_tenants
+from arqonbus_server.gateway.app import Gateway
 from arqonbus_server.gateway.config import load_settings
-from arqonbus_server.gateway.server import Gateway
 from arqonbus_server.mesh.local import LocalCluster
 from tests.conftest import GatewayFactory, gateway_url
 from tests.support import WsClient, new_id

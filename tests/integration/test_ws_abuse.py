@@ -10,8 +10,8 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
+from arqonbus_server.gateway.app import Gateway
 from arqonbus_server.gateway.config import load_settings
-from arqonbus_server.gateway.server import Gateway
 from arqonbus_server.mesh.local import LocalCluster
 from chaos.frames import (
     ATTACKS,
@@ -28,7 +28,7 @@ from tests.support import GatewayProcess, WsClient
 
 ClientFactory = Callable[..., Awaitable[WsClient]]
 
-# Without the fragment limit in gateway/transport.py, 200 of these grew the gateway by
+# Without the fragment limit in gateway/ws/transport.py, 200 of these grew the gateway by
 # ~40 MiB (one-byte fragment floods held ~1 MB each); with it, by ~1 MiB.
 RSS_GROWTH_BUDGET = 20 * 1024 * 1024
 

@@ -38,8 +38,8 @@ from arqonbus import (
     UnknownCommand,
 )
 from arqonbus.errors import ERROR_CLASSES, error_from_wire
+from arqonbus_server.gateway.app import Gateway
 from arqonbus_server.gateway.config import load_settings
-from arqonbus_server.gateway.server import Gateway
 from arqonbus_server.mesh.local import LocalCluster, free_port
 from arqonbus_server.shared.errors import CATALOGUE
 from arqonbus_server.shared.subjects import SubjectScheme

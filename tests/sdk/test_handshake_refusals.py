@@ -18,8 +18,8 @@ from websockets.http11 import Response
 from arqonbus import Client, ConnectionFailed
 from arqonbus.client import _describe, _refusal
 from arqonbus.errors import HandshakeRefusal
+from arqonbus_server.gateway.app import Gateway
 from arqonbus_server.gateway.config import load_settings
-from arqonbus_server.gateway.server import Gateway
 from arqonbus_server.mesh.local import free_port
 from tests.conftest import gateway_url
 from tests.sdk.test_cli import arq

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from arqonbus_server.gateway.admission import (
+from arqonbus_server.gateway.http.admission import (
     PendingHandshakes,
     RateLimiter,
     peer_key,

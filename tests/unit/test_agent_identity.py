@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from arqonbus_server.gateway.auth import AGENT_TOKEN_PREFIX, token_method
-from arqonbus_server.gateway.auth_agent import RegistrationError, new_record, revoked_agent_id
+from arqonbus_server.gateway.auth.agent import RegistrationError, new_record, revoked_agent_id
+from arqonbus_server.gateway.auth.base import AGENT_TOKEN_PREFIX, token_method
 from arqonbus_server.shared import agent_identity as ai
 from arqonbus_server.shared.envelope import parse_auth_frame
 from arqonbus_server.shared.errors import ArqonError

@@ -16,7 +16,7 @@ from nats.js.api import RawStreamMsg
 from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 
-from arqonbus_server.gateway.auth_agent import (
+from arqonbus_server.gateway.auth.agent import (
     RegistrationError,
     new_record,
     public_key_index,

@@ -8,8 +8,8 @@ from datetime import UTC, datetime, timedelta
 import orjson
 import pytest
 
-from arqonbus_server.gateway import audit
-from arqonbus_server.gateway.audit import (
+from arqonbus_server.gateway.state import audit
+from arqonbus_server.gateway.state.audit import (
     MAX_STRING,
     AuditLog,
     AuditThrottle,

@@ -17,8 +17,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from arqonbus_server.gateway.auth import AuthError, Credentials, Principal, make_authenticator
-from arqonbus_server.gateway.auth_jwt import JwtAuthenticator
+from arqonbus_server.gateway.auth.base import AuthError, Credentials, Principal
+from arqonbus_server.gateway.auth.chain import make_authenticator
+from arqonbus_server.gateway.auth.jwt import JwtAuthenticator
 from arqonbus_server.gateway.config import load_settings
 from arqonbus_server.shared.settings import ConfigError
 from tests.jwks import JwksServer

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from arqonbus_server.gateway.auth import AuthError, Credentials, DevAuthenticator
+from arqonbus_server.gateway.auth.base import AuthError, Credentials, DevAuthenticator
 from arqonbus_server.shared import authz
 from arqonbus_server.shared.authz import (
     ACTION_PERMISSIONS,

@@ -1,12 +1,12 @@
-"""Rate limits and connection quotas (gateway/limits.py): pure, with an injected clock."""
+"""Rate limits and connection quotas (gateway/state/limits.py): pure, with an injected clock."""
 
 from __future__ import annotations
 
 import pytest
 
-from arqonbus_server.gateway.admission import TokenBucket, retry_after_ms
 from arqonbus_server.gateway.config import load_settings
-from arqonbus_server.gateway.limits import (
+from arqonbus_server.gateway.http.admission import TokenBucket, retry_after_ms
+from arqonbus_server.gateway.state.limits import (
     ConnectionReports,
     FrameMeter,
     RateLimits,

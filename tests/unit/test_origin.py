@@ -1,10 +1,10 @@
-"""The Origin allowlist (gateway/origin.py): a table of settings, headers and verdicts."""
+"""The Origin allowlist (gateway/http/origin.py): a table of settings, headers and verdicts."""
 
 from __future__ import annotations
 
 import pytest
 
-from arqonbus_server.gateway.origin import OriginPolicy, normalize_origin, origin_allowed
+from arqonbus_server.gateway.http.origin import OriginPolicy, normalize_origin, origin_allowed
 
 EXACT = "https://app.example.com, http://localhost:3000"
 WILD = "*.example.com"

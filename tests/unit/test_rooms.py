@@ -9,9 +9,9 @@ from typing import Any
 import orjson
 import pytest
 
-from arqonbus_server.gateway import rooms
-from arqonbus_server.gateway.admission import RateLimiter
-from arqonbus_server.gateway.rooms import (
+from arqonbus_server.gateway.http.admission import RateLimiter
+from arqonbus_server.gateway.state import rooms
+from arqonbus_server.gateway.state.rooms import (
     MAX_ENTRIES,
     Ban,
     Mute,

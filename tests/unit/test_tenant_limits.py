@@ -8,9 +8,10 @@ import orjson
 import pytest
 
 from arqonbus_server.gateway.config import load_settings
-from arqonbus_server.gateway.limits import RateLimits, RateSpec, TenantConnections
-from arqonbus_server.gateway.tenant_limits import (
+from arqonbus_server.gateway.state.limits import RateLimits, TenantConnections
+from arqonbus_server.gateway.state.tenant_limits import (
     FIELDS,
+    RateSpec,
     TenantLimits,
     TenantLimitsError,
     TenantLimitsTable,

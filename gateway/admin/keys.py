@@ -10,19 +10,19 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from arqonbus_server.gateway.audit import KEY_CREATED, KEY_REVOKED, record_once
+from arqonbus_server.gateway.admin.common import CliPorts, with_mesh
+from arqonbus_server.gateway.state.audit import KEY_CREATED, KEY_REVOKED, record_once
 from arqonbus_server.mesh.ports import KeyExists, RevisionMismatch
 from arqonbus_server.shared import apikeys, subjects
 from arqonbus_server.shared.apikeys import RecordError
 from arqonbus_server.shared.subjects import is_valid_name
 
 if TYPE_CHECKING:
-    from arqonbus_server.gateway.cli import CliPorts
     from arqonbus_server.mesh.ports import KVBucket
     from arqonbus_server.shared.settings import Settings
 
 CLI_PRINCIPAL = "cli"
-EXIT_OK, EXIT_UNREACHABLE, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_OK, EXIT_BAD_INPUT = 0, 2  # 1: NATS unreachable (admin/common.py)
 
 
 class _BadInput(Exception):
@@ -64,12 +64,6 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     revoke.add_argument("--nats", help="NATS URL(s), comma-separated [ARQONBUS_NATS]")
 
 
-def _ports(settings: Settings) -> CliPorts:
-    from arqonbus_server.gateway.cli import cli_ports  # with the NATS credentials of the settings
-
-    return cli_ports(settings, "arqonbus keys")
-
-
 def _fail(message: str, code: int) -> int:
     print(f"arqonbus keys: {message}", file=sys.stderr)
     return code
@@ -77,7 +71,6 @@ def _fail(message: str, code: int) -> int:
 
 async def run(args: argparse.Namespace, settings: Settings) -> int:
     """Run ``arqonbus keys <command>``; returns the exit code."""
-    from arqonbus_server.mesh.broker import BrokerUnavailable
 
     if not is_valid_name(args.tenant):
         return _fail(
@@ -89,29 +82,19 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
         _check_input(args)
     except _BadInput as exc:
         return _fail(str(exc), EXIT_BAD_INPUT)
-    ports = _ports(settings)
-    try:
-        await ports.broker.connect()
-        kv = await ports.state.bucket(subjects.KV_KEYS)
-        if args.keys_command == "create":
-            return await _create(args, ports, kv)
-        if args.keys_command == "list":
-            return await _list(args, kv)
-        return await _revoke(args, ports, kv)
-    except _BadInput as exc:
-        return _fail(str(exc), EXIT_BAD_INPUT)
-    except (BrokerUnavailable, TimeoutError, OSError) as exc:
-        return _fail(f"cannot reach NATS ({exc}). Check --nats / ARQONBUS_NATS.", EXIT_UNREACHABLE)
-    except Exception as exc:  # nats errors (timeouts, no responders) that escape the broker
-        if type(exc).__module__.startswith("nats"):
-            return _fail(
-                f"NATS did not answer ({type(exc).__name__}: {exc}). Check --nats / "
-                "ARQONBUS_NATS and that JetStream is enabled.",
-                EXIT_UNREACHABLE,
-            )
-        raise
-    finally:
-        await ports.broker.close()
+
+    async def body(ports: CliPorts) -> int:
+        try:
+            kv = await ports.state.bucket(subjects.KV_KEYS)
+            if args.keys_command == "create":
+                return await _create(args, ports, kv)
+            if args.keys_command == "list":
+                return await _list(args, kv)
+            return await _revoke(args, ports, kv)
+        except _BadInput as exc:
+            return _fail(str(exc), EXIT_BAD_INPUT)
+
+    return await with_mesh(settings, "arqonbus keys", body)
 
 
 def _new_key(args: argparse.Namespace) -> tuple[str, apikeys.ApiKeyRecord]:

@@ -356,7 +356,7 @@ SocketHandler = Callable[[Any, Socket], Awaitable[None]]
 
 
 class AcceptGate(Protocol):
-    """Admission at TCP accept, before any byte is read (see gateway/admission.py).
+    """Admission at TCP accept, before any byte is read (see gateway/http/admission.py).
 
     ``acquire(peer IP)`` False drops the new connection at once. Each admitted
     connection is released once: when its HTTP request has arrived, or it closed.

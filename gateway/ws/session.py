@@ -13,11 +13,8 @@ from datetime import UTC, datetime
 
 import orjson
 
-from arqonbus_server.gateway import audit as auditing
-from arqonbus_server.gateway import auth_agent
-from arqonbus_server.gateway.admission import retry_after_ms
-from arqonbus_server.gateway.audit import ADMIN_ACTION, AGENT_REGISTERED, RATE_LIMITED, AuditLog
-from arqonbus_server.gateway.auth import (
+from arqonbus_server.gateway.auth import agent as auth_agent
+from arqonbus_server.gateway.auth.base import (
     Authenticator,
     AuthError,
     AuthUnavailable,
@@ -25,18 +22,27 @@ from arqonbus_server.gateway.auth import (
     Principal,
     check_credentials,
 )
-from arqonbus_server.gateway.hub import Hub
-from arqonbus_server.gateway.limits import RateLimits, RateSpec, rate_specs, welcome_limits
+from arqonbus_server.gateway.http.admission import retry_after_ms
 from arqonbus_server.gateway.policies import policy_for
-from arqonbus_server.gateway.rooms import (
+from arqonbus_server.gateway.state import audit as auditing
+from arqonbus_server.gateway.state.audit import (
+    ADMIN_ACTION,
+    AGENT_REGISTERED,
+    RATE_LIMITED,
+    AuditLog,
+)
+from arqonbus_server.gateway.state.limits import RateLimits, rate_specs, welcome_limits
+from arqonbus_server.gateway.state.rooms import (
     CALL_ACTION,
     RoomDirectory,
     RoomSettings,
     room_key_param,
     run_admin_command,
 )
-from arqonbus_server.gateway.security import SecurityState
-from arqonbus_server.gateway.transport import Socket
+from arqonbus_server.gateway.state.security import SecurityState
+from arqonbus_server.gateway.state.tenant_limits import RateSpec
+from arqonbus_server.gateway.ws.hub import Hub
+from arqonbus_server.gateway.ws.transport import Socket
 from arqonbus_server.mesh.broker import (
     Broker,
     BrokerUnavailable,
@@ -168,7 +174,7 @@ class Session:
             security.content_policy if security is not None else policy_for(settings.policy_file)
         )
         self._decisions: dict[tuple[authz.Permission, str, str], authz.Decision] = {}
-        # Rate limits (gateway/limits.py): this connection's buckets and its principal's.
+        # Rate limits (gateway/state/limits.py): this connection's buckets and its principal's.
         if rate_limits is None:  # (an empty registry is falsy: it has a length)
             rate_limits = RateLimits(*rate_specs(settings))
         self._rate_limits = rate_limits
@@ -176,11 +182,11 @@ class Session:
         self._rate_audited = -_RATE_AUDIT_EVERY_S
         # Audit: a client repeating a refused action gets one record per 10 s (with a count).
         self._audit_throttle = auditing.AuditThrottle()
-        # Private rooms, bans, mutes (gateway/rooms.py); None without NATS security state.
+        # Private rooms, bans, mutes (gateway/state/rooms.py); None without NATS security state.
         self._rooms = RoomDirectory.of(security) if security is not None else None
 
     def retune_rates(self, per_connection: RateSpec, per_principal: RateSpec) -> None:
-        """The tenant's limits changed (gateway/tenant_limits.py): new rates from now on."""
+        """The tenant's limits changed (gateway/state/tenant_limits.py): new rates from now on."""
         self._rates.retune(per_connection, per_principal)
 
     def limits(self) -> dict[str, int | float]:
@@ -528,7 +534,7 @@ class Session:
         )
 
     def _tenant_overrides(self) -> list[str]:
-        """The limits set for this tenant with ``arqonbus tenants set`` (gateway/tenant_limits.py)."""
+        """The limits set for this tenant with ``arqonbus tenants set`` (gateway/state/tenant_limits.py)."""
         table = self._rate_limits.tenant_limits
         return [] if table is None else sorted(table.overrides(self.principal.tenant).as_dict())
 
@@ -606,7 +612,7 @@ class Session:
         more = more or len(events) == params.limit
         self._reply(command, {"events": events, "next_since_seq": next_since, "more": more})
 
-    # -- private rooms, bans, mutes (gateway/rooms.py) -----------------------------------
+    # -- private rooms, bans, mutes (gateway/state/rooms.py) -----------------------------------
 
     def _in_room(self, room: str) -> bool:
         """Did this connection enter ``room`` (a channel joined or a handler registered)?"""

@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from arqonbus_server.gateway.admission import RateLimiter
+from arqonbus_server.gateway.http.admission import RateLimiter
 from arqonbus_server.mesh.ports import KeyExists, RevisionMismatch
 from arqonbus_server.shared import commands, subjects
 from arqonbus_server.shared.errors import (
@@ -67,7 +67,7 @@ from arqonbus_server.shared.errors import (
 from arqonbus_server.shared.subjects import is_valid_name
 
 if TYPE_CHECKING:
-    from arqonbus_server.gateway.security import SecurityState
+    from arqonbus_server.gateway.state.security import SecurityState
     from arqonbus_server.mesh.ports import KVBucket
     from arqonbus_server.mesh.watched import WatchedBucket
 

@@ -16,7 +16,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from arqonbus_server.gateway.transport import Socket, encode_text_frame
+from arqonbus_server.gateway.ws.transport import Socket, encode_text_frame
 from arqonbus_server.mesh.broker import (
     Broker,
     BrokerUnavailable,

@@ -13,9 +13,9 @@ from typing import Any
 
 import orjson
 
-from arqonbus_server.gateway.audit import ADMIN_ACTION, record_once
-from arqonbus_server.gateway.tenant_limits import FIELDS, TenantLimits, TenantLimitsError
-from arqonbus_server.mesh.ports import BrokerUnavailable
+from arqonbus_server.gateway.admin.common import CliPorts, with_mesh
+from arqonbus_server.gateway.state.audit import ADMIN_ACTION, record_once
+from arqonbus_server.gateway.state.tenant_limits import FIELDS, TenantLimits, TenantLimitsError
 from arqonbus_server.shared import subjects
 from arqonbus_server.shared.settings import Settings
 from arqonbus_server.shared.subjects import is_valid_name
@@ -65,11 +65,7 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _apply(settings: Settings, command: str, tenant: str, updates: TenantLimits) -> int:
-    from arqonbus_server.gateway.cli import cli_ports
-
-    ports = cli_ports(settings, "arqonbus tenants")
-    try:
-        await ports.broker.connect()
+    async def body(ports: CliPorts) -> int:
         kv = await ports.state.bucket(subjects.KV_TENANTS)
         stored = await kv.get(tenant)
         raw = stored.value if stored is not None and stored.value else None
@@ -105,8 +101,5 @@ async def _apply(settings: Settings, command: str, tenant: str, updates: TenantL
             **details,
         )
         return 0
-    except BrokerUnavailable as exc:
-        print(f"arqonbus: {exc}. Check --nats / ARQONBUS_NATS.", file=sys.stderr)
-        return 1
-    finally:
-        await ports.broker.close()
+
+    return await with_mesh(settings, "arqonbus tenants", body)

@@ -9,9 +9,9 @@ from typing import Any
 
 import orjson
 
-from arqonbus_server.gateway.audit import ADMIN_ACTION, record_once
+from arqonbus_server.gateway.admin.common import CliPorts, with_mesh
 from arqonbus_server.gateway.policies import load_plugin
-from arqonbus_server.mesh.ports import BrokerUnavailable
+from arqonbus_server.gateway.state.audit import ADMIN_ACTION, record_once
 from arqonbus_server.shared import subjects
 from arqonbus_server.shared.inspect import PolicyError, check_storable, parse_policy
 from arqonbus_server.shared.settings import Settings
@@ -76,11 +76,7 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _apply(settings: Settings, command: str, tenant: str, body: bytes) -> int:
-    from arqonbus_server.gateway.cli import cli_ports
-
-    ports = cli_ports(settings, "arqonbus policy")
-    try:
-        await ports.broker.connect()
+    async def apply(ports: CliPorts) -> int:
         kv = await ports.state.bucket(subjects.KV_POLICIES)
         if command == "show":
             stored = await kv.get(tenant)
@@ -98,8 +94,5 @@ async def _apply(settings: Settings, command: str, tenant: str, body: bytes) -> 
             print(f"dropped the stored rules of tenant {tenant}")
         await record_once(ports.audit, tenant, ADMIN_ACTION, action=f"policy_{command}")
         return 0
-    except BrokerUnavailable as exc:
-        print(f"arqonbus: {exc}. Check --nats / ARQONBUS_NATS.", file=sys.stderr)
-        return 1
-    finally:
-        await ports.broker.close()
+
+    return await with_mesh(settings, "arqonbus policy", apply)

@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from arqonbus_server.gateway.auth import AuthError, AuthUnavailable, Credentials, Principal
+from arqonbus_server.gateway.auth.base import AuthError, AuthUnavailable, Credentials, Principal
 from arqonbus_server.mesh.ports import (
     BrokerUnavailable,
     KeyContended,
@@ -41,7 +41,7 @@ from arqonbus_server.shared.agent_identity import (
 )
 
 if TYPE_CHECKING:
-    from arqonbus_server.gateway.security import SecurityState
+    from arqonbus_server.gateway.state.security import SecurityState
     from arqonbus_server.shared.settings import Settings
 
 log = logging.getLogger("arqonbus.gateway.auth_agent")

@@ -4,7 +4,7 @@ A record is a JSON object with any of the :data:`FIELDS`; a field that is absent
 gateway's setting (``max_connections`` <- ``max_connections_per_tenant``,
 ``max_stored_bytes`` <- ``tenant_max_bytes``, the rates <- the settings of the same name).
 0 means what it means for the setting: that limit off (for a burst: two seconds' worth of
-the rate). Every gateway watches the bucket (gateway/security.py), so a plan changed with
+the rate). Every gateway watches the bucket (gateway/state/security.py), so a plan changed with
 ``arqonbus tenants set`` applies without a restart:
 
 * the tenant connection cap: at the next handshake;
@@ -26,8 +26,6 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from arqonbus_server.gateway.limits import RateSpec
-
 if TYPE_CHECKING:
     from arqonbus_server.shared.settings import Settings
 
@@ -48,6 +46,46 @@ FIELDS: dict[str, tuple[type, str]] = {
 }
 MAX_INT = 2**53  # exact in JSON everywhere
 MAX_RATE = 1e12
+
+
+def _number(value: float) -> float | int:
+    return int(value) if value == int(value) else value
+
+
+@dataclass(frozen=True, slots=True)
+class RateSpec:
+    """Rates of one scope; 0 = that limit off. A burst of 0 means two seconds' worth."""
+
+    msgs_per_s: float = 0.0
+    msgs_burst: float = 0.0
+    bytes_per_s: float = 0.0
+    bytes_burst: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("msgs_per_s", "msgs_burst", "bytes_per_s", "bytes_burst"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0 = off)")
+
+    @property
+    def enabled(self) -> bool:
+        return self.msgs_per_s > 0 or self.bytes_per_s > 0
+
+    @property
+    def msg_burst(self) -> float:
+        return max(1.0, self.msgs_burst or 2 * self.msgs_per_s)
+
+    @property
+    def byte_burst(self) -> float:
+        return max(1.0, self.bytes_burst or 2 * self.bytes_per_s)
+
+    def describe(self) -> dict[str, float | int]:
+        """The configured rates, as the ``limits`` command and the welcome show them."""
+        return {
+            "msgs_per_s": _number(self.msgs_per_s),
+            "msgs_burst": _number(self.msg_burst) if self.msgs_per_s else 0,
+            "bytes_per_s": _number(self.bytes_per_s),
+            "bytes_burst": _number(self.byte_burst) if self.bytes_per_s else 0,
+        }
 
 
 class TenantLimitsError(ValueError):

@@ -4,7 +4,7 @@ The check answers from the gateway's watched copy of the bucket (no NATS round t
 key id indexes the record, the secret's SHA-256 must match its hash and the record must
 not be revoked. A revoke (``revoked_at`` set, or the record deleted) reaches every
 gateway through the watch; :func:`revoked_key_id` tells the gateway which key's sessions
-to close (gateway/server.py).
+to close (gateway/app.py).
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ import logging
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
-from arqonbus_server.gateway.auth import AuthError, AuthUnavailable, Credentials, Principal
+from arqonbus_server.gateway.auth.base import AuthError, AuthUnavailable, Credentials, Principal
 from arqonbus_server.shared import apikeys
 from arqonbus_server.shared.apikeys import ApiKeyRecord, KeyFormatError, RecordError
 
 if TYPE_CHECKING:
-    from arqonbus_server.gateway.security import SecurityState
+    from arqonbus_server.gateway.state.security import SecurityState
     from arqonbus_server.shared.settings import Settings
 
 log = logging.getLogger("arqonbus.gateway.auth_keys")

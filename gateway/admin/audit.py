@@ -1,4 +1,4 @@
-"""``arqonbus audit``: read a tenant's audit stream (gateway/audit.py).
+"""``arqonbus audit``: read a tenant's audit stream (gateway/state/audit.py).
 
     arqonbus audit --tenant T [--since 1h|30m|2d|ISO8601] [--type TYPE ...]
                    [--limit N] [--json] [--nats URLS]
@@ -17,13 +17,14 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import orjson
 
-from arqonbus_server.gateway.audit import EVENT_TYPES, parse_since, read_events
+from arqonbus_server.gateway.admin.common import CliPorts, with_mesh
+from arqonbus_server.gateway.state.audit import EVENT_TYPES, parse_since, read_events
 from arqonbus_server.shared.subjects import is_valid_name
 
 if TYPE_CHECKING:
     from arqonbus_server.shared.settings import Settings
 
-EXIT_OK, EXIT_UNREACHABLE, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_OK, EXIT_BAD_INPUT = 0, 2  # 1: NATS unreachable (admin/common.py)
 DEFAULT_LIMIT = 1000
 MAX_LIMIT = 100_000
 
@@ -96,28 +97,22 @@ async def run(args: argparse.Namespace, settings: Settings, out: TextIO | None =
     if not 1 <= args.limit <= MAX_LIMIT:
         return _bad(f"--limit must be between 1 and {MAX_LIMIT}")
 
-    from arqonbus_server.gateway.cli import cli_ports
-    from arqonbus_server.mesh.ports import BrokerUnavailable
-
-    ports = cli_ports(settings, "arqonbus-audit")
-    broker = ports.broker
-    try:
-        await broker.connect()
+    async def body(ports: CliPorts) -> int:
         events, more = await read_events(ports.audit, args.tenant, since, args.types, args.limit)
-    except BrokerUnavailable as exc:
-        print(f"arqonbus audit: {exc}. Check --nats / ARQONBUS_NATS.", file=sys.stderr)
-        return EXIT_UNREACHABLE
-    finally:
-        await broker.close()
-    for event in events:
-        out.write((orjson.dumps(event).decode() if args.json else format_event(event)) + "\n")
-    out.flush()
-    if not events:
-        print(f"arqonbus audit: no events for tenant {args.tenant} in this range", file=sys.stderr)
-    elif more:
-        print(
-            f"arqonbus audit: stopped at --limit {args.limit}; narrow with --since or --type, "
-            "or raise --limit",
-            file=sys.stderr,
-        )
-    return EXIT_OK
+        for event in events:
+            out.write((orjson.dumps(event).decode() if args.json else format_event(event)) + "\n")
+        out.flush()
+        if not events:
+            print(
+                f"arqonbus audit: no events for tenant {args.tenant} in this range",
+                file=sys.stderr,
+            )
+        elif more:
+            print(
+                f"arqonbus audit: stopped at --limit {args.limit}; narrow with --since or "
+                "--type, or raise --limit",
+                file=sys.stderr,
+            )
+        return EXIT_OK
+
+    return await with_mesh(settings, "arqonbus audit", body)

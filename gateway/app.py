@@ -16,37 +16,37 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from urllib.parse import urlsplit
 
-from arqonbus_server.gateway.admission import (
-    PendingHandshakes,
-    RateLimiter,
-    retry_after_header,
-    retry_after_ms,
-)
-from arqonbus_server.gateway.audit import AUTH_FAILED, AuditLog, AuditThrottle
-from arqonbus_server.gateway.auth import (
+from arqonbus_server.gateway.auth.agent import issue_nonce, revoked_agent_id
+from arqonbus_server.gateway.auth.base import (
     Authenticator,
     AuthError,
     AuthUnavailable,
     Credentials,
     Principal,
     check_credentials,
-    make_authenticator,
 )
-from arqonbus_server.gateway.auth_agent import issue_nonce, revoked_agent_id
-from arqonbus_server.gateway.auth_keys import revoked_key_id
-from arqonbus_server.gateway.hub import Hub
-from arqonbus_server.gateway.limits import (
+from arqonbus_server.gateway.auth.chain import make_authenticator
+from arqonbus_server.gateway.auth.keys import revoked_key_id
+from arqonbus_server.gateway.http.admission import (
+    PendingHandshakes,
+    RateLimiter,
+    retry_after_header,
+    retry_after_ms,
+)
+from arqonbus_server.gateway.http.origin import OriginPolicy
+from arqonbus_server.gateway.state.audit import AUTH_FAILED, AuditLog, AuditThrottle
+from arqonbus_server.gateway.state.limits import (
     ConnectionReporter,
     RateLimits,
     TenantConnections,
     rate_specs,
 )
-from arqonbus_server.gateway.origin import OriginPolicy
-from arqonbus_server.gateway.rooms import RoomDirectory, RoomSettings, banned_error
-from arqonbus_server.gateway.security import NONCE_TTL_S, SecurityState
-from arqonbus_server.gateway.session import Session
-from arqonbus_server.gateway.tenant_limits import TenantLimitsTable
-from arqonbus_server.gateway.transport import (
+from arqonbus_server.gateway.state.rooms import RoomDirectory, RoomSettings, banned_error
+from arqonbus_server.gateway.state.security import NONCE_TTL_S, SecurityState
+from arqonbus_server.gateway.state.tenant_limits import TenantLimitsTable
+from arqonbus_server.gateway.ws.hub import Hub
+from arqonbus_server.gateway.ws.session import Session
+from arqonbus_server.gateway.ws.transport import (
     HttpReply,
     ListenOptions,
     Server,
@@ -56,8 +56,8 @@ from arqonbus_server.gateway.transport import (
 )
 from arqonbus_server.mesh.audit import JetStreamAuditSink
 from arqonbus_server.mesh.broker import BrokerUnavailable
+from arqonbus_server.mesh.jetstream import broker_from_settings
 from arqonbus_server.mesh.kv import JetStreamStateStore
-from arqonbus_server.mesh.nats_auth import broker_from_settings
 from arqonbus_server.shared.envelope import encode_auth_required, parse_auth_frame
 from arqonbus_server.shared.errors import (
     FORBIDDEN_ORIGIN,
@@ -148,14 +148,14 @@ class Gateway:
         self.rooms.on_update(self._on_room_update)
         # Per client address: upgrades per second (429 beyond) and unfinished handshakes.
         self.conn_rate = RateLimiter(settings.conn_rate_per_ip, settings.conn_burst_per_ip)
-        # Rate limits and connection quotas (gateway/limits.py).
+        # Rate limits and connection quotas (gateway/state/limits.py).
         self.rate_limits = RateLimits(*rate_specs(settings))
         self.tenant_conns = TenantConnections(
             settings.max_connections_per_tenant, reserve_s=settings.open_timeout_s + 5.0
         )
         self.conn_reports = ConnectionReporter(self.state, settings, self.node_id)
         self.rate_limits.tenant_connections = self._tenant_connections
-        # Per-tenant overrides of the limits above, from NATS KV (gateway/tenant_limits.py).
+        # Per-tenant overrides of the limits above, from NATS KV (gateway/state/tenant_limits.py).
         self.tenant_limits = TenantLimitsTable(settings, self.security.tenants.get)
         self.rate_limits.tenant_limits = self.tenant_limits
         self.broker.max_bytes_for = self.tenant_limits.max_stored_bytes
@@ -214,7 +214,7 @@ class Gateway:
         if not await self.broker.connect_with_retry(self._stop):
             return
         self.security.start()
-        if self.tenant_conns.enabled:  # other gateways' connection counts (gateway/limits.py)
+        if self.tenant_conns.enabled:  # other gateways' connection counts (gateway/state/limits.py)
             self.conn_reports.start(self.tenant_conns.live)
         # (else started by the first tenant override with a connection cap: _on_tenant_limits)
         self.audit.start()

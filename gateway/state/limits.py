@@ -32,63 +32,23 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import orjson
 
-from arqonbus_server.gateway.admission import Clock, TokenBucket
+from arqonbus_server.gateway.http.admission import Clock, TokenBucket
+from arqonbus_server.gateway.state.tenant_limits import RateSpec
 from arqonbus_server.mesh.watched import WatchedBucket
 from arqonbus_server.shared import subjects
 from arqonbus_server.shared.settings import Settings
 
 if TYPE_CHECKING:
-    from arqonbus_server.gateway.tenant_limits import TenantLimitsTable
+    from arqonbus_server.gateway.state.tenant_limits import TenantLimitsTable
     from arqonbus_server.mesh.ports import KVBucket, StateStore
 
 log = logging.getLogger("arqonbus.gateway.limits")
 
 MIB = 1024 * 1024
-
-
-@dataclass(frozen=True, slots=True)
-class RateSpec:
-    """Rates of one scope; 0 = that limit off. A burst of 0 means two seconds' worth."""
-
-    msgs_per_s: float = 0.0
-    msgs_burst: float = 0.0
-    bytes_per_s: float = 0.0
-    bytes_burst: float = 0.0
-
-    def __post_init__(self) -> None:
-        for name in ("msgs_per_s", "msgs_burst", "bytes_per_s", "bytes_burst"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0 (0 = off)")
-
-    @property
-    def enabled(self) -> bool:
-        return self.msgs_per_s > 0 or self.bytes_per_s > 0
-
-    @property
-    def msg_burst(self) -> float:
-        return max(1.0, self.msgs_burst or 2 * self.msgs_per_s)
-
-    @property
-    def byte_burst(self) -> float:
-        return max(1.0, self.bytes_burst or 2 * self.bytes_per_s)
-
-    def describe(self) -> dict[str, float | int]:
-        """The configured rates, as the ``limits`` command and the welcome show them."""
-        return {
-            "msgs_per_s": _number(self.msgs_per_s),
-            "msgs_burst": _number(self.msg_burst) if self.msgs_per_s else 0,
-            "bytes_per_s": _number(self.bytes_per_s),
-            "bytes_burst": _number(self.byte_burst) if self.bytes_per_s else 0,
-        }
-
-
-def _number(value: float) -> float | int:
-    return int(value) if value == int(value) else value
 
 
 class FrameMeter:
@@ -281,7 +241,7 @@ class RateLimits:
         self._principals: dict[tuple[str, str], FrameMeter] = {}
         # This tenant's connections over all gateways (set by the gateway), for ``limits``.
         self.tenant_connections: Callable[[str], int] | None = None
-        # Per-tenant overrides (gateway/tenant_limits.py, set by the gateway): None = the
+        # Per-tenant overrides (gateway/state/tenant_limits.py, set by the gateway): None = the
         # rates above for every tenant.
         self.tenant_limits: TenantLimitsTable | None = None
 
@@ -479,7 +439,7 @@ class ConnectionReporter:
     KV bucket ``<prefix>_conns``; a watch keeps :class:`ConnectionReports` of the others. A
     report counts for three intervals after it arrived (see ConnectionReports). Started
     only when ``max_connections_per_tenant`` is set or a tenant has a ``max_connections``
-    override (gateway/tenant_limits.py).
+    override (gateway/state/tenant_limits.py).
     """
 
     def __init__(self, state: StateStore, settings: Settings, node_id: str) -> None:

@@ -39,7 +39,7 @@ class SecurityState:
         self.agents = self._watched(subjects.KV_AGENTS)
         self.rooms = self._watched(subjects.KV_ROOMS)
         self.policies = self._watched(subjects.KV_POLICIES)
-        # Per-tenant limit overrides (gateway/tenant_limits.py): plans without a restart.
+        # Per-tenant limit overrides (gateway/state/tenant_limits.py): plans without a restart.
         self.tenants = self._watched(subjects.KV_TENANTS)
         # Content policies: a tenant's rules in KV replace the policy file's for it.
         self.content_policy = LayeredPolicy(policy_for(policy_file), self.policies.get)

@@ -43,7 +43,7 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from arqonbus_server.gateway.auth import AuthError, Credentials, Principal
+from arqonbus_server.gateway.auth.base import AuthError, Credentials, Principal
 from arqonbus_server.shared import authz
 from arqonbus_server.shared.subjects import is_valid_name
 

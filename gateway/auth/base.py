@@ -1,8 +1,8 @@
 """Credentials -> Principal. One interface, several methods.
 
-Methods: ``dev`` tokens (development only), ``jwt`` bearer tokens (gateway/auth_jwt.py),
-``apikey`` service-account keys (gateway/auth_keys.py) and ``agent`` Ed25519 agent
-identity (gateway/auth_agent.py). The gateway enables a comma-separated list of them
+Methods: ``dev`` tokens (development only), ``jwt`` bearer tokens (gateway/auth/jwt.py),
+``apikey`` service-account keys (gateway/auth/keys.py) and ``agent`` Ed25519 agent
+identity (gateway/auth/agent.py). The gateway enables a comma-separated list of them
 (``ARQONBUS_AUTH=jwt,apikey,agent``); :class:`ChainAuthenticator` picks the method from
 the credential's form. The tenant and the principal come only from the credential,
 never from envelopes.
@@ -22,8 +22,7 @@ from arqonbus_server.shared.settings import AUTH_METHODS
 from arqonbus_server.shared.subjects import is_valid_name
 
 if TYPE_CHECKING:
-    from arqonbus_server.gateway.security import SecurityState
-    from arqonbus_server.shared.settings import Settings
+    pass
 
 log = logging.getLogger("arqonbus.gateway.auth")
 
@@ -158,39 +157,6 @@ def token_method(token: str) -> str:
     return "jwt"
 
 
-class ChainAuthenticator:
-    """Several methods on one gateway: the token's form picks the one that checks it."""
-
-    name = "chain"
-
-    def __init__(self, methods: Mapping[str, Authenticator]) -> None:
-        self.methods = dict(methods)
-
-    def authenticate(self, credentials: Credentials) -> Principal | Awaitable[Principal]:
-        if not credentials.token:
-            raise AuthError(
-                "missing credential: send a token in the Authorization header (Bearer), the "
-                f"subprotocol 'arqonbus.bearer.<token>' or ?token= (accepted: {self.accepted})"
-            )
-        method = token_method(credentials.token)
-        authenticator = self.methods.get(method)
-        if authenticator is None:
-            raise AuthError(
-                f"this gateway does not accept {method} credentials: use one of {self.accepted}"
-            )
-        return authenticator.authenticate(credentials)
-
-    @property
-    def accepted(self) -> str:
-        return ", ".join(self.methods)
-
-    def close(self) -> None:
-        for authenticator in self.methods.values():
-            close = getattr(authenticator, "close", None)
-            if close is not None:
-                close()
-
-
 class DevAuthenticator:
     """``dev:<tenant>:<principal>[:<role>]`` tokens, trusted as given. For development only.
 
@@ -234,50 +200,3 @@ def parse_methods(mode: str) -> list[str]:
     if unknown:
         raise ValueError(f"unknown authentication method(s) {unknown}: use {', '.join(METHODS)}")
     return list(dict.fromkeys(methods))
-
-
-def make_authenticator(
-    mode: str, settings: Settings | None = None, security: SecurityState | None = None
-) -> Authenticator:
-    """The authenticator for ``mode``; ValueError (with the fix) on bad configuration.
-
-    ``security`` (the gateway's KV-backed state) is needed by ``apikey`` and ``agent``.
-    """
-    methods = parse_methods(mode)
-    if not methods:
-        raise ValueError(
-            "no authentication mode configured: set ARQONBUS_AUTH to one or more of "
-            "jwt, apikey, agent (comma-separated), or dev (--auth dev) for development"
-        )
-    built: dict[str, Authenticator] = {}
-    for method in methods:
-        built[method] = _make_one(method, settings, security)
-    if len(built) == 1:
-        return next(iter(built.values()))
-    return ChainAuthenticator(built)
-
-
-def _make_one(
-    method: str, settings: Settings | None, security: SecurityState | None
-) -> Authenticator:
-    if method == "dev":
-        return DevAuthenticator()
-    if settings is None:
-        raise ValueError(f"{method} authentication needs the gateway settings")
-    if method == "jwt":
-        from arqonbus_server.gateway.auth_jwt import (
-            JwtAuthenticator,  # imports auth: import here, not at top
-        )
-
-        return JwtAuthenticator.from_settings(settings)
-    if security is None:
-        raise ValueError(f"{method} authentication needs the gateway's NATS KV state")
-    if method == "apikey":
-        from arqonbus_server.gateway.auth_keys import ApiKeyAuthenticator
-
-        keys: Authenticator = ApiKeyAuthenticator(security, settings)
-        return keys
-    from arqonbus_server.gateway.auth_agent import AgentAuthenticator
-
-    agents: Authenticator = AgentAuthenticator(security, settings)
-    return agents

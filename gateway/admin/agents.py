@@ -18,8 +18,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from arqonbus_server.gateway.audit import AGENT_REGISTERED, AGENT_REVOKED, record_once
-from arqonbus_server.gateway.auth_agent import (
+from arqonbus_server.gateway.admin.common import CliPorts, with_mesh
+from arqonbus_server.gateway.auth.agent import (
     RegistrationError,
     new_record,
     records,
@@ -27,7 +27,8 @@ from arqonbus_server.gateway.auth_agent import (
     store_new,
 )
 from arqonbus_server.gateway.config import load_settings
-from arqonbus_server.mesh.ports import BrokerUnavailable, KVBucket
+from arqonbus_server.gateway.state.audit import AGENT_REGISTERED, AGENT_REVOKED, record_once
+from arqonbus_server.mesh.ports import KVBucket
 from arqonbus_server.shared import subjects
 from arqonbus_server.shared.agent_identity import (
     AgentIdentityError,
@@ -108,49 +109,47 @@ async def run(args: argparse.Namespace, settings: Settings | None = None) -> int
     if args.agents_command == "revoke" and not is_agent_id(args.agent_id):
         return _error("AGENT_ID must be the UUID that `arqonbus agents register` printed")
 
-    from arqonbus_server.gateway.cli import cli_ports
+    async def body(ports: CliPorts) -> int:
+        try:
+            kv = await ports.state.bucket(subjects.KV_AGENTS)
+            if args.agents_command == "register":
+                existing = records(await _items(kv))
+                record = new_record(
+                    args.tenant, args.name, public_key, args.role, args.grant, existing
+                )
+                await store_new(kv, record)
+                print(record.agent_id)
+                await record_once(
+                    ports.audit,
+                    args.tenant,
+                    AGENT_REGISTERED,
+                    agent_id=record.agent_id,
+                    name=record.name,
+                    role=record.role,
+                )
+            elif args.agents_command == "list":
+                for record in sorted(records(await _items(kv)), key=lambda r: r.created_at):
+                    if record.tenant != args.tenant:
+                        continue
+                    state = (
+                        "active"
+                        if record.revoked_at is None
+                        else f"revoked {_when(record.revoked_at)}"
+                    )
+                    grants = ",".join(record.grants) or "-"
+                    print(
+                        f"{record.agent_id}  {record.name}  role={record.role}  grants={grants}  "
+                        f"created {_when(record.created_at)}  {state}"
+                    )
+            else:
+                await revoke(kv, args.tenant, args.agent_id)
+                print(f"revoked {args.agent_id}")
+                await record_once(ports.audit, args.tenant, AGENT_REVOKED, agent_id=args.agent_id)
+        except (RegistrationError, AgentIdentityError) as exc:
+            return _error(str(exc))
+        return 0
 
-    ports = cli_ports(settings, "arqonbus agents")
-    try:
-        await ports.broker.connect()
-        kv = await ports.state.bucket(subjects.KV_AGENTS)
-        if args.agents_command == "register":
-            existing = records(await _items(kv))
-            record = new_record(args.tenant, args.name, public_key, args.role, args.grant, existing)
-            await store_new(kv, record)
-            print(record.agent_id)
-            await record_once(
-                ports.audit,
-                args.tenant,
-                AGENT_REGISTERED,
-                agent_id=record.agent_id,
-                name=record.name,
-                role=record.role,
-            )
-        elif args.agents_command == "list":
-            for record in sorted(records(await _items(kv)), key=lambda r: r.created_at):
-                if record.tenant != args.tenant:
-                    continue
-                state = (
-                    "active" if record.revoked_at is None else f"revoked {_when(record.revoked_at)}"
-                )
-                grants = ",".join(record.grants) or "-"
-                print(
-                    f"{record.agent_id}  {record.name}  role={record.role}  grants={grants}  "
-                    f"created {_when(record.created_at)}  {state}"
-                )
-        else:
-            await revoke(kv, args.tenant, args.agent_id)
-            print(f"revoked {args.agent_id}")
-            await record_once(ports.audit, args.tenant, AGENT_REVOKED, agent_id=args.agent_id)
-    except (RegistrationError, AgentIdentityError) as exc:
-        return _error(str(exc))
-    except BrokerUnavailable as exc:
-        print(f"arqonbus: {exc}. Check --nats / ARQONBUS_NATS.", file=sys.stderr)
-        return 1
-    finally:
-        await ports.broker.close()
-    return 0
+    return await with_mesh(settings, "arqonbus agents", body)
 
 
 async def _items(kv: KVBucket) -> list[tuple[str, bytes]]:

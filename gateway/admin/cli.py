@@ -11,14 +11,17 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
+from arqonbus_server.gateway.admin import agents as admin_agents
+from arqonbus_server.gateway.admin import audit as admin_audit
+from arqonbus_server.gateway.admin import keys as admin_keys
+from arqonbus_server.gateway.admin import policy as admin_policy
+from arqonbus_server.gateway.admin import tenants as admin_tenants
+from arqonbus_server.gateway.admin.common import CliPorts, with_mesh
 from arqonbus_server.gateway.config import load_settings
 from arqonbus_server.shared.settings import ConfigError, Settings, unknown_variables
-
-if TYPE_CHECKING:
-    from arqonbus_server.mesh.jetstream import JetStreamBroker
-    from arqonbus_server.mesh.ports import AuditSink, StateStore
+from arqonbus_server.shared.subjects import SubjectScheme, is_valid_name
 
 log = logging.getLogger("arqonbus")
 
@@ -123,63 +126,16 @@ def _parser() -> argparse.ArgumentParser:
     prov = mesh_sub.add_parser("provision", help="create a tenant's stream (idempotent)")
     prov.add_argument("--tenant", action="append", required=True, help="tenant name (repeatable)")
     prov.add_argument("--nats", help="NATS URL(s), comma-separated [ARQONBUS_NATS]")
-    from arqonbus_server.gateway import cli_keys  # arqonbus keys create|list|revoke
-
-    cli_keys.add_parser(sub)
-    from arqonbus_server.gateway import cli_policy
-
-    cli_policy.add_parser(sub)
-    from arqonbus_server.gateway import cli_agents  # arqonbus agents keygen|register|list|revoke
-
-    cli_agents.add_parser(sub)
-    from arqonbus_server.gateway import (
-        cli_audit,  # arqonbus audit --tenant T [--since] [--type] [--json]
-    )
-
-    cli_audit.add_parser(sub)
-    from arqonbus_server.gateway import cli_tenants  # arqonbus tenants set|show|reset
-
-    cli_tenants.add_parser(sub)
+    for command in (admin_keys, admin_policy, admin_agents, admin_audit, admin_tenants):
+        command.add_parser(sub)
     return parser
-
-
-def cli_broker(settings: Settings, name: str) -> JetStreamBroker:
-    """A broker for a one-shot CLI command (not connected yet), with the NATS credentials
-    and TLS of ``settings`` (mesh/nats_auth.py)."""
-    from arqonbus_server.mesh.nats_auth import broker_from_settings
-
-    return broker_from_settings(settings, name)
-
-
-class CliPorts:
-    """What a one-shot admin command uses: the broker (connect and close it), the state
-    store and the audit sink on it."""
-
-    def __init__(self, broker: JetStreamBroker, state: StateStore, audit: AuditSink) -> None:
-        self.broker = broker
-        self.state = state
-        self.audit = audit
-
-
-def cli_ports(settings: Settings, name: str) -> CliPorts:
-    """The ports of a one-shot CLI command (not connected yet; see :func:`cli_broker`).
-
-    The audit sink has the gateways' stream limits (``ARQONBUS_AUDIT_*``): a CLI that writes
-    an audit event must not reset an existing audit stream to the defaults."""
-    from arqonbus_server.mesh.audit import JetStreamAuditSink
-    from arqonbus_server.mesh.kv import JetStreamStateStore
-
-    broker = cli_broker(settings, name)
-    return CliPorts(
-        broker, JetStreamStateStore(broker), JetStreamAuditSink.from_settings(broker, settings)
-    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "dev":
-            from arqonbus_server.gateway.dev import run_dev
+            from arqonbus_server.gateway.admin.dev import run_dev
 
             _setup_logging("INFO")
             return asyncio.run(run_dev(args))
@@ -189,26 +145,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.warning("ignoring unknown variable %s: see docs/operations.md#settings", name)
         if args.command == "gateway":
             return _run_gateway(settings)
-        if args.command == "keys":
-            from arqonbus_server.gateway import cli_keys
-
-            return asyncio.run(cli_keys.run(args, settings))
-        if args.command == "agents":
-            from arqonbus_server.gateway import cli_agents
-
-            return asyncio.run(cli_agents.run(args, settings))
-        if args.command == "audit":
-            from arqonbus_server.gateway import cli_audit
-
-            return asyncio.run(cli_audit.run(args, settings))
-        if args.command == "policy":
-            from arqonbus_server.gateway import cli_policy
-
-            return asyncio.run(cli_policy.run(args, settings))
-        if args.command == "tenants":
-            from arqonbus_server.gateway import cli_tenants
-
-            return asyncio.run(cli_tenants.run(args, settings))
+        commands: dict[str, Any] = {
+            "keys": admin_keys,
+            "agents": admin_agents,
+            "audit": admin_audit,
+            "policy": admin_policy,
+            "tenants": admin_tenants,
+        }
+        if args.command in commands:
+            code: int = asyncio.run(commands[args.command].run(args, settings))
+            return code
         return asyncio.run(_provision(settings, args.tenant))
     except ConfigError as exc:
         print(f"arqonbus: {exc}", file=sys.stderr)
@@ -237,7 +183,7 @@ def _raise_open_file_limit() -> None:
 
 
 def _run_gateway(settings: Settings) -> int:
-    from arqonbus_server.gateway.server import PortInUse, run_gateway
+    from arqonbus_server.gateway.app import PortInUse, run_gateway
 
     _refuse_dev_auth(settings)
     _raise_open_file_limit()
@@ -269,11 +215,7 @@ def _refuse_dev_auth(settings: Settings) -> None:
 
 
 async def _provision(settings: Settings, tenants: list[str]) -> int:
-    from arqonbus_server.mesh.broker import BrokerUnavailable
-    from arqonbus_server.shared.subjects import SubjectScheme, is_valid_name
-
     scheme = SubjectScheme(settings.subject_prefix)
-    broker = cli_broker(settings, "arqonbus-provision")
     for tenant in tenants:
         if not is_valid_name(tenant):
             print(
@@ -282,16 +224,13 @@ async def _provision(settings: Settings, tenants: list[str]) -> int:
                 file=sys.stderr,
             )
             return 2
-    try:
-        await broker.connect()
+
+    async def provision(ports: CliPorts) -> int:
         for tenant in tenants:
-            replicas = await broker.ensure_stream(tenant)
+            replicas = await ports.broker.ensure_stream(tenant)
             print(
                 f"stream {scheme.stream_name(tenant)} for tenant {tenant}: ready ({replicas} replicas)"
             )
-    except BrokerUnavailable as exc:
-        print(f"arqonbus: {exc}. Check --nats / ARQONBUS_NATS.", file=sys.stderr)
-        return 1
-    finally:
-        await broker.close()
-    return 0
+        return 0
+
+    return await with_mesh(settings, "arqonbus-provision", provision)

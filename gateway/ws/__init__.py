@@ -1,0 +1,1 @@
+"""One WebSocket connection: the session loop over the protocol core, and the transport under it."""
