@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -412,6 +413,8 @@ async def run(cfg: Config, out_dir: Path) -> dict[str, Any]:
         for gw in gateways:
             await stop_process(gw.proc)
         await cluster.stop()
+    # A failed run keeps its NATS data and gateway logs for a look; a good one leaves nothing.
+    shutil.rmtree(work, ignore_errors=True)
     return results
 
 

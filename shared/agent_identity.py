@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 
 from arqonbus_server.shared import authz
+from arqonbus_server.shared.errors import InvalidInput
 from arqonbus_server.shared.subjects import is_valid_name
 
 # Same value as gateway.auth.AGENT_TOKEN_PREFIX (tests check they agree).
@@ -48,7 +49,7 @@ _TIMESTAMP_RE = re.compile(r"[0-9]{1,12}")
 DEFAULT_ROLE = "member"
 
 
-class AgentIdentityError(ValueError):
+class AgentIdentityError(InvalidInput):
     """A key, token or record is malformed; the message says what to fix (never a secret)."""
 
 

@@ -28,6 +28,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from arqonbus_server.shared import authz
+from arqonbus_server.shared.errors import InvalidInput
 from arqonbus_server.shared.subjects import is_valid_name
 
 KEY_PREFIX = "arqk_"
@@ -41,11 +42,11 @@ _HASH_RE = re.compile(r"[0-9a-f]{64}")
 KEY_FORMAT = f"{KEY_PREFIX}<12-character key id>_<43-character secret>"
 
 
-class KeyFormatError(ValueError):
+class KeyFormatError(InvalidInput):
     """A string is not an API key. The message never contains the string."""
 
 
-class RecordError(ValueError):
+class RecordError(InvalidInput):
     """A stored API-key record is not valid (fail closed: the key is refused)."""
 
 

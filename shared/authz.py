@@ -47,6 +47,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 
+from arqonbus_server.shared.errors import InvalidInput
 from arqonbus_server.shared.subjects import is_valid_name
 
 WILDCARD = "*"
@@ -94,7 +95,7 @@ def permission_for_command(name: str) -> Permission | None:
     return ACTION_PERMISSIONS.get(name, Permission.COMMAND)
 
 
-class GrantError(ValueError):
+class GrantError(InvalidInput):
     """A grant string does not parse. ``problem`` says what is wrong, ``fix`` what to do."""
 
     def __init__(self, grant: str, problem: str, fix: str) -> None:

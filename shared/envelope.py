@@ -9,7 +9,8 @@ are bytes ready to put in a text frame.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -60,9 +61,16 @@ class ResponseError:
     code: str
     message: str
     retryable: bool
+    # The error's own fields (retry_after_ms, room, ...), sent beside the three above.
+    fields: Mapping[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"code": self.code, "message": self.message, "retryable": self.retryable}
+        return {
+            "code": self.code,
+            "message": self.message,
+            "retryable": self.retryable,
+            **self.fields,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -332,6 +340,7 @@ def encode_error(error: ArqonError, extra: dict[str, Any] | None = None) -> byte
         "code": error.code,
         "message": error.message,
         "retryable": error.error.retryable,
+        **error.fields,
     }
     if extra:
         payload.update(extra)
@@ -353,7 +362,9 @@ def encode_command_response(
         sender,
         timestamp,
         result,
-        None if error is None else ResponseError(error.code, error.message, error.error.retryable),
+        None
+        if error is None
+        else ResponseError(error.code, error.message, error.error.retryable, error.fields),
     )
 
 

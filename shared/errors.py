@@ -1,12 +1,39 @@
-"""The error catalogue: every error a client can see, defined once.
+"""The error catalogue and the server's one exception tree.
 
-Each entry has a stable ``code`` (part of the wire protocol), a message that
+Each catalogue entry has a stable ``code`` (part of the wire protocol), a message that
 tells a person what to do, and whether retrying the same request can succeed.
 
-Exception tree::
+Every exception the server raises on purpose derives from :class:`ServerError`, and each
+class names the one catalogue entry (``catalogue``) a client sees when it surfaces in a
+reply (:func:`as_arqon_error`). The tree::
 
-    ArqonError                 an error reply to one request; the connection lives on
-    └── (raised with any ErrorCode below)
+    ServerError                        root; .catalogue: the code a client would see
+    ├── ArqonError                     an error reply to one request (any code below);
+    │                                  carries its fields (retry_after_ms, room, ...)
+    ├── ConfigError                    a setting is invalid: exit 2 (shared/settings.py)
+    ├── InvalidInput (+ValueError)     bad data given to a pure check: invalid_parameters
+    │   ├── KeyFormatError, RecordError          shared/apikeys.py
+    │   ├── AgentIdentityError                   shared/agent_identity.py
+    │   ├── GrantError                           shared/authz.py
+    │   ├── PolicyError                          shared/inspect.py
+    │   ├── MalformedServiceMessage              shared/service.py
+    │   ├── InvalidKey                           mesh/ports.py
+    │   ├── RoomRecordError, TenantLimitsError   gateway/state/
+    │   └── RegistrationError                    gateway/auth/agent.py
+    ├── AuthFailure                    a credential check (gateway/auth/base.py)
+    │   ├── AuthError                  refused: HTTP 401, close 4501
+    │   └── AuthUnavailable            cannot be checked now: HTTP 503 (unavailable)
+    ├── MeshError                      a port of the mesh (mesh/ports.py)
+    │   ├── BrokerUnavailable          unavailable (retry)
+    │   ├── StoreQuotaExceeded         quota_exceeded
+    │   ├── NoResponders               no_responders
+    │   ├── RequestTimeout             timeout
+    │   ├── KeyExists                  invalid_parameters (carries key, value, revision)
+    │   └── KeyContended, RevisionMismatch   unavailable (retry)
+    ├── PortInUse (+RuntimeError)      a listener's port is taken (carries host, port, what)
+    └── LocalClusterError              the embedded cluster and dev supervisor (mesh/local.py)
+        ├── NatsServerNotFound, DataDirInUse, NodeExited, GatewayFailed (+RuntimeError)
+        └── ClusterNotReady (+TimeoutError)
 
 Close codes are separate: they end a connection and tell the client whether to
 reconnect (4000-4499, 1012) or to stop (4500-4999).
@@ -14,8 +41,10 @@ reconnect (4000-4499, 1012) or to stop (4500-4999).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Any, ClassVar
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,20 +246,47 @@ FORBIDDEN_ORIGIN = HandshakeRefusal(
 )
 
 
-class ArqonError(Exception):
-    """An error reply to one request. The connection stays open."""
+class ServerError(Exception):
+    """Root of every exception the server raises on purpose (the tree is drawn above).
+
+    ``catalogue`` is the one error a client sees when this surfaces in a reply.
+    """
+
+    catalogue: ClassVar[ErrorCode] = INTERNAL
+
+
+class ArqonError(ServerError):
+    """An error reply to one request. The connection stays open.
+
+    ``fields`` are sent in the error frame's payload beside ``code`` and ``message``:
+    ``retry_after_ms``, ``room``, ``channels``, ``max_envelope_bytes``, ...
+    """
 
     def __init__(
-        self, error: ErrorCode, detail: str | None = None, request_id: str | None = None
+        self,
+        error: ErrorCode,
+        detail: str | None = None,
+        request_id: str | None = None,
+        **fields: Any,
     ) -> None:
         self.error = error
         self.detail = detail
         self.request_id = request_id
+        self.fields: dict[str, Any] = {k: v for k, v in fields.items() if v is not None}
         super().__init__(self.message)
+
+    @property
+    def catalogue(self) -> ErrorCode:  # type: ignore[override]
+        return self.error
 
     @property
     def code(self) -> str:
         return self.error.code
+
+    @property
+    def retry_after_ms(self) -> int | None:
+        value = self.fields.get("retry_after_ms")
+        return value if isinstance(value, int) else None
 
     @property
     def message(self) -> str:
@@ -241,7 +297,37 @@ class ArqonError(Exception):
         return self.error.message
 
     def with_request_id(self, request_id: str | None) -> ArqonError:
-        return ArqonError(self.error, self.detail, request_id)
+        return ArqonError(self.error, self.detail, request_id, **self.fields)
+
+    def with_fields(self, fields: Mapping[str, Any]) -> ArqonError:
+        return ArqonError(self.error, self.detail, self.request_id, **{**self.fields, **fields})
+
+
+class InvalidInput(ServerError, ValueError):
+    """Bad data given to a pure check; the message names what to fix."""
+
+    catalogue = INVALID_PARAMETERS
+
+
+class PortInUse(ServerError, RuntimeError):
+    """A port a listener needs (a gateway's, a local NATS node's) is taken by another process."""
+
+    def __init__(self, host: str, port: int, what: str, hint: str) -> None:
+        self.host = host
+        self.port = port
+        self.what = what
+        super().__init__(f"{host}:{port} ({what}) is already in use. {hint}")
+
+
+class LocalClusterError(ServerError):
+    """The embedded NATS cluster or the dev supervisor could not do what was asked."""
+
+
+def as_arqon_error(exc: ServerError, request_id: str | None = None) -> ArqonError:
+    """The reply a client gets for ``exc``: its catalogue entry, with its message as detail."""
+    if isinstance(exc, ArqonError):
+        return exc.with_request_id(request_id or exc.request_id)
+    return ArqonError(exc.catalogue, str(exc) or None, request_id)
 
 
 class CloseCode(IntEnum):

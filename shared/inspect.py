@@ -57,6 +57,7 @@ from arqonbus_server.shared.errors import (
     POLICY_VIOLATION,
     ArqonError,
     ErrorCode,
+    InvalidInput,
 )
 from arqonbus_server.shared.subjects import is_valid_name
 
@@ -119,7 +120,7 @@ class Inspector(Protocol):
     def inspect(self, ctx: InspectContext, payload: dict[str, Any]) -> Verdict: ...
 
 
-class PolicyError(ValueError):
+class PolicyError(InvalidInput):
     """The policy file is invalid; the message names the file, tenant and rule."""
 
 

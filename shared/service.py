@@ -14,10 +14,10 @@ from typing import Any
 import orjson
 
 from arqonbus_server.shared.envelope import ResponseError, parse_response_error
-from arqonbus_server.shared.errors import ArqonError
+from arqonbus_server.shared.errors import ArqonError, InvalidInput
 
 
-class MalformedServiceMessage(ValueError):
+class MalformedServiceMessage(InvalidInput):
     """A request or reply body that no ArqonBus gateway would have sent."""
 
 

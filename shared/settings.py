@@ -22,13 +22,14 @@ from pydantic import (
     model_validator,
 )
 
+from arqonbus_server.shared.errors import ServerError
 from arqonbus_server.shared.subjects import is_valid_name
 
 ENV_PREFIX = "ARQONBUS_"
 AUTH_METHODS = ("dev", "jwt", "apikey", "agent")  # gateway/auth/base.py
 
 
-class ConfigError(Exception):
+class ConfigError(ServerError):
     """A setting is invalid; the message names the key and the fix."""
 
 

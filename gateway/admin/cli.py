@@ -183,7 +183,8 @@ def _raise_open_file_limit() -> None:
 
 
 def _run_gateway(settings: Settings) -> int:
-    from arqonbus_server.gateway.app import PortInUse, run_gateway
+    from arqonbus_server.gateway.app import run_gateway
+    from arqonbus_server.shared.errors import PortInUse
 
     _refuse_dev_auth(settings)
     _raise_open_file_limit()

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from arqonbus_server.mesh.local import DataDirInUse, LocalCluster, NatsServerNotFound, free_port
+from arqonbus_server.shared.errors import LocalClusterError
 
 log = logging.getLogger("arqonbus.dev")
 
@@ -38,7 +39,7 @@ async def http_status(host: str, port: int, path: str, timeout: float = 2.0) -> 
     return int(parts[1]) if len(parts) >= 2 and parts[1].isdigit() else None
 
 
-class GatewayFailed(RuntimeError):
+class GatewayFailed(LocalClusterError, RuntimeError):
     """A gateway process exited before it was ready."""
 
 

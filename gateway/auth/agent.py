@@ -39,6 +39,7 @@ from arqonbus_server.shared.agent_identity import (
     parse_token,
     verify,
 )
+from arqonbus_server.shared.errors import InvalidInput
 
 if TYPE_CHECKING:
     from arqonbus_server.gateway.state.security import SecurityState
@@ -161,7 +162,7 @@ class AgentAuthenticator:
 # -- registration -----------------------------------------------------------------------
 
 
-class RegistrationError(ValueError):
+class RegistrationError(InvalidInput):
     """A registration request is invalid; the message says what to fix."""
 
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Protocol
 from urllib.parse import parse_qs, urlsplit
 
 from arqonbus_server.shared import authz
+from arqonbus_server.shared.errors import INVALID_PARAMETERS, UNAVAILABLE, ServerError
 from arqonbus_server.shared.settings import AUTH_METHODS
 from arqonbus_server.shared.subjects import is_valid_name
 
@@ -48,12 +49,19 @@ class Principal:
     credential_id: str = ""
 
 
-class AuthError(Exception):
-    """The handshake carries no valid credential (HTTP 401).
+class AuthFailure(ServerError):
+    """A credential check did not let the connection in (the subclasses say why)."""
+
+
+class AuthError(AuthFailure):
+    """The handshake carries no valid credential (HTTP 401; in refresh_token,
+    invalid_parameters).
 
     ``tenant`` and ``credential_id`` name whose credential failed, when the credential
     identifies a known tenant (for the audit stream); never a secret.
     """
+
+    catalogue = INVALID_PARAMETERS
 
     def __init__(self, message: str, tenant: str = "", credential_id: str = "") -> None:
         super().__init__(message)
@@ -61,8 +69,10 @@ class AuthError(Exception):
         self.credential_id = credential_id
 
 
-class AuthUnavailable(Exception):
+class AuthUnavailable(AuthFailure):
     """The credential cannot be checked right now (HTTP 503): retry, or another gateway."""
+
+    catalogue = UNAVAILABLE
 
 
 # Browsers cannot set headers on a WebSocket: they offer the token as a subprotocol,

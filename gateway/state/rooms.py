@@ -63,6 +63,7 @@ from arqonbus_server.shared.errors import (
     ROOM_KEY_REQUIRED,
     UNAVAILABLE,
     ArqonError,
+    InvalidInput,
 )
 from arqonbus_server.shared.subjects import is_valid_name
 
@@ -141,7 +142,7 @@ def verify_room_key(key: str, stored: str) -> bool:
 # -- the record ------------------------------------------------------------------------------
 
 
-class RoomRecordError(ValueError):
+class RoomRecordError(InvalidInput):
     """A stored room record does not parse (the room then fails closed: admins only)."""
 
 

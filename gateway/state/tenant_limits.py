@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING
 
 import orjson
 
+from arqonbus_server.shared.errors import InvalidInput
+
 if TYPE_CHECKING:
     from arqonbus_server.shared.settings import Settings
 
@@ -88,7 +90,7 @@ class RateSpec:
         }
 
 
-class TenantLimitsError(ValueError):
+class TenantLimitsError(InvalidInput):
     """A record or an update that is not a valid set of tenant limits (says what to fix)."""
 
 

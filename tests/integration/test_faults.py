@@ -28,6 +28,7 @@ from arqonbus_server.gateway.ws.session import Session
 from arqonbus_server.mesh.local import LocalCluster
 from tests.conftest import gateway_url
 from tests.support import Message, WsClient
+from tests.timeouts import SEC
 
 pytestmark = pytest.mark.integration
 
@@ -119,13 +120,23 @@ async def publish_with_retry(
     raise AssertionError(f"{msg_id} not acked after {attempts} attempts")
 
 
+async def history_page(client: WsClient, since: int, attempts: int = 5) -> Message:
+    """One page of history; a retryable refusal (the link still settling after a node came
+    back) is asked again, as a client would, a bounded number of times."""
+    for _ in range(attempts):
+        reply = await client.command(ROOM, CHANNEL, "history", {"since_seq": since, "limit": 1000})
+        if reply["payload"]["status"] == "success":
+            return reply
+        assert reply["payload"]["error"]["retryable"], reply
+    raise AssertionError(f"history failed {attempts} times; last: {reply}")
+
+
 async def stored_events(client: WsClient) -> list[Message]:
     """The whole stored history of the channel, page by page (bounded)."""
     events: list[Message] = []
     since = 0
     for _ in range(100):
-        reply = await client.command(ROOM, CHANNEL, "history", {"since_seq": since, "limit": 1000})
-        assert reply["payload"]["status"] == "success", reply
+        reply = await history_page(client, since)
         result = reply["payload"]["result"]
         events += result["events"]
         since = result["next_since_seq"]
@@ -161,7 +172,7 @@ async def open_stalled_client(url: str, tenant: str) -> ClientConnection:
     )
     assert orjson.loads(await ws.recv())["type"] == "welcome"
     await ws.send(orjson.dumps(join_frame("join-slow")).decode())
-    reply = orjson.loads(await asyncio.wait_for(ws.recv(), 10))
+    reply = orjson.loads(await asyncio.wait_for(ws.recv(), 10 * SEC))
     assert reply["type"] == "command_response" and reply["payload"]["status"] == "success", reply
     return ws
 
@@ -180,7 +191,7 @@ async def read_until_closed(ws: ClientConnection, limit: int) -> list[Message]:
     """Read what the gateway queued for a stalled client, up to its close frame."""
     received: list[Message] = []
     with contextlib.suppress(ConnectionClosed):
-        async with asyncio.timeout(15):
+        async with asyncio.timeout(15 * SEC):
             for _ in range(limit):
                 received.append(orjson.loads(await ws.recv()))
     return received
@@ -235,7 +246,7 @@ async def test_slow_consumer_is_closed_4001_while_others_get_everything(
         peak = await monitor
     assert not slow_session.socket.is_open, "the stalled client was never closed"
 
-    events = await normal.wait_events(len(published), ROOM, CHANNEL, timeout=30)
+    events = await normal.wait_events(len(published), ROOM, CHANNEL, timeout=30 * SEC)
     assert [e["id"] for e in events] == published
     assert [e["seq"] for e in events] == [acks.seqs[i] for i in published]
     frame = max(len(orjson.dumps(e)) for e in events) + 10  # payload + frame header
@@ -251,7 +262,9 @@ async def test_slow_consumer_is_closed_4001_while_others_get_everything(
     resumed = await clients(url, tenant, "slow")
     since = got_events[-1]["seq"] if got_events else 0
     await resumed.join(ROOM, CHANNEL, since_seq=since)
-    rest = await resumed.wait_events(len(published) - len(got_events), ROOM, CHANNEL, timeout=30)
+    rest = await resumed.wait_events(
+        len(published) - len(got_events), ROOM, CHANNEL, timeout=30 * SEC
+    )
     assert [e["id"] for e in got_events + rest] == published
 
 
@@ -266,18 +279,20 @@ async def test_sigterm_drains_acks_in_flight_and_closes_1012(
     alice = await clients(gw_a.url, tenant, "alice")
     ids, sent, acks_a = [f"d{n}" for n in range(3000)], [], AckLog()
     sender = asyncio.create_task(publish_pipelined(alice, ids, acks_a, window=400, sent=sent))
-    await acks_a.wait_count(100, timeout=20)  # traffic is flowing, publishes in flight: SIGTERM
+    await acks_a.wait_count(
+        100, timeout=20 * SEC
+    )  # traffic is flowing, publishes in flight: SIGTERM
     gw_a.signal(signal.SIGTERM)
 
-    async with asyncio.timeout(15):
+    async with asyncio.timeout(15 * SEC):
         await alice.closed.wait()
     # Draining turns /readyz off before any session is closed (or the process is gone).
-    status = await http_status("127.0.0.1", gw_a.port, "/readyz", timeout=0.5)
+    status = await http_status("127.0.0.1", gw_a.port, "/readyz", timeout=0.5 * SEC)
     assert status != 200, "/readyz still 200 after SIGTERM"
-    await asyncio.wait_for(sender, 10)
+    await asyncio.wait_for(sender, 10 * SEC)
     with pytest.raises((InvalidStatus, OSError)):  # 503 while draining, refused once stopped
         await websockets.connect(f"{gw_a.url}?token=dev:{tenant}:late", open_timeout=5)
-    assert await gw_a.wait_exit(timeout=10 + 5) == 0  # drain_timeout_s defaults to 10
+    assert await gw_a.wait_exit(timeout=10 * SEC + 5) == 0  # drain_timeout_s defaults to 10
 
     acked_by_a = {m["payload"]["request_id"] for m in alice.received if m["type"] == "ack"}
     assert len(acked_by_a) <= len(sent) < len(ids), "SIGTERM did not land mid-stream"
@@ -296,7 +311,7 @@ async def test_sigterm_drains_acks_in_flight_and_closes_1012(
 
 async def resume_on(url: str, old: WsClient, tenant: str, principal: str, clients) -> WsClient:
     """Reconnect a member whose gateway died and rejoin from its last seen seq."""
-    async with asyncio.timeout(10):
+    async with asyncio.timeout(10 * SEC):
         await old.closed.wait()
     seen = old.events(ROOM, CHANNEL)
     client = await clients(url, tenant, principal)
@@ -321,18 +336,18 @@ async def test_kill_9_gateway_loses_no_acked_event(
     task_a = asyncio.create_task(publish_pipelined(pub_a, ids_a, acks))
     task_b = asyncio.create_task(publish_pipelined(pub_b, ids_b, acks))
 
-    await acks.wait_count(30, timeout=20, prefix="a")
+    await acks.wait_count(30, timeout=20 * SEC, prefix="a")
     gw_a.signal(signal.SIGKILL)
-    assert await gw_a.wait_exit(timeout=10) == -signal.SIGKILL
+    assert await gw_a.wait_exit(timeout=10 * SEC) == -signal.SIGKILL
 
-    unacked = await asyncio.wait_for(task_a, 20)
+    unacked = await asyncio.wait_for(task_a, 20 * SEC)
     assert 0 < len(unacked) < len(ids_a), "gateway A was not killed mid-stream"
     pub_a2 = await clients(gw_b.url, tenant, "pa")  # same principal: same dedupe keys
     resumed = [
         await resume_on(gw_b.url, sub, tenant, f"s{i}", clients) for i, sub in enumerate(subs)
     ]
     assert await publish_pipelined(pub_a2, unacked, acks) == []
-    assert await asyncio.wait_for(task_b, 20) == []
+    assert await asyncio.wait_for(task_b, 20 * SEC) == []
 
     assert set(acks.seqs) == {"warm-up", *ids_a, *ids_b}
     every_seq = sorted(acks.seqs.values())
@@ -363,7 +378,7 @@ async def test_publishing_goes_on_when_a_nats_node_is_killed(
     tmp_path: Path, clients, tenant, victim: int
 ):
     cluster = LocalCluster(tmp_path / "nats", nodes=3)
-    await cluster.start(timeout=60)
+    await cluster.start(timeout=60 * SEC)
     # Only node 0 is given, so the gateway is surely connected to it; it learns the others
     # from the cluster, as a production client does.
     settings = load_settings(
@@ -379,13 +394,13 @@ async def test_publishing_goes_on_when_a_nats_node_is_killed(
         writer = await clients(gateway_url(gateway), tenant, "writer")
         acks, stop = AckLog(), asyncio.Event()
         task = asyncio.create_task(publish_until(writer, "n", acks, stop))
-        await acks.wait_count(30, timeout=20)
+        await acks.wait_count(30, timeout=20 * SEC)
         await cluster.kill_node(victim)
-        await acks.wait_count(len(acks.seqs) + 30, timeout=30)  # publishing goes on
-        await cluster.start_node(victim, timeout=30)
-        await acks.wait_count(len(acks.seqs) + 30, timeout=30)
+        await acks.wait_count(len(acks.seqs) + 30, timeout=30 * SEC)  # publishing goes on
+        await cluster.start_node(victim, timeout=30 * SEC)
+        await acks.wait_count(len(acks.seqs) + 30, timeout=30 * SEC)
         stop.set()
-        await asyncio.wait_for(task, 30)
+        await asyncio.wait_for(task, 30 * SEC)
 
         assert_stored_once(await stored_events(writer), acks)
         every_seq = sorted(acks.seqs.values())

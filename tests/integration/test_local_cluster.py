@@ -23,9 +23,9 @@ from arqonbus_server.mesh.local import (
     LocalCluster,
     NatsServerNotFound,
     NodeExited,
-    PortInUse,
     find_nats_server,
 )
+from arqonbus_server.shared.errors import PortInUse
 
 pytestmark = pytest.mark.integration
 
