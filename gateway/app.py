@@ -35,6 +35,7 @@ from arqonbus_server.gateway.http.admission import (
 )
 from arqonbus_server.gateway.http.origin import OriginPolicy
 from arqonbus_server.gateway.state.audit import AUTH_FAILED, AuditLog, AuditThrottle
+from arqonbus_server.gateway.state.heartbeat import HeartbeatPublisher, NodeIdentity, server_version
 from arqonbus_server.gateway.state.limits import (
     ConnectionReporter,
     RateLimits,
@@ -47,6 +48,7 @@ from arqonbus_server.gateway.state.tenant_limits import TenantLimitsTable
 from arqonbus_server.gateway.ws.hub import Hub
 from arqonbus_server.gateway.ws.session import Session
 from arqonbus_server.gateway.ws.transport import (
+    FrameCounts,
     HttpReply,
     ListenOptions,
     Server,
@@ -56,6 +58,7 @@ from arqonbus_server.gateway.ws.transport import (
 )
 from arqonbus_server.mesh.audit import JetStreamAuditSink
 from arqonbus_server.mesh.broker import BrokerUnavailable
+from arqonbus_server.mesh.cluster import JetStreamClusterView
 from arqonbus_server.mesh.jetstream import broker_from_settings
 from arqonbus_server.mesh.kv import JetStreamStateStore
 from arqonbus_server.shared.envelope import encode_auth_required, parse_auth_frame
@@ -134,6 +137,16 @@ class Gateway:
         except ValueError as exc:
             raise ConfigError(f"invalid setting ARQONBUS_AUTH: {exc}") from None
         self.sessions: set[Session] = set()
+        # The cluster view (arqonbus status): a heartbeat every heartbeat_interval_s with the
+        # sessions and the messages the listener counts in and out (gateway/state/heartbeat.py).
+        self.frames = FrameCounts()
+        self.heartbeats = HeartbeatPublisher(
+            JetStreamClusterView(self.broker),
+            NodeIdentity(self.node_id, settings.region, server_version()),
+            settings.heartbeat_interval_s,
+            lambda: len(self.sessions),
+            lambda: (self.frames.received, self.frames.sent),
+        )
         # Agents: a revoke made anywhere closes this gateway's sessions of that agent.
         self.security.agents.on_change(self._on_agent_change)
         self._auth_methods = [m.strip() for m in settings.auth.split(",") if m.strip()]
@@ -183,6 +196,7 @@ class Gateway:
                 self._on_socket,
                 self.pending_handshakes if self.pending_handshakes.enabled else None,
                 Credentials.select_subprotocol,
+                counts=self.frames,
             )
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
@@ -217,19 +231,18 @@ class Gateway:
             self.conn_reports.start(self.tenant_conns.live)
         # (else started by the first tenant override with a connection cap: _on_tenant_limits)
         self.audit.start()
+        self.heartbeats.start()
         self._tasks.append(asyncio.create_task(self._ready_once_loaded()))
         loop = asyncio.get_running_loop()
         interval = self.settings.health_interval_s
         while not self._stop.is_set():
             started = loop.time()
             # Both bounded by the interval, so a stalled link shows within two intervals.
-            self.healthy, link_ok = await asyncio.gather(
+            healthy, link_ok = await asyncio.gather(
                 self.broker.check_health(timeout=interval),
                 self.broker.check_link(timeout=interval),
             )
-            if self.ready:
-                self._became_ready.set()
-            await self._after_check(link_ok)
+            await self.apply_health_check(healthy, link_ok)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(
                     self._stop.wait(), max(0.0, interval - (loop.time() - started))
@@ -240,6 +253,14 @@ class Gateway:
         await asyncio.gather(*(bucket.ready.wait() for bucket in self.security.watched))
         if self.ready:
             self._became_ready.set()
+
+    async def apply_health_check(self, healthy: bool, link_ok: bool) -> None:
+        """Take in one health check's outcome and act on it, as the health loop does each
+        ``health_interval_s`` (JetStream answered: ``healthy``; the NATS link: ``link_ok``)."""
+        self.healthy = healthy
+        if self.ready:
+            self._became_ready.set()
+        await self._after_check(link_ok)
 
     async def _after_check(self, link_ok: bool) -> None:
         """Act on consecutive failed checks: another NATS server, then other gateways."""
@@ -302,6 +323,7 @@ class Gateway:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout / 2):
                     await self._server.wait_closed()
+        await self.heartbeats.close()  # leave the cluster view now, not in 3 intervals
         await self.hub.close()
         await self.security.close()
         await self.conn_reports.close()

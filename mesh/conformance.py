@@ -10,15 +10,17 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from arqonbus_server.mesh.audit import JetStreamAuditSink
+    from arqonbus_server.mesh.cluster import JetStreamClusterView
     from arqonbus_server.mesh.jetstream import JetStreamBroker
     from arqonbus_server.mesh.kv import JetStreamBucket, JetStreamStateStore
     from arqonbus_server.mesh.memory import (
         MemoryAuditSink,
         MemoryBroker,
         MemoryBucket,
+        MemoryClusterView,
         MemoryStateStore,
     )
-    from arqonbus_server.mesh.ports import AuditSink, Broker, KVBucket, StateStore
+    from arqonbus_server.mesh.ports import AuditSink, Broker, ClusterView, KVBucket, StateStore
 
     def _brokers(real: JetStreamBroker, twin: MemoryBroker) -> list[Broker]:
         return [real, twin]
@@ -30,4 +32,7 @@ if TYPE_CHECKING:
         return [real, twin]
 
     def _audit_sinks(real: JetStreamAuditSink, twin: MemoryAuditSink) -> list[AuditSink]:
+        return [real, twin]
+
+    def _cluster_views(real: JetStreamClusterView, twin: MemoryClusterView) -> list[ClusterView]:
         return [real, twin]

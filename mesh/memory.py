@@ -1,7 +1,7 @@
 """In-memory twins of the mesh's ports, held to the same contract suite (tests/contract/).
 
 One :class:`MemoryMesh` stands for a NATS cluster: every :class:`MemoryBroker`,
-:class:`MemoryStateStore` and :class:`MemoryAuditSink` made on it sees the same streams,
+:class:`MemoryStateStore`, :class:`MemoryAuditSink` and :class:`MemoryClusterView` made on it sees the same streams,
 buckets and handlers, as gateways on one cluster do. Nothing here does I/O; live events
 and watch changes are handed over on the event loop (``call_soon``), after the write
 returned, as they would arrive from NATS.
@@ -31,6 +31,7 @@ from arqonbus_server.mesh.ports import (
     KVEntry,
     LiveEvent,
     LiveHandler,
+    NatsNode,
     NoResponders,
     PublishResult,
     ReconnectHandler,
@@ -41,7 +42,7 @@ from arqonbus_server.mesh.ports import (
     StoredEvent,
     StoreQuotaExceeded,
 )
-from arqonbus_server.shared.subjects import ChannelRef, SubjectScheme
+from arqonbus_server.shared.subjects import ChannelRef, SubjectScheme, node_token
 
 _KEY_RE = re.compile(r"[-/_=.a-zA-Z0-9]+")
 MAX_PAYLOAD = 1024 * 1024
@@ -105,6 +106,7 @@ class MemoryMesh:
         self.buckets: dict[str, _Bucket] = {}
         self.audit: dict[str, list[tuple[int, datetime, str, bytes]]] = {}
         self.audit_ids: dict[str, dict[str, tuple[int, float]]] = {}
+        self.heartbeats: dict[str, tuple[bytes, float]] = {}  # node token -> (body, expires)
 
 
 class _Subscription:
@@ -436,3 +438,31 @@ class MemoryAuditSink:
                 return found, True
             found.append(event)
         return found, False
+
+
+# -- ClusterView -------------------------------------------------------------------------------
+
+
+class MemoryClusterView:
+    """A :class:`mesh.ports.ClusterView` in memory: one NATS node, heartbeats with a TTL."""
+
+    def __init__(self, mesh: MemoryMesh | None = None) -> None:
+        self.mesh = mesh or MemoryMesh()
+
+    async def announce(self, node: str, heartbeat: bytes, ttl_s: float) -> None:
+        self.mesh.scheme.gateway_heartbeat(node)  # the same name rules as the real view
+        self.mesh.heartbeats[node_token(node)] = (heartbeat, self.mesh.clock() + ttl_s)
+
+    async def withdraw(self, node: str) -> None:
+        self.mesh.heartbeats.pop(node_token(node), None)
+
+    async def gateways(self) -> list[bytes]:
+        now = self.mesh.clock()
+        live = {n: hb for n, (hb, expires) in self.mesh.heartbeats.items() if now < expires}
+        return [live[node] for node in sorted(live)]
+
+    def connected_server(self) -> tuple[str, str]:
+        return "memory", "memory:0"
+
+    async def nats_servers(self, timeout: float = 1.0) -> list[NatsNode]:
+        return [NatsNode("memory:0", "memory", "", "", True, connected=True, reachable=True)]

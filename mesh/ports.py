@@ -1,6 +1,6 @@
 """The mesh's ports: what the gateway needs from NATS, and what each call guarantees.
 
-Three ports, each with a JetStream implementation (:mod:`mesh.jetstream`, :mod:`mesh.kv`,
+The ports, each with a JetStream implementation (:mod:`mesh.jetstream`, :mod:`mesh.kv`,
 :mod:`mesh.audit`) and an in-memory twin (:mod:`mesh.memory`). Both are held to one
 contract suite, ``tests/contract/``, which checks exactly the guarantees stated here:
 
@@ -10,6 +10,8 @@ contract suite, ``tests/contract/``, which checks exactly the guarantees stated 
   content policies, tenant limits, connection counts), each a :class:`KVBucket` with
   get / create-if-absent / compare-and-set update / put / delete / snapshot / watch.
 * :class:`AuditSink`: each tenant's audit stream, appended to and read back.
+* :class:`ClusterView`: the gateways' heartbeats (the last one of each live gateway) and
+  the NATS servers of the cluster (:mod:`mesh.cluster`).
 
 Errors are the exceptions below. :class:`BrokerUnavailable` always means "the store did not
 answer or could not be reached": nothing is known about the effect, retrying is safe
@@ -410,4 +412,62 @@ class AuditSink(Protocol):
         (none given: all), oldest first, at most ``limit``; ``more`` is True when the limit
         cut the result. Only this tenant's stream is read; an unknown tenant has no events.
         Raises BrokerUnavailable."""
+        ...
+
+
+# -- ClusterView -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class NatsNode:
+    """One NATS server of the cluster, as it introduced itself (empty when it did not answer)."""
+
+    url: str  # host:port of its client listener
+    name: str
+    version: str
+    cluster: str
+    jetstream: bool
+    connected: bool  # the server this connection uses
+    reachable: bool  # it answered within the timeout
+
+
+class ClusterView(Protocol):
+    """Who is in the mesh: each gateway's last heartbeat, and the NATS servers.
+
+    Guarantees:
+
+    * **Last heartbeat per node.** :meth:`gateways` returns, for each node, only the
+      heartbeat of its latest :meth:`announce`, and reflects every announce that returned
+      before the call.
+    * **Bounded staleness.** A heartbeat is returned for ``ttl_s`` after its announce and
+      then leaves the view (within the store's expiry delay, well under a second), so a
+      node that dies without a word drops out ``ttl_s`` after its last announce. Every
+      gateway of a mesh must use the same ``ttl_s``: the store keeps one per mesh.
+    * **Withdraw is immediate.** After :meth:`withdraw` the node is not returned, until it
+      announces again.
+    * **Also live.** Each heartbeat is a message on the node's system subject
+      (``shared.subjects.SubjectScheme.gateway_heartbeat``) that anyone may subscribe to.
+    """
+
+    async def announce(self, node: str, heartbeat: bytes, ttl_s: float) -> None:
+        """Publish ``heartbeat`` as ``node``'s latest. Raises BrokerUnavailable."""
+        ...
+
+    async def withdraw(self, node: str) -> None:
+        """Remove ``node``'s heartbeat now (a gateway that drains). Raises BrokerUnavailable."""
+        ...
+
+    async def gateways(self) -> list[bytes]:
+        """The latest heartbeat of every node announced within its ``ttl_s``, ordered by
+        node. Raises BrokerUnavailable."""
+        ...
+
+    def connected_server(self) -> tuple[str, str]:
+        """The name and host:port of the NATS server this connection uses ("" when none)."""
+        ...
+
+    async def nats_servers(self, timeout: float = 1.0) -> list[NatsNode]:
+        """Every NATS server of the cluster this connection knows of (configured, connected
+        to, or gossiped by the cluster), ordered by url, each asked who it is for up to
+        ``timeout`` s (``reachable`` False when it did not answer). Never raises."""
         ...

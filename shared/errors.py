@@ -17,6 +17,7 @@ reply (:func:`as_arqon_error`). The tree::
     │   ├── GrantError                           shared/authz.py
     │   ├── PolicyError                          shared/inspect.py
     │   ├── MalformedServiceMessage              shared/service.py
+    │   ├── BadHeartbeat                         shared/cluster.py
     │   ├── InvalidKey                           mesh/ports.py
     │   ├── RoomRecordError, TenantLimitsError   gateway/state/
     │   └── RegistrationError                    gateway/auth/agent.py

@@ -74,6 +74,11 @@ class Settings(BaseModel):
         0.0, ge=0, description="Close a connection that sends no message for this long; 0 = off"
     )
     health_interval_s: float = Field(2.0, gt=0)
+    # -- cluster view (issue 13; gateway/state/heartbeat.py, `arqonbus status`) --
+    region: str = Field("", description="Region label in this gateway's heartbeats")
+    heartbeat_interval_s: float = Field(
+        5.0, ge=0.1, le=300, description="Heartbeat period; a gateway silent 3 periods is gone"
+    )
     max_handlers_per_connection: int = Field(100, ge=1, le=10_000)
     command_timeout_s: float = Field(5.0, gt=0, le=600)
     command_timeout_max_s: float = Field(60.0, gt=0, le=600)

@@ -8,6 +8,8 @@ Layout, with the configurable prefix ``P`` (default ``arq``)::
                                        service commands: NATS request/reply, one queue group
 
     P.audit.<tenant>.<type>            security events (gateway/state/audit.py)
+    P.sys.gateway.<node>               gateway heartbeats (gateway/state/heartbeat.py); the
+                                       stream ``P-sys_gateways`` keeps each node's last one
 
 One JetStream stream per tenant captures ``P.ev.<tenant>.>``; its audit stream
 ``P-audit_<tenant>`` captures ``P.audit.<tenant>.>`` (the ``-`` keeps audit streams out of
@@ -50,6 +52,12 @@ def validate_name(value: object, field: str) -> str:
         return value
     shown = repr(value)[:80]
     raise ArqonError(INVALID_NAME, f"{field} {shown} is not a valid name")
+
+
+def node_token(node_id: str) -> str:
+    """A node id as one subject token: ``[A-Za-z0-9_-]``, anything else ``_``, at most 64."""
+    token = "".join(c if c.isascii() and (c.isalnum() or c in "-_") else "_" for c in node_id)
+    return token[:NAME_MAX] or "_"
 
 
 def kv_bucket_name(prefix: str, kind: str) -> str:
@@ -119,6 +127,17 @@ class SubjectScheme:
 
     def audit_filter(self, tenant: str) -> str:
         return f"{self.prefix}.audit.{validate_name(tenant, 'tenant')}.>"
+
+    def gateway_heartbeat(self, node_id: str) -> str:
+        """The system subject a gateway's heartbeats go to, e.g. ``arq.sys.gateway.gw1``."""
+        return f"{self.prefix}.sys.gateway.{node_token(node_id)}"
+
+    def gateway_heartbeat_filter(self) -> str:
+        return f"{self.prefix}.sys.gateway.*"
+
+    def heartbeat_stream(self) -> str:
+        """``P-sys_gateways``: the last heartbeat of each gateway (``-``: no tenant's name)."""
+        return f"{self.prefix}-sys_gateways"
 
     def parse_live(self, subject: str) -> ChannelRef | None:
         """Map a delivery subject back to its channel, or None if it is not one of ours."""

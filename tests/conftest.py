@@ -13,12 +13,13 @@ from arqonbus_server.gateway.app import Gateway
 from arqonbus_server.gateway.config import load_settings
 from arqonbus_server.mesh.local import LocalCluster
 from tests.support import GatewayProcess, WsClient
+from tests.timeouts import SEC
 
 
 @pytest.fixture(scope="session")
 async def nats_cluster(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[LocalCluster]:
     cluster = LocalCluster(tmp_path_factory.mktemp("nats"), nodes=3)
-    await cluster.start(timeout=60)
+    await cluster.start(timeout=60 * SEC)
     try:
         yield cluster
     finally:

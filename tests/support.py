@@ -9,18 +9,31 @@ import signal
 import sys
 import tempfile
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import nats
 import orjson
 import websockets
+from nats.js import JetStreamManager
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
 from arqonbus_server.gateway.admin.dev import http_status
-from arqonbus_server.mesh.local import free_port
+from arqonbus_server.mesh.local import LocalCluster, free_port
+from tests.timeouts import SEC
 
 Message = dict[str, Any]
+
+
+@contextlib.asynccontextmanager
+async def jetstream_manager(cluster: LocalCluster) -> AsyncIterator[JetStreamManager]:
+    """A JetStream manager on a NATS connection of the test's own: sees what the servers hold."""
+    nc = await nats.connect(cluster.urls, connect_timeout=2)
+    try:
+        yield nc.jsm()
+    finally:
+        await nc.close()
 
 
 def new_id(prefix: str = "m") -> str:
@@ -257,7 +270,7 @@ class GatewayProcess:
                         f"gateway exited with {self.proc.returncode}: {await self.stderr()}"
                     )
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.proc.wait(), 0.05)
+                    await asyncio.wait_for(self.proc.wait(), 0.05 * SEC)
 
     async def stderr(self) -> str:
         """The tail of what the gateway logged."""

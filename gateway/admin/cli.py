@@ -1,4 +1,4 @@
-"""``arqonbus``: dev, gateway, mesh provision."""
+"""``arqonbus``: dev, gateway, mesh provision, status."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from arqonbus_server.gateway.admin import agents as admin_agents
 from arqonbus_server.gateway.admin import audit as admin_audit
 from arqonbus_server.gateway.admin import keys as admin_keys
 from arqonbus_server.gateway.admin import policy as admin_policy
+from arqonbus_server.gateway.admin import status as admin_status
 from arqonbus_server.gateway.admin import tenants as admin_tenants
 from arqonbus_server.gateway.admin.common import CliPorts, with_mesh
 from arqonbus_server.gateway.config import load_settings
@@ -126,7 +127,14 @@ def _parser() -> argparse.ArgumentParser:
     prov = mesh_sub.add_parser("provision", help="create a tenant's stream (idempotent)")
     prov.add_argument("--tenant", action="append", required=True, help="tenant name (repeatable)")
     prov.add_argument("--nats", help="NATS URL(s), comma-separated [ARQONBUS_NATS]")
-    for command in (admin_keys, admin_policy, admin_agents, admin_audit, admin_tenants):
+    for command in (
+        admin_keys,
+        admin_policy,
+        admin_agents,
+        admin_audit,
+        admin_tenants,
+        admin_status,
+    ):
         command.add_parser(sub)
     return parser
 
@@ -151,6 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "audit": admin_audit,
             "policy": admin_policy,
             "tenants": admin_tenants,
+            "status": admin_status,
         }
         if args.command in commands:
             code: int = asyncio.run(commands[args.command].run(args, settings))

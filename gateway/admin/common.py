@@ -13,9 +13,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from arqonbus_server.mesh.audit import JetStreamAuditSink
+from arqonbus_server.mesh.cluster import JetStreamClusterView
 from arqonbus_server.mesh.jetstream import JetStreamBroker, broker_from_settings
 from arqonbus_server.mesh.kv import JetStreamStateStore
-from arqonbus_server.mesh.ports import AuditSink, BrokerUnavailable, StateStore
+from arqonbus_server.mesh.ports import AuditSink, BrokerUnavailable, ClusterView, StateStore
 from arqonbus_server.shared.settings import Settings
 
 EXIT_UNREACHABLE = 1
@@ -24,18 +25,19 @@ EXIT_UNREACHABLE = 1
 @dataclass(frozen=True, slots=True)
 class CliPorts:
     """What a one-shot admin command uses: the broker (connected by :func:`with_mesh`), the
-    state store and the audit sink on it."""
+    state store, the audit sink and the cluster view on it."""
 
     broker: JetStreamBroker
     state: StateStore
     audit: AuditSink
+    cluster: ClusterView
 
 
 def cli_ports(settings: Settings, name: str) -> CliPorts:
     """The ports of a one-shot command, not connected yet."""
     broker = broker_from_settings(settings, name)
     audit = JetStreamAuditSink.from_settings(broker, settings)
-    return CliPorts(broker, JetStreamStateStore(broker), audit)
+    return CliPorts(broker, JetStreamStateStore(broker), audit, JetStreamClusterView(broker))
 
 
 async def with_mesh(

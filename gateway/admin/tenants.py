@@ -15,10 +15,10 @@ import orjson
 
 from arqonbus_server.gateway.admin.common import CliPorts, with_mesh
 from arqonbus_server.gateway.state.audit import ADMIN_ACTION, record_once
-from arqonbus_server.gateway.state.tenant_limits import FIELDS, TenantLimits, TenantLimitsError
 from arqonbus_server.shared import subjects
 from arqonbus_server.shared.settings import Settings
 from arqonbus_server.shared.subjects import is_valid_name
+from arqonbus_server.shared.tenant_limits import FIELDS, TenantLimits, TenantLimitsError
 
 
 def add_parser(sub: Any) -> None:

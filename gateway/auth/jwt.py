@@ -218,6 +218,11 @@ class RemoteKeySet:
         with self._fetched:
             return self._fetched.wait_for(lambda: self.fetches >= count, timeout)
 
+    @property
+    def refresh_requested(self) -> bool:
+        """A fetch was asked for (:meth:`request_refresh`) and the thread has not begun it."""
+        return self._wake.is_set()
+
     def request_refresh(self) -> None:
         """Ask for a fetch soon (an unknown kid); at most one per ``min_refetch_s``."""
         if time.monotonic() - self._last_fetch >= self.min_refetch_s:
@@ -350,6 +355,11 @@ class JwtAuthenticator:
             leeway_s=settings.jwt_leeway_s,
             tenant_claim=settings.jwt_tenant_claim,
         )
+
+    @property
+    def key_set(self) -> RemoteKeySet | None:
+        """The key set fetched from ``jwks_url``; None with any other key source."""
+        return self._remote
 
     def close(self) -> None:
         """Stop the JWKS refresh thread (if any)."""

@@ -27,7 +27,10 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+
+# The bucket arithmetic is the connection core's (rate admission); re-exported for this module.
+from arqonbus_server.shared.core.rates import TokenBucket as TokenBucket
+from arqonbus_server.shared.core.rates import retry_after_ms as retry_after_ms
 
 Clock = Callable[[], float]
 
@@ -46,35 +49,6 @@ def peer_key(ip: str) -> str:
     if address.ipv4_mapped is not None:
         return str(address.ipv4_mapped)
     return str(ipaddress.IPv6Network((int(address) >> 64 << 64, 64)))
-
-
-@dataclass(slots=True)
-class TokenBucket:
-    """A token bucket's state; the rate and the size (``burst``) are passed in by its owner.
-
-    Shared by the per-address upgrade limiter below and by the per-connection and
-    per-principal message and byte limits (:mod:`gateway.limits`).
-    """
-
-    tokens: float
-    updated: float
-
-    def take(self, amount: float, now: float, rate: float, burst: float) -> float:
-        """Refill up to ``now``, then take ``amount``: 0.0 if taken, else seconds to wait.
-
-        Nothing is taken when refused. An amount larger than the bucket needs a full
-        bucket and leaves it in debt (negative), so a large frame is never refused forever.
-        """
-        elapsed = now - self.updated
-        if elapsed > 0:
-            tokens = self.tokens + elapsed * rate
-            self.tokens = tokens if tokens < burst else burst
-            self.updated = now
-        need = amount if amount < burst else burst
-        if self.tokens >= need:
-            self.tokens -= amount
-            return 0.0
-        return (need - self.tokens) / rate
 
 
 class RateLimiter:
@@ -193,7 +167,3 @@ class PendingHandshakes:
 def retry_after_header(wait_s: float) -> str:
     """The ``Retry-After`` value (whole seconds, at least 1) for a wait of ``wait_s``."""
     return str(max(1, math.ceil(wait_s)))
-
-
-def retry_after_ms(wait_s: float) -> int:
-    return max(1, math.ceil(wait_s * 1000.0))

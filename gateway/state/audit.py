@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from arqonbus_server.mesh.ports import BrokerUnavailable
+from arqonbus_server.shared.core.state import AuditThrottle as ThrottleRule
 from arqonbus_server.shared.subjects import SubjectScheme, is_valid_name
 
 if TYPE_CHECKING:
@@ -220,13 +221,12 @@ def parse_since(text: str, now: datetime | None = None) -> datetime:
 
 
 class AuditThrottle:
-    """Bounds what one session can put in the audit stream by repeating a refused action.
+    """Bounds what one source can put in the audit stream by repeating a refused action.
 
-    ``check(key)`` answers the ``repeats`` to record (how many identical events were not
-    recorded since the last recorded one), or None to skip this one: at most one record
-    per key per ``window_s``, and at most ``per_window`` records per window in all (a
-    client cycling through channel names cannot flood the stream either; those are
-    counted in ``overflow`` and reported with the next record).
+    The rule is the connection core's (``shared/core/state.py``: at most one record per key
+    per ``window_s``, ``per_window`` records per window in all, the rest counted in
+    ``overflow``), read on ``clock``: for checks outside a session, such as refused
+    handshakes. ``check(key)`` answers the ``repeats`` to record, or None to skip this one.
     """
 
     def __init__(
@@ -236,38 +236,18 @@ class AuditThrottle:
         max_keys: int = 256,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._window = window_s
-        self._per_window = per_window
-        self._max_keys = max_keys
+        self._rule = ThrottleRule(window_s, per_window, max_keys)
         self._clock = clock
-        self._last: dict[Hashable, list[float]] = {}  # key -> [recorded at, repeats since]
-        self._window_start = float("-inf")
-        self._in_window = 0
-        self.overflow = 0
+
+    @property
+    def overflow(self) -> int:
+        return self._rule.overflow
 
     def check(self, key: Hashable) -> int | None:
-        now = self._clock()
-        entry = self._last.get(key)
-        if entry is not None and now - entry[0] < self._window:
-            entry[1] += 1
-            return None
-        if now - self._window_start >= self._window:
-            self._window_start, self._in_window = now, 0
-        if self._in_window >= self._per_window:
-            self.overflow += 1
-            return None
-        self._in_window += 1
-        repeats = int(entry[1]) if entry is not None else 0
-        if entry is None and len(self._last) >= self._max_keys:
-            self._last = {k: v for k, v in self._last.items() if now - v[0] < self._window}
-            if len(self._last) >= self._max_keys:
-                self._last.clear()
-        self._last[key] = [now, 0]
-        return repeats
+        return self._rule.check(key, self._clock())
 
     def take_overflow(self) -> int:
-        overflow, self.overflow = self.overflow, 0
-        return overflow
+        return self._rule.take_overflow()
 
 
 # -- the writer ----------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Rate limits and quotas of client traffic: messages/s and bytes/s, connections per tenant.
 
-Two scopes of rate limits, each a pair of token buckets (messages and bytes, the bucket of
-:class:`gateway.admission.TokenBucket`):
+Two scopes of rate limits, each a pair of token buckets (messages and bytes; the arithmetic is
+the connection core's, shared/core/rates.py, and this module keeps the gateway's registry):
 
 * **per connection**: every connection has its own pair;
 * **per principal**: (tenant, principal id) shares one pair among all of that principal's
@@ -36,10 +36,10 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from arqonbus_server.gateway.http.admission import Clock, TokenBucket
-from arqonbus_server.gateway.state.tenant_limits import RateSpec
-from arqonbus_server.mesh.watched import WatchedBucket
+from arqonbus_server.gateway.http.admission import Clock
+from arqonbus_server.mesh.watched import ChangeHandler, WatchedBucket
 from arqonbus_server.shared import subjects
+from arqonbus_server.shared.core.rates import ConnectionRates, FrameMeter, Rates, RateSpec
 from arqonbus_server.shared.settings import Settings
 
 if TYPE_CHECKING:
@@ -51,123 +51,10 @@ log = logging.getLogger("arqonbus.gateway.limits")
 MIB = 1024 * 1024
 
 
-class FrameMeter:
-    """The message and byte buckets of one scope, and its traffic in the last second."""
+class ConnectionLimits(ConnectionRates):
+    """The meters of one connection (shared/core/rates.py), on the registry's clock."""
 
-    __slots__ = (
-        "_byte_burst",
-        "_byte_rate",
-        "_bytes",
-        "_msg_burst",
-        "_msg_rate",
-        "_msgs",
-        "_prev_bytes",
-        "_prev_msgs",
-        "_window",
-        "_window_bytes",
-        "_window_msgs",
-        "connections",
-        "spec",
-    )
-
-    def __init__(self, spec: RateSpec, now: float) -> None:
-        self.spec = spec
-        self._msg_rate = spec.msgs_per_s
-        self._msg_burst = spec.msg_burst
-        self._byte_rate = spec.bytes_per_s
-        self._byte_burst = spec.byte_burst
-        self._msgs = TokenBucket(self._msg_burst, now)
-        self._bytes = TokenBucket(self._byte_burst, now)
-        self._window = now  # start of the current one-second window
-        self._window_msgs = self._window_bytes = 0
-        self._prev_msgs = self._prev_bytes = 0
-        self.connections = 0  # connections sharing this meter (principal scope)
-
-    def retune(self, spec: RateSpec) -> None:
-        """New rates (a tenant's limits changed): the buckets keep at most the new burst."""
-        if spec == self.spec:
-            return
-        self.spec = spec
-        self._msg_rate, self._msg_burst = spec.msgs_per_s, spec.msg_burst
-        self._byte_rate, self._byte_burst = spec.bytes_per_s, spec.byte_burst
-        self._msgs.tokens = min(self._msgs.tokens, self._msg_burst)
-        self._bytes.tokens = min(self._bytes.tokens, self._byte_burst)
-
-    def take(self, size: int, now: float) -> float:
-        """Admit one frame of ``size`` bytes (0.0) or say how long to wait (nothing taken)."""
-        if self._msg_rate:
-            wait = self._msgs.take(1.0, now, self._msg_rate, self._msg_burst)
-            if wait:
-                return wait
-        if self._byte_rate:
-            wait = self._bytes.take(size, now, self._byte_rate, self._byte_burst)
-            if wait:
-                if self._msg_rate:
-                    self._msgs.tokens += 1.0  # give the message token back
-                return wait
-        self._count(size, now)
-        return 0.0
-
-    def give_back(self, size: int) -> None:
-        """Undo a :meth:`take` (the other scope refused the frame)."""
-        if self._msg_rate:
-            self._msgs.tokens += 1.0
-        if self._byte_rate:
-            self._bytes.tokens += size
-        self._window_msgs -= 1
-        self._window_bytes -= size
-
-    def charge(self, size: int, now: float) -> None:
-        """Count bytes that are never refused (a handler's answer): the bucket may owe."""
-        if self._byte_rate:
-            self._bytes.take(0.0, now, self._byte_rate, self._byte_burst)
-            self._bytes.tokens -= size
-        self._count(size, now, msgs=0)
-
-    def _count(self, size: int, now: float, msgs: int = 1) -> None:
-        elapsed = now - self._window
-        if elapsed >= 1.0:
-            if elapsed >= 2.0:  # the previous window was empty
-                self._prev_msgs = self._prev_bytes = 0
-            else:
-                self._prev_msgs, self._prev_bytes = self._window_msgs, self._window_bytes
-            self._window += elapsed // 1.0
-            self._window_msgs = self._window_bytes = 0
-        self._window_msgs += msgs
-        self._window_bytes += size
-
-    def usage(self, now: float) -> dict[str, float | int]:
-        """Tokens left now and the traffic of the last second (a sliding estimate)."""
-        elapsed = now - self._window
-        if elapsed >= 2.0:
-            cur_msgs = cur_bytes = prev_msgs = prev_bytes = 0
-            fraction = 0.0
-        elif elapsed >= 1.0:
-            cur_msgs, cur_bytes = 0, 0
-            prev_msgs, prev_bytes = self._window_msgs, self._window_bytes
-            fraction = elapsed - 1.0
-        else:
-            cur_msgs, cur_bytes = self._window_msgs, self._window_bytes
-            prev_msgs, prev_bytes = self._prev_msgs, self._prev_bytes
-            fraction = elapsed
-        keep = 1.0 - fraction
-        result: dict[str, float | int] = {
-            "msgs_last_s": round(cur_msgs + prev_msgs * keep),
-            "bytes_last_s": round(cur_bytes + prev_bytes * keep),
-        }
-        if self._msg_rate:
-            self._msgs.take(0.0, now, self._msg_rate, self._msg_burst)  # refill only
-            result["msg_tokens"] = round(self._msgs.tokens, 3)
-        if self._byte_rate:
-            self._bytes.take(0.0, now, self._byte_rate, self._byte_burst)
-            result["byte_tokens"] = round(self._bytes.tokens, 1)
-        return result
-
-
-class ConnectionLimits:
-    """The meters of one connection: its own and its principal's (shared on this gateway)."""
-
-    __slots__ = ("_clock", "_on", "_release", "connection", "principal")
+    __slots__ = ("_clock",)
 
     def __init__(
         self,
@@ -176,57 +63,19 @@ class ConnectionLimits:
         release: Callable[[], None] | None = None,
         clock: Clock = time.monotonic,
     ) -> None:
-        self.connection = connection
-        self.principal = principal
-        self._on = connection.spec.enabled or principal.spec.enabled
-        self._release = release
+        super().__init__(connection, principal, release)
         self._clock = clock
 
     def admit(self, size: int) -> float:
         """One event or command frame: 0.0 to act on it, else seconds until it would pass."""
-        now = self._clock()
-        if not self._on:
-            self.connection._count(size, now)
-            self.principal._count(size, now)
-            return 0.0
-        wait: float = self.connection.take(size, now)
-        if wait:
-            return wait
-        wait = self.principal.take(size, now)
-        if wait:
-            self.connection.give_back(size)
-        return wait
+        return self.admit_at(size, self._clock())
 
     def charge(self, size: int) -> None:
         """A frame that is never refused (a handler's answer): count its bytes."""
-        now = self._clock()
-        self.connection.charge(size, now)
-        self.principal.charge(size, now)
-
-    def retune(self, connection: RateSpec, principal: RateSpec) -> None:
-        """Apply changed rates to a live connection (and its principal's shared meter)."""
-        self.connection.retune(connection)
-        self.principal.retune(principal)
-        self._on = connection.enabled or principal.enabled
-
-    def close(self) -> None:
-        if self._release is not None:
-            self._release()
-            self._release = None
+        self.charge_at(size, self._clock())
 
     def report(self) -> dict[str, object]:
-        now = self._clock()
-        return {
-            "connection": {
-                **self.connection.spec.describe(),
-                **self.connection.usage(now),
-            },
-            "principal": {
-                **self.principal.spec.describe(),
-                **self.principal.usage(now),
-                "connections_on_gateway": self.principal.connections,
-            },
-        }
+        return self.report_at(self._clock())
 
 
 class RateLimits:
@@ -411,7 +260,7 @@ def rate_specs(settings: Settings) -> tuple[RateSpec, RateSpec]:
 
 
 def welcome_limits(
-    settings: Settings, specs: tuple[RateSpec, RateSpec] | None = None
+    settings: Settings, specs: tuple[Rates, Rates] | None = None
 ) -> dict[str, float | int]:
     """The rates as the welcome's ``limits`` announce them (bursts resolved; 0 = off).
 
@@ -450,9 +299,14 @@ class ConnectionReporter:
         self.reports = ConnectionReports(self.node_key, 3 * self._interval)
         self._watched: WatchedBucket | None = None
         self._task: asyncio.Task[None] | None = None
+        self._report_handlers: list[ChangeHandler] = []
 
     def others(self, tenant: str) -> int:
         return self.reports.others(tenant)
+
+    def on_report(self, handler: ChangeHandler) -> None:
+        """Call ``handler(node_key, value)`` after each report of a gateway is taken in."""
+        self._report_handlers.append(handler)
 
     def start(self, live: dict[str, int]) -> None:
         if self._task is not None:
@@ -474,6 +328,8 @@ class ConnectionReporter:
                 log.warning("unreadable connection report from %s", key)
                 return
         self.reports.update(key, counts if isinstance(counts, dict) else None)
+        for handler in self._report_handlers:
+            handler(key, value)
 
     async def _report(self, live: dict[str, int]) -> None:
         while True:

@@ -45,7 +45,6 @@ import time
 import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -53,14 +52,20 @@ import orjson
 from arqonbus_server.gateway.http.admission import RateLimiter
 from arqonbus_server.mesh.ports import KeyExists, RevisionMismatch
 from arqonbus_server.shared import commands, subjects
+from arqonbus_server.shared.core.commands import room_key_param as room_key_param
+from arqonbus_server.shared.core.rooms import CALL_ACTION as CALL_ACTION
+from arqonbus_server.shared.core.rooms import (
+    NeedsKey,
+    Standing,
+    enter_decision,
+    publish_refusal,
+    wrong_key,
+)
+from arqonbus_server.shared.core.rooms import banned_error as banned_error
 from arqonbus_server.shared.errors import (
-    BANNED,
-    FORBIDDEN,
     INVALID_PARAMETERS,
     LIMIT_EXCEEDED,
     MESSAGE_RATE_LIMITED,
-    MUTED,
-    ROOM_KEY_REQUIRED,
     UNAVAILABLE,
     ArqonError,
     InvalidInput,
@@ -161,12 +166,6 @@ class Mute:
 
     def active(self, now: float) -> bool:
         return self.until is None or now < self.until
-
-
-def _retry_after_ms(until: float | None, now: float) -> int | None:
-    if until is None:
-        return None
-    return max(1, int((until - now) * 1000) + 1)
 
 
 @dataclass(slots=True)
@@ -376,16 +375,6 @@ def reason_param(parameters: dict[str, Any]) -> str:
     return value
 
 
-def room_key_param(parameters: dict[str, Any], name: str = "room_key") -> str | None:
-    """A room key given by a client (join, history, register_handler): None if absent."""
-    value = parameters.get(name)
-    if value is None:
-        return None
-    if not isinstance(value, str) or not 1 <= len(value) <= ROOM_KEY_MAX_CHARS:
-        raise _invalid(f"parameter {name!r} must be a string of 1-{ROOM_KEY_MAX_CHARS} characters")
-    return value
-
-
 @dataclass(frozen=True, slots=True)
 class ConfigureParams:
     private: bool | None
@@ -540,62 +529,24 @@ class RoomDirectory:
         """Raise unless ``principal`` may ``action`` (join, history, ...) in ``room``.
 
         ``member``: the connection already entered the room (joined one of its channels).
+        The rules are the connection core's (shared/core/rooms.py); this adds the key check.
         """
         settings = self._rooms.get((tenant, room))
-        if settings is None:
-            return
-        now = self.clock()
-        ban = settings.ban_of(principal, now)
-        if ban is not None:
-            raise banned_error(room, ban, now)
-        if not settings.restricted or is_admin or member or principal in settings.invited:
-            return
-        if settings.broken:
-            raise ArqonError(
-                FORBIDDEN, f"room {room!r} has unreadable settings: only its admins may {action}"
-            )
-        if settings.invite_only:
-            raise ArqonError(
-                FORBIDDEN,
-                f"room {room!r} is invite-only: ask a room admin to invite you (room_invite) "
-                f"before you {action}",
-            )
-        if not settings.key_hash:
-            raise ArqonError(
-                FORBIDDEN,
-                f"room {room!r} is private and has no key: ask a room admin to invite you",
-            )
-        if key is None:
-            # A service call carries no room key of its own: membership comes from a join.
-            how = (
-                "join one of its channels with parameter 'room_key' first"
-                if action == CALL_ACTION
-                else f"{action} with parameter 'room_key'"
-            )
-            raise ArqonError(ROOM_KEY_REQUIRED, f"room {room!r} is private: {how}")
-        if not await self.key_matches(tenant, room, settings, key, principal):
-            raise ArqonError(ROOM_KEY_REQUIRED, f"the room_key for room {room!r} does not match")
+        who = Standing(principal, is_admin, member)
+        decision = enter_decision(settings, room, who, key, action, self.clock())
+        if isinstance(decision, ArqonError):
+            raise decision
+        if isinstance(decision, NeedsKey):
+            assert settings is not None
+            if not await self.key_matches(tenant, room, settings, decision.key, principal):
+                raise wrong_key(room)
 
     def publish_refusal(
         self, settings: RoomSettings, principal: str, room: str, *, is_admin: bool, member: bool
     ) -> tuple[ArqonError, dict[str, Any]] | None:
         """Why a publish is refused (error and extra payload fields), or None."""
-        now = self.clock()
-        ban = settings.ban_of(principal, now)
-        if ban is not None:
-            return banned_error(room, ban, now), _extra(room, ban.until, now)
-        mute = settings.mute_of(principal, now)
-        if mute is not None:
-            until = _until_text(mute.until)
-            error = ArqonError(MUTED, f"you are muted in room {room!r}{until}")
-            return error, _extra(room, mute.until, now)
-        if settings.restricted and not (is_admin or member or principal in settings.invited):
-            detail = (
-                f"room {room!r} is private or invite-only: join one of its channels "
-                "(with its room_key, or after an invite) before you publish"
-            )
-            return ArqonError(FORBIDDEN, detail), {"room": room}
-        return None
+        who = Standing(principal, is_admin, member)
+        return publish_refusal(settings, room, who, self.clock())
 
     # -- writes (admin commands) -------------------------------------------------------
 
@@ -673,30 +624,6 @@ class RoomDirectory:
             return RoomSettings.decode(entry.value or b"{}")
         except RoomRecordError:
             return RoomSettings(broken=True)
-
-
-def banned_error(room: str, ban: Ban, now: float) -> ArqonError:
-    until = _until_text(ban.until)
-    reason = f": {ban.reason}" if ban.reason else ""
-    return ArqonError(BANNED, f"you are banned from room {room!r}{until}{reason}")
-
-
-CALL_ACTION = "call its services"  # check_enter's action for a service call
-
-
-def _until_text(until: float | None) -> str:
-    """`` until <UTC time>`` for a timed ban or mute, empty for an open-ended one."""
-    if until is None:
-        return ""
-    return " until " + datetime.fromtimestamp(until, UTC).isoformat(timespec="seconds")
-
-
-def _extra(room: str, until: float | None, now: float) -> dict[str, Any]:
-    extra: dict[str, Any] = {"room": room}
-    retry = _retry_after_ms(until, now)
-    if retry is not None:
-        extra["retry_after_ms"] = retry
-    return extra
 
 
 def until_of(duration_s: float | None) -> float | None:

@@ -1,4 +1,10 @@
-"""One connection: decode -> authorize -> act -> encode."""
+"""One connection's asyncio shell: read frames, feed the core, execute its effects.
+
+Every decision (parsing, rate admission, authorization, room rules, limits, the error of each
+outcome) is the sans-I/O core's (shared/core/). This shell moves bytes, awaits the ports the
+effects name (broker, hub, room directory, authenticator), arms timers, and feeds each
+outcome back to the core.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +13,9 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from typing import Any, TypeVar, cast
 
 import orjson
 
@@ -22,26 +28,17 @@ from arqonbus_server.gateway.auth.base import (
     Principal,
     check_credentials,
 )
-from arqonbus_server.gateway.http.admission import retry_after_ms
 from arqonbus_server.gateway.policies import policy_for
-from arqonbus_server.gateway.state import audit as auditing
-from arqonbus_server.gateway.state.audit import (
-    ADMIN_ACTION,
-    AGENT_REGISTERED,
-    RATE_LIMITED,
-    AuditLog,
+from arqonbus_server.gateway.state.audit import AuditLog
+from arqonbus_server.gateway.state.limits import (
+    ConnectionLimits,
+    RateLimits,
+    rate_specs,
+    welcome_limits,
 )
-from arqonbus_server.gateway.state.limits import RateLimits, rate_specs, welcome_limits
-from arqonbus_server.gateway.state.rooms import (
-    CALL_ACTION,
-    RoomDirectory,
-    RoomSettings,
-    room_key_param,
-    run_admin_command,
-)
+from arqonbus_server.gateway.state.rooms import RoomDirectory, run_admin_command
 from arqonbus_server.gateway.state.security import SecurityState
-from arqonbus_server.gateway.state.tenant_limits import RateSpec
-from arqonbus_server.gateway.ws.hub import Hub
+from arqonbus_server.gateway.ws.hub import Hub, JoinResult, Member
 from arqonbus_server.gateway.ws.transport import Socket
 from arqonbus_server.mesh.broker import (
     Broker,
@@ -52,62 +49,35 @@ from arqonbus_server.mesh.broker import (
     ServiceRequest,
     StoreQuotaExceeded,
 )
-from arqonbus_server.shared import authz, commands
+from arqonbus_server.shared import commands
+from arqonbus_server.shared.core import Connection, ConnectionConfig, Failure, Now
+from arqonbus_server.shared.core import effects as fx
+from arqonbus_server.shared.core.rates import RateSpec
 from arqonbus_server.shared.envelope import (
-    ClientCommand,
-    ClientEvent,
-    ClientResponse,
-    ResponseError,
-    encode_ack,
-    encode_command_response,
-    encode_delivery,
+    ClientMessage,
     encode_error,
-    encode_response,
-    encode_stored_event,
     encode_welcome,
     parse_client_frame,
     with_seq,
 )
 from arqonbus_server.shared.errors import (
-    FORBIDDEN,
     INTERNAL,
     INVALID_PARAMETERS,
-    LIMIT_EXCEEDED,
-    MESSAGE_RATE_LIMITED,
-    MESSAGE_TOO_LARGE,
-    NO_RESPONDERS,
-    NOT_JOINED,
-    NOT_REGISTERED,
-    QUOTA_EXCEEDED,
-    TIMEOUT,
     UNAVAILABLE,
-    UNKNOWN_REQUEST,
     ArqonError,
     CloseCode,
-    ErrorCode,
 )
-from arqonbus_server.shared.inspect import with_tags
-from arqonbus_server.shared.service import MalformedServiceMessage, ServiceCall, ServiceReply
 from arqonbus_server.shared.settings import Settings
-from arqonbus_server.shared.subjects import ChannelRef, SubjectScheme
+from arqonbus_server.shared.subjects import ChannelRef
 
 log = logging.getLogger("arqonbus.gateway.session")
 
-# Room for the Nats-Msg-Id header and protocol framing next to the stored envelope.
-_NATS_HEADER_ROOM = 512
-# A handler's answer is accepted this long after the caller's timeout_ms (reply in flight).
-_ANSWER_GRACE_S = 0.5
-GATEWAY = "arqonbus"
 # A handler registered a moment ago on another NATS server may not be known on ours yet
 # (interest spreads over the cluster's routes asynchronously). Ask again after these
 # pauses before answering no_responders; together they stay under 100 ms.
 _NO_RESPONDERS_RETRY_S = (0.01, 0.02, 0.03)
-# Authorization decisions memoized per connection, per (permission, room, channel); the memo
-# is emptied when it reaches this size (a connection may publish to many channels).
-_DECISION_MEMO_MAX = 1024
-# A connection over its rate limit is audited at most once per this many seconds.
-_RATE_AUDIT_EVERY_S = 10.0
-
+_FAILED = object()  # a port call whose failure was already fed back to the core
+T = TypeVar("T")
 
 _last_stamp: tuple[int, str] = (-1, "")
 
@@ -122,12 +92,29 @@ def utc_timestamp() -> str:
     return _last_stamp[1]
 
 
-@dataclass(slots=True)
-class _Delivery:
-    """A service command handed to this connection's handler, awaiting its answer."""
+class _ClockedRates:
+    """The core's rate admission over the gateway's meters, on the registry's clock."""
 
-    reply: str
-    timer: asyncio.TimerHandle
+    __slots__ = ("limits",)
+
+    def __init__(self, limits: ConnectionLimits) -> None:
+        self.limits = limits
+
+    def admit_at(self, size: int, now: float) -> float:
+        return self.limits.admit(size)
+
+    def charge_at(self, size: int, now: float) -> None:
+        self.limits.charge(size)
+
+
+def _new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def _parse(data: bytes, max_bytes: int) -> ClientMessage:
+    # Looked up here at each call: tests/integration/test_errors.py replaces this module's
+    # parse_client_frame with one that fails, to check that a bug answers ``internal``.
+    return parse_client_frame(data, max_bytes)
 
 
 class Session:
@@ -150,40 +137,57 @@ class Session:
         self._expiry: asyncio.TimerHandle | None = None
         self._security = security
         self._audit = audit or AuditLog(None, settings.subject_prefix)
-        self.principal = principal
         self.id = uuid.uuid4().hex
         self._hub = hub
         self._broker = broker
         self._settings = settings
-        self._scheme = SubjectScheme(settings.subject_prefix)
         self._node_id = node_id
-        self._joined: set[ChannelRef] = set()
-        self._in_flight: set[asyncio.Task[None]] = set()
+        self._publishes: set[asyncio.Task[None]] = set()
         # Service calls are counted apart: a connection that is also a handler must keep
         # reading its answers while its own calls wait for them.
         self._calls: set[asyncio.Task[None]] = set()
-        self._stopping = False
-        self._closed = False
-        self._handlers: dict[tuple[ChannelRef, str], LiveSubscription] = {}
-        self._deliveries: dict[str, _Delivery] = {}
+        self._served: dict[tuple[ChannelRef, str], LiveSubscription] = {}
+        self._timers: dict[str, asyncio.TimerHandle] = {}
         self._no_deliveries = asyncio.Event()
         self._no_deliveries.set()
         self._background: set[asyncio.Task[None]] = set()
-        self._policy = authz.policy_for(principal.role, tuple(principal.grants))
-        self._content_policy = (
+        content_policy = (
             security.content_policy if security is not None else policy_for(settings.policy_file)
         )
-        self._decisions: dict[tuple[authz.Permission, str, str], authz.Decision] = {}
         # Rate limits (gateway/state/limits.py): this connection's buckets and its principal's.
         if rate_limits is None:  # (an empty registry is falsy: it has a length)
             rate_limits = RateLimits(*rate_specs(settings))
         self._rate_limits = rate_limits
         self._rates = self._rate_limits.open(principal.tenant, principal.id)
-        self._rate_audited = -_RATE_AUDIT_EVERY_S
-        # Audit: a client repeating a refused action gets one record per 10 s (with a count).
-        self._audit_throttle = auditing.AuditThrottle()
         # Private rooms, bans, mutes (gateway/state/rooms.py); None without NATS security state.
         self._rooms = RoomDirectory.of(security) if security is not None else None
+        self.core = Connection(
+            principal,
+            ConnectionConfig(
+                session_id=self.id,
+                subject_prefix=settings.subject_prefix,
+                max_envelope_bytes=settings.max_envelope_bytes,
+                max_in_flight=settings.max_in_flight,
+                max_channels=settings.max_channels_per_connection,
+                max_handlers=settings.max_handlers_per_connection,
+                send_buffer_bytes=settings.send_buffer_bytes,
+                command_timeout_ms=int(settings.command_timeout_s * 1000),
+                command_timeout_max_ms=int(settings.command_timeout_max_s * 1000),
+                max_payload=broker.max_payload,
+                can_refresh=authenticator is not None,
+                has_security=security is not None,
+            ),
+            _ClockedRates(self._rates),
+            content_policy,
+            self._rooms,
+            stamp=utc_timestamp,
+            new_id=_new_id,
+            parse=_parse,
+        )
+
+    @property
+    def principal(self) -> Principal:
+        return cast(Principal, self.core.principal)
 
     def retune_rates(self, per_connection: RateSpec, per_principal: RateSpec) -> None:
         """The tenant's limits changed (gateway/state/tenant_limits.py): new rates from now on."""
@@ -203,9 +207,11 @@ class Session:
             "command_timeout_max_ms": int(self._settings.command_timeout_max_s * 1000),
         }
 
+    # -- the socket loop ------------------------------------------------------------------
+
     async def run(self) -> None:
         self.socket.send(encode_welcome(self.id, self._node_id, self.limits()))
-        self._expiry = self._close_at_expiry()
+        self._arm_expiry(self.principal.expires_at)
         try:
             while True:
                 data = await self.socket.recv()
@@ -215,61 +221,18 @@ class Session:
         finally:
             if self._expiry is not None:
                 self._expiry.cancel()
-            self._closed = True
+            left = self.core.connection_lost()
             self._rates.close()
-            self._hub.leave_all(self.socket, list(self._joined))
-            self._joined.clear()
+            self._hub.leave_all(self.socket, [e.ref for e in left if isinstance(e, fx.Leave)])
             await self._close_handlers("the handler's connection closed before it answered")
 
-    def _close_at_expiry(self) -> asyncio.TimerHandle | None:
-        """Close with 4004 when the credential expires (a JWT's exp, leeway included)."""
-        expires_at = self.principal.expires_at
-        if expires_at is None:
-            return None
-        delay = max(0.0, expires_at - time.time())
-        return asyncio.get_running_loop().call_later(
-            delay,
-            self.socket.close_soon,
-            CloseCode.TOKEN_EXPIRED,
-            "token expired: get a fresh token, reconnect and resume",
-        )
+    def _now(self) -> Now:
+        wall = self._rooms.clock() if self._rooms is not None else time.time()
+        return Now(time.monotonic(), wall)
 
     async def handle(self, data: bytes) -> None:
         try:
-            try:
-                message = parse_client_frame(data, self._settings.max_envelope_bytes)
-            except ArqonError:
-                # A frame that does not parse counts like any other: garbage floods are
-                # limited too (and answered with rate_limited instead of an error each).
-                if wait := self._rates.admit(len(data)):
-                    self._refuse_rate(None, wait)
-                    return
-                raise
-            if isinstance(message, ClientResponse):
-                if message.request_id in self._deliveries:
-                    # An answer owed to a waiting caller: taken even while draining and
-                    # never refused by the rate limits; its bytes are counted.
-                    self._rates.charge(len(data))
-                    await self._answer(message)
-                elif wait := self._rates.admit(len(data)):  # answers to nothing: a flood
-                    self._refuse_rate(message.id, wait)
-                else:
-                    await self._answer(message)  # unknown_request
-            elif self._stopping:
-                # Draining: drain() acks what is in flight, then closes 1012. Other frames
-                # that arrive meanwhile are not acted on (the client resends them
-                # elsewhere); reading on keeps the close handshake from stalling.
-                return
-            elif wait := self._rates.admit(len(data)):
-                self._refuse_rate(message.id, wait)
-            elif isinstance(message, ClientEvent):
-                await self._start_publish(message)
-            elif commands.is_builtin(message.command):
-                await self._run_command(message)
-            else:
-                await self._start_call(message)
-        except ArqonError as exc:
-            self.socket.send(encode_error(exc))
+            await self._execute(self.core.receive(data, self._now()))
         except Exception:
             # A bug in handling one frame must not end the connection (nor its other work).
             log.exception("session %s failed to handle a frame", self.id)
@@ -277,271 +240,263 @@ class Session:
                 encode_error(ArqonError(INTERNAL, "the gateway failed to handle this frame"))
             )
 
-    def _refuse_rate(self, request_id: str | None, wait_s: float) -> None:
-        """``rate_limited`` with ``retry_after_ms``: the frame is not acted on."""
-        retry_ms = retry_after_ms(wait_s)
-        error = ArqonError(MESSAGE_RATE_LIMITED, f"retry after {retry_ms} ms", request_id)
-        self.socket.send(encode_error(error, {"retry_after_ms": retry_ms}))
-        now = time.monotonic()
-        if now - self._rate_audited >= _RATE_AUDIT_EVERY_S:
-            self._rate_audited = now
-            self._audit.record(
-                self.principal.tenant,
-                RATE_LIMITED,
-                self.principal.id,
-                session=self.id,
-                retry_after_ms=retry_ms,
+    def _arm_expiry(self, expires_at: float | None) -> None:
+        """Close with 4004 when the credential expires (a JWT's exp, leeway included)."""
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        if expires_at is None:
+            return
+        self._expiry = asyncio.get_running_loop().call_later(
+            max(0.0, expires_at - time.time()),
+            self.socket.close_soon,
+            CloseCode.TOKEN_EXPIRED,
+            "token expired: get a fresh token, reconnect and resume",
+        )
+
+    # -- executing effects ----------------------------------------------------------------
+
+    async def _execute(self, effects: list[fx.Effect]) -> None:
+        """Execute the core's effects in order, awaiting the ports they name."""
+        for effect in effects:
+            if not self._apply(effect):
+                await self._await(effect)
+
+    def _apply_now(self, effects: list[fx.Effect]) -> None:
+        """Effects from a callback (no awaiting there): port calls run in the background."""
+        for effect in effects:
+            if not self._apply(effect):
+                self._in_background(self._await(effect))
+
+    def _apply(self, effect: fx.Effect) -> bool:
+        """Execute an effect that needs no awaiting; False if it needs one."""
+        if isinstance(effect, fx.Send):
+            self.socket.send(effect.frame)
+        elif isinstance(effect, fx.Audit):
+            self._audit.record(effect.tenant, effect.type, effect.principal, **effect.details)
+        elif isinstance(effect, fx.Leave):
+            self._hub.leave(self.socket, effect.ref)
+        elif isinstance(effect, fx.ArmTimer):
+            loop = asyncio.get_running_loop()
+            self._timers[effect.delivery_id] = loop.call_later(
+                effect.delay_s, self._expire, effect.delivery_id
             )
+            self._no_deliveries.clear()
+        elif isinstance(effect, fx.CancelTimer):
+            timer = self._timers.pop(effect.delivery_id, None)
+            if timer is not None:
+                timer.cancel()
+            if not self.core.has_deliveries:
+                self._no_deliveries.set()
+        elif isinstance(effect, fx.ArmExpiry):
+            self._arm_expiry(None if self.core.closed else effect.expires_at)
+        elif isinstance(effect, fx.Respond) and effect.request_id is None:
+            self._in_background(self._respond_quietly(effect.reply, effect.body))
+        elif isinstance(effect, fx.Unserve) and effect.background:
+            served = self._served.pop((effect.ref, effect.name), None)
+            if served is not None:
+                self._in_background(served.close())
+        elif isinstance(effect, fx.CallService):
+            task = asyncio.create_task(self._call(effect))
+            self._calls.add(task)
+            task.add_done_callback(self._calls.discard)
+        elif isinstance(effect, fx.Close):
+            self.socket.close_soon(CloseCode(effect.code), effect.reason)
+        else:
+            return False
+        return True
 
-    # -- events -------------------------------------------------------------------
+    async def _await(self, effect: fx.Effect) -> None:
+        if isinstance(effect, fx.AwaitPublishSlot):
+            while len(self._publishes) >= effect.limit:
+                # Backpressure: stop reading this socket until an ack frees a slot.
+                await asyncio.wait(set(self._publishes), return_when=asyncio.FIRST_COMPLETED)
+        elif isinstance(effect, fx.Publish):
+            await self._start_publish(effect)
+        elif isinstance(effect, fx.Unserve):
+            served = self._served.pop((effect.ref, effect.name), None)
+            if served is not None:
+                await served.close()
+        elif isinstance(effect, fx.Respond):
+            await self._respond(effect)
+        else:
+            await self._command(effect)
 
-    async def _wait_for_slot(self) -> None:
-        while len(self._in_flight) >= self._settings.max_in_flight:
-            # Backpressure: stop reading this socket until an ack or answer frees a slot.
-            await asyncio.wait(set(self._in_flight), return_when=asyncio.FIRST_COMPLETED)
+    def _in_background(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
-    def _track(self, task: asyncio.Task[None]) -> None:
-        self._in_flight.add(task)
-        task.add_done_callback(self._in_flight.discard)
+    # -- events ---------------------------------------------------------------------------
 
-    async def _start_publish(self, event: ClientEvent) -> None:
-        self._authorize(authz.Permission.PUBLISH, event.room, event.channel, event.id)
-        if self._rooms is not None:  # a room without settings: one dict lookup
-            room_settings = self._rooms.get(self.principal.tenant, event.room)
-            if room_settings is not None and self._refuse_publish(room_settings, event):
-                return
-        # Content policies run before anything is stored (and may redact or tag).
-        try:
-            event, tags = self._content_policy.check_event(
-                event, self.principal.tenant, self.principal.id
-            )
-        except ArqonError as exc:
-            if exc.code in auditing.POLICY_CODES:
-                self._audit_denial(
-                    auditing.POLICY_BLOCKED,
-                    ("policy", exc.code, event.room, event.channel),
-                    rule=auditing.rule_name(exc.detail or ""),
-                    code=exc.code,
-                    room=event.room,
-                    channel=event.channel,
-                    reason=exc.detail or "",
-                )
-            raise
-        await self._wait_for_slot()
-        ref = ChannelRef(self.principal.tenant, event.room, event.channel)
-        body = with_tags(encode_stored_event(event, self.principal.id, utc_timestamp()), tags)
-        if len(body) > self._broker.max_payload - _NATS_HEADER_ROOM:
-            raise ArqonError(
-                MESSAGE_TOO_LARGE, "the stored envelope exceeds the NATS max_payload", event.id
-            )
+    async def _start_publish(self, publish: fx.Publish) -> None:
         try:
             # Inline, in frame order: provisioning (once per tenant) must not let a
             # later event of this connection overtake an earlier one.
-            await self._broker.ensure_stream(ref.tenant)
+            await self._broker.ensure_stream(publish.ref.tenant)
         except BrokerUnavailable as exc:
-            log.warning("publish of %s failed: %s", event.id, exc)
-            raise ArqonError(UNAVAILABLE, request_id=event.id) from None
-        key = self._scheme.dedupe_key(ref, self.principal.id, event.id)
-        self._track(asyncio.create_task(self._publish(event, ref, body, key)))
-
-    async def _publish(self, event: ClientEvent, ref: ChannelRef, body: bytes, key: str) -> None:
-        try:
-            result = await self._broker.publish(ref, body, key)
-        except StoreQuotaExceeded as exc:
-            self.socket.send(encode_error(ArqonError(QUOTA_EXCEEDED, str(exc), event.id)))
-            return
-        except BrokerUnavailable as exc:
-            log.warning("publish of %s failed: %s", event.id, exc)
-            self.socket.send(encode_error(ArqonError(UNAVAILABLE, request_id=event.id)))
+            log.warning("publish of %s failed: %s", publish.event_id, exc)
+            self._apply_now(self.core.publish_failed(publish.op, Failure.UNAVAILABLE))
             return
         except Exception:
-            log.exception("publish of %s failed", event.id)
-            self.socket.send(encode_error(ArqonError(INTERNAL, request_id=event.id)))
+            log.exception("publish of %s failed", publish.event_id)
+            self._apply_now(self.core.publish_failed(publish.op, Failure.INTERNAL))
             return
-        self.socket.send(
-            encode_ack(event.id, event.room, event.channel, result.seq, result.duplicate)
-        )
+        task = asyncio.create_task(self._publish(publish))
+        self._publishes.add(task)
+        task.add_done_callback(self._publishes.discard)
+
+    async def _publish(self, publish: fx.Publish) -> None:
+        try:
+            result = await self._broker.publish(publish.ref, publish.body, publish.dedupe_key)
+        except StoreQuotaExceeded as exc:
+            effects = self.core.publish_failed(publish.op, Failure.QUOTA, str(exc))
+        except BrokerUnavailable as exc:
+            log.warning("publish of %s failed: %s", publish.event_id, exc)
+            effects = self.core.publish_failed(publish.op, Failure.UNAVAILABLE)
+        except Exception:
+            log.exception("publish of %s failed", publish.event_id)
+            effects = self.core.publish_failed(publish.op, Failure.INTERNAL)
+        else:
+            effects = self.core.publish_acked(publish.op, result.seq, result.duplicate)
+        self._apply_now(effects)
 
     async def finish_in_flight(self, timeout: float) -> None:
         """Wait for acks and answers owed to this connection, and by its handler to others."""
         deadline = time.monotonic() + timeout
-        if self._in_flight or self._calls:
-            await asyncio.wait(self._in_flight | self._calls, timeout=timeout)
+        if self._publishes or self._calls:
+            await asyncio.wait(self._publishes | self._calls, timeout=timeout)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(
                 self._no_deliveries.wait(), max(0.0, deadline - time.monotonic())
             )
 
-    # -- authorization -----------------------------------------------------------------
+    # -- commands: the ports they wait on -------------------------------------------------------
 
-    def _authorize(
-        self, permission: authz.Permission, room: str, channel: str, request_id: str
-    ) -> None:
-        """Raise ``forbidden`` unless the principal has ``permission`` on room/channel."""
-        key = (permission, room, channel)
-        decision = self._decisions.get(key)
-        if decision is None:
-            decision = self._policy.decide(permission, room, channel)
-            if len(self._decisions) >= _DECISION_MEMO_MAX:
-                self._decisions.clear()
-            self._decisions[key] = decision
-        if not decision.allowed:
-            self._audit_denial(
-                auditing.FORBIDDEN,
-                key,
-                permission=permission.value,
-                room=room,
-                channel=channel,
-                reason=decision.reason,
-            )
-            raise ArqonError(FORBIDDEN, decision.reason, request_id)
-
-    def _audit_denial(self, type_: str, key: tuple[str, ...], **details: object) -> None:
-        """Record a refusal in the tenant's audit stream, throttled per session and key."""
-        repeats = self._audit_throttle.check(key)
-        if repeats is None:
-            return
-        if repeats:
-            details["repeats"] = repeats
-        overflow = self._audit_throttle.take_overflow()
-        if overflow:
-            details["suppressed_other"] = overflow
-        if self.principal.credential_id:
-            details["credential_id"] = self.principal.credential_id
-        self._audit.record(
-            self.principal.tenant,
-            type_,
-            self.principal.id,
-            method=self.principal.method,
-            session=self.id,
-            **details,
-        )
-
-    # -- commands -------------------------------------------------------------------
-
-    async def _run_command(self, command: ClientCommand) -> None:
-        ref = ChannelRef(self.principal.tenant, command.room, command.channel)
+    async def _port(self, op: int, work: Awaitable[T], name: str) -> T | object:
+        """Await a command's port; a failure is fed back to the core (then ``_FAILED``)."""
         try:
-            name = command.command
-            permission = authz.permission_for_command(name)
-            if permission is not None:
-                self._authorize(permission, command.room, command.channel, command.id)
-            if name in commands.ROOM_ADMIN_COMMANDS:
-                await self._room_admin(command, ref)
-            elif name == commands.JOIN_CHANNEL:
-                await self._join(command, ref)
-            elif name == commands.LEAVE_CHANNEL:
-                self._leave(command, ref)
-            elif name == commands.HISTORY:
-                await self._history(command, ref)
-            elif name == commands.REFRESH_TOKEN:
-                await self._refresh_token(command)
-            elif name == commands.REGISTER_AGENT:
-                await self._register_agent(command)
-            elif name == commands.REGISTER_HANDLER:
-                await self._register(command, ref)
-            elif name == commands.LIMITS:
-                self._reply(command, self._limits_report())
-            else:
-                await self._unregister(command, ref)
+            return await work
         except ArqonError as exc:
-            self._reply(command, error=exc.with_request_id(command.id))
+            failure: ArqonError | Failure = exc
         except BrokerUnavailable as exc:
-            log.warning("command %s failed: %s", command.command, exc)
-            self._reply(command, error=ArqonError(UNAVAILABLE, request_id=command.id))
+            log.warning("command %s failed: %s", name, exc)
+            failure = Failure.UNAVAILABLE
         except Exception:
-            log.exception("command %s failed", command.command)
-            self._reply(command, error=ArqonError(INTERNAL, request_id=command.id))
+            log.exception("command %s failed", name)
+            failure = Failure.INTERNAL
+        await self._execute(self.core.command_failed(op, failure))
+        return _FAILED
 
-    # -- credential refresh and agent registration (issue 6) -----------------------------
+    async def _command(self, effect: fx.Effect) -> None:
+        handlers: dict[type, Callable[[Any], Awaitable[None]]] = {
+            fx.VerifyRoomKey: self._verify_room_key,
+            fx.Join: self._join,
+            fx.ReadHistory: self._history,
+            fx.Serve: self._serve,
+            fx.CheckCredential: self._check_credential,
+            fx.RegisterAgent: self._register_agent,
+            fx.RoomAdmin: self._room_admin,
+            fx.ReportLimits: self._report_limits,
+        }
+        await handlers[type(effect)](effect)
 
-    async def _refresh_token(self, command: ClientCommand) -> None:
-        """Replace this connection's credential with a newer one of the same principal.
-
-        A refused token is ``invalid_parameters``; a valid one for another tenant or
-        principal is ``forbidden`` (reconnect to change identity). On success the role,
-        grants and expiry are the new credential's, and the 4004 timer is re-armed.
-        """
-        token = commands.refresh_token_params(command.parameters)
-        if self._authenticator is None:
-            raise ArqonError(INVALID_PARAMETERS, "this gateway cannot check a new credential")
-        try:
-            principal = await check_credentials(self._authenticator, Credentials(token))
-        except AuthUnavailable as exc:
-            raise ArqonError(UNAVAILABLE, str(exc)) from None
-        except AuthError as exc:
-            raise ArqonError(INVALID_PARAMETERS, f"parameter 'token' was refused: {exc}") from None
-        if principal.tenant != self.principal.tenant or principal.id != self.principal.id:
-            raise ArqonError(
-                FORBIDDEN,
-                "the new credential is another tenant's or principal's: refresh_token renews "
-                "this connection's own credential only (reconnect to change identity)",
+    async def _verify_room_key(self, effect: fx.VerifyRoomKey) -> None:
+        assert self._rooms is not None  # the core saw the room's settings in it
+        settings = self._rooms.get(effect.tenant, effect.room)
+        check = (
+            self._rooms.key_matches(
+                effect.tenant, effect.room, settings, effect.key, effect.principal
             )
-        self.principal = principal
-        self._policy = authz.policy_for(principal.role, tuple(principal.grants))
-        self._decisions.clear()
-        self._drop_what_is_no_longer_allowed()
-        if self._expiry is not None:
-            self._expiry.cancel()
-        self._expiry = None if self._closed else self._close_at_expiry()
-        self._reply(command, {"expires_at": principal.expires_at, "role": principal.role})
-
-    async def _register_agent(self, command: ClientCommand) -> None:
-        """Register an Ed25519 agent in the caller's tenant (admin; never above its role)."""
-        # An agent acts on the whole tenant: admin of one room is not enough.
-        if not self._policy.decide(authz.Permission.ADMIN, "*", "*").allowed:
-            raise ArqonError(
-                FORBIDDEN,
-                "register_agent needs admin on the whole tenant (role owner or admin, or a "
-                "*:*:admin grant)",
-                command.id,
-            )
-        if self._security is None:
-            raise ArqonError(UNAVAILABLE, "agent registration needs the gateway's NATS state")
-        try:
-            record = await auth_agent.register_from_session(
-                self._security, self.principal.tenant, self.principal.role, command.parameters
-            )
-        except auth_agent.RegistrationError as exc:
-            raise ArqonError(INVALID_PARAMETERS, str(exc)) from None
-        self._audit.record(
-            self.principal.tenant,
-            AGENT_REGISTERED,
-            self.principal.id,
-            agent_id=record.agent_id,
-            role=record.role,
+            if settings is not None
+            else _true()
         )
-        self._reply(
-            command,
-            {
-                "agent_id": record.agent_id,
-                "tenant": record.tenant,
-                "name": record.name,
-                "role": record.role,
-            },
+        ok = await self._port(effect.op, check, "room_key")
+        if ok is not _FAILED:
+            await self._execute(self.core.room_key_checked(effect.op, bool(ok)))
+
+    async def _join(self, effect: fx.Join) -> None:
+        joined = await self._port(
+            effect.op, self._hub.join(self.socket, effect.ref, effect.since_seq), "join_channel"
         )
+        if joined is _FAILED:
+            return
+        member, result = cast(tuple[Member, JoinResult], joined)
+        await self._execute(self.core.joined_channel(effect.op, result.as_result()))
+        self._hub.start(member, result.last_seq)
 
-    def _reply(
-        self,
-        command: ClientCommand,
-        result: dict[str, object] | None = None,
-        error: ArqonError | None = None,
-    ) -> None:
-        self.socket.send(
-            encode_command_response(
-                command, "resp_" + uuid.uuid4().hex, GATEWAY, utc_timestamp(), result, error
-            )
+    async def _history(self, effect: fx.ReadHistory) -> None:
+        """One page of stored events, bounded by ``limit`` and by bytes (half the send buffer)."""
+        page = await self._port(effect.op, self._read_page(effect), "history")
+        if page is not _FAILED:
+            await self._execute(self.core.command_done(effect.op, page))  # type: ignore[arg-type]
+
+    async def _read_page(self, effect: fx.ReadHistory) -> dict[str, object]:
+        events: list[orjson.Fragment] = []
+        next_since, size, more = effect.since_seq, 0, False
+        replay = self._broker.replay(effect.ref, effect.since_seq + 1, None, effect.limit)
+        async with contextlib.aclosing(replay) as stored_events:
+            async for stored in stored_events:
+                delivered = with_seq(stored.body, stored.seq)
+                if events and size + len(delivered) > effect.budget_bytes:
+                    more = True
+                    break
+                events.append(orjson.Fragment(delivered))
+                size += len(delivered)
+                next_since = stored.seq
+        more = more or len(events) == effect.limit
+        return {"events": events, "next_since_seq": next_since, "more": more}
+
+    async def _serve(self, effect: fx.Serve) -> None:
+        ref = effect.ref
+        served = await self._port(
+            effect.op,
+            self._broker.serve(ref, effect.name, lambda request: self._deliver(ref, request)),
+            "register_handler",
         )
+        if served is _FAILED:
+            return
+        self._served[(ref, effect.name)] = served  # type: ignore[assignment]
+        await self._execute(self.core.handler_served(effect.op))
 
-    def _tenant_overrides(self) -> list[str]:
-        """The limits set for this tenant with ``arqonbus tenants set`` (gateway/state/tenant_limits.py)."""
-        table = self._rate_limits.tenant_limits
-        return [] if table is None else sorted(table.overrides(self.principal.tenant).as_dict())
+    async def _check_credential(self, effect: fx.CheckCredential) -> None:
+        authenticator = self._authenticator
+        assert authenticator is not None  # the core refuses refresh_token without one
+        principal = await self._port(effect.op, _checked(authenticator, effect.token), "refresh")
+        if principal is not _FAILED:
+            assert isinstance(principal, Principal)
+            await self._execute(self.core.credential_checked(effect.op, principal))
 
-    def _tenant_limits(self, counter: Callable[[str], int] | None) -> dict[str, object]:
-        """The tenant's connection cap and stored-bytes quota: its overrides, else settings."""
+    async def _register_agent(self, effect: fx.RegisterAgent) -> None:
+        assert self._security is not None  # the core refuses without it
+        work = _registered(self._security, effect.tenant, effect.role, effect.parameters)
+        record = await self._port(effect.op, work, "register_agent")
+        if record is not _FAILED:
+            await self._execute(self.core.agent_registered(effect.op, record))  # type: ignore[arg-type]
+
+    async def _room_admin(self, effect: fx.RoomAdmin) -> None:
+        assert self._rooms is not None  # the core refuses without security state
+        work = run_admin_command(
+            self._rooms,
+            effect.name,
+            effect.parameters,
+            effect.ref.tenant,
+            effect.actor,
+            effect.ref.room,
+        )
+        outcome = await self._port(effect.op, work, effect.name)
+        if outcome is not _FAILED:
+            result, target = outcome.result, outcome.target  # type: ignore[attr-defined]
+            await self._execute(self.core.room_admin_done(effect.op, result, target))
+
+    async def _report_limits(self, effect: fx.ReportLimits) -> None:
+        await self._execute(self.core.command_done(effect.op, self._limits_report(effect.usage)))
+
+    def _limits_report(self, usage: dict[str, int]) -> dict[str, object]:
+        """The ``limits`` command: configured limits and this connection's current usage."""
         tenant = self.principal.tenant
         table = self._rate_limits.tenant_limits
+        counter = self._rate_limits.tenant_connections
         if table is None:
             max_connections = self._settings.max_connections_per_tenant
             max_stored_bytes = self._settings.tenant_max_bytes
@@ -549,243 +504,44 @@ class Session:
             max_connections = table.max_connections(tenant)
             max_stored_bytes = table.max_stored_bytes(tenant)
         return {
-            "connections": counter(tenant) if counter is not None else None,
-            "max_connections": max_connections,
-            "max_stored_bytes": max_stored_bytes,
-        }
-
-    def _limits_report(self) -> dict[str, object]:
-        """The ``limits`` command: configured limits and this connection's current usage."""
-        rates = self._rate_limits
-        settings = self._settings
-        counter = rates.tenant_connections
-        return {
             "limits": self.limits(),
             "rates": self._rates.report(),
-            "usage": {
-                "channels": len(self._joined),
-                "max_channels": settings.max_channels_per_connection,
-                "handlers": len(self._handlers),
-                "max_handlers": settings.max_handlers_per_connection,
-                "in_flight": len(self._in_flight),
-                "calls_in_flight": len(self._calls),
-                "max_in_flight": settings.max_in_flight,
+            "usage": usage,
+            "tenant": {
+                "connections": counter(tenant) if counter is not None else None,
+                "max_connections": max_connections,
+                "max_stored_bytes": max_stored_bytes,
             },
-            "tenant": self._tenant_limits(counter),
-            "tenant_overrides": self._tenant_overrides(),
+            "tenant_overrides": [] if table is None else sorted(table.overrides(tenant).as_dict()),
         }
-
-    async def _join(self, command: ClientCommand, ref: ChannelRef) -> None:
-        params = commands.join_params(command.parameters)
-        await self._check_room(command, "join", room_key_param(command.parameters))
-        limit = self._settings.max_channels_per_connection
-        if ref not in self._joined and len(self._joined) >= limit:
-            raise ArqonError(LIMIT_EXCEEDED, f"this connection already has {limit} channels")
-        member, joined = await self._hub.join(self.socket, ref, params.since_seq)
-        self._joined.add(ref)
-        self._reply(command, joined.as_result())
-        self._hub.start(member, joined.last_seq)
-
-    def _leave(self, command: ClientCommand, ref: ChannelRef) -> None:
-        if not self._hub.leave(self.socket, ref):
-            raise ArqonError(NOT_JOINED)
-        self._joined.discard(ref)
-        self._reply(command, {})
-
-    async def _history(self, command: ClientCommand, ref: ChannelRef) -> None:
-        """One page of stored events, bounded by ``limit`` and by bytes (half the send buffer)."""
-        params = commands.history_params(command.parameters)
-        await self._check_room(command, "read history", room_key_param(command.parameters))
-        budget = self._settings.send_buffer_bytes // 2
-        events: list[orjson.Fragment] = []
-        next_since, size, more = params.since_seq, 0, False
-        replay = self._broker.replay(ref, params.since_seq + 1, None, params.limit)
-        async with contextlib.aclosing(replay) as stored_events:
-            async for stored in stored_events:
-                delivered = with_seq(stored.body, stored.seq)
-                if events and size + len(delivered) > budget:
-                    more = True
-                    break
-                events.append(orjson.Fragment(delivered))
-                size += len(delivered)
-                next_since = stored.seq
-        more = more or len(events) == params.limit
-        self._reply(command, {"events": events, "next_since_seq": next_since, "more": more})
-
-    # -- private rooms, bans, mutes (gateway/state/rooms.py) -----------------------------------
-
-    def _in_room(self, room: str) -> bool:
-        """Did this connection enter ``room`` (a channel joined or a handler registered)?"""
-        return any(ref.room == room for ref in self._joined) or any(
-            ref.room == room for ref, _ in self._handlers
-        )
-
-    def _is_room_admin(self, room: str, channel: str) -> bool:
-        return self._policy.decide(authz.Permission.ADMIN, room, channel).allowed
-
-    async def _check_room(self, command: ClientCommand, action: str, key: str | None) -> None:
-        """Raise unless the room's settings let this principal ``action`` (banned, private...)."""
-        if self._rooms is None or self._rooms.get(self.principal.tenant, command.room) is None:
-            return
-        await self._rooms.check_enter(
-            self.principal.tenant,
-            self.principal.id,
-            command.room,
-            is_admin=self._is_room_admin(command.room, command.channel),
-            member=self._in_room(command.room),
-            key=key,
-            action=action,
-        )
-
-    def _refuse_publish(self, room_settings: RoomSettings, event: ClientEvent) -> bool:
-        """Send the error and return True when a ban, a mute or privacy refuses the event."""
-        assert self._rooms is not None  # room_settings came from it
-        refusal = self._rooms.publish_refusal(
-            room_settings,
-            self.principal.id,
-            event.room,
-            is_admin=self._is_room_admin(event.room, event.channel),
-            member=self._in_room(event.room),
-        )
-        if refusal is None:
-            return False
-        error, extra = refusal
-        self.socket.send(encode_error(error.with_request_id(event.id), extra))
-        return True
-
-    async def _room_admin(self, command: ClientCommand, ref: ChannelRef) -> None:
-        """room_configure, room_invite, room_ban, ... (``admin`` was checked by the caller)."""
-        if self._rooms is None:
-            raise ArqonError(UNAVAILABLE, "room settings need the gateway's NATS security state")
-        outcome = await run_admin_command(
-            self._rooms,
-            command.command,
-            command.parameters,
-            ref.tenant,
-            self.principal.id,
-            ref.room,
-        )
-        if command.command != commands.ROOM_INFO:
-            self._audit.record(
-                ref.tenant,
-                ADMIN_ACTION,
-                self.principal.id,
-                action=command.command,
-                room=ref.room,
-                target=outcome.target,
-            )
-        self._reply(command, outcome.result)
 
     def leave_room(self, room: str, error: ArqonError) -> bool:
         """Leave every channel of ``room`` and drop its handlers (a ban); tell the client.
 
         Returns whether the connection was in the room.
         """
-        refs = [ref for ref in self._joined if ref.room == room]
-        handlers = [key for key in self._handlers if key[0].room == room]
-        if not refs and not handlers:
-            return False
-        self._drop(refs, handlers)
-        channels = sorted({ref.channel for ref in refs} | {key[0].channel for key in handlers})
-        self.socket.send(encode_error(error, {"room": room, "channels": channels}))
-        return True
+        effects = self.core.leave_room(room, error)
+        self._apply_now(effects)
+        return bool(effects)
 
-    def _drop(self, refs: list[ChannelRef], handlers: list[tuple[ChannelRef, str]]) -> None:
-        """Leave these channels and stop serving these handlers (the client is told apart)."""
-        for ref in refs:
-            self._hub.leave(self.socket, ref)
-            self._joined.discard(ref)
-        for key in handlers:
-            served = self._handlers.pop(key)
-            task = asyncio.create_task(served.close())
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+    # -- service commands ---------------------------------------------------------------------
 
-    def _drop_what_is_no_longer_allowed(self) -> None:
-        """After refresh_token narrowed the rights: leave channels and handlers it denies."""
-        refs = [
-            ref
-            for ref in self._joined
-            if not self._policy.decide(authz.Permission.SUBSCRIBE, ref.room, ref.channel).allowed
-        ]
-        handlers = [
-            key
-            for key in self._handlers
-            if not self._policy.decide(authz.Permission.HANDLE, key[0].room, key[0].channel).allowed
-        ]
-        if not refs and not handlers:
-            return
-        self._drop(refs, handlers)
-        dropped = sorted(
-            {f"{ref.room}/{ref.channel}" for ref in refs}
-            | {f"{key[0].room}/{key[0].channel}:{key[1]}" for key in handlers}
-        )
-        error = ArqonError(FORBIDDEN, "the refreshed credential no longer allows these")
-        self.socket.send(encode_error(error, {"dropped": dropped}))
-
-    # -- service commands: the caller's side ---------------------------------------
-
-    async def _start_call(self, command: ClientCommand) -> None:
-        """A command that is not built-in goes to one registered handler, on any gateway."""
+    async def _call(self, call: fx.CallService) -> None:
         try:
-            commands.require_service_name(command.command)
-            timeout_ms = commands.service_timeout_ms(
-                command.timeout_ms,
-                int(self._settings.command_timeout_s * 1000),
-                int(self._settings.command_timeout_max_s * 1000),
-            )
-            self._authorize(authz.Permission.COMMAND, command.room, command.channel, command.id)
-            if self._rooms is not None and self._rooms.get(self.principal.tenant, command.room):
-                # The service's own parameters never carry a room key to the gateway.
-                await self._check_room(command, CALL_ACTION, None)
-        except ArqonError as exc:
-            self._reply(command, error=exc.with_request_id(command.id))
-            return
-        limit = self._settings.max_in_flight
-        if len(self._calls) >= limit:
-            detail = f"this connection has {limit} service commands awaiting answers"
-            self._reply(command, error=ArqonError(LIMIT_EXCEEDED, detail, command.id))
-            return
-        ref = ChannelRef(self.principal.tenant, command.room, command.channel)
-        task = asyncio.create_task(self._call(command, ref, timeout_ms))
-        self._calls.add(task)
-        task.add_done_callback(self._calls.discard)
-
-    async def _call(self, command: ClientCommand, ref: ChannelRef, timeout_ms: int) -> None:
-        call = ServiceCall(
-            command.command,
-            command.parameters,
-            self.principal.id,
-            command.id,
-            utc_timestamp(),
-            timeout_ms,
-        )
-        try:
-            body = await self._request(ref, command.command, call.encode(), timeout_ms / 1000)
-            reply = ServiceReply.decode(body)
+            body = await self._request(call.ref, call.name, call.body, call.timeout_s)
         except NoResponders:
-            # No service takes this name. If it looks like a mistyped built-in command, say
-            # which one (unknown_command, not retryable) instead of "start the service".
-            error = commands.misspelt_builtin(command.command) or ArqonError(NO_RESPONDERS)
-            self._reply(command, error=error.with_request_id(command.id))
+            effects = self.core.call_failed(call.op, Failure.NO_RESPONDERS)
         except RequestTimeout:
-            detail = f"no answer within {timeout_ms} ms"
-            self._reply(command, error=ArqonError(TIMEOUT, detail, command.id))
+            effects = self.core.call_failed(call.op, Failure.TIMEOUT)
         except BrokerUnavailable as exc:
-            log.warning("command %s failed: %s", command.command, exc)
-            self._reply(command, error=ArqonError(UNAVAILABLE, request_id=command.id))
-        except MalformedServiceMessage as exc:
-            log.warning("command %s got a malformed reply: %s", command.command, exc)
-            self._reply(command, error=ArqonError(INTERNAL, request_id=command.id))
+            log.warning("command %s failed: %s", call.name, exc)
+            effects = self.core.call_failed(call.op, Failure.UNAVAILABLE)
         except Exception:
-            log.exception("command %s failed", command.command)
-            self._reply(command, error=ArqonError(INTERNAL, request_id=command.id))
+            log.exception("command %s failed", call.name)
+            effects = self.core.call_failed(call.op, Failure.INTERNAL)
         else:
-            self.socket.send(
-                encode_response(
-                    command, reply.id, reply.sender, reply.timestamp, reply.result, reply.error
-                )
-            )
+            effects = self.core.call_answered(call.op, body)
+        self._apply_now(effects)
 
     async def _request(self, ref: ChannelRef, name: str, body: bytes, timeout: float) -> bytes:
         for pause in _NO_RESPONDERS_RETRY_S:
@@ -795,127 +551,33 @@ class Session:
                 await asyncio.sleep(pause)
         return await self._broker.request(ref, name, body, timeout)
 
-    # -- service commands: the handler's side --------------------------------------
-
-    async def _register(self, command: ClientCommand, ref: ChannelRef) -> None:
-        name = commands.handler_params(command.parameters)
-        await self._check_room(command, "handle commands", room_key_param(command.parameters))
-        key = (ref, name)
-        if key not in self._handlers:
-            limit = self._settings.max_handlers_per_connection
-            if len(self._handlers) >= limit:
-                raise ArqonError(LIMIT_EXCEEDED, f"this connection already has {limit} handlers")
-            self._handlers[key] = await self._broker.serve(
-                ref, name, lambda request: self._deliver(ref, request)
-            )
-            if self._closed or self._stopping:  # ended or draining while NATS confirmed it
-                await self._handlers.pop(key).close()
-                raise ArqonError(UNAVAILABLE, "the gateway is draining")
-        self._reply(command, {"command": name})
-
-    async def _unregister(self, command: ClientCommand, ref: ChannelRef) -> None:
-        name = commands.handler_params(command.parameters)
-        served = self._handlers.pop((ref, name), None)
-        if served is None:
-            raise ArqonError(NOT_REGISTERED, f"no handler for {name!r} on this channel")
-        await served.close()
-        self._reply(command, {"command": name})
-
     def _deliver(self, ref: ChannelRef, request: ServiceRequest) -> None:
         """A command for this connection's handler arrived from NATS (maybe from any gateway)."""
-        try:
-            call = ServiceCall.decode(request.body)
-        except MalformedServiceMessage as exc:
-            log.warning("dropped a malformed service request: %s", exc)
-            return
-        if self._closed or self._stopping or not self.socket.is_open:
-            self._send_reply(request.reply, self._gateway_error(UNAVAILABLE, "handler is leaving"))
-            return
-        if len(self._deliveries) >= self._settings.max_in_flight:
-            detail = f"the handler has {len(self._deliveries)} commands awaiting answers"
-            self._send_reply(request.reply, self._gateway_error(UNAVAILABLE, detail))
-            return
-        delivery_id = "dlv_" + uuid.uuid4().hex
-        timer = asyncio.get_running_loop().call_later(
-            call.timeout_ms / 1000 + _ANSWER_GRACE_S, self._expire, delivery_id
-        )
-        self._deliveries[delivery_id] = _Delivery(request.reply, timer)
-        self._no_deliveries.clear()
-        self.socket.send(
-            encode_delivery(
-                delivery_id,
-                ref.room,
-                ref.channel,
-                call.sender,
-                call.timestamp,
-                call.delivery_payload(),
-            )
-        )
+        effects = self.core.service_request(ref, request.reply, request.body, self.socket.is_open)
+        if not effects:
+            log.warning("dropped a malformed service request on %s", ref)
+        self._apply_now(effects)
 
     def _expire(self, delivery_id: str) -> None:
-        self._pop_delivery(delivery_id)
-
-    def _pop_delivery(self, delivery_id: str) -> _Delivery | None:
-        delivery = self._deliveries.pop(delivery_id, None)
-        if delivery is not None:
-            delivery.timer.cancel()
-        if not self._deliveries:
+        self._timers.pop(delivery_id, None)
+        self.core.delivery_expired(delivery_id)
+        if not self.core.has_deliveries:
             self._no_deliveries.set()
-        return delivery
 
-    async def _answer(self, response: ClientResponse) -> None:
-        delivery = self._pop_delivery(response.request_id)
-        if delivery is None:
-            raise ArqonError(
-                UNKNOWN_REQUEST, f"no delivery {response.request_id[:64]!r}", response.id
-            )
-        body = ServiceReply(
-            response.id, self.principal.id, utc_timestamp(), response.result, response.error
-        ).encode()
-        if len(body) > self._broker.max_payload - _NATS_HEADER_ROOM:
-            body = self._gateway_error(INTERNAL, "the handler's answer exceeds NATS max_payload")
-            self.socket.send(
-                encode_error(ArqonError(MESSAGE_TOO_LARGE, "answer too large", response.id))
-            )
+    async def _respond(self, respond: fx.Respond) -> None:
         try:
-            await self._broker.respond(delivery.reply, body)
+            await self._broker.respond(respond.reply, respond.body)
         except BrokerUnavailable as exc:
-            log.warning("answer %s could not be sent: %s", response.id, exc)
-            raise ArqonError(UNAVAILABLE, request_id=response.id) from None
-
-    @staticmethod
-    def _gateway_error(code: ErrorCode, detail: str) -> bytes:
-        error = ArqonError(code, detail)
-        return ServiceReply(
-            "resp_" + uuid.uuid4().hex,
-            GATEWAY,
-            utc_timestamp(),
-            None,
-            ResponseError(error.code, error.message, code.retryable),
-        ).encode()
-
-    def _send_reply(self, reply: str, body: bytes) -> None:
-        task = asyncio.create_task(self._respond_quietly(reply, body))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+            log.warning("answer %s could not be sent: %s", respond.request_id, exc)
+            if respond.request_id is not None:
+                await self._execute(self.core.respond_failed(respond.request_id))
 
     async def _respond_quietly(self, reply: str, body: bytes) -> None:
         with contextlib.suppress(BrokerUnavailable):
             await self._broker.respond(reply, body)
 
-    async def _stop_handlers(self) -> None:
-        """Take this connection out of every queue group: new commands go elsewhere."""
-        handlers = list(self._handlers.values())
-        self._handlers.clear()
-        for served in handlers:
-            await served.close()
-
     async def _close_handlers(self, reason: str) -> None:
-        await self._stop_handlers()
-        for delivery_id in list(self._deliveries):
-            delivery = self._pop_delivery(delivery_id)
-            if delivery is not None:
-                self._send_reply(delivery.reply, self._gateway_error(UNAVAILABLE, reason))
+        await self._execute(self.core.close_handlers(reason))
         if self._background:
             await asyncio.wait(set(self._background), timeout=2.0)
 
@@ -923,8 +585,36 @@ class Session:
 
     async def drain(self, timeout: float) -> None:
         """Stop taking frames, let acks and answers in flight finish, then close 1012."""
-        self._stopping = True
-        await self._stop_handlers()
+        await self._execute(self.core.begin_drain())
         await self.finish_in_flight(timeout)
         await self._close_handlers("the handler's gateway is draining")
         await self.socket.close(CloseCode.SERVICE_RESTART, "server draining: reconnect elsewhere")
+
+
+async def _true() -> bool:
+    return True
+
+
+async def _checked(authenticator: Authenticator, token: str) -> Principal:
+    """refresh_token's credential, refusals as the errors the client gets."""
+    try:
+        return await check_credentials(authenticator, Credentials(token))
+    except AuthUnavailable as exc:
+        raise ArqonError(UNAVAILABLE, str(exc)) from None
+    except AuthError as exc:
+        raise ArqonError(INVALID_PARAMETERS, f"parameter 'token' was refused: {exc}") from None
+
+
+async def _registered(
+    security: SecurityState, tenant: str, role: str, parameters: dict[str, Any]
+) -> dict[str, str]:
+    try:
+        record = await auth_agent.register_from_session(security, tenant, role, parameters)
+    except auth_agent.RegistrationError as exc:
+        raise ArqonError(INVALID_PARAMETERS, str(exc)) from None
+    return {
+        "agent_id": record.agent_id,
+        "tenant": record.tenant,
+        "name": record.name,
+        "role": record.role,
+    }

@@ -61,6 +61,19 @@ def encode_binary_frame(payload: bytes) -> bytes:
     return _encode_frame(_OP_BINARY, payload)
 
 
+class FrameCounts:
+    """Messages received from and queued to clients, over all of one listener's sockets.
+
+    Two integer increments per message, read every heartbeat (gateway/state/heartbeat.py).
+    """
+
+    __slots__ = ("received", "sent")
+
+    def __init__(self) -> None:
+        self.received = 0
+        self.sent = 0
+
+
 class Socket:
     """A client connection as the session and the hub see it.
 
@@ -73,6 +86,7 @@ class Socket:
         "_closing",
         "_coalesce_max",
         "_conn",
+        "_counts",
         "_idle_handle",
         "_idle_timeout",
         "_limit",
@@ -84,8 +98,11 @@ class Socket:
         "_transport",
     )
 
-    def __init__(self, conn: ServerConnection, send_buffer_bytes: int) -> None:
+    def __init__(
+        self, conn: ServerConnection, send_buffer_bytes: int, counts: FrameCounts | None = None
+    ) -> None:
         self._conn = conn
+        self._counts = counts if counts is not None else FrameCounts()
         self._transport: asyncio.Transport = conn.transport
         self._limit = send_buffer_bytes
         self._coalesce_max = min(_COALESCE_MAX, send_buffer_bytes // 4)
@@ -153,6 +170,7 @@ class Socket:
             return False
         self._out.append(frame)
         self._out_bytes += len(frame)
+        self._counts.sent += 1
         if self._out_bytes >= self._coalesce_max:
             self._flush()  # a big burst: hand it to the kernel now
         return True
@@ -206,6 +224,7 @@ class Socket:
             data = await self._conn.recv()
         except ConnectionClosed:
             return None
+        self._counts.received += 1
         if isinstance(data, str):
             return data.encode(), True
         return data, False
@@ -486,12 +505,14 @@ async def start_server(
     on_socket: SocketHandler,
     accept_gate: AcceptGate | None = None,
     select_subprotocol: Callable[[Sequence[str]], str | None] | None = None,
+    counts: FrameCounts | None = None,
 ) -> Server:
     """Listen for WebSocket upgrades and plain HTTP GETs on one port.
 
     Compression stays off on purpose: frames are built once and shared by every
     subscriber (see the module docstring). Messages above ``max_frame_bytes``, or in
     more than MAX_FRAGMENTS fragments, close 1009; text that is not UTF-8 closes 1007.
+    ``counts`` (optional) counts every socket's messages in and out.
     """
 
     contexts: dict[int, Any] = {}  # lives only from process_request to handler (or close)
@@ -521,7 +542,7 @@ async def start_server(
     async def handler(connection: ServerConnection) -> None:
         context = contexts.pop(id(connection), None)
         if context is not None:
-            socket = Socket(connection, options.send_buffer_bytes)
+            socket = Socket(connection, options.send_buffer_bytes, counts)
             socket.watch_idle(options.idle_timeout_s)
             try:
                 await on_socket(context, socket)

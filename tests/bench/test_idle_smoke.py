@@ -11,6 +11,7 @@ from arqonbus_server.mesh.local import LocalCluster
 from bench.idle import run_idle
 from bench.peers import start_peer
 from tests.support import GatewayProcess
+from tests.timeouts import SEC
 
 N = 300
 
@@ -35,7 +36,7 @@ async def test_idle_against_gateway(
     gateways = [await gateway_processes(nats_cluster.url_csv) for _ in range(2)]
     targets = [(gw.proc.pid, gw.url) for gw in gateways if gw.proc is not None]
     assert len(targets) == 2
-    report = await run_idle("arqonbus", targets, N, timeout=15)
+    report = await run_idle("arqonbus", targets, N, timeout=15 * SEC)
     _check(report, "arqonbus")
     assert report["targets"] == 2
 
@@ -43,7 +44,7 @@ async def test_idle_against_gateway(
 async def test_idle_against_python_socketio() -> None:
     peer = await start_peer("socketio-py", 0)
     try:
-        report = await run_idle("socketio-py", [(peer.pid, peer.url)], N, timeout=15)
+        report = await run_idle("socketio-py", [(peer.pid, peer.url)], N, timeout=15 * SEC)
     finally:
         await peer.stop()
     _check(report, "socketio-py")

@@ -8,17 +8,25 @@ second gateway); everything opened is closed after the test.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
 
 from arqonbus_server.mesh.audit import JetStreamAuditSink
+from arqonbus_server.mesh.cluster import JetStreamClusterView
 from arqonbus_server.mesh.jetstream import JetStreamBroker
 from arqonbus_server.mesh.kv import JetStreamStateStore
 from arqonbus_server.mesh.local import LocalCluster
-from arqonbus_server.mesh.memory import MemoryAuditSink, MemoryBroker, MemoryMesh, MemoryStateStore
-from arqonbus_server.mesh.ports import AuditSink, Broker, StateStore
+from arqonbus_server.mesh.memory import (
+    MemoryAuditSink,
+    MemoryBroker,
+    MemoryClusterView,
+    MemoryMesh,
+    MemoryStateStore,
+)
+from arqonbus_server.mesh.ports import AuditSink, Broker, ClusterView, StateStore
 from arqonbus_server.mesh.streams import StreamPolicy
 from arqonbus_server.shared.subjects import SubjectScheme
 
@@ -28,9 +36,12 @@ IMPLEMENTATIONS = ["jetstream", "memory"]
 class Mesh:
     """The ports of one implementation, on one cluster (real or in memory)."""
 
-    def __init__(self, kind: str, make_broker: Callable[[], Any]) -> None:
+    def __init__(
+        self, kind: str, make_broker: Callable[[], Any], urls: list[str] | None = None
+    ) -> None:
         self.kind = kind
         self._make_broker = make_broker
+        self._urls = urls or []
         self.opened: list[Any] = []
 
     async def broker(self, max_bytes_for: Callable[[str], int] | None = None) -> Broker:
@@ -53,6 +64,21 @@ class Mesh:
             return MemoryAuditSink(first.mesh)
         return JetStreamAuditSink(first)
 
+    async def cluster_views(self, count: int) -> list[ClusterView]:
+        """``count`` views of one mesh (as on ``count`` gateways), under a subject prefix of
+        their own: the heartbeat stream and its TTL are per prefix, shared by the session."""
+        scheme = SubjectScheme("ct" + uuid.uuid4().hex[:10])
+        if self.kind == "memory":
+            shared = MemoryMesh(scheme)
+            return [MemoryClusterView(shared) for _ in range(count)]
+        views: list[ClusterView] = []
+        for _ in range(count):
+            broker = JetStreamBroker(self._urls, scheme, StreamPolicy(), name="contract-test")
+            await broker.connect()
+            self.opened.append(broker)
+            views.append(JetStreamClusterView(broker))
+        return views
+
     async def _first_broker(self) -> Any:
         if not self.opened:
             await self.broker()
@@ -69,7 +95,7 @@ async def jetstream_mesh(nats_cluster: LocalCluster) -> AsyncIterator[Mesh]:
         return JetStreamBroker(cluster.urls, SubjectScheme(), StreamPolicy(), name="contract-test")
 
     cluster = nats_cluster
-    ports = Mesh("jetstream", make)
+    ports = Mesh("jetstream", make, cluster.urls)
     try:
         yield ports
     finally:

@@ -19,6 +19,7 @@ from arqonbus_server.mesh.ports import (
 )
 from arqonbus_server.shared.subjects import ChannelRef
 from tests.contract.conftest import Mesh
+from tests.timeouts import SEC
 
 WAIT_S = 10.0
 
@@ -58,7 +59,7 @@ async def live_in_place(broker: Broker, ref: ChannelRef, received: Received) -> 
     for _ in range(20):
         seq = (await broker.publish(ref, b"probe", key())).seq
         try:
-            async with asyncio.timeout(0.5):
+            async with asyncio.timeout(0.5 * SEC):
                 await received.until(lambda events, seq=seq: any(e.seq == seq for e in events))
             return
         except TimeoutError:

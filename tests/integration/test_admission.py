@@ -24,6 +24,7 @@ from arqonbus_server.gateway.admin.dev import http_status
 from arqonbus_server.gateway.app import Gateway
 from tests.conftest import GatewayFactory, gateway_url
 from tests.support import WsClient
+from tests.timeouts import SEC
 
 pytestmark = pytest.mark.integration
 
@@ -99,7 +100,7 @@ async def test_unfinished_handshakes_end_at_the_open_timeout(
     try:
         started = time.monotonic()
         silent, trickled = await asyncio.gather(
-            read_until_closed(silent_reader, timeout=15),
+            read_until_closed(silent_reader, timeout=15 * SEC),
             trickle_until_closed(
                 slow_reader, slow_writer, upgrade_request(port, "slow"), every=0.2
             ),
@@ -157,7 +158,7 @@ async def test_pending_handshakes_are_capped_per_address(
     extra_reader, extra_writer = await open_raw(gateway, "127.0.0.3")
     try:
         # Over the cap: dropped at accept, without an answer (the others stay pending).
-        assert await read_until_closed(extra_reader, timeout=10) == b""
+        assert await read_until_closed(extra_reader, timeout=10 * SEC) == b""
         assert gateway.pending_handshakes.pending("127.0.0.3") == cap
         assert gateway.pending_handshakes.refused == 1
         # Other addresses are not affected.
@@ -166,7 +167,7 @@ async def test_pending_handshakes_are_capped_per_address(
         # A pending connection that completes its request frees its slot at once.
         reader, writer = pending[0]
         writer.write(upgrade_request(port, "late"))
-        async with asyncio.timeout(10):
+        async with asyncio.timeout(10 * SEC):
             status_line = await reader.readline()
         assert status_line.startswith(b"HTTP/1.1 101"), status_line
         again = await clients(gateway_url(gateway), tenant, "again", local_addr=("127.0.0.3", 0))

@@ -24,6 +24,7 @@ from arqonbus_server.shared import agent_identity as ai
 from arqonbus_server.shared import apikeys
 from tests.conftest import GatewayFactory, gateway_url
 from tests.support import WsClient
+from tests.timeouts import SEC
 
 pytestmark = pytest.mark.integration
 
@@ -36,7 +37,7 @@ def http_url(gw: Gateway, path: str) -> str:
 
 async def get_nonce(gw: Gateway) -> str:
     def fetch() -> dict[str, Any]:
-        with urllib.request.urlopen(http_url(gw, "/auth/nonce"), timeout=10) as response:
+        with urllib.request.urlopen(http_url(gw, "/auth/nonce"), timeout=10 * SEC) as response:
             assert response.status == 200
             body: dict[str, Any] = json.loads(response.read())
             return body
@@ -60,7 +61,7 @@ async def known_everywhere(agent_id: str, *gateways: Gateway, revoked: bool = Fa
             lambda key, value, gw=gw, seen=seen: seen.set() if ok(gw) else None
         )
         if not ok(gw):
-            await asyncio.wait_for(seen.wait(), 10)
+            await asyncio.wait_for(seen.wait(), 10 * SEC)
 
 
 async def cli(gw: Gateway, capsys: pytest.CaptureFixture[str], **fields: Any) -> str:
@@ -204,7 +205,7 @@ async def test_revoke_closes_sessions_on_every_gateway(two, tenant, capsys, open
 
     assert await cli(gw_a, capsys, agents_command="revoke", tenant=tenant, agent_id=agent_id)
     for client in (on_a, on_b):
-        await asyncio.wait_for(client.closed.wait(), 10)
+        await asyncio.wait_for(client.closed.wait(), 10 * SEC)
         assert client.close_code == 4500
     assert not bystander.closed.is_set()
     await known_everywhere(agent_id, gw_a, gw_b, revoked=True)
@@ -224,7 +225,7 @@ async def test_the_cli_as_a_command(two, tenant, tmp_path, opened):
             sys.executable, "-m", "arqonbus_server.gateway", "agents", *argv, cwd=REPO, env=env,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
-        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        out, err = await asyncio.wait_for(proc.communicate(), 60 * SEC)
         assert proc.returncode is not None
         return proc.returncode, out.decode(), err.decode()
 
@@ -283,7 +284,7 @@ async def test_nonce_endpoint_is_rate_limited(start_gateway):
 
     def fetch() -> int:
         try:
-            urllib.request.urlopen(http_url(gw, "/auth/nonce"), timeout=10)
+            urllib.request.urlopen(http_url(gw, "/auth/nonce"), timeout=10 * SEC)
         except urllib.error.HTTPError as exc:
             return exc.code
         return 200
@@ -304,7 +305,7 @@ async def test_a_room_admin_cannot_register_a_tenant_wide_agent(
     seen = asyncio.Event()
     gw.security.keys.on_change(lambda _k, _v: seen.set())
     if apikeys.parse_key(key).key_id not in "".join(k for k, _ in gw.security.keys.items()):
-        await asyncio.wait_for(seen.wait(), 10)
+        await asyncio.wait_for(seen.wait(), 10 * SEC)
     room_admin = await WsClient.open(gateway_url(gw), key)
     opened.append(room_admin)
     params = {"public_key": ai.public_key_b64(ai.generate_private_key()), "name": "x"}

@@ -25,6 +25,7 @@ from arqonbus_server.shared import apikeys
 from arqonbus_server.shared.errors import CloseCode
 from tests.conftest import GatewayFactory, gateway_url
 from tests.support import WsClient, new_id
+from tests.timeouts import SEC
 
 
 async def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -230,7 +231,7 @@ async def test_a_revoke_closes_the_keys_sessions_on_every_gateway_within_a_secon
     returned = loop.time()
     assert code == 0, err
     assert key_id in out and key not in out + err
-    closed = await asyncio.wait_for(asyncio.gather(*closes), 5)
+    closed = await asyncio.wait_for(asyncio.gather(*closes), 5 * SEC)
 
     latencies = [at - returned for at in closed]
     print(
@@ -257,7 +258,7 @@ async def test_deleting_a_key_record_also_closes_its_sessions(
     client = await opened(gw, key)
     kv = await gw.broker.key_value(bucket_name(gw.settings.subject_prefix, KEYS))
     await kv.delete(apikeys.kv_key(tenant, key_id))
-    await asyncio.wait_for(client.closed.wait(), 5)
+    await asyncio.wait_for(client.closed.wait(), 5 * SEC)
     assert client.close_code == CloseCode.CREDENTIAL_REVOKED
     body = await refused(gw, key)
     assert "unknown API key" in body["message"]

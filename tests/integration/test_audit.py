@@ -9,15 +9,17 @@ from typing import Any
 
 import orjson
 import pytest
+import websockets
 from nats.js.api import DiscardPolicy, StorageType
+from websockets.exceptions import InvalidStatus
 
 from arqonbus_server.gateway.admin import cli
 from arqonbus_server.gateway.app import Gateway
-from arqonbus_server.gateway.auth.base import AuthError
 from arqonbus_server.gateway.state import audit
 from arqonbus_server.mesh.local import LocalCluster
+from arqonbus_server.shared import apikeys
 from tests.conftest import gateway_url
-from tests.support import WsClient
+from tests.support import WsClient, jetstream_manager
 
 pytestmark = pytest.mark.integration
 
@@ -32,11 +34,25 @@ SSN = "123-45-6789"
 async def run_cli(
     capsys: pytest.CaptureFixture[str], nats: LocalCluster, *argv: str
 ) -> tuple[int, str, str]:
-    """``arqonbus audit ...`` as a user runs it (its own event loop, in a thread)."""
+    """``arqonbus audit ...`` as a user runs it."""
+    return await run_cli_argv(capsys, "audit", "--nats", nats.url_csv, *argv)
+
+
+async def run_cli_argv(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """``arqonbus ARGV`` as a user runs it (its own event loop, in a thread)."""
     capsys.readouterr()
-    code = await asyncio.to_thread(cli.main, ["audit", "--nats", nats.url_csv, *argv])
+    code = await asyncio.to_thread(cli.main, list(argv))
     out, err = capsys.readouterr()
     return code, out, err
+
+
+async def refused_handshake(gateway: Gateway, token: str) -> int:
+    """The HTTP status with which the gateway refuses a WebSocket upgrade with ``token``."""
+    with pytest.raises(InvalidStatus) as refusal:
+        await websockets.connect(
+            gateway_url(gateway), additional_headers={"Authorization": f"Bearer {token}"}
+        )
+    return refusal.value.response.status_code
 
 
 async def query(
@@ -47,15 +63,15 @@ async def query(
     return [orjson.loads(line) for line in out.splitlines()]
 
 
-async def raw_audit_bytes(gateway: Gateway, tenant: str) -> list[bytes]:
-    """Every stored message of the tenant's audit stream, as stored."""
-    _, _, jsm, _ = gateway.broker._require()
+async def raw_audit_bytes(nats: LocalCluster, gateway: Gateway, tenant: str) -> list[bytes]:
+    """Every stored message of the tenant's audit stream, as the NATS servers hold it."""
     name = audit.stream_name(gateway.settings.subject_prefix, tenant)
-    info = await jsm.stream_info(name)
-    return [
-        (await jsm.get_msg(name, seq)).data or b""
-        for seq in range(info.state.first_seq, info.state.last_seq + 1)
-    ]
+    async with jetstream_manager(nats) as jsm:
+        info = await jsm.stream_info(name)
+        return [
+            (await jsm.get_msg(name, seq)).data or b""
+            for seq in range(info.state.first_seq, info.state.last_seq + 1)
+        ]
 
 
 async def test_forbidden_publish_is_audited_once_and_found_by_the_cli(
@@ -98,8 +114,8 @@ async def test_forbidden_publish_is_audited_once_and_found_by_the_cli(
     assert "forbidden" in line and "principal=viewer" in line and "channel=general" in line
 
     # The stream: file storage, replicated like the tenant streams, bounded in age and size.
-    _, _, jsm, _ = gateway.broker._require()
-    info = await jsm.stream_info(audit.stream_name("arq", tenant))
+    async with jetstream_manager(nats_cluster) as jsm:
+        info = await jsm.stream_info(audit.stream_name("arq", tenant))
     config = info.config
     assert config.num_replicas == 3
     assert StorageType(config.storage) is StorageType.FILE
@@ -132,28 +148,33 @@ async def test_policy_block_is_audited_with_its_rule(
     assert event["details"]["rule"] == "no-ssn"
     assert event["details"]["code"] == "policy_violation"
     assert (event["details"]["room"], event["details"]["channel"]) == ("lobby", "general")
-    assert all(SSN.encode() not in raw for raw in await raw_audit_bytes(gateway, tenant))
+    assert all(
+        SSN.encode() not in raw for raw in await raw_audit_bytes(nats_cluster, gateway, tenant)
+    )
 
 
 async def test_auth_failure_with_a_tenant_is_audited(
     start_gateway: Any, tenant: str, nats_cluster: LocalCluster, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    gateway = await start_gateway()
-    # The handshake's refusal path, as for an API key whose secret does not match.
-    refusal = gateway._refuse_auth(
-        AuthError("invalid API key", tenant=tenant, credential_id="k0123456789a"), "127.0.0.9"
+    gateway = await start_gateway(auth="apikey")
+    code, out, err = await run_cli_argv(
+        capsys, "keys", "create", "--tenant", tenant, "--name", "ci", "--nats", nats_cluster.url_csv
     )
-    assert refusal.status == 401
-    # An AuthError without a tenant (a bad JWT: its claims are not trusted) is not recorded.
-    gateway._refuse_auth(AuthError("invalid token: bad signature"), "127.0.0.9")
+    assert code == 0, err
+    created = apikeys.parse_key(out.strip())
+    key_id, other_secret = created.key_id, "A" * len(created.secret)
+    # A handshake with the key's id but not its secret: refused, and recorded for the tenant.
+    assert await refused_handshake(gateway, apikeys.format_key(key_id, other_secret)) == 401
+    # A key id nobody created names no tenant (nothing in it is trusted): not recorded.
+    unknown = apikeys.format_key("a" * len(key_id), other_secret)
+    assert await refused_handshake(gateway, unknown) == 401
     assert await gateway.audit.flush()
 
     [event] = await query(capsys, nats_cluster, tenant, "--type", "auth_failed")
-    assert event["details"] == {
-        "credential_id": "k0123456789a",
-        "reason": "invalid API key",
-        "peer_ip": "127.0.0.9",
-    }
+    details = event["details"]
+    assert (details["credential_id"], details["peer_ip"]) == (key_id, "127.0.0.1")
+    assert details["reason"].startswith(f"wrong secret for API key {key_id}")
+    assert set(details) == {"credential_id", "reason", "peer_ip"}
 
 
 async def test_tenants_never_see_each_other(
@@ -170,11 +191,11 @@ async def test_tenants_never_see_each_other(
     events_b = await query(capsys, nats_cluster, tenant_b)
     assert [(e["tenant"], e["principal"]) for e in events_a] == [(tenant_a, "ann")]
     assert [(e["tenant"], e["principal"]) for e in events_b] == [(tenant_b, "ben")]
-    assert tenant_b.encode() not in b"".join(await raw_audit_bytes(gateway, tenant_a))
+    assert tenant_b.encode() not in b"".join(await raw_audit_bytes(nats_cluster, gateway, tenant_a))
 
 
 async def test_no_secret_reaches_the_audit_stream(
-    start_gateway: Any, clients: Any, tenant: str
+    start_gateway: Any, clients: Any, tenant: str, nats_cluster: LocalCluster
 ) -> None:
     gateway = await start_gateway()
     token = f"dev:{tenant}:mallory:read-only"
@@ -198,7 +219,7 @@ async def test_no_secret_reaches_the_audit_stream(
     )
     assert await gateway.audit.flush()
 
-    stored = await raw_audit_bytes(gateway, tenant)
+    stored = await raw_audit_bytes(nats_cluster, gateway, tenant)
     assert len(stored) == 2
     for raw in stored:
         for secret in (token, JWT, "eyJ", "s3cr3t-value", "argon2id", "c2lnbmF0dXJl"):

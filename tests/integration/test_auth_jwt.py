@@ -21,6 +21,7 @@ from arqonbus_server.gateway.auth.jwt import JwtAuthenticator
 from tests.conftest import gateway_url
 from tests.jwks import JwksServer
 from tests.support import WsClient, new_id
+from tests.timeouts import SEC
 
 pytestmark = pytest.mark.integration
 
@@ -152,7 +153,7 @@ async def test_a_session_is_closed_4004_when_its_token_expires(
     doomed = await connect(gw, opened, additional_headers={"Authorization": f"Bearer {expiring}"})
     other = await connect(gw, opened, additional_headers={"Authorization": f"Bearer {lasting}"})
     connected_at = time.monotonic()
-    await asyncio.wait_for(doomed.ws.wait_closed(), 10)
+    await asyncio.wait_for(doomed.ws.wait_closed(), 10 * SEC)
     assert doomed.ws.close_code == 4004, doomed.ws.close_code
     assert "token expired" in (doomed.ws.close_reason or "")
     assert time.monotonic() - connected_at < 5

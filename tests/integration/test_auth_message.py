@@ -19,6 +19,7 @@ from tests.integration.test_agents import known_everywhere
 from tests.integration.test_auth_jwt import jwks_document
 from tests.integration.test_auth_jwt import token as jwt_token
 from tests.support import WsClient
+from tests.timeouts import SEC
 
 pytestmark = pytest.mark.integration
 
@@ -43,7 +44,7 @@ async def auth(client: WsClient, token: str) -> dict[str, Any]:
 
 
 async def closed_with(client: WsClient) -> tuple[int | None, str]:
-    await asyncio.wait_for(client.closed.wait(), 10)
+    await asyncio.wait_for(client.closed.wait(), 10 * SEC)
     return client.close_code, client.ws.close_reason or ""
 
 

@@ -14,6 +14,7 @@ from arqonbus import Client, Forbidden
 from arqonbus_server.shared.errors import CATALOGUE
 from tests.conftest import gateway_url
 from tests.support import Message, WsClient, new_id
+from tests.timeouts import SEC
 
 pytestmark = pytest.mark.integration
 
@@ -121,10 +122,10 @@ async def test_sdk_raises_forbidden_at_once_and_read_only_can_still_read(start_g
     async with Client(url, f"dev:{tenant}:bob:read-only", request_timeout=10) as reader:
         with pytest.raises(Forbidden) as info:
             # Not retryable: raised at once, well before the request timeout.
-            await asyncio.wait_for(reader.publish(ROOM, CHANNEL, {"n": 1}), 5)
+            await asyncio.wait_for(reader.publish(ROOM, CHANNEL, {"n": 1}), 5 * SEC)
         assert info.value.code == "forbidden" and info.value.retryable is False
         assert "'publish'" in info.value.message
         with pytest.raises(Forbidden):
-            await reader.command(ROOM, CHANNEL, "status", {}, timeout=2)
+            await reader.command(ROOM, CHANNEL, "status", {}, timeout=2 * SEC)
         events = await reader.history(ROOM, CHANNEL).list()
         assert [e.payload for e in events] == [{"n": 0}]

@@ -7,6 +7,7 @@ import asyncio
 import itertools
 import logging
 import sys
+import urllib.request
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -25,6 +26,7 @@ from arqonbus_server.shared.settings import ConfigError
 from arqonbus_server.shared.subjects import ChannelRef, SubjectScheme
 from tests.conftest import gateway_url
 from tests.support import Message, WsClient
+from tests.timeouts import SEC
 
 pytestmark = pytest.mark.integration
 
@@ -32,12 +34,39 @@ REPO = Path(__file__).resolve().parents[2]
 WAIT_S = 10.0
 
 
-def live_subscriptions(gateway: Gateway, ref: ChannelRef) -> int:
-    """Subscriptions on the channel's delivery subject held by the gateway's NATS client."""
-    subject = SubjectScheme().live(ref)
-    nc = gateway.broker._nc
-    assert nc is not None
-    return sum(1 for sub in nc._subs.values() if sub.subject == subject)
+class MonitoredNats:
+    """One NATS server with its HTTP monitoring endpoint: shows each client's subscriptions."""
+
+    def __init__(self, cluster: LocalCluster, http_port: int) -> None:
+        self.cluster, self.http_port = cluster, http_port
+
+    async def live_subscriptions(self, gateway: Gateway, ref: ChannelRef) -> int:
+        """Subscriptions on the channel's delivery subject that the server holds for the
+        gateway's connection (named ``arqonbus-gateway <node id>``)."""
+        url = f"http://127.0.0.1:{self.http_port}/connz?subs=detail&limit=1024"
+        with await asyncio.to_thread(urllib.request.urlopen, url, timeout=5 * SEC) as response:
+            connz = orjson.loads(response.read())
+        subject = SubjectScheme().live(ref)
+        [connection] = [
+            c
+            for c in connz["connections"]
+            if c.get("name") == f"arqonbus-gateway {gateway.node_id}"
+        ]
+        subs = connection.get("subscriptions_list_detail") or []
+        return sum(1 for sub in subs if sub["subject"] == subject)
+
+
+@pytest.fixture
+async def monitored_nats(tmp_path: Path) -> AsyncIterator[MonitoredNats]:
+    http_port = free_port()
+    cluster = LocalCluster(
+        tmp_path / "monitored", nodes=1, extra_config=f'http: "127.0.0.1:{http_port}"'
+    )
+    await cluster.start(timeout=30 * SEC)
+    try:
+        yield MonitoredNats(cluster, http_port)
+    finally:
+        await cluster.stop()
 
 
 def event_frame(msg_id: str, room: str, channel: str, payload: Message) -> Message:
@@ -57,16 +86,17 @@ async def jetstream(cluster: LocalCluster) -> AsyncIterator[JetStreamManager]:
 
 
 async def test_concurrent_joins_share_one_subscription_until_the_last_member_goes(
-    start_gateway, clients, tenant
+    start_gateway, clients, tenant, monitored_nats
 ):
-    gw = await start_gateway()
+    gw = await start_gateway(nats=monitored_nats.cluster.url_csv)
+    live_subscriptions = monitored_nats.live_subscriptions
     ref = ChannelRef(tenant, "r", "shared")
     members = [await clients(gateway_url(gw), tenant, f"m{i}") for i in range(6)]
 
     await asyncio.gather(*(m.join("r", "shared") for m in members))
 
     assert gw.hub.subscription_count() == 1
-    assert live_subscriptions(gw, ref) == 1
+    assert await live_subscriptions(gw, ref) == 1
     first = await members[0].publish("r", "shared", {"n": 1}, id="once-1")
     second = await members[0].publish("r", "shared", {"n": 2}, id="once-2")
     for member in members:
@@ -79,17 +109,22 @@ async def test_concurrent_joins_share_one_subscription_until_the_last_member_goe
     for member in members[:3]:
         reply = await member.command("r", "shared", "leave_channel")
         assert reply["payload"]["status"] == "success", reply
-    assert live_subscriptions(gw, ref) == 1  # three members remain
+    assert await live_subscriptions(gw, ref) == 1  # three members remain
     for member in members[3:]:
         await member.close()
     await asyncio.wait_for(gw.hub.wait_idle(), WAIT_S)
-    assert live_subscriptions(gw, ref) == 0 and gw.hub.subscription_count() == 0
+    # A publish through the same gateway: its ack means the server has read all that the
+    # gateway's connection sent before it, the unsubscribe included (NATS keeps the order).
+    probe = await clients(gateway_url(gw), tenant, "probe")
+    assert (await probe.publish("r", "elsewhere", {}))["type"] == "ack"
+    assert await live_subscriptions(gw, ref) == 0 and gw.hub.subscription_count() == 0
 
 
 async def test_leave_of_a_never_joined_channel_does_not_drop_anothers_join(
-    start_gateway, clients, tenant
+    start_gateway, clients, tenant, monitored_nats
 ):
-    gw = await start_gateway()
+    gw = await start_gateway(nats=monitored_nats.cluster.url_csv)
+    live_subscriptions = monitored_nats.live_subscriptions
     joiner = await clients(gateway_url(gw), tenant, "joiner")
     stranger = await clients(gateway_url(gw), tenant, "stranger")
     channels = [f"c{i}" for i in range(5)]
@@ -103,7 +138,7 @@ async def test_leave_of_a_never_joined_channel_does_not_drop_anothers_join(
 
     assert gw.hub.subscription_count() == len(channels)
     for channel in channels:
-        assert live_subscriptions(gw, ChannelRef(tenant, "r", channel)) == 1
+        assert await live_subscriptions(gw, ChannelRef(tenant, "r", channel)) == 1
         ack = await stranger.publish("r", channel, {"to": channel})
         [event] = await joiner.wait_events(1, "r", channel)
         assert event["seq"] == ack["payload"]["seq"]
@@ -207,7 +242,7 @@ async def pipeline(sender: WsClient, frames: list[Message]) -> None:
         await sender.send(frame)
         if not answered:
             try:
-                await sender.wait_for(is_reply, timeout=0.001)
+                await sender.wait_for(is_reply, timeout=0.001 * SEC)
                 answered = True
             except TimeoutError:
                 pass
@@ -368,7 +403,7 @@ async def test_unreachable_nats_logs_one_warning_and_keeps_readyz_503(caplog):
     await gw.start()
     try:
         statuses.append(await http_status(*gw.address, "/readyz"))
-        await asyncio.wait_for(second_attempt.wait(), 10)
+        await asyncio.wait_for(second_attempt.wait(), 10 * SEC)
         statuses.append(await http_status(*gw.address, "/readyz"))
     finally:
         logging.getLogger("arqonbus.mesh.jetstream").removeHandler(watcher)

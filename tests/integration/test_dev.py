@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from arqonbus_server.mesh.local import free_port
+from tests.timeouts import SEC
 
 pytestmark = pytest.mark.integration
 
@@ -108,7 +109,7 @@ async def stop_leftovers(proc: asyncio.subprocess.Process, children: list[int]) 
     if proc.returncode is None:
         proc.send_signal(signal.SIGINT)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(proc.wait(), 30)
+            await asyncio.wait_for(proc.wait(), 30 * SEC)
     if proc.returncode is None:
         proc.kill()
         await proc.wait()
@@ -140,7 +141,9 @@ async def second_dev_fails(port: int, nats_port: int, data_dir: Path) -> tuple[i
         stderr=asyncio.subprocess.PIPE, start_new_session=True,
     )  # fmt: skip
     try:
-        out, err = await asyncio.wait_for(proc.communicate(), 15)  # fails fast: no NATS started
+        out, err = await asyncio.wait_for(
+            proc.communicate(), 15 * SEC
+        )  # fails fast: no NATS started
     finally:
         started = [pid for pid in pids_running_with(str(data_dir)) if pid not in before]
         await stop_leftovers(proc, started)
@@ -156,7 +159,7 @@ async def test_dev_serves_across_gateways_and_stops_without_orphans(tmp_path, cl
     proc = await start_dev(port, nats_port, data_dir, stderr)
     children: list[int] = []
     try:
-        banner = await read_banner(proc, stderr, timeout=60)
+        banner = await read_banner(proc, stderr, timeout=60 * SEC)
         gateways = GATEWAY_LINE.findall(banner)
         [(tenant, principal)] = TOKEN_LINE.findall(banner)
         assert [url for url, _ in gateways] == [f"ws://127.0.0.1:{p}/ws" for p in (port, port + 1)]
@@ -174,9 +177,9 @@ async def test_dev_serves_across_gateways_and_stops_without_orphans(tmp_path, cl
         assert_quiet_start(stderr)
 
         proc.send_signal(signal.SIGINT)
-        assert await asyncio.wait_for(proc.wait(), 40) == 0
+        assert await asyncio.wait_for(proc.wait(), 40 * SEC) == 0
         for client in (alice, bob):
-            async with asyncio.timeout(5):
+            async with asyncio.timeout(5 * SEC):
                 await client.closed.wait()
             assert client.close_code == 1012  # gateways drained: reconnect elsewhere
         assert [pid for pid in children if is_running(pid)] == []
@@ -196,7 +199,7 @@ async def test_a_second_dev_is_refused_by_port_or_data_dir_and_the_first_loses_n
     proc = await start_dev(port, nats_port, data_dir, stderr)
     children: list[int] = []
     try:
-        banner = await read_banner(proc, stderr, timeout=60)
+        banner = await read_banner(proc, stderr, timeout=60 * SEC)
         gateways = GATEWAY_LINE.findall(banner)
         children = [int(pid) for _, pid in gateways]
         children += pids_running_with(str(data_dir), besides=proc.pid)
@@ -248,13 +251,13 @@ async def test_dev_with_no_gateways_runs_only_nats_and_says_how_to_add_one(tmp_p
         )  # fmt: skip
     children: list[int] = []
     try:
-        banner = await read_banner(proc, stderr, timeout=60)
+        banner = await read_banner(proc, stderr, timeout=60 * SEC)
         children = pids_running_with(str(data_dir), besides=proc.pid)
         assert f"nats://127.0.0.1:{nats_port}" in banner
         assert GATEWAY_LINE.findall(banner) == [] and len(children) == 1, banner
         assert f"arqonbus gateway --nats nats://127.0.0.1:{nats_port}" in banner
         proc.send_signal(signal.SIGINT)
-        assert await asyncio.wait_for(proc.wait(), 30) == 0
+        assert await asyncio.wait_for(proc.wait(), 30 * SEC) == 0
         assert "Traceback" not in text_tail(stderr)
         assert [pid for pid in children if is_running(pid)] == []
     finally:
@@ -268,6 +271,6 @@ async def test_dev_refuses_a_bad_gateway_count(value):
         cwd=REPO, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
-    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    _, err = await asyncio.wait_for(proc.communicate(), 30 * SEC)
     assert proc.returncode == 2
     assert b"--gateways" in err and b"Traceback" not in err, err

@@ -23,6 +23,7 @@ from arqonbus_server.mesh.local import LocalCluster, free_port
 from arqonbus_server.shared.errors import CATALOGUE
 from tests.conftest import gateway_url
 from tests.support import Message, WsClient, new_id
+from tests.timeouts import SEC
 
 pytestmark = pytest.mark.integration
 
@@ -237,7 +238,7 @@ async def test_frame_above_twice_the_limit_closes_with_1009(start_gateway, clien
 
     with contextlib.suppress(ConnectionClosed):
         await client.send(sized_event("huge", 2 * limit + 1))
-    await asyncio.wait_for(client.closed.wait(), 10)
+    await asyncio.wait_for(client.closed.wait(), 10 * SEC)
 
     assert client.close_code == 1009
     assert not [m for m in client.received if m["type"] == "ack"]
@@ -416,7 +417,7 @@ async def test_bad_names_never_reach_nats(start_gateway, clients, tenant, nats_c
                 assert_error(error, "invalid_name", bad_command["id"])
         ack = await client.publish("r", "c", {"marker": marker})
         assert ack["type"] == "ack", ack
-        async with asyncio.timeout(10), changed:
+        async with asyncio.timeout(10 * SEC), changed:
             await changed.wait_for(lambda: any(marker.encode() in m.data for m in seen))
 
     assert [m.subject for m in seen if token in m.subject or token.encode() in m.data] == []

@@ -28,6 +28,7 @@ from tests.integration.test_dev import (
     start_dev,
     stop_leftovers,
 )
+from tests.timeouts import SEC
 
 pytestmark = pytest.mark.integration
 
@@ -58,13 +59,13 @@ async def dev_mesh(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Me
     proc = await start_dev(port, nats_port, data_dir, stderr)
     children: list[int] = []
     try:
-        banner = await read_banner(proc, stderr, timeout=60)
+        banner = await read_banner(proc, stderr, timeout=60 * SEC)
         gateways = GATEWAY_LINE.findall(banner)
         children = [int(pid) for _, pid in gateways]
         children += pids_running_with(str(data_dir), besides=proc.pid)
         yield Mesh([url for url, _ in gateways])
         proc.send_signal(signal.SIGINT)
-        assert await asyncio.wait_for(proc.wait(), 40) == 0
+        assert await asyncio.wait_for(proc.wait(), 40 * SEC) == 0
     finally:
         await stop_leftovers(proc, children)
 
@@ -192,7 +193,7 @@ async def test_example_1_chat_leaves_at_the_end_of_any_stdin(
                 assert chat.proc.stdin is not None
                 chat.proc.stdin.write(text)
                 chat.proc.stdin.close()
-            code, out, err = await chat.finish(timeout=30)
+            code, out, err = await chat.finish(timeout=30 * SEC)
         if source == "tty":
             # The terminal's O_NONBLOCK is shared with the shell: chat.py must give it back.
             assert os.get_blocking(stdin_fd), "chat.py left the terminal non-blocking"
@@ -299,7 +300,7 @@ async def test_the_readmes_arq_cmd_works_against_example_4(
             stderr=asyncio.subprocess.PIPE, env=env,
         )  # fmt: skip
         try:
-            out, err = await asyncio.wait_for(arq.communicate(), 30)
+            out, err = await asyncio.wait_for(arq.communicate(), 30 * SEC)
         finally:
             if arq.returncode is None:
                 arq.kill()

@@ -21,6 +21,7 @@ import pytest
 from arqonbus_server.gateway.admin.cli import main as cli_main
 from arqonbus_server.gateway.admin.dev import dev_auth, gateway_command, http_status, stop_process
 from arqonbus_server.mesh.local import LocalCluster, free_port
+from tests.timeouts import SEC
 
 pytestmark = pytest.mark.integration
 
@@ -85,13 +86,13 @@ def read_log(path: str) -> str:
 
 
 async def wait_ready(proc: asyncio.subprocess.Process, port: int, log_path: str) -> None:
-    async with asyncio.timeout(30):
+    async with asyncio.timeout(30 * SEC):
         while await http_status("127.0.0.1", port, "/readyz") != 200:
             if proc.returncode is not None:
                 tail = read_log(log_path)[-3000:]
                 raise AssertionError(f"gateway exited {proc.returncode}: {tail}")
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(proc.wait(), 0.05)
+                await asyncio.wait_for(proc.wait(), 0.05 * SEC)
 
 
 @pytest.mark.parametrize(

@@ -16,8 +16,10 @@ import pytest
 from websockets.exceptions import InvalidStatus
 
 from arqonbus_server.gateway.app import Gateway
+from arqonbus_server.mesh.local import LocalCluster
 from tests.conftest import GatewayFactory, gateway_url
-from tests.support import WsClient, new_id
+from tests.support import WsClient, jetstream_manager, new_id
+from tests.timeouts import SEC
 
 pytestmark = pytest.mark.integration
 
@@ -207,10 +209,9 @@ async def _wait_for_report(gw: Gateway, tenant: str, count: int) -> None:
         if reporter.others(tenant) >= count:
             seen.set()
 
-    assert reporter._watched is not None
-    reporter._watched.on_change(check)
+    reporter.on_report(check)
     check("", None)
-    async with asyncio.timeout(20):
+    async with asyncio.timeout(20 * SEC):
         await seen.wait()
 
 
@@ -262,7 +263,7 @@ async def test_tenant_stored_bytes_quota_refuses_new_events_and_keeps_history(
 
 
 async def test_quota_is_applied_to_an_existing_stream(
-    start_gateway: GatewayFactory, clients: Connect, tenant: str
+    start_gateway: GatewayFactory, clients: Connect, tenant: str, nats_cluster: LocalCluster
 ) -> None:
     plain = await start_gateway()
     writer = await clients(gateway_url(plain), tenant, "alice")
@@ -270,8 +271,8 @@ async def test_quota_is_applied_to_an_existing_stream(
     quota = await start_gateway(tenant_max_bytes=1 << 20)
     client = await clients(gateway_url(quota), tenant, "alice")
     assert (await client.publish(ROOM, CHANNEL, {"n": 2}))["type"] == "ack"
-    _, _, jsm, _ = quota.broker._require()
-    info = await jsm.stream_info(quota.broker._scheme.stream_name(tenant))
+    async with jetstream_manager(nats_cluster) as jsm:
+        info = await jsm.stream_info(quota.broker.scheme.stream_name(tenant))
     assert info.config.max_bytes == 1 << 20
     assert info.config.discard == "new"  # a full tenant is refused, its history kept
 

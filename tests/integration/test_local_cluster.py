@@ -26,6 +26,7 @@ from arqonbus_server.mesh.local import (
     find_nats_server,
 )
 from arqonbus_server.shared.errors import PortInUse
+from tests.timeouts import SEC
 
 pytestmark = pytest.mark.integration
 
@@ -75,7 +76,9 @@ async def add_stream_with_leader(nc: Client, config: StreamConfig) -> StreamInfo
     )
     try:
         info = await nc.jetstream().add_stream(config)
-        async with asyncio.timeout(30):  # NATS elects within seconds; a loaded machine is slower
+        async with asyncio.timeout(
+            30 * SEC
+        ):  # NATS elects within seconds; a loaded machine is slower
             await elected.wait()
     finally:
         await advisory.unsubscribe()
@@ -114,7 +117,7 @@ async def test_killed_follower_is_survived_and_rejoins(cluster: LocalCluster) ->
     # so the publish does not race the interest's propagation over the routes.
     leader = await leader_index(cluster, urls_without(cluster, victim), "ORDERS")
     async with connected([cluster.urls[leader]]) as nc:
-        down = await nc.jetstream().publish("orders.new", b"while down", timeout=5)
+        down = await nc.jetstream().publish("orders.new", b"while down", timeout=5 * SEC)
 
     await cluster.start_node(victim)  # returns once it answers JetStream and can host replicas
     # With the other follower gone, the stream's quorum (2 of 3) needs the restarted node.
@@ -122,7 +125,7 @@ async def test_killed_follower_is_survived_and_rejoins(cluster: LocalCluster) ->
     leader = await leader_index(cluster, urls_without(cluster, other), "ORDERS")
     async with connected([cluster.urls[leader]]) as nc:
         js = nc.jetstream()
-        after = await js.publish("orders.new", b"after rejoin", timeout=5)
+        after = await js.publish("orders.new", b"after rejoin", timeout=5 * SEC)
         stored = [(await js.get_msg("ORDERS", seq)).data for seq in (1, 2)]
     assert (down.seq, after.seq) == (1, 2)
     assert stored == [b"while down", b"after rejoin"]
@@ -132,9 +135,9 @@ async def test_stop_ends_every_process_even_a_paused_one(cluster: LocalCluster) 
     pids = cluster.pids
     cluster.pause_node(1)
     with pytest.raises(ClusterNotReady, match="n1"):
-        await cluster.wait_ready_node(1, timeout=0.5)
+        await cluster.wait_ready_node(1, timeout=0.5 * SEC)
     cluster.resume_node(1)
-    await cluster.wait_ready_node(1, timeout=5)
+    await cluster.wait_ready_node(1, timeout=5 * SEC)
     cluster.pause_node(1)
 
     await cluster.stop()
@@ -224,8 +227,8 @@ async def test_nodes_die_with_the_process_that_started_them(tmp_path: Path) -> N
         sys.executable, "-c", script, stdout=asyncio.subprocess.PIPE, cwd=Path.cwd()
     )
     assert child.stdout is not None
-    node_pid = int(await asyncio.wait_for(child.stdout.readline(), 30))
-    assert await asyncio.wait_for(child.wait(), 30) == -signal.SIGKILL
+    node_pid = int(await asyncio.wait_for(child.stdout.readline(), 30 * SEC))
+    assert await asyncio.wait_for(child.wait(), 30 * SEC) == -signal.SIGKILL
     try:
         await wait_exit_of(node_pid, 10)
     except TimeoutError:

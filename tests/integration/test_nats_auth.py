@@ -31,6 +31,7 @@ from arqonbus_server.mesh.nats_auth import connect_options
 from arqonbus_server.shared.settings import ConfigError
 from tests.integration.test_origin_tls import make_cert
 from tests.support import WsClient
+from tests.timeouts import SEC
 
 pytestmark = pytest.mark.integration
 
@@ -92,7 +93,7 @@ async def nats_server(
 ) -> AsyncIterator[LocalCluster]:
     """One nats-server with ``extra_config``; its readiness probe connects with ``options``."""
     cluster = LocalCluster(base, nodes=1, extra_config=extra_config, connect_options=options)
-    await cluster.start(timeout=30)
+    await cluster.start(timeout=30 * SEC)
     try:
         yield cluster
     finally:
@@ -154,7 +155,7 @@ async def assert_nats_refuses_anonymous(url: str) -> None:
         with pytest.raises(nats.errors.Error, match=r"(?i)authorization"):
             await nc.connect(url, allow_reconnect=False, connect_timeout=2)
     finally:
-        async with asyncio.timeout(5):
+        async with asyncio.timeout(5 * SEC):
             await nc.close()  # nats-py leaves the refused socket open otherwise
 
 
@@ -310,16 +311,19 @@ def test_creds_file_is_passed_to_nats_py(tmp_path: Path) -> None:
     assert options == {"user_credentials": str(creds)}
 
 
-async def test_a_server_that_does_not_switch_to_tls_is_refused(nats_cluster: LocalCluster) -> None:
+async def test_a_server_that_does_not_switch_to_tls_is_refused(
+    nats_cluster: LocalCluster, tmp_path: Path
+) -> None:
     # nats-py upgrades to TLS only when the server's INFO asks: a plaintext server (or a man
     # in the middle that strips the flag) must not get a TLS-configured gateway's traffic.
     from arqonbus_server.mesh.broker import BrokerUnavailable
     from arqonbus_server.mesh.jetstream import broker_from_settings
 
-    context = ssl.create_default_context()
-    settings = load_settings(nats=nats_cluster.url_csv, listen="127.0.0.1:0", auth="dev")
-    broker = broker_from_settings(settings, "downgrade-test")
-    broker._connect_options["tls"] = context  # as nats_tls_ca would set it
+    ca, _ = make_cert(tmp_path, "nats-ca")
+    settings = load_settings(
+        nats=nats_cluster.url_csv, listen="127.0.0.1:0", auth="dev", nats_tls_ca=str(ca)
+    )
+    broker = broker_from_settings(settings, "downgrade-test")  # TLS, as configured
     with pytest.raises(BrokerUnavailable, match="did not switch to TLS"):
         await broker.connect()
     await broker.close()

@@ -17,6 +17,7 @@ from nats.aio.client import Client
 from nats.js.api import StreamConfig
 
 from chaos.netns import NetnsCluster, cleanup_stale, existing_names
+from tests.timeouts import SEC
 
 pytestmark = pytest.mark.integration
 
@@ -55,7 +56,7 @@ async def test_partitioned_leader_minority_acks_nothing_and_converges_after_heal
         assert len(resources(c)) == 3 + 2 + 6  # namespaces, bridges, host-side veths
 
         async with c.connect() as nc:
-            js = nc.jetstream(timeout=10)
+            js = nc.jetstream(timeout=10 * SEC)
             await js.add_stream(CONFIG)
             acked = [(await js.publish("part.x", f"before-{k}".encode())).seq for k in range(3)]
         assert acked == [1, 2, 3]
@@ -65,13 +66,13 @@ async def test_partitioned_leader_minority_acks_nothing_and_converges_after_heal
         assert c.connected_nodes() == [i for i in range(3) if i != leader]
         async with c.connect(leader) as minority:
             # The cut node is still reachable by clients, but cannot reach a quorum.
-            first = asyncio.create_task(publish_outcome(minority, b"minority-1", timeout=3))
+            first = asyncio.create_task(publish_outcome(minority, b"minority-1", timeout=3 * SEC))
             new_leader = await c.wait_stream_leader(
                 STREAM, exclude=[leader], timeout=ELECTION_TIMEOUT
             )
-            second = asyncio.create_task(publish_outcome(minority, b"minority-2", timeout=2))
+            second = asyncio.create_task(publish_outcome(minority, b"minority-2", timeout=2 * SEC))
             async with c.connect() as majority:
-                js = majority.jetstream(timeout=10)
+                js = majority.jetstream(timeout=10 * SEC)
                 acked += [(await js.publish("part.x", f"after-{k}".encode())).seq for k in range(3)]
             outcomes = [await first, await second]
         assert acked == [1, 2, 3, 4, 5, 6]
@@ -83,9 +84,9 @@ async def test_partitioned_leader_minority_acks_nothing_and_converges_after_heal
 
         await c.heal(leader)
         assert c.partitioned == []
-        healed = await c.wait_replica_last_seq(leader, STREAM, 6, timeout=30)
+        healed = await c.wait_replica_last_seq(leader, STREAM, 6, timeout=30 * SEC)
         assert healed.messages == 6
-        info = await asyncio.wait_for(_stream_info(c), 10)
+        info = await asyncio.wait_for(_stream_info(c), 10 * SEC)
         assert (info.state.messages, info.state.last_seq) == (6, 6)
         assert new_leader != leader
 
@@ -98,7 +99,7 @@ async def test_partitioned_leader_minority_acks_nothing_and_converges_after_heal
 
 async def _stream_info(c: NetnsCluster) -> nats.js.api.StreamInfo:
     async with c.connect() as nc:
-        return await nc.jetstream(timeout=5).stream_info(STREAM)
+        return await nc.jetstream(timeout=5 * SEC).stream_info(STREAM)
 
 
 def test_cleanup_stale_removes_leftovers_of_a_dead_run() -> None:
@@ -115,7 +116,7 @@ def test_cleanup_stale_removes_leftovers_of_a_dead_run() -> None:
         assert ns in removed
         assert bridge in removed
         assert f"pid {sleeper.pid} in {ns}" in removed
-        assert sleeper.wait(timeout=10) != 0
+        assert sleeper.wait(timeout=10 * SEC) != 0
         namespaces, links = existing_names()
         assert ns not in namespaces
         assert bridge not in links

@@ -28,6 +28,7 @@ from arqonbus_server.shared.errors import CloseCode
 from arqonbus_server.shared.settings import ConfigError
 from tests.conftest import GatewayFactory, gateway_url
 from tests.support import WsClient
+from tests.timeouts import SEC
 
 pytestmark = pytest.mark.integration
 
@@ -69,7 +70,7 @@ async def test_wrong_origin_gets_403_and_allowed_ones_upgrade(
     client = await WsClient.connect(url, tenant, "bob")
     await client.close()
     # The check is for /ws only: health probes carry no Origin and are never refused.
-    async with asyncio.timeout(5):
+    async with asyncio.timeout(5 * SEC):
         reader, writer = await asyncio.open_connection("127.0.0.1", gateway.address[1])
         writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nOrigin: https://evil.test\r\n\r\n")
         assert (await reader.readline()).startswith(b"HTTP/1.1 200")
@@ -175,7 +176,7 @@ async def test_plain_ws_client_to_tls_listener_fails_cleanly(
     gateway = await start_gateway(tls_cert=str(cert), tls_key=str(key))
     port = gateway.address[1]
     # Far below the 10 s open timeout: the TLS layer rejects the plain HTTP bytes at once.
-    async with asyncio.timeout(5):
+    async with asyncio.timeout(5 * SEC):
         with pytest.raises((websockets.exceptions.InvalidMessage, OSError, EOFError)):
             await websockets.connect(f"ws://127.0.0.1:{port}/ws?token=dev:{tenant}:alice")
         # A client that does not trust the certificate is refused by its own TLS check.
@@ -254,7 +255,7 @@ async def test_idle_connection_is_closed_4003_and_a_busy_one_is_not(
     sent = 0
     # The busy client sends a frame (an invalid envelope, answered without NATS) and waits
     # for its answer, again and again, until the idle one is closed.
-    async with asyncio.timeout(10):
+    async with asyncio.timeout(10 * SEC):
         while not idle.closed.is_set():
             start = len(busy.received)
             await busy.send("{}")

@@ -11,6 +11,8 @@ import sys
 import tomllib
 from pathlib import Path
 
+from tests.timeouts import SEC
+
 REPO = Path(__file__).resolve().parents[2]
 SERVER_DIRS = ("shared", "mesh", "gateway")
 
@@ -20,7 +22,7 @@ def install(source: Path, target: Path) -> set[str]:
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-compile",
          "--disable-pip-version-check", "--target", str(target), str(source)],
-        check=True, capture_output=True, timeout=300,
+        check=True, capture_output=True, timeout=300 * SEC,
     )  # fmt: skip
     return {p.name for p in target.iterdir() if p.name != "bin"}
 

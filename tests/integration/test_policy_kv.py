@@ -10,10 +10,9 @@ import orjson
 import pytest
 
 from arqonbus_server.gateway.admin import cli
-from arqonbus_server.gateway.admin import policy as cli_policy
-from arqonbus_server.gateway.config import load_settings
 from arqonbus_server.mesh.local import LocalCluster
 from tests.conftest import gateway_url
+from tests.timeouts import SEC
 
 pytestmark = pytest.mark.integration
 
@@ -21,8 +20,8 @@ DENY_SECRET = [{"kind": "deny", "name": "no-secret", "patterns": ["(?i)topsecret
 
 
 async def policy_cli(nats: LocalCluster, *argv: str) -> int:
-    args = cli._parser().parse_args(["policy", *argv, "--nats", nats.url_csv])
-    return await cli_policy.run(args, load_settings(nats=nats.url_csv))
+    """``arqonbus policy ARGV --nats URLS`` as a user runs it (its own event loop, a thread)."""
+    return await asyncio.to_thread(cli.main, ["policy", *argv, "--nats", nats.url_csv])
 
 
 def changed(gateway: Any, tenant: str) -> asyncio.Event:
@@ -43,7 +42,7 @@ async def test_stored_rules_apply_on_every_gateway_and_can_be_dropped(
     rules.write_bytes(orjson.dumps(DENY_SECRET))
     seen = changed(gw_b, tenant)
     assert await policy_cli(nats_cluster, "set", "--tenant", tenant, str(rules)) == 0
-    await asyncio.wait_for(seen.wait(), 10)
+    await asyncio.wait_for(seen.wait(), 10 * SEC)
     refused = await alice.publish("lobby", "chat", {"t": "TopSecret plans"})
     assert refused["payload"]["code"] == "policy_violation", refused
     assert "no-secret" in refused["payload"]["message"]
@@ -55,7 +54,7 @@ async def test_stored_rules_apply_on_every_gateway_and_can_be_dropped(
 
     seen = changed(gw_b, tenant)
     assert await policy_cli(nats_cluster, "delete", "--tenant", tenant) == 0
-    await asyncio.wait_for(seen.wait(), 10)
+    await asyncio.wait_for(seen.wait(), 10 * SEC)
     assert (await alice.publish("lobby", "chat", {"t": "topsecret"}))["type"] == "ack"
 
 
@@ -73,7 +72,7 @@ async def test_stored_rules_replace_the_files_for_that_tenant(
     empty = tmp_path / "none.json"
     empty.write_bytes(b"[]")
     assert await policy_cli(nats_cluster, "set", "--tenant", tenant, str(empty)) == 0
-    await asyncio.wait_for(seen.wait(), 10)
+    await asyncio.wait_for(seen.wait(), 10 * SEC)
     assert (await alice.publish("r", "c", {"t": "topsecret"}))["type"] == "ack"
 
 
@@ -85,7 +84,7 @@ async def test_an_invalid_stored_policy_fails_closed(
     seen = changed(gateway, tenant)
     kv = await gateway.broker.key_value(gateway.security.policies.name)
     await kv.put(tenant, b'[{"kind": "nonsense"}]')  # written around the CLI's validation
-    await asyncio.wait_for(seen.wait(), 10)
+    await asyncio.wait_for(seen.wait(), 10 * SEC)
     refused = await alice.publish("r", "c", {"t": "anything"})
     assert refused["payload"]["code"] == "internal", refused
     await kv.delete(tenant)
@@ -124,7 +123,7 @@ async def test_stored_rules_cannot_import_code_by_object(
     seen = changed(gateway, tenant)
     kv = await gateway.broker.key_value(gateway.security.policies.name)
     await kv.put(tenant, orjson.dumps([rule]))  # around the CLI
-    await asyncio.wait_for(seen.wait(), 10)
+    await asyncio.wait_for(seen.wait(), 10 * SEC)
     refused = await alice.publish("r", "c", {"t": "x"})
     assert refused["payload"]["code"] == "internal", refused
     assert not marker.exists()

@@ -14,6 +14,7 @@ from nats.aio.msg import Msg
 
 from arqonbus_server.mesh.local import LocalCluster
 from chaos.proxy import FaultProxy, Mode
+from tests.timeouts import SEC
 
 pytestmark = pytest.mark.integration
 
@@ -24,7 +25,7 @@ WAIT = 15.0  # generous bound on waits for an event on a busy machine
 async def server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[LocalCluster]:
     # One node: no cluster peers advertised to clients, so every reconnect goes via the proxy.
     cluster = LocalCluster(Path(tmp_path_factory.mktemp("proxy-nats")), nodes=1)
-    await cluster.start(timeout=30)
+    await cluster.start(timeout=30 * SEC)
     try:
         yield cluster
     finally:
@@ -95,7 +96,7 @@ async def test_passthrough_forwards_both_ways(
     proxy: FaultProxy, direct: Client, via_proxy: tuple[Client, Events]
 ) -> None:
     nc, _ = via_proxy
-    reply = await nc.request("echo", b"hello", timeout=5)
+    reply = await nc.request("echo", b"hello", timeout=5 * SEC)
     assert reply.data == b"hello"
     stats = proxy.stats
     assert (stats.accepted, stats.active) == (1, 1)
@@ -123,7 +124,7 @@ async def test_delay_adds_latency_and_keeps_order(
     proxy.delay(150)
     loop = asyncio.get_running_loop()
     started = loop.time()
-    reply = await nc.request("echo", b"slow", timeout=10)
+    reply = await nc.request("echo", b"slow", timeout=10 * SEC)
     elapsed = loop.time() - started
     assert reply.data == b"slow"
     # The request crosses the proxy once each way: at least two delays.
@@ -135,25 +136,25 @@ async def test_delay_adds_latency_and_keeps_order(
             await nc.publish("seq", str(k).encode())
         # Each batch crosses the proxy before the next is sent: the messages span many chunks.
         await proxy.wait_for(lambda stats, seen=forwarded: stats.bytes_up > seen, WAIT)
-    await nc.flush(timeout=10)
+    await nc.flush(timeout=10 * SEC)
     async with asyncio.timeout(WAIT):
         await all_in.wait()
     assert received == [str(k).encode() for k in range(count)]
 
     proxy.passthrough()
-    assert (await nc.request("echo", b"fast", timeout=5)).data == b"fast"
+    assert (await nc.request("echo", b"fast", timeout=5 * SEC)).data == b"fast"
 
 
 async def test_stall_is_a_black_hole_until_passthrough(
     proxy: FaultProxy, direct: Client, via_proxy: tuple[Client, Events]
 ) -> None:
     nc, events = via_proxy
-    assert (await nc.request("echo", b"before", timeout=5)).data == b"before"
+    assert (await nc.request("echo", b"before", timeout=5 * SEC)).data == b"before"
 
     proxy.stall()
     at_stall = proxy.stats
     with pytest.raises(nats.errors.TimeoutError):
-        await nc.request("echo", b"lost", timeout=0.5)
+        await nc.request("echo", b"lost", timeout=0.5 * SEC)
     # The client's pings go unanswered, so it declares the connection stale.
     async with asyncio.timeout(WAIT):
         await events.disconnected.wait()
@@ -164,20 +165,20 @@ async def test_stall_is_a_black_hole_until_passthrough(
     proxy.passthrough()
     async with asyncio.timeout(WAIT):
         await events.reconnected.wait()
-    assert (await nc.request("echo", b"after", timeout=5)).data == b"after"
+    assert (await nc.request("echo", b"after", timeout=5 * SEC)).data == b"after"
 
 
 async def test_reset_makes_the_client_reconnect(
     proxy: FaultProxy, direct: Client, via_proxy: tuple[Client, Events]
 ) -> None:
     nc, events = via_proxy
-    assert (await nc.request("echo", b"before", timeout=5)).data == b"before"
+    assert (await nc.request("echo", b"before", timeout=5 * SEC)).data == b"before"
 
     assert await proxy.reset() == 1
     async with asyncio.timeout(WAIT):
         await events.reconnected.wait()
     assert events.disconnected.is_set()
-    assert (await nc.request("echo", b"after", timeout=5)).data == b"after"
+    assert (await nc.request("echo", b"after", timeout=5 * SEC)).data == b"after"
     stats = proxy.stats
     assert (stats.reset, stats.accepted, stats.active) == (1, 2, 1)
 
@@ -186,7 +187,7 @@ async def test_refuse_closes_new_connections_until_passthrough(
     proxy: FaultProxy, direct: Client, via_proxy: tuple[Client, Events]
 ) -> None:
     nc, events = via_proxy
-    assert (await nc.request("echo", b"before", timeout=5)).data == b"before"
+    assert (await nc.request("echo", b"before", timeout=5 * SEC)).data == b"before"
 
     proxy.refuse()
     await proxy.reset()
@@ -198,4 +199,4 @@ async def test_refuse_closes_new_connections_until_passthrough(
     proxy.passthrough()
     async with asyncio.timeout(WAIT):
         await events.reconnected.wait()
-    assert (await nc.request("echo", b"after", timeout=5)).data == b"after"
+    assert (await nc.request("echo", b"after", timeout=5 * SEC)).data == b"after"

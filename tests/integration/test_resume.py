@@ -17,6 +17,7 @@ from arqonbus_server.mesh.streams import StreamPolicy, tenant_stream_config
 from arqonbus_server.shared.subjects import SubjectScheme
 from tests.conftest import gateway_url
 from tests.support import Message, WsClient
+from tests.timeouts import SEC
 
 pytestmark = pytest.mark.integration
 
@@ -93,7 +94,7 @@ class Publisher:
 
     async def stop(self) -> list[int]:
         self._stop.set()
-        await asyncio.wait_for(self.task, 10)
+        await asyncio.wait_for(self.task, 10 * SEC)
         return self.seqs
 
 
@@ -119,7 +120,7 @@ async def test_resume_on_other_gateway_has_no_loss_and_no_duplicate(start_gatewa
         acked += await publisher.stop()
     marker = await writer.publish(ROOM, CHANNEL, {"marker": True}, id="marker")
     acked.append(marker["payload"]["seq"])
-    await rejoined.wait_for(event_with_id("marker"), timeout=15)
+    await rejoined.wait_for(event_with_id("marker"), timeout=15 * SEC)
 
     assert "gap" not in result
     assert result["last_seq"] >= acked[19]

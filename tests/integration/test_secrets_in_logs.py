@@ -19,6 +19,7 @@ from arqonbus_server.gateway.admin.cli import main as cli_main
 from arqonbus_server.shared import agent_identity as ai
 from tests.conftest import GatewayFactory, gateway_url
 from tests.support import WsClient
+from tests.timeouts import SEC
 
 pytestmark = pytest.mark.integration
 
@@ -51,7 +52,7 @@ async def test_no_secret_is_ever_logged(
     seen = asyncio.Event()
     gw.security.keys.on_change(lambda _k, _v: seen.set())
     if not any(v for _k, v in gw.security.keys.items() if key.split("_")[1].encode() in v):
-        await asyncio.wait_for(seen.wait(), 10)
+        await asyncio.wait_for(seen.wait(), 10 * SEC)
     service = await WsClient.open(url, key)
     opened.append(service)
     await refused(url, key[:-4] + "AAAA")
@@ -87,7 +88,7 @@ async def test_no_secret_is_ever_logged(
         "vault", "ctl", "room_configure", {"private": True, "key": ROOM_KEY}
     )
     assert configured["payload"]["status"] == "success", configured
-    await asyncio.wait_for(room_seen.wait(), 10)  # the gateway's watched copy has it
+    await asyncio.wait_for(room_seen.wait(), 10 * SEC)  # the gateway's watched copy has it
     member = await WsClient.open(url, f"dev:{tenant}:member:member")
     opened.append(member)
     wrong = await member.command("vault", "c", "join_channel", {"room_key": ROOM_KEY[::-1]})

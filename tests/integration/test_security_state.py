@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from tests.conftest import GatewayFactory
+from tests.timeouts import SEC
 
 
 async def _changed(gateway_bucket: object, key: str, expected: bytes | None) -> asyncio.Event:
@@ -28,12 +29,12 @@ async def test_a_change_on_one_gateway_reaches_the_others_copy(
     put_seen = await _changed(gw_b.security.rooms, key, b'{"v":1}')
     kv = await gw_a.broker.key_value(gw_a.security.rooms.name)
     await kv.put(key, b'{"v":1}')
-    await asyncio.wait_for(put_seen.wait(), 5)
+    await asyncio.wait_for(put_seen.wait(), 5 * SEC)
     assert gw_b.security.rooms.get(key) == b'{"v":1}'
 
     deleted = await _changed(gw_b.security.rooms, key, None)
     await kv.delete(key)
-    await asyncio.wait_for(deleted.wait(), 5)
+    await asyncio.wait_for(deleted.wait(), 5 * SEC)
     assert gw_b.security.rooms.get(key) is None
 
 
@@ -48,7 +49,7 @@ async def test_a_restarted_watch_reloads_and_reports_what_changed_meanwhile(
     seen = await _changed(bucket, key, b"x")
     bucket.restart()
     await kv.put(key, b"x")
-    await asyncio.wait_for(seen.wait(), 5)
+    await asyncio.wait_for(seen.wait(), 5 * SEC)
     assert bucket.get(key) == b"x"
 
 
@@ -60,14 +61,12 @@ async def test_watches_reload_when_jetstream_answers_again_after_failed_checks(
     gw = await start_gateway(health_interval_s=600)  # only this test's checks run
     reloads: list[int] = []
     gw.security.restart = lambda: reloads.append(1)  # type: ignore[method-assign]
-    gw.healthy = True
-    await gw._after_check(link_ok=True)
+    await gw.apply_health_check(healthy=True, link_ok=True)
     assert reloads == []  # steady health: nothing to do
-    gw.healthy = False
-    await gw._after_check(link_ok=True)
+    await gw.apply_health_check(healthy=False, link_ok=True)
     assert reloads == []
-    gw.healthy = True
-    await gw._after_check(link_ok=True)
+    assert gw.failed_checks == 1
+    await gw.apply_health_check(healthy=True, link_ok=True)
     assert reloads == [1]
-    await gw._after_check(link_ok=True)
+    await gw.apply_health_check(healthy=True, link_ok=True)
     assert reloads == [1]

@@ -9,6 +9,7 @@ from collections import Counter
 
 from tests.conftest import gateway_url
 from tests.support import Message, WsClient
+from tests.timeouts import SEC
 
 ROOM, CHANNEL = "services", "database"
 
@@ -27,7 +28,7 @@ async def serve(handler: WsClient, count: int, result: Message, stop: asyncio.Ev
     """Answer every delivery that arrives (up to ``count``) with ``result``."""
     start = 0
     for _ in range(count):
-        waiter = asyncio.ensure_future(handler.next_delivery(start, timeout=30))
+        waiter = asyncio.ensure_future(handler.next_delivery(start, timeout=30 * SEC))
         stopper = asyncio.ensure_future(stop.wait())
         done, _ = await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
         if waiter not in done:
@@ -100,7 +101,7 @@ async def test_commands_are_balanced_across_handlers_on_two_gateways_each_answer
     servers = [asyncio.create_task(serve(h, total, {"ok": True}, stop)) for h in handlers]
     try:
         ids = [await caller.send_command(ROOM, CHANNEL, "status") for _ in range(total)]
-        replies = [await caller.reply_to(i, timeout=20) for i in ids]
+        replies = [await caller.reply_to(i, timeout=20 * SEC) for i in ids]
     finally:
         stop.set()
         await asyncio.gather(*servers)
@@ -232,7 +233,7 @@ async def test_a_handler_that_disconnects_with_a_command_pending_fails_it_at_onc
     cmd_id = await api.send_command(ROOM, CHANNEL, "status", timeout_ms=60_000)
     await db.next_delivery()
     await db.close()
-    reply = await api.reply_to(cmd_id, timeout=5)
+    reply = await api.reply_to(cmd_id, timeout=5 * SEC)
     error = error_of(reply)
     assert error["code"] == "unavailable"
     assert "closed" in error["message"]
@@ -301,7 +302,7 @@ async def test_a_draining_handler_gateway_still_delivers_the_answer_it_owes(
     delivery = await db.next_delivery()
     drain = asyncio.create_task(gw_b.drain())
     # Draining takes the handler out of the queue group at once ...
-    await asyncio.wait_for(_until_unregistered(api), 10)
+    await asyncio.wait_for(_until_unregistered(api), 10 * SEC)
     # ... but the answer it owes still gets through.
     await db.answer(delivery, {"answered": "while draining"})
     reply = await api.reply_to(cmd_id)
@@ -327,14 +328,14 @@ async def test_a_connection_that_calls_its_own_handler_never_blocks_its_answers(
     both = await clients(gateway_url(gw), tenant, "both")
     await register(both, "echo")
     ids = [await both.send_command(ROOM, CHANNEL, "echo", {"n": n}, 10_000) for n in range(3)]
-    refused = await both.reply_to(ids[2], timeout=5)
+    refused = await both.reply_to(ids[2], timeout=5 * SEC)
     assert error_of(refused)["code"] == "limit_exceeded"
     start = 0
     for _ in range(2):
         delivery = await both.next_delivery(start)
         start = both.received.index(delivery) + 1
         await both.answer(delivery, {"echo": delivery["payload"]["parameters"]["n"]})
-    answers = [await both.reply_to(i, timeout=5) for i in ids[:2]]
+    answers = [await both.reply_to(i, timeout=5 * SEC) for i in ids[:2]]
     assert [a["payload"]["result"] for a in answers] == [{"echo": 0}, {"echo": 1}]
 
 

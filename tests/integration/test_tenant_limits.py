@@ -7,28 +7,49 @@ of the tenant's record to change (an event), never for a time.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
+import nats as nats_client
 import orjson
 import pytest
+from nats.aio.msg import Msg
 from websockets.exceptions import InvalidStatus
 
 from arqonbus_server.gateway.admin import cli
-from arqonbus_server.gateway.admin import tenants as cli_tenants
 from arqonbus_server.gateway.app import Gateway
-from arqonbus_server.gateway.config import load_settings
 from arqonbus_server.mesh.local import LocalCluster
 from tests.conftest import GatewayFactory, gateway_url
-from tests.support import WsClient, new_id
+from tests.support import WsClient, jetstream_manager, new_id
+from tests.timeouts import SEC
 
 pytestmark = pytest.mark.integration
 
 ROOM, CHANNEL = "plan", "general"
 
 
-async def tenants_cli(nats: LocalCluster, *argv: str) -> int:
-    args = cli._parser().parse_args(["tenants", *argv, "--nats", nats.url_csv])
-    return await cli_tenants.run(args, load_settings(nats=nats.url_csv))
+async def tenants_cli(nats: LocalCluster | str, *argv: str) -> int:
+    """``arqonbus tenants ARGV --nats URLS`` as a user runs it (its own event loop, a thread)."""
+    urls = nats if isinstance(nats, str) else nats.url_csv
+    return await asyncio.to_thread(cli.main, ["tenants", *argv, "--nats", urls])
+
+
+@asynccontextmanager
+async def stream_updated(nats: LocalCluster, stream: str) -> AsyncIterator[asyncio.Event]:
+    """An event set by JetStream's advisory that ``stream``'s configuration was updated."""
+    nc = await nats_client.connect(nats.urls, connect_timeout=2)
+    updated = asyncio.Event()
+
+    async def on_advisory(_msg: Msg) -> None:
+        updated.set()
+
+    try:
+        await nc.subscribe(f"$JS.EVENT.ADVISORY.STREAM.UPDATED.{stream}", cb=on_advisory)
+        await nc.flush()
+        yield updated
+    finally:
+        await nc.close()
 
 
 async def change(gateways: list[Gateway], tenant: str, nats: LocalCluster, *argv: str) -> None:
@@ -39,12 +60,9 @@ async def change(gateways: list[Gateway], tenant: str, nats: LocalCluster, *argv
             lambda key, _value, event=event: key == tenant and event.set()
         )
     assert await tenants_cli(nats, *argv, "--tenant", tenant) == 0
-    async with asyncio.timeout(10):
+    async with asyncio.timeout(10 * SEC):
         for event in seen:
             await event.wait()
-        # The stream updates that the change started (mesh/streams.py apply_quota).
-        for gateway in gateways:
-            await asyncio.gather(*gateway._quota_updates)
 
 
 async def refused_connect(url: str, tenant: str, principal: str) -> dict[str, Any]:
@@ -65,10 +83,9 @@ async def wait_for_report(gw: Gateway, tenant: str, count: int) -> None:
         if reporter.others(tenant) >= count:
             seen.set()
 
-    assert reporter._watched is not None  # started by the override with a connection cap
-    reporter._watched.on_change(check)
+    reporter.on_report(check)
     check("", None)
-    async with asyncio.timeout(20):
+    async with asyncio.timeout(20 * SEC):
         await seen.wait()
 
 
@@ -179,9 +196,14 @@ async def test_stored_bytes_override_updates_the_existing_stream(
     writer = await clients(gateway_url(gw_a), tenant, "alice")
     assert (await writer.publish(ROOM, CHANNEL, {"n": 1}))["type"] == "ack"  # stream exists
 
-    await change([gw_a, gw_b], tenant, nats_cluster, "set", "--max-stored-bytes", str(32 * 1024))
-    _, _, jsm, _ = gw_a.broker._require()
-    info = await jsm.stream_info(gw_a.broker._scheme.stream_name(tenant))
+    stream = gw_a.broker.scheme.stream_name(tenant)
+    async with stream_updated(nats_cluster, stream) as updated:
+        await change(
+            [gw_a, gw_b], tenant, nats_cluster, "set", "--max-stored-bytes", str(32 * 1024)
+        )
+        await asyncio.wait_for(updated.wait(), 10 * SEC)  # the gateways' update (apply_quota)
+    async with jetstream_manager(nats_cluster) as jsm:
+        info = await jsm.stream_info(stream)
     assert info.config.max_bytes == 32 * 1024 and info.config.discard == "new"
 
     acked, error = await publish_until_refused(writer, "q")
@@ -196,8 +218,11 @@ async def test_stored_bytes_override_updates_the_existing_stream(
     assert error_b is None and acked_b == 200
 
     # Reset: the stream is unlimited again.
-    await change([gw_a, gw_b], tenant, nats_cluster, "reset")
-    info = await jsm.stream_info(gw_a.broker._scheme.stream_name(tenant))
+    async with stream_updated(nats_cluster, stream) as updated:
+        await change([gw_a, gw_b], tenant, nats_cluster, "reset")
+        await asyncio.wait_for(updated.wait(), 10 * SEC)
+    async with jetstream_manager(nats_cluster) as jsm:
+        info = await jsm.stream_info(stream)
     assert info.config.max_bytes == -1
     assert (await writer.publish(ROOM, CHANNEL, {"pad": "y" * 1024}))["type"] == "ack"
 
@@ -221,8 +246,4 @@ async def test_cli_refuses_invalid_input_and_records_are_merged(
     capsys.readouterr()
     assert await tenants_cli(nats_cluster, "show", "--tenant", tenant) == 0
     assert "no overrides" in capsys.readouterr().out
-    unreachable = cli._parser().parse_args(
-        ["tenants", "show", "--tenant", tenant, "--nats", "nats://127.0.0.1:1"]
-    )
-    settings = load_settings(nats="nats://127.0.0.1:1")
-    assert await cli_tenants.run(unreachable, settings) == 1
+    assert await tenants_cli("nats://127.0.0.1:1", "show", "--tenant", tenant) == 1

@@ -17,6 +17,7 @@ import pytest
 from arqonbus import Client, CommandFailed, CommandRequest
 from arqonbus_server.mesh.local import free_port
 from tests.conftest import gateway_url
+from tests.timeouts import SEC
 
 pytestmark = pytest.mark.integration
 
@@ -103,7 +104,7 @@ class Tail:
     async def stderr(self) -> str:
         assert self.proc.stderr is not None
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.proc.wait(), 5)
+            await asyncio.wait_for(self.proc.wait(), 5 * SEC)
         return (await self.proc.stderr.read()).decode() if self.proc.returncode is not None else ""
 
     async def stop(self) -> int:
@@ -111,7 +112,7 @@ class Tail:
         if self.proc.returncode is None:
             self.proc.send_signal(signal.SIGINT)
         try:
-            return await asyncio.wait_for(self.proc.wait(), 15)
+            return await asyncio.wait_for(self.proc.wait(), 15 * SEC)
         except TimeoutError:
             await self.close()
             raise

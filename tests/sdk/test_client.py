@@ -44,6 +44,7 @@ from arqonbus_server.mesh.local import LocalCluster, free_port
 from arqonbus_server.shared.errors import CATALOGUE
 from arqonbus_server.shared.subjects import SubjectScheme
 from tests.conftest import gateway_url
+from tests.timeouts import SEC
 
 pytestmark = pytest.mark.integration
 
@@ -169,11 +170,11 @@ async def test_callback_subscriptions_sync_and_async_keep_order(start_gateway, s
     async_sub = await reader.on(ROOM, "other", on_async)
     acks = await publish_n(writer, 4, "a-")
     other = await publish_n(writer, 4, "b-", channel="other")
-    async with asyncio.timeout(15):
+    async with asyncio.timeout(15 * SEC):
         await first_in.wait()
     assert len(async_items) == 1  # all 4 acked, yet no second call while the first waits
     release.set()
-    async with asyncio.timeout(15):
+    async with asyncio.timeout(15 * SEC):
         await sync_done.wait()
         await async_done.wait()
     await sync_sub.close()
@@ -215,7 +216,7 @@ async def test_server_errors_raise_their_exception_classes(start_gateway, sdk_cl
     with pytest.raises(InvalidName):
         await client.subscribe("no spaces", CHANNEL).start()
     with pytest.raises(NotJoined) as not_joined:
-        await client._request(ROOM, CHANNEL, "leave_channel", {}, timeout=5)
+        await client._request(ROOM, CHANNEL, "leave_channel", {}, timeout=5 * SEC)
     with pytest.raises(UnknownCommand):
         await client.command(ROOM, CHANNEL, "not.a.name")
 
@@ -280,7 +281,7 @@ async def test_retryable_errors_are_retried_with_the_same_id_then_raised(tenant,
     # A gateway whose store became unreachable answers unavailable to everything (it has
     # loaded its security state: a gateway that never reached NATS refuses handshakes).
     cluster = LocalCluster(tmp_path / "nats", nodes=1)
-    await cluster.start(timeout=30)
+    await cluster.start(timeout=30 * SEC)
     settings = load_settings(
         nats=cluster.url_csv,
         listen="127.0.0.1:0",
@@ -298,11 +299,11 @@ async def test_retryable_errors_are_retried_with_the_same_id_then_raised(tenant,
             with caplog.at_level(logging.DEBUG, logger="arqonbus.client"):
                 # Budgets of 3 s: many 0.3 s attempts each, even on a loaded machine.
                 with pytest.raises(Unavailable) as publish:
-                    await client.publish(ROOM, CHANNEL, {"n": 1}, id="u-1", timeout=3.0)
+                    await client.publish(ROOM, CHANNEL, {"n": 1}, id="u-1", timeout=3.0 * SEC)
                 with pytest.raises(Unavailable):
-                    await client.history(ROOM, CHANNEL, timeout=3.0).list()
+                    await client.history(ROOM, CHANNEL, timeout=3.0 * SEC).list()
                 with pytest.raises(Timeout):
-                    await client.subscribe(ROOM, CHANNEL).start(timeout=3.0)
+                    await client.subscribe(ROOM, CHANNEL).start(timeout=3.0 * SEC)
             assert client.connected  # errors, not a reason to reconnect
     finally:
         await gw.close()
@@ -354,10 +355,10 @@ async def test_publish_lost_on_the_way_is_resent_with_the_same_id(
 
     proxy.current.drop_upstream = True  # the frame never reaches the gateway
     publishing = asyncio.create_task(client.publish(ROOM, CHANNEL, {"n": 1}, id="lost-1"))
-    async with asyncio.timeout(10):
+    async with asyncio.timeout(10 * SEC):
         await proxy.current.dropped_upstream.wait()
     proxy.cut_all()
-    ack = await asyncio.wait_for(publishing, 15)
+    ack = await asyncio.wait_for(publishing, 15 * SEC)
 
     assert ack.request_id == "lost-1" and not ack.duplicate
     assert len(proxy.pipes) == 2  # it came back through a new connection
@@ -382,7 +383,7 @@ async def test_unacked_publish_resent_after_a_drop_is_acked_as_duplicate_and_del
     publishing = asyncio.create_task(client.publish(ROOM, CHANNEL, {"n": 1}, id="unacked-1"))
     stored = await take(watch, 4)
     proxy.cut_all()
-    ack = await asyncio.wait_for(publishing, 15)
+    ack = await asyncio.wait_for(publishing, 15 * SEC)
     later = await publish_n(client, 2, "after-")
     mine = await take(own, 3)
 
@@ -418,7 +419,7 @@ async def test_full_queue_pauses_and_resumes_without_loss_or_duplicate(
     sub = await reader.subscribe(ROOM, CHANNEL).start()
 
     acks = await publish_n(writer, 120, "p-")  # the reader takes nothing meanwhile
-    items = await take(sub, 120, timeout=30)
+    items = await take(sub, 120, timeout=30 * SEC)
 
     # Nothing duplicated is left in the queue: the next item is the next event published.
     marker = await writer.publish(ROOM, CHANNEL, {"after": "the burst"})
@@ -553,7 +554,7 @@ async def test_close_4001_resumes_and_4500_range_stops_everything():
             sub = client.subscribe(ROOM, CHANNEL, since_seq=0)
             items: list[Event | Gap] = []
             with pytest.raises(ConnectionRejected) as rejected:
-                async with asyncio.timeout(10):
+                async with asyncio.timeout(10 * SEC):
                     async for item in sub:
                         items.append(item)
             with pytest.raises(ConnectionRejected):
@@ -579,7 +580,7 @@ async def test_http_503_moves_on_and_401_on_reconnect_is_fatal():
             assert client.url == flaky.url and draining.connections == 1
             sub = await client.subscribe(ROOM, CHANNEL).start()
             with pytest.raises(AuthenticationError, match="scripted refusal"):
-                async with asyncio.timeout(10):
+                async with asyncio.timeout(10 * SEC):
                     async for _ in sub:
                         pass
         finally:

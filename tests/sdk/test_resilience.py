@@ -16,6 +16,7 @@ import pytest
 from arqonbus import Ack, Client, Event, Gap, Subscription
 from arqonbus_server.mesh.local import LocalCluster
 from tests.support import GatewayProcess
+from tests.timeouts import SEC
 
 pytestmark = pytest.mark.integration
 
@@ -62,7 +63,7 @@ class Publisher:
             if self.stop.is_set():
                 return
             event_id = f"e{n}"
-            ack = await self.client.publish(ROOM, CHANNEL, {"n": n}, id=event_id, timeout=30)
+            ack = await self.client.publish(ROOM, CHANNEL, {"n": n}, id=event_id, timeout=30 * SEC)
             async with self.progress:
                 self.ids.append(event_id)
                 self.acks.append(ack)

@@ -21,6 +21,7 @@ from arqonbus import (
 )
 from arqonbus_server.shared import agent_identity as ai
 from tests.conftest import GatewayFactory, gateway_url
+from tests.timeouts import SEC
 
 pytestmark = pytest.mark.integration
 
@@ -44,7 +45,7 @@ async def test_an_agent_signs_in_again_with_a_fresh_nonce_after_its_gateway_drai
         first_url = agent.url
         # 1012: reconnect to the other gateway, signing a new nonce there.
         await (gw_a if first_url == gateway_url(gw_a) else gw_b).drain()
-        second = await agent.publish("lab", "results", {"n": 2}, timeout=20)
+        second = await agent.publish("lab", "results", {"n": 2}, timeout=20 * SEC)
         assert agent.url in urls and agent.url != first_url
         assert second.seq > first.seq
     history = [e async for e in owner.history("lab", "results", since_seq=0)]
@@ -83,7 +84,7 @@ async def test_refresh_token_changes_the_role_in_place_and_for_reconnects(
             await alice.publish("r", "c", {"n": 3})
         await gw_a.drain()  # the reconnect uses the refreshed (read-only) token
         with pytest.raises(Forbidden):
-            await alice.publish("r", "c", {"n": 4}, timeout=20)
+            await alice.publish("r", "c", {"n": 4}, timeout=20 * SEC)
         assert alice.url == gateway_url(gw_b)
 
 
@@ -93,7 +94,7 @@ async def test_publish_waits_out_the_rate_limit_and_every_event_is_stored(
     gw = await start_gateway(msg_rate_per_conn=20, msg_burst_per_conn=5)
     caplog.set_level(logging.DEBUG, logger="arqonbus.client")
     async with Client([gateway_url(gw)], f"dev:{tenant}:alice") as alice:
-        acks = [await alice.publish("r", "c", {"n": n}, timeout=20) for n in range(15)]
+        acks = [await alice.publish("r", "c", {"n": n}, timeout=20 * SEC) for n in range(15)]
         history = [e async for e in alice.history("r", "c", since_seq=0)]
     assert [e.payload["n"] for e in history] == list(range(15))
     assert len({ack.seq for ack in acks}) == 15
@@ -110,20 +111,20 @@ async def test_private_room_with_a_key_and_a_ban_that_ends_the_subscription(
     configured = asyncio.Event()
     gw.security.rooms.on_change(lambda key, _v: key == f"{tenant}.vault" and configured.set())
     await owner.admin("vault", "room_configure", {"private": True, "key": "vault-key-123"})
-    await asyncio.wait_for(configured.wait(), 10)
+    await asyncio.wait_for(configured.wait(), 10 * SEC)
 
     alice: Client = await sdk_client(url, tenant, "alice:member")
     with pytest.raises(RoomKeyRequired):
-        await alice.subscribe("vault", "chat").start(timeout=5)
+        await alice.subscribe("vault", "chat").start(timeout=5 * SEC)
     sub = await alice.subscribe("vault", "chat", since_seq=0, room_key="vault-key-123").start()
     await owner.publish("vault", "chat", {"n": 1})
-    first = await asyncio.wait_for(anext(aiter(sub)), 10)
+    first = await asyncio.wait_for(anext(aiter(sub)), 10 * SEC)
     assert isinstance(first, Event) and first.payload == {"n": 1}
     history = await alice.history("vault", "chat", room_key="vault-key-123").list()
     assert [e.payload["n"] for e in history] == [1]
 
     await owner.admin("vault", "room_ban", {"principal": "alice", "reason": "spam"})
     with pytest.raises(Banned):  # the pushed ban ends the subscription on the client
-        async with asyncio.timeout(10):
+        async with asyncio.timeout(10 * SEC):
             async for _ in sub:
                 pass

@@ -12,6 +12,7 @@ import pytest
 
 from arqonbus import Client, CommandFailed, CommandRequest, Internal, NoResponders, Timeout
 from tests.conftest import gateway_url
+from tests.timeouts import SEC
 
 pytestmark = pytest.mark.integration
 
@@ -40,7 +41,7 @@ async def test_commands_are_balanced_across_two_services_on_different_gateways(
         await db_2.register_handler(ROOM, CHANNEL, "status", status_handler("db_2", calls["db_2"]))
         results = await asyncio.gather(
             *(
-                api.command(ROOM, CHANNEL, "status", {"check": "connection_pool"}, timeout=10)
+                api.command(ROOM, CHANNEL, "status", {"check": "connection_pool"}, timeout=10 * SEC)
                 for _ in range(100)
             )
         )
@@ -58,7 +59,7 @@ async def test_no_responders_is_immediate(start_gateway, tenant):
     async with Client(gateway_url(gw), f"dev:{tenant}:api") as api:
         started = time.monotonic()
         with pytest.raises(NoResponders) as info:
-            await api.command(ROOM, CHANNEL, "status", timeout=30)
+            await api.command(ROOM, CHANNEL, "status", timeout=30 * SEC)
         elapsed = time.monotonic() - started
     assert info.value.code == "no_responders"
     assert info.value.retryable is True
@@ -82,7 +83,7 @@ async def test_a_slow_handler_times_out(start_gateway, tenant):
     ):
         await db.register_handler(ROOM, CHANNEL, "status", slow)
         with pytest.raises(Timeout) as info:
-            await api.command(ROOM, CHANNEL, "status", timeout=0.3)
+            await api.command(ROOM, CHANNEL, "status", timeout=0.3 * SEC)
         release.set()
     assert info.value.code == "timeout"
 
@@ -128,10 +129,10 @@ async def call_until_served(api: Client) -> dict[str, Any]:
     """Call until a handler answers: no_responders until the handler has re-registered.
 
     Each attempt is a real round trip through NATS; the loop is bounded in count and time."""
-    async with asyncio.timeout(15):
+    async with asyncio.timeout(15 * SEC):
         for _ in range(20_000):
             try:
-                return await api.command(ROOM, CHANNEL, "status", timeout=5)
+                return await api.command(ROOM, CHANNEL, "status", timeout=5 * SEC)
             except NoResponders:
                 continue
     raise AssertionError("the handler never registered again")

@@ -23,6 +23,7 @@ from arqonbus_server.mesh.audit import JetStreamAuditSink
 from arqonbus_server.mesh.jetstream import JetStreamBroker
 from arqonbus_server.mesh.streams import StreamPolicy
 from arqonbus_server.shared.subjects import SubjectScheme
+from tests.timeouts import SEC
 
 JWT = (
     "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9."
@@ -177,7 +178,7 @@ async def test_close_gives_up_after_its_timeout_without_nats() -> None:
     for _ in range(3):
         log.record("acme", audit.AUTH_FAILED, reason="x")
     started = time.monotonic()
-    await log.close(timeout=0.3)
+    await log.close(timeout=0.3 * SEC)
     assert time.monotonic() - started < 2.0
     assert log.written == 0 and log.dropped == 3
 

@@ -23,6 +23,7 @@ from arqonbus_server.gateway.auth.jwt import JwtAuthenticator
 from arqonbus_server.gateway.config import load_settings
 from arqonbus_server.shared.settings import ConfigError
 from tests.jwks import JwksServer
+from tests.timeouts import SEC
 
 RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 EC_KEY = ec.generate_private_key(ec.SECP256R1())
@@ -367,14 +368,14 @@ def jwks_server() -> Iterator[JwksServer]:
 def test_jwks_url_rotation_fetches_on_unknown_kid(jwks_server: JwksServer) -> None:
     authenticator = JwtAuthenticator(jwks_url=jwks_server.url, jwks_min_refetch_s=0)
     try:
-        remote = authenticator._remote
+        remote = authenticator.key_set
         assert remote is not None and remote.fetches == 1
         assert authenticator.authenticate(Credentials(sign(claims()))).id == "alice"
         # The issuer rotates to a new key: the first token is refused without waiting...
         jwks_server.document = jwks(rsa1=RSA_KEY, ec1=EC_KEY)
         refused(authenticator, sign(claims(), "ec1"), "retry in a few seconds")
         # ...and triggers a background fetch, after which the new key works.
-        assert remote.wait_for_fetches(2, timeout=10)
+        assert remote.wait_for_fetches(2, timeout=10 * SEC)
         assert authenticator.authenticate(Credentials(sign(claims(), "ec1"))).id == "alice"
     finally:
         authenticator.close()
@@ -383,11 +384,11 @@ def test_jwks_url_rotation_fetches_on_unknown_kid(jwks_server: JwksServer) -> No
 def test_jwks_url_unknown_kids_refetch_at_most_once_per_interval(jwks_server: JwksServer) -> None:
     authenticator = JwtAuthenticator(jwks_url=jwks_server.url, jwks_min_refetch_s=3600)
     try:
-        remote = authenticator._remote
+        remote = authenticator.key_set
         assert remote is not None
         for index in range(20):
             refused(authenticator, sign(claims(), f"k{index}", EC_KEY, "ES256"), "unknown")
-        assert not remote._wake.is_set()
+        assert not remote.refresh_requested
         assert remote.fetches == 1 and jwks_server.hits == 1
     finally:
         authenticator.close()
@@ -400,7 +401,8 @@ def test_jwks_url_down_at_start_refuses_then_recovers(jwks_server: JwksServer) -
         jwks_url=f"http://127.0.0.1:{port}/jwks.json", jwks_min_refetch_s=0
     )
     try:
-        assert authenticator._remote is not None and not authenticator._remote.loaded
+        remote = authenticator.key_set
+        assert remote is not None and not remote.loaded
         refused(authenticator, sign(claims()), "not loaded yet")
     finally:
         authenticator.close()

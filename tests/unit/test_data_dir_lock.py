@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from arqonbus_server.mesh.local import DataDirInUse, DataDirLock
+from tests.timeouts import SEC
 
 HOLD = """
 import sys
@@ -52,7 +53,7 @@ def test_a_killed_holder_leaves_no_stale_lock(tmp_path: Path) -> None:
             assert refused.value.holder_pid == holder.pid
         finally:
             holder.send_signal(signal.SIGKILL)
-            holder.wait(timeout=10)
+            holder.wait(timeout=10 * SEC)
     lock = DataDirLock(tmp_path)
     lock.acquire()  # the kernel dropped the dead holder's flock
     lock.release()

@@ -44,7 +44,7 @@ def _answer(item: Any) -> Any:
 async def test_an_unanswered_create_is_followed_by_a_lookup_that_finds_the_bucket() -> None:
     js = ScriptedJetStream(lookups=[BucketNotFoundError(), FakeKV()], creates=[NatsTimeoutError()])
     bucket = await kvmod.open_bucket(js, "arq_rooms", replicas=3)  # type: ignore[arg-type]
-    assert bucket._name == "b"
+    assert kvmod.JetStreamBucket(bucket).name == "b"  # the bucket the lookup found
     assert js.calls == ["lookup arq_rooms", "create arq_rooms", "lookup arq_rooms"]
 
 

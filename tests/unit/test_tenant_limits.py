@@ -9,13 +9,9 @@ import pytest
 
 from arqonbus_server.gateway.config import load_settings
 from arqonbus_server.gateway.state.limits import RateLimits, TenantConnections
-from arqonbus_server.gateway.state.tenant_limits import (
-    FIELDS,
-    RateSpec,
-    TenantLimits,
-    TenantLimitsError,
-    TenantLimitsTable,
-)
+from arqonbus_server.gateway.state.tenant_limits import TenantLimitsTable
+from arqonbus_server.shared.core.rates import RateSpec
+from arqonbus_server.shared.tenant_limits import FIELDS, TenantLimits, TenantLimitsError
 
 
 def test_parse_keeps_only_the_given_fields() -> None:
