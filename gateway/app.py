@@ -24,15 +24,19 @@ from arqonbus_server.gateway.auth.base import (
     Credentials,
     Principal,
     check_credentials,
+    token_method,
 )
 from arqonbus_server.gateway.auth.chain import make_authenticator
 from arqonbus_server.gateway.auth.keys import revoked_key_id
+from arqonbus_server.gateway.dashboard import routes as dashboard
 from arqonbus_server.gateway.http.admission import (
     PendingHandshakes,
     RateLimiter,
     retry_after_header,
     retry_after_ms,
 )
+from arqonbus_server.gateway.http.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from arqonbus_server.gateway.http.metrics import metrics_from
 from arqonbus_server.gateway.http.origin import OriginPolicy
 from arqonbus_server.gateway.state.audit import AUTH_FAILED, AuditLog, AuditThrottle
 from arqonbus_server.gateway.state.heartbeat import HeartbeatPublisher, NodeIdentity, server_version
@@ -45,6 +49,7 @@ from arqonbus_server.gateway.state.limits import (
 from arqonbus_server.gateway.state.rooms import RoomDirectory, RoomSettings, banned_error
 from arqonbus_server.gateway.state.security import NONCE_TTL_S, SecurityState
 from arqonbus_server.gateway.state.tenant_limits import TenantLimitsTable
+from arqonbus_server.gateway.tracing import tracing_from
 from arqonbus_server.gateway.ws.hub import Hub
 from arqonbus_server.gateway.ws.session import Session
 from arqonbus_server.gateway.ws.transport import (
@@ -75,6 +80,7 @@ from arqonbus_server.shared.settings import ConfigError, Settings
 log = logging.getLogger("arqonbus.gateway")
 
 WS_PATH = "/ws"
+METRICS_PATH = "/metrics"  # Prometheus text format (gateway/http/metrics.py)
 # Consecutive failed checks (one per health_interval_s) before the gateway acts:
 # JetStream silent: drop the NATS server for another, again every 2 checks (the next one
 # may be cut off too).
@@ -121,7 +127,17 @@ class Gateway:
         self.node_id = settings.node_id or default_node_id()
         # Its URLs, stream policy (with the tenants' stored-bytes quota), credentials, TLS.
         self.broker = broker_from_settings(settings, f"arqonbus-gateway {self.node_id}")
-        self.hub = Hub(self.broker, settings.replay_buffer_msgs, 4 * settings.send_buffer_bytes)
+        # Tracing (gateway/tracing.py): None unless ARQONBUS_TRACING or the OTEL_* env asks.
+        self.tracing = tracing_from(settings, os.environ, self.node_id)
+        # Prometheus metrics (gateway/http/metrics.py): this gateway's own registry, or no-ops.
+        self.metrics = metrics_from(settings)
+        self.hub = Hub(
+            self.broker,
+            settings.replay_buffer_msgs,
+            4 * settings.send_buffer_bytes,
+            self.tracing,
+            metrics=self.metrics,
+        )
         # Security state shared by every gateway (NATS KV), and the audit stream.
         self.state = JetStreamStateStore(self.broker)
         self.security = SecurityState(
@@ -146,6 +162,17 @@ class Gateway:
             settings.heartbeat_interval_s,
             lambda: len(self.sessions),
             lambda: (self.frames.received, self.frames.sent),
+        )
+        # The web dashboard's live feed (gateway/dashboard/): the cluster view, the tenant's
+        # stream and this gateway's channels, every heartbeat interval.
+        self.dashboard = dashboard.DashboardFeed(
+            JetStreamClusterView(self.broker),
+            self.broker,
+            self.hub,
+            self.node_id,
+            settings.heartbeat_interval_s,
+            self._connections_of,
+            settings.trace_viewer_url,
         )
         # Agents: a revoke made anywhere closes this gateway's sessions of that agent.
         self.security.agents.on_change(self._on_agent_change)
@@ -184,6 +211,20 @@ class Gateway:
         self._stop = asyncio.Event()
         self._became_ready = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._wire_metrics()
+
+    def _wire_metrics(self) -> None:
+        """What /metrics reads at each scrape, and the mesh's events it counts."""
+        self.metrics.observe(
+            lambda: len(self.sessions),
+            lambda: self.hub.channel_count,
+            self.hub.member_count,
+            lambda: (self.frames.received, self.frames.sent),
+        )
+        if self.metrics.enabled:
+            self.broker.on_link_event = self.metrics.nats_event
+            for bucket in self.security.watched:
+                bucket.on_reload = self.metrics.kv_reloaded
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -193,7 +234,7 @@ class Gateway:
             self._server = await start_server(
                 self.listener,
                 self._on_request,
-                self._on_socket,
+                self._on_socket_measured,
                 self.pending_handshakes if self.pending_handshakes.enabled else None,
                 Credentials.select_subprotocol,
                 counts=self.frames,
@@ -258,6 +299,8 @@ class Gateway:
         """Take in one health check's outcome and act on it, as the health loop does each
         ``health_interval_s`` (JetStream answered: ``healthy``; the NATS link: ``link_ok``)."""
         self.healthy = healthy
+        if not healthy:
+            self.metrics.jetstream_error("health")
         if self.ready:
             self._became_ready.set()
         await self._after_check(link_ok)
@@ -332,6 +375,8 @@ class Gateway:
         await asyncio.gather(*self._quota_updates, return_exceptions=True)
         await self.audit.close()
         await self.broker.close(timeout / 2)
+        if self.tracing is not None:  # export the spans still buffered, then stop
+            await asyncio.to_thread(self.tracing.flush, timeout / 2)
         close_authenticator = getattr(self.authenticator, "close", None)
         if close_authenticator is not None:  # e.g. the JWT key-set refresher
             close_authenticator()
@@ -399,14 +444,24 @@ class Gateway:
 
     def _on_request(
         self, target: str, headers: Mapping[str, str], peer_ip: str
-    ) -> HttpReply | Principal | PendingAuth | Awaitable[HttpReply | Principal]:
+    ) -> (
+        HttpReply
+        | Principal
+        | PendingAuth
+        | dashboard.DashboardViewer
+        | Awaitable[HttpReply | Principal | dashboard.DashboardViewer]
+    ):
         path = urlsplit(target).path
         if path == "/healthz":
             return HttpReply(HTTPStatus.OK, {"status": "alive", "node": self.node_id})
         if path == "/readyz":
             return self._readyz()
+        if path == METRICS_PATH and self.metrics.enabled:
+            return HttpReply(HTTPStatus.OK, self.metrics.render(), (), METRICS_CONTENT_TYPE)
         if path == NONCE_PATH:
             return self._nonce_request(peer_ip)
+        if path == dashboard.DASHBOARD_PATH or path.startswith(dashboard.DASHBOARD_PATH + "/"):
+            return self._dashboard_request(path, target, headers, peer_ip)
         if path != WS_PATH:
             return HttpReply(
                 HTTPStatus.NOT_FOUND, {"error": "not found: the WebSocket endpoint is /ws"}
@@ -434,6 +489,7 @@ class Gateway:
             )  # fmt: skip
         wait_s = self.conn_rate.take(peer_ip)
         if wait_s:
+            self.metrics.rate_limited("upgrade")
             return _rate_limited(wait_s)
         credentials = Credentials.from_request(target, headers)
         if credentials.token is None and self.settings.auth_message_timeout_s > 0:
@@ -441,9 +497,9 @@ class Gateway:
         try:
             outcome = self.authenticator.authenticate(credentials)
         except (AuthError, AuthUnavailable) as exc:
-            return self._refuse_auth(exc, peer_ip)
+            return self._refuse_auth(exc, peer_ip, _method(credentials.token))
         if inspect.isawaitable(outcome):  # the method needs NATS (an agent's nonce)
-            return self._finish_auth(outcome, peer_ip)
+            return self._finish_auth(outcome, peer_ip, _method(credentials.token))
         return self._reserve_tenant_slot(outcome)
 
     def _tenant_connections(self, tenant: str) -> int:
@@ -463,15 +519,19 @@ class Gateway:
         return _tenant_full(tenant, limit, self.settings.health_interval_s)
 
     async def _finish_auth(
-        self, outcome: Awaitable[Principal], peer_ip: str
+        self, outcome: Awaitable[Principal], peer_ip: str, method: str = "unknown"
     ) -> HttpReply | Principal:
         try:
             return self._reserve_tenant_slot(await outcome)
         except (AuthError, AuthUnavailable) as exc:
-            return self._refuse_auth(exc, peer_ip)
+            return self._refuse_auth(exc, peer_ip, method)
 
-    def _refuse_auth(self, exc: AuthError | AuthUnavailable, peer_ip: str) -> HttpReply:
+    def _refuse_auth(
+        self, exc: AuthError | AuthUnavailable, peer_ip: str, method: str = "unknown"
+    ) -> HttpReply:
         """401 for a bad credential (audited when it names a tenant); 503 to retry."""
+        if isinstance(exc, AuthError):
+            self.metrics.auth_failed(method)
         if isinstance(exc, AuthUnavailable):
             return HttpReply(
                 HTTPStatus.SERVICE_UNAVAILABLE, {"error": "unavailable", "message": str(exc)}
@@ -523,9 +583,86 @@ class Gateway:
         }
         return HttpReply(HTTPStatus.OK if self.ready else HTTPStatus.SERVICE_UNAVAILABLE, body)
 
+    # -- web dashboard (gateway/dashboard/) ----------------------------------------------
+
+    def _connections_of(self, tenant: str) -> tuple[int, int]:
+        """The tenant's sessions on this gateway, and all of them."""
+        mine = sum(1 for session in self.sessions if session.principal.tenant == tenant)
+        return mine, len(self.sessions)
+
+    def _dashboard_request(
+        self, path: str, target: str, headers: Mapping[str, str], peer_ip: str
+    ) -> (
+        HttpReply
+        | Principal
+        | dashboard.DashboardViewer
+        | Awaitable[HttpReply | Principal | dashboard.DashboardViewer]
+    ):
+        """The page's files; sign-in and sign-out; the feed and the tail (WebSockets) for a
+        tenant admin only (see gateway/dashboard/routes.py)."""
+        page = dashboard.static_reply(path)
+        if page is not None:
+            return page
+        if path == dashboard.LOGOUT_PATH:
+            return dashboard.logout_reply()
+        if path not in (dashboard.LOGIN_PATH, dashboard.FEED_PATH, dashboard.TAIL_PATH):
+            return HttpReply(
+                HTTPStatus.NOT_FOUND, {"error": "not found: the dashboard is /dashboard"}
+            )
+        if dashboard.uses_cookie(headers) and not dashboard.same_origin(headers):
+            return dashboard.forbidden("the dashboard's cookie is accepted from its own page only")
+        if self.draining or self.cut_off or not self.security.loaded:
+            return HttpReply(
+                HTTPStatus.SERVICE_UNAVAILABLE,
+                {"error": "unavailable", "message": "this gateway cannot serve the dashboard "
+                 "now (starting, draining or cut off from NATS): try another gateway"},
+            )  # fmt: skip
+        wait_s = self.conn_rate.take(peer_ip)
+        if wait_s:
+            return _rate_limited(wait_s)
+        credentials = dashboard.credentials(headers)
+        if credentials.token is None:
+            return dashboard.unauthorized(
+                "sign in at /dashboard with an admin credential of your tenant"
+            )
+        try:
+            outcome = self.authenticator.authenticate(credentials)
+        except (AuthError, AuthUnavailable) as exc:
+            return self._refuse_auth(exc, peer_ip)
+        if inspect.isawaitable(outcome):
+            return self._finish_dashboard_auth(outcome, path, target, credentials.token, peer_ip)
+        return self._admit_viewer(outcome, path, target, credentials.token)
+
+    async def _finish_dashboard_auth(
+        self, outcome: Awaitable[Principal], path: str, target: str, token: str, peer_ip: str
+    ) -> HttpReply | Principal | dashboard.DashboardViewer:
+        try:
+            principal = await outcome
+        except (AuthError, AuthUnavailable) as exc:
+            return self._refuse_auth(exc, peer_ip)
+        return self._admit_viewer(principal, path, target, token)
+
+    def _admit_viewer(
+        self, principal: Principal, path: str, target: str, token: str
+    ) -> HttpReply | Principal | dashboard.DashboardViewer:
+        refusal = dashboard.refusal(principal, target)
+        if refusal is not None:
+            return refusal
+        if path == dashboard.LOGIN_PATH:
+            return dashboard.login_reply(principal, token, self.settings.tls_enabled)
+        if path == dashboard.FEED_PATH:
+            return dashboard.DashboardViewer(principal)
+        return self._reserve_tenant_slot(principal)  # the tail: a session like any other
+
     # -- WebSocket -------------------------------------------------------------------
 
-    async def _on_socket(self, context: Principal | PendingAuth, socket: Socket) -> None:
+    async def _on_socket(
+        self, context: Principal | PendingAuth | dashboard.DashboardViewer, socket: Socket
+    ) -> None:
+        if isinstance(context, dashboard.DashboardViewer):
+            viewer = context.principal
+            await self.dashboard.run(viewer, socket, lambda: self._revoked_since_check(viewer))
+            return
         if isinstance(context, PendingAuth):
             authenticated = await self._auth_phase(context, socket)
             if authenticated is None:
@@ -558,6 +695,8 @@ class Gateway:
             audit=self.audit,
             authenticator=self.authenticator,
             rate_limits=self.rate_limits,
+            tracing=self.tracing,
+            metrics=self.metrics,
         )
         self.tenant_conns.claim(principal.tenant)
         self.sessions.add(session)
@@ -574,6 +713,14 @@ class Gateway:
         finally:
             self.sessions.discard(session)
             self.tenant_conns.release(principal.tenant)
+
+    async def _on_socket_measured(self, context: Principal | PendingAuth, socket: Socket) -> None:
+        """``_on_socket``, counted: connections open, opened, and closed by close code."""
+        self.metrics.connection_opened()
+        try:
+            await self._on_socket(context, socket)
+        finally:
+            self.metrics.connection_closed(socket.close_code)
 
     def _revoked_since_check(self, principal: Principal) -> bool:
         """The principal's API key or agent is revoked (or gone) in the watched state now."""
@@ -649,7 +796,9 @@ class Gateway:
             with contextlib.suppress(AuthUnavailable):
                 nonce = await issue_nonce(self.security)
         timeout_ms = int(timeout_s * 1000)
-        socket.send(encode_auth_required(nonce, self._auth_methods, timeout_ms, int(NONCE_TTL_S)))
+        required = encode_auth_required(nonce, self._auth_methods, timeout_ms, int(NONCE_TTL_S))
+        socket.send(required)
+        self.metrics.frame_sent(required)
         try:
             async with asyncio.timeout(timeout_s):
                 data = await socket.recv()
@@ -661,6 +810,7 @@ class Gateway:
             return None
         if data is None:
             return None
+        self.metrics.frame_received("auth")
         try:
             token = parse_auth_frame(data, self.settings.max_envelope_bytes)
             principal = await check_credentials(self.authenticator, Credentials(token))
@@ -671,7 +821,7 @@ class Gateway:
             await socket.close(CloseCode.BACKEND_UNAVAILABLE, _close_reason(str(exc)))
             return None
         except AuthError as exc:
-            self._refuse_auth(exc, peer_ip)  # audited like a refused handshake
+            self._refuse_auth(exc, peer_ip, _method(token))  # audited like a refused handshake
             await socket.close(CloseCode.AUTH_FAILED, _close_reason(f"unauthorized: {exc}"))
             return None
         return principal
@@ -680,6 +830,13 @@ class Gateway:
 # -- agent identity: nonces, revocation; first-message auth (issue 6) ------------------
 
 NONCE_PATH = "/auth/nonce"
+
+
+def _method(token: str | None) -> str:
+    """The auth-failure label of a credential: its method by form, ``none`` without one."""
+    return token_method(token) if token else "none"
+
+
 _CLOSE_REASON_MAX = 123  # bytes of UTF-8 a close frame's reason may hold (RFC 6455 5.5)
 
 

@@ -11,7 +11,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -48,6 +48,7 @@ from arqonbus_server.mesh.ports import (
     ServiceRequest,
     StoredEvent,
     StoreQuotaExceeded,
+    StreamStats,
 )
 from arqonbus_server.mesh.streams import StreamPolicy, StreamProvisioner, choose_replicas
 from arqonbus_server.shared.settings import Settings
@@ -307,6 +308,9 @@ class JetStreamBroker:
         self._link_up = asyncio.Event()  # set while connected (see window)
         # Per-tenant stored-bytes quotas (gateway/state/tenant_limits.py); None = the policy's.
         self.max_bytes_for: Callable[[str], int] | None = None
+        # Observability (the gateway's metrics): called with "disconnect", "reconnect",
+        # "slow_consumer" or "error" as they happen; it must not raise or block.
+        self.on_link_event: Callable[[str], None] | None = None
 
     # -- connection -----------------------------------------------------------
 
@@ -418,6 +422,7 @@ class JetStreamBroker:
                 self._connect_error = exc
             log.debug("NATS connect attempt failed: %s", exc)
             return
+        self._link_event("slow_consumer" if isinstance(exc, SlowConsumerError) else "error")
         if isinstance(exc, SlowConsumerError):
             now = asyncio.get_running_loop().time()
             if now - self._last_slow_log > 5.0:  # one line per burst, not per message
@@ -434,6 +439,7 @@ class JetStreamBroker:
         if self._closing:
             return
         log.warning("disconnected from NATS; reconnecting")
+        self._link_event("disconnect")
 
     async def _on_reconnected(self) -> None:
         if self._nc is not None and not _uses_tls_as_configured(self._nc, self._connect_options):
@@ -441,8 +447,13 @@ class JetStreamBroker:
             await self._nc.force_reconnect()
             return
         log.info("reconnected to NATS")
+        self._link_event("reconnect")
         self._link_up.set()
         self._schedule_resync()
+
+    def _link_event(self, event: str) -> None:
+        if self.on_link_event is not None:
+            self.on_link_event(event)
 
     def _schedule_resync(self) -> None:
         """Run the resync handlers once; a burst of triggers while one runs queues one more."""
@@ -534,11 +545,18 @@ class JetStreamBroker:
 
     # -- publish --------------------------------------------------------------
 
-    async def publish(self, ref: ChannelRef, body: bytes, dedupe_key: str) -> PublishResult:
+    async def publish(
+        self,
+        ref: ChannelRef,
+        body: bytes,
+        dedupe_key: str,
+        headers: Mapping[str, str] | None = None,
+    ) -> PublishResult:
         _, _, _, streams = self._require()
         assert self._acks is not None
         subject = self._scheme.ingest(ref)
-        headers = {"Nats-Msg-Id": dedupe_key}
+        # The stream keeps the headers and RePublish copies them to the live subject.
+        headers = {**headers, "Nats-Msg-Id": dedupe_key} if headers else {"Nats-Msg-Id": dedupe_key}
         # A stream that was just created can take a moment to take its subjects on every
         # server; a bounded retry covers it. The dedupe key makes the retry safe.
         # Create the tenant's stream before its first publish (cached afterwards): waiting
@@ -595,7 +613,8 @@ class JetStreamBroker:
         async def on_msg(msg: Msg) -> None:
             seq = _header_int(msg, "Nats-Sequence")
             if seq:
-                handler(ref, LiveEvent(seq, _header_int(msg, "Nats-Last-Sequence"), msg.data))
+                last = _header_int(msg, "Nats-Last-Sequence")
+                handler(ref, LiveEvent(seq, last, msg.data, msg.headers))
 
         return await self._subscribe(
             nc, self._scheme.live(ref), on_msg, "", _LIVE_PENDING_MSGS, _LIVE_PENDING_BYTES
@@ -632,13 +651,23 @@ class JetStreamBroker:
 
     # -- service commands -------------------------------------------------------
 
-    async def request(self, ref: ChannelRef, command: str, body: bytes, timeout: float) -> bytes:
+    async def request(
+        self,
+        ref: ChannelRef,
+        command: str,
+        body: bytes,
+        timeout: float,
+        headers: Mapping[str, str] | None = None,
+    ) -> bytes:
         nc, _, _, _ = self._require()
         if not nc.is_connected:
             # nats-py would buffer the request until a reconnect; a caller wants an answer now.
             raise BrokerUnavailable("not connected to NATS")
         try:
-            msg = await nc.request(self._scheme.command(ref, command), body, timeout=timeout)
+            subject = self._scheme.command(ref, command)
+            msg = await nc.request(
+                subject, body, timeout=timeout, headers=dict(headers) if headers else None
+            )
         except NoRespondersError:
             raise NoResponders(command) from None
         except (TimeoutError, NatsTimeoutError):
@@ -656,7 +685,7 @@ class JetStreamBroker:
 
         async def on_msg(msg: Msg) -> None:
             if msg.reply:
-                handler(ServiceRequest(msg.data, msg.reply))
+                handler(ServiceRequest(msg.data, msg.reply, msg.headers))
 
         return await self._subscribe(
             nc,
@@ -704,6 +733,20 @@ class JetStreamBroker:
         except _TRANSIENT as exc:
             raise BrokerUnavailable(f"last message lookup failed: {type(exc).__name__}") from exc
         return ChannelWindow(last_seq, info.state.first_seq)
+
+    async def stream_stats(self, tenant: str) -> StreamStats:
+        """The tenant's stream state (messages, bytes, first and last seq) from its leader."""
+        _, _, jsm, _ = self._require()
+        try:
+            info = await jsm.stream_info(self._scheme.stream_name(tenant))
+        except NotFoundError:
+            return StreamStats(0, 0, 0, 0)
+        except _TRANSIENT as exc:
+            raise BrokerUnavailable(f"stream info failed: {type(exc).__name__}") from exc
+        state = info.state
+        if not state.messages:
+            return StreamStats(0, 0, 0, 0)
+        return StreamStats(state.messages, state.bytes, state.first_seq, state.last_seq)
 
     async def replay(
         self, ref: ChannelRef, start_seq: int, end_seq: int | None, limit: int | None = None

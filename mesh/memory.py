@@ -15,7 +15,7 @@ import itertools
 import random
 import re
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -41,6 +41,7 @@ from arqonbus_server.mesh.ports import (
     ServiceRequest,
     StoredEvent,
     StoreQuotaExceeded,
+    StreamStats,
 )
 from arqonbus_server.shared.subjects import ChannelRef, SubjectScheme, node_token
 
@@ -175,7 +176,13 @@ class MemoryBroker:
         stream.max_bytes = self._quota(tenant)
         return True
 
-    async def publish(self, ref: ChannelRef, body: bytes, dedupe_key: str) -> PublishResult:
+    async def publish(
+        self,
+        ref: ChannelRef,
+        body: bytes,
+        dedupe_key: str,
+        headers: Mapping[str, str] | None = None,
+    ) -> PublishResult:
         await self.ensure_stream(ref.tenant)
         stream = self.mesh.streams[ref.tenant]
         now = self.mesh.clock()
@@ -189,7 +196,7 @@ class MemoryBroker:
         stream.events.append(event)
         stream.stored_bytes += len(body)
         stream.dedupe[dedupe_key] = (event.seq, now)
-        live = LiveEvent(event.seq, event.prev_seq, body)
+        live = LiveEvent(event.seq, event.prev_seq, body, dict(headers) if headers else None)
         loop = asyncio.get_running_loop()
         for sub in list(self.mesh.live.get(ref, ())):
             loop.call_soon(sub.handler, ref, live)
@@ -207,6 +214,14 @@ class MemoryBroker:
         first = stream.events[0].seq if stream.events else 0
         return ChannelWindow(stream.last_of(ref), first)
 
+    async def stream_stats(self, tenant: str) -> StreamStats:
+        self._require()
+        stream = self.mesh.streams.get(tenant)
+        if stream is None or not stream.events:
+            return StreamStats(0, 0, 0, 0)
+        first, last = stream.events[0].seq, stream.events[-1].seq
+        return StreamStats(len(stream.events), stream.stored_bytes, first, last)
+
     async def replay(
         self, ref: ChannelRef, start_seq: int, end_seq: int | None, limit: int | None = None
     ) -> AsyncGenerator[StoredEvent, None]:
@@ -223,7 +238,14 @@ class MemoryBroker:
                 count += 1
                 yield StoredEvent(event.seq, event.body)
 
-    async def request(self, ref: ChannelRef, command: str, body: bytes, timeout: float) -> bytes:
+    async def request(
+        self,
+        ref: ChannelRef,
+        command: str,
+        body: bytes,
+        timeout: float,
+        headers: Mapping[str, str] | None = None,
+    ) -> bytes:
         self._require()
         handlers = self.mesh.handlers.get((ref, self.mesh.scheme.command(ref, command)), [])
         if not handlers:
@@ -231,7 +253,9 @@ class MemoryBroker:
         reply = f"_INBOX.memory.{id(self)}.{next(self._replies)}"
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self.mesh.replies[reply] = future
-        random.choice(handlers).handler(ServiceRequest(body, reply))
+        random.choice(handlers).handler(
+            ServiceRequest(body, reply, dict(headers) if headers else None)
+        )
         try:
             async with asyncio.timeout(timeout):
                 return await future

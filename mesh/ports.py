@@ -21,7 +21,7 @@ Names of subjects, streams and buckets all come from :mod:`shared.subjects`.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
@@ -108,6 +108,7 @@ class ServiceRequest:
 
     body: bytes
     reply: str
+    headers: Mapping[str, str] | None = None  # the requester's (e.g. W3C trace context)
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +128,9 @@ class LiveEvent:
     seq: int
     prev_seq: int
     body: bytes
+    # The message's headers as stored (the publisher's ``headers`` among them, e.g. the
+    # W3C trace context of gateway/tracing.py); None when the store keeps none.
+    headers: Mapping[str, str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +139,16 @@ class ChannelWindow:
 
     last_seq: int
     first_stream_seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class StreamStats:
+    """What a tenant's stream holds now: its events and their bytes (0, 0: no stream)."""
+
+    messages: int
+    bytes: int
+    first_seq: int
+    last_seq: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,8 +240,17 @@ class Broker(Protocol):
         Raises BrokerUnavailable."""
         ...
 
-    async def publish(self, ref: ChannelRef, body: bytes, dedupe_key: str) -> PublishResult:
+    async def publish(
+        self,
+        ref: ChannelRef,
+        body: bytes,
+        dedupe_key: str,
+        headers: Mapping[str, str] | None = None,
+    ) -> PublishResult:
         """Store one event of ``ref``'s channel (creating the tenant's stream if needed).
+
+        ``headers`` (e.g. ``traceparent``) are stored with it and offered to live
+        subscribers in ``LiveEvent.headers``.
 
         Returns once stored, with its seq, strictly greater than every seq stored before
         in the tenant. The same ``dedupe_key`` within the dedupe window stores nothing and
@@ -251,6 +274,12 @@ class Broker(Protocol):
         Raises BrokerUnavailable."""
         ...
 
+    async def stream_stats(self, tenant: str) -> StreamStats:
+        """The tenant's stream as it is now: its stored events and bytes, first and last seq
+        (all 0 when the tenant has no stream). Reflects every publish acknowledged before
+        the call. Raises BrokerUnavailable."""
+        ...
+
     def replay(
         self, ref: ChannelRef, start_seq: int, end_seq: int | None, limit: int | None = None
     ) -> AsyncGenerator[StoredEvent, None]:
@@ -259,8 +288,17 @@ class Broker(Protocol):
         short of events the store acknowledged: raises BrokerUnavailable instead."""
         ...
 
-    async def request(self, ref: ChannelRef, command: str, body: bytes, timeout: float) -> bytes:
+    async def request(
+        self,
+        ref: ChannelRef,
+        command: str,
+        body: bytes,
+        timeout: float,
+        headers: Mapping[str, str] | None = None,
+    ) -> bytes:
         """Send a service command to exactly one of its handlers and return the reply.
+
+        ``headers`` reach the handler in ``ServiceRequest.headers``.
 
         Raises NoResponders at once when no handler serves it, RequestTimeout when none
         replied within ``timeout`` s (the handler may have acted), BrokerUnavailable when

@@ -38,6 +38,9 @@ class WatchedBucket:
         self._stop = asyncio.Event()
         self._restart = asyncio.Event()
         self.kv: KVBucket | None = None  # the bucket, once opened
+        # Observability (the gateway's metrics): called with the bucket's name at each full
+        # (re)load; it must not raise or block.
+        self.on_reload: Callable[[str], None] | None = None
 
     def on_change(self, handler: ChangeHandler) -> None:
         self._handlers.append(handler)
@@ -113,6 +116,8 @@ class WatchedBucket:
         """After a (re)load: report what changed while the watch was down."""
         old = self._values
         self._values = loaded
+        if self.on_reload is not None:
+            self.on_reload(self.name)
         for key in old.keys() - loaded.keys():
             self._notify(key, None)
         for key, value in loaded.items():

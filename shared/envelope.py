@@ -10,7 +10,7 @@ are bytes ready to put in a text frame.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
@@ -41,6 +41,10 @@ class ClientEvent:
     room: str
     channel: str
     payload: Any
+    # The optional ``trace`` field (W3C trace context as plain strings), see parse_trace.
+    trace: Mapping[str, str] | None = None
+    # The client sent a ``trace`` field that was not usable: ignored (the shell counts it).
+    trace_malformed: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +56,9 @@ class ClientCommand:
     parameters: dict[str, Any]
     # payload.timeout_ms as sent (validated by the gateway against its limits); services only
     timeout_ms: object = None
+    # The optional ``trace`` field, as for events (see parse_trace); services only.
+    trace: Mapping[str, str] | None = None
+    trace_malformed: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,9 +180,16 @@ def _parse_fields(obj: dict[str, Any], request_id: str) -> ClientMessage:
     if not isinstance(payload, dict):
         raise ArqonError(INVALID_ENVELOPE, "field 'payload' must be a JSON object")
     if kind == "event":
-        return ClientEvent(request_id, room, channel, payload)
+        if "trace" not in obj:
+            return ClientEvent(request_id, room, channel, payload)
+        trace = parse_trace(obj["trace"])
+        return ClientEvent(request_id, room, channel, payload, trace, trace is None)
     if kind == "command":
-        return _parse_command(request_id, room, channel, payload)
+        command = _parse_command(request_id, room, channel, payload)
+        if "trace" not in obj:
+            return command
+        trace = parse_trace(obj["trace"])
+        return replace(command, trace=trace, trace_malformed=trace is None)
     return _parse_response(request_id, room, channel, payload)
 
 
@@ -236,6 +250,46 @@ def parse_response_error(error: object) -> ResponseError:
         raise ArqonError(INVALID_ENVELOPE, "field 'payload.error.retryable' must be a boolean")
     assert isinstance(code, str)
     return ResponseError(code, message, retryable)
+
+
+# -- trace context (issue 13) -------------------------------------------------
+# ``trace`` is {"traceparent": "...", "tracestate": "..."}: W3C trace context as plain strings.
+# Only its shape is checked here; the values are read by OpenTelemetry's propagator in the
+# gateway (gateway/tracing.py), which ignores what it cannot parse and applies the W3C limits
+# to tracestate. A malformed field never refuses the event: it is dropped and counted.
+
+TRACE_KEYS = ("traceparent", "tracestate")
+TRACEPARENT_MAX = 256  # version 00 is 55 characters; later versions may append fields
+
+
+def parse_trace(value: object) -> dict[str, str] | None:
+    """The ``trace`` field as plain strings, or None when it is not usable."""
+    if not isinstance(value, dict):
+        return None
+    parent = value.get("traceparent")
+    if not isinstance(parent, str) or not 0 < len(parent) <= TRACEPARENT_MAX:
+        return None
+    if not parent.isascii() or not parent.isprintable():
+        return None
+    trace = {"traceparent": parent}
+    state = value.get("tracestate")
+    if isinstance(state, str) and state.isascii() and state.isprintable():
+        trace["tracestate"] = state
+    elif state is not None:
+        return None
+    return trace
+
+
+def encode_trace(trace: Mapping[str, str]) -> bytes:
+    """``,"trace":{...}`` as spliced into a stored envelope by :func:`with_trace`."""
+    return b',"trace":' + orjson.dumps({k: trace[k] for k in TRACE_KEYS if k in trace})
+
+
+def with_trace(stored: bytes, trace: Mapping[str, str] | None) -> bytes:
+    """The stored envelope (an orjson object, ending in ``}``) with its ``trace`` field."""
+    if not trace:
+        return stored
+    return b"%s%s}" % (stored[:-1], encode_trace(trace))
 
 
 # -- first-message auth (issue 6) ---------------------------------------------
@@ -401,19 +455,26 @@ def encode_delivery(
     sender: str,
     timestamp: str,
     payload: dict[str, Any],
+    trace: Mapping[str, str] | None = None,
 ) -> bytes:
-    """A service command as its handler receives it; it answers with request_id = delivery_id."""
-    return orjson.dumps(
-        {
-            "version": PROTOCOL_VERSION,
-            "type": "command",
-            "id": delivery_id,
-            "room": room,
-            "channel": channel,
-            "from": sender,
-            "timestamp": timestamp,
-            "payload": payload,
-        }
+    """A service command as its handler receives it; it answers with request_id = delivery_id.
+
+    ``trace``: the context the handler continues (the handler gateway's span), if traced.
+    """
+    return with_trace(
+        orjson.dumps(
+            {
+                "version": PROTOCOL_VERSION,
+                "type": "command",
+                "id": delivery_id,
+                "room": room,
+                "channel": channel,
+                "from": sender,
+                "timestamp": timestamp,
+                "payload": payload,
+            }
+        ),
+        trace,
     )
 
 

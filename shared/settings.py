@@ -79,11 +79,33 @@ class Settings(BaseModel):
     heartbeat_interval_s: float = Field(
         5.0, ge=0.1, le=300, description="Heartbeat period; a gateway silent 3 periods is gone"
     )
+    # -- web dashboard (issue 13; gateway/http/dashboard.py) --
+    trace_viewer_url: str = Field(
+        "", description="The dashboard's trace link, {trace_id} replaced; empty: no link"
+    )
+    # -- tracing (issue 13; gateway/tracing.py); exporters come from the OTEL_* environment --
+    tracing: bool = Field(
+        False, description="Trace publishes and deliveries (also on when OTEL_* configures it)"
+    )
+    trust_client_trace: bool = Field(
+        False, description="Continue the client's trace; off: start a new trace linked to it"
+    )
+    nats_msg_trace_subject: str = Field(
+        "", description="With tracing on: NATS subject for nats-server's per-hop message traces"
+    )
     max_handlers_per_connection: int = Field(100, ge=1, le=10_000)
     command_timeout_s: float = Field(5.0, gt=0, le=600)
     command_timeout_max_s: float = Field(60.0, gt=0, le=600)
     replay_buffer_msgs: int = Field(10_000, ge=100)
     log_level: str = Field("INFO")
+    # -- Prometheus metrics (issue 13; gateway/http/metrics.py, GET /metrics) --
+    metrics: bool = Field(True, description="Serve GET /metrics (Prometheus text format)")
+    metrics_tenant_labels: bool = Field(
+        False, description="Add a tenant label to per-tenant metrics (bounded by max_tenants)"
+    )
+    metrics_max_tenants: int = Field(
+        100, ge=1, le=10_000, description="Tenants with their own label value; the rest: other"
+    )
 
     # -- rate limits and quotas (issue 6, gateway/state/limits.py); 0 = off --
     msg_rate_per_conn: float = Field(

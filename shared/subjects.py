@@ -97,6 +97,10 @@ class SubjectScheme:
     def live(self, ref: ChannelRef) -> str:
         return f"{self.prefix}.live.{ref.tenant}.{ref.room}.{ref.channel}"
 
+    def template(self, kind: str) -> str:
+        """The low-cardinality form of the ``ev`` or ``live`` subjects, for span attributes."""
+        return f"{self.prefix}.{kind}.{{tenant}}.{{room}}.{{channel}}"
+
     def command(self, ref: ChannelRef, command: str) -> str:
         """The request subject of a service command; handlers subscribe in one queue group."""
         return f"{self.prefix}.cmd.{ref.tenant}.{ref.room}.{ref.channel}.{validate_name(command, 'command')}"

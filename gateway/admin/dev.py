@@ -220,6 +220,10 @@ def _print_banner(
         lines.append(f"  gateway:   ws://{host}:{port}/ws   (pid {proc.pid})")
     if ports:
         lines += _auth_lines(auth, auth_from_env)
+        lines.append(
+            f"  dashboard: http://{host}:{ports[0]}/dashboard   (sign in with a tenant admin's "
+            "token, e.g. dev:demo:ops)"
+        )
         lines += [
             "",
             f"  try:  python -m websockets 'ws://{host}:{ports[0]}/ws?token=dev:demo:alice'",

@@ -16,6 +16,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from arqonbus_server.gateway.http.metrics import NO_METRICS, NoMetrics
+from arqonbus_server.gateway.tracing import Tracing, now_ns
 from arqonbus_server.gateway.ws.transport import Socket, encode_text_frame
 from arqonbus_server.mesh.broker import (
     Broker,
@@ -44,6 +46,7 @@ class Member:
     pending_bytes: int = 0
     gap_reported: bool = False
     task: asyncio.Task[None] | None = None
+    replayed: int = 0  # events sent by the replay in progress (for its span)
 
 
 @dataclass(slots=True)
@@ -78,8 +81,17 @@ def _retrieve(future: asyncio.Future[ChannelWindow]) -> None:
 
 
 class Hub:
-    def __init__(self, broker: Broker, pending_limit: int, pending_bytes_limit: int) -> None:
+    def __init__(
+        self,
+        broker: Broker,
+        pending_limit: int,
+        pending_bytes_limit: int,
+        tracing: Tracing | None = None,
+        metrics: NoMetrics = NO_METRICS,
+    ) -> None:
         self._broker = broker
+        self._metrics = metrics  # gateway/http/metrics.py (NO_METRICS: off)
+        self._tracing = tracing  # None: tracing off, no span made (gateway/tracing.py)
         self._pending_limit = pending_limit
         self._pending_bytes_limit = pending_bytes_limit
         self._channels: dict[ChannelRef, _Channel] = {}
@@ -94,6 +106,19 @@ class Hub:
 
     def subscription_count(self) -> int:
         return sum(1 for ch in self._channels.values() if ch.subscription is not None)
+
+    def member_count(self) -> int:
+        """(socket, channel) members on this node."""
+        return sum(len(ch.members) for ch in self._channels.values())
+
+    def busiest_channels(self, tenant: str, limit: int) -> list[tuple[ChannelRef, int]]:
+        """The tenant's channels with the most members on this node (the widest fan-out),
+        most first, at most ``limit`` of them (the dashboard's list)."""
+        counts = [
+            (ref, len(ch.members)) for ref, ch in self._channels.items() if ref.tenant == tenant
+        ]
+        counts.sort(key=lambda item: (-item[1], item[0].room, item[0].channel))
+        return counts[:limit]
 
     # -- membership -------------------------------------------------------------
 
@@ -218,6 +243,22 @@ class Hub:
         channel = self._channels.get(ref)
         if channel is None:
             return
+        if self._tracing is not None:
+            self._on_live_traced(ref, event, channel, self._tracing)
+            return
+        self._fan_out(channel, event)
+
+    def _on_live_traced(
+        self, ref: ChannelRef, event: LiveEvent, channel: _Channel, tracing: Tracing
+    ) -> None:
+        span = tracing.start_process(ref, event.seq, event.body, event.headers)
+        start = now_ns()
+        sent = self._fan_out(channel, event)
+        tracing.record_fanout(span, ref, start, sent)
+
+    def _fan_out(self, channel: _Channel, event: LiveEvent) -> int:
+        """Send a live event to every member it continues; returns how many sockets got it."""
+        sent = 0
         frame: bytes | None = None
         for member in channel.members.values():
             if member.syncing:
@@ -233,6 +274,10 @@ class Hub:
                     frame = encode_text_frame(with_seq(event.body, event.seq))
                 member.socket.write_frame(frame)
                 member.cursor = event.seq
+                sent += 1
+        if sent:
+            self._metrics.delivered(sent, event.body)
+        return sent
 
     def _buffer(self, member: Member, event: LiveEvent) -> None:
         """Hold a live event while the member replays; bounded in count and bytes.
@@ -267,6 +312,7 @@ class Hub:
             member.socket.close_soon(CloseCode.SLOW_CONSUMER, "could not catch up: resume")
         except BrokerUnavailable as exc:
             log.warning("replay for %s failed: %s; closing for resume", member.ref, exc)
+            self._metrics.jetstream_error("replay")
             member.socket.close_soon(CloseCode.BACKEND_UNAVAILABLE, "store unavailable: resume")
         except asyncio.CancelledError:
             raise
@@ -277,12 +323,24 @@ class Hub:
     async def _replay(self, member: Member, upto: int) -> None:
         if upto <= member.cursor:
             return
+        start = now_ns()
+        member.replayed = 0
+        try:
+            await self._replay_range(member, upto)
+        finally:
+            if self._tracing is not None:
+                self._tracing.record_replay("replay", member.ref, start, member.replayed)
+            self._metrics.replayed("catch_up", member.replayed, (now_ns() - start) / 1e9)
+            member.replayed = 0
+
+    async def _replay_range(self, member: Member, upto: int) -> None:
         async for stored in self._broker.replay(member.ref, member.cursor + 1, upto):
             if stored.seq <= member.cursor:
                 continue
             if not await member.socket.send_paced(with_seq(stored.body, stored.seq)):
                 return
             member.cursor = stored.seq
+            member.replayed += 1
         if member.cursor < upto:
             # ``upto`` is a seq the channel holds; a replay that ends short of it is
             # either retention (tell the member) or a lagging replica (make it resume).
@@ -311,6 +369,7 @@ class Hub:
             if not await member.socket.send_paced(with_seq(event.body, event.seq)):
                 return False
             member.cursor = event.seq
+            self._metrics.delivered(1, event.body)  # a live event, held while it caught up
             if member.overflowed:
                 return True
         return False
@@ -332,7 +391,9 @@ class Hub:
     def _send_gap(self, member: Member, after_seq: int, first_available_seq: int) -> None:
         member.gap_reported = True
         ref = member.ref
-        member.socket.send(encode_gap(ref.room, ref.channel, after_seq, first_available_seq))
+        gap = encode_gap(ref.room, ref.channel, after_seq, first_available_seq)
+        member.socket.send(gap)
+        self._metrics.frame_sent(gap)
 
     async def resync_all(self) -> None:
         """After a NATS reconnect: every live member replays what it may have missed."""

@@ -28,6 +28,7 @@ from arqonbus_server.gateway.auth.base import (
     Principal,
     check_credentials,
 )
+from arqonbus_server.gateway.http.metrics import NO_METRICS, NoMetrics, message_kind
 from arqonbus_server.gateway.policies import policy_for
 from arqonbus_server.gateway.state.audit import AuditLog
 from arqonbus_server.gateway.state.limits import (
@@ -38,6 +39,8 @@ from arqonbus_server.gateway.state.limits import (
 )
 from arqonbus_server.gateway.state.rooms import RoomDirectory, run_admin_command
 from arqonbus_server.gateway.state.security import SecurityState
+from arqonbus_server.gateway.tracing import Tracing, now_ns
+from arqonbus_server.gateway.tracing import counters as trace_counters
 from arqonbus_server.gateway.ws.hub import Hub, JoinResult, Member
 from arqonbus_server.gateway.ws.transport import Socket
 from arqonbus_server.mesh.broker import (
@@ -45,6 +48,7 @@ from arqonbus_server.mesh.broker import (
     BrokerUnavailable,
     LiveSubscription,
     NoResponders,
+    PublishResult,
     RequestTimeout,
     ServiceRequest,
     StoreQuotaExceeded,
@@ -53,12 +57,14 @@ from arqonbus_server.shared import commands
 from arqonbus_server.shared.core import Connection, ConnectionConfig, Failure, Now
 from arqonbus_server.shared.core import effects as fx
 from arqonbus_server.shared.core.rates import RateSpec
+from arqonbus_server.shared.core.state import failure_error
 from arqonbus_server.shared.envelope import (
     ClientMessage,
     encode_error,
     encode_welcome,
     parse_client_frame,
     with_seq,
+    with_trace,
 )
 from arqonbus_server.shared.errors import (
     INTERNAL,
@@ -130,8 +136,14 @@ class Session:
         audit: AuditLog | None = None,
         authenticator: Authenticator | None = None,
         rate_limits: RateLimits | None = None,
+        tracing: Tracing | None = None,
+        metrics: NoMetrics = NO_METRICS,
     ) -> None:
         self.socket = socket
+        self._metrics = metrics  # gateway/http/metrics.py (NO_METRICS: off)
+        self._kind = "invalid"  # the received-type label of the frame being handled
+        self._publish_started: dict[int, float] = {}  # op -> perf_counter() when taken
+        self._tracing = tracing  # None: tracing off, no span made (gateway/tracing.py)
         # refresh_token checks the new credential with the gateway's authenticator.
         self._authenticator = authenticator
         self._expiry: asyncio.TimerHandle | None = None
@@ -182,7 +194,7 @@ class Session:
             self._rooms,
             stamp=utc_timestamp,
             new_id=_new_id,
-            parse=_parse,
+            parse=self._parse_counted,
         )
 
     @property
@@ -210,7 +222,9 @@ class Session:
     # -- the socket loop ------------------------------------------------------------------
 
     async def run(self) -> None:
-        self.socket.send(encode_welcome(self.id, self._node_id, self.limits()))
+        welcome = encode_welcome(self.id, self._node_id, self.limits())
+        self.socket.send(welcome)
+        self._metrics.frame_sent(welcome)
         self._arm_expiry(self.principal.expires_at)
         try:
             while True:
@@ -230,9 +244,21 @@ class Session:
         wall = self._rooms.clock() if self._rooms is not None else time.time()
         return Now(time.monotonic(), wall)
 
+    def _parse_counted(self, data: bytes, max_bytes: int) -> ClientMessage:
+        self._kind = "invalid"
+        message = _parse(data, max_bytes)
+        self._kind = message_kind(message)
+        self._metrics.frame_received(self._kind)
+        return message
+
     async def handle(self, data: bytes) -> None:
         try:
-            await self._execute(self.core.receive(data, self._now()))
+            effects = self.core.receive(data, self._now())
+            if self._kind == "invalid":
+                self._metrics.frame_received("invalid")
+            self._metrics.frame_handled(self._kind, self.principal.tenant, effects)
+            self._kind = "invalid"
+            await self._execute(effects)
         except Exception:
             # A bug in handling one frame must not end the connection (nor its other work).
             log.exception("session %s failed to handle a frame", self.id)
@@ -272,6 +298,7 @@ class Session:
         """Execute an effect that needs no awaiting; False if it needs one."""
         if isinstance(effect, fx.Send):
             self.socket.send(effect.frame)
+            self._metrics.frame_sent(effect.frame)
         elif isinstance(effect, fx.Audit):
             self._audit.record(effect.tenant, effect.type, effect.principal, **effect.details)
         elif isinstance(effect, fx.Leave):
@@ -330,16 +357,19 @@ class Session:
     # -- events ---------------------------------------------------------------------------
 
     async def _start_publish(self, publish: fx.Publish) -> None:
+        self._publish_started[publish.op] = time.perf_counter()
         try:
             # Inline, in frame order: provisioning (once per tenant) must not let a
             # later event of this connection overtake an earlier one.
             await self._broker.ensure_stream(publish.ref.tenant)
         except BrokerUnavailable as exc:
             log.warning("publish of %s failed: %s", publish.event_id, exc)
+            self._count_publish(publish, (Failure.UNAVAILABLE, None))
             self._apply_now(self.core.publish_failed(publish.op, Failure.UNAVAILABLE))
             return
         except Exception:
             log.exception("publish of %s failed", publish.event_id)
+            self._count_publish(publish, (Failure.INTERNAL, None))
             self._apply_now(self.core.publish_failed(publish.op, Failure.INTERNAL))
             return
         task = asyncio.create_task(self._publish(publish))
@@ -347,19 +377,59 @@ class Session:
         task.add_done_callback(self._publishes.discard)
 
     async def _publish(self, publish: fx.Publish) -> None:
+        if publish.trace_malformed:
+            trace_counters.malformed_trace_fields += 1
+        if self._tracing is not None:
+            await self._publish_traced(publish, self._tracing)
+            return
+        body = with_trace(publish.body, publish.trace)  # the client's, passed on as sent
+        outcome = await self._store(publish, body, None)
+        self._apply_now(self._answer(publish, outcome))
+
+    async def _publish_traced(self, publish: fx.Publish, tracing: Tracing) -> None:
+        span, hop, created = tracing.start_send(publish.ref, publish.event_id, publish.trace)
+        outcome = await self._store(publish, with_trace(publish.body, created), hop)
+        if isinstance(outcome, PublishResult):
+            tracing.end_send(span, outcome.seq, outcome.duplicate, None)
+        else:
+            tracing.end_send(span, None, False, failure_error(outcome[0], publish.event_id).code)
+        self._apply_now(self._answer(publish, outcome))
+
+    async def _store(
+        self, publish: fx.Publish, body: bytes, headers: dict[str, str] | None
+    ) -> PublishResult | tuple[Failure, str | None]:
+        """Publish to the store: its result, or how it failed."""
         try:
-            result = await self._broker.publish(publish.ref, publish.body, publish.dedupe_key)
+            return await self._broker.publish(publish.ref, body, publish.dedupe_key, headers)
         except StoreQuotaExceeded as exc:
-            effects = self.core.publish_failed(publish.op, Failure.QUOTA, str(exc))
+            return Failure.QUOTA, str(exc)
         except BrokerUnavailable as exc:
             log.warning("publish of %s failed: %s", publish.event_id, exc)
-            effects = self.core.publish_failed(publish.op, Failure.UNAVAILABLE)
+            return Failure.UNAVAILABLE, None
         except Exception:
             log.exception("publish of %s failed", publish.event_id)
-            effects = self.core.publish_failed(publish.op, Failure.INTERNAL)
-        else:
-            effects = self.core.publish_acked(publish.op, result.seq, result.duplicate)
-        self._apply_now(effects)
+            return Failure.INTERNAL, None
+
+    def _answer(
+        self, publish: fx.Publish, outcome: PublishResult | tuple[Failure, str | None]
+    ) -> list[fx.Effect]:
+        self._count_publish(publish, outcome)
+        if isinstance(outcome, PublishResult):
+            return self.core.publish_acked(publish.op, outcome.seq, outcome.duplicate)
+        return self.core.publish_failed(publish.op, *outcome)
+
+    def _count_publish(
+        self, publish: fx.Publish, outcome: PublishResult | tuple[Failure, str | None]
+    ) -> None:
+        started = self._publish_started.pop(publish.op, None)
+        tenant = publish.ref.tenant
+        if isinstance(outcome, PublishResult):
+            latency = time.perf_counter() - started if started is not None else 0.0
+            self._metrics.publish_acked(latency, tenant, outcome.duplicate)
+            return
+        if outcome[0] is Failure.UNAVAILABLE:
+            self._metrics.jetstream_error("publish")
+        self._metrics.publish_refused(failure_error(outcome[0], publish.event_id).code, tenant)
 
     async def finish_in_flight(self, timeout: float) -> None:
         """Wait for acks and answers owed to this connection, and by its handler to others."""
@@ -381,6 +451,7 @@ class Session:
             failure: ArqonError | Failure = exc
         except BrokerUnavailable as exc:
             log.warning("command %s failed: %s", name, exc)
+            self._metrics.jetstream_error("command")
             failure = Failure.UNAVAILABLE
         except Exception:
             log.exception("command %s failed", name)
@@ -432,6 +503,17 @@ class Session:
             await self._execute(self.core.command_done(effect.op, page))  # type: ignore[arg-type]
 
     async def _read_page(self, effect: fx.ReadHistory) -> dict[str, object]:
+        if self._tracing is None:
+            return await self._read_page_untraced(effect)
+        start = now_ns()
+        page = await self._read_page_untraced(effect)
+        events = page["events"]
+        count = len(events) if isinstance(events, list) else 0
+        self._tracing.record_replay("history", effect.ref, start, count)
+        return page
+
+    async def _read_page_untraced(self, effect: fx.ReadHistory) -> dict[str, object]:
+        started = time.perf_counter()
         events: list[orjson.Fragment] = []
         next_since, size, more = effect.since_seq, 0, False
         replay = self._broker.replay(effect.ref, effect.since_seq + 1, None, effect.limit)
@@ -445,13 +527,16 @@ class Session:
                 size += len(delivered)
                 next_since = stored.seq
         more = more or len(events) == effect.limit
+        self._metrics.replayed("history", len(events), time.perf_counter() - started)
         return {"events": events, "next_since_seq": next_since, "more": more}
 
     async def _serve(self, effect: fx.Serve) -> None:
         ref = effect.ref
         served = await self._port(
             effect.op,
-            self._broker.serve(ref, effect.name, lambda request: self._deliver(ref, request)),
+            self._broker.serve(
+                ref, effect.name, lambda request: self._deliver(ref, request, effect.name)
+            ),
             "register_handler",
         )
         if served is _FAILED:
@@ -527,33 +612,59 @@ class Session:
     # -- service commands ---------------------------------------------------------------------
 
     async def _call(self, call: fx.CallService) -> None:
+        if call.trace_malformed:
+            trace_counters.malformed_trace_fields += 1
+        span, headers = (
+            (None, None)
+            if self._tracing is None
+            else self._tracing.start_call(call.ref, call.name, call.trace)
+        )
         try:
-            body = await self._request(call.ref, call.name, call.body, call.timeout_s)
+            body = await self._request(call.ref, call.name, call.body, call.timeout_s, headers)
         except NoResponders:
-            effects = self.core.call_failed(call.op, Failure.NO_RESPONDERS)
+            outcome = Failure.NO_RESPONDERS
         except RequestTimeout:
-            effects = self.core.call_failed(call.op, Failure.TIMEOUT)
+            outcome = Failure.TIMEOUT
         except BrokerUnavailable as exc:
             log.warning("command %s failed: %s", call.name, exc)
-            effects = self.core.call_failed(call.op, Failure.UNAVAILABLE)
+            outcome = Failure.UNAVAILABLE
         except Exception:
             log.exception("command %s failed", call.name)
-            effects = self.core.call_failed(call.op, Failure.INTERNAL)
+            outcome = Failure.INTERNAL
         else:
-            effects = self.core.call_answered(call.op, body)
-        self._apply_now(effects)
+            self._metrics.service_call("answered")
+            if span is not None:
+                Tracing.end_call(span, None)
+            self._apply_now(self.core.call_answered(call.op, body))
+            return
+        self._metrics.service_call(outcome.value)
+        if span is not None:
+            Tracing.end_call(span, outcome.value)
+        self._apply_now(self.core.call_failed(call.op, outcome))
 
-    async def _request(self, ref: ChannelRef, name: str, body: bytes, timeout: float) -> bytes:
+    async def _request(
+        self,
+        ref: ChannelRef,
+        name: str,
+        body: bytes,
+        timeout: float,
+        headers: dict[str, str] | None = None,
+    ) -> bytes:
         for pause in _NO_RESPONDERS_RETRY_S:
             try:
-                return await self._broker.request(ref, name, body, timeout)
+                return await self._broker.request(ref, name, body, timeout, headers)
             except NoResponders:
                 await asyncio.sleep(pause)
-        return await self._broker.request(ref, name, body, timeout)
+        return await self._broker.request(ref, name, body, timeout, headers)
 
-    def _deliver(self, ref: ChannelRef, request: ServiceRequest) -> None:
+    def _deliver(self, ref: ChannelRef, request: ServiceRequest, name: str) -> None:
         """A command for this connection's handler arrived from NATS (maybe from any gateway)."""
-        effects = self.core.service_request(ref, request.reply, request.body, self.socket.is_open)
+        trace = None
+        if self._tracing is not None:
+            trace = self._tracing.serve_call(ref, name, request.headers)
+        effects = self.core.service_request(
+            ref, request.reply, request.body, self.socket.is_open, trace
+        )
         if not effects:
             log.warning("dropped a malformed service request on %s", ref)
         self._apply_now(effects)

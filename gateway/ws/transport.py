@@ -256,6 +256,14 @@ class Socket:
         await self._conn.wait_closed()
 
     @property
+    def close_code(self) -> int | None:
+        """The close code sent (ours, or our echo of the peer's), else the one received;
+        None while open or when the connection ended without a close frame."""
+        protocol = self._conn.protocol
+        frame = protocol.close_sent or protocol.close_rcvd
+        return None if frame is None else frame.code
+
+    @property
     def remote(self) -> Any:
         return self._conn.remote_address
 
@@ -283,8 +291,9 @@ class HttpReply:
     """A plain HTTP answer given instead of a WebSocket upgrade."""
 
     status: int
-    body: dict[str, object]
+    body: dict[str, object] | bytes  # a dict is sent as JSON; bytes as they are
     headers: tuple[tuple[str, str], ...] = ()  # extra response headers, e.g. Retry-After
+    content_type: str = "application/json"  # the type of a ``bytes`` body
 
 
 @dataclass(frozen=True, slots=True)
@@ -389,10 +398,10 @@ class AcceptGate(Protocol):
 def _to_response(reply: HttpReply) -> Response:
     from http import HTTPStatus
 
-    data = orjson.dumps(reply.body)
+    data = reply.body if isinstance(reply.body, bytes) else orjson.dumps(reply.body)
     headers = Headers(
         [
-            ("Content-Type", "application/json"),
+            ("Content-Type", reply.content_type),
             ("Content-Length", str(len(data))),
             ("Connection", "close"),
             *reply.headers,

@@ -9,6 +9,8 @@ outcomes back; it makes no decision of its own.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from arqonbus_server.shared import commands as builtin
 from arqonbus_server.shared.authz import Permission
 from arqonbus_server.shared.core import rooms as room_rules
@@ -50,6 +52,7 @@ from arqonbus_server.shared.envelope import (
     encode_delivery,
     encode_response,
     encode_stored_event,
+    encode_trace,
 )
 from arqonbus_server.shared.errors import (
     INTERNAL,
@@ -149,7 +152,8 @@ class Connection(CommandRules):
     def _publish(self, event: ClientEvent, tags: list[str]) -> list[Effect]:
         ref = ChannelRef(self.principal.tenant, event.room, event.channel)
         body = with_tags(encode_stored_event(event, self.principal.id, self.stamp()), tags)
-        if len(body) > self.config.max_payload - NATS_HEADER_ROOM:
+        size = len(body) if event.trace is None else len(body) + len(encode_trace(event.trace))
+        if size > self.config.max_payload - NATS_HEADER_ROOM:
             detail = "the stored envelope exceeds the NATS max_payload"
             return [self.error(ArqonError(MESSAGE_TOO_LARGE, detail, event.id))]
         effects: list[Effect] = []
@@ -159,7 +163,7 @@ class Connection(CommandRules):
         op = self.open_op(Pending("publish", event=event, ref=ref))
         self.publishing[op] = ref
         key = SubjectScheme(self.config.subject_prefix).dedupe_key(ref, self.principal.id, event.id)
-        return [*effects, Publish(op, ref, event.id, body, key)]
+        return [*effects, Publish(op, ref, event.id, body, key, event.trace, event.trace_malformed)]
 
     @property
     def publishes_in_flight(self) -> int:
@@ -218,7 +222,17 @@ class Connection(CommandRules):
             self.stamp(),
             timeout_ms,
         )
-        return [CallService(op, ref, command.command, call.encode(), timeout_ms / 1000)]
+        return [
+            CallService(
+                op,
+                ref,
+                command.command,
+                call.encode(),
+                timeout_ms / 1000,
+                command.trace,
+                command.trace_malformed,
+            )
+        ]
 
     def _call_room_refusal(self, command: ClientCommand, wall: float) -> ArqonError | None:
         settings = self.room_settings(command.room)
@@ -266,9 +280,16 @@ class Connection(CommandRules):
     # -- service commands: the handler's side -------------------------------------------------
 
     def service_request(
-        self, ref: ChannelRef, reply: str, body: bytes, socket_open: bool = True
+        self,
+        ref: ChannelRef,
+        reply: str,
+        body: bytes,
+        socket_open: bool = True,
+        trace: Mapping[str, str] | None = None,
     ) -> list[Effect]:
-        """A command for this connection's handler arrived (maybe from another gateway)."""
+        """A command for this connection's handler arrived (maybe from another gateway).
+
+        ``trace`` (from the shell's span) goes in the delivered command's ``trace`` field."""
         try:
             call = ServiceCall.decode(body)
         except MalformedServiceMessage:
@@ -281,7 +302,13 @@ class Connection(CommandRules):
         delivery_id = "dlv_" + self.new_id()
         self.deliveries[delivery_id] = reply
         frame = encode_delivery(
-            delivery_id, ref.room, ref.channel, call.sender, call.timestamp, call.delivery_payload()
+            delivery_id,
+            ref.room,
+            ref.channel,
+            call.sender,
+            call.timestamp,
+            call.delivery_payload(),
+            trace,
         )
         return [ArmTimer(delivery_id, call.timeout_ms / 1000 + ANSWER_GRACE_S), Send(frame)]
 

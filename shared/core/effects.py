@@ -10,6 +10,7 @@ follows it, for example).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,6 +76,10 @@ class Publish:
     event_id: str
     body: bytes
     dedupe_key: str
+    # The client's ``trace`` field (shape checked): the shell splices it, or the context of
+    # its own span, into ``body`` (shared/envelope.py with_trace; gateway/tracing.py).
+    trace: Mapping[str, str] | None = None
+    trace_malformed: bool = False  # the client's ``trace`` was unusable: ignored, counted
 
 
 # -- channels, history, handlers ---------------------------------------------------------
@@ -152,6 +157,8 @@ class CallService:
     name: str
     body: bytes
     timeout_s: float
+    trace: Mapping[str, str] | None = None  # the caller's ``trace`` field (for the shell's span)
+    trace_malformed: bool = False
 
 
 @dataclass(frozen=True, slots=True)

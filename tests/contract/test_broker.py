@@ -16,6 +16,7 @@ from arqonbus_server.mesh.ports import (
     RequestTimeout,
     ServiceRequest,
     StoreQuotaExceeded,
+    StreamStats,
 )
 from arqonbus_server.shared.subjects import ChannelRef
 from tests.contract.conftest import Mesh
@@ -108,6 +109,22 @@ async def test_window_of_an_unknown_tenant_is_empty_and_then_tracks_the_channel(
     await broker.publish(other, b"2", key())
     assert await broker.window(ref) == ChannelWindow(first.seq, first.seq)
     assert (await broker.window(other)).last_seq == first.seq + 1
+
+
+async def test_stream_stats_count_the_tenants_stored_events_and_only_its_own(
+    mesh: Mesh,
+) -> None:
+    writer, reader = await mesh.broker(), await mesh.broker()
+    t, other = tenant(), tenant()
+    assert await reader.stream_stats(t) == StreamStats(0, 0, 0, 0)
+    bodies = [b"x" * 100, b"y" * 200, b"z" * 300]
+    seqs = [(await writer.publish(ChannelRef(t, "r", f"c{i}"), body, key())).seq
+            for i, body in enumerate(bodies)]  # fmt: skip
+    await writer.publish(ChannelRef(other, "r", "c"), b"o" * 5000, key())
+    stats = await reader.stream_stats(t)  # another connection: acknowledged means counted
+    assert (stats.messages, stats.first_seq, stats.last_seq) == (3, seqs[0], seqs[-1])
+    # The store counts each event's bytes, bodies included (JetStream adds subject, headers).
+    assert sum(map(len, bodies)) <= stats.bytes < 5000
 
 
 async def test_replay_is_exact_inclusive_in_order_and_bounded_by_limit(mesh: Mesh) -> None:

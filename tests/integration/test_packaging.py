@@ -49,6 +49,10 @@ def test_a_fresh_install_holds_only_the_two_namespaces(tmp_path: Path) -> None:
         where = tmp_path / "server" / "arqonbus_server" / top
         installed = {str(p.relative_to(where)) for p in where.rglob("*.py")}
         assert installed == {str(p.relative_to(REPO / top)) for p in (REPO / top).rglob("*.py")}
+    # The dashboard's page is served from the package (gateway/dashboard/routes.py).
+    static = REPO / "gateway" / "dashboard" / "static"
+    installed_static = tmp_path / "server" / "arqonbus_server" / "gateway" / "dashboard" / "static"
+    assert {p.name for p in installed_static.iterdir()} == {p.name for p in static.iterdir()}
 
     sdk = install(REPO / "clients" / "python", tmp_path / "sdk")
     [info] = [name for name in sdk if name.endswith(".dist-info")]

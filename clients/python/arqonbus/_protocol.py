@@ -88,19 +88,25 @@ def check_id(value: str) -> None:
 
 
 def encode_envelope(
-    kind: str, request_id: str, room: str, channel: str, payload: dict[str, Any]
+    kind: str,
+    request_id: str,
+    room: str,
+    channel: str,
+    payload: dict[str, Any],
+    trace: dict[str, str] | None = None,
 ) -> bytes:
-    """One client envelope as the JSON text of a frame."""
-    return orjson.dumps(
-        {
-            "version": PROTOCOL_VERSION,
-            "id": request_id,
-            "type": kind,
-            "room": room,
-            "channel": channel,
-            "payload": payload,
-        }
-    )
+    """One client envelope as the JSON text of a frame (``trace``: W3C trace context)."""
+    envelope: dict[str, Any] = {
+        "version": PROTOCOL_VERSION,
+        "id": request_id,
+        "type": kind,
+        "room": room,
+        "channel": channel,
+        "payload": payload,
+    }
+    if trace:
+        envelope["trace"] = trace
+    return orjson.dumps(envelope)
 
 
 def answer_error(
@@ -353,9 +359,16 @@ class ClientProtocol:
     # -- publishing -----------------------------------------------------------------------
 
     def encode_event(
-        self, room: str, channel: str, payload: dict[str, Any], id: str | None = None
+        self,
+        room: str,
+        channel: str,
+        payload: dict[str, Any],
+        id: str | None = None,
+        trace: dict[str, str] | None = None,
     ) -> tuple[str, bytes]:
         """Check and encode an event: ``(id, frame)``. Raises before anything is sent.
+
+        ``trace`` is the event's creation context (W3C ``traceparent``, ``tracestate``).
 
         ``TypeError`` for a payload that is not a JSON object, :class:`InvalidEnvelope` for
         a bad ``id``, :class:`MessageTooLarge` over ``limits.max_envelope_bytes``.
@@ -365,7 +378,7 @@ class ClientProtocol:
         msg_id = self._new_id("") if id is None else id
         check_id(msg_id)
         try:
-            frame = encode_envelope("event", msg_id, room, channel, payload)
+            frame = encode_envelope("event", msg_id, room, channel, payload, trace)
         except TypeError as exc:
             raise TypeError(f"payload is not JSON-serializable: {exc}") from None
         limit = self.limits["max_envelope_bytes"]
@@ -414,6 +427,7 @@ class ClientProtocol:
         parameters: dict[str, Any],
         extra: dict[str, Any] | None = None,
         request_id: str | None = None,
+        trace: dict[str, str] | None = None,
     ) -> str:
         """Send a command now (call it while connected); returns its request id.
 
@@ -426,7 +440,7 @@ class ClientProtocol:
         if extra:
             payload.update(extra)
         self._pending.add(request_id)
-        self._outbox.append(encode_envelope("command", request_id, room, channel, payload))
+        self._outbox.append(encode_envelope("command", request_id, room, channel, payload, trace))
         return request_id
 
     def new_request_id(self, command: str) -> str:

@@ -75,6 +75,7 @@ from arqonbus._protocol import (
     answer_error,
     answer_result,
 )
+from arqonbus._tracing import ClientTracing
 from arqonbus.errors import (
     ArqonBusError,
     AuthenticationError,
@@ -289,7 +290,10 @@ class Client:
     ``request_timeout`` is the default of every call that has no timeout of its own.
     ``max_backoff`` caps the delay between reconnect attempts. ``queue_size`` is the
     default bound of each subscription's queue. ``handler_concurrency`` bounds how many
-    service commands the client's handlers run at once.
+    service commands the client's handlers run at once. ``tracer_provider`` (an
+    OpenTelemetry ``TracerProvider``; needs ``arqonbus[tracing]``) makes a PRODUCER span
+    per publish, whose context goes in the event's ``trace`` field, and a CONSUMER span per
+    delivered event; every event carries its creation context as ``event.trace_context``.
     """
 
     def __init__(
@@ -305,6 +309,7 @@ class Client:
         handler_concurrency: int = 64,
         ping_interval: float | None = 20.0,
         max_frame_bytes: int = 64 * 1024 * 1024,
+        tracer_provider: Any = None,
     ) -> None:
         url_list = [u.strip() for u in urls.split(",")] if isinstance(urls, str) else list(urls)
         url_list = [u for u in url_list if u]
@@ -330,6 +335,8 @@ class Client:
         self.queue_size = queue_size
         self._ping_interval = ping_interval
         self._max_frame_bytes = max_frame_bytes
+        # OpenTelemetry spans (arqonbus/_tracing.py), only with a tracer provider.
+        self._tracing = ClientTracing(tracer_provider) if tracer_provider is not None else None
 
         self._conn: ClientConnection | None = None
         self._url: str | None = None
@@ -462,7 +469,33 @@ class Client:
         and backoff; the error is raised only when the timeout leaves no room for another
         attempt.
         """
+        if self._tracing is not None:
+            return await self._publish_traced(self._tracing, room, channel, payload, id, timeout)
         msg_id, frame = self._core.encode_event(room, channel, payload, id)
+        return await self._publish_frame(msg_id, frame, timeout)
+
+    async def _publish_traced(
+        self,
+        tracing: ClientTracing,
+        room: str,
+        channel: str,
+        payload: dict[str, Any],
+        id: str | None,
+        timeout: float | None,
+    ) -> Ack:
+        """:meth:`publish` inside a PRODUCER span whose context is the event's ``trace``."""
+        span, trace = tracing.start_send(room, channel)
+        msg_id = id or ""
+        try:
+            msg_id, frame = self._core.encode_event(room, channel, payload, id, trace)
+            ack = await self._publish_frame(msg_id, frame, timeout)
+        except BaseException as exc:
+            tracing.end_send(span, msg_id, None, exc)
+            raise
+        tracing.end_send(span, msg_id, ack.seq, None)
+        return ack
+
+    async def _publish_frame(self, msg_id: str, frame: bytes, timeout: float | None) -> Ack:
         self._check_usable()
         if msg_id in self._acks:
             raise ValueError(f"a publish with id {msg_id!r} is already waiting for its ack")
@@ -646,14 +679,31 @@ class Client:
         if params is not None and not isinstance(params, dict):
             raise TypeError("params must be a dict or None")
         timeout_ms = max(1, int(timeout * 1000))
-        return await self._request(
-            room,
-            channel,
-            command,
-            params or {},
-            timeout=timeout + 1.0,
-            extra={"timeout_ms": timeout_ms},
-        )
+        if self._tracing is None:
+            return await self._request(
+                room,
+                channel,
+                command,
+                params or {},
+                timeout=timeout + 1.0,
+                extra={"timeout_ms": timeout_ms},
+            )
+        span, trace = self._tracing.start_call(room, channel, command)
+        try:
+            result = await self._request(
+                room,
+                channel,
+                command,
+                params or {},
+                timeout=timeout + 1.0,
+                extra={"timeout_ms": timeout_ms},
+                trace=trace,
+            )
+        except BaseException as exc:
+            self._tracing.end_call(span, exc)
+            raise
+        self._tracing.end_call(span, None)
+        return result
 
     async def admin(
         self,
@@ -816,6 +866,7 @@ class Client:
         parameters: dict[str, Any],
         timeout: float,
         extra: dict[str, Any] | None = None,
+        trace: dict[str, str] | None = None,
     ) -> dict[str, Any]:
         """Send one command and return its result; errors raise.
 
@@ -827,7 +878,7 @@ class Client:
         for attempt in itertools.count():
             try:
                 return await self._request_once(
-                    room, channel, command, parameters, deadline - loop.time(), extra
+                    room, channel, command, parameters, deadline - loop.time(), extra, trace
                 )
             except RateLimited as exc:
                 delay = _retry_delay(exc, attempt, self.max_backoff)
@@ -844,13 +895,14 @@ class Client:
         parameters: dict[str, Any],
         timeout: float,
         extra: dict[str, Any] | None = None,
+        trace: dict[str, str] | None = None,
     ) -> dict[str, Any]:
         request_id = self._core.new_request_id(command)
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         try:
             async with asyncio.timeout(timeout):
                 await self._wait_ready()
-                self._core.command(room, channel, command, parameters, extra, request_id)
+                self._core.command(room, channel, command, parameters, extra, request_id, trace)
                 self._pending[request_id] = future
                 await self._send_pending()
                 return await future
@@ -1192,6 +1244,8 @@ class Client:
         """Carry out what the core decided: resolve futures, wake iterators, log."""
         match event:
             case Delivered(event=item):
+                if self._tracing is not None:
+                    self._tracing.received(item)
                 self._wake(item.room, item.channel)
             case GapDetected(gap=gap):
                 self._wake(gap.room, gap.channel)
@@ -1316,7 +1370,11 @@ class Client:
         self, conn: ClientConnection, request: CommandRequest, handler: CommandHandler | None
     ) -> None:
         async with self._handler_slots:
-            payload = await self._run_handler(request, handler)
+            if self._tracing is None:
+                payload = await self._run_handler(request, handler)
+            else:
+                with self._tracing.handling(request):
+                    payload = await self._run_handler(request, handler)
         frame = self._core.encode_answer(request, payload)
         if conn is not self._conn or not self._ready:
             log.info(

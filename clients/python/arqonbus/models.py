@@ -20,6 +20,13 @@ def _dict(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+def _trace_of(message: dict[str, Any]) -> dict[str, str] | None:
+    trace = message.get("trace")
+    if not isinstance(trace, dict) or not isinstance(trace.get("traceparent"), str):
+        return None
+    return {k: v for k, v in trace.items() if isinstance(v, str)}
+
+
 @dataclass(frozen=True, slots=True)
 class Event:
     """One stored event, as delivered to a member or returned by history.
@@ -37,6 +44,14 @@ class Event:
     payload: dict[str, Any]
     seq: int
     raw: dict[str, Any] = field(repr=False, compare=False)
+
+    @property
+    def trace_context(self) -> dict[str, str] | None:
+        """The event's creation context, W3C ``traceparent``/``tracestate`` (or None).
+
+        Continue the trace with ``opentelemetry.propagate.extract(event.trace_context)``.
+        """
+        return _trace_of(self.raw)
 
     @classmethod
     def from_wire(cls, message: dict[str, Any]) -> Event:
@@ -111,6 +126,11 @@ class CommandRequest:
     timeout_ms: int
     timestamp: str = ""
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def trace_context(self) -> dict[str, str] | None:
+        """W3C ``traceparent``/``tracestate`` of the call (its gateway's span), or None."""
+        return _trace_of(self.raw)
 
     @classmethod
     def from_wire(cls, message: dict[str, Any]) -> CommandRequest:
