@@ -45,7 +45,73 @@ def sanity_problems(results: dict[str, Any]) -> list[str]:
     for name, point in results["idle"].items():
         if not point.get("n_open"):
             problems.append(f"idle {name}: no connection opened")
+    problems += observability_problems(results.get("observability"))
     return problems
+
+
+def observability_problems(obs: dict[str, Any] | None) -> list[str]:
+    """The observability-cost section: each configuration measured, and really configured."""
+    if obs is None:
+        return ["observability cost: section missing"]
+    problems = []
+    for name, conf in obs["configs"].items():
+        fan, ing = conf["fanout"], conf["ingest"]
+        if fan["deliveries"] <= 0 or fan["deliveries_s"] <= 0:
+            problems.append(f"observability {name}: no deliveries")
+        if fan["missing"]:
+            problems.append(f"observability {name}: {fan['missing']} acked events not delivered")
+        if ing["acked_s"] <= 0:
+            problems.append(f"observability {name}: ingest acked nothing")
+        wanted = 404 if name == "metrics-off" else 200
+        if conf["metrics_http_status"] != wanted:
+            problems.append(
+                f"observability {name}: GET /metrics answered {conf['metrics_http_status']}, "
+                f"expected {wanted}"
+            )
+    if obs["spans_received"] <= 0:
+        problems.append("observability metrics-tracing: the OTLP sink received no span")
+    if obs["bad_export_requests"]:
+        problems.append(
+            f"observability: {obs['bad_export_requests']} OTLP export bodies did not decode"
+        )
+    return problems
+
+
+OBS_LABELS = {
+    "metrics-off": "metrics off",
+    "metrics-on": "metrics on (default)",
+    "metrics-tracing": "metrics on + tracing, sampling 1.0, OTLP/HTTP",
+}
+
+
+def observability_table(obs: dict[str, Any]) -> str:
+    """Fan-out and ingest with metrics off / on / on + tracing, and the ratios to off."""
+    base = obs["configs"]["metrics-off"]
+    lines = [
+        "Observability cost: one gateway per configuration, saturated fan-out and ingest, "
+        "the configurations interleaved run by run:",
+        "",
+        "| configuration | fan-out deliveries/s | CPU µs per delivery | ingest acked/s | "
+        "deliveries/s ÷ off | CPU/delivery ÷ off | acked/s ÷ off |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, conf in obs["configs"].items():
+        fan, ing = conf["fanout"], conf["ingest"]
+        lines.append(
+            f"| {OBS_LABELS.get(name, name)} | {_fmt(fan['deliveries_s'])} | "
+            f"{_fmt(fan['cpu_us_per_delivery'], 2)} | {_fmt(ing['acked_s'])} | "
+            f"{_ratio(fan['deliveries_s'], base['fanout']['deliveries_s'])} | "
+            f"{_ratio(fan['cpu_us_per_delivery'], base['fanout']['cpu_us_per_delivery'])} | "
+            f"{_ratio(ing['acked_s'], base['ingest']['acked_s'])} |"
+        )
+    lines.append("")
+    lines.append(
+        f"Spans received by the local OTLP sink from the traced gateway: "
+        f"{obs['spans_received']:,} in {obs['export_requests']:,} export requests, "
+        f"{_fmt(obs['spans_per_event'], 2)} per traced event "
+        f"({obs['traced_events']:,} events published or ingested)."
+    )
+    return "\n".join(lines)
 
 
 def table(results: dict[str, Any]) -> str:
@@ -122,6 +188,9 @@ def table(results: dict[str, Any]) -> str:
             f"{_fmt(point.get('upgrades_per_s', float('nan')))} |"
         )
     lines.append("")
+    if "observability" in results:
+        lines.append(observability_table(results["observability"]))
+        lines.append("")
     lines.append(goals(results, arq))
     return "\n".join(lines)
 

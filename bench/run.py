@@ -25,7 +25,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -75,16 +75,32 @@ class Gateway:
         return self.proc.pid
 
 
-async def start_gateway(nats_urls: str, index: int, log_dir: Path) -> Gateway:
+def _default_environ() -> dict[str, str]:
+    """This process's environment without anything that switches tracing or metrics.
+
+    The bench measures the gateway's defaults (metrics on, tracing off) unless a
+    configuration says otherwise, whatever OTEL_* the shell running it has set.
+    """
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("OTEL_") and k not in ("ARQONBUS_TRACING", "ARQONBUS_METRICS")
+    }
+
+
+async def start_gateway(
+    nats_urls: str, index: int, log_dir: Path, extra_env: dict[str, str] | None = None
+) -> Gateway:
     port = free_port()
     env = {
-        **os.environ,
+        **_default_environ(),
         "ARQONBUS_LOG_LEVEL": "WARNING",
         "ARQONBUS_SEND_BUFFER_BYTES": str(8 << 20),
         # A benchmark measures the bus, not the limits: one connection sends 100k msgs/s.
         "ARQONBUS_MSG_RATE_PER_CONN": "0",
         "ARQONBUS_BYTES_RATE_PER_CONN": "0",
         "ARQONBUS_INSECURE_DEV_AUTH": "true",  # dev tokens on 127.0.0.1
+        **(extra_env or {}),
     }
     with (log_dir / f"gw{index}.log").open("wb") as err:
         proc = await asyncio.create_subprocess_exec(
@@ -281,7 +297,7 @@ async def fanout(
     return result
 
 
-async def ingest(gateways: list[Gateway], cfg: Config) -> dict[str, Any]:
+async def ingest(gateways: list[Gateway], cfg: Config, label: str = "arqonbus") -> dict[str, Any]:
     runs = []
     for _ in range(cfg.repeats):
         tenant = "i" + uuid.uuid4().hex[:10]
@@ -297,7 +313,7 @@ async def ingest(gateways: list[Gateway], cfg: Config) -> dict[str, Any]:
             {"acked_s": r["acked"] / r["elapsed_s"], "acked": r["acked"], "errors": r["errors"]}
         )
     result = median_of(runs)
-    log.info("ingest arqonbus: %.0f acked/s", result["acked_s"])
+    log.info("ingest %s: %.0f acked/s", label, result["acked_s"])
     return result
 
 
@@ -328,6 +344,108 @@ async def replay(gateways: list[Gateway], cluster: LocalCluster, cfg: Config) ->
         result["arqonbus_s"],
         result["nats_direct_s"],
     )
+    return result
+
+
+# -- the cost of observability ------------------------------------------------------------
+
+OBS_BASE = "metrics-off"
+
+
+def observability_envs(sink_endpoint: str) -> dict[str, dict[str, str]]:
+    """The three gateway configurations, by name: what each adds to the gateway's env."""
+    return {
+        "metrics-off": {"ARQONBUS_METRICS": "false"},
+        "metrics-on": {},  # the default
+        "metrics-tracing": {
+            "ARQONBUS_TRACING": "true",
+            "OTEL_TRACES_EXPORTER": "otlp",
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": sink_endpoint,
+            "OTEL_TRACES_SAMPLER": "always_on",  # sampling 1.0: every event traced
+        },
+    }
+
+
+def _ratios(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float]:
+    def ratio(x: float, y: float) -> float:
+        return x / y if x and y else float("nan")
+
+    return {
+        "deliveries_s": ratio(a["fanout"]["deliveries_s"], b["fanout"]["deliveries_s"]),
+        "cpu_us_per_delivery": ratio(
+            a["fanout"]["cpu_us_per_delivery"], b["fanout"]["cpu_us_per_delivery"]
+        ),
+        "acked_s": ratio(a["ingest"]["acked_s"], b["ingest"]["acked_s"]),
+    }
+
+
+async def observability_cost(cluster: LocalCluster, cfg: Config, work: Path) -> dict[str, Any]:
+    """Saturated fan-out and ingest on one gateway with metrics off, on, and on + tracing.
+
+    Each configuration is a gateway process of its own. The rounds interleave the three
+    configurations (one run each per round, ``cfg.repeats`` rounds, medians), so a change
+    in the machine's load over the section hits all three alike. The traced gateway exports
+    every span over OTLP/HTTP to a sink in this process (bench/otlpsink.py), which counts them.
+    """
+    from bench.otlpsink import OtlpSink
+
+    sink = OtlpSink()
+    envs = observability_envs(sink.endpoint)
+    gws: dict[str, Gateway] = {}
+    try:
+        for i, (name, env) in enumerate(envs.items()):
+            gws[name] = await start_gateway(cluster.url_csv, 10 + i, work, env)
+        metrics_status = {
+            name: await http_status("127.0.0.1", gw.port, "/metrics") for name, gw in gws.items()
+        }
+        once = replace(cfg, repeats=1)
+        fan_runs: dict[str, list[dict[str, Any]]] = {name: [] for name in gws}
+        ingest_runs: dict[str, list[dict[str, Any]]] = {name: [] for name in gws}
+        for _ in range(cfg.repeats):
+            for name, gw in gws.items():
+                target = Target(f"arqonbus-{name}", "arq", gw.url, [gw.url], [gw.pid])
+                fan_runs[name].append(
+                    await fanout(target, once, cfg.saturate_rate, cfg.saturate_count)
+                )
+                ingest_runs[name].append(await ingest([gw], once, f"arqonbus-{name}"))
+        # A stopped gateway drains: the traced one exports what its batch still holds.
+        for gw in gws.values():
+            await stop_process(gw.proc)
+        received = sink.counts()
+    finally:
+        for gw in gws.values():
+            await stop_process(gw.proc)
+        sink.close()
+    configs = {
+        name: {
+            "env": {k: v for k, v in envs[name].items() if "ENDPOINT" not in k},
+            "metrics_http_status": metrics_status[name],
+            "fanout": median_of(fan_runs[name]),
+            "ingest": median_of(ingest_runs[name]),
+        }
+        for name in gws
+    }
+    traced = "metrics-tracing"
+    events = sum(r["published"] for r in fan_runs[traced]) + sum(
+        r["acked"] for r in ingest_runs[traced]
+    )
+    result = {
+        "configs": configs,
+        "ratios": {
+            "metrics-on/metrics-off": _ratios(configs["metrics-on"], configs[OBS_BASE]),
+            "metrics-tracing/metrics-off": _ratios(configs[traced], configs[OBS_BASE]),
+            "metrics-tracing/metrics-on": _ratios(configs[traced], configs["metrics-on"]),
+        },
+        "spans_received": received["spans"],
+        "export_requests": received["requests"],
+        "bad_export_requests": received["bad"],
+        "traced_events": events,
+        "spans_per_event": received["spans"] / events if events else float("nan"),
+    }
+    log.info(
+        "observability: spans received %d in %d requests, %.2f per traced event",
+        received["spans"], received["requests"], result["spans_per_event"],
+    )  # fmt: skip
     return result
 
 
@@ -392,6 +510,7 @@ async def run(cfg: Config, out_dir: Path) -> dict[str, Any]:
             "nats-py-direct": await ingest_nats_direct(cluster, cfg),
         }
         results["replay"] = await replay(gateways, cluster, cfg)
+        results["observability"] = await observability_cost(cluster, cfg, work)
         idle: dict[str, Any] = {}
         per_gw = -(-cfg.idle_n // 3)
         idle["arqonbus"] = await run_idle(

@@ -8,6 +8,7 @@ window (the event id is the ``Nats-Msg-Id``, so a retry after a lost ack is stor
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import Iterable
@@ -21,6 +22,7 @@ from nats.js.api import (
     ConsumerConfig,
     DeliverPolicy,
     DiscardPolicy,
+    PubAck,
     StorageType,
     StreamConfig,
 )
@@ -31,6 +33,7 @@ from arqonbus_server.mesh.streams import StreamPolicy, choose_replicas
 from arqonbus_server.shared.subjects import SubjectScheme
 
 if TYPE_CHECKING:
+    from nats.js.client import JetStreamContext
     from nats.js.manager import JetStreamManager
 
     from arqonbus_server.mesh.jetstream import JetStreamBroker
@@ -45,6 +48,7 @@ DUPLICATE_WINDOW_S = 120.0
 _ALREADY_EXISTS = 10058
 _REPLICAS_UNSUPPORTED = 10074
 _READ_WAIT_S = 5.0
+_NO_STREAM_ATTEMPTS = 8  # about 2.5 s in all, as the KV writes (mesh/kv.py)
 _FAILURES = (nats.errors.Error, TimeoutError, OSError)  # nats-py's APIError included
 
 
@@ -100,18 +104,35 @@ class JetStreamAuditSink:
     def connected(self) -> bool:
         return self._broker.connected
 
+    async def _publish(
+        self, js: JetStreamContext, subject: str, tenant: str, event_id: str, body: bytes
+    ) -> PubAck:
+        """Publish, asked again while no stream answers: right after a stream is created, its
+        subjects take a moment to reach every server, and a publish meets no responder and
+        stores nothing. Sending it again is safe (the event id dedupes)."""
+        delay = 0.02
+        for attempt in range(_NO_STREAM_ATTEMPTS):
+            try:
+                return await js.publish(
+                    subject,
+                    body,
+                    timeout=self._publish_timeout,
+                    stream=self._scheme.audit_stream(tenant),
+                    headers={"Nats-Msg-Id": event_id},
+                )
+            except NoStreamResponseError:
+                if attempt == _NO_STREAM_ATTEMPTS - 1:
+                    raise
+                await asyncio.sleep(delay)  # a bounded backoff, not a synchronization
+                delay = min(delay * 2, 0.5)
+        raise AssertionError("unreachable")
+
     async def append(self, tenant: str, type_: str, event_id: str, body: bytes) -> int:
         subject = self._scheme.audit(tenant, type_)
         try:
             _, js, jsm, _ = self._broker._require()
             await self._ensure_stream(jsm, tenant)
-            ack = await js.publish(
-                subject,
-                body,
-                timeout=self._publish_timeout,
-                stream=self._scheme.audit_stream(tenant),
-                headers={"Nats-Msg-Id": event_id},
-            )
+            ack = await self._publish(js, subject, tenant, event_id, body)
         except (NoStreamResponseError, APIError) as exc:
             self._known.discard(tenant)  # deleted meanwhile? look again next time
             raise BrokerUnavailable(f"audit event not stored: {exc}") from exc

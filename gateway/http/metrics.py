@@ -32,6 +32,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from arqonbus_server.gateway.tracing import counters as trace_counters
 from arqonbus_server.shared.core import effects as fx
 from arqonbus_server.shared.envelope import ClientCommand, ClientEvent, ClientResponse
 from arqonbus_server.shared.errors import CloseCode
@@ -233,6 +234,12 @@ class _Families(Collector):
             yield family.family()
         for name, doc, read in self.gauges:
             yield GaugeMetricFamily(name, doc, value=read())
+        yield CounterMetricFamily(
+            "arqonbus_trace_fields_malformed",
+            "Envelope trace fields that were not usable and were ignored (the event went on); "
+            "counted per process",
+            value=trace_counters.malformed_trace_fields,
+        )
         if self.frames is not None:
             received, sent = self.frames()
             yield CounterMetricFamily(

@@ -121,3 +121,23 @@ def test_histogram_buckets_are_inclusive_and_cumulative() -> None:
     assert f'{name}_bucket{{le="+Inf"}} 4.0' in text
     assert f"{name}_count 4.0" in text
     assert f"{name}_sum 99.03" in text
+
+
+def test_malformed_trace_fields_are_counted_on_metrics() -> None:
+    from arqonbus_server.gateway.tracing import counters
+
+    def scraped() -> float:
+        text = PrometheusMetrics().render().decode()
+        [family] = [
+            f
+            for f in text_string_to_metric_families(text)
+            if f.name == "arqonbus_trace_fields_malformed"
+        ]
+        return float(family.samples[0].value)
+
+    before = scraped()
+    counters.malformed_trace_fields += 2
+    try:
+        assert scraped() == before + 2
+    finally:
+        counters.malformed_trace_fields -= 2
