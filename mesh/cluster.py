@@ -1,8 +1,9 @@
 """The :class:`mesh.ports.ClusterView` on NATS: gateway heartbeats and the NATS servers.
 
 Heartbeats are published (with JetStream's ack) on ``P.sys.gateway.<node>``. The stream
-``P-sys_gateways`` (memory storage: a heartbeat is worth nothing after a restart) captures
-those subjects and keeps one message per subject for ``max_age`` = the heartbeat TTL, so one
+``P-sys_gateways`` (file storage, replicated like the tenants' streams: a memory stream's
+restarted replica did not become current again within 60 s under ``make chaos``'s node kills)
+captures those subjects and keeps one message per subject for ``max_age`` = the heartbeat TTL, so one
 read answers "which gateways are alive" at once, and a gateway killed without a word drops
 out when its last heartbeat expires. Names come from :mod:`shared.subjects`.
 
@@ -92,7 +93,7 @@ class JetStreamClusterView:
             name=self._scheme.heartbeat_stream(),
             description="ArqonBus gateway heartbeats: the last one of each live gateway",
             subjects=[self._scheme.gateway_heartbeat_filter()],
-            storage=StorageType.MEMORY,
+            storage=StorageType.FILE,
             num_replicas=choose_replicas(self._broker.policy, self._broker.cluster_size()),
             max_age=ttl_s,
             duplicate_window=ttl_s,  # never longer than max_age; heartbeats have no ids
