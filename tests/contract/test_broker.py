@@ -204,6 +204,8 @@ async def test_a_full_stream_refuses_new_events_and_keeps_the_stored_ones(mesh: 
         for _ in range(20):
             acked.append((await broker.publish(ref, b"x" * 400, key())).seq)
     assert 1 <= len(acked) <= quota // 400  # never more than the quota holds
+    with pytest.raises(StoreQuotaExceeded):  # and it stays full: refusing stored nothing
+        await broker.publish(ref, b"x" * 400, key())
     assert [seq for seq, _ in await stored(broker, ref)] == acked
     assert (await broker.window(ref)).last_seq == acked[-1]
 

@@ -12,7 +12,6 @@ import asyncio
 import json
 import os
 import subprocess
-import time
 import urllib.error
 import urllib.request
 import uuid
@@ -25,6 +24,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from arqonbus_server.mesh.local import free_port
+from tests.timeouts import eventually
 
 IMAGE = os.environ.get("ARQONBUS_IMAGE", "localhost/arqonbus:dev")
 PODMAN = os.environ.get("PODMAN", "podman")
@@ -135,12 +135,13 @@ def http_status(port: int, path: str) -> int:
 
 
 async def wait_ready(port: int, containers: Containers, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if await asyncio.to_thread(http_status, port, "/readyz") == 200:
-            return
-        await asyncio.sleep(0.5)
-    raise AssertionError(f"gateway on {port} not ready in {timeout}s\n{containers.logs()}")
+    async def ready() -> bool:
+        return await asyncio.to_thread(http_status, port, "/readyz") == 200
+
+    try:
+        await eventually(ready, timeout, f"gateway on {port} ready")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{containers.logs()}") from None
 
 
 async def recv_json(ws: ClientConnection, timeout: float = 15) -> dict[str, Any]:

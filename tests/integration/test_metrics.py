@@ -18,6 +18,7 @@ from arqonbus_server.gateway.app import Gateway
 from tests.conftest import gateway_url
 from tests.support import WsClient
 from tests.timeouts import SEC
+from tests.timeouts import eventually as poll
 
 pytestmark = pytest.mark.integration
 
@@ -83,12 +84,12 @@ def family_of(name: str, types: dict[str, str]) -> str | None:
 async def eventually(gateway: Gateway, check: Callable[[Samples], bool]) -> Samples:
     """Scrape until ``check`` holds (what it waits for happens after a client saw its
     answer: the close handshake, a delivery's count), for at most 10 s."""
-    async with asyncio.timeout(10 * SEC):
-        while True:
-            found = samples((await scrape(gateway))[1])
-            if check(found):
-                return found
-            await asyncio.sleep(0.05)
+
+    async def scraped() -> Samples | None:
+        found = samples((await scrape(gateway))[1])
+        return found if check(found) else None
+
+    return await poll(scraped, 10 * SEC, "the metrics reached the expected values")
 
 
 def dashboard_metric_names() -> set[str]:

@@ -17,7 +17,7 @@ from arqonbus_server.mesh.streams import StreamPolicy, tenant_stream_config
 from arqonbus_server.shared.subjects import SubjectScheme
 from tests.conftest import gateway_url
 from tests.support import Message, WsClient
-from tests.timeouts import SEC
+from tests.timeouts import SEC, eventually
 
 pytestmark = pytest.mark.integration
 
@@ -182,11 +182,12 @@ async def wait_until_dropped(
 ) -> None:
     """Poll the stream until retention has dropped every event up to ``upto_seq``."""
     stream = SubjectScheme(gateway.settings.subject_prefix).stream_name(tenant)
-    async with jetstream(cluster) as jsm, asyncio.timeout(timeout):
-        while True:
-            if (await jsm.stream_info(stream)).state.first_seq > upto_seq:
-                return
-            await asyncio.sleep(0.05)  # polling interval of a bounded condition wait
+    async with jetstream(cluster) as jsm:
+
+        async def dropped() -> bool:
+            return (await jsm.stream_info(stream)).state.first_seq > upto_seq
+
+        await eventually(dropped, timeout, f"retention dropped every seq up to {upto_seq}")
 
 
 async def provision_short_lived_stream(

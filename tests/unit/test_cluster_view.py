@@ -3,8 +3,6 @@ loop and `arqonbus status` rendering over the in-memory ClusterView."""
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
 from arqonbus_server.gateway.admin.status import render
@@ -24,6 +22,7 @@ from arqonbus_server.shared.cluster import (
     encode_heartbeat,
 )
 from arqonbus_server.shared.subjects import SubjectScheme, node_token
+from tests.timeouts import SEC, eventually
 
 BEAT = Heartbeat("gw1", "eu", "0.1.0", 61.0, 3, 10.5, 20.0, NatsServerRef("n0", "h:4222"), 5.0)
 
@@ -90,11 +89,8 @@ async def test_the_publisher_announces_its_counts_and_withdraws_on_close() -> No
         server_version(),
     )
     publisher.start()
-    for _ in range(100):  # the first beat goes out within a few loop turns
-        if await view.gateways():
-            break
-        await asyncio.sleep(0)
-    assert decode_heartbeat((await view.gateways())[0]).node == "gw1"
+    beats = await eventually(view.gateways, 5 * SEC, "the first heartbeat")
+    assert decode_heartbeat(beats[0]).node == "gw1"
     await publisher.close()
     assert await view.gateways() == []
 
