@@ -274,6 +274,18 @@ async def test_one_trace_from_the_sdk_through_two_gateways_to_every_subscriber(
     assert consumer.trace_id == trace_id and consumer.attributes["arqonbus.seq"] == ack.seq
 
 
+async def one_event(publish_url: str, subscribe_url: str, provider: TracerProvider) -> Event:
+    """A traced SDK publisher on one gateway, a plain subscriber on another: the event it got."""
+    tenant = "t" + uuid.uuid4().hex[:12]
+    async with (
+        Client(publish_url, f"dev:{tenant}:alice", tracer_provider=provider) as publisher,
+        Client(subscribe_url, f"dev:{tenant}:bob") as bob,
+    ):
+        sub = await bob.subscribe(ROOM, CHANNEL).start()
+        await publisher.publish(ROOM, CHANNEL, {"text": "hello"})
+        return await next_event(sub)
+
+
 async def test_an_untrusted_client_context_is_linked_not_continued_and_drain_flushes(
     nats_cluster: LocalCluster,
     gateway_processes: Any,
@@ -283,14 +295,7 @@ async def test_an_untrusted_client_context_is_linked_not_continued_and_drain_flu
     # A batch delay of 10 minutes: the gateway's spans can only arrive through its drain.
     env = tracing_env(receiver, OTEL_BSP_SCHEDULE_DELAY="600000")
     gateway = await gateway_processes(nats_cluster.url_csv, env=env)
-    tenant = "t" + uuid.uuid4().hex[:12]
-    async with (
-        Client(gateway.url, f"dev:{tenant}:alice", tracer_provider=client_provider) as publisher,
-        Client(gateway.url, f"dev:{tenant}:bob") as bob,
-    ):
-        sub = await bob.subscribe(ROOM, CHANNEL).start()
-        await publisher.publish(ROOM, CHANNEL, {"text": "hello"})
-        event = await next_event(sub)
+    event = await one_event(gateway.url, gateway.url, client_provider)
     assert not [s for s in receiver.snapshot() if s.service == "arqonbus-gateway"]
     await gateway.stop()  # SIGTERM: the drain exports what the batch still holds
     name = f"send {ROOM}/{CHANNEL}"
@@ -313,14 +318,7 @@ async def test_no_spans_when_tracing_is_off_and_the_client_context_passes_throug
     env = tracing_env(receiver, OTEL_TRACES_EXPORTER="none")
     first = await gateway_processes(nats_cluster.url_csv, env=env)
     second = await gateway_processes(nats_cluster.url_csv, env=env)
-    tenant = "t" + uuid.uuid4().hex[:12]
-    async with (
-        Client(first.url, f"dev:{tenant}:alice", tracer_provider=client_provider) as publisher,
-        Client(second.url, f"dev:{tenant}:bob") as bob,
-    ):
-        sub = await bob.subscribe(ROOM, CHANNEL).start()
-        await publisher.publish(ROOM, CHANNEL, {"text": "hello"})
-        event = await next_event(sub)
+    event = await one_event(first.url, second.url, client_provider)
     await first.stop()  # the drain would flush any span a gateway had made
     await second.stop()
     spans = await receiver.wait_for(lambda s: len(s) >= 1, 10 * SEC)
