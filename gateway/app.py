@@ -86,6 +86,11 @@ METRICS_PATH = "/metrics"  # Prometheus text format (gateway/http/metrics.py)
 # may be cut off too).
 RECONNECT_AFTER_FAILED_CHECKS = 2
 SHED_AFTER_LINK_FAILURES = 3  # NATS link down: close clients with 4002, refuse new ones (503)
+# After the gateway drops its own NATS link to reconnect elsewhere, the link checks of the
+# next 2 intervals may fail because of that reconnect: they do not count towards shedding.
+# (Without this, a JetStream election that outlasts 4 checks made the gateway shed its
+# clients with 4002 although the server it was on stayed alive.)
+RECONNECT_GRACE_CHECKS = 2
 
 
 def listen_options(settings: Settings, host: str, port: int) -> ListenOptions:
@@ -207,6 +212,7 @@ class Gateway:
         self.healthy = False
         self.failed_checks = 0  # consecutive health checks JetStream did not answer
         self.link_failures = 0  # consecutive checks the NATS link did not answer
+        self._reconnect_grace = 0  # link checks excused after this gateway dropped its link
         self._server: Server | None = None
         self._stop = asyncio.Event()
         self._became_ready = asyncio.Event()
@@ -312,12 +318,18 @@ class Gateway:
             # (a revoke or ban made then would never arrive). Reload them all.
             self.security.restart()
         self.failed_checks = 0 if self.healthy else self.failed_checks + 1
-        self.link_failures = 0 if link_ok else self.link_failures + 1
-        if self.failed_checks and self.failed_checks % RECONNECT_AFTER_FAILED_CHECKS == 0:
-            # JetStream does not answer through this server: the link may be stalled, or
-            # the node cut off from its cluster. Try another server of the pool. (During a
-            # NATS election this reconnect is needless but harmless.)
-            await self.broker.reconnect_elsewhere()
+        if link_ok:
+            self.link_failures = self._reconnect_grace = 0
+        elif self._reconnect_grace:  # the link is down because this gateway dropped it
+            self._reconnect_grace -= 1
+        else:
+            self.link_failures += 1
+        # JetStream does not answer through this server: the link may be stalled, or the
+        # node cut off from its cluster. Try another server of the pool. (During a NATS
+        # election this reconnect is needless; the grace keeps it harmless.)
+        reconnect = self.failed_checks and self.failed_checks % RECONNECT_AFTER_FAILED_CHECKS == 0
+        if reconnect and await self.broker.reconnect_elsewhere():
+            self._reconnect_grace = RECONNECT_GRACE_CHECKS
         if self.link_failures == SHED_AFTER_LINK_FAILURES and not self.draining:
             log.warning(
                 "no NATS server has answered for %d checks: sending %d client(s) to other "

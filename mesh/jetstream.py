@@ -507,18 +507,21 @@ class JetStreamBroker:
         except (*_TRANSIENT, nats.errors.Error):
             return False
 
-    async def reconnect_elsewhere(self) -> None:
+    async def reconnect_elsewhere(self) -> bool:
         """Drop the current NATS server for another in the pool (the link or node is bad).
 
-        Subscriptions are restored by the NATS client; the reconnect handlers resync.
+        Subscriptions are restored by the NATS client; the reconnect handlers resync. False
+        when there is no live connection to drop (the client is reconnecting already).
         """
-        if self._nc is not None and self._nc.is_connected:
-            url = self._nc.connected_url
-            log.warning(
-                "NATS server %s stopped answering; reconnecting elsewhere",
-                url.netloc if url else "?",
-            )
-            await self._nc.force_reconnect()
+        if self._nc is None or not self._nc.is_connected:
+            return False
+        url = self._nc.connected_url
+        log.warning(
+            "NATS server %s stopped answering; reconnecting elsewhere",
+            url.netloc if url else "?",
+        )
+        await self._nc.force_reconnect()
+        return True
 
     async def close(self, timeout: float = 5.0) -> None:
         """Drain the NATS connection: flush publishes in flight, then close."""

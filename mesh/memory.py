@@ -281,9 +281,12 @@ class MemoryBroker:
     async def check_link(self, timeout: float = 5.0) -> bool:
         return self._connected
 
-    async def reconnect_elsewhere(self) -> None:
+    async def reconnect_elsewhere(self) -> bool:
+        if not self._connected:
+            return False
         for handler in list(self._reconnect_handlers):
             await handler()
+        return True
 
     def on_reconnect(self, handler: ReconnectHandler) -> None:
         self._reconnect_handlers.append(handler)

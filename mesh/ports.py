@@ -325,8 +325,12 @@ class Broker(Protocol):
         """True when the connected server answers a ping within ``timeout`` s. Never raises."""
         ...
 
-    async def reconnect_elsewhere(self) -> None:
-        """Drop the current server for another (the link is bad); reconnect handlers run."""
+    async def reconnect_elsewhere(self) -> bool:
+        """Drop the current server for another (the link is bad); reconnect handlers run.
+
+        True when it dropped a live connection to do so; False when there was none (the
+        client is already reconnecting on its own).
+        """
         ...
 
     def on_reconnect(self, handler: ReconnectHandler) -> None:

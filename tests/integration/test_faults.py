@@ -26,7 +26,7 @@ from arqonbus_server.gateway.app import Gateway
 from arqonbus_server.gateway.config import load_settings
 from arqonbus_server.gateway.ws.session import Session
 from arqonbus_server.mesh.local import LocalCluster
-from tests.conftest import gateway_url
+from tests.conftest import gateway_url, new_cluster
 from tests.support import Message, WsClient
 from tests.timeouts import SEC
 
@@ -377,7 +377,7 @@ async def publish_until(
 async def test_publishing_goes_on_when_a_nats_node_is_killed(
     tmp_path: Path, clients, tenant, victim: int
 ):
-    cluster = LocalCluster(tmp_path / "nats", nodes=3)
+    cluster = new_cluster(tmp_path / "nats", nodes=3)  # containers too: make container-test
     await cluster.start(timeout=60 * SEC)
     # Only node 0 is given, so the gateway is surely connected to it; it learns the others
     # from the cluster, as a production client does.
@@ -436,3 +436,43 @@ async def test_a_gateway_started_while_a_node_is_down_plans_every_configured_nod
             await broker.close()
     finally:
         await cluster.stop()
+
+
+async def test_link_checks_failing_after_the_gateways_own_reconnect_do_not_shed_clients(
+    start_gateway, clients, tenant
+):
+    # A JetStream election that outlasts several checks makes the gateway drop its (alive)
+    # NATS link to try another server, every 2 failed checks. The link checks that fail while
+    # that reconnect runs are the gateway's own doing: they must not send its clients away.
+    gw = await start_gateway(health_interval_s=600)  # only this test's checks run
+    client = await clients(gateway_url(gw), tenant, "alice")
+    reconnects: list[int] = []
+    connected = True  # what the NATS client says when the gateway asks it to reconnect
+
+    async def reconnect_elsewhere() -> bool:
+        reconnects.append(1)
+        return connected  # True: it dropped a live link
+
+    gw.broker.reconnect_elsewhere = reconnect_elsewhere  # type: ignore[method-assign]
+    for _ in range(2):  # JetStream silent, the link fine: reconnect after the 2nd check
+        await gw.apply_health_check(healthy=False, link_ok=True)
+    assert reconnects == [1]
+    for _ in range(2):  # the link down because of that reconnect; a 2nd reconnect
+        await gw.apply_health_check(healthy=False, link_ok=False)
+    assert reconnects == [1, 1]
+    assert (gw.link_failures, gw.cut_off) == (0, False)
+    await gw.apply_health_check(healthy=True, link_ok=True)
+    await client.join(ROOM, CHANNEL)  # still connected, and served
+    assert not client.closed.is_set()
+
+    # A link that stays down past the grace is a lost link: clients are sent away (4002).
+    for _ in range(2):
+        await gw.apply_health_check(healthy=False, link_ok=True)
+    assert reconnects == [1, 1, 1]
+    connected = False  # this time the link stays down: the next reconnect has none to drop
+    for _ in range(2 + 3):  # 2 excused, then 3 counted
+        await gw.apply_health_check(healthy=False, link_ok=False)
+        assert not gw.cut_off or gw.link_failures == 3
+    assert gw.cut_off
+    await asyncio.wait_for(client.closed.wait(), 5 * SEC)
+    assert client.close_code == 4002
