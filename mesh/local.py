@@ -533,7 +533,7 @@ class LocalCluster:
     async def stop(self) -> None:
         """Stop every node (SIGTERM, then SIGKILL after a grace period) and reap it. Idempotent."""
         await asyncio.gather(
-            *(_terminate(node, signal.SIGTERM, STOP_GRACE_SECONDS) for node in self._nodes)
+            *(self._terminate_node(i, signal.SIGTERM) for i in range(len(self._nodes)))
         )
         self._started = False
         self._lock.release()
@@ -569,11 +569,11 @@ class LocalCluster:
 
     async def kill_node(self, i: int, sig: signal.Signals = signal.SIGKILL) -> None:
         """Send ``sig`` to node ``i`` and wait until it exits (SIGKILL if it outlives the grace)."""
-        await _terminate(self._nodes[i], sig, STOP_GRACE_SECONDS)
+        await self._terminate_node(i, sig)
 
     async def stop_node(self, i: int) -> None:
         """Stop node ``i`` gracefully: SIGTERM, then SIGKILL after the grace period."""
-        await _terminate(self._nodes[i], signal.SIGTERM, STOP_GRACE_SECONDS)
+        await self._terminate_node(i, signal.SIGTERM)
 
     def pause_node(self, i: int) -> None:
         """Freeze node ``i`` (SIGSTOP): its sockets stay open but it answers nothing."""
@@ -600,7 +600,7 @@ class LocalCluster:
 
         Needs a meta leader that has heard from every running peer; a no-op for a single node.
         """
-        running = [node for node in self._nodes if node.process and _alive(node.process)]
+        running = [node for i, node in enumerate(self._nodes) if self.is_running(i)]
         if len(self._nodes) == 1 or not running:
             return
         replicas = min(len(running), MAX_REPLICAS)
@@ -614,7 +614,7 @@ class LocalCluster:
         deadline = asyncio.get_running_loop().time() + timeout
         last_error = "no attempt yet"
         while (remaining := _until(deadline)) > 0:
-            _raise_if_exited(node)
+            self._raise_if_exited(node)
             error = await _probe(
                 node.spec.url, check, min(PROBE_TIMEOUT_SECONDS, remaining), self.connect_options
             )
@@ -622,8 +622,8 @@ class LocalCluster:
                 log.debug("%s: ok through node %s (%s)", condition, node.spec.name, node.spec.url)
                 return
             last_error = error
-            await _wait_exit(node, min(READY_POLL_SECONDS, max(0.0, _until(deadline))))
-        _raise_if_exited(node)
+            await self._wait_exit(node, min(READY_POLL_SECONDS, max(0.0, _until(deadline))))
+        self._raise_if_exited(node)
         spec = node.spec
         tail = _log_tail(spec.log_path)
         raise ClusterNotReady(spec.name, spec.url, condition, timeout, last_error, tail)
@@ -637,7 +637,8 @@ class LocalCluster:
             spec.store_dir.mkdir(parents=True, exist_ok=True)
             spec.config_path.write_text(render_config(spec, self.name, routes, self.extra_config))
 
-    # Hooks for subclasses that run nodes elsewhere (chaos.netns: one network namespace per node).
+    # Hooks for subclasses that run nodes elsewhere (chaos.netns: one network namespace per node;
+    # mesh.containers: one container per node).
 
     def _check_ports(self, spec: NodeSpec) -> None:
         """Raise PortInUse if a port the node needs is taken (checked in this network namespace)."""
@@ -664,6 +665,18 @@ class LocalCluster:
             )
         node.paused = False
         log.info("started node %s pid %d (%s)", node.spec.name, node.process.pid, node.spec.url)
+
+    async def _terminate_node(self, i: int, sig: signal.Signals) -> None:
+        """Send ``sig`` to node ``i``, wait up to the grace period, then SIGKILL; reap it."""
+        await _terminate(self._nodes[i], sig, STOP_GRACE_SECONDS)
+
+    def _raise_if_exited(self, node: _Node) -> None:
+        """Raise NodeExited if ``node`` is not running (while waiting for it to be ready)."""
+        _raise_if_exited(node)
+
+    async def _wait_exit(self, node: _Node, timeout: float) -> None:
+        """Wait up to ``timeout`` between readiness probes; return early if the node exits."""
+        await _wait_exit(node, timeout)
 
 
 _PR_SET_PDEATHSIG = 1

@@ -34,6 +34,8 @@ reply (:func:`as_arqon_error`). The tree::
     ├── PortInUse (+RuntimeError)      a listener's port is taken (carries host, port, what)
     └── LocalClusterError              the embedded cluster and dev supervisor (mesh/local.py)
         ├── NatsServerNotFound, DataDirInUse, NodeExited, GatewayFailed (+RuntimeError)
+        ├── ContainerEngineUnavailable (+RuntimeError)   no engine for NATS in containers
+        ├── UnknownNatsBackend (+ValueError)              ARQONBUS_NATS_BACKEND: local or container
         └── ClusterNotReady (+TimeoutError)
 
 Close codes are separate: they end a connection and tell the client whether to

@@ -353,7 +353,12 @@ def parse_host_port(value: str) -> tuple[str, int]:
 
 
 # Variables read elsewhere (not gateway settings), so not reported as unknown.
-_OTHER_VARIABLES = {"ARQONBUS_NATS_SERVER", "ARQONBUS_URL", "ARQONBUS_TOKEN"}
+_OTHER_VARIABLES = {
+    "ARQONBUS_NATS_SERVER",
+    "ARQONBUS_NATS_BACKEND",  # arqonbus dev and the tests: local or container NATS nodes
+    "ARQONBUS_URL",
+    "ARQONBUS_TOKEN",
+}
 
 
 def unknown_variables(environ: Mapping[str, str]) -> list[str]:

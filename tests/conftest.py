@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -11,14 +12,21 @@ import pytest
 
 from arqonbus_server.gateway.app import Gateway
 from arqonbus_server.gateway.config import load_settings
+from arqonbus_server.mesh.containers import backend_from_env, make_cluster
 from arqonbus_server.mesh.local import LocalCluster
 from tests.support import GatewayProcess, WsClient
 from tests.timeouts import SEC
 
 
+def new_cluster(base_dir: Path, nodes: int = 3, **kwargs: Any) -> LocalCluster:
+    """A NATS cluster from the backend ARQONBUS_NATS_BACKEND names: the wheel's nats-server
+    (``local``, the default) or containers (``container``; make container-test)."""
+    return make_cluster(backend_from_env(os.environ), base_dir, nodes, **kwargs)
+
+
 @pytest.fixture(scope="session")
 async def nats_cluster(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[LocalCluster]:
-    cluster = LocalCluster(tmp_path_factory.mktemp("nats"), nodes=3)
+    cluster = new_cluster(tmp_path_factory.mktemp("nats"), nodes=3)
     await cluster.start(timeout=60 * SEC)
     try:
         yield cluster

@@ -99,6 +99,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     dev.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     dev.add_argument("--data-dir", type=Path, default=Path(".arqonbus"), help="default ./.arqonbus")
+    dev.add_argument(
+        "--nats-backend",
+        choices=("local", "container"),
+        help="where NATS nodes run: local (nats-server from the wheel, the default) or container "
+        "(testcontainers: Docker, or podman's API socket via DOCKER_HOST) [ARQONBUS_NATS_BACKEND]",
+    )
 
     gw = sub.add_parser("gateway", help="run one gateway against an existing NATS")
     gw.add_argument("--nats", help="NATS URL(s), comma-separated [ARQONBUS_NATS]")

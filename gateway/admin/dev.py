@@ -12,6 +12,13 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
+from arqonbus_server.mesh.containers import (
+    ContainerCluster,
+    ContainerEngineUnavailable,
+    UnknownNatsBackend,
+    backend_from_env,
+    make_cluster,
+)
 from arqonbus_server.mesh.local import DataDirInUse, LocalCluster, NatsServerNotFound, free_port
 from arqonbus_server.shared.errors import LocalClusterError
 
@@ -146,10 +153,11 @@ async def run_dev(args: argparse.Namespace) -> int:
         return 2
     data_dir: Path = args.data_dir.resolve()
     try:
-        cluster = LocalCluster(data_dir / "nats", args.nats_nodes, args.host, args.nats_port)
+        backend = args.nats_backend or backend_from_env(os.environ)
+        cluster = _dev_cluster(backend, data_dir / "nats", args)
         # Before anything else: a second mesh on these files would corrupt the first one's.
         cluster.lock_data_dir()
-    except NatsServerNotFound as exc:
+    except (NatsServerNotFound, UnknownNatsBackend, ContainerEngineUnavailable) as exc:
         print(f"arqonbus dev: {exc}", file=sys.stderr)
         return 2
     except DataDirInUse as exc:
@@ -164,7 +172,11 @@ async def run_dev(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     gateways: list[asyncio.subprocess.Process] = []
     try:
-        print(f"starting {args.nats_nodes} NATS node(s) in {data_dir / 'nats'} ...", flush=True)
+        engine = cluster.engine if isinstance(cluster, ContainerCluster) else None
+        how = f", as containers of {engine}" if engine else ""
+        print(
+            f"starting {args.nats_nodes} NATS node(s) in {data_dir / 'nats'}{how} ...", flush=True
+        )
         await cluster.start()
         ports = [args.port + i for i in range(args.gateways)]
         if ports:
@@ -187,6 +199,16 @@ async def run_dev(args: argparse.Namespace) -> int:
         await cluster.stop()
         print("stopped; data kept in", data_dir, flush=True)
     return 0
+
+
+def _dev_cluster(backend: str, base_dir: Path, args: argparse.Namespace) -> LocalCluster:
+    """The dev mesh's NATS: the wheel's nats-server, or containers (``--nats-backend``)."""
+    if backend == "container":
+        # testcontainers logs each create at INFO ("Pulling image" for a local image, too).
+        logging.getLogger("testcontainers").setLevel(logging.WARNING)
+    return make_cluster(
+        backend, base_dir, args.nats_nodes, host=args.host, client_port=args.nats_port
+    )
 
 
 async def _supervise(
