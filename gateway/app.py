@@ -46,6 +46,7 @@ from arqonbus_server.gateway.state.limits import (
     TenantConnections,
     rate_specs,
 )
+from arqonbus_server.gateway.state.placement import PlacementTable
 from arqonbus_server.gateway.state.rooms import RoomDirectory, RoomSettings, banned_error
 from arqonbus_server.gateway.state.security import NONCE_TTL_S, SecurityState
 from arqonbus_server.gateway.state.tenant_limits import TenantLimitsTable
@@ -146,8 +147,18 @@ class Gateway:
         # Security state shared by every gateway (NATS KV), and the audit stream.
         self.state = JetStreamStateStore(self.broker)
         self.security = SecurityState(
-            self.broker, self.state, settings.subject_prefix, settings.policy_file
+            self.broker,
+            self.state,
+            settings.subject_prefix,
+            settings.policy_file,
+            watch_placement=bool(settings.region),
         )
+        # Placed tenants (multi-region, gateway/state/placement.py): only with a region.
+        if self.security.placement is not None:
+            self.placements = PlacementTable(self.security.placement.get)
+            self.broker.placement_for = self.placements.get
+            self.hub.placement_for = self.placements.get
+            self.security.placement.on_change(self._on_placement)
         self.audit_sink = JetStreamAuditSink.from_settings(self.broker, settings)
         self.audit = AuditLog.from_settings(self.audit_sink, settings, self.node_id)
         self._auth_failures = AuditThrottle(per_window=200, max_keys=4096)
@@ -410,6 +421,10 @@ class Gateway:
             ban = settings.ban_of(principal.id, now)
             if ban is not None:
                 session.leave_room(room, banned_error(room, ban, now))
+
+    def _on_placement(self, tenant: str, value: bytes | None) -> None:
+        """A tenant failed over or back: its members here move to the new epoch."""
+        self.hub.placement_changed(tenant)
 
     def _on_tenant_limits(self, tenant: str, value: bytes | None) -> None:
         """A tenant's limits changed (any gateway sees it): apply them here, now.

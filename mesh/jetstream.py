@@ -11,7 +11,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -33,6 +33,7 @@ from nats.js.errors import APIError, NotFoundError, ServiceUnavailableError
 from nats.js.kv import KeyValue
 
 from arqonbus_server.mesh.kv import open_bucket
+from arqonbus_server.mesh.mirrors import TenantConfirmers, mirrors_to_confirm
 from arqonbus_server.mesh.nats_auth import connect_failure, connect_options, redact_url
 from arqonbus_server.mesh.ports import (
     BrokerUnavailable,
@@ -51,6 +52,7 @@ from arqonbus_server.mesh.ports import (
     StreamStats,
 )
 from arqonbus_server.mesh.streams import StreamPolicy, StreamProvisioner, choose_replicas
+from arqonbus_server.shared.regions import Placement
 from arqonbus_server.shared.settings import Settings
 from arqonbus_server.shared.subjects import ChannelRef, SubjectScheme
 
@@ -285,8 +287,14 @@ class JetStreamBroker:
         publish_timeout_s: float = 5.0,
         name: str = "arqonbus-gateway",
         connect_options: dict[str, Any] | None = None,
+        region: str = "",
     ) -> None:
         self._urls = urls
+        # The gateway's region (ARQONBUS_REGION): where it creates auto-provisioned streams
+        # and whose copy of a placed tenant's stream it replays from. "": one region.
+        self._region = region
+        self._warned_region = False
+        self._confirmers = TenantConfirmers(self._stream_last_seq)
         self._scheme = scheme
         self._policy = policy
         self._publish_timeout = publish_timeout_s
@@ -308,6 +316,8 @@ class JetStreamBroker:
         self._link_up = asyncio.Event()  # set while connected (see window)
         # Per-tenant stored-bytes quotas (gateway/state/tenant_limits.py); None = the policy's.
         self.max_bytes_for: Callable[[str], int] | None = None
+        # Placement records (gateway/state/placement.py); None: no tenant is placed.
+        self.placement_for: Callable[[str], Placement | None] | None = None
         # Observability (the gateway's metrics): called with "disconnect", "reconnect",
         # "slow_consumer" or "error" as they happen; it must not raise or block.
         self.on_link_event: Callable[[str], None] | None = None
@@ -391,8 +401,11 @@ class JetStreamBroker:
         self._cluster_seen = max(self._cluster_seen, self._cluster_in_info())
         self._js = nc.jetstream(timeout=self._publish_timeout)
         self._jsm = nc.jsm()
-        self._streams = StreamProvisioner(self._jsm, self._scheme, self._policy, self.cluster_size)
+        self._streams = StreamProvisioner(
+            self._jsm, self._scheme, self._policy, self.cluster_size, self._placement_cluster
+        )
         self._streams.max_bytes_for = self.max_bytes_for
+        self._streams.is_placed = self._is_placed
         self._acks = _PublishAcks(nc, self._publish_timeout)
         await self._acks.start()
         where = nc.connected_url  # host and port only: a URL may carry credentials
@@ -540,6 +553,7 @@ class JetStreamBroker:
         finally:
             if self._acks is not None:
                 await self._acks.close()
+            await self._confirmers.close()
 
     def _require(self) -> tuple[NatsClient, JetStreamContext, JetStreamManager, StreamProvisioner]:
         if self._nc is None or self._js is None or self._jsm is None or self._streams is None:
@@ -558,6 +572,9 @@ class JetStreamBroker:
         _, _, _, streams = self._require()
         assert self._acks is not None
         subject = self._scheme.ingest(ref)
+        placement = self._placement(ref.tenant)
+        if placement is not None:
+            return await self._publish_placed(ref, placement, body, dedupe_key, headers)
         # The stream keeps the headers and RePublish copies them to the live subject.
         headers = {**headers, "Nats-Msg-Id": dedupe_key} if headers else {"Nats-Msg-Id": dedupe_key}
         # A stream that was just created can take a moment to take its subjects on every
@@ -581,6 +598,97 @@ class JetStreamBroker:
             except _TRANSIENT as exc:
                 raise BrokerUnavailable(f"publish not acknowledged: {type(exc).__name__}") from exc
         raise BrokerUnavailable("no stream answered for this tenant")
+
+    async def _publish_placed(
+        self,
+        ref: ChannelRef,
+        placement: Placement,
+        body: bytes,
+        dedupe_key: str,
+        headers: Mapping[str, str] | None,
+    ) -> PublishResult:
+        """Store only in the placement's primary; with ``acks: mirrored``, ack once mirrored.
+
+        ``Nats-Expected-Stream`` makes any other stream that still captures the subject (a
+        stale primary in a region that was cut off) refuse the event: BrokerUnavailable,
+        and the publisher's retry with the same key is stored once by the real primary.
+        The stream is never created here (``arqonbus mesh provision`` does that).
+        """
+        assert self._acks is not None
+        sent = {**headers} if headers else {}
+        sent["Nats-Msg-Id"] = dedupe_key
+        sent["Nats-Expected-Stream"] = placement.primary.stream
+        subject = self._scheme.ingest(ref)
+        delay = 0.05
+        for _ in range(_NO_STREAM_RETRIES):
+            try:
+                result = await self._acks.publish(subject, body, sent)
+                break
+            except _NoStream:
+                await asyncio.sleep(delay)  # no leader right now: back off, bounded
+                delay = min(delay * 2, 0.5)
+            except _TRANSIENT as exc:
+                raise BrokerUnavailable(f"publish not acknowledged: {type(exc).__name__}") from exc
+        else:
+            raise BrokerUnavailable(f"stream {placement.primary.stream} did not answer")
+        if mirrors := mirrors_to_confirm(placement):
+            await self.wait_mirrored(ref.tenant, mirrors, result.seq, self._publish_timeout)
+        return result
+
+    async def wait_mirrored(
+        self, tenant: str, mirrors: Sequence[str], seq: int, timeout: float
+    ) -> None:
+        """Return once a mirror's last seq (``$JS.API.STREAM.INFO``) reaches ``seq``."""
+        await self._confirmers.wait(tenant, mirrors, seq, timeout)
+
+    async def _stream_last_seq(self, stream: str) -> int:
+        """The stream's last seq; 0 when it does not exist. Raises BrokerUnavailable."""
+        return (await self._stream_range(stream))[1]
+
+    async def _stream_range(self, stream: str) -> tuple[int, int]:
+        """The stream's first and last seq; (0, 0) when it does not exist.
+        Raises BrokerUnavailable."""
+        _, _, jsm, _ = self._require()
+        try:
+            info = await jsm.stream_info(stream)
+        except NotFoundError:
+            return 0, 0
+        except (*_TRANSIENT, APIError) as exc:
+            raise BrokerUnavailable(f"stream info of {stream} failed: {exc}") from exc
+        return info.state.first_seq or 0, info.state.last_seq or 0
+
+    def _placement(self, tenant: str) -> Placement | None:
+        return self.placement_for(tenant) if self.placement_for is not None else None
+
+    def _is_placed(self, tenant: str) -> bool:
+        return self._placement(tenant) is not None
+
+    def _primary_stream(self, tenant: str) -> str:
+        """The stream that stores the tenant's events now: its placement's primary."""
+        placement = self._placement(tenant)
+        return placement.primary.stream if placement else self._scheme.stream_name(tenant)
+
+    def _placement_cluster(self) -> str | None:
+        """The NATS cluster for new tenant streams: the region, when the server is in it.
+
+        In a supercluster made by ``arqonbus mesh render`` each region's NATS cluster bears
+        the region's name. A region label on a single cluster named otherwise (a heartbeat
+        label only) places nothing: JetStream would find no peers there.
+        """
+        if not self._region or self._nc is None:
+            return None
+        cluster = self._nc._server_info.get("cluster")
+        if cluster == self._region:
+            return self._region
+        if not self._warned_region:
+            self._warned_region = True
+            log.warning(
+                "region %r is not the connected NATS cluster (%r): new streams are placed "
+                "by JetStream, not in the region",
+                self._region,
+                cluster,
+            )
+        return None
 
     async def key_value(self, bucket: str, ttl_s: float | None = None) -> KeyValue:
         """The KV bucket ``bucket`` (created if missing, replicated like the streams)."""
@@ -721,7 +829,7 @@ class JetStreamBroker:
                     await self._link_up.wait()
             except TimeoutError:
                 raise BrokerUnavailable("not connected to NATS") from None
-        stream = self._scheme.stream_name(ref.tenant)
+        stream = self._primary_stream(ref.tenant)
         try:
             info = await jsm.stream_info(stream)
         except NotFoundError:
@@ -741,7 +849,7 @@ class JetStreamBroker:
         """The tenant's stream state (messages, bytes, first and last seq) from its leader."""
         _, _, jsm, _ = self._require()
         try:
-            info = await jsm.stream_info(self._scheme.stream_name(tenant))
+            info = await jsm.stream_info(self._primary_stream(tenant))
         except NotFoundError:
             return StreamStats(0, 0, 0, 0)
         except _TRANSIENT as exc:
@@ -768,19 +876,32 @@ class JetStreamBroker:
             end_seq = (await self.window(ref)).last_seq
         if end_seq < start_seq:
             return
+        primary = self._primary_stream(ref.tenant)
         last, count = start_seq - 1, 0
+        local = self._local_copy(ref.tenant, primary)
+        if local is not None:
+            async with contextlib.aclosing(
+                self._replay_local(local, ref, start_seq, end_seq, limit)
+            ) as nearby:
+                async for event in nearby:
+                    last, count = event.seq, count + 1
+                    yield event
+            if last >= end_seq or (limit is not None and count >= limit):
+                return
         try:
             if not self._has_batched_direct_get():
                 raise _NoDirectGet()
             async with contextlib.aclosing(
-                self._replay_direct(ref, start_seq, end_seq, limit)
+                self._replay_direct(
+                    primary, ref, last + 1, end_seq, None if limit is None else limit - count
+                )
             ) as direct:
                 async for event in direct:
                     last, count = event.seq, count + 1
                     yield event
         except _NoDirectGet:
             async with contextlib.aclosing(
-                self._replay_consumer(ref, last + 1, end_seq, limit and limit - count)
+                self._replay_consumer(primary, ref, last + 1, end_seq, limit and limit - count)
             ) as consumer:
                 async for event in consumer:
                     last, count = event.seq, count + 1
@@ -801,11 +922,54 @@ class JetStreamBroker:
         except (AttributeError, TypeError, ValueError):
             return False
 
-    async def _replay_direct(
-        self, ref: ChannelRef, start_seq: int, end_seq: int, limit: int | None
+    def _local_copy(self, tenant: str, primary: str) -> str | None:
+        """A placed tenant's stream in this gateway's region, when that is not the primary."""
+        placement = self._placement(tenant)
+        if placement is None or not self._region:
+            return None
+        local = placement.stream_in(self._region)
+        return local if local is not None and local != primary else None
+
+    async def _replay_local(
+        self, stream: str, ref: ChannelRef, start_seq: int, end_seq: int, limit: int | None
     ) -> AsyncGenerator[StoredEvent, None]:
+        """What the region's own copy (a mirror, read by its name) holds of the range.
+
+        Only from a mirror that holds the start, up to its last seq, and it may end sooner
+        (a mirror lags and answers 404 for what it lacks, like an end): the caller reads the
+        rest from the primary.
+        """
+        if not self._has_batched_direct_get():
+            return
+        try:
+            first, last = await self._stream_range(stream)
+        except BrokerUnavailable:
+            return
+        upto = min(end_seq, last)
+        if upto < start_seq or first > start_seq:  # lacks the start (retention, a new copy)
+            return
+        try:
+            async with contextlib.aclosing(
+                self._replay_direct(stream, ref, start_seq, upto, limit, patient=False)
+            ) as events:
+                async for event in events:
+                    yield event
+        except (_NoDirectGet, BrokerUnavailable) as exc:
+            log.debug("replay from %s stopped (%s); the primary serves the rest", stream, exc)
+
+    async def _replay_direct(
+        self,
+        stream: str,
+        ref: ChannelRef,
+        start_seq: int,
+        end_seq: int,
+        limit: int | None,
+        patient: bool = True,
+    ) -> AsyncGenerator[StoredEvent, None]:
+        """Batched direct gets of ``stream``; ``patient``: ask again after an empty batch
+        short of the end (a lagging replica), else stop there."""
         nc, _, _, _ = self._require()
-        api = f"$JS.API.DIRECT.GET.{self._scheme.stream_name(ref.tenant)}"
+        api = f"$JS.API.DIRECT.GET.{stream}"
         subject = self._scheme.ingest(ref)
         batch = _DirectBatch()
         try:
@@ -850,7 +1014,7 @@ class JetStreamBroker:
                     raise _NoDirectGet()
                 # An empty batch short of the end: a lagging replica answered; ask again.
                 empty_rounds = 0 if got else empty_rounds + 1
-                if empty_rounds >= _REPLAY_STALL_CHECKS:
+                if empty_rounds >= _REPLAY_STALL_CHECKS or (empty_rounds and not patient):
                     return
                 if empty_rounds:
                     await asyncio.sleep(0.05 * 2**empty_rounds)  # retry backoff
@@ -859,10 +1023,9 @@ class JetStreamBroker:
                 await sub.unsubscribe()
 
     async def _replay_consumer(
-        self, ref: ChannelRef, start_seq: int, end_seq: int, limit: int | None
+        self, stream: str, ref: ChannelRef, start_seq: int, end_seq: int, limit: int | None
     ) -> AsyncGenerator[StoredEvent, None]:
         nc, js, jsm, _ = self._require()
-        stream = self._scheme.stream_name(ref.tenant)
         config = ConsumerConfig(
             deliver_subject=nc.new_inbox(),
             filter_subject=self._scheme.ingest(ref),
@@ -939,4 +1102,5 @@ def broker_from_settings(settings: Settings, name: str = "arqonbus") -> JetStrea
         publish_timeout_s=settings.publish_timeout_s,
         name=name,
         connect_options=connect_options(settings),
+        region=settings.region,
     )

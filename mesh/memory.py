@@ -15,13 +15,14 @@ import itertools
 import random
 import re
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 
+from arqonbus_server.mesh.mirrors import TenantConfirmers, mirrors_to_confirm
 from arqonbus_server.mesh.ports import (
     BrokerUnavailable,
     ChannelWindow,
@@ -43,6 +44,7 @@ from arqonbus_server.mesh.ports import (
     StoreQuotaExceeded,
     StreamStats,
 )
+from arqonbus_server.shared.regions import Placement
 from arqonbus_server.shared.subjects import ChannelRef, SubjectScheme, node_token
 
 _KEY_RE = re.compile(r"[-/_=.a-zA-Z0-9]+")
@@ -108,6 +110,24 @@ class MemoryMesh:
         self.audit: dict[str, list[tuple[int, datetime, str, bytes]]] = {}
         self.audit_ids: dict[str, dict[str, tuple[int, float]]] = {}
         self.heartbeats: dict[str, tuple[bytes, float]] = {}  # node token -> (body, expires)
+        # Mirror streams by name: (the tenant they copy, the seq they are held at or None
+        # while they follow at once). Events themselves stay in the tenant's stream.
+        self.mirrors: dict[str, tuple[str, int | None]] = {}
+
+    def add_mirror(self, name: str, tenant: str) -> None:
+        """A mirror of the tenant's stream, up to date at once (until :meth:`hold_mirror`)."""
+        self.mirrors[name] = (tenant, None)
+
+    def hold_mirror(self, name: str, upto: int | None) -> None:
+        """Make the mirror hold ``upto`` (lagging behind the stream); None: follow again."""
+        self.mirrors[name] = (self.mirrors[name][0], upto)
+
+    def mirror_last_seq(self, name: str) -> int:
+        """The mirror's last seq (0: no such mirror)."""
+        tenant, held = self.mirrors.get(name, ("", 0))
+        stream = self.streams.get(tenant)
+        last = stream.last_seq if stream is not None else 0
+        return last if held is None else min(held, last)
 
 
 class _Subscription:
@@ -135,6 +155,9 @@ class MemoryBroker:
         self._reconnect_handlers: list[ReconnectHandler] = []
         self._replies = itertools.count(1)
         self.max_bytes_for: Callable[[str], int] | None = None
+        self.placement_for: Callable[[str], Placement | None] | None = None
+        self.publish_timeout_s = 5.0  # how long a placed tenant's ack waits for a mirror
+        self._confirmers = TenantConfirmers(self._mirror_last_seq)
 
     @property
     def connected(self) -> bool:
@@ -159,9 +182,12 @@ class MemoryBroker:
         own = self.max_bytes_for(tenant) if self.max_bytes_for is not None else 0
         return own if own > 0 else self._default_max_bytes
 
+    def _placement(self, tenant: str) -> Placement | None:
+        return self.placement_for(tenant) if self.placement_for is not None else None
+
     async def ensure_stream(self, tenant: str) -> int:
         self._require()
-        if tenant in self._known:
+        if tenant in self._known or self._placement(tenant) is not None:
             return -1
         if tenant not in self.mesh.streams:
             self.mesh.streams[tenant] = _Stream(max_bytes=self._quota(tenant))
@@ -184,7 +210,31 @@ class MemoryBroker:
         headers: Mapping[str, str] | None = None,
     ) -> PublishResult:
         await self.ensure_stream(ref.tenant)
-        stream = self.mesh.streams[ref.tenant]
+        stream = self.mesh.streams.get(ref.tenant)
+        if stream is None:  # a placed tenant whose stream is not provisioned (yet)
+            raise BrokerUnavailable(f"no stream stores the events of {ref.tenant}")
+        result = self._store(stream, ref, body, dedupe_key, headers)
+        if mirrors := mirrors_to_confirm(self._placement(ref.tenant)):
+            await self.wait_mirrored(ref.tenant, mirrors, result.seq, self.publish_timeout_s)
+        return result
+
+    async def wait_mirrored(
+        self, tenant: str, mirrors: Sequence[str], seq: int, timeout: float
+    ) -> None:
+        self._require()
+        await self._confirmers.wait(tenant, mirrors, seq, timeout)
+
+    async def _mirror_last_seq(self, name: str) -> int:
+        return self.mesh.mirror_last_seq(name)
+
+    def _store(
+        self,
+        stream: _Stream,
+        ref: ChannelRef,
+        body: bytes,
+        dedupe_key: str,
+        headers: Mapping[str, str] | None,
+    ) -> PublishResult:
         now = self.mesh.clock()
         known = stream.dedupe.get(dedupe_key)
         if known is not None and now - known[1] < self.mesh.dedupe_window_s:
@@ -293,6 +343,7 @@ class MemoryBroker:
 
     async def close(self, timeout: float = 5.0) -> None:
         self._connected = False
+        await self._confirmers.close()
 
 
 # -- StateStore ----------------------------------------------------------------------------

@@ -21,7 +21,15 @@ Names of subjects, streams and buckets all come from :mod:`shared.subjects`.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Iterable, Mapping
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Callable,
+    Coroutine,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
@@ -35,6 +43,7 @@ from arqonbus_server.shared.errors import (
     InvalidInput,
     ServerError,
 )
+from arqonbus_server.shared.regions import Placement
 from arqonbus_server.shared.subjects import ChannelRef
 
 # -- errors -----------------------------------------------------------------------------
@@ -203,6 +212,13 @@ class Broker(Protocol):
       handlers that ``serve`` the command, on any gateway, and returns its reply.
     * **Tenant isolation.** A channel of one tenant never reaches a stream, subject or
       subscription of another.
+    * **Placed tenants** (``placement_for`` returns a record, shared/regions.py): their
+      streams are never created here (the ops tools provision them); a publish is stored
+      only by ``placement.primary.stream`` (``BrokerUnavailable`` otherwise, also for a
+      stale primary cut off from the mesh), and with ``acks == "mirrored"`` and mirrors it
+      returns only once a mirror holds the event (:meth:`wait_mirrored`). ``replay`` reads
+      the stream in the broker's own region by its name as far as it goes, the rest from
+      the primary, and never skips.
     """
 
     @property
@@ -218,6 +234,10 @@ class Broker(Protocol):
     # Per-tenant stored-bytes quota (0 or less: the configured default), read when a
     # tenant's stream is created or its quota applied. Set once by the composition root.
     max_bytes_for: Callable[[str], int] | None
+
+    # The tenant's placement record (None: not placed; everything as in one region). Set
+    # once by the composition root of a gateway with a region; read on every publish.
+    placement_for: Callable[[str], Placement | None] | None
 
     async def connect(self) -> None:
         """Connect once. Raises BrokerUnavailable if no server answers."""
@@ -258,6 +278,15 @@ class Broker(Protocol):
         when the tenant's quota refuses the event (nothing stored), BrokerUnavailable when
         the store did not acknowledge (publish again with the same key: stored once).
         """
+        ...
+
+    async def wait_mirrored(
+        self, tenant: str, mirrors: Sequence[str], seq: int, timeout: float
+    ) -> None:
+        """Return once one of the ``mirrors`` (stream names) of ``tenant`` holds ``seq``
+        (its last seq is ``seq`` or more). Waits of one tenant share one poller (bounded
+        rate and pending count). Raises BrokerUnavailable when none did within ``timeout``
+        s (also when no mirror exists): the event is stored, its ack is not given yet."""
         ...
 
     async def subscribe_live(self, ref: ChannelRef, handler: LiveHandler) -> LiveSubscription:

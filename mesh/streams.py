@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 
 from nats.errors import NoRespondersError
 from nats.js import JetStreamManager
-from nats.js.api import DiscardPolicy, RePublish, StorageType, StreamConfig
+from nats.js.api import DiscardPolicy, Placement, RePublish, StorageType, StreamConfig
 from nats.js.errors import APIError, NotFoundError
 
 from arqonbus_server.shared.subjects import SubjectScheme
@@ -43,9 +43,17 @@ class StreamPolicy:
 
 
 def tenant_stream_config(
-    scheme: SubjectScheme, tenant: str, policy: StreamPolicy, replicas: int
+    scheme: SubjectScheme,
+    tenant: str,
+    policy: StreamPolicy,
+    replicas: int,
+    placement: Placement | None = None,
 ) -> StreamConfig:
-    """The stream of one tenant: stores ``P.ev.<tenant>.>``, republishes to ``P.live...``."""
+    """The stream of one tenant: stores ``P.ev.<tenant>.>``, republishes to ``P.live...``.
+
+    ``placement`` pins it to a cluster (a region of a supercluster, mesh/regions.py); without
+    it JetStream places the stream in the cluster of whoever creates it.
+    """
     return StreamConfig(
         name=scheme.stream_name(tenant),
         description=f"ArqonBus events of tenant {tenant}",
@@ -57,6 +65,7 @@ def tenant_stream_config(
         duplicate_window=policy.dedupe_window_s,
         discard=policy.discard,
         allow_direct=True,
+        placement=placement,
         republish=RePublish(
             src=scheme.tenant_ingest_filter(tenant), dest=scheme.tenant_live_filter(tenant)
         ),
@@ -77,8 +86,11 @@ class StreamProvisioner:
         scheme: SubjectScheme,
         policy: StreamPolicy,
         cluster_size: Callable[[], int],
+        placement_cluster: Callable[[], str | None] | None = None,
     ) -> None:
         self._jsm = jsm
+        # The NATS cluster new streams go to (the gateway's region), asked at each create.
+        self._placement_cluster = placement_cluster
         self._cluster_size = cluster_size
         self._scheme = scheme
         self._policy = policy
@@ -87,6 +99,8 @@ class StreamProvisioner:
         # A tenant's own stored-bytes quota (gateway/state/tenant_limits.py; 0 = unlimited),
         # else the policy's max_bytes for every tenant.
         self.max_bytes_for: Callable[[str], int] | None = None
+        # Tenants with a placement record: their streams belong to the ops tools.
+        self.is_placed: Callable[[str], bool] | None = None
 
     def policy_for(self, tenant: str) -> StreamPolicy:
         if self.max_bytes_for is None:
@@ -111,8 +125,11 @@ class StreamProvisioner:
         self._known.discard(tenant)
 
     async def ensure(self, tenant: str) -> int:
-        """Create the tenant's stream if missing; return its replica count."""
-        if tenant in self._known:
+        """Create the tenant's stream if missing; return its replica count.
+
+        A placed tenant's stream is never created here (-1): ``arqonbus mesh provision``
+        places it and its mirrors; until then its publishes fail, retryably."""
+        if tenant in self._known or (self.is_placed is not None and self.is_placed(tenant)):
             return -1
         lock = self._locks.setdefault(tenant, asyncio.Lock())
         async with lock:
@@ -202,8 +219,15 @@ class StreamProvisioner:
         replicas = choose_replicas(self._policy, self._cluster_size())
         policy = self.policy_for(tenant)
         delay = 0.1
+        cluster = self._placement_cluster() if self._placement_cluster is not None else None
         for attempt in range(_PLACEMENT_RETRIES):
-            config = tenant_stream_config(self._scheme, tenant, policy, replicas)
+            config = tenant_stream_config(
+                self._scheme,
+                tenant,
+                policy,
+                replicas,
+                placement=Placement(cluster=cluster) if cluster else None,
+            )
             try:
                 await self._jsm.add_stream(config)
                 log.info("created stream %s with %d replica(s)", config.name, replicas)

@@ -58,6 +58,8 @@ HISTORY_MAX_LIMIT = 1000
 @dataclass(frozen=True, slots=True)
 class JoinParams:
     since_seq: int | None
+    # The epoch of ``since_seq`` (placed tenants: docs/protocol.md#resume-across-a-failover).
+    since_epoch: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,7 +160,15 @@ def service_timeout_ms(value: object, default_ms: int, max_ms: int) -> int:
 
 
 def join_params(parameters: dict[str, Any]) -> JoinParams:
-    return JoinParams(_seq(parameters, "since_seq"))
+    since_seq = _seq(parameters, "since_seq")
+    since_epoch = _seq(parameters, "since_epoch")
+    if since_epoch is not None and (since_epoch < 1 or since_seq is None):
+        raise ArqonError(
+            INVALID_PARAMETERS,
+            "parameter 'since_epoch' must be an integer >= 1 and comes with 'since_seq' "
+            "(the epoch and seq of the last event received)",
+        )
+    return JoinParams(since_seq, since_epoch)
 
 
 def history_params(parameters: dict[str, Any], max_limit: int = HISTORY_MAX_LIMIT) -> HistoryParams:

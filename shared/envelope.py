@@ -367,6 +367,11 @@ def with_seq(stored: bytes, seq: int) -> bytes:
     return b'%s,"seq":%d}' % (stored[:-1], seq)
 
 
+def with_seq_epoch(stored: bytes, seq: int, epoch: int) -> bytes:
+    """The delivered form of a placed tenant's event: ``"seq": N, "epoch": E``."""
+    return b'%s,"seq":%d,"epoch":%d}' % (stored[:-1], seq, epoch)
+
+
 # -- gateway -> client --------------------------------------------------------
 
 
@@ -381,10 +386,14 @@ def encode_welcome(session_id: str, node: str, limits: dict[str, int | float]) -
     )
 
 
-def encode_ack(request_id: str, room: str, channel: str, seq: int, duplicate: bool) -> bytes:
+def encode_ack(
+    request_id: str, room: str, channel: str, seq: int, duplicate: bool, epoch: int | None = None
+) -> bytes:
     payload: dict[str, Any] = {"request_id": request_id, "seq": seq}
     if duplicate:
         payload["duplicate"] = True
+    if epoch is not None:  # a placed tenant (docs/protocol.md#resume-across-a-failover)
+        payload["epoch"] = epoch
     return _server_message("ack", payload, room=room, channel=channel)
 
 
@@ -478,14 +487,19 @@ def encode_delivery(
     )
 
 
-def encode_gap(room: str, channel: str, after_seq: int, first_available_seq: int) -> bytes:
-    """Tells a member that events after ``after_seq`` were dropped by retention."""
-    return _server_message(
-        "gap",
-        {"after_seq": after_seq, "first_available_seq": first_available_seq},
-        room=room,
-        channel=channel,
-    )
+def encode_gap(
+    room: str,
+    channel: str,
+    after_seq: int,
+    first_available_seq: int,
+    extra: dict[str, Any] | None = None,
+) -> bytes:
+    """Tells a member that events after ``after_seq`` were dropped by retention, or (with
+    ``extra`` of shared/core/resume.py, ``reason: "epoch"``) not carried over by a failover."""
+    payload: dict[str, Any] = {"after_seq": after_seq, "first_available_seq": first_available_seq}
+    if extra:
+        payload.update(extra)
+    return _server_message("gap", payload, room=room, channel=channel)
 
 
 def decode_stored(stored: bytes) -> dict[str, Any]:

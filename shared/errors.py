@@ -11,6 +11,7 @@ reply (:func:`as_arqon_error`). The tree::
     ├── ArqonError                     an error reply to one request (any code below);
     │                                  carries its fields (retry_after_ms, room, ...)
     ├── ConfigError                    a setting is invalid: exit 2 (shared/settings.py)
+    │   └── MeshFileError              the operator's mesh file; names every bad key (shared/regions.py)
     ├── InvalidInput (+ValueError)     bad data given to a pure check: invalid_parameters
     │   ├── KeyFormatError, RecordError          shared/apikeys.py
     │   ├── AgentIdentityError                   shared/agent_identity.py
@@ -30,7 +31,8 @@ reply (:func:`as_arqon_error`). The tree::
     │   ├── NoResponders               no_responders
     │   ├── RequestTimeout             timeout
     │   ├── KeyExists                  invalid_parameters (carries key, value, revision)
-    │   └── KeyContended, RevisionMismatch   unavailable (retry)
+    │   ├── KeyContended, RevisionMismatch   unavailable (retry)
+    │   └── RegionsRefused (+RuntimeError)   mesh/regions.py: provision/failover refused, says why
     ├── PortInUse (+RuntimeError)      a listener's port is taken (carries host, port, what)
     └── LocalClusterError              the embedded cluster and dev supervisor (mesh/local.py)
         ├── NatsServerNotFound, DataDirInUse, NodeExited, GatewayFailed (+RuntimeError)

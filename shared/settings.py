@@ -75,7 +75,11 @@ class Settings(BaseModel):
     )
     health_interval_s: float = Field(2.0, gt=0)
     # -- cluster view (issue 13; gateway/state/heartbeat.py, `arqonbus status`) --
-    region: str = Field("", description="Region label in this gateway's heartbeats")
+    region: str = Field(
+        "",
+        description="This gateway's region (a NATS cluster of the supercluster): heartbeats, "
+        "stream placement, placed tenants' replay; empty: one region",
+    )
     heartbeat_interval_s: float = Field(
         5.0, ge=0.1, le=300, description="Heartbeat period; a gateway silent 3 periods is gone"
     )

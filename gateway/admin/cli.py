@@ -1,4 +1,4 @@
-"""``arqonbus``: dev, gateway, mesh provision, status."""
+"""``arqonbus``: dev, gateway, mesh (regions, provision, failover), status."""
 
 from __future__ import annotations
 
@@ -16,13 +16,12 @@ from typing import Any
 from arqonbus_server.gateway.admin import agents as admin_agents
 from arqonbus_server.gateway.admin import audit as admin_audit
 from arqonbus_server.gateway.admin import keys as admin_keys
+from arqonbus_server.gateway.admin import mesh as admin_mesh
 from arqonbus_server.gateway.admin import policy as admin_policy
 from arqonbus_server.gateway.admin import status as admin_status
 from arqonbus_server.gateway.admin import tenants as admin_tenants
-from arqonbus_server.gateway.admin.common import CliPorts, with_mesh
 from arqonbus_server.gateway.config import load_settings
 from arqonbus_server.shared.settings import ConfigError, Settings, unknown_variables
-from arqonbus_server.shared.subjects import SubjectScheme, is_valid_name
 
 log = logging.getLogger("arqonbus")
 
@@ -128,12 +127,8 @@ def _parser() -> argparse.ArgumentParser:
         "[ARQONBUS_INSECURE_DEV_AUTH]",
     )
 
-    mesh = sub.add_parser("mesh", help="mesh administration")
-    mesh_sub = mesh.add_subparsers(dest="mesh_command", required=True)
-    prov = mesh_sub.add_parser("provision", help="create a tenant's stream (idempotent)")
-    prov.add_argument("--tenant", action="append", required=True, help="tenant name (repeatable)")
-    prov.add_argument("--nats", help="NATS URL(s), comma-separated [ARQONBUS_NATS]")
     for command in (
+        admin_mesh,
         admin_keys,
         admin_policy,
         admin_agents,
@@ -160,6 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "gateway":
             return _run_gateway(settings)
         commands: dict[str, Any] = {
+            "mesh": admin_mesh,
             "keys": admin_keys,
             "agents": admin_agents,
             "audit": admin_audit,
@@ -170,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in commands:
             code: int = asyncio.run(commands[args.command].run(args, settings))
             return code
-        return asyncio.run(_provision(settings, args.tenant))
+        raise AssertionError(f"unhandled command {args.command}")
     except ConfigError as exc:
         print(f"arqonbus: {exc}", file=sys.stderr)
         return 2
@@ -228,25 +224,3 @@ def _refuse_dev_auth(settings: Settings) -> None:
         "INSECURE: dev authentication is on (--insecure-dev-auth): any client can claim any "
         "identity; never expose this gateway"
     )
-
-
-async def _provision(settings: Settings, tenants: list[str]) -> int:
-    scheme = SubjectScheme(settings.subject_prefix)
-    for tenant in tenants:
-        if not is_valid_name(tenant):
-            print(
-                f"arqonbus: tenant {tenant!r} is not a valid name: use 1-64 characters of "
-                "A-Z, a-z, 0-9, '_' or '-'",
-                file=sys.stderr,
-            )
-            return 2
-
-    async def provision(ports: CliPorts) -> int:
-        for tenant in tenants:
-            replicas = await ports.broker.ensure_stream(tenant)
-            print(
-                f"stream {scheme.stream_name(tenant)} for tenant {tenant}: ready ({replicas} replicas)"
-            )
-        return 0
-
-    return await with_mesh(settings, "arqonbus-provision", provision)

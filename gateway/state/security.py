@@ -13,6 +13,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from arqonbus_server.gateway.policies import policy_for
+from arqonbus_server.gateway.state.placement import KV_PLACEMENT
 from arqonbus_server.mesh.watched import WatchedBucket
 from arqonbus_server.shared import subjects
 from arqonbus_server.shared.inspect import LayeredPolicy
@@ -30,7 +31,12 @@ NONCE_TTL_S = 120.0
 
 class SecurityState:
     def __init__(
-        self, broker: Broker, state: StateStore, prefix: str, policy_file: str = ""
+        self,
+        broker: Broker,
+        state: StateStore,
+        prefix: str,
+        policy_file: str = "",
+        watch_placement: bool = False,
     ) -> None:
         self.broker = broker
         self.state = state
@@ -43,6 +49,8 @@ class SecurityState:
         self.tenants = self._watched(subjects.KV_TENANTS)
         # Content policies: a tenant's rules in KV replace the policy file's for it.
         self.content_policy = LayeredPolicy(policy_for(policy_file), self.policies.get)
+        # The tenants' placements (gateway/state/placement.py): only with a region.
+        self.placement = self._watched(KV_PLACEMENT) if watch_placement else None
         self._nonces: KVBucket | None = None
         self._started = False
 
@@ -52,7 +60,8 @@ class SecurityState:
 
     @property
     def watched(self) -> tuple[WatchedBucket, ...]:
-        return (self.keys, self.agents, self.rooms, self.policies, self.tenants)
+        placement = () if self.placement is None else (self.placement,)
+        return (self.keys, self.agents, self.rooms, self.policies, self.tenants, *placement)
 
     def start(self) -> None:
         """Begin watching (call once NATS is connected); restarts after a reconnect."""

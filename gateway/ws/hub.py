@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,8 +27,10 @@ from arqonbus_server.mesh.broker import (
     LiveEvent,
     LiveSubscription,
 )
-from arqonbus_server.shared.envelope import encode_gap, with_seq
+from arqonbus_server.shared.core.resume import EpochLoss, resume_point
+from arqonbus_server.shared.envelope import encode_gap, with_seq, with_seq_epoch
 from arqonbus_server.shared.errors import CloseCode
+from arqonbus_server.shared.regions import Placement
 from arqonbus_server.shared.subjects import ChannelRef
 
 log = logging.getLogger("arqonbus.gateway.hub")
@@ -47,6 +50,7 @@ class Member:
     gap_reported: bool = False
     task: asyncio.Task[None] | None = None
     replayed: int = 0  # events sent by the replay in progress (for its span)
+    epoch: int | None = None  # a placed tenant's epoch its cursor belongs to
 
 
 @dataclass(slots=True)
@@ -65,10 +69,20 @@ class JoinResult:
     last_seq: int
     gap: bool
     first_available_seq: int
+    epoch: int | None = None  # a placed tenant's current epoch
+    loss: EpochLoss | None = None  # old-epoch seqs the failover did not carry over
+    after_seq: int = 0  # with ``loss``: where the replay resumes (the fork)
 
     def as_result(self) -> dict[str, Any]:
         result: dict[str, Any] = {"last_seq": self.last_seq}
-        if self.gap:
+        if self.epoch is not None:
+            result["epoch"] = self.epoch
+        if self.loss is not None:
+            result["gap"] = True
+            result["after_seq"] = self.after_seq
+            result["first_available_seq"] = self.after_seq + 1
+            result.update(self.loss.gap_fields())  # and "epoch": the new one, above
+        elif self.gap:
             result["gap"] = True
             result["first_available_seq"] = self.first_available_seq
         return result
@@ -98,6 +112,8 @@ class Hub:
         self._closing: set[asyncio.Task[None]] = set()  # subscriptions being closed
         self._idle = asyncio.Event()  # no channel and nothing being closed
         self._idle.set()
+        # Placed tenants (gateway/state/placement.py); None: one region, no epochs.
+        self.placement_for: Callable[[str], Placement | None] | None = None
         broker.on_reconnect(self.resync_all)
 
     @property
@@ -123,7 +139,7 @@ class Hub:
     # -- membership -------------------------------------------------------------
 
     async def join(
-        self, socket: Socket, ref: ChannelRef, since_seq: int | None
+        self, socket: Socket, ref: ChannelRef, since_seq: int | None, since_epoch: int | None = None
     ) -> tuple[Member, JoinResult]:
         """Register a member (buffering live events), then read the channel's window.
 
@@ -146,12 +162,63 @@ class Hub:
         finally:
             channel.joining -= 1
             self._drop_if_idle(ref, channel)
+        point = resume_point(self._placement(ref.tenant), since_epoch, since_seq)
+        since_seq, member.epoch = point.since_seq, point.epoch
         member.cursor = window.last_seq if since_seq is None else min(since_seq, window.last_seq)
         # Conservative: if retention removed anything after since_seq, say so, even if
         # the removed events may have belonged to other channels of the tenant.
         gap = since_seq is not None and since_seq + 1 < window.first_stream_seq
         member.gap_reported = gap
-        return member, JoinResult(window.last_seq, gap, window.first_stream_seq if gap else 0)
+        first = window.first_stream_seq if gap else 0
+        return member, JoinResult(
+            window.last_seq, gap, first, point.epoch, point.loss, member.cursor
+        )
+
+    def _placement(self, tenant: str) -> Placement | None:
+        return self.placement_for(tenant) if self.placement_for is not None else None
+
+    def epoch_of(self, tenant: str) -> int | None:
+        """A placed tenant's current epoch (in its acks); None when not placed."""
+        placement = self._placement(tenant)
+        return None if placement is None else placement.epoch
+
+    def _delivered(self, member: Member, body: bytes, seq: int) -> bytes:
+        """The frame of a stored event: with ``epoch`` for a placed tenant's member."""
+        if member.epoch is None:
+            return with_seq(body, seq)
+        return with_seq_epoch(body, seq, member.epoch)
+
+    def placement_changed(self, tenant: str) -> None:
+        """A tenant's placement changed: members of an older epoch move to the new one.
+
+        A member that was sent old-epoch seqs past the fork is told they were not carried
+        over (a gap with ``reason: "epoch"``) and replays the new epoch from the fork.
+        """
+        placement = self._placement(tenant)
+        if placement is None:
+            return
+        for ref, channel in list(self._channels.items()):
+            if ref.tenant != tenant:
+                continue
+            for member in list(channel.members.values()):
+                self._move_epoch(member, placement)
+
+    def _move_epoch(self, member: Member, placement: Placement) -> None:
+        if member.epoch is None or member.epoch >= placement.epoch:
+            member.epoch = placement.epoch if member.epoch is None else member.epoch
+            return
+        point = resume_point(placement, member.epoch, member.cursor)
+        member.epoch = placement.epoch
+        if point.loss is None or point.since_seq is None:
+            return
+        member.cursor = point.since_seq
+        ref = member.ref
+        fields = {**point.loss.gap_fields(), "epoch": placement.epoch}
+        gap = encode_gap(ref.room, ref.channel, point.since_seq, point.since_seq + 1, fields)
+        member.socket.send(gap)
+        self._metrics.frame_sent(gap)
+        # No replay here: the next live event (prev_seq past the fork) makes the member
+        # replay the new epoch from the fork, as for any hole.
 
     async def _shared_window(self, ref: ChannelRef, channel: _Channel) -> ChannelWindow:
         """The channel's window, read once for every join waiting when the read starts.
@@ -271,7 +338,7 @@ class Hub:
                 self.start(member, event.prev_seq, check_retention=True)
             else:
                 if frame is None:
-                    frame = encode_text_frame(with_seq(event.body, event.seq))
+                    frame = encode_text_frame(self._delivered(member, event.body, event.seq))
                 member.socket.write_frame(frame)
                 member.cursor = event.seq
                 sent += 1
@@ -337,7 +404,7 @@ class Hub:
         async for stored in self._broker.replay(member.ref, member.cursor + 1, upto):
             if stored.seq <= member.cursor:
                 continue
-            if not await member.socket.send_paced(with_seq(stored.body, stored.seq)):
+            if not await member.socket.send_paced(self._delivered(member, stored.body, stored.seq)):
                 return
             member.cursor = stored.seq
             member.replayed += 1
@@ -366,7 +433,7 @@ class Hub:
                 continue
             if event.prev_seq > member.cursor:
                 await self._replay(member, event.prev_seq)
-            if not await member.socket.send_paced(with_seq(event.body, event.seq)):
+            if not await member.socket.send_paced(self._delivered(member, event.body, event.seq)):
                 return False
             member.cursor = event.seq
             self._metrics.delivered(1, event.body)  # a live event, held while it caught up

@@ -415,7 +415,8 @@ class Session:
     ) -> list[fx.Effect]:
         self._count_publish(publish, outcome)
         if isinstance(outcome, PublishResult):
-            return self.core.publish_acked(publish.op, outcome.seq, outcome.duplicate)
+            epoch = self._hub.epoch_of(publish.ref.tenant)
+            return self.core.publish_acked(publish.op, outcome.seq, outcome.duplicate, epoch)
         return self.core.publish_failed(publish.op, *outcome)
 
     def _count_publish(
@@ -488,7 +489,9 @@ class Session:
 
     async def _join(self, effect: fx.Join) -> None:
         joined = await self._port(
-            effect.op, self._hub.join(self.socket, effect.ref, effect.since_seq), "join_channel"
+            effect.op,
+            self._hub.join(self.socket, effect.ref, effect.since_seq, effect.since_epoch),
+            "join_channel",
         )
         if joined is _FAILED:
             return

@@ -108,7 +108,8 @@ class CommandRules(ConnectionState):
         """Check the command's parameters, then the room's rules, then act."""
         parameters = command.parameters
         if command.command == builtin.JOIN_CHANNEL:
-            extra: dict[str, Any] = {"since_seq": builtin.join_params(parameters).since_seq}
+            join = builtin.join_params(parameters)
+            extra: dict[str, Any] = {"since_seq": join.since_seq, "since_epoch": join.since_epoch}
         elif command.command == builtin.HISTORY:
             params = builtin.history_params(parameters)
             extra = {"since_seq": params.since_seq, "limit": params.limit}
@@ -152,7 +153,7 @@ class CommandRules(ConnectionState):
             if ref not in self.joined and len(self.joined) >= limit:
                 raise ArqonError(LIMIT_EXCEEDED, f"this connection already has {limit} channels")
             op = self.open_op(Pending("join", command, ref=ref))
-            return [Join(op, ref, pending.extra["since_seq"])]
+            return [Join(op, ref, pending.extra["since_seq"], pending.extra["since_epoch"])]
         if command.command == builtin.HISTORY:
             op = self.open_op(Pending("history", command, ref=ref))
             since, limit = pending.extra["since_seq"], pending.extra["limit"]

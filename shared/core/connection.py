@@ -169,10 +169,13 @@ class Connection(CommandRules):
     def publishes_in_flight(self) -> int:
         return len(self.publishing)
 
-    def publish_acked(self, op: int, seq: int, duplicate: bool) -> list[Effect]:
-        """The store acknowledged the publish ``op`` with ``seq``: the client's ack."""
+    def publish_acked(
+        self, op: int, seq: int, duplicate: bool, epoch: int | None = None
+    ) -> list[Effect]:
+        """The store acknowledged the publish ``op`` with ``seq`` (of ``epoch``, for a placed
+        tenant): the client's ack."""
         event = self._end_publish(op)
-        return [Send(encode_ack(event.id, event.room, event.channel, seq, duplicate))]
+        return [Send(encode_ack(event.id, event.room, event.channel, seq, duplicate, epoch))]
 
     def publish_failed(self, op: int, failure: Failure, detail: str | None = None) -> list[Effect]:
         """The stream could not be ensured or the publish failed: the error for the event."""

@@ -104,6 +104,7 @@ class Join:
     op: int
     ref: ChannelRef
     since_seq: int | None
+    since_epoch: int | None = None  # a placed tenant's epoch of since_seq (shared/core/resume.py)
 
 
 @dataclass(frozen=True, slots=True)

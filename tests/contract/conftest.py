@@ -12,7 +12,9 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import nats
 import pytest
+from nats.js.api import StreamConfig, StreamSource
 
 from arqonbus_server.mesh.audit import JetStreamAuditSink
 from arqonbus_server.mesh.cluster import JetStreamClusterView
@@ -28,6 +30,7 @@ from arqonbus_server.mesh.memory import (
 )
 from arqonbus_server.mesh.ports import AuditSink, Broker, ClusterView, StateStore
 from arqonbus_server.mesh.streams import StreamPolicy
+from arqonbus_server.shared.regions import mirror_stream_name
 from arqonbus_server.shared.subjects import SubjectScheme
 
 IMPLEMENTATIONS = ["jetstream", "memory"]
@@ -43,6 +46,7 @@ class Mesh:
         self._make_broker = make_broker
         self._urls = urls or []
         self.opened: list[Any] = []
+        self._mirrors: list[str] = []
 
     async def broker(self, max_bytes_for: Callable[[str], int] | None = None) -> Broker:
         broker = self._make_broker()
@@ -79,6 +83,29 @@ class Mesh:
             views.append(JetStreamClusterView(broker))
         return views
 
+    async def add_mirror(self, tenant: str) -> str:
+        """A mirror of the tenant's (existing) stream, read by its own name; its name."""
+        name = mirror_stream_name(SubjectScheme(), "here", tenant)
+        first = await self._first_broker()
+        if self.kind == "memory":
+            first.mesh.add_mirror(name, tenant)
+            return name
+        nc = await nats.connect(self._urls)
+        try:
+            await nc.jsm().add_stream(
+                StreamConfig(
+                    name=name,
+                    mirror=StreamSource(name=SubjectScheme().stream_name(tenant)),
+                    allow_direct=True,
+                    mirror_direct=False,
+                    num_replicas=1,
+                )
+            )
+        finally:
+            await nc.close()
+        self._mirrors.append(name)
+        return name
+
     async def _first_broker(self) -> Any:
         if not self.opened:
             await self.broker()
@@ -87,6 +114,13 @@ class Mesh:
     async def close(self) -> None:
         for broker in self.opened:
             await broker.close()
+        if self._mirrors:
+            nc = await nats.connect(self._urls)
+            try:
+                for name in self._mirrors:
+                    await nc.jsm().delete_stream(name)
+            finally:
+                await nc.close()
 
 
 @pytest.fixture

@@ -278,6 +278,10 @@ class SubscriptionState:
     join_failures: int = 0
     closed: bool = False
     error: ArqonBusError | None = None
+    # Multi-region tenants: the epoch of ``last_seq`` and of ``accepted_seq`` (None: none
+    # seen). Seqs of a new epoch restart after its fork and may repeat old numbers.
+    last_epoch: int | None = None
+    accepted_epoch: int | None = None
 
     def __post_init__(self) -> None:
         self.accepted_seq = self.last_seq
@@ -499,7 +503,10 @@ class ClientProtocol:
         if isinstance(item, Event):
             state.queued_events -= 1
             state.last_seq = item.seq
+            state.last_epoch = item.epoch or state.last_epoch
             self._resume_if_drained(state)
+        elif item.reason == "epoch":  # the cursor moves back to the fork, in the new epoch
+            state.last_seq, state.last_epoch = item.after_seq, item.epoch
         return item
 
     def rejoin(self, state: SubscriptionState) -> None:
@@ -536,12 +543,15 @@ class ClientProtocol:
             state.queued_events = 0
             state.paused = False
             state.accepted_seq = state.last_seq
+            state.accepted_epoch = state.last_epoch
         since = state.accepted_seq
         request_id = self._new_id("join")
         state.join_id = request_id
         state.accepting = False
         self._joins[request_id] = (state, since)
         parameters: dict[str, Any] = {} if since is None else {"since_seq": since}
+        if since is not None and state.accepted_epoch is not None:
+            parameters["since_epoch"] = state.accepted_epoch
         if state.room_key is not None:
             parameters["room_key"] = state.room_key
         payload = {"command": "join_channel", "parameters": parameters}
@@ -603,6 +613,11 @@ class ClientProtocol:
             return []
         if not isinstance(seq, int):
             return []
+        epoch = message.get("epoch")
+        if isinstance(epoch, int) and not isinstance(epoch, bool):
+            if state.accepted_epoch is not None and epoch < state.accepted_epoch:
+                return []  # from before a failover this subscription has moved past
+            state.accepted_epoch = epoch
         if state.accepted_seq is not None and seq <= state.accepted_seq:
             return []  # accepted already: a resume seam
         if state.queued_events >= state.maxsize:
@@ -680,7 +695,7 @@ class ClientProtocol:
         after, first = payload.get("after_seq"), payload.get("first_available_seq")
         if not isinstance(after, int) or not isinstance(first, int):
             return []
-        gap = Gap(state.room, state.channel, after, first)
+        gap = _gap(state, after, first, payload)
         state.items.append(gap)
         return [GapDetected(gap)]
 
@@ -714,20 +729,52 @@ class ClientProtocol:
     ) -> list[ProtocolEvent]:
         last_seq = result.get("last_seq")
         last_seq = last_seq if isinstance(last_seq, int) else 0
+        epoch = result.get("epoch")
+        epoch = epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else None
         if since is None:
             state.accepted_seq = last_seq
             if state.last_seq is None:
-                state.last_seq = last_seq
+                state.last_seq, state.last_epoch = last_seq, epoch
+        if epoch is not None and result.get("reason") != "epoch":
+            state.accepted_epoch = epoch
         state.paused = False
         state.accepting = True
         state.join_failures = 0
         events: list[ProtocolEvent] = [Joined(state.room, state.channel, last_seq)]
         if result.get("gap") is True:
             first = result.get("first_available_seq")
-            gap = Gap(state.room, state.channel, since or 0, first if isinstance(first, int) else 0)
+            after = result.get("after_seq")
+            after = after if isinstance(after, int) else since or 0
+            gap = _gap(state, after, first if isinstance(first, int) else 0, result)
             state.items.append(gap)
             events.append(GapDetected(gap))
         return events
+
+
+def _gap(state: SubscriptionState, after: int, first: int, fields: dict[str, Any]) -> Gap:
+    """A gap item; one of ``reason: "epoch"`` also resets the duplicate filter: the new
+    epoch's seqs restart after ``after`` (the fork) and may repeat numbers seen before."""
+    lost = fields.get("lost")
+    epoch = fields.get("epoch")
+    if fields.get("reason") != "epoch" or not isinstance(lost, dict) or not isinstance(epoch, int):
+        return Gap(state.room, state.channel, after, first)
+    state.accepted_seq, state.accepted_epoch = after, epoch
+
+    def number(key: str) -> int:
+        value = lost.get(key)
+        return value if isinstance(value, int) else 0
+
+    return Gap(
+        state.room,
+        state.channel,
+        after,
+        first,
+        "epoch",
+        epoch,
+        number("epoch") or None,
+        number("from_seq"),
+        number("to_seq"),
+    )
 
 
 def _payload(message: dict[str, Any]) -> dict[str, Any] | None:

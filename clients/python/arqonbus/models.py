@@ -44,6 +44,8 @@ class Event:
     payload: dict[str, Any]
     seq: int
     raw: dict[str, Any] = field(repr=False, compare=False)
+    # The tenant's epoch (multi-region tenants only: docs/protocol.md#resume-across-a-failover).
+    epoch: int | None = None
 
     @property
     def trace_context(self) -> dict[str, str] | None:
@@ -65,6 +67,7 @@ class Event:
             payload=_dict(message.get("payload")),
             seq=_int(message.get("seq")),
             raw=message,
+            epoch=_epoch(message.get("epoch")),
         )
 
 
@@ -81,6 +84,14 @@ class Gap:
     channel: str
     after_seq: int
     first_available_seq: int
+    # "epoch": a failover did not carry over seqs ``lost_from_seq``..``lost_to_seq`` of
+    # ``lost_epoch`` that were delivered; delivery goes on in ``epoch`` after ``after_seq``
+    # (docs/protocol.md#resume-across-a-failover). "retention": the default.
+    reason: str = "retention"
+    epoch: int | None = None
+    lost_epoch: int | None = None
+    lost_from_seq: int = 0
+    lost_to_seq: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,3 +185,7 @@ class Welcome:
             protocol=_str(payload.get("protocol")),
             limits=limits,
         )
+
+
+def _epoch(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
