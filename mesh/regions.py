@@ -391,6 +391,24 @@ class RegionOps:
             raise RegionsRefused(f"the mirror {target.stream} does not exist")
         last_seq = info.state.last_seq
         say(f"2. mirror {target.stream} ({to_region}) holds up to seq {last_seq}")
+        # With acks: mirrored an event is acknowledged once ANY mirror holds it: promoting a
+        # mirror that holds less than another would drop events that were acknowledged.
+        for other in placement.mirrors:
+            if other == target:
+                continue
+            try:
+                seen = await self.info(other.stream, HEALTH_TIMEOUT_S)
+            except (TimeoutError, NatsError):
+                say(f"   mirror {other.stream} ({other.region}) does not answer")
+                continue
+            ahead = seen.state.last_seq if seen is not None else 0
+            say(f"   mirror {other.stream} ({other.region}) holds up to seq {ahead}")
+            if ahead > last_seq and not force:
+                raise RegionsRefused(
+                    f"mirror {other.stream} in {other.region} holds up to seq {ahead}, more than "
+                    f"{target.stream} ({last_seq}): events {last_seq + 1}-{ahead} may have been "
+                    f"acknowledged. Fail over to {other.region}, or pass --force to lose them."
+                )
         new = promoted(placement, to_region, last_seq)
         say(f"3. deleting the old primary {old.stream} (meta layer only)")
         await self._delete(old.stream)
