@@ -160,9 +160,26 @@ class SecretRef(_Strict):
 
 
 class Security(_Strict):
-    tls: SecretRef | None = Field(None, description="server certificate for routes/gateways")
-    ca: SecretRef | None = None
+    tls: SecretRef | None = Field(
+        None, description="the servers' certificate: clients, routes and gateway links use TLS"
+    )
+    ca: SecretRef | None = Field(None, description="the CA that signed it")
     nats_credentials: SecretRef | None = Field(None, description="the gateways' NATS creds")
+    tls_dir: str = Field(
+        "/etc/nats/tls",
+        description="where each server finds tls.crt, tls.key and ca.crt (the secrets mounted)",
+    )
+
+    def tls_block(self, indent: str) -> list[str]:
+        """A nats-server ``tls`` block for one listener, or none without ``tls``."""
+        if self.tls is None:
+            return []
+        d = self.tls_dir.rstrip("/")
+        lines = [f"{indent}tls {{", f'{indent}  cert_file: "{d}/tls.crt"']
+        lines.append(f'{indent}  key_file: "{d}/tls.key"')
+        if self.ca is not None:
+            lines.append(f'{indent}  ca_file: "{d}/ca.crt"')
+        return [*lines, f"{indent}}}"]
 
 
 class MeshFile(_Strict):
@@ -333,6 +350,7 @@ def render_nats_config(mesh: MeshFile, cluster: str, node: NatsNode, log_file: s
     ]
     if log_file:
         lines.append(f"log_file: {_q(log_file)}")
+    lines += mesh.security.tls_block("")
     if node.http_port is not None:
         lines.append(f"http: {_q(f'{bind}:{node.http_port}')}")
     lines += [
@@ -349,6 +367,7 @@ def render_nats_config(mesh: MeshFile, cluster: str, node: NatsNode, log_file: s
         "  routes: [",
         *(f"    {_q(peer.route_url)}" for peer in nodes),
         "  ]",
+        *mesh.security.tls_block("  "),
         "}",
     ]
     if len(mesh.clusters) > 1:
@@ -361,7 +380,7 @@ def render_nats_config(mesh: MeshFile, cluster: str, node: NatsNode, log_file: s
         for name, members in mesh.clusters:
             urls = ", ".join(_q(member.gateway_url) for member in members)
             lines.append(f"    {{name: {_q(name)}, urls: [{urls}]}}")
-        lines += ["  ]", "}"]
+        lines += ["  ]", *mesh.security.tls_block("  "), "}"]
     return "\n".join(lines) + "\n"
 
 
@@ -375,21 +394,28 @@ def render_nats_configs(mesh: MeshFile) -> dict[str, str]:
 
 
 def render_helm_values(mesh: MeshFile) -> dict[str, dict[str, Any]]:
-    """Per region, values for helm/arqonbus: its gateways on the region's NATS servers."""
+    """Per region, values for helm/arqonbus: its gateways on the region's NATS servers.
+
+    They are layered over the operator's own values (auth, TLS for clients, resources):
+    ``helm install -f production.yaml -f values-<region>.yaml``.
+    """
     out: dict[str, dict[str, Any]] = {}
     for region in mesh.regions:
-        values: dict[str, Any] = {
-            "replicaCount": region.gateways.replicas,
-            "gateway": {"region": region.name, "subjectPrefix": mesh.subject_prefix},
-            "nats": {
-                "enabled": False,
-                "external": {"urls": [node.client_url for node in region.nats]},
-            },
+        gateway: dict[str, Any] = {"replicaCount": region.gateways.replicas, "region": region.name}
+        if mesh.subject_prefix != "arq":
+            gateway["config"] = {"ARQONBUS_SUBJECT_PREFIX": mesh.subject_prefix}
+        nats: dict[str, Any] = {
+            "enabled": False,
+            "external": {"urls": [node.client_url for node in region.nats]},
         }
         creds = mesh.security.nats_credentials
         if creds is not None:
-            values["nats"]["auth"] = {"type": "creds", "existingSecret": creds.secret}
-        out[region.name] = values
+            nats["auth"] = {"type": "creds", "existingSecret": creds.secret}
+            if creds.key:
+                nats["auth"]["fileKey"] = creds.key
+        if mesh.security.ca is not None:  # the servers serve TLS: verify them with this CA
+            nats["tls"] = {"enabled": True, "existingSecret": mesh.security.ca.secret}
+        out[region.name] = {"gateway": gateway, "nats": nats}
     return out
 
 
