@@ -12,6 +12,7 @@ import math
 import random
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -28,7 +29,7 @@ from nats.errors import (
 )
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext, JetStreamManager
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamInfo
 from nats.js.errors import APIError, NotFoundError, ServiceUnavailableError
 from nats.js.kv import KeyValue
 
@@ -344,7 +345,7 @@ class JetStreamBroker:
     def _cluster_in_info(self) -> int:
         if self._nc is None:
             return 0
-        info = self._nc._server_info
+        info = self._server_info(self._nc)
         if not info.get("cluster"):
             return 1
         return max(1, len(set(info.get("connect_urls") or [])))
@@ -555,6 +556,11 @@ class JetStreamBroker:
                 await self._acks.close()
             await self._confirmers.close()
 
+    def nats_connection(self) -> NatsClient:
+        """The connected NATS client, for the mesh's ops tools (mesh/regions.py), which call
+        JetStream's stream API directly. Raises BrokerUnavailable before :meth:`connect`."""
+        return self._require()[0]
+
     def _require(self) -> tuple[NatsClient, JetStreamContext, JetStreamManager, StreamProvisioner]:
         if self._nc is None or self._js is None or self._jsm is None or self._streams is None:
             raise BrokerUnavailable("not connected to NATS yet")
@@ -633,7 +639,8 @@ class JetStreamBroker:
             raise BrokerUnavailable(f"stream {placement.primary.stream} did not answer")
         if mirrors := mirrors_to_confirm(placement):
             await self.wait_mirrored(ref.tenant, mirrors, result.seq, self._publish_timeout)
-        return result
+        # Nats-Expected-Stream: only this placement's primary stored it, in its epoch.
+        return replace(result, epoch=placement.epoch)
 
     async def wait_mirrored(
         self, tenant: str, mirrors: Sequence[str], seq: int, timeout: float
@@ -643,18 +650,31 @@ class JetStreamBroker:
 
     async def _stream_last_seq(self, stream: str) -> int:
         """The stream's last seq; 0 when it does not exist. Raises BrokerUnavailable."""
-        return (await self._stream_range(stream))[1]
+        info = await self._stream_info(stream)
+        return 0 if info is None else info.state.last_seq or 0
 
-    async def _stream_range(self, stream: str) -> tuple[int, int]:
-        """The stream's first and last seq; (0, 0) when it does not exist.
-        Raises BrokerUnavailable."""
+    async def _stream_info(self, stream: str) -> StreamInfo | None:
+        """The stream's info; None when it does not exist. Raises BrokerUnavailable."""
         _, _, jsm, _ = self._require()
         try:
-            info = await jsm.stream_info(stream)
+            return await jsm.stream_info(stream)
         except NotFoundError:
-            return 0, 0
+            return None
         except (*_TRANSIENT, APIError) as exc:
             raise BrokerUnavailable(f"stream info of {stream} failed: {exc}") from exc
+
+    async def _copy_range(self, stream: str, tenant: str) -> tuple[int, int]:
+        """A copy's first and last seq; (0, 0) when it is missing or was promoted.
+
+        A promoted copy (it captures the tenant's subjects) is the primary of an epoch this
+        gateway has not seen yet: what it holds past the fork is another epoch's history,
+        so it is not read until the placement record says so. Raises BrokerUnavailable."""
+        info = await self._stream_info(stream)
+        if info is None:
+            return 0, 0
+        if self._scheme.tenant_ingest_filter(tenant) in (info.config.subjects or ()):
+            log.info("copy %s of %s was promoted: replaying from the primary", stream, tenant)
+            return 0, 0
         return info.state.first_seq or 0, info.state.last_seq or 0
 
     def _placement(self, tenant: str) -> Placement | None:
@@ -668,6 +688,17 @@ class JetStreamBroker:
         placement = self._placement(tenant)
         return placement.primary.stream if placement else self._scheme.stream_name(tenant)
 
+    @staticmethod
+    def _server_info(nc: NatsClient) -> dict[str, Any]:
+        """The connected server's INFO (its cluster name and the cluster's client URLs).
+
+        nats-py (2.16) keeps it only in the private ``_server_info``: its public properties
+        give the server's version, max_payload, client id and IP, and the URLs of the pool,
+        but not the cluster's name. So it is read here, in one place, defensively.
+        """
+        info = getattr(nc, "_server_info", None)
+        return info if isinstance(info, dict) else {}
+
     def _placement_cluster(self) -> str | None:
         """The NATS cluster for new tenant streams: the region, when the server is in it.
 
@@ -677,7 +708,7 @@ class JetStreamBroker:
         """
         if not self._region or self._nc is None:
             return None
-        cluster = self._nc._server_info.get("cluster")
+        cluster = self._server_info(self._nc).get("cluster")
         if cluster == self._region:
             return self._region
         if not self._warned_region:
@@ -701,10 +732,13 @@ class JetStreamBroker:
             raise BrokerUnavailable(f"KV bucket {bucket}: {exc}") from exc
 
     async def apply_quota(self, tenant: str) -> bool:
-        """Update the tenant's existing stream to its stored-bytes quota (idempotent)."""
+        """Update the tenant's existing stream to its stored-bytes quota (idempotent).
+
+        A placed tenant's quota applies to its current primary (after a failover, the
+        promoted stream): that is the stream that stores its events and refuses them."""
         _, _, _, streams = self._require()
         try:
-            return await streams.apply_quota(tenant)
+            return await streams.apply_quota(tenant, self._primary_stream(tenant))
         except (*_TRANSIENT, APIError) as exc:
             raise BrokerUnavailable(f"could not update the stream of {tenant}: {exc}") from exc
 
@@ -725,7 +759,8 @@ class JetStreamBroker:
             seq = _header_int(msg, "Nats-Sequence")
             if seq:
                 last = _header_int(msg, "Nats-Last-Sequence")
-                handler(ref, LiveEvent(seq, last, msg.data, msg.headers))
+                stream = msg.headers.get("Nats-Stream", "") if msg.headers else ""
+                handler(ref, LiveEvent(seq, last, msg.data, msg.headers, stream))
 
         return await self._subscribe(
             nc, self._scheme.live(ref), on_msg, "", _LIVE_PENDING_MSGS, _LIVE_PENDING_BYTES
@@ -942,7 +977,7 @@ class JetStreamBroker:
         if not self._has_batched_direct_get():
             return
         try:
-            first, last = await self._stream_range(stream)
+            first, last = await self._copy_range(stream, ref.tenant)
         except BrokerUnavailable:
             return
         upto = min(end_seq, last)

@@ -213,8 +213,9 @@ class MemoryBroker:
         stream = self.mesh.streams.get(ref.tenant)
         if stream is None:  # a placed tenant whose stream is not provisioned (yet)
             raise BrokerUnavailable(f"no stream stores the events of {ref.tenant}")
-        result = self._store(stream, ref, body, dedupe_key, headers)
-        if mirrors := mirrors_to_confirm(self._placement(ref.tenant)):
+        placement = self._placement(ref.tenant)
+        result = self._store(stream, ref, body, dedupe_key, headers, placement)
+        if mirrors := mirrors_to_confirm(placement):
             await self.wait_mirrored(ref.tenant, mirrors, result.seq, self.publish_timeout_s)
         return result
 
@@ -234,11 +235,14 @@ class MemoryBroker:
         body: bytes,
         dedupe_key: str,
         headers: Mapping[str, str] | None,
+        placement: Placement | None,
     ) -> PublishResult:
+        """Store in the tenant's stream: a placed tenant's is its primary, of its epoch."""
+        epoch = None if placement is None else placement.epoch
         now = self.mesh.clock()
         known = stream.dedupe.get(dedupe_key)
         if known is not None and now - known[1] < self.mesh.dedupe_window_s:
-            return PublishResult(known[0], True)
+            return PublishResult(known[0], True, epoch)
         if 0 < stream.max_bytes < stream.stored_bytes + len(body):
             raise StoreQuotaExceeded("maximum bytes exceeded")
         stream.last_seq += 1
@@ -246,11 +250,16 @@ class MemoryBroker:
         stream.events.append(event)
         stream.stored_bytes += len(body)
         stream.dedupe[dedupe_key] = (event.seq, now)
-        live = LiveEvent(event.seq, event.prev_seq, body, dict(headers) if headers else None)
+        name = (
+            self.mesh.scheme.stream_name(ref.tenant)
+            if placement is None
+            else placement.primary.stream
+        )
+        live = LiveEvent(event.seq, event.prev_seq, body, dict(headers) if headers else None, name)
         loop = asyncio.get_running_loop()
         for sub in list(self.mesh.live.get(ref, ())):
             loop.call_soon(sub.handler, ref, live)
-        return PublishResult(event.seq, False)
+        return PublishResult(event.seq, False, epoch)
 
     async def subscribe_live(self, ref: ChannelRef, handler: LiveHandler) -> _Subscription:
         self._require()

@@ -124,6 +124,9 @@ class ServiceRequest:
 class PublishResult:
     seq: int
     duplicate: bool
+    # A placed tenant's epoch of the primary that stored it (None: not placed); see
+    # Placement.epoch_of and docs/protocol.md#resume-across-a-failover.
+    epoch: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +143,9 @@ class LiveEvent:
     # The message's headers as stored (the publisher's ``headers`` among them, e.g. the
     # W3C trace context of gateway/tracing.py); None when the store keeps none.
     headers: Mapping[str, str] | None = None
+    # The stream that stored it ("" when unknown): for a placed tenant, which primary,
+    # so which epoch (Placement.epoch_of), even before the gateway sees a new placement.
+    stream: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,8 +223,10 @@ class Broker(Protocol):
       only by ``placement.primary.stream`` (``BrokerUnavailable`` otherwise, also for a
       stale primary cut off from the mesh), and with ``acks == "mirrored"`` and mirrors it
       returns only once a mirror holds the event (:meth:`wait_mirrored`). ``replay`` reads
-      the stream in the broker's own region by its name as far as it goes, the rest from
-      the primary, and never skips.
+      the stream in the broker's own region by its name as far as it goes (not once that
+      copy was promoted: it then holds another epoch), the rest from the primary, and never
+      skips. Live events name the stream that stored them (``LiveEvent.stream``), and
+      quotas and stream stats apply to the current primary.
     """
 
     @property
@@ -255,8 +263,8 @@ class Broker(Protocol):
         ...
 
     async def apply_quota(self, tenant: str) -> bool:
-        """Bring the tenant's existing stream to its stored-bytes quota (``max_bytes_for``)
-        now; idempotent. True if the stream exists (False: it gets the quota when created).
+        """Bring the tenant's existing stream (a placed tenant's: its current primary) to its
+        stored-bytes quota (``max_bytes_for``) now; idempotent. True if the stream exists (False: it gets the quota when created).
         Raises BrokerUnavailable."""
         ...
 
@@ -274,7 +282,9 @@ class Broker(Protocol):
 
         Returns once stored, with its seq, strictly greater than every seq stored before
         in the tenant. The same ``dedupe_key`` within the dedupe window stores nothing and
-        returns the first publish's seq with ``duplicate=True``. Raises StoreQuotaExceeded
+        returns the first publish's seq with ``duplicate=True``. A placed tenant's result
+        carries the epoch of the primary that stored it (the placement the publish used).
+        Raises StoreQuotaExceeded
         when the tenant's quota refuses the event (nothing stored), BrokerUnavailable when
         the store did not acknowledge (publish again with the same key: stored once).
         """

@@ -124,8 +124,7 @@ class RegionOps:
 
     @classmethod
     def of(cls, broker: JetStreamBroker, say: Say = print) -> RegionOps:
-        nc, _, _, _ = broker._require()
-        return cls(nc, broker.scheme, say)
+        return cls(broker.nats_connection(), broker.scheme, say)
 
     @property
     def jsm(self) -> JetStreamManager:
@@ -309,9 +308,11 @@ class RegionOps:
     async def _delete(self, name: str) -> None:
         """Delete a stream and confirm it is gone: a delete of a stream whose region is down
         is a meta-layer operation that can time out and still take effect."""
-        for _ in range(5):
+        # The meta leader often takes the delete at once but answers only when the stream's
+        # own group does (never, while its region is down): ask briefly, then look it up.
+        for attempt in range(8):
             with contextlib.suppress(TimeoutError, NotFoundError, APIError):
-                await asyncio.wait_for(self.jsm.delete_stream(name), API_TIMEOUT_S)
+                await asyncio.wait_for(self.jsm.delete_stream(name), min(1.0 + attempt, 5.0))
             with contextlib.suppress(TimeoutError):
                 if await self.info(name, HEALTH_TIMEOUT_S) is None:
                     return

@@ -108,12 +108,14 @@ class StreamProvisioner:
         max_bytes = self.max_bytes_for(tenant)
         return replace(self._policy, max_bytes=max_bytes if max_bytes > 0 else -1)
 
-    async def apply_quota(self, tenant: str) -> bool:
+    async def apply_quota(self, tenant: str, stream: str | None = None) -> bool:
         """Bring an existing stream's max_bytes to the tenant's quota now (idempotent).
 
         Called on every gateway when a tenant's limits change; a stream that does not exist
-        yet gets the quota when it is created. True if the stream exists."""
-        name = self._scheme.stream_name(tenant)
+        yet gets the quota when it is created. ``stream``: the stream that stores the
+        tenant's events now (a placed tenant's current primary); default, its own stream.
+        True if the stream exists."""
+        name = stream or self._scheme.stream_name(tenant)
         try:
             info = await asyncio.wait_for(self._jsm.stream_info(name), _LOOKUP_TIMEOUT_S * 5)
         except NotFoundError:

@@ -20,6 +20,7 @@ reply (:func:`as_arqon_error`). The tree::
     │   ├── MalformedServiceMessage              shared/service.py
     │   ├── BadHeartbeat                         shared/cluster.py
     │   ├── InvalidKey                           mesh/ports.py
+    │   ├── PlacementRecordError                 shared/regions.py: a placement record
     │   ├── RoomRecordError, TenantLimitsError   gateway/state/
     │   └── RegistrationError                    gateway/auth/agent.py
     ├── AuthFailure                    a credential check (gateway/auth/base.py)

@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from arqonbus_server.shared.errors import InvalidInput
 from arqonbus_server.shared.settings import ConfigError
 from arqonbus_server.shared.subjects import SubjectScheme, is_valid_name
 
@@ -558,6 +559,10 @@ def _smaller_limit(want: int, have: int) -> bool:
 # -- placement: where a tenant's primary is now, and its epochs --------------------------------
 
 
+class PlacementRecordError(InvalidInput):
+    """A placement record (the placement bucket's value) that does not parse; says why."""
+
+
 @dataclass(frozen=True, slots=True)
 class StreamAt:
     region: str
@@ -613,6 +618,21 @@ class Placement:
                 return since_seq, None
         return since_seq, None
 
+    def epoch_of(self, seq: int, stream: str) -> int | None:
+        """The epoch of the event ``seq`` that ``stream`` stored (and published live).
+
+        That is the last epoch starting at or before ``seq``, if ``stream`` is that epoch's
+        primary. None when this record cannot tell: the event comes from a primary of an
+        epoch the record does not show yet (the failover is newer than the record), or from
+        a former primary that lives on after it was replaced (a region cut off).
+        """
+        if not self.epochs:
+            return 1 if stream == self.primary.stream else None
+        for epoch in reversed(self.epochs):
+            if epoch.start_seq <= seq:
+                return epoch.number if epoch.primary.stream == stream else None
+        return None
+
     def to_json(self) -> bytes:
         def at(s: StreamAt) -> dict[str, str]:
             return {"region": s.region, "stream": s.stream}
@@ -634,7 +654,19 @@ class Placement:
 
     @classmethod
     def from_json(cls, raw: bytes) -> Placement:
-        data = json.loads(raw)
+        """The record ``raw``; raises PlacementRecordError if it is not one."""
+        try:
+            return cls._from_data(json.loads(raw))
+        except PlacementRecordError:
+            raise
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            what = f"missing key {exc}" if isinstance(exc, KeyError) else str(exc)
+            raise PlacementRecordError(f"not a placement record: {what}") from exc
+
+    @classmethod
+    def _from_data(cls, data: Any) -> Placement:
+        if not isinstance(data, dict):
+            raise PlacementRecordError("not a placement record: not a JSON object")
 
         def at(d: Mapping[str, str]) -> StreamAt:
             return StreamAt(str(d["region"]), str(d["stream"]))
@@ -645,11 +677,18 @@ class Placement:
             primary=at(data["primary"]),
             mirrors=tuple(at(m) for m in data.get("mirrors", [])),
             epochs=tuple(
-                Epoch(int(e["epoch"]), int(e["start_seq"]), at(e["primary"]))
+                Epoch(_count(e["epoch"]), _count(e["start_seq"]), at(e["primary"]))
                 for e in data.get("epochs", [])
             ),
             acks=str(data.get("acks", "mirrored")),
         )
+
+
+def _count(value: object) -> int:
+    """An epoch number or start seq: an integer >= 1 (JSON booleans are not numbers here)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise PlacementRecordError(f"not a placement record: {value!r} is not an integer >= 1")
+    return value
 
 
 def initial_placement(mesh: MeshFile, tenant: Tenant) -> Placement:

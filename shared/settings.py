@@ -362,6 +362,11 @@ _OTHER_VARIABLES = {
     "ARQONBUS_NATS_BACKEND",  # arqonbus dev and the tests: local or container NATS nodes
     "ARQONBUS_URL",
     "ARQONBUS_TOKEN",
+    # Test switches (make image-test, make test-regions): read by the tests' conftest, and
+    # set while those tests run the CLI, which must not call them unknown.
+    "ARQONBUS_IMAGE_TEST",
+    "ARQONBUS_IMAGE",
+    "ARQONBUS_REGIONS_TEST",
 }
 
 

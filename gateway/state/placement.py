@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from arqonbus_server.shared.regions import Placement
+from arqonbus_server.shared.regions import Placement, PlacementRecordError
 
 log = logging.getLogger("arqonbus.gateway.placement")
 
@@ -35,7 +35,7 @@ class PlacementTable:
             return cached[1]
         try:
             placement: Placement | None = Placement.from_json(raw)
-        except (ValueError, KeyError, TypeError) as exc:
+        except PlacementRecordError as exc:
             log.warning("ignoring the placement record of tenant %s: %s", tenant, exc)
             placement = None
         self._cache[tenant] = (raw, placement)

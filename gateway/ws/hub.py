@@ -36,6 +36,9 @@ from arqonbus_server.shared.subjects import ChannelRef
 log = logging.getLogger("arqonbus.gateway.hub")
 
 _MAX_CATCHUP_ROUNDS = 50
+# Catch-ups started by one placement change (a failover moves every member of the tenant on
+# this node): at most this many read the store at once; the others wait their turn.
+EPOCH_CATCHUP_CONCURRENCY = 16
 
 
 @dataclass(eq=False, slots=True)
@@ -102,8 +105,10 @@ class Hub:
         pending_bytes_limit: int,
         tracing: Tracing | None = None,
         metrics: NoMetrics = NO_METRICS,
+        epoch_catchup_concurrency: int = EPOCH_CATCHUP_CONCURRENCY,
     ) -> None:
         self._broker = broker
+        self._epoch_gate = asyncio.Semaphore(epoch_catchup_concurrency)
         self._metrics = metrics  # gateway/http/metrics.py (NO_METRICS: off)
         self._tracing = tracing  # None: tracing off, no span made (gateway/tracing.py)
         self._pending_limit = pending_limit
@@ -144,7 +149,11 @@ class Hub:
         """Register a member (buffering live events), then read the channel's window.
 
         The caller sends the join reply, then calls :meth:`start` to replay and go live.
+        A client in an epoch this gateway has not seen yet (its placement record is on the
+        way) is refused retryably (BrokerUnavailable): served now, it would get another
+        epoch's history under an older label.
         """
+        self._check_epoch_known(ref.tenant, since_epoch)
         self.leave(socket, ref)
         channel = self._channels.setdefault(ref, _Channel())
         self._idle.clear()
@@ -177,10 +186,17 @@ class Hub:
     def _placement(self, tenant: str) -> Placement | None:
         return self.placement_for(tenant) if self.placement_for is not None else None
 
-    def epoch_of(self, tenant: str) -> int | None:
-        """A placed tenant's current epoch (in its acks); None when not placed."""
+    def current_epoch(self, tenant: str) -> int | None:
+        """A placed tenant's epoch as this gateway knows it now; None when not placed."""
         placement = self._placement(tenant)
         return None if placement is None else placement.epoch
+
+    def _check_epoch_known(self, tenant: str, since_epoch: int | None) -> None:
+        placement = self._placement(tenant)
+        if placement is not None and since_epoch is not None and since_epoch > placement.epoch:
+            raise BrokerUnavailable(
+                f"this gateway has not seen epoch {since_epoch} of tenant {tenant} yet: join again"
+            )
 
     def _delivered(self, member: Member, body: bytes, seq: int) -> bytes:
         """The frame of a stored event: with ``epoch`` for a placed tenant's member."""
@@ -189,36 +205,60 @@ class Hub:
         return with_seq_epoch(body, seq, member.epoch)
 
     def placement_changed(self, tenant: str) -> None:
-        """A tenant's placement changed: members of an older epoch move to the new one.
+        """A tenant's placement changed: its members here move to the new epoch and catch up.
 
         A member that was sent old-epoch seqs past the fork is told they were not carried
-        over (a gap with ``reason: "epoch"``) and replays the new epoch from the fork.
+        over (a gap with ``reason: "epoch"``) and resumes from the fork. Every moved member
+        then re-reads the channel from the store at once, not at the channel's next event:
+        live events of an epoch the gateway did not know yet were not delivered (see
+        :meth:`_on_live`). At most ``epoch_catchup_concurrency`` of these catch-ups read the
+        store at a time, and the members of one channel share its window reads.
         """
         placement = self._placement(tenant)
-        if placement is None:
-            return
         for ref, channel in list(self._channels.items()):
             if ref.tenant != tenant:
                 continue
             for member in list(channel.members.values()):
-                self._move_epoch(member, placement)
+                if self._move_epoch(member, placement):
+                    self._restart_catch_up(member)
 
-    def _move_epoch(self, member: Member, placement: Placement) -> None:
-        if member.epoch is None or member.epoch >= placement.epoch:
-            member.epoch = placement.epoch if member.epoch is None else member.epoch
-            return
-        point = resume_point(placement, member.epoch, member.cursor)
-        member.epoch = placement.epoch
-        if point.loss is None or point.since_seq is None:
-            return
-        member.cursor = point.since_seq
+    def _move_epoch(self, member: Member, placement: Placement | None) -> bool:
+        """Move the member to the placement's epoch; True if it changed."""
+        epoch = None if placement is None else placement.epoch
+        if member.epoch == epoch or (
+            member.epoch is not None and epoch is not None and member.epoch > epoch
+        ):
+            return False  # the same epoch, or an older record: nothing to move back to
+        if placement is not None and member.epoch is not None:
+            point = resume_point(placement, member.epoch, member.cursor)
+            if point.loss is not None and point.since_seq is not None:
+                self._send_epoch_gap(member, point.since_seq, point.loss, placement.epoch)
+        member.epoch = epoch
+        return True
+
+    def _send_epoch_gap(self, member: Member, fork: int, loss: EpochLoss, epoch: int) -> None:
+        member.cursor = fork
         ref = member.ref
-        fields = {**point.loss.gap_fields(), "epoch": placement.epoch}
-        gap = encode_gap(ref.room, ref.channel, point.since_seq, point.since_seq + 1, fields)
+        fields = {**loss.gap_fields(), "epoch": epoch}
+        gap = encode_gap(ref.room, ref.channel, fork, fork + 1, fields)
         member.socket.send(gap)
         self._metrics.frame_sent(gap)
-        # No replay here: the next live event (prev_seq past the fork) makes the member
-        # replay the new epoch from the fork, as for any hole.
+
+    def _restart_catch_up(self, member: Member) -> None:
+        """After an epoch change: drop what the member holds from before it and re-read the
+        channel from the store (``overflowed``: the window after the change, then replay)."""
+        member.pending.clear()
+        member.pending_bytes = 0
+        member.overflowed = True
+        member.syncing = True
+        if member.task is None:
+            return  # joined, not started yet: its start() replays and sees ``overflowed``
+        member.task.cancel()
+        member.task = asyncio.create_task(self._gated_catch_up(member))
+
+    async def _gated_catch_up(self, member: Member) -> None:
+        async with self._epoch_gate:
+            await self._catch_up(member, member.cursor, check_retention=False)
 
     async def _shared_window(self, ref: ChannelRef, channel: _Channel) -> ChannelWindow:
         """The channel's window, read once for every join waiting when the read starts.
@@ -310,24 +350,41 @@ class Hub:
         channel = self._channels.get(ref)
         if channel is None:
             return
+        epoch: int | None = None
+        if self.placement_for is not None:  # a gateway with a region (one region: never)
+            placement = self.placement_for(ref.tenant)
+            if placement is not None:
+                epoch = placement.epoch_of(event.seq, event.stream)
+                if epoch is None:
+                    return  # an epoch not known here yet: read from the store once it is
         if self._tracing is not None:
-            self._on_live_traced(ref, event, channel, self._tracing)
+            self._on_live_traced(ref, event, channel, self._tracing, epoch)
             return
-        self._fan_out(channel, event)
+        self._fan_out(channel, event, epoch)
 
     def _on_live_traced(
-        self, ref: ChannelRef, event: LiveEvent, channel: _Channel, tracing: Tracing
+        self,
+        ref: ChannelRef,
+        event: LiveEvent,
+        channel: _Channel,
+        tracing: Tracing,
+        epoch: int | None,
     ) -> None:
         span = tracing.start_process(ref, event.seq, event.body, event.headers)
         start = now_ns()
-        sent = self._fan_out(channel, event)
+        sent = self._fan_out(channel, event, epoch)
         tracing.record_fanout(span, ref, start, sent)
 
-    def _fan_out(self, channel: _Channel, event: LiveEvent) -> int:
-        """Send a live event to every member it continues; returns how many sockets got it."""
+    def _fan_out(self, channel: _Channel, event: LiveEvent, epoch: int | None = None) -> int:
+        """Send a live event to every member it continues; returns how many sockets got it.
+
+        A placed tenant's event of ``epoch`` goes only to members in that epoch: a member
+        in another one is moving (placement_changed), and its catch-up reads the store."""
         sent = 0
         frame: bytes | None = None
         for member in channel.members.values():
+            if member.epoch != epoch:
+                continue
             if member.syncing:
                 self._buffer(member, event)
             elif event.seq <= member.cursor:
@@ -337,7 +394,7 @@ class Hub:
                 self._buffer(member, event)
                 self.start(member, event.prev_seq, check_retention=True)
             else:
-                if frame is None:
+                if frame is None:  # every member here is in ``epoch``: one frame for all
                     frame = encode_text_frame(self._delivered(member, event.body, event.seq))
                 member.socket.write_frame(frame)
                 member.cursor = event.seq
@@ -422,7 +479,7 @@ class Hub:
         """Send buffered live events in order. True if another replay round is needed."""
         if member.overflowed:
             member.overflowed = False
-            window = await self._broker.window(member.ref)
+            window = await self._member_window(member)
             self._report_gap(member, window.last_seq, window.first_stream_seq)
             await self._replay(member, window.last_seq)
             return True
@@ -440,6 +497,14 @@ class Hub:
             if member.overflowed:
                 return True
         return False
+
+    async def _member_window(self, member: Member) -> ChannelWindow:
+        """The window of the member's channel, a read shared with its other members: many
+        members re-read at once after a failover, or after a burst overflowed them."""
+        channel = self._channels.get(member.ref)
+        if channel is None or channel.members.get(id(member.socket)) is not member:
+            return await self._broker.window(member.ref)
+        return await self._shared_window(member.ref, channel)
 
     async def _replay_then_verify(self, member: Member, upto: int) -> None:
         """Replay, then re-check retention: the replica that served the replay may have

@@ -64,6 +64,7 @@ from arqonbus_server.shared.envelope import (
     encode_welcome,
     parse_client_frame,
     with_seq,
+    with_seq_epoch,
     with_trace,
 )
 from arqonbus_server.shared.errors import (
@@ -415,8 +416,9 @@ class Session:
     ) -> list[fx.Effect]:
         self._count_publish(publish, outcome)
         if isinstance(outcome, PublishResult):
-            epoch = self._hub.epoch_of(publish.ref.tenant)
-            return self.core.publish_acked(publish.op, outcome.seq, outcome.duplicate, epoch)
+            return self.core.publish_acked(
+                publish.op, outcome.seq, outcome.duplicate, outcome.epoch
+            )
         return self.core.publish_failed(publish.op, *outcome)
 
     def _count_publish(
@@ -519,10 +521,17 @@ class Session:
         started = time.perf_counter()
         events: list[orjson.Fragment] = []
         next_since, size, more = effect.since_seq, 0, False
+        # A placed tenant's page is read from the streams of the placement known now: its
+        # events carry that epoch, as deliveries do (docs/protocol.md#history).
+        epoch = self._hub.current_epoch(effect.ref.tenant)
         replay = self._broker.replay(effect.ref, effect.since_seq + 1, None, effect.limit)
         async with contextlib.aclosing(replay) as stored_events:
             async for stored in stored_events:
-                delivered = with_seq(stored.body, stored.seq)
+                delivered = (
+                    with_seq(stored.body, stored.seq)
+                    if epoch is None
+                    else with_seq_epoch(stored.body, stored.seq, epoch)
+                )
                 if events and size + len(delivered) > effect.budget_bytes:
                     more = True
                     break
@@ -531,7 +540,10 @@ class Session:
                 next_since = stored.seq
         more = more or len(events) == effect.limit
         self._metrics.replayed("history", len(events), time.perf_counter() - started)
-        return {"events": events, "next_since_seq": next_since, "more": more}
+        page: dict[str, object] = {"events": events, "next_since_seq": next_since, "more": more}
+        if epoch is not None:
+            page["epoch"] = epoch
+        return page
 
     async def _serve(self, effect: fx.Serve) -> None:
         ref = effect.ref

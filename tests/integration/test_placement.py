@@ -21,6 +21,7 @@ from nats.js.api import StreamConfig, StreamSource
 
 from arqonbus_server.gateway.app import Gateway
 from arqonbus_server.mesh.local import LocalCluster
+from arqonbus_server.mesh.regions import RegionOps
 from arqonbus_server.mesh.streams import StreamPolicy, tenant_stream_config
 from arqonbus_server.shared.regions import Epoch, Placement, StreamAt, mirror_stream_name
 from arqonbus_server.shared.subjects import SubjectScheme
@@ -115,6 +116,10 @@ async def test_a_placed_tenant_replays_from_its_region_then_the_primary_and_acks
     await sub.unsubscribe()
     assert copy in asked and primary in asked, asked  # 1..3 here, 4..6 from the primary
     assert asked.index(copy) < asked.index(primary)
+    page = await reader.command(ROOM, CHANNEL, "history", {"since_seq": 4, "limit": 10})
+    result = page["payload"]["result"]
+    assert [(e["seq"], e["epoch"]) for e in result["events"]] == [(5, 1), (6, 1)]
+    assert result["epoch"] == 1  # a history page carries the epoch as deliveries do
 
     # acks "mirrored": the only mirror is stuck at 3, so seq 7 cannot be acknowledged.
     mirrored = Placement(tenant, "there", at_primary, placed.mirrors, placed.epochs, "mirrored")
@@ -165,3 +170,39 @@ async def test_a_placed_tenant_without_its_stream_is_not_created_by_the_gateway(
     assert (refused["type"], refused["payload"]["retryable"]) == ("error", True)
     with pytest.raises(nats.js.errors.NotFoundError):
         await nc.jsm().stream_info(primary.stream)
+
+
+async def test_a_failed_over_tenants_quota_applies_to_its_current_primary(
+    start_gateway: Callable[..., object], nc: Client
+) -> None:
+    gateway: Gateway = await start_gateway(region="here", tenant_max_bytes=1 << 20)  # type: ignore[misc]
+    tenant = "pl" + uuid.uuid4().hex[:10]
+    home = StreamAt("there", SCHEME.stream_name(tenant))
+    promoted = StreamAt("here", mirror_stream_name(SCHEME, "here", tenant))
+    config = tenant_stream_config(SCHEME, tenant, StreamPolicy(), 3)
+    config.name = promoted.stream  # the promoted mirror captures the tenant's subjects now
+    await nc.jsm().add_stream(config)
+    epochs = (Epoch(1, 1, home), Epoch(2, 1, promoted))
+    await place(nc, gateway, Placement(tenant, "there", promoted, (), epochs))
+    assert await gateway.broker.apply_quota(tenant)
+    assert (await nc.jsm().stream_info(promoted.stream)).config.max_bytes == 1 << 20
+    assert RegionOps.of(gateway.broker).nc is gateway.broker.nats_connection()
+    await nc.jsm().delete_stream(promoted.stream)
+
+
+async def test_live_events_of_a_placed_tenant_name_their_primary_and_carry_its_epoch(
+    start_gateway: Callable[..., object], clients: Callable[..., object], nc: Client
+) -> None:
+    gateway: Gateway = await start_gateway(region="here")  # type: ignore[misc]
+    tenant = "pl" + uuid.uuid4().hex[:10]
+    primary = StreamAt("here", SCHEME.stream_name(tenant))
+    await nc.jsm().add_stream(tenant_stream_config(SCHEME, tenant, StreamPolicy(), 3))
+    epochs = (Epoch(1, 1, StreamAt("there", "gone")), Epoch(2, 1, primary))
+    await place(nc, gateway, Placement(tenant, "there", primary, (), epochs, "home"))
+    reader = await clients(gateway_url(gateway), tenant, "reader")  # type: ignore[operator]
+    assert (await reader.join(ROOM, CHANNEL))["epoch"] == 2
+    writer = await clients(gateway_url(gateway), tenant, "writer")  # type: ignore[operator]
+    ack = await writer.publish(ROOM, CHANNEL, {"n": 0})
+    (event,) = await reader.wait_events(1)  # live: RePublish names the stream (Nats-Stream)
+    assert (ack["payload"]["epoch"], event["seq"], event["epoch"]) == (2, 1, 2)
+    await nc.jsm().delete_stream(primary.stream)

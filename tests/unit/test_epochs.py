@@ -115,3 +115,55 @@ def test_delivered_and_gap_frames_of_an_epoch() -> None:
         "reason": "epoch",
         "lost": {"epoch": 1, "from_seq": 8, "to_seq": 10},
     }
+
+
+# -- which epoch an event belongs to (Placement.epoch_of) ----------------------------------------
+
+# Failback: east again from seq 12 (the fork of epoch 2 is 11).
+THIRD = Placement("acme", "east", EAST, (WEST,), (*SECOND.epochs, Epoch(3, 12, EAST)), SECOND.acks)
+
+
+@pytest.mark.parametrize(
+    ("placement", "seq", "stream", "epoch"),
+    [
+        (FIRST, 3, EAST.stream, 1),
+        (SECOND, 8, WEST.stream, 2),  # the new primary's own events
+        (SECOND, 7, EAST.stream, 1),  # up to the fork: epoch 1's (shared with epoch 2)
+        (SECOND, 9, EAST.stream, None),  # the former primary living on (a region cut off)
+        (FIRST, 8, WEST.stream, None),  # a primary of an epoch not known yet
+        (SECOND, 12, EAST.stream, None),  # failback not known yet: east's seq 12 is epoch 3
+        (THIRD, 12, EAST.stream, 3),
+        (THIRD, 9, WEST.stream, 2),
+        (Placement("acme", "east", EAST), 5, EAST.stream, 1),  # a record without epochs
+    ],
+)
+def test_an_events_epoch_is_the_last_known_one_it_falls_in_if_that_epochs_primary_stored_it(
+    placement: Placement, seq: int, stream: str, epoch: int | None
+) -> None:
+    assert placement.epoch_of(seq, stream) == epoch
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"not json",
+        b"\xff\xfe",
+        b"[]",
+        b"{}",
+        b'{"tenant": "a", "home": "east", "primary": "arq_a"}',
+        b'{"tenant": "a", "home": "east", "primary": {"region": "east"}}',
+        b'{"tenant": "a", "home": "east", "primary": {"region": "e", "stream": "s"},'
+        b' "epochs": [{"epoch": "two", "start_seq": 1, "primary": {"region": "e", "stream": "s"}}]}',
+        b'{"tenant": "a", "home": "east", "primary": {"region": "e", "stream": "s"},'
+        b' "epochs": [{"epoch": true, "start_seq": 1, "primary": {"region": "e", "stream": "s"}}]}',
+        b'{"tenant": "a", "home": "east", "primary": {"region": "e", "stream": "s"}, "mirrors": 3}',
+    ],
+)
+def test_a_record_that_is_not_a_placement_raises_one_typed_error(raw: bytes) -> None:
+    from arqonbus_server.shared.errors import InvalidInput
+    from arqonbus_server.shared.regions import PlacementRecordError
+
+    with pytest.raises(PlacementRecordError, match="not a placement record") as caught:
+        Placement.from_json(raw)
+    assert isinstance(caught.value, InvalidInput)
+    assert caught.value.catalogue.code == "invalid_parameters"

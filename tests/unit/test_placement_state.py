@@ -130,3 +130,29 @@ async def test_one_confirmer_resolves_every_pending_seq_up_to_the_highest_mirror
     await confirmer.wait(["m1", "m2", "gone"], 3, 5 * SEC)  # confirmed already: no round
     assert len(asked) == rounds
     await confirmer.close()
+
+
+async def test_an_ack_carries_the_epoch_of_the_placement_the_publish_used() -> None:
+    home = Placement("acme", "east", PRIMARY, (), (*PLACED.epochs, Epoch(2, 1, PRIMARY)))
+    broker = await placed_broker(home)
+    broker.mesh.streams["acme"] = _Stream()  # provisioned by the ops tools
+    first = await broker.publish(REF, b"{}", "k1")
+    again = await broker.publish(REF, b"{}", "k1")
+    assert (first.seq, first.duplicate, first.epoch) == (1, False, 2)
+    assert (again.seq, again.duplicate, again.epoch) == (1, True, 2)
+    alone = MemoryBroker(MemoryMesh())
+    await alone.connect()
+    assert (await alone.publish(REF, b"{}", "k1")).epoch is None  # not placed: no epoch
+
+
+def test_the_ops_tools_get_the_brokers_connection_publicly_and_not_before_it_connects() -> None:
+    from arqonbus_server.mesh.jetstream import JetStreamBroker
+    from arqonbus_server.mesh.regions import RegionOps
+    from arqonbus_server.mesh.streams import StreamPolicy
+    from arqonbus_server.shared.subjects import SubjectScheme
+
+    broker = JetStreamBroker(["nats://127.0.0.1:1"], SubjectScheme(), StreamPolicy())
+    with pytest.raises(BrokerUnavailable, match="not connected"):
+        broker.nats_connection()
+    with pytest.raises(BrokerUnavailable, match="not connected"):
+        RegionOps.of(broker)

@@ -141,3 +141,10 @@ def test_listen_rejects_non_host_port(value: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_settings(listen=value)
     assert "ARQONBUS_LISTEN" in str(info.value)
+
+
+def test_the_test_switches_are_not_reported_as_unknown_variables() -> None:
+    from arqonbus_server.shared.settings import unknown_variables
+
+    switches = {"ARQONBUS_REGIONS_TEST": "1", "ARQONBUS_IMAGE_TEST": "1", "ARQONBUS_IMAGE": "x"}
+    assert unknown_variables({**switches, "ARQONBUS_REGOIN": "east"}) == ["ARQONBUS_REGOIN"]

@@ -614,18 +614,18 @@ class ClientProtocol:
         if not isinstance(seq, int):
             return []
         epoch = message.get("epoch")
-        if isinstance(epoch, int) and not isinstance(epoch, bool):
-            if state.accepted_epoch is not None and epoch < state.accepted_epoch:
-                return []  # from before a failover this subscription has moved past
-            state.accepted_epoch = epoch
+        epoch = epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else None
+        if epoch is not None and state.accepted_epoch is not None and epoch < state.accepted_epoch:
+            return []  # from before a failover this subscription has moved past
         if state.accepted_seq is not None and seq <= state.accepted_seq:
-            return []  # accepted already: a resume seam
+            return []  # accepted already: a resume seam (a seq up to the fork is shared)
         if state.queued_events >= state.maxsize:
             return self._pause(state)
         event = Event.from_wire(message)
         state.items.append(event)
         state.queued_events += 1
         state.accepted_seq = seq
+        state.accepted_epoch = epoch if epoch is not None else state.accepted_epoch
         return [Delivered(event)]
 
     def _on_ack(self, payload: dict[str, Any] | None) -> list[ProtocolEvent]:
@@ -736,7 +736,8 @@ class ClientProtocol:
             if state.last_seq is None:
                 state.last_seq, state.last_epoch = last_seq, epoch
         if epoch is not None and result.get("reason") != "epoch":
-            state.accepted_epoch = epoch
+            # Never back: a gateway answers only in the client's epoch or a newer one.
+            state.accepted_epoch = max(epoch, state.accepted_epoch or epoch)
         state.paused = False
         state.accepting = True
         state.join_failures = 0
