@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # Test workers: each one runs its own 3-node NATS cluster for the session.
 WORKERS ?= 2
 
-.PHONY: help install run test test-unit lint format clean bench bench-smoke chaos
+.PHONY: help install run test test-unit lint format clean bench bench-smoke bench-regions chaos
 
 help:
 	@echo "make run    start a local mesh: 3 NATS nodes + 2 gateways (ws://127.0.0.1:8765/ws); ARGS=\"...\" passes options to arqonbus dev"
@@ -14,6 +14,7 @@ help:
 	@echo "make lint   ruff + mypy + import-linter layering contracts"
 	@echo "make bench  ArqonBus against python-socketio, Node socket.io and raw NATS WebSocket (about 15 min)"
 	@echo "make bench-smoke  a short run of the same harness (under 60 s), as CI runs it"
+	@echo "make bench-regions  3 regions on loopback: cross-region latency, acks: mirrored vs home, failover RTO/RPO (~10 min; BENCH_ARGS=--smoke: ~1 min)"
 	@echo "make chaos  fault scenarios and bad-input suites against a real mesh (about 30 min, needs root for netns)"
 	@echo "make container-test  the core integration tests with every NATS node in a container (podman's Docker API, testcontainers)"
 	@echo "make test-regions  a 3-region supercluster on loopback: provision, cross-region delivery, failover, failback (~45 s)"
@@ -62,6 +63,14 @@ bench: install
 # The harness end to end in under a minute; it checks that figures are sane, not fast.
 bench-smoke: install
 	$(BIN)/python -m bench.run --smoke --out .bench-smoke
+
+# A 3-region supercluster on loopback (3+3+3 NATS nodes, a witness, a gateway per region):
+# publish -> deliver across regions, acks: mirrored against home, failover RTO/RPO (docs/regions.md).
+# Writes bench/results/<date>-regions.json and prints a table. BENCH_ARGS="--smoke" for a short run.
+BENCH_ARGS ?=
+
+bench-regions: install
+	$(BIN)/python -m bench.regions $(BENCH_ARGS)
 
 # Writes chaos/results/<date>.{md,json} and the results in docs/reliability.md; exit 1 on any failure.
 chaos: install

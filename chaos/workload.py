@@ -62,6 +62,7 @@ class SubscriberLog:
     latency_ms: list[float] = field(default_factory=list)
     sent_at: list[float] = field(default_factory=list)  # the publisher's clock at send
     gaps: list[Gap] = field(default_factory=list)
+    epochs: list[int | None] = field(default_factory=list)  # multi-region tenants only
     error: str | None = None
 
     @property
@@ -125,8 +126,16 @@ class Workload:
         subscribers_per_channel: int = 2,
         publish_timeout: float = 30.0,
         max_backoff: float = 0.5,
+        publisher_urls: Sequence[Sequence[str]] = (),
+        subscriber_urls: Sequence[Sequence[str]] = (),
     ) -> None:
         self.urls = list(urls)
+        # Where each kind of client connects: URL lists taken in turn (none: ``urls`` rotated).
+        self._url_lists = {
+            "pub": [list(u) for u in publisher_urls],
+            "sub": [list(u) for u in subscriber_urls],
+        }
+        self._taken = Counter[str]()
         self.channels = list(channels)
         self.rate = rate
         self.window = window
@@ -153,14 +162,21 @@ class Workload:
         async with self.changed:
             self.changed.notify_all()
 
+    def _urls_for(self, kind: str) -> list[str]:
+        lists = self._url_lists[kind]
+        if not lists:
+            return self._urls_rotated()
+        self._taken[kind] += 1
+        return lists[(self._taken[kind] - 1) % len(lists)]
+
     def _urls_rotated(self) -> list[str]:
         k = self._rotation % len(self.urls)
         self._rotation += 1
         return self.urls[k:] + self.urls[:k]
 
-    async def _client(self, name: str, ref: ChannelRef) -> Client:
+    async def _client(self, name: str, ref: ChannelRef, kind: str) -> Client:
         client = Client(
-            self._urls_rotated(),
+            self._urls_for(kind),
             f"dev:{ref.tenant}:{name}",
             max_backoff=self.max_backoff,
             request_timeout=self.publish_timeout,
@@ -175,7 +191,7 @@ class Workload:
         for c, ref in enumerate(self.channels):
             for s in range(self.subscribers_per_channel):
                 name = f"sub{c}-{s}"
-                client = await self._client(name, ref)
+                client = await self._client(name, ref, "sub")
                 sub_log = SubscriberLog(ref, name)
                 subscription = await client.subscribe(ref.room, ref.channel, since_seq=0).start(
                     timeout=30
@@ -185,7 +201,7 @@ class Workload:
                 self._tasks.append(asyncio.create_task(self._consume(subscription, sub_log)))
         for c, ref in enumerate(self.channels):
             name = f"pub{c}"
-            client = await self._client(name, ref)
+            client = await self._client(name, ref, "pub")
             pub_log = PublisherLog(ref, name)
             self.publishers.append(pub_log)
             self._tasks.append(asyncio.create_task(self._publish_loop(client, pub_log)))
@@ -322,6 +338,8 @@ class Workload:
             for label, items in (("lost", lost), ("duplicated", dupes), ("wrong seq", wrong_seq)):
                 if items and len(totals.examples) < 10:
                     totals.examples.append(f"{sub.name} on {sub.ref}: {label} {sorted(items)[:5]}")
+            if dupes and len(totals.examples) < 10:
+                totals.examples.append(f"{sub.name}: {_where_seen(sub, sorted(dupes)[:3], pub)}")
         for ref, events in (stored or {}).items():
             ids = Counter(i for _, i in events)
             totals.stored_duplicates += sum(n - 1 for n in ids.values() if n > 1)
@@ -377,6 +395,23 @@ class Workload:
         return out
 
 
+def _where_seen(sub: SubscriberLog, ids: list[str], pub: PublisherLog) -> str:
+    """Each id's deliveries as (seq, epoch) and its ack's seq: the evidence of a duplicate."""
+    parts = []
+    for event_id in ids:
+        seen = [
+            (seq, epoch)
+            for i, seq, epoch in zip(
+                sub.ids, sub.seqs, sub.epochs or [None] * len(sub.ids), strict=False
+            )
+            if i == event_id
+        ]
+        parts.append(
+            f"{event_id} delivered at (seq, epoch) {seen}, acked seq {pub.acked.get(event_id)}"
+        )
+    return "; ".join(parts)
+
+
 def _was_sent(event_id: str, pub: PublisherLog) -> bool:
     prefix, _, n = event_id.rpartition("-")
     return prefix == pub.prefix and n.isdigit() and int(n) < pub.sent
@@ -386,6 +421,7 @@ def _record(log: SubscriberLog, event: Event) -> None:
     now = time.time()
     log.seqs.append(event.seq)
     log.ids.append(event.id)
+    log.epochs.append(event.epoch)
     log.arrived.append(now)
     sent = event.payload.get("t")
     sent_at = float(sent) if isinstance(sent, int | float) else 0.0

@@ -151,7 +151,7 @@ class Gateway:
             self.state,
             settings.subject_prefix,
             settings.policy_file,
-            watch_placement=bool(settings.region),
+            region=settings.region,
         )
         # Placed tenants (multi-region, gateway/state/placement.py): only with a region.
         if self.security.placement is not None:

@@ -33,6 +33,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamInfo
 from nats.js.errors import APIError, NotFoundError, ServiceUnavailableError
 from nats.js.kv import KeyValue
 
+from arqonbus_server.mesh.carried_ids import MAX_CARRIED_IDS, CarriedIds, epoch_holding
 from arqonbus_server.mesh.kv import open_bucket
 from arqonbus_server.mesh.mirrors import TenantConfirmers, mirrors_to_confirm
 from arqonbus_server.mesh.nats_auth import connect_failure, connect_options, redact_url
@@ -296,6 +297,7 @@ class JetStreamBroker:
         self._region = region
         self._warned_region = False
         self._confirmers = TenantConfirmers(self._stream_last_seq)
+        self._carried = CarriedIds(self._ids_before, policy.dedupe_window_s)
         self._scheme = scheme
         self._policy = policy
         self._publish_timeout = publish_timeout_s
@@ -555,6 +557,7 @@ class JetStreamBroker:
             if self._acks is not None:
                 await self._acks.close()
             await self._confirmers.close()
+            self._carried.close()
 
     def nats_connection(self) -> NatsClient:
         """The connected NATS client, for the mesh's ops tools (mesh/regions.py), which call
@@ -621,6 +624,13 @@ class JetStreamBroker:
         The stream is never created here (``arqonbus mesh provision`` does that).
         """
         assert self._acks is not None
+        # A resend of an event stored before a promotion: the promoted stream does not know
+        # its id (mesh/carried_ids.py), so answer it here as the duplicate it is.
+        carried = await self._carried.seq_of(placement, dedupe_key, self._publish_timeout)
+        if carried is not None:
+            if mirrors := mirrors_to_confirm(placement):
+                await self.wait_mirrored(ref.tenant, mirrors, carried, self._publish_timeout)
+            return PublishResult(carried, True, epoch_holding(placement, carried))
         sent = {**headers} if headers else {}
         sent["Nats-Msg-Id"] = dedupe_key
         sent["Nats-Expected-Stream"] = placement.primary.stream
@@ -641,6 +651,55 @@ class JetStreamBroker:
             await self.wait_mirrored(ref.tenant, mirrors, result.seq, self._publish_timeout)
         # Nats-Expected-Stream: only this placement's primary stored it, in its epoch.
         return replace(result, epoch=placement.epoch)
+
+    async def _ids_before(self, stream: str, end_seq: int, window_s: float) -> dict[str, int]:
+        """``Nats-Msg-Id`` -> seq of ``stream``'s events up to ``end_seq`` stored within the
+        last ``window_s`` seconds (the latest MAX_CARRIED_IDS), read by batched direct get."""
+        if end_seq < 1:
+            return {}
+        nc, _, _, _ = self._require()
+        found: collections.OrderedDict[str, int] = collections.OrderedDict()
+        replies: asyncio.Queue[tuple[int, str] | None] = asyncio.Queue()
+
+        async def on_msg(msg: Msg) -> None:
+            headers = msg.headers or {}
+            if headers.get("Status"):  # 204 end of batch, 404 nothing (more)
+                replies.put_nowait(None)
+            else:
+                seq = int(headers.get("Nats-Sequence", "0"))
+                replies.put_nowait((seq, headers.get("Nats-Msg-Id", "")))
+
+        since = time.time() - window_s
+        start = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(since))
+        request: dict[str, Any] = {"start_time": f"{start}Z", "batch": _REPLAY_BATCH}
+        api = f"$JS.API.DIRECT.GET.{stream}"
+        try:
+            sub = await nc.subscribe(nc.new_inbox(), cb=on_msg)
+        except _TRANSIENT as exc:
+            raise BrokerUnavailable(f"reading ids failed: {type(exc).__name__}") from exc
+        try:
+            # Bounded: every round reads a batch or ends; the window holds a finite count.
+            for _ in range(end_seq // _REPLAY_BATCH + 2):
+                await nc.publish(api, orjson.dumps(request), reply=sub.subject)
+                last = 0
+                while (item := await asyncio.wait_for(replies.get(), _REPLAY_WAIT_S)) is not None:
+                    seq, msg_id = item
+                    if seq > end_seq:
+                        continue
+                    last = seq
+                    if msg_id:
+                        found[msg_id] = seq
+                        if len(found) > MAX_CARRIED_IDS:
+                            found.popitem(last=False)
+                if last == 0 or last >= end_seq:
+                    break
+                request = {"seq": last + 1, "batch": _REPLAY_BATCH}
+        except (*_TRANSIENT, TimeoutError) as exc:
+            raise BrokerUnavailable(f"reading ids failed: {type(exc).__name__}") from exc
+        finally:
+            with contextlib.suppress(*_TRANSIENT):
+                await sub.unsubscribe()
+        return dict(found)
 
     async def wait_mirrored(
         self, tenant: str, mirrors: Sequence[str], seq: int, timeout: float

@@ -11,26 +11,29 @@ store, and keeps answering after it falls behind: a sequence it has not copied y
 or an empty batch, which a reader cannot tell from "no more events". Reading a mirror by its
 own name makes the reader choose it knowingly (and check its last seq first).
 
-The placement record of each tenant is kept twice: in the KV bucket ``<prefix>_placement``
-(what gateways watch) and in the ``metadata`` of each stream of the tenant that the tools
-create or promote (key :data:`PLACEMENT_METADATA`). The bucket, like every stream, lives in one
-region (the file's first); when that region is lost, ``failover`` rebuilds the bucket in the
-region it promotes to, from the newest copies in the surviving streams' metadata.
+The placement record of each tenant is kept in every region: the KV bucket
+``<prefix>_placement-<region>`` is placed in its region, and that region's gateways watch it,
+so losing a region loses no other region's records. The tools write every copy that answers and
+read the newest (highest epoch) of those that answer; ``mesh provision`` rewrites the copies
+of a region that missed a change while it was down. Each stream of the tenant that the tools
+create or promote also carries the record in its ``metadata`` (key
+:data:`PLACEMENT_METADATA`), for an operator reading a stream by hand.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+import json
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 
 from nats.aio.client import Client
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext, JetStreamManager
-from nats.js.api import KeyValueConfig, StorageType, StreamConfig, StreamInfo, StreamSource
+from nats.js.api import DiscardPolicy, StorageType, StreamConfig, StreamInfo, StreamSource
 from nats.js.api import Placement as NatsPlacement
-from nats.js.errors import APIError, BucketNotFoundError, NotFoundError
+from nats.js.errors import APIError, NotFoundError
 
 from arqonbus_server.mesh.jetstream import JetStreamBroker
 from arqonbus_server.mesh.ports import MeshError
@@ -44,6 +47,7 @@ from arqonbus_server.shared.regions import (
     desired_streams,
     initial_placement,
     newest,
+    placement_kind,
     plan_changes,
     promoted,
     returned_home,
@@ -51,7 +55,6 @@ from arqonbus_server.shared.regions import (
 from arqonbus_server.shared.subjects import SubjectScheme
 
 Say = Callable[[str], None]
-PLACEMENT_KIND = "placement"
 PLACEMENT_METADATA = "arqonbus_placement"
 API_TIMEOUT_S = 5.0
 HEALTH_TIMEOUT_S = 2.0  # a primary that does not answer stream info within this is unreachable
@@ -175,16 +178,27 @@ class RegionOps:
                 + "; ".join(f"{c.stream.name}: {c.why}" for c in refused)
                 + ". Fix the file, or pass --force to accept the loss."
             )
-        await self._ensure_placement_bucket(mesh)
+        await self._ensure_placement_buckets(mesh)
         for change in changes:
             if change.action != "nothing":
                 await self._apply(
                     change, initial_placement(mesh, mesh.tenant(change.stream.tenant))
                 )
         for tenant in mesh.tenants:
-            if await self.placement(tenant.name) is None:
-                await self.write_placement(initial_placement(mesh, tenant))
-                self.say(f"placement of tenant {tenant.name}: primary in {tenant.home} (epoch 1)")
+            current = await self.placement(tenant.name)
+            if current is None:
+                await self._record(initial_placement(mesh, tenant))
+                continue
+            # Every region's copy holds the newest record (a region that was down missed the
+            # failover's): write it again where it differs.
+            stale = [
+                region
+                for region in await self._copies()
+                if await _quietly(self._read_copy(region, tenant.name)) != current
+            ]
+            if stale:
+                self.say(f"refreshing the placement of {tenant.name} in {', '.join(stale)}")
+                await self._record(current)
         return changes
 
     async def _apply(self, change: Change, placement: Placement) -> None:
@@ -213,87 +227,123 @@ class RegionOps:
         await self.jsm.update_stream(current)
         self.say(f"updated {spec.role} {spec.name}: {change.why}")
 
-    # -- placement records
+    # -- placement records: one copy per region, each gateway watching its own region's
 
-    async def _ensure_placement_bucket(self, mesh: MeshFile) -> None:
-        region = mesh.regions[0]
-        await self._placement_bucket_in(region.name, min(3, len(region.nats)))
+    def _bucket_of(self, region: str) -> str:
+        return self.scheme.kv_bucket(placement_kind(region))
+
+    async def _ensure_placement_buckets(self, mesh: MeshFile) -> None:
+        for region in mesh.regions:
+            await self._placement_bucket_in(region.name, min(3, len(region.nats)))
 
     async def _placement_bucket_in(self, region: str, replicas: int) -> None:
-        bucket = self.scheme.kv_bucket(PLACEMENT_KIND)
-        try:
-            await self.js.key_value(bucket)
+        """Region ``region``'s copy of the records, placed there. The KV stream is created
+        with add_stream: nats-py's create_key_value drops a bucket's placement."""
+        bucket = self._bucket_of(region)
+        if await self.info(f"KV_{bucket}") is not None:
             return
-        except BucketNotFoundError:
-            pass
-        await self.js.create_key_value(
-            KeyValueConfig(
-                bucket=bucket,
-                history=10,
-                replicas=replicas,
+        await self.jsm.add_stream(
+            StreamConfig(
+                name=f"KV_{bucket}",
+                description=f"ArqonBus tenant placements, region {region}'s copy",
+                subjects=[f"$KV.{bucket}.>"],
+                allow_direct=True,
+                allow_rollup_hdrs=True,
+                deny_delete=True,
+                discard=DiscardPolicy.NEW,
+                duplicate_window=120.0,
+                max_msgs_per_subject=10,
+                num_replicas=replicas,
                 storage=StorageType.FILE,
                 placement=NatsPlacement(cluster=region),
             )
         )
         self.say(f"created the placement bucket {bucket} in {region} (R{replicas})")
 
-    async def placement(self, tenant: str) -> Placement | None:
-        """The tenant's record in the placement bucket (None: none yet, or no bucket)."""
-        try:
-            kv = await asyncio.wait_for(
-                self.js.key_value(self.scheme.kv_bucket(PLACEMENT_KIND)), API_TIMEOUT_S
+    async def _copies(self) -> list[str]:
+        """The regions that hold a copy of the records (from the meta group's stream list)."""
+        prefix = f"KV_{self._bucket_of('x')[:-1]}"
+        # STREAM.NAMES, not STREAM.LIST: the meta leader answers it alone, where a list asks
+        # every stream's leader and times out while a region is down.
+        names: list[str] = []
+        for _ in range(1000):  # pages of up to 1024 names
+            reply = await self.nc.request(
+                "$JS.API.STREAM.NAMES", json.dumps({"offset": len(names)}).encode(), API_TIMEOUT_S
             )
-            entry = await asyncio.wait_for(kv.get(tenant), API_TIMEOUT_S)
-        except (BucketNotFoundError, NotFoundError):
+            data = json.loads(reply.data)
+            if "error" in data:
+                raise RegionsRefused(f"listing the streams failed: {data['error']}")
+            page = data.get("streams") or []
+            names += page
+            if not page or len(names) >= int(data.get("total", 0)):
+                break
+        return sorted(name[len(prefix) :] for name in names if name.startswith(prefix))
+
+    async def _read_copy(self, region: str, tenant: str) -> Placement | None:
+        kv = await asyncio.wait_for(self.js.key_value(self._bucket_of(region)), HEALTH_TIMEOUT_S)
+        try:
+            entry = await asyncio.wait_for(kv.get(tenant), HEALTH_TIMEOUT_S)
+        except NotFoundError:  # KeyNotFoundError and KeyDeletedError derive from it
             return None
         return Placement.from_json(entry.value) if entry.value else None
 
-    async def write_placement(self, placement: Placement) -> None:
-        kv = await self.js.key_value(self.scheme.kv_bucket(PLACEMENT_KIND))
-        await asyncio.wait_for(kv.put(placement.tenant, placement.to_json()), API_TIMEOUT_S)
+    async def placement(self, tenant: str) -> Placement | None:
+        """The newest of the tenant's records across the regions' copies that answer (None:
+        none yet). Raises RegionsRefused when no copy answers."""
+        regions = await self._copies()
+        if not regions:
+            return None
+        found = await asyncio.gather(
+            *(self._read_copy(region, tenant) for region in regions), return_exceptions=True
+        )
+        answered = [f for f in found if not isinstance(f, BaseException)]
+        if not answered:
+            raise RegionsRefused(
+                f"no region's placement bucket answers ({', '.join(regions)}): is JetStream up?"
+            )
+        return newest(p for p in answered if p is not None)
 
-    async def placements_from_streams(self) -> dict[str, Placement]:
-        """The newest placement copy per tenant found in the streams' metadata."""
-        copies: dict[str, list[Placement]] = {}
-        for info in await self.jsm.streams_info():
-            raw = (info.config.metadata or {}).get(PLACEMENT_METADATA)
-            if raw:
-                found = Placement.from_json(raw.encode())
-                copies.setdefault(found.tenant, []).append(found)
-        return {t: p for t, found in copies.items() if (p := newest(found)) is not None}
+    async def write_placement(self, placement: Placement) -> list[str]:
+        """Write ``placement`` into every region's copy that answers; return the regions whose
+        copy could not be written (a region that is down: `mesh provision` or `failback`
+        writes it when the region is back). Raises RegionsRefused if no copy took it."""
+        regions = await self._copies()
+
+        async def put(region: str) -> None:
+            kv = await asyncio.wait_for(
+                self.js.key_value(self._bucket_of(region)), HEALTH_TIMEOUT_S
+            )
+            await asyncio.wait_for(kv.put(placement.tenant, placement.to_json()), HEALTH_TIMEOUT_S)
+
+        done = await asyncio.gather(*(put(r) for r in regions), return_exceptions=True)
+        missed = [r for r, d in zip(regions, done, strict=True) if isinstance(d, BaseException)]
+        if len(missed) == len(regions):
+            raise RegionsRefused(
+                f"no region's placement bucket took the record of {placement.tenant}"
+            )
+        return missed
 
     async def _read_placement(self, tenant: str) -> Placement:
-        try:
-            placement = await self.placement(tenant)
-        except (TimeoutError, NatsError) as exc:
-            self.say(f"the placement bucket does not answer ({exc!r}); reading the streams' copies")
-            placement = (await self.placements_from_streams()).get(tenant)
+        placement = await self.placement(tenant)
         if placement is None:
             raise RegionsRefused(
                 f"tenant {tenant} has no placement record: run `arqonbus mesh provision FILE` first"
             )
         return placement
 
-    async def _record(self, placement: Placement, replicas: int) -> None:
-        """Write ``placement``; if the bucket's region is lost, move the bucket to the primary's
-        region and restore every tenant's record from the streams' copies."""
-        try:
-            await self.write_placement(placement)
-        except (TimeoutError, NatsError) as exc:
-            bucket = self.scheme.kv_bucket(PLACEMENT_KIND)
-            region = placement.primary.region
-            self.say(f"the placement bucket does not answer ({exc!r}); moving it to {region}")
-            await self._delete(f"KV_{bucket}")
-            await self._placement_bucket_in(region, replicas)
-            for other in (await self.placements_from_streams()).values():
-                if other.tenant != placement.tenant:
-                    await self.write_placement(other)
-            await self.write_placement(placement)
+    async def _record(self, placement: Placement) -> None:
+        """Write ``placement`` into every region's copy and say where it could not."""
+        missed = await self.write_placement(placement)
         self.say(
             f"placement of {placement.tenant}: primary {placement.primary.stream} in "
             f"{placement.primary.region}, epoch {placement.epoch} from seq "
             f"{placement.epochs[-1].start_seq if placement.epochs else 1}"
         )
+        if missed:
+            self.say(
+                f"   not written in {', '.join(missed)} (not answering): run `arqonbus mesh "
+                "provision FILE` when it is back, before its gateways take traffic"
+            )
 
     # -- stream steps
 
@@ -469,7 +519,7 @@ class RegionOps:
             )
             await self._mirror(mirror, primary, new)
         self.say(f"{step + 2}. writing the placement record")
-        await self._record(new, primary.config.num_replicas or 1)
+        await self._record(new)
 
     async def _fence(self, name: str) -> None:
         info = await self.info(name)
@@ -481,3 +531,11 @@ class RegionOps:
         config.republish = None
         config.mirror_direct = False
         await self.jsm.update_stream(config)
+
+
+async def _quietly(read: Awaitable[Placement | None]) -> Placement | BaseException | None:
+    """A copy's record, or the error reading it (a copy that does not answer is stale)."""
+    try:
+        return await read
+    except Exception as exc:  # any failure: the copy cannot be trusted
+        return exc

@@ -691,6 +691,12 @@ def _count(value: object) -> int:
     return value
 
 
+def placement_kind(region: str) -> str:
+    """The KV bucket kind of region ``region``'s copy of the placement records (placed in
+    that region, watched by its gateways): ``<prefix>_placement-<region>``."""
+    return f"placement-{_region_name(region)}"
+
+
 def initial_placement(mesh: MeshFile, tenant: Tenant) -> Placement:
     scheme = mesh.scheme
     primary = StreamAt(tenant.home, scheme.stream_name(tenant.name))

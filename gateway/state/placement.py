@@ -1,7 +1,9 @@
 """The tenants' placements (shared/regions.py), read from a watched copy of their KV bucket.
 
-Only a gateway with a region (``ARQONBUS_REGION``) watches the bucket; the ops tools
-(``arqonbus mesh provision``, ``failover``, ``failback``) write it. A tenant without a record
+Only a gateway with a region (``ARQONBUS_REGION``) watches a bucket: its own region's copy
+(``<prefix>_placement-<region>``, placed in the region), so the loss of another region loses
+none of its records. The ops tools (``arqonbus mesh provision``, ``failover``, ``failback``)
+write every region's copy. A tenant without a record
 behaves as in one region. Records are parsed once per value; one that does not parse is
 logged once and ignored (the tenant is taken as not placed).
 """
@@ -11,11 +13,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from arqonbus_server.shared.regions import Placement, PlacementRecordError
+from arqonbus_server.shared.regions import Placement, PlacementRecordError, placement_kind
 
 log = logging.getLogger("arqonbus.gateway.placement")
 
-KV_PLACEMENT = "placement"  # bucket kind: ``<tenant>`` -> Placement.to_json()
+__all__ = ["PlacementTable", "placement_kind"]  # placement_kind(region): its copy's bucket
 
 
 class PlacementTable:

@@ -13,7 +13,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from arqonbus_server.gateway.policies import policy_for
-from arqonbus_server.gateway.state.placement import KV_PLACEMENT
+from arqonbus_server.gateway.state.placement import placement_kind
 from arqonbus_server.mesh.watched import WatchedBucket
 from arqonbus_server.shared import subjects
 from arqonbus_server.shared.inspect import LayeredPolicy
@@ -36,7 +36,7 @@ class SecurityState:
         state: StateStore,
         prefix: str,
         policy_file: str = "",
-        watch_placement: bool = False,
+        region: str = "",
     ) -> None:
         self.broker = broker
         self.state = state
@@ -49,8 +49,9 @@ class SecurityState:
         self.tenants = self._watched(subjects.KV_TENANTS)
         # Content policies: a tenant's rules in KV replace the policy file's for it.
         self.content_policy = LayeredPolicy(policy_for(policy_file), self.policies.get)
-        # The tenants' placements (gateway/state/placement.py): only with a region.
-        self.placement = self._watched(KV_PLACEMENT) if watch_placement else None
+        # The tenants' placements (gateway/state/placement.py): only with a region, from
+        # that region's own copy.
+        self.placement = self._watched(placement_kind(region)) if region else None
         self._nonces: KVBucket | None = None
         self._started = False
 

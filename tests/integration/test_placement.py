@@ -18,12 +18,19 @@ import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.api import StreamConfig, StreamSource
+from nats.js.errors import BucketNotFoundError
 
 from arqonbus_server.gateway.app import Gateway
 from arqonbus_server.mesh.local import LocalCluster
 from arqonbus_server.mesh.regions import RegionOps
 from arqonbus_server.mesh.streams import StreamPolicy, tenant_stream_config
-from arqonbus_server.shared.regions import Epoch, Placement, StreamAt, mirror_stream_name
+from arqonbus_server.shared.regions import (
+    Epoch,
+    Placement,
+    StreamAt,
+    mirror_stream_name,
+    placement_kind,
+)
 from arqonbus_server.shared.subjects import SubjectScheme
 from tests.conftest import gateway_url
 from tests.timeouts import SEC, eventually
@@ -55,19 +62,23 @@ async def last_seq(nc: Client, stream: str) -> int:
     return (await nc.jsm().stream_info(stream)).state.last_seq
 
 
-async def add_mirror(nc: Client, name: str, of: str) -> None:
+async def add_mirror(nc: Client, name: str, of: str, replicas: int = 1) -> None:
     config = StreamConfig(
         name=name,
         mirror=StreamSource(name=of),
         allow_direct=True,
         mirror_direct=False,
-        num_replicas=1,
+        num_replicas=replicas,
     )
     await nc.jsm().add_stream(config)
 
 
 async def place(nc: Client, gateway: Gateway, placement: Placement) -> None:
-    kv = await nc.jetstream().key_value(SCHEME.kv_bucket("placement"))
+    kind = placement_kind(gateway.settings.region)
+    try:
+        kv = await nc.jetstream().key_value(SCHEME.kv_bucket(kind))
+    except BucketNotFoundError:
+        kv = await nc.jetstream().create_key_value(bucket=SCHEME.kv_bucket(kind))
     await kv.put(placement.tenant, placement.to_json())
     await until(lambda: gateway.placements.get(placement.tenant) == placement, "placement seen")
 

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import pytest
 
-from arqonbus_server.gateway.state.placement import KV_PLACEMENT, PlacementTable
+from arqonbus_server.gateway.state.placement import PlacementTable, placement_kind
 from arqonbus_server.mesh.memory import MemoryBroker, MemoryMesh, MemoryStateStore, _Stream
 from arqonbus_server.mesh.mirrors import MirrorConfirmer
 from arqonbus_server.mesh.ports import BrokerUnavailable
@@ -33,9 +33,11 @@ REF = ChannelRef("acme", "r", "c")
 
 async def test_the_copy_follows_the_bucket_and_ignores_a_record_that_does_not_parse() -> None:
     mesh = MemoryMesh()
-    kv = await MemoryStateStore(mesh).bucket(KV_PLACEMENT)
+    kv = await MemoryStateStore(mesh).bucket(placement_kind("here"))
     await kv.put("acme", PLACED.to_json())
-    watched = WatchedBucket("placement", lambda: MemoryStateStore(mesh).bucket(KV_PLACEMENT))
+    watched = WatchedBucket(
+        "placement", lambda: MemoryStateStore(mesh).bucket(placement_kind("here"))
+    )
     changed: list[str] = []
     watched.on_change(lambda key, _: changed.append(key))
     table = PlacementTable(watched.get)
