@@ -27,6 +27,7 @@ import contextlib
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 from nats.aio.client import Client
 from nats.errors import Error as NatsError
@@ -59,6 +60,7 @@ PLACEMENT_METADATA = "arqonbus_placement"
 API_TIMEOUT_S = 5.0
 HEALTH_TIMEOUT_S = 2.0  # a primary that does not answer stream info within this is unreachable
 CATCH_UP_TIMEOUT_S = 120.0
+META_WAIT_S = 30.0  # how long the tools wait for the meta group (an election) before failing
 _POLL_S = 0.1
 
 
@@ -267,10 +269,9 @@ class RegionOps:
         # every stream's leader and times out while a region is down.
         names: list[str] = []
         for _ in range(1000):  # pages of up to 1024 names
-            reply = await self.nc.request(
-                "$JS.API.STREAM.NAMES", json.dumps({"offset": len(names)}).encode(), API_TIMEOUT_S
+            data = await self._meta_request(
+                "$JS.API.STREAM.NAMES", {"offset": len(names)}, META_WAIT_S
             )
-            data = json.loads(reply.data)
             if "error" in data:
                 raise RegionsRefused(f"listing the streams failed: {data['error']}")
             page = data.get("streams") or []
@@ -278,6 +279,28 @@ class RegionOps:
             if not page or len(names) >= int(data.get("total", 0)):
                 break
         return sorted(name[len(prefix) :] for name in names if name.startswith(prefix))
+
+    async def _meta_request(self, subject: str, body: object, wait: float) -> dict[str, Any]:
+        """A JetStream API request that the meta leader answers, asked again for up to
+        ``wait`` s: right after a region is lost the meta group may be electing a leader
+        (its leader may have been there), and the API does not answer meanwhile."""
+        loop = asyncio.get_running_loop()
+        deadline, said = loop.time() + wait, False
+        while True:
+            try:
+                reply = await self.nc.request(subject, json.dumps(body).encode(), API_TIMEOUT_S)
+                data: dict[str, Any] = json.loads(reply.data)
+            except (TimeoutError, NatsError):
+                if loop.time() >= deadline:
+                    raise
+                if not said:
+                    self.say("   JetStream's API does not answer yet (a meta election?); waiting")
+                    said = True
+                continue
+            if data.get("error", {}).get("code") == 503 and loop.time() < deadline:
+                await asyncio.sleep(_POLL_S * 5)  # no meta leader right now: bounded retry
+                continue
+            return data
 
     async def _read_copy(self, region: str, tenant: str) -> Placement | None:
         kv = await asyncio.wait_for(self.js.key_value(self._bucket_of(region)), HEALTH_TIMEOUT_S)
