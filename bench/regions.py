@@ -462,7 +462,10 @@ async def run(cfg: Config) -> dict[str, Any]:
                 log.info("acks: mirrored against acks: home")
                 results["acks"] = await ack_cost(mesh, cfg)
             log.info(
-                "failover %d of %d (bucket provisioned from %s)", n + 1, len(plan), provision_from
+                "failover %d of %d (provisioned through %s's servers)",
+                n + 1,
+                len(plan),
+                provision_from,
             )
             run = await failover_once(mesh, cfg)
         finally:
