@@ -23,6 +23,7 @@ from arqonbus_server.gateway.config import load_settings
 from arqonbus_server.mesh.local import free_port
 from tests.conftest import gateway_url
 from tests.sdk.test_cli import arq
+from tests.timeouts import SEC
 
 STARTING = (
     "starting: the security state is not loaded yet; retry shortly or connect to another gateway"
@@ -130,7 +131,7 @@ async def gateway_without_nats() -> AsyncIterator[Gateway]:
 async def test_the_sdk_error_gives_the_503_reason_of_a_gateway_without_nats() -> None:
     async with gateway_without_nats() as gateway:
         url = gateway_url(gateway)
-        client = Client(url, "dev:t:a", connect_timeout=1.0, max_backoff=0.2)
+        client = Client(url, "dev:t:a", connect_timeout=5 * SEC, max_backoff=0.2)
         with pytest.raises(ConnectionFailed) as failed:
             await client.connect()
         await client.close()
@@ -148,7 +149,7 @@ async def test_a_draining_gateway_is_still_reported_as_draining(start_gateway) -
     url = gateway_url(gateway)
     # What drain() does first; drain() itself would also close the listener.
     gateway.draining = True
-    client = Client(url, "dev:t:a", connect_timeout=1.0, max_backoff=0.2)
+    client = Client(url, "dev:t:a", connect_timeout=5 * SEC, max_backoff=0.2)
     with pytest.raises(ConnectionFailed) as failed:
         await client.connect()
     await client.close()
