@@ -203,22 +203,31 @@ async def test_a_join_from_an_epoch_the_gateway_has_not_seen_is_refused_retryabl
 
 
 class CountingBroker(MemoryBroker):
-    """Counts the replays in progress at once; each gives way a few times, as a read of a
-    real store would, so that unbounded catch-ups would overlap."""
+    """Counts the replays in progress at once. Once armed, each replay holds until ``hold``
+    of them run together, so the peak shows the bound: unbounded catch-ups would exceed it,
+    and catch-ups run one at a time would never reach it (the hold then times out)."""
 
-    def __init__(self) -> None:
+    def __init__(self, hold: int) -> None:
         super().__init__(MemoryMesh())
+        self.hold = hold
+        self.armed = False
+        self.full = asyncio.Event()
         self.active = 0
         self.most = 0
+
+    def arm(self) -> None:
+        self.armed, self.most = True, 0
 
     async def replay(
         self, ref: ChannelRef, start_seq: int, end_seq: int | None, limit: int | None = None
     ) -> AsyncGenerator[StoredEvent, None]:
         self.active += 1
         self.most = max(self.most, self.active)
+        if self.active >= self.hold:
+            self.full.set()
         try:
-            for _ in range(5):
-                await asyncio.sleep(0)  # give way (not a wait for anything)
+            if self.armed:
+                await asyncio.wait_for(self.full.wait(), 5 * SEC)
             async for stored in super().replay(ref, start_seq, end_seq, limit):
                 yield stored
         finally:
@@ -227,14 +236,14 @@ class CountingBroker(MemoryBroker):
 
 async def test_a_failover_catches_up_many_members_a_bounded_number_at_a_time() -> None:
     placements = {"acme": FIRST}
-    broker = CountingBroker()
+    broker = CountingBroker(hold=3)
     refs = [ChannelRef("acme", "r", f"c{n}") for n in range(4)]
     _, hub = await placed_hub(placements, 0, broker, epoch_catchup_concurrency=3)
     for ref in refs:
         await broker.publish(ref, orjson.dumps({"n": 0}), f"k{ref.channel}")
     sockets = [await joined(hub, ref, events=1) for ref in refs for _ in range(5)]
     placements["acme"] = promoted(FIRST, "west", 0)  # epoch 2 from seq 1: every member moves
-    broker.most = 0
+    broker.arm()
     hub.placement_changed("acme")
     for socket in sockets:  # a gap, then seq 1 of epoch 2 again from the store
         sent = await socket.frames(3)
@@ -242,5 +251,5 @@ async def test_a_failover_catches_up_many_members_a_bounded_number_at_a_time() -
             ("gap", None),
             ("event", 2),
         ]
-    assert 1 <= broker.most <= 3
+    assert broker.most == 3  # the bound, reached
     await hub.close()
