@@ -7,6 +7,9 @@ import math
 from pathlib import Path
 from typing import Any
 
+from bench.presence import problems as presence_problems
+from bench.presence import table as presence_table
+
 REPO = Path(__file__).resolve().parents[1]
 PERFORMANCE_MD = REPO / "docs" / "performance.md"
 PEERS = ("python-socketio", "node-socketio", "nats-ws")
@@ -46,6 +49,8 @@ def sanity_problems(results: dict[str, Any]) -> list[str]:
         if not point.get("n_open"):
             problems.append(f"idle {name}: no connection opened")
     problems += observability_problems(results.get("observability"))
+    if "presence" in results:
+        problems += presence_problems(results["presence"])
     return problems
 
 
@@ -190,6 +195,9 @@ def table(results: dict[str, Any]) -> str:
     lines.append("")
     if "observability" in results:
         lines.append(observability_table(results["observability"]))
+        lines.append("")
+    if "presence" in results:
+        lines.append(presence_table(results["presence"]))
         lines.append("")
     lines.append(goals(results, arq))
     return "\n".join(lines)

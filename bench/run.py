@@ -455,6 +455,8 @@ async def observability_cost(cluster: LocalCluster, cfg: Config, work: Path) -> 
 async def run(cfg: Config, out_dir: Path) -> dict[str, Any]:
     from bench.idle import run_idle
     from bench.peers.launch import ensure_node_deps, start_peer
+    from bench.presence import SMOKE as PRESENCE_SMOKE
+    from bench.presence import PresenceConfig, presence_section
 
     work = Path(tempfile.mkdtemp(prefix="arqonbus-bench-"))
     cluster = LocalCluster(work / "nats", nodes=3)
@@ -526,6 +528,9 @@ async def run(cfg: Config, out_dir: Path) -> dict[str, Any]:
             "nats-ws", [(nats_ws.pid, nats_ws.url)], min(cfg.idle_n, 15_000)
         )
         results["idle"] = idle
+        results["presence"] = await presence_section(
+            cluster.url_csv, PRESENCE_SMOKE if cfg.smoke else PresenceConfig(), work
+        )
     finally:
         for peer in peers:
             await peer.stop()
@@ -567,7 +572,7 @@ def main() -> int:
 
     args = parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    for noisy in ("arqonbus", "nats", "websockets"):
+    for noisy in ("arqonbus", "nats", "websockets", "picows"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     cfg = Config(repeats=args.repeats)
     if args.smoke:

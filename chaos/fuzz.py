@@ -42,6 +42,7 @@ from hypothesis import strategies as st
 from arqonbus_server.gateway.auth import agent as auth_agent
 from arqonbus_server.gateway.state.rooms import check_admin_parameters
 from arqonbus_server.shared import commands, envelope, service, subjects
+from arqonbus_server.shared.core.commands import checked_parameters
 from arqonbus_server.shared.envelope import (
     DEPTH_MAX,
     ERROR_MESSAGE_MAX,
@@ -538,9 +539,15 @@ def check_parameters(name: str, params: dict[str, Any]) -> None:
             assert 1 <= history.limit <= commands.HISTORY_MAX_LIMIT
         elif name in (commands.REGISTER_HANDLER, commands.UNREGISTER_HANDLER):
             handled = commands.handler_params(params)
-            assert is_valid_name(handled) and not commands.is_builtin(handled)
-        elif name in commands.ROOM_ADMIN_COMMANDS:
+            assert is_valid_name(handled) and not commands.gateway_answers(handled, "r")
+        elif (
+            name in (*commands.ROOM_ADMIN_COMMANDS, commands.CREATE_ROOM, commands.KICK)
+            or name == commands.CONFIGURE_ROOM
+        ):
             check_admin_parameters(name, params)
+        elif name in (*commands.PRESENCE_COMMANDS, *commands.GATEWAY_ADMIN_COMMANDS):
+            # as the connection core does before any I/O (shared/core/commands.py)
+            checked_parameters(ClientCommand("c-1", "r", "c", name, params))
         elif name == commands.REFRESH_TOKEN:
             assert commands.refresh_token_params(params)
         elif name == commands.REGISTER_AGENT:

@@ -23,6 +23,11 @@ What the model allows, from the SDK's contract (clients/python/arqonbus/client.p
   (``duplicate=True``) or stores it now; then it is acked like any other event.
 * A subscription hands each stored event with ``seq`` above its start once, in order:
   the start is ``since_seq`` when given, else the channel's ``last_seq`` at the join.
+
+Presence rides on the same mesh and faults (:class:`chaos.presence_model.PresenceRules`):
+connections of a few principals enter and leave channels' presence and set their state;
+after the expiry bound every gateway lists exactly the live members, no ghost of a killed
+gateway. The gateways run with ``ARQONBUS_PRESENCE_LEASE_S=0.5`` for that (expiry ~3 s).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import contextlib
 import logging
 import signal
 import threading
+import time
 import uuid
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
@@ -52,6 +58,7 @@ from nats.js.errors import BadRequestError, NotFoundError
 
 from arqonbus import ArqonBusError, Client, Gap
 from arqonbus_server.mesh.local import LocalCluster
+from chaos.presence_model import PRESENCE_LEASE_S, PresenceRules
 from tests.support import GatewayProcess
 
 log = logging.getLogger("arqonbus.chaos.model")
@@ -72,6 +79,9 @@ REQUEST_TIMEOUT = 20.0
 JOIN_TIMEOUT = 60.0
 CONNECT_TIMEOUT = 20.0
 RESOLVE_ATTEMPTS = 4
+# The machine's gateways: a short presence lease (chaos/presence_model.py), so a killed
+# gateway's members expire in about 3 s instead of about 12 s.
+GATEWAY_ENV = {"ARQONBUS_PRESENCE_LEASE_S": str(PRESENCE_LEASE_S)}
 
 
 class ModelViolation(AssertionError):
@@ -96,6 +106,12 @@ class Stats:
     duplicate_acks: int = 0
     events_checked: int = 0
     subscribers: int = 0
+    presence_sessions: int = 0
+    presence_checks: int = 0  # presence settles that agreed with the model on every gateway
+    presence_members_checked: int = 0
+    presence_multi_gateway_members: int = 0  # checked members with sessions on 2+ gateways
+    presence_ghosts_seen: int = 0  # settles that first saw a dead session still listed
+    presence_settled_after_kill_max_s: float = 0.0
 
     def count(self, rule_name: str) -> None:
         self.steps += 1
@@ -114,6 +130,12 @@ class Stats:
             "duplicate_acks": self.duplicate_acks,
             "events_checked": self.events_checked,
             "subscribers": self.subscribers,
+            "presence_sessions": self.presence_sessions,
+            "presence_checks": self.presence_checks,
+            "presence_members_checked": self.presence_members_checked,
+            "presence_multi_gateway_members": self.presence_multi_gateway_members,
+            "presence_ghosts_seen": self.presence_ghosts_seen,
+            "presence_settled_after_kill_max_s": self.presence_settled_after_kill_max_s,
         }
 
 
@@ -134,6 +156,7 @@ class Mesh:
         self.cluster: LocalCluster | None = None
         self.gateways: list[GatewayProcess] = []
         self.down_node: int | None = None
+        self.last_gateway_kill = float("-inf")  # time.monotonic() of the last SIGKILL
         self.stats = Stats()
         self.gateway_logs: list[str] = []  # stderr tails of killed gateways
         self.failures: list[dict[str, Any]] = []  # what the mesh looked like at each failure
@@ -164,7 +187,9 @@ class Mesh:
     async def _start(self) -> None:
         self.cluster = LocalCluster(self.base_dir / "nats", nodes=3)
         await self.cluster.start(timeout=90)
-        procs = [GatewayProcess(self.cluster.url_csv) for _ in range(self.gateway_count)]
+        procs = [
+            GatewayProcess(self.cluster.url_csv, env=GATEWAY_ENV) for _ in range(self.gateway_count)
+        ]
         self.gateways = procs
         await asyncio.gather(*(p.start(timeout=60) for p in procs))
 
@@ -208,11 +233,12 @@ class Mesh:
         """
         old = self.gateways[index]
         old.signal(signal.SIGKILL)
+        self.last_gateway_kill = time.monotonic()
         await old.wait_exit(30)
         tail = await old.stderr()
         await old.stop()  # reaped already: only closes its log file
         self.gateway_logs = [*self.gateway_logs[-3:], tail]
-        new = GatewayProcess(self.nats_urls, port=old.port)
+        new = GatewayProcess(self.nats_urls, port=old.port, env=GATEWAY_ENV)
         self.gateways[index] = new
         await new.start(timeout=60)
         self.stats.gateway_kills += 1
@@ -384,8 +410,9 @@ class Subscriber:
         return self.delivered[-1].seq if self.delivered else self.start
 
 
-class BusMachine(RuleBasedStateMachine):
-    """Subscribers, publishers and faults on a real mesh, checked against the model."""
+class BusMachine(PresenceRules, RuleBasedStateMachine):
+    """Subscribers, publishers and faults on a real mesh, checked against the model; and
+    presence (chaos/presence_model.py) on the same mesh and faults."""
 
     mesh: ClassVar[Mesh | None] = None
     # Faults per example: a node kill can stall the stream for a leader election (seconds).
@@ -414,6 +441,7 @@ class BusMachine(RuleBasedStateMachine):
         self.node_down = False
         if self.m.down_node is not None:
             raise RuntimeError("the previous example left a node down")
+        self._presence_init()
 
     # -- plumbing
 
@@ -766,6 +794,7 @@ class BusMachine(RuleBasedStateMachine):
                 for s in self.subscribers
             ],
             "down_node": self.m.down_node,
+            "presence": self._describe_presence(),
         }
 
     # -- the property
@@ -838,6 +867,7 @@ class BusMachine(RuleBasedStateMachine):
             if not self.failed:
                 self._do(self.m.restart_node())
                 self._do(self._settle(resolve=True))
+                self._do(self._presence_settle())
                 self.m.stats.events_checked += sum(len(s.delivered) for s in self.subscribers)
         finally:
             with contextlib.suppress(Exception):
@@ -847,6 +877,7 @@ class BusMachine(RuleBasedStateMachine):
 
     async def _close_all(self) -> None:
         clients = [s.client for s in self.subscribers] + [p.client for p in self.publishers]
+        clients += self._presence_clients()
         await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
         tasks = [s.task for s in self.subscribers if s.task is not None]
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -4,8 +4,9 @@
 
 Runs :class:`chaos.model.BusMachine` against one real mesh (a 3-node R3 JetStream cluster
 and 3 gateway processes) in rounds of examples until the time budget is spent, and writes
-OUT: examples, steps, kills, events checked, and the counterexample if one was found (the
-failing steps, the model's state and the gateways' logs). Exit 0 when the property held.
+OUT: examples, steps, kills, events checked, presence checks, and the counterexample if one
+was found (the failing steps, the model's state and the gateways' logs). Exit 0 when the
+properties held. The gateways run with ARQONBUS_PRESENCE_LEASE_S=0.5 (chaos/presence_model.py).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from hypothesis.reporting import with_reporter
 from hypothesis.stateful import run_state_machine_as_test
 
 from chaos.model import BusMachine, Mesh
+from chaos.presence_model import EXPIRY_BOUND_S
 from chaos.suite import finish, parse_suite_args
 
 NAME = "statemachine"
@@ -99,7 +101,7 @@ def _summary(
     stats: dict[str, Any], elapsed: float, passed: bool, error: str | None, report: list[str]
 ) -> str:
     lines = [
-        "### State machine: delivered is always a prefix of acked",
+        "### State machine: delivered is always a prefix of acked; presence has no ghosts",
         "",
         "Subscribers, publishers (acks awaited, connections cut mid-publish), explicit resumes, "
         "gateway kill -9 and NATS node kill -9 on a 3-node R3 mesh with 3 gateways; after "
@@ -113,6 +115,19 @@ def _summary(
         f"| {stats['gateway_kills']} | {stats['node_kills']} | {stats['disconnects']} "
         f"| {stats['publishes']} | {stats['unknown_outcomes']} | {stats['duplicate_acks']} "
         f"| {stats['events_checked']} | {elapsed:.0f} |",
+        "",
+        "Presence on the same mesh (ARQONBUS_PRESENCE_LEASE_S=0.5, expiry bound "
+        f"{EXPIRY_BOUND_S:g} s): connections of 3 principals enter and leave 2 channels, set "
+        "their state, drop and close; after the bound every live gateway's `presence` (all "
+        "pages) must list exactly the live members (no ghost of a killed gateway, none "
+        "missing, a principal on two gateways once) and `occupancy` must agree.",
+        "",
+        "| sessions | checks passed | members checked | on 2+ gateways | checks that saw a ghost "
+        "| slowest settle after a kill (s) |",
+        "|---|---|---|---|---|---|",
+        f"| {stats['presence_sessions']} | {stats['presence_checks']} "
+        f"| {stats['presence_members_checked']} | {stats['presence_multi_gateway_members']} "
+        f"| {stats['presence_ghosts_seen']} | {stats['presence_settled_after_kill_max_s']} |",
     ]
     if error:
         lines += ["", f"Error: `{error.splitlines()[-1][:300]}`", "", "```", *report[-60:], "```"]

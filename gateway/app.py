@@ -38,6 +38,7 @@ from arqonbus_server.gateway.http.admission import (
 from arqonbus_server.gateway.http.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from arqonbus_server.gateway.http.metrics import metrics_from
 from arqonbus_server.gateway.http.origin import OriginPolicy
+from arqonbus_server.gateway.state.admin import GatewayCommands, GatewayInfo
 from arqonbus_server.gateway.state.audit import AUTH_FAILED, AuditLog, AuditThrottle
 from arqonbus_server.gateway.state.heartbeat import HeartbeatPublisher, NodeIdentity, server_version
 from arqonbus_server.gateway.state.limits import (
@@ -47,7 +48,16 @@ from arqonbus_server.gateway.state.limits import (
     rate_specs,
 )
 from arqonbus_server.gateway.state.placement import PlacementTable
-from arqonbus_server.gateway.state.rooms import RoomDirectory, RoomSettings, banned_error
+from arqonbus_server.gateway.state.presence import PresenceService, PresenceSettings
+from arqonbus_server.gateway.state.rooms import (
+    EVERYONE,
+    KICK_MEMORY_S,
+    Kick,
+    RoomDirectory,
+    RoomSettings,
+    banned_error,
+    kick_error,
+)
 from arqonbus_server.gateway.state.security import NONCE_TTL_S, SecurityState
 from arqonbus_server.gateway.state.tenant_limits import TenantLimitsTable
 from arqonbus_server.gateway.tracing import tracing_from
@@ -67,6 +77,7 @@ from arqonbus_server.mesh.broker import BrokerUnavailable
 from arqonbus_server.mesh.cluster import JetStreamClusterView
 from arqonbus_server.mesh.jetstream import broker_from_settings
 from arqonbus_server.mesh.kv import JetStreamStateStore
+from arqonbus_server.mesh.presence import JetStreamPresenceStore
 from arqonbus_server.shared.envelope import encode_auth_required, parse_auth_frame
 from arqonbus_server.shared.errors import (
     FORBIDDEN_ORIGIN,
@@ -77,6 +88,7 @@ from arqonbus_server.shared.errors import (
     PortInUse,
 )
 from arqonbus_server.shared.settings import ConfigError, Settings
+from arqonbus_server.shared.subjects import node_token
 
 log = logging.getLogger("arqonbus.gateway")
 
@@ -198,7 +210,30 @@ class Gateway:
         self.security.keys.on_change(self._on_key_change)
         # Private rooms: a ban made on any gateway removes the member from the room here.
         self.rooms = RoomDirectory.of(self.security)
+        self._kicks_applied: dict[tuple[str, str, str], float] = {}
+        for (tenant, room), room_settings in self.rooms.items():  # kicks made before we started
+            self._new_kicks(tenant, room, room_settings, time.time())
         self.rooms.on_update(self._on_room_update)
+        # Presence (gateway/state/presence.py) and the built-in admin commands.
+        self.presence = PresenceService(
+            JetStreamPresenceStore(self.broker),
+            node_token(self.node_id),
+            presence_settings(settings),
+        )
+        self.commands = GatewayCommands(
+            self.broker,
+            GatewayInfo(
+                self.node_id,
+                settings.region,
+                server_version(),
+                time.monotonic(),
+                settings.stream_max_age_s,
+            ),
+            self.presence,
+            self.rooms,
+            self._status_connections,
+            self._live_gateways,
+        )
         # Per client address: upgrades per second (429 beyond) and unfinished handshakes.
         self.conn_rate = RateLimiter(settings.conn_rate_per_ip, settings.conn_burst_per_ip)
         # Rate limits and connection quotas (gateway/state/limits.py).
@@ -290,6 +325,7 @@ class Gateway:
         # (else started by the first tenant override with a connection cap: _on_tenant_limits)
         self.audit.start()
         self.heartbeats.start()
+        await self.presence.start()
         self._tasks.append(asyncio.create_task(self._ready_once_loaded()))
         loop = asyncio.get_running_loop()
         interval = self.settings.health_interval_s
@@ -390,6 +426,7 @@ class Gateway:
                 async with asyncio.timeout(timeout / 2):
                     await self._server.wait_closed()
         await self.heartbeats.close()  # leave the cluster view now, not in 3 intervals
+        await self.presence.close()  # this gateway's members leave now, not at lease expiry
         await self.hub.close()
         await self.security.close()
         await self.conn_reports.close()
@@ -410,10 +447,14 @@ class Gateway:
     # -- API-key revocation ----------------------------------------------------------
 
     def _on_room_update(self, tenant: str, room: str, settings: RoomSettings | None) -> None:
-        """ROOMS changed: sessions of a banned principal leave the room's channels."""
-        if settings is None or not settings.banned:
+        """ROOMS changed: sessions of a banned principal leave the room's channels, and so
+        do kicked ones (each kick once: ``_kicks_applied``; ``*``: delete_room, everyone)."""
+        if settings is None:
             return
         now = time.time()
+        kicks = self._new_kicks(tenant, room, settings, now)
+        if not settings.banned and not kicks:
+            return
         for session in list(self.sessions):
             principal = session.principal
             if principal.tenant != tenant:
@@ -421,6 +462,27 @@ class Gateway:
             ban = settings.ban_of(principal.id, now)
             if ban is not None:
                 session.leave_room(room, banned_error(room, ban, now))
+                continue
+            for who in (principal.id, EVERYONE):
+                if who in kicks:
+                    session.leave_room(room, kick_error(room, who, kicks[who]))
+                    break
+
+    def _new_kicks(
+        self, tenant: str, room: str, settings: RoomSettings, now: float
+    ) -> dict[str, Kick]:
+        """The record's kicks this gateway has not applied yet (then remembered as applied)."""
+        if len(self._kicks_applied) > 10_000:  # bounded: forget kicks the record dropped
+            self._kicks_applied = {
+                k: at for k, at in self._kicks_applied.items() if now - at < KICK_MEMORY_S
+            }
+        fresh: dict[str, Kick] = {}
+        for who, kick in settings.kicks.items():
+            key = (tenant, room, who)
+            if self._kicks_applied.get(key, float("-inf")) < kick.at:
+                self._kicks_applied[key] = kick.at
+                fresh[who] = kick
+        return fresh
 
     def _on_placement(self, tenant: str, value: bytes | None) -> None:
         """A tenant failed over or back: its members here move to the new epoch."""
@@ -612,6 +674,14 @@ class Gateway:
 
     # -- web dashboard (gateway/dashboard/) ----------------------------------------------
 
+    def _status_connections(self, tenant: str) -> tuple[int, int]:
+        """``status``: this gateway's connections, and the tenant's among them."""
+        mine, everyone = self._connections_of(tenant)
+        return everyone, mine
+
+    async def _live_gateways(self) -> int:
+        return len(await JetStreamClusterView(self.broker).gateways())
+
     def _connections_of(self, tenant: str) -> tuple[int, int]:
         """The tenant's sessions on this gateway, and all of them."""
         mine = sum(1 for session in self.sessions if session.principal.tenant == tenant)
@@ -724,6 +794,7 @@ class Gateway:
             rate_limits=self.rate_limits,
             tracing=self.tracing,
             metrics=self.metrics,
+            commands=self.commands,
         )
         self.tenant_conns.claim(principal.tenant)
         self.sessions.add(session)
@@ -905,6 +976,17 @@ def _rate_limited(wait_s: float) -> HttpReply:
             "retry_after_ms": retry_after_ms(wait_s),
         },
         (("Retry-After", retry_after_header(wait_s)),),
+    )
+
+
+def presence_settings(settings: Settings) -> PresenceSettings:
+    """The presence service's timings from the gateway's settings (docs/presence.md)."""
+    return PresenceSettings(
+        batch_ms=settings.presence_batch_ms,
+        max_changes=settings.presence_max_changes,
+        idle_s=settings.presence_idle_s,
+        lease_interval_s=settings.presence_lease_s,
+        lease_timeout_s=4 * settings.presence_lease_s,
     )
 
 

@@ -18,9 +18,20 @@ if TYPE_CHECKING:
         MemoryBroker,
         MemoryBucket,
         MemoryClusterView,
+        MemoryPresenceStore,
         MemoryStateStore,
+        _MemoryPresenceWatch,
     )
-    from arqonbus_server.mesh.ports import AuditSink, Broker, ClusterView, KVBucket, StateStore
+    from arqonbus_server.mesh.ports import (
+        AuditSink,
+        Broker,
+        ClusterView,
+        KVBucket,
+        PresenceStore,
+        PresenceWatch,
+        StateStore,
+    )
+    from arqonbus_server.mesh.presence import JetStreamPresenceStore, _JetStreamPresenceWatch
 
     def _brokers(real: JetStreamBroker, twin: MemoryBroker) -> list[Broker]:
         return [real, twin]
@@ -35,4 +46,14 @@ if TYPE_CHECKING:
         return [real, twin]
 
     def _cluster_views(real: JetStreamClusterView, twin: MemoryClusterView) -> list[ClusterView]:
+        return [real, twin]
+
+    def _presence_stores(
+        real: JetStreamPresenceStore, twin: MemoryPresenceStore
+    ) -> list[PresenceStore]:
+        return [real, twin]
+
+    def _presence_watches(
+        real: _JetStreamPresenceWatch, twin: _MemoryPresenceWatch
+    ) -> list[PresenceWatch]:
         return [real, twin]

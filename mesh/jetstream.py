@@ -39,6 +39,8 @@ from arqonbus_server.mesh.mirrors import TenantConfirmers, mirrors_to_confirm
 from arqonbus_server.mesh.nats_auth import connect_failure, connect_options, redact_url
 from arqonbus_server.mesh.ports import (
     BrokerUnavailable,
+    ChannelDetail,
+    ChannelStats,
     ChannelWindow,
     LiveEvent,
     LiveHandler,
@@ -78,6 +80,18 @@ _LIVE_PENDING_BYTES = 64 * 1024 * 1024
 _ACK_SWEEP_S = 0.1
 _REPLAY_BATCH = 1000
 _REPLAY_BATCH_BYTES = 1 << 20  # bounds a batch in memory, whatever the events' size
+# channel_detail sums the bodies of a channel of at most this many events (one read of
+# them all, in direct-get batches: ~10 round trips); above it, the bytes are estimated from
+# _SAMPLE_WINDOWS windows of _SAMPLE_SIZE events spread over the channel (bytes_exact False).
+DETAIL_EXACT_MAX = 10_000
+_SAMPLE_WINDOWS = 4
+_SAMPLE_SIZE = 250
+# A batched direct get with multi_last answers at most 1024 subjects (nats-server's
+# maxAllowedResponses; more: status 413), so channel_stats asks for this many at a time.
+_MULTI_LAST_CHUNK = 512
+_MAX_SUBJECT_PAGES = 100  # STREAM.INFO pages of 100,000 subjects each: 10M channels
+_LAGGING_RETRIES = 5  # a direct get answered by a replica behind the leader is asked again
+_STREAM_NOT_FOUND = 10059  # JetStream's JSStreamNotFoundErr
 _SERVICE_DRAIN_S = 2.0
 # One queue group per command subject; the group name only has to be the same everywhere.
 _HANDLER_QUEUE = "arqonbus-handlers"
@@ -128,6 +142,14 @@ class _DirectBatch:
 
 class _NoStream(Exception):
     """No stream answered the publish (NATS no-responders status)."""
+
+
+class _TtlDisabled(Exception):
+    """The stream refused a TTL'd event: per-message TTLs are off (a stream made before)."""
+
+
+# JetStream's "per-message TTL is disabled" (JSMessageTTLDisabledErr).
+_TTL_DISABLED = 10166
 
 
 class _PublishAcks:
@@ -187,6 +209,9 @@ class _PublishAcks:
             ack = orjson.loads(msg.data)
             error = ack.get("error")
             if error:
+                if isinstance(error, dict) and error.get("err_code") == _TTL_DISABLED:
+                    future.set_exception(_TtlDisabled())
+                    return
                 description = (
                     error.get("description", "error") if isinstance(error, dict) else error
                 )
@@ -273,6 +298,39 @@ def _uses_tls_as_configured(nc: NatsClient, options: dict[str, Any]) -> bool:
     return writer is not None and writer.get_extra_info("ssl_object") is not None
 
 
+def _publish_headers(
+    headers: Mapping[str, str] | None, dedupe_key: str, ttl_s: int | None
+) -> dict[str, str]:
+    """The headers of a stored event: the caller's, its dedupe key and its TTL."""
+    sent = {**headers} if headers else {}
+    sent["Nats-Msg-Id"] = dedupe_key
+    if ttl_s is not None:
+        if ttl_s < 1:
+            raise ValueError(f"ttl_s must be at least 1 second, not {ttl_s}")
+        sent["Nats-TTL"] = f"{ttl_s}s"
+    return sent
+
+
+def _channels_filter(scheme: SubjectScheme, tenant: str, room: str | None) -> str:
+    """The ingest subjects of every channel of ``tenant`` (of its ``room`` only, if given).
+
+    Derived from the scheme's ingest subject (shared/subjects.py formats subjects)."""
+    ref = ChannelRef.of(tenant, room or "_", "_")
+    base = scheme.ingest(ref).rsplit(".", 2)[0]
+    return f"{base}.{ref.room}.*" if room is not None else f"{base}.*.*"
+
+
+def _room_filter(scheme: SubjectScheme, tenant: str, room: str) -> str:
+    """Every subject of ``room``'s channels: ``<prefix>.ev.<tenant>.<room>.>``."""
+    return scheme.ingest(ChannelRef.of(tenant, room, "_")).rsplit(".", 1)[0] + ".>"
+
+
+def _room_channel(subject: str) -> tuple[str, str] | None:
+    """The (room, channel) of a channel's ingest subject (its last two tokens)."""
+    parts = subject.split(".")
+    return (parts[-2], parts[-1]) if len(parts) == 5 else None
+
+
 def _header_int(msg: Msg, name: str) -> int:
     headers = msg.headers or {}
     return int(headers.get(name, "0") or 0)
@@ -324,6 +382,8 @@ class JetStreamBroker:
         # Observability (the gateway's metrics): called with "disconnect", "reconnect",
         # "slow_consumer" or "error" as they happen; it must not raise or block.
         self.on_link_event: Callable[[str], None] | None = None
+        # channel_detail sums the bytes of a channel up to this many events (tests lower it).
+        self.detail_exact_max = DETAIL_EXACT_MAX
 
     # -- connection -----------------------------------------------------------
 
@@ -577,24 +637,34 @@ class JetStreamBroker:
         body: bytes,
         dedupe_key: str,
         headers: Mapping[str, str] | None = None,
+        ttl_s: int | None = None,
     ) -> PublishResult:
+        """Store one event (see :meth:`mesh.ports.Broker.publish`).
+
+        ``ttl_s`` becomes the ``Nats-TTL`` header (per-message TTL, nats-server 2.11+): the
+        stream removes the event that many seconds after storing it. A stream made before
+        TTLs were used refuses it once; its TTLs are then turned on and the event sent again
+        (the dedupe key makes that safe). Raises ValueError when ``ttl_s`` is below 1.
+        """
         _, _, _, streams = self._require()
         assert self._acks is not None
         subject = self._scheme.ingest(ref)
+        sent = _publish_headers(headers, dedupe_key, ttl_s)
         placement = self._placement(ref.tenant)
         if placement is not None:
-            return await self._publish_placed(ref, placement, body, dedupe_key, headers)
+            return await self._publish_placed(ref, placement, body, dedupe_key, sent)
         # The stream keeps the headers and RePublish copies them to the live subject.
-        headers = {**headers, "Nats-Msg-Id": dedupe_key} if headers else {"Nats-Msg-Id": dedupe_key}
         # A stream that was just created can take a moment to take its subjects on every
         # server; a bounded retry covers it. The dedupe key makes the retry safe.
         # Create the tenant's stream before its first publish (cached afterwards): waiting
         # for "no responders" is not enough, since any wildcard subscriber answers too.
         await self.ensure_stream(ref.tenant)
-        delay = 0.05
+        delay, ttl_on = 0.05, False
         for attempt in range(_NO_STREAM_RETRIES):
             try:
-                return await self._acks.publish(subject, body, headers)
+                return await self._acks.publish(subject, body, sent)
+            except _TtlDisabled:
+                ttl_on = await self._allow_msg_ttl(self._scheme.stream_name(ref.tenant), ttl_on)
             except _NoStream:
                 # No stream leader right now (election after a node loss), or the stream
                 # was deleted: back off briefly; midway, re-provision in case of the latter.
@@ -614,7 +684,7 @@ class JetStreamBroker:
         placement: Placement,
         body: bytes,
         dedupe_key: str,
-        headers: Mapping[str, str] | None,
+        sent: dict[str, str],
     ) -> PublishResult:
         """Store only in the placement's primary; with ``acks: mirrored``, ack once mirrored.
 
@@ -631,15 +701,16 @@ class JetStreamBroker:
             if mirrors := mirrors_to_confirm(placement):
                 await self.wait_mirrored(ref.tenant, mirrors, carried, self._publish_timeout)
             return PublishResult(carried, True, epoch_holding(placement, carried))
-        sent = {**headers} if headers else {}
-        sent["Nats-Msg-Id"] = dedupe_key
         sent["Nats-Expected-Stream"] = placement.primary.stream
         subject = self._scheme.ingest(ref)
-        delay = 0.05
+        delay, ttl_on = 0.05, False
         for _ in range(_NO_STREAM_RETRIES):
             try:
                 result = await self._acks.publish(subject, body, sent)
                 break
+            except _TtlDisabled:
+                # A primary provisioned (or promoted from a mirror) before TTLs were used.
+                ttl_on = await self._allow_msg_ttl(placement.primary.stream, ttl_on)
             except _NoStream:
                 await asyncio.sleep(delay)  # no leader right now: back off, bounded
                 delay = min(delay * 2, 0.5)
@@ -651,6 +722,22 @@ class JetStreamBroker:
             await self.wait_mirrored(ref.tenant, mirrors, result.seq, self._publish_timeout)
         # Nats-Expected-Stream: only this placement's primary stored it, in its epoch.
         return replace(result, epoch=placement.epoch)
+
+    async def _allow_msg_ttl(self, stream: str, tried: bool) -> bool:
+        """Turn per-message TTLs on for ``stream`` after it refused a TTL'd event; True.
+        ``tried``: turned on already and still refused, so fail rather than loop."""
+        _, _, _, streams = self._require()
+        if tried:
+            raise BrokerUnavailable(
+                f"stream {stream} refuses per-message TTLs: upgrade NATS to nats-server 2.11+"
+            )
+        try:
+            streams.forget_ttl(stream)
+            if not await streams.allow_msg_ttl(stream):
+                raise BrokerUnavailable(f"stream {stream} does not exist")
+        except (*_TRANSIENT, APIError) as exc:
+            raise BrokerUnavailable(f"could not turn TTLs on for {stream}: {exc}") from exc
+        return True
 
     async def _ids_before(self, stream: str, end_seq: int, window_s: float) -> dict[str, int]:
         """``Nats-Msg-Id`` -> seq of ``stream``'s events up to ``end_seq`` stored within the
@@ -952,6 +1039,208 @@ class JetStreamBroker:
         if not state.messages:
             return StreamStats(0, 0, 0, 0)
         return StreamStats(state.messages, state.bytes, state.first_seq, state.last_seq)
+
+    # -- admin reads and purge (the admin commands of issue 16) ---------------------------
+
+    async def channel_stats(self, tenant: str, room: str | None = None) -> list[ChannelStats]:
+        """Each channel's count (STREAM.INFO ``subjects_filter``, from the stream leader, all
+        pages) and last seq (batched direct gets with ``multi_last``, not one per channel),
+        sorted by (room, channel). A placed tenant's: its current primary's."""
+        stream = self._primary_stream(tenant)
+        found = await self._subject_counts(stream, _channels_filter(self._scheme, tenant, room))
+        if found is None:
+            return []
+        counts, leader_last = found
+        lasts = await self._last_seqs(stream, sorted(counts), leader_last)
+        stats = []
+        for subject, count in counts.items():
+            room_channel = _room_channel(subject)
+            if count > 0 and subject in lasts and room_channel is not None:
+                stats.append(ChannelStats(*room_channel, count, lasts[subject]))
+        return sorted(stats, key=lambda s: (s.room, s.channel))
+
+    async def channel_detail(self, ref: ChannelRef) -> ChannelDetail:
+        """Count (``subjects_filter``), first and last seq (from the stream leader), and the
+        bodies' bytes: summed when the channel holds at most :data:`DETAIL_EXACT_MAX`
+        events (``detail_exact_max``), else estimated from a sample (``bytes_exact`` False)."""
+        _, _, jsm, _ = self._require()
+        stream, subject = self._primary_stream(ref.tenant), self._scheme.ingest(ref)
+        found = await self._subject_counts(stream, subject)
+        count = found[0].get(subject, 0) if found is not None else 0
+        if count == 0:
+            return ChannelDetail(0, 0, 0, 0, True)
+        try:
+            first = (await jsm.get_msg(stream, seq=1, subject=subject, next=True)).seq or 0
+            last = (await jsm.get_last_msg(stream, subject)).seq or 0
+        except NotFoundError:  # removed (purged, expired) since it was counted
+            return ChannelDetail(0, 0, 0, 0, True)
+        except (*_TRANSIENT, APIError) as exc:
+            raise BrokerUnavailable(f"message lookup failed: {type(exc).__name__}") from exc
+        if count <= self.detail_exact_max:
+            sizes = [len(e.body) async for e in self.replay(ref, first, last)]
+            return ChannelDetail(count, first, last, sum(sizes), True)
+        return ChannelDetail(
+            count, first, last, await self._estimate(ref, first, last, count), False
+        )
+
+    async def _estimate(self, ref: ChannelRef, first: int, last: int, count: int) -> int:
+        """The channel's bytes from _SAMPLE_WINDOWS windows spread over first..last."""
+        sizes: list[int] = []
+        step = max(1, (last - first) // _SAMPLE_WINDOWS)
+        for start in range(first, last + 1, step)[:_SAMPLE_WINDOWS]:
+            async with contextlib.aclosing(self.replay(ref, start, last, _SAMPLE_SIZE)) as events:
+                sizes.extend([len(e.body) async for e in events])
+        return round(sum(sizes) / len(sizes) * count) if sizes else 0
+
+    async def purge_room(self, tenant: str, room: str) -> int:
+        """Purge the room's subjects from the tenant's stream (its current primary); returns
+        the count JetStream removed. Seqs are never reused (the stream's last seq stays).
+
+        A mirror does not copy a purge, so a placed tenant's mirrors are purged too, each
+        once; one that does not answer (its region is down) is logged and keeps the room's
+        events until its own retention removes them (reads by the primary are exact)."""
+        stream = self._primary_stream(tenant)
+        subjects = _room_filter(self._scheme, tenant, room)
+        reply = await self._js_api(f"STREAM.PURGE.{stream}", {"filter": subjects})
+        placement = self._placement(tenant)
+        for mirror in placement.mirrors if placement is not None else ():
+            try:
+                await self._js_api(f"STREAM.PURGE.{mirror.stream}", {"filter": subjects})
+            except BrokerUnavailable as exc:
+                log.warning(
+                    "room %s of %s stays in mirror %s: %s", room, tenant, mirror.stream, exc
+                )
+        return 0 if reply is None else int(reply.get("purged", 0))
+
+    async def _js_api(self, api: str, request: dict[str, Any]) -> dict[str, Any] | None:
+        """One JetStream API request (``$JS.API.<api>``); None when the stream does not
+        exist. Raises BrokerUnavailable when JetStream did not answer or refused."""
+        nc, _, _, _ = self._require()
+        try:
+            msg = await nc.request(
+                f"$JS.API.{api}", orjson.dumps(request), timeout=self._publish_timeout
+            )
+            reply = orjson.loads(msg.data)
+        except (NoRespondersError, *_TRANSIENT) as exc:
+            raise BrokerUnavailable(
+                f"JetStream did not answer {api}: {type(exc).__name__}"
+            ) from exc
+        except orjson.JSONDecodeError:
+            raise BrokerUnavailable(f"unreadable JetStream reply to {api}") from None
+        error = reply.get("error") if isinstance(reply, dict) else {"description": "not a map"}
+        if error:
+            if isinstance(error, dict) and error.get("err_code") == _STREAM_NOT_FOUND:
+                return None
+            raise BrokerUnavailable(f"JetStream refused {api}: {error}")
+        return reply  # type: ignore[no-any-return]
+
+    async def _subject_counts(
+        self, stream: str, subjects: str
+    ) -> tuple[dict[str, int], int] | None:
+        """Stored events per subject matching ``subjects`` and the stream's last seq, from
+        STREAM.INFO read page by page (the server sends 100,000 subjects per page, sorted,
+        with ``total`` and ``offset``). None when the stream does not exist."""
+        counts: dict[str, int] = {}
+        offset, last_seq = 0, 0
+        for _ in range(_MAX_SUBJECT_PAGES):
+            request = {"subjects_filter": subjects, "offset": offset}
+            reply = await self._js_api(f"STREAM.INFO.{stream}", request)
+            if reply is None:
+                return None
+            state = reply.get("state") or {}
+            last_seq = last_seq or int(state.get("last_seq", 0))
+            page: dict[str, int] = state.get("subjects") or {}
+            counts.update(page)
+            offset += len(page)
+            if not page or offset >= int(reply.get("total", 0)):
+                return counts, last_seq
+        raise BrokerUnavailable(f"stream {stream} has more channels than one answer can list")
+
+    async def _last_seqs(
+        self, stream: str, subjects: list[str], leader_last: int
+    ) -> dict[str, int]:
+        """Each subject's last seq, by batched direct gets with ``multi_last`` (nats-server
+        2.11+; one lookup per subject before), _MULTI_LAST_CHUNK subjects per request."""
+        if not self._has_batched_direct_get():
+            return await self._last_seqs_one_by_one(stream, subjects)
+        lasts: dict[str, int] = {}
+        for start in range(0, len(subjects), _MULTI_LAST_CHUNK):
+            chunk = subjects[start : start + _MULTI_LAST_CHUNK]
+            lasts.update(await self._multi_last(stream, chunk, leader_last))
+        return lasts
+
+    async def _multi_last(
+        self, stream: str, subjects: list[str], leader_last: int
+    ) -> dict[str, int]:
+        """One chunk's last seqs. A replica behind the leader (its end-of-batch
+        ``Nats-UpTo-Sequence`` below the leader's last seq) is asked again; a batch cut by
+        ``max_bytes`` goes on from the seq after its last message, up to the same seq."""
+        lasts: dict[str, int] = {}
+        request: dict[str, Any] = {
+            "multi_last": subjects,
+            "batch": len(subjects),
+            "max_bytes": _REPLAY_BATCH_BYTES,
+        }
+        for attempt in range(_LAGGING_RETRIES + len(subjects) + 1):  # bounded: lag + pages
+            msgs, end = await self._direct_batch(stream, request)
+            up_to = int(end.get("Nats-UpTo-Sequence", "0") or 0)
+            if "up_to_seq" not in request and up_to < leader_last and attempt < _LAGGING_RETRIES:
+                await asyncio.sleep(0.05 * 2**attempt)  # retry backoff: the replica catches up
+                continue
+            for msg in msgs:
+                headers = msg.headers or {}
+                lasts[headers.get("Nats-Subject", "")] = int(headers.get("Nats-Sequence", "0"))
+            pending = int(end.get("Nats-Num-Pending", "0") or 0)
+            if end.get("Status") != "204" or pending == 0 or not msgs:
+                return lasts
+            request["up_to_seq"] = up_to
+            request["seq"] = int((msgs[-1].headers or {}).get("Nats-Sequence", "0")) + 1
+        return lasts
+
+    async def _direct_batch(
+        self, stream: str, request: dict[str, Any]
+    ) -> tuple[list[Msg], dict[str, str]]:
+        """One batched direct get: its messages, and the headers of the status message that
+        ends it (204 end of batch, 404 nothing matched, ...)."""
+        nc, _, _, _ = self._require()
+        replies: asyncio.Queue[Msg] = asyncio.Queue()
+
+        async def on_msg(msg: Msg) -> None:
+            replies.put_nowait(msg)
+
+        try:
+            sub = await nc.subscribe(
+                nc.new_inbox(), cb=on_msg, pending_msgs_limit=4 * _REPLAY_BATCH
+            )
+            await nc.publish(
+                f"$JS.API.DIRECT.GET.{stream}", orjson.dumps(request), reply=sub.subject
+            )
+        except _TRANSIENT as exc:
+            raise BrokerUnavailable(f"direct get failed: {type(exc).__name__}") from exc
+        msgs: list[Msg] = []
+        try:
+            async with asyncio.timeout(_REPLAY_WAIT_S * _REPLAY_STALL_CHECKS):
+                while not ((msg := await replies.get()).headers or {}).get("Status"):
+                    msgs.append(msg)
+            return msgs, dict(msg.headers or {})
+        except TimeoutError:
+            raise BrokerUnavailable(f"stream {stream} did not answer a direct get") from None
+        finally:
+            with contextlib.suppress(*_TRANSIENT, nats.errors.Error):
+                await sub.unsubscribe()
+
+    async def _last_seqs_one_by_one(self, stream: str, subjects: list[str]) -> dict[str, int]:
+        """Each subject's last seq from the stream leader (servers before 2.11)."""
+        _, _, jsm, _ = self._require()
+        lasts = {}
+        for subject in subjects:
+            try:
+                lasts[subject] = (await jsm.get_last_msg(stream, subject)).seq or 0
+            except NotFoundError:
+                continue
+            except (*_TRANSIENT, APIError) as exc:
+                raise BrokerUnavailable(f"last message lookup failed: {exc}") from exc
+        return lasts
 
     async def replay(
         self, ref: ChannelRef, start_seq: int, end_seq: int | None, limit: int | None = None

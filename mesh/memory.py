@@ -18,13 +18,15 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import orjson
 
 from arqonbus_server.mesh.mirrors import TenantConfirmers, mirrors_to_confirm
 from arqonbus_server.mesh.ports import (
     BrokerUnavailable,
+    ChannelDetail,
+    ChannelStats,
     ChannelWindow,
     InvalidKey,
     KeyExists,
@@ -34,6 +36,8 @@ from arqonbus_server.mesh.ports import (
     LiveHandler,
     NatsNode,
     NoResponders,
+    PresenceChange,
+    PresenceEntry,
     PublishResult,
     ReconnectHandler,
     RequestTimeout,
@@ -44,11 +48,24 @@ from arqonbus_server.mesh.ports import (
     StoreQuotaExceeded,
     StreamStats,
 )
+from arqonbus_server.mesh.presence import (
+    channel_filter,
+    decode_entry,
+    encode_entry,
+    entry_key,
+    gateway_filter,
+    lease_key,
+    room_filter,
+)
 from arqonbus_server.shared.regions import Placement
 from arqonbus_server.shared.subjects import ChannelRef, SubjectScheme, node_token
 
 _KEY_RE = re.compile(r"[-/_=.a-zA-Z0-9]+")
 MAX_PAYLOAD = 1024 * 1024
+# channel_detail sums the bytes of a channel of at most this many events, else estimates
+# them from a sample of _SAMPLE_SIZE spread over the channel (as mesh/jetstream.py does).
+DETAIL_EXACT_MAX = 10_000
+_SAMPLE_SIZE = 1000
 
 
 def _check_key(key: str) -> None:
@@ -65,6 +82,7 @@ class _Stored:
     ref: ChannelRef
     body: bytes
     prev_seq: int
+    expires: float | None = None  # by the mesh's clock: a per-message TTL (a room's retention)
 
 
 @dataclass
@@ -80,6 +98,19 @@ class _Stream:
             if event.ref == ref:
                 return event.seq
         return 0
+
+    def expire(self, now: float) -> None:
+        """Remove the events whose TTL ran out (as JetStream does, on its own clock)."""
+        if any(e.expires is not None and e.expires <= now for e in self.events):
+            self.remove(lambda e: e.expires is not None and e.expires <= now)
+
+    def remove(self, doomed: Callable[[_Stored], bool]) -> int:
+        """Remove the events ``doomed`` picks; returns how many. last_seq stays."""
+        kept = [e for e in self.events if not doomed(e)]
+        removed = len(self.events) - len(kept)
+        self.events = kept
+        self.stored_bytes = sum(len(e.body) for e in kept)
+        return removed
 
 
 @dataclass
@@ -113,6 +144,7 @@ class MemoryMesh:
         # Mirror streams by name: (the tenant they copy, the seq they are held at or None
         # while they follow at once). Events themselves stay in the tenant's stream.
         self.mirrors: dict[str, tuple[str, int | None]] = {}
+        self.presence = _PresenceTables()  # MemoryPresenceStore's entries and leases
 
     def add_mirror(self, name: str, tenant: str) -> None:
         """A mirror of the tenant's stream, up to date at once (until :meth:`hold_mirror`)."""
@@ -158,6 +190,8 @@ class MemoryBroker:
         self.placement_for: Callable[[str], Placement | None] | None = None
         self.publish_timeout_s = 5.0  # how long a placed tenant's ack waits for a mirror
         self._confirmers = TenantConfirmers(self._mirror_last_seq)
+        # channel_detail sums the bytes of a channel up to this many events (tests lower it).
+        self.detail_exact_max = DETAIL_EXACT_MAX
 
     @property
     def connected(self) -> bool:
@@ -208,13 +242,18 @@ class MemoryBroker:
         body: bytes,
         dedupe_key: str,
         headers: Mapping[str, str] | None = None,
+        ttl_s: int | None = None,
     ) -> PublishResult:
+        if ttl_s is not None and ttl_s < 1:
+            raise ValueError(f"ttl_s must be at least 1 second, not {ttl_s}")
         await self.ensure_stream(ref.tenant)
-        stream = self.mesh.streams.get(ref.tenant)
+        stream = self._stream(ref.tenant)
         if stream is None:  # a placed tenant whose stream is not provisioned (yet)
             raise BrokerUnavailable(f"no stream stores the events of {ref.tenant}")
         placement = self._placement(ref.tenant)
-        result = self._store(stream, ref, body, dedupe_key, headers, placement)
+        if ttl_s is not None:
+            headers = {**(headers or {}), "Nats-TTL": f"{ttl_s}s"}  # as the real store keeps it
+        result = self._store(stream, ref, body, dedupe_key, headers, placement, ttl_s)
         if mirrors := mirrors_to_confirm(placement):
             await self.wait_mirrored(ref.tenant, mirrors, result.seq, self.publish_timeout_s)
         return result
@@ -228,6 +267,13 @@ class MemoryBroker:
     async def _mirror_last_seq(self, name: str) -> int:
         return self.mesh.mirror_last_seq(name)
 
+    def _stream(self, tenant: str) -> _Stream | None:
+        """The tenant's stream without its expired events (None: it has none)."""
+        stream = self.mesh.streams.get(tenant)
+        if stream is not None:
+            stream.expire(self.mesh.clock())
+        return stream
+
     def _store(
         self,
         stream: _Stream,
@@ -236,6 +282,7 @@ class MemoryBroker:
         dedupe_key: str,
         headers: Mapping[str, str] | None,
         placement: Placement | None,
+        ttl_s: int | None = None,
     ) -> PublishResult:
         """Store in the tenant's stream: a placed tenant's is its primary, of its epoch."""
         epoch = None if placement is None else placement.epoch
@@ -246,7 +293,8 @@ class MemoryBroker:
         if 0 < stream.max_bytes < stream.stored_bytes + len(body):
             raise StoreQuotaExceeded("maximum bytes exceeded")
         stream.last_seq += 1
-        event = _Stored(stream.last_seq, ref, body, stream.last_of(ref))
+        expires = None if ttl_s is None else now + ttl_s
+        event = _Stored(stream.last_seq, ref, body, stream.last_of(ref), expires)
         stream.events.append(event)
         stream.stored_bytes += len(body)
         stream.dedupe[dedupe_key] = (event.seq, now)
@@ -267,7 +315,7 @@ class MemoryBroker:
 
     async def window(self, ref: ChannelRef) -> ChannelWindow:
         self._require()
-        stream = self.mesh.streams.get(ref.tenant)
+        stream = self._stream(ref.tenant)
         if stream is None:
             return ChannelWindow(0, 0)
         first = stream.events[0].seq if stream.events else 0
@@ -275,17 +323,46 @@ class MemoryBroker:
 
     async def stream_stats(self, tenant: str) -> StreamStats:
         self._require()
-        stream = self.mesh.streams.get(tenant)
+        stream = self._stream(tenant)
         if stream is None or not stream.events:
             return StreamStats(0, 0, 0, 0)
         first, last = stream.events[0].seq, stream.events[-1].seq
         return StreamStats(len(stream.events), stream.stored_bytes, first, last)
 
+    async def channel_stats(self, tenant: str, room: str | None = None) -> list[ChannelStats]:
+        self._require()
+        stream = self._stream(tenant)
+        found: dict[ChannelRef, tuple[int, int]] = {}
+        for event in stream.events if stream is not None else ():
+            if room is None or event.ref.room == room:
+                count, _ = found.get(event.ref, (0, 0))
+                found[event.ref] = (count + 1, event.seq)
+        stats = [ChannelStats(r.room, r.channel, n, last) for r, (n, last) in found.items()]
+        return sorted(stats, key=lambda s: (s.room, s.channel))
+
+    async def channel_detail(self, ref: ChannelRef) -> ChannelDetail:
+        self._require()
+        stream = self._stream(ref.tenant)
+        events = [e for e in stream.events if e.ref == ref] if stream is not None else []
+        if not events:
+            return ChannelDetail(0, 0, 0, 0, True)
+        first, last = events[0].seq, events[-1].seq
+        if len(events) <= self.detail_exact_max:
+            return ChannelDetail(len(events), first, last, sum(len(e.body) for e in events), True)
+        sample = events[:: max(1, len(events) // _SAMPLE_SIZE)]
+        estimate = round(sum(len(e.body) for e in sample) / len(sample) * len(events))
+        return ChannelDetail(len(events), first, last, estimate, False)
+
+    async def purge_room(self, tenant: str, room: str) -> int:
+        self._require()
+        stream = self._stream(tenant)
+        return 0 if stream is None else stream.remove(lambda e: e.ref.room == room)
+
     async def replay(
         self, ref: ChannelRef, start_seq: int, end_seq: int | None, limit: int | None = None
     ) -> AsyncGenerator[StoredEvent, None]:
         self._require()
-        stream = self.mesh.streams.get(ref.tenant)
+        stream = self._stream(ref.tenant)
         if stream is None:
             return
         end = stream.last_of(ref) if end_seq is None else end_seq
@@ -358,20 +435,28 @@ class MemoryBroker:
 # -- StateStore ----------------------------------------------------------------------------
 
 
-class _MemoryWatch:
-    def __init__(self, bucket: _Bucket, initial: list[KVChange]) -> None:
-        self._bucket = bucket
-        self._queue: asyncio.Queue[KVChange | None] = asyncio.Queue()
+C = TypeVar("C")
+
+
+class _QueuedWatch(Generic[C]):
+    """A watch of the twins: its initial changes, ``None``, then each change offered.
+
+    It registers itself in ``registry`` (the watched bucket's or channel's list), where
+    writers find it, and leaves it when stopped."""
+
+    def __init__(self, registry: list[_QueuedWatch[C]], initial: list[C]) -> None:
+        self._registry = registry
+        self._queue: asyncio.Queue[C | None] = asyncio.Queue()
         for change in initial:
             self._queue.put_nowait(change)
         self._queue.put_nowait(None)
         self._stopped = False
-        bucket.watchers.append(self)
+        registry.append(self)
 
-    def offer(self, change: KVChange) -> None:
+    def offer(self, change: C) -> None:
         asyncio.get_running_loop().call_soon(self._queue.put_nowait, change)
 
-    async def __aiter__(self) -> AsyncIterator[KVChange | None]:
+    async def __aiter__(self) -> AsyncIterator[C | None]:
         while not self._stopped:
             item = await self._queue.get()
             if self._stopped:
@@ -381,8 +466,11 @@ class _MemoryWatch:
     async def stop(self) -> None:
         self._stopped = True
         with contextlib.suppress(ValueError):
-            self._bucket.watchers.remove(self)
+            self._registry.remove(self)
         self._queue.put_nowait(None)  # wakes an iteration waiting for a change
+
+
+_MemoryWatch = _QueuedWatch[KVChange]
 
 
 class MemoryBucket:
@@ -462,7 +550,7 @@ class MemoryBucket:
             live = self._live(key)
             if live is not None:
                 initial.append(KVChange(key, live[0], live[1]))
-        return _MemoryWatch(self._bucket, initial)
+        return _MemoryWatch(self._bucket.watchers, initial)
 
 
 class MemoryStateStore:
@@ -553,3 +641,96 @@ class MemoryClusterView:
 
     async def nats_servers(self, timeout: float = 1.0) -> list[NatsNode]:
         return [NatsNode("memory:0", "memory", "", "", True, connected=True, reachable=True)]
+
+
+# -- PresenceStore -----------------------------------------------------------------------------
+
+
+@dataclass
+class _PresenceTables:
+    """Presence on one mesh, keyed as in mesh/presence.py: channel filter -> key -> entry."""
+
+    channels: dict[str, dict[str, tuple[PresenceEntry, int]]] = field(default_factory=dict)
+    position: int = 0
+    leases: dict[str, int] = field(default_factory=dict)
+    lease_position: int = 0
+    watchers: dict[str, list[_MemoryPresenceWatch]] = field(default_factory=dict)
+
+
+_MemoryPresenceWatch = _QueuedWatch[PresenceChange]
+
+
+class MemoryPresenceStore:
+    """A :class:`mesh.ports.PresenceStore` in memory, with the real store's keys and value
+    encoding (mesh/presence.py): the same InvalidKey and the same metadata it returns."""
+
+    def __init__(self, mesh: MemoryMesh | None = None) -> None:
+        self.mesh = mesh or MemoryMesh()
+
+    def _write(self, channel: str, key: str, entry: PresenceEntry | None) -> int:
+        tables = self.mesh.presence
+        tables.position += 1
+        entries = tables.channels.setdefault(channel, {})
+        if entry is None:
+            entries.pop(key, None)
+        else:
+            entries[key] = (entry, tables.position)
+        principal, gateway, session = key.split(".")[3:]
+        change = PresenceChange(tables.position, principal, session, gateway, entry)
+        for watch in list(tables.watchers.get(channel, ())):
+            watch.offer(change)
+        return tables.position
+
+    async def put(self, ref: ChannelRef, entry: PresenceEntry) -> int:
+        key = entry_key(ref, entry.principal, entry.gateway, entry.session)
+        stored = decode_entry(key, encode_entry(entry))
+        assert stored is not None  # encode_entry refused anything it cannot read back
+        return self._write(channel_filter(ref), key, stored)
+
+    async def remove(self, ref: ChannelRef, principal: str, gateway: str, session: str) -> None:
+        self._write(channel_filter(ref), entry_key(ref, principal, gateway, session), None)
+
+    async def entries(self, ref: ChannelRef) -> list[PresenceEntry]:
+        found = self.mesh.presence.channels.get(channel_filter(ref), {})
+        return sorted(
+            (e for e, _ in found.values()), key=lambda e: (e.principal, e.gateway, e.session)
+        )
+
+    async def watch(self, ref: ChannelRef) -> _MemoryPresenceWatch:
+        channel = channel_filter(ref)
+        found = self.mesh.presence.channels.get(channel, {})
+        initial = [
+            PresenceChange(position, e.principal, e.session, e.gateway, e)
+            for e, position in sorted(found.values(), key=lambda item: item[1])
+        ]
+        return _MemoryPresenceWatch(self.mesh.presence.watchers.setdefault(channel, []), initial)
+
+    async def renew_lease(self, gateway: str) -> int:
+        tables = self.mesh.presence
+        tables.lease_position += 1
+        tables.leases[lease_key(gateway)] = tables.lease_position
+        return tables.lease_position
+
+    async def leases(self) -> dict[str, int]:
+        return dict(self.mesh.presence.leases)
+
+    async def remove_gateway(self, gateway: str) -> int:
+        gateway_filter(gateway)  # the same name checks as the real store
+        removed = self._remove_where(lambda key: key.split(".")[4] == gateway)
+        self.mesh.presence.leases.pop(gateway, None)
+        return removed
+
+    async def remove_room(self, tenant: str, room: str) -> int:
+        prefix = room_filter(tenant, room)[:-1]
+        return self._remove_where(lambda key: key.startswith(prefix))
+
+    def _remove_where(self, matches: Callable[[str], bool]) -> int:
+        doomed = [
+            (channel, key)
+            for channel, entries in self.mesh.presence.channels.items()
+            for key in entries
+            if matches(key)
+        ]
+        for channel, key in doomed:
+            self._write(channel, key, None)
+        return len(doomed)

@@ -12,6 +12,8 @@ contract suite, ``tests/contract/``, which checks exactly the guarantees stated 
 * :class:`AuditSink`: each tenant's audit stream, appended to and read back.
 * :class:`ClusterView`: the gateways' heartbeats (the last one of each live gateway) and
   the NATS servers of the cluster (:mod:`mesh.cluster`).
+* :class:`PresenceStore`: who is present in each channel (one entry per session), with
+  per-gateway leases so that a dead gateway's members can be removed (:mod:`mesh.presence`).
 
 Errors are the exceptions below. :class:`BrokerUnavailable` always means "the store did not
 answer or could not be reached": nothing is known about the effect, retrying is safe
@@ -167,6 +169,31 @@ class StreamStats:
 
 
 @dataclass(frozen=True, slots=True)
+class ChannelStats:
+    """One channel with stored events: how many, and its newest seq."""
+
+    room: str
+    channel: str
+    messages: int
+    last_seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelDetail:
+    """What the store holds for one channel (all 0 when it holds nothing).
+
+    ``bytes`` is exact when ``bytes_exact``; otherwise it is estimated from a sample of the
+    channel's events (a channel of many events is not read in full to answer).
+    """
+
+    messages: int
+    first_seq: int
+    last_seq: int
+    bytes: int
+    bytes_exact: bool
+
+
+@dataclass(frozen=True, slots=True)
 class KVEntry:
     """A live value and its revision (the store's sequence of the write that set it)."""
 
@@ -274,11 +301,14 @@ class Broker(Protocol):
         body: bytes,
         dedupe_key: str,
         headers: Mapping[str, str] | None = None,
+        ttl_s: int | None = None,
     ) -> PublishResult:
         """Store one event of ``ref``'s channel (creating the tenant's stream if needed).
 
         ``headers`` (e.g. ``traceparent``) are stored with it and offered to live
-        subscribers in ``LiveEvent.headers``.
+        subscribers in ``LiveEvent.headers``. With ``ttl_s`` (a room's own retention) the
+        store removes the event ``ttl_s`` seconds after storing it, even if the tenant's
+        stream keeps events longer (it never keeps one longer than the stream's own limits).
 
         Returns once stored, with its seq, strictly greater than every seq stored before
         in the tenant. The same ``dedupe_key`` within the dedupe window stores nothing and
@@ -317,6 +347,23 @@ class Broker(Protocol):
         """The tenant's stream as it is now: its stored events and bytes, first and last seq
         (all 0 when the tenant has no stream). Reflects every publish acknowledged before
         the call. Raises BrokerUnavailable."""
+        ...
+
+    async def channel_stats(self, tenant: str, room: str | None = None) -> list[ChannelStats]:
+        """Every channel of ``tenant`` (of its ``room`` only, when given) that holds stored
+        events, sorted by (room, channel). Reflects every publish acknowledged before the
+        call; nothing of another tenant. Raises BrokerUnavailable."""
+        ...
+
+    async def channel_detail(self, ref: ChannelRef) -> ChannelDetail:
+        """The channel's stored events: count, first and last seq, bytes. Reflects every
+        publish acknowledged before the call. Raises BrokerUnavailable."""
+        ...
+
+    async def purge_room(self, tenant: str, room: str) -> int:
+        """Remove every stored event of every channel of ``room`` (other rooms and tenants
+        keep theirs); returns how many were removed. Seqs are never reused: later events of
+        the room get seqs above every earlier one. Raises BrokerUnavailable."""
         ...
 
     def replay(
@@ -551,4 +598,113 @@ class ClusterView(Protocol):
         """Every NATS server of the cluster this connection knows of (configured, connected
         to, or gossiped by the cluster), ordered by url, each asked who it is for up to
         ``timeout`` s (``reachable`` False when it did not answer). Never raises."""
+        ...
+
+
+# -- PresenceStore ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceEntry:
+    """One session's presence in one channel (a principal with two sessions has two)."""
+
+    principal: str
+    session: str
+    gateway: str  # the node token (shared.subjects.node_token) of the session's gateway
+    joined_at: float  # Unix seconds
+    state: str  # "online" or "idle" (shared/presence.py); absent means offline
+    metadata: bytes  # a JSON object, validated by the gateway before it is stored
+    updated_at: float  # Unix seconds
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceChange:
+    """One change of a channel's presence. ``entry`` None: the session left the channel."""
+
+    position: int  # the store's position of the change: strictly increasing per store
+    principal: str
+    session: str
+    gateway: str
+    entry: PresenceEntry | None
+
+
+class PresenceWatch(Protocol):
+    """One channel's presence: first its current entries, then ``None`` once, then changes.
+
+    The initial part holds every present session once (as a change with an entry), in
+    position order: a session changed while it is read appears once, as it is now, and one
+    removed meanwhile not at all. After the ``None`` marker, each later put or removal
+    arrives in the order the store applied it, with increasing positions (a removal may
+    name a session that was not present: ``remove`` of an absent entry is a change too).
+    :meth:`stop` ends the iteration.
+    """
+
+    def __aiter__(self) -> AsyncIterator[PresenceChange | None]: ...
+
+    async def stop(self) -> None:
+        """Stop watching. Never raises."""
+        ...
+
+
+class PresenceStore(Protocol):
+    """Who is present in each channel, the same on every gateway, and each gateway's lease.
+
+    Guarantees:
+
+    * **One entry per session and channel**, keyed by (tenant, room, channel, principal,
+      gateway, session): ``put`` replaces it, ``remove`` deletes it. Positions are strictly
+      increasing per store, so per channel, in the order the store applied the changes.
+      Lease positions are a sequence of their own (compare them only with each other).
+    * **Keys are names.** Every token (tenant, room, channel, principal, gateway, session)
+      must be a valid name (:func:`shared.subjects.is_valid_name`), else InvalidKey and
+      nothing is stored or read. ``metadata`` must be a JSON object, else InvalidInput; it
+      is returned in orjson's compact encoding (byte-equal when it was put so encoded).
+    * **Watch is exact.** :meth:`watch` of a channel yields every entry present when it
+      starts and then every change of that channel and no other (no other tenant's).
+    * **Leases.** A gateway renews its lease while alive; :meth:`leases` returns each
+      gateway's lease with the position of its last renewal, so a reader that sees no new
+      position for a while knows the gateway stopped renewing (no shared clock needed).
+      :meth:`remove_gateway` removes every entry of a gateway (every tenant) and its lease;
+      removals are seen by watches like any other. It is idempotent and safe to run from
+      several gateways at once: each entry is removed (and counted) once in all.
+    * **Replicated.** The entries live in the store with the streams' replica count: a NATS
+      node lost loses none.
+
+    Every method raises BrokerUnavailable when the store did not answer.
+    """
+
+    async def put(self, ref: ChannelRef, entry: PresenceEntry) -> int:
+        """Store the session's entry in ``ref``'s channel; returns its position."""
+        ...
+
+    async def remove(self, ref: ChannelRef, principal: str, gateway: str, session: str) -> None:
+        """Remove the session's entry (removing an absent one is not an error)."""
+        ...
+
+    async def entries(self, ref: ChannelRef) -> list[PresenceEntry]:
+        """A snapshot of the channel's entries, sorted by (principal, gateway, session)."""
+        ...
+
+    async def watch(self, ref: ChannelRef) -> PresenceWatch:
+        """Watch the channel (see :class:`PresenceWatch`); in place when this returns."""
+        ...
+
+    async def renew_lease(self, gateway: str) -> int:
+        """Renew ``gateway``'s lease now; returns the renewal's position."""
+        ...
+
+    async def leases(self) -> dict[str, int]:
+        """Every gateway's lease: gateway -> position of its latest renewal."""
+        ...
+
+    async def remove_gateway(self, gateway: str) -> int:
+        """Remove every entry of ``gateway`` (in every tenant) and then its lease; returns
+        how many entries this call removed. An entry changed by a put after the call began
+        may be kept (so a gateway can clear its previous run's entries at start-up)."""
+        ...
+
+    async def remove_room(self, tenant: str, room: str) -> int:
+        """Remove every entry of every channel of ``tenant``'s ``room`` (other rooms and
+        tenants keep theirs); returns how many this call removed (concurrent calls count
+        each entry once in all). An entry changed by a put after the call began may be kept."""
         ...

@@ -186,6 +186,8 @@ class RegionOps:
                 await self._apply(
                     change, initial_placement(mesh, mesh.tenant(change.stream.tenant))
                 )
+            else:
+                await self._allow_msg_ttl(change.stream)
         for tenant in mesh.tenants:
             current = await self.placement(tenant.name)
             if current is None:
@@ -226,8 +228,21 @@ class RegionOps:
         current.max_bytes = config.max_bytes
         current.discard = config.discard
         current.duplicate_window = config.duplicate_window
+        current.allow_msg_ttl = True  # see _allow_msg_ttl
         await self.jsm.update_stream(current)
         self.say(f"updated {spec.role} {spec.name}: {change.why}")
+
+    async def _allow_msg_ttl(self, spec: StreamSpec) -> None:
+        """Turn per-message TTLs (rooms' retention) on for a stream made before they were
+        used. A primary needs them to accept a TTL'd event; a mirror copies such events
+        either way but removes them when their TTL runs out only with them on. They cannot
+        be turned off again (nats-server refuses), and change no stored event."""
+        info = await self.info(spec.name)
+        if info is None or info.config.allow_msg_ttl:
+            return
+        info.config.allow_msg_ttl = True
+        await self.jsm.update_stream(info.config)
+        self.say(f"updated {spec.role} {spec.name}: per-message TTLs on")
 
     # -- placement records: one copy per region, each gateway watching its own region's
 
@@ -404,6 +419,7 @@ class RegionOps:
         config.subjects = base.subjects
         config.republish = base.republish
         config.allow_direct = True
+        config.allow_msg_ttl = True  # a mirror made before TTLs were used
         config.metadata = {
             **(config.metadata or {}),
             PLACEMENT_METADATA: placement.to_json().decode(),

@@ -65,6 +65,9 @@ def tenant_stream_config(
         duplicate_window=policy.dedupe_window_s,
         discard=policy.discard,
         allow_direct=True,
+        # Per-message TTLs (the ``Nats-TTL`` header, nats-server 2.11+): a room's own
+        # retention. Once on it cannot be turned off (the server refuses), so it always is.
+        allow_msg_ttl=True,
         placement=placement,
         republish=RePublish(
             src=scheme.tenant_ingest_filter(tenant), dest=scheme.tenant_live_filter(tenant)
@@ -95,6 +98,7 @@ class StreamProvisioner:
         self._scheme = scheme
         self._policy = policy
         self._known: set[str] = set()
+        self._ttl_streams: set[str] = set()  # streams seen with per-message TTLs on
         self._locks: dict[str, asyncio.Lock] = {}
         # A tenant's own stored-bytes quota (gateway/state/tenant_limits.py; 0 = unlimited),
         # else the policy's max_bytes for every tenant.
@@ -120,11 +124,15 @@ class StreamProvisioner:
             info = await asyncio.wait_for(self._jsm.stream_info(name), _LOOKUP_TIMEOUT_S * 5)
         except NotFoundError:
             return False
-        await self._reconcile_quota(info.config, self.policy_for(tenant))
+        await self._reconcile(info.config, self.policy_for(tenant))
         return True
 
     def forget(self, tenant: str) -> None:
         self._known.discard(tenant)
+
+    def forget_ttl(self, stream: str) -> None:
+        """Look at ``stream``'s TTL setting again on the next :meth:`allow_msg_ttl`."""
+        self._ttl_streams.discard(stream)
 
     async def ensure(self, tenant: str) -> int:
         """Create the tenant's stream if missing; return its replica count.
@@ -191,26 +199,50 @@ class StreamProvisioner:
                     raise
                 log.info("stream %s did not answer yet; asking again", name)
                 continue
-            await self._reconcile_quota(info.config, self.policy_for(tenant))
+            await self._reconcile(info.config, self.policy_for(tenant))
             return info.config.num_replicas or 1
         raise AssertionError("unreachable")
 
-    async def _reconcile_quota(self, config: StreamConfig, policy: StreamPolicy) -> None:
-        """Apply the configured max_bytes (and its discard policy) to an existing stream.
+    async def allow_msg_ttl(self, stream: str) -> bool:
+        """Turn per-message TTLs on for an existing stream (one made before they were used).
 
-        Only these two fields change, so a stream created by another version keeps the
-        rest of its configuration. Lowering max_bytes below what is already stored may make
-        JetStream remove the oldest events to fit; raising it or turning it off loses nothing.
+        Idempotent and cached per stream name, so a placed tenant's new primary (after a
+        failover) is looked at once too. False when the stream does not exist."""
+        if stream in self._ttl_streams:
+            return True
+        try:
+            info = await asyncio.wait_for(self._jsm.stream_info(stream), _LOOKUP_TIMEOUT_S * 5)
+        except NotFoundError:
+            return False
+        if not info.config.allow_msg_ttl:
+            info.config.allow_msg_ttl = True
+            await self._jsm.update_stream(info.config)
+            log.info("stream %s: per-message TTLs turned on", stream)
+        self._ttl_streams.add(stream)
+        return True
+
+    async def _reconcile(self, config: StreamConfig, policy: StreamPolicy) -> None:
+        """Bring an existing stream to the policy: max_bytes and its discard policy, and
+        per-message TTLs on (a stream made by an earlier version has them off).
+
+        Only these fields change, so a stream created by another version keeps the rest of
+        its configuration, in one update. Lowering max_bytes below what is already stored
+        may make JetStream remove the oldest events to fit; raising it or turning it off
+        loses nothing. Turning TTLs on changes no stored event.
         """
         want_bytes = policy.max_bytes if policy.max_bytes > 0 else -1
         have_bytes = config.max_bytes if config.max_bytes is not None else -1
-        if have_bytes == want_bytes and config.discard == policy.discard:
+        quota_ok = have_bytes == want_bytes and config.discard == policy.discard
+        if quota_ok and config.allow_msg_ttl:
+            self._ttl_streams.add(config.name or "")
             return
         config.max_bytes = want_bytes
         config.discard = policy.discard
+        config.allow_msg_ttl = True
         await self._jsm.update_stream(config)
+        self._ttl_streams.add(config.name or "")
         log.info(
-            "stream %s: max_bytes %s -> %s, discard %s",
+            "stream %s: max_bytes %s -> %s, discard %s, per-message TTLs on",
             config.name,
             have_bytes,
             want_bytes,

@@ -87,6 +87,22 @@ ACTION_PERMISSIONS: dict[str, Permission | None] = {
     "room_mute": Permission.ADMIN,
     "room_unmute": Permission.ADMIN,
     "room_info": Permission.ADMIN,
+    # presence (gateway/state/presence.py): reading it needs `presence`; entering it comes
+    # with join_channel (subscribe); set_presence changes only the connection's own entries
+    "presence": Permission.PRESENCE,
+    "occupancy": Permission.PRESENCE,
+    "set_presence": None,
+    # built-in admin commands (gateway/state/admin.py); shared/commands.py says on which
+    # room and channel each is checked (the tenant's "*", the room's "*", or the envelope's)
+    "ping": None,
+    "status": Permission.ADMIN,
+    "list_rooms": Permission.ADMIN,
+    "list_channels": Permission.ADMIN,
+    "channel_info": Permission.ADMIN,
+    "create_room": Permission.ADMIN,
+    "configure_room": Permission.ADMIN,
+    "delete_room": Permission.ADMIN,
+    "kick": Permission.ADMIN,
 }
 
 
@@ -183,6 +199,10 @@ ROLES: dict[str, tuple[Capability, ...]] = {
             frozenset({Permission.SUBSCRIBE, Permission.HISTORY, Permission.PRESENCE}),
         ),
     ),
+    # read-only without presence: a viewer that must not see who else is there
+    "viewer": (
+        Capability(WILDCARD, WILDCARD, frozenset({Permission.SUBSCRIBE, Permission.HISTORY})),
+    ),
 }
 ROLE_NAMES = ", ".join(ROLES)
 
@@ -192,7 +212,7 @@ def is_known_role(role: str) -> bool:
 
 
 # Roles by rank: a principal may give out (to an agent it registers) its own role or lower.
-_ROLE_RANK = {"read-only": 0, "member": 1, "admin": 2, "owner": 3}
+_ROLE_RANK = {"viewer": -1, "read-only": 0, "member": 1, "admin": 2, "owner": 3}
 
 
 def may_give_role(giver_role: str, role: str) -> bool:

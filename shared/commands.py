@@ -7,7 +7,12 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from arqonbus_server.shared.errors import INVALID_PARAMETERS, UNKNOWN_COMMAND, ArqonError
+from arqonbus_server.shared.errors import (
+    INVALID_PARAMETERS,
+    NO_RESPONDERS,
+    UNKNOWN_COMMAND,
+    ArqonError,
+)
 from arqonbus_server.shared.subjects import is_valid_name
 
 JOIN_CHANNEL = "join_channel"
@@ -39,6 +44,43 @@ ROOM_ADMIN_COMMANDS = (
 # -- agent identity and token refresh (gateway/auth/agent.py, session.py) --
 REGISTER_AGENT = "register_agent"  # needs admin on the command's room/channel
 REFRESH_TOKEN = "refresh_token"  # no permission: the new token must be the same principal's
+# -- presence (gateway/state/presence.py, shared/presence.py) --
+PRESENCE = "presence"  # a page of the channel's members
+OCCUPANCY = "occupancy"  # the channel's member counts by state
+SET_PRESENCE = "set_presence"  # this connection's state and metadata, in every channel
+PRESENCE_COMMANDS = (PRESENCE, OCCUPANCY, SET_PRESENCE)
+# -- built-in admin commands (gateway/state/admin.py) --
+PING = "ping"
+STATUS = "status"
+LIST_ROOMS = "list_rooms"
+LIST_CHANNELS = "list_channels"
+CHANNEL_INFO = "channel_info"
+CREATE_ROOM = "create_room"
+CONFIGURE_ROOM = "configure_room"  # room_configure is its older name
+DELETE_ROOM = "delete_room"
+KICK = "kick"
+GATEWAY_ADMIN_COMMANDS = (
+    PING,
+    STATUS,
+    LIST_ROOMS,
+    LIST_CHANNELS,
+    CHANNEL_INFO,
+    CREATE_ROOM,
+    CONFIGURE_ROOM,
+    DELETE_ROOM,
+    KICK,
+)
+# Built-in names that services commonly use too (the seed's scenario calls a "status"
+# service): the gateway answers them only in its own room, SYSTEM_ROOM; in any other room
+# they are service commands, as before (no responders when no service is registered).
+SERVICE_FIRST = frozenset({PING, STATUS})
+SYSTEM_ROOM = "_system"
+# Where each admin command's permission is checked: on the whole tenant ("*", "*"), on the
+# whole room (room, "*"), or (absent here) on the envelope's room and channel.
+TENANT_SCOPED = frozenset({STATUS, LIST_ROOMS})
+ROOM_SCOPED = frozenset({LIST_CHANNELS, CREATE_ROOM, CONFIGURE_ROOM, DELETE_ROOM, KICK})
+# The changes recorded in the audit stream as ``admin_action`` when they succeed.
+AUDITED_COMMANDS = frozenset({CREATE_ROOM, CONFIGURE_ROOM, DELETE_ROOM, KICK})
 BUILTIN_COMMANDS: tuple[str, ...] = (
     JOIN_CHANNEL,
     LEAVE_CHANNEL,
@@ -49,6 +91,8 @@ BUILTIN_COMMANDS: tuple[str, ...] = (
     *ROOM_ADMIN_COMMANDS,
     REGISTER_AGENT,
     REFRESH_TOKEN,
+    *PRESENCE_COMMANDS,
+    *GATEWAY_ADMIN_COMMANDS,
 )
 
 HISTORY_DEFAULT_LIMIT = 100
@@ -60,6 +104,10 @@ class JoinParams:
     since_seq: int | None
     # The epoch of ``since_seq`` (placed tenants: docs/protocol.md#resume-across-a-failover).
     since_epoch: int | None = None
+    # Enter presence (None: the room's default) and receive presence frames (None: as
+    # ``presence``) (docs/presence.md).
+    presence: bool | None = None
+    presence_events: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +145,14 @@ def is_builtin(name: str) -> bool:
     return name in BUILTIN_COMMANDS
 
 
+def gateway_answers(name: str, room: str) -> bool:
+    """Is the command the gateway's own? Built-in names are, except that ping and status
+    (SERVICE_FIRST) are the gateway's only when sent to SYSTEM_ROOM."""
+    if name in SERVICE_FIRST:
+        return room == SYSTEM_ROOM
+    return name in BUILTIN_COMMANDS
+
+
 def builtin_suggestion(name: str) -> str | None:
     """The built-in command ``name`` was probably meant to be, or None.
 
@@ -108,7 +164,9 @@ def builtin_suggestion(name: str) -> str | None:
         return normal
     if normal in COMMAND_ALIASES:
         return COMMAND_ALIASES[normal]
-    close = difflib.get_close_matches(normal, BUILTIN_COMMANDS, n=1, cutoff=BUILTIN_MATCH_CUTOFF)
+    # ping and status are common service names too: "stats" is a service's, not a typo
+    candidates = [name for name in BUILTIN_COMMANDS if name not in SERVICE_FIRST]
+    close = difflib.get_close_matches(normal, candidates, n=1, cutoff=BUILTIN_MATCH_CUTOFF)
     return close[0] if close else None
 
 
@@ -118,6 +176,12 @@ def misspelt_builtin(name: str) -> ArqonError | None:
     suggestion = builtin_suggestion(name)
     if suggestion is None:
         return None
+    if suggestion == name and name in SERVICE_FIRST:
+        return ArqonError(
+            NO_RESPONDERS,
+            f"no service handles {name!r} on this room and channel; the gateway's own {name} "
+            f"is sent to room {SYSTEM_ROOM!r}",
+        )
     return ArqonError(UNKNOWN_COMMAND, f"unknown command {name[:64]!r}; did you mean {suggestion}?")
 
 
@@ -141,7 +205,7 @@ def handler_params(parameters: dict[str, Any]) -> str:
             "'_' or '-'",
         )
     assert isinstance(name, str)
-    if name in BUILTIN_COMMANDS:
+    if name in BUILTIN_COMMANDS and name not in SERVICE_FIRST:
         raise ArqonError(
             INVALID_PARAMETERS, f"parameter 'command': {name!r} is built-in and cannot be handled"
         )
@@ -168,7 +232,81 @@ def join_params(parameters: dict[str, Any]) -> JoinParams:
             "parameter 'since_epoch' must be an integer >= 1 and comes with 'since_seq' "
             "(the epoch and seq of the last event received)",
         )
-    return JoinParams(since_seq, since_epoch)
+    flags = [_flag(parameters, name) for name in ("presence", "presence_events")]
+    return JoinParams(since_seq, since_epoch, flags[0], flags[1])
+
+
+def _flag(parameters: dict[str, Any], name: str) -> bool | None:
+    value = parameters.get(name)
+    if value is not None and not isinstance(value, bool):
+        raise ArqonError(INVALID_PARAMETERS, f"parameter {name!r} must be true or false")
+    return value
+
+
+LIST_DEFAULT_LIMIT = 100
+LIST_MAX_LIMIT = 1000
+KICK_REASON_MAX_CHARS = 200
+
+
+@dataclass(frozen=True, slots=True)
+class ListParams:
+    after: str | None  # the last name of the previous page (its ``next_cursor``)
+    limit: int
+
+
+def list_params(parameters: dict[str, Any]) -> ListParams:
+    """``cursor`` and ``limit`` of list_rooms / list_channels."""
+    cursor = parameters.get("cursor")
+    if cursor is not None and not is_valid_name(cursor):
+        raise ArqonError(
+            INVALID_PARAMETERS,
+            "parameter 'cursor' must be the next_cursor of a previous page (a room or channel "
+            "name), or absent for the first page",
+        )
+    limit = _seq(parameters, "limit")
+    if limit is None:
+        limit = LIST_DEFAULT_LIMIT
+    if not 1 <= limit <= LIST_MAX_LIMIT:
+        raise ArqonError(
+            INVALID_PARAMETERS, f"parameter 'limit' must be between 1 and {LIST_MAX_LIMIT}"
+        )
+    return ListParams(cursor, limit)
+
+
+def delete_room_params(parameters: dict[str, Any], room: str) -> None:
+    """delete_room needs ``confirm`` equal to the room's name: deleting is not undone."""
+    if parameters.get("confirm") != room:
+        raise ArqonError(
+            INVALID_PARAMETERS,
+            f"delete_room removes every event and the presence of room {room!r} for good: "
+            f"send parameter 'confirm' set to the room's name ({room!r}) to go ahead",
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class KickParams:
+    principal: str
+    reason: str
+
+
+def kick_params(parameters: dict[str, Any]) -> KickParams:
+    principal = parameters.get("principal")
+    if not is_valid_name(principal):
+        raise ArqonError(
+            INVALID_PARAMETERS,
+            "parameter 'principal' must be a principal id of 1-64 characters of A-Z, a-z, "
+            "0-9, '_' or '-'",
+        )
+    reason = parameters.get("reason", "")
+    if reason is None:
+        reason = ""
+    if not isinstance(reason, str) or len(reason) > KICK_REASON_MAX_CHARS:
+        raise ArqonError(
+            INVALID_PARAMETERS,
+            f"parameter 'reason' must be a string of at most {KICK_REASON_MAX_CHARS} characters",
+        )
+    assert isinstance(principal, str)
+    return KickParams(principal, reason)
 
 
 def history_params(parameters: dict[str, Any], max_limit: int = HISTORY_MAX_LIMIT) -> HistoryParams:

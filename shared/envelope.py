@@ -386,6 +386,11 @@ def encode_welcome(session_id: str, node: str, limits: dict[str, int | float]) -
     )
 
 
+def encode_presence(room: str, channel: str, payload: dict[str, Any]) -> bytes:
+    """A ``presence`` frame: a channel's member changes (docs/protocol.md#presence-frames)."""
+    return _server_message("presence", payload, room=room, channel=channel)
+
+
 def encode_ack(
     request_id: str, room: str, channel: str, seq: int, duplicate: bool, epoch: int | None = None
 ) -> bytes:

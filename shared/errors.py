@@ -180,6 +180,31 @@ MUTED = ErrorCode(
     "retry_after_ms is given the mute ends then; otherwise ask a room admin to run room_unmute.",
     False,
 )
+# -- room administration (issue 16, gateway/state/admin.py) --
+ROOM_EXISTS = ErrorCode(
+    "room_exists",
+    "The room is configured already. Change it with configure_room, or delete it with "
+    "delete_room first.",
+    False,
+)
+ROOM_NOT_FOUND = ErrorCode(
+    "room_not_found",
+    "The room has no stored events and no settings: there is nothing to act on. Check the "
+    "room's name (list_rooms lists the tenant's rooms).",
+    False,
+)
+KICKED = ErrorCode(
+    "kicked",
+    "A room admin removed you from this room's channels. You may join again; if you are "
+    "kept out, ask a room admin why (a ban follows room_ban).",
+    False,
+)
+ROOM_DELETED = ErrorCode(
+    "room_deleted",
+    "A room admin deleted this room: its events and presence are gone and you were removed "
+    "from its channels. Join again to use the room afresh.",
+    False,
+)
 INTERNAL = ErrorCode(
     "internal", "Internal gateway error. Retry with the same id; report it if it persists.", True
 )
@@ -208,6 +233,10 @@ CATALOGUE: dict[str, ErrorCode] = {
         ROOM_KEY_REQUIRED,
         BANNED,
         MUTED,
+        ROOM_EXISTS,
+        ROOM_NOT_FOUND,
+        KICKED,
+        ROOM_DELETED,
         INTERNAL,
     )
 }

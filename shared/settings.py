@@ -83,6 +83,28 @@ class Settings(BaseModel):
     heartbeat_interval_s: float = Field(
         5.0, ge=0.1, le=300, description="Heartbeat period; a gateway silent 3 periods is gone"
     )
+    # -- presence and rooms (issue 16; gateway/state/presence.py, docs/presence.md) --
+    presence_idle_s: float = Field(
+        300.0, ge=0, description="A session silent this long shows as idle; 0 = never"
+    )
+    presence_batch_ms: int = Field(
+        100,
+        ge=0,
+        le=10_000,
+        description="Presence changes of a channel sent as one frame per window",
+    )
+    presence_max_changes: int = Field(
+        100, ge=1, le=10_000, description="More changes in a window: one overflow frame instead"
+    )
+    presence_lease_s: float = Field(
+        2.0,
+        gt=0,
+        le=60,
+        description="Lease renewal period; a gateway silent 4 periods has its members removed",
+    )
+    room_min_retention_s: int = Field(
+        3600, ge=1, description="The shortest retention_s a room may be configured with"
+    )
     # -- web dashboard (issue 13; gateway/http/dashboard.py) --
     trace_viewer_url: str = Field(
         "", description="The dashboard's trace link, {trace_id} replaced; empty: no link"

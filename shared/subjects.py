@@ -38,6 +38,9 @@ KV_POLICIES = "policies"  # content policies: ``<tenant>`` -> policy JSON
 KV_TENANTS = "tenants"  # per-tenant limit overrides: ``<tenant>`` -> JSON
 KV_CONNS = "conns"  # connection counts: ``<node key>`` -> {"tenant": count, ...}
 KV_KINDS = (KV_KEYS, KV_AGENTS, KV_NONCES, KV_ROOMS, KV_POLICIES, KV_TENANTS, KV_CONNS)
+# Presence (mesh/presence.py), not state buckets, so not in KV_KINDS:
+KV_PRESENCE = "presence"  # ``<tenant>.<room>.<channel>.<principal>.<gateway>.<session>`` -> entry
+KV_PRESENCE_LEASES = "presence-leases"  # ``<gateway node token>`` -> its last renewal
 _NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 

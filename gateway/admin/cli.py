@@ -1,4 +1,4 @@
-"""``arqonbus``: dev, gateway, mesh (regions, provision, failover), status."""
+"""``arqonbus``: dev, gateway, mesh (regions, provision, failover), status, admin."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from arqonbus_server.gateway.admin import audit as admin_audit
 from arqonbus_server.gateway.admin import keys as admin_keys
 from arqonbus_server.gateway.admin import mesh as admin_mesh
 from arqonbus_server.gateway.admin import policy as admin_policy
+from arqonbus_server.gateway.admin import rooms as admin_rooms
 from arqonbus_server.gateway.admin import status as admin_status
 from arqonbus_server.gateway.admin import tenants as admin_tenants
 from arqonbus_server.gateway.config import load_settings
@@ -135,6 +136,7 @@ def _parser() -> argparse.ArgumentParser:
         admin_audit,
         admin_tenants,
         admin_status,
+        admin_rooms,
     ):
         command.add_parser(sub)
     return parser
@@ -162,6 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "policy": admin_policy,
             "tenants": admin_tenants,
             "status": admin_status,
+            "admin": admin_rooms,
         }
         if args.command in commands:
             code: int = asyncio.run(commands[args.command].run(args, settings))

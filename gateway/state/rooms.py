@@ -11,7 +11,15 @@ The record (JSON)::
      "invite_only": bool, "invited": [principal, ...],
      "banned": {principal: {"until": unix_s | null, "reason": str}},
      "muted": {principal: {"until": unix_s | null}},
+     "presence": bool, "retention_s": int | null, "max_message_bytes": int | null,
+     "configured": bool,
+     "kicks": {principal or "*": {"at": unix_s, "reason": str}},
      "created_by": principal, "updated_at": unix_s}
+
+``configured`` is false for a record that only carries kicks (a kick in a room never
+configured, or the record delete_room leaves behind); ``kicks`` live for
+:data:`KICK_MEMORY_S` and each one is applied once by every gateway (gateway/app.py): the
+kicked principal's sessions (``*``: everyone's, after delete_room) leave the room's channels.
 
 Rules (checked by :class:`gateway.session.Session`):
 
@@ -25,6 +33,10 @@ Rules (checked by :class:`gateway.session.Session`):
   the room joined on this connection (history and register_handler also take ``room_key``).
 * muted: publishing is refused with ``muted`` (``retry_after_ms`` when the mute is timed);
   reading (join, history) is allowed.
+* retention_s: every event published in the room afterwards carries that TTL (NATS
+  per-message TTL): the store drops it then, whatever the tenant's stream keeps.
+* max_message_bytes: a larger stored event is refused with ``message_too_large``.
+* presence: join_channel's default for ``presence`` (docs/presence.md).
 
 Room keys are stored only as a salted scrypt hash. A successful verification is remembered
 in memory (per tenant, room and an HMAC of the candidate under a per-process secret), so a
@@ -64,8 +76,11 @@ from arqonbus_server.shared.core.rooms import (
 from arqonbus_server.shared.core.rooms import banned_error as banned_error
 from arqonbus_server.shared.errors import (
     INVALID_PARAMETERS,
+    KICKED,
     LIMIT_EXCEEDED,
     MESSAGE_RATE_LIMITED,
+    ROOM_DELETED,
+    ROOM_EXISTS,
     UNAVAILABLE,
     ArqonError,
     InvalidInput,
@@ -88,6 +103,9 @@ ROOM_KEY_MAX_CHARS = 256
 MAX_DURATION_S = 366 * 86400
 CAS_ATTEMPTS = 12
 INFO_LIST_MAX = 1000  # room_info lists at most this many entries of each kind
+APPLY_WAIT_S = 2.0  # an admin change waits this long at most to show on its own gateway
+KICK_MEMORY_S = 300.0  # a kick stays in the record this long: every gateway applies it once
+EVERYONE = "*"  # the kick delete_room records: every session in the room leaves
 
 # -- room key hashing (scrypt: ~50 ms, 16 MiB per hash) --------------------------------------
 SCRYPT_N = 2**14
@@ -169,6 +187,12 @@ class Mute:
 
 
 @dataclass(slots=True)
+class Kick:
+    at: float  # Unix seconds
+    reason: str = ""
+
+
+@dataclass(slots=True)
 class RoomSettings:
     private: bool = False
     key_hash: str = ""
@@ -178,6 +202,11 @@ class RoomSettings:
     muted: dict[str, Mute] = field(default_factory=dict)
     created_by: str = ""
     updated_at: float = 0.0
+    presence: bool = False
+    retention_s: int | None = None
+    max_message_bytes: int | None = None
+    configured: bool = True
+    kicks: dict[str, Kick] = field(default_factory=dict)
     # A record that did not parse: only admins may enter (fail closed).
     broken: bool = False
 
@@ -198,6 +227,7 @@ class RoomSettings:
         """Drop bans and mutes that have ended."""
         self.banned = {p: b for p, b in self.banned.items() if b.active(now)}
         self.muted = {p: m for p, m in self.muted.items() if m.active(now)}
+        self.kicks = {p: k for p, k in self.kicks.items() if now - k.at < KICK_MEMORY_S}
 
     def check_bounds(self) -> None:
         for label, size in (
@@ -223,6 +253,11 @@ class RoomSettings:
                     p: {"until": b.until, "reason": b.reason} for p, b in self.banned.items()
                 },
                 "muted": {p: {"until": m.until} for p, m in self.muted.items()},
+                "presence": self.presence,
+                "retention_s": self.retention_s,
+                "max_message_bytes": self.max_message_bytes,
+                "configured": self.configured,
+                "kicks": {p: {"at": k.at, "reason": k.reason} for p, k in self.kicks.items()},
                 "created_by": self.created_by,
                 "updated_at": self.updated_at,
             }
@@ -249,7 +284,20 @@ class RoomSettings:
             invite_only=_field(obj, "invite_only", bool, False),
             created_by=_field(obj, "created_by", str, ""),
             updated_at=float(_field(obj, "updated_at", (int, float), 0.0)),
+            presence=_field(obj, "presence", bool, False),
+            retention_s=_positive(obj, "retention_s"),
+            max_message_bytes=_positive(obj, "max_message_bytes"),
+            configured=_field(obj, "configured", bool, True),
         )
+        for principal, entry in _field(obj, "kicks", dict, {}).items():
+            if not (principal == EVERYONE or is_valid_name(principal)) or not isinstance(
+                entry, dict
+            ):
+                raise RoomRecordError("'kicks' holds an invalid entry")
+            at = entry.get("at")
+            if isinstance(at, bool) or not isinstance(at, int | float):
+                raise RoomRecordError("a kick's 'at' must be a number")
+            settings.kicks[principal] = Kick(float(at), _field(entry, "reason", str, ""))
         invited = _field(obj, "invited", list, [])
         if not all(is_valid_name(p) for p in invited):
             raise RoomRecordError("'invited' holds an invalid principal")
@@ -270,7 +318,7 @@ class RoomSettings:
         mutes = {p: m for p, m in self.muted.items() if m.active(now)}
         return {
             "room": room,
-            "configured": True,
+            "configured": self.configured,
             "private": self.private,
             "has_key": bool(self.key_hash),
             "invite_only": self.invite_only,
@@ -283,9 +331,21 @@ class RoomSettings:
             "banned_count": len(bans),
             "muted": {p: {"until": m.until} for p, m in sorted(mutes.items())[:INFO_LIST_MAX]},
             "muted_count": len(mutes),
+            "presence": self.presence,
+            "retention_s": self.retention_s,
+            "max_message_bytes": self.max_message_bytes,
             "created_by": self.created_by,
             "updated_at": self.updated_at,
         }
+
+
+def _positive(obj: dict[str, Any], name: str) -> int | None:
+    value = obj.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise RoomRecordError(f"field {name!r} must be a positive integer or null")
+    return value
 
 
 def _field(obj: dict[str, Any], name: str, kind: Any, default: Any) -> Any:
@@ -325,6 +385,9 @@ def empty_info(room: str) -> dict[str, Any]:
         "banned_count": 0,
         "muted": {},
         "muted_count": 0,
+        "presence": False,
+        "retention_s": None,
+        "max_message_bytes": None,
         "created_by": "",
         "updated_at": 0.0,
     }
@@ -375,25 +438,88 @@ def reason_param(parameters: dict[str, Any]) -> str:
     return value
 
 
+UNSET: Any = object()  # a configure parameter that was not sent: left as it is
+
+
+@dataclass(frozen=True, slots=True)
+class RoomLimits:
+    """The bounds of the room settings a gateway accepts (from its Settings)."""
+
+    min_retention_s: int = 3600
+    max_retention_s: int = 0  # the tenant stream's retention; 0: unlimited
+    max_message_bytes: int = 65536  # the gateway's max envelope size
+
+
 @dataclass(frozen=True, slots=True)
 class ConfigureParams:
     private: bool | None
     invite_only: bool | None
     set_key: bool  # False: leave the key as it is
     key: str | None  # with set_key: the new key, or None to remove it
+    presence: bool | None = None
+    # Present in the command (UNSET: leave as it is); None removes the room's own value.
+    retention_s: Any = UNSET  # int, None (removed) or UNSET
+    max_message_bytes: Any = UNSET
+
+    def apply(self, settings: RoomSettings, new_hash: str) -> None:
+        if self.private is not None:
+            settings.private = self.private
+        if self.invite_only is not None:
+            settings.invite_only = self.invite_only
+        if self.presence is not None:
+            settings.presence = self.presence
+        if self.set_key:
+            settings.key_hash = new_hash
+        if self.retention_s is not UNSET:
+            settings.retention_s = self.retention_s
+        if self.max_message_bytes is not UNSET:
+            settings.max_message_bytes = self.max_message_bytes
 
 
-def configure_params(parameters: dict[str, Any]) -> ConfigureParams:
-    known = {"private", "invite_only", "key"}
-    unknown = sorted(set(parameters) - known)
+_CONFIGURE_PARAMETERS = (
+    "private",
+    "key",
+    "invite_only",
+    "presence",
+    "retention_s",
+    "max_message_bytes",
+)
+
+
+def _bounded(parameters: dict[str, Any], name: str, low: int, high: int, unit: str) -> object:
+    """An integer parameter in [low, high] (high 0: no upper bound); null: None; absent: UNSET."""
+    if name not in parameters:
+        return UNSET
+    value = parameters[name]
+    if value is None:
+        return None
+    upper = f"{high}" if high else "no upper bound"
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value < low
+        or (high and value > high)
+    ):
+        raise _invalid(
+            f"parameter {name!r} must be an integer number of {unit} from {low} to {upper} "
+            "(null removes the room's own value)"
+        )
+    return value
+
+
+def configure_params(
+    parameters: dict[str, Any], limits: RoomLimits = RoomLimits(), command: str = "configure_room"
+) -> ConfigureParams:
+    unknown = sorted(set(parameters) - set(_CONFIGURE_PARAMETERS))
     if unknown:
         raise _invalid(
-            f"unknown parameter {unknown[0][:64]!r}: room_configure takes private, key, invite_only"
+            f"unknown parameter {unknown[0][:64]!r}: {command} takes "
+            + ", ".join(_CONFIGURE_PARAMETERS)
         )
-    if not parameters:
-        raise _invalid("room_configure needs at least one of: private, key, invite_only")
+    if not parameters and command != commands.CREATE_ROOM:
+        raise _invalid(f"{command} needs at least one of: " + ", ".join(_CONFIGURE_PARAMETERS))
     flags: dict[str, bool | None] = {}
-    for name in ("private", "invite_only"):
+    for name in ("private", "invite_only", "presence"):
         value = parameters.get(name)
         if value is not None and not isinstance(value, bool):
             raise _invalid(f"parameter {name!r} must be true or false")
@@ -410,7 +536,19 @@ def configure_params(parameters: dict[str, Any]) -> ConfigureParams:
                 "characters (null removes the key)"
             )
         key = raw
-    return ConfigureParams(flags["private"], flags["invite_only"], set_key, key)
+    retention = _bounded(
+        parameters, "retention_s", limits.min_retention_s, limits.max_retention_s, "seconds"
+    )
+    max_bytes = _bounded(parameters, "max_message_bytes", 1, limits.max_message_bytes, "bytes")
+    return ConfigureParams(
+        flags["private"],
+        flags["invite_only"],
+        set_key,
+        key,
+        flags["presence"],
+        retention,
+        max_bytes,
+    )
 
 
 # -- the directory ---------------------------------------------------------------------------
@@ -436,6 +574,8 @@ class RoomDirectory:
         self._open_kv = open_kv
         self._rooms: dict[tuple[str, str], RoomSettings] = {}
         self._listeners: list[RoomListener] = []
+        # Writes of this gateway waiting to show in its copy: key -> record -> seen.
+        self._seen: dict[str, dict[bytes, asyncio.Future[None]]] = {}
         self._secret = secrets.token_bytes(32)
         # When timed bans and mutes end is read from this clock (tests move it forward).
         self.clock: Callable[[], float] = time.time
@@ -466,7 +606,20 @@ class RoomDirectory:
         """The room's settings; None (most rooms): no restriction. One dict lookup."""
         return self._rooms.get((tenant, room))
 
+    def items(self) -> list[tuple[tuple[str, str], RoomSettings]]:
+        """Every room's settings on this gateway's copy: ((tenant, room), settings)."""
+        return list(self._rooms.items())
+
+    def configured_rooms(self, tenant: str) -> list[str]:
+        """The tenant's configured rooms (a scan of this gateway's copy: for list_rooms)."""
+        return [room for (t, room), s in self._rooms.items() if t == tenant and s.configured]
+
     def _on_change(self, key: str, value: bytes | None) -> None:
+        waiting = self._seen.get(key)
+        if waiting is not None and value is not None:
+            arrived = waiting.get(value)
+            if arrived is not None and not arrived.done():
+                arrived.set_result(None)
         tenant, dot, room = key.partition(".")
         if not dot or not is_valid_name(tenant) or not is_valid_name(room):
             return
@@ -589,7 +742,7 @@ class RoomDirectory:
             try:
                 if entry is None:  # absent or deleted
                     revision = None
-                    settings = RoomSettings(created_by=actor)
+                    settings = RoomSettings(created_by=actor, configured=False)
                 else:
                     revision = entry.revision
                     settings = RoomSettings.decode(entry.value or b"{}")
@@ -604,6 +757,8 @@ class RoomDirectory:
             settings.check_bounds()
             settings.updated_at = now
             body = settings.encode()
+            # Expected before the write: the watch may deliver it before the write returns.
+            arrived = self._expect(key, body)
             try:
                 if revision is None:
                     await kv.create(key, body)
@@ -611,9 +766,36 @@ class RoomDirectory:
                     await kv.update(key, body, revision)
             except (RevisionMismatch, KeyExists):
                 # Another admin wrote meanwhile: read theirs and apply the change to it.
+                self._unexpect(key, body)
                 continue
+            except BaseException:
+                self._unexpect(key, body)
+                raise
+            await self._seen_here(key, body, arrived)
             return settings
         raise ArqonError(UNAVAILABLE, f"room {room!r} is being changed by others right now; retry")
+
+    def _expect(self, key: str, body: bytes) -> asyncio.Future[None]:
+        seen = self._seen.setdefault(key, {})
+        return seen.setdefault(body, asyncio.get_running_loop().create_future())
+
+    def _unexpect(self, key: str, body: bytes) -> None:
+        seen = self._seen.get(key, {})
+        seen.pop(body, None)
+        if not seen:
+            self._seen.pop(key, None)
+
+    async def _seen_here(self, key: str, body: bytes, arrived: asyncio.Future[None]) -> None:
+        """Wait (bounded) until this gateway's copy holds what was just written, so the
+        admin's next frame on this gateway already obeys it (other gateways follow through
+        their own watch, usually within milliseconds)."""
+        try:
+            async with asyncio.timeout(APPLY_WAIT_S):
+                await asyncio.shield(arrived)
+        except TimeoutError:
+            log.warning("room settings %s written but not seen by this gateway's watch yet", key)
+        finally:
+            self._unexpect(key, body)
 
     async def read(self, tenant: str, room: str) -> RoomSettings | None:
         kv = await self._kv()
@@ -626,6 +808,16 @@ class RoomDirectory:
             return RoomSettings(broken=True)
 
 
+def kick_error(room: str, who: str, kick: Kick) -> ArqonError:
+    """The error frame a kicked session gets: ``kicked``, or ``room_deleted`` for ``*``."""
+    if who == EVERYONE:
+        return ArqonError(ROOM_DELETED, f"room {room!r} was deleted by a room admin")
+    reason = f": {kick.reason}" if kick.reason else ""
+    return ArqonError(
+        KICKED, f"a room admin removed you from room {room!r}{reason}", reason=kick.reason or None
+    )
+
+
 def until_of(duration_s: float | None) -> float | None:
     return None if duration_s is None else time.time() + duration_s
 
@@ -635,15 +827,20 @@ def until_of(duration_s: float | None) -> float | None:
 ADMIN_COMMANDS = commands.ROOM_ADMIN_COMMANDS
 
 
-def check_admin_parameters(name: str, parameters: dict[str, Any]) -> None:
+def check_admin_parameters(
+    name: str, parameters: dict[str, Any], limits: RoomLimits = RoomLimits()
+) -> None:
     """Validate an admin command's parameters as :func:`run_admin_command` does (no I/O).
 
     Raises ``invalid_parameters``; for fuzzing and for clients' own checks.
     """
     if name == commands.ROOM_INFO:
         return
-    if name == commands.ROOM_CONFIGURE:
-        configure_params(parameters)
+    if name in _CONFIGURE_COMMANDS:
+        configure_params(parameters, limits, name)
+        return
+    if name == commands.KICK:
+        commands.kick_params(parameters)
         return
     principal_param(parameters)
     if name in (commands.ROOM_BAN, commands.ROOM_MUTE):
@@ -652,10 +849,66 @@ def check_admin_parameters(name: str, parameters: dict[str, Any]) -> None:
         reason_param(parameters)
 
 
+_CONFIGURE_COMMANDS = (commands.ROOM_CONFIGURE, commands.CONFIGURE_ROOM, commands.CREATE_ROOM)
+
+
 @dataclass(frozen=True, slots=True)
 class AdminOutcome:
     result: dict[str, Any]
     target: str  # the principal acted on ("" for room_configure / room_info)
+
+
+async def _configure(
+    directory: RoomDirectory,
+    name: str,
+    parameters: dict[str, Any],
+    tenant: str,
+    actor: str,
+    room: str,
+    limits: RoomLimits,
+) -> AdminOutcome:
+    """create_room, configure_room (room_configure): the room's settings, then its info."""
+    params = configure_params(parameters, limits, name)
+    new_hash = ""
+    if params.set_key and params.key is not None:
+        new_hash = await directory.hash_key(params.key)
+
+    def configure(settings: RoomSettings) -> None:
+        if name == commands.CREATE_ROOM and settings.configured:
+            raise ArqonError(
+                ROOM_EXISTS,
+                f"room {room!r} is configured already: change it with configure_room",
+                room=room,
+            )
+        if not settings.configured:  # never configured, or deleted: start afresh
+            kicks = settings.kicks
+            _reset(settings, actor)
+            settings.kicks = kicks
+        settings.configured = True
+        params.apply(settings, new_hash)
+
+    settings = await directory.update(tenant, room, actor, configure)
+    return AdminOutcome(settings.info(room, time.time()), "")
+
+
+def _reset(settings: RoomSettings, actor: str) -> RoomSettings:
+    """Every setting back to its default, in place (the record of an unconfigured room)."""
+    fresh = RoomSettings(created_by=actor)
+    for name in RoomSettings.__slots__:
+        setattr(settings, name, getattr(fresh, name))
+    return settings
+
+
+async def forget_room(directory: RoomDirectory, tenant: str, room: str, actor: str) -> None:
+    """delete_room: every setting gone, and every session in the room leaves it (a kick of
+    everyone, applied by every gateway: gateway/app.py)."""
+
+    def forget(settings: RoomSettings) -> None:
+        _reset(settings, actor)
+        settings.configured = False
+        settings.kicks = {EVERYONE: Kick(time.time(), "room_deleted")}
+
+    await directory.update(tenant, room, actor, forget)
 
 
 async def run_admin_command(
@@ -665,28 +918,26 @@ async def run_admin_command(
     tenant: str,
     actor: str,
     room: str,
+    limits: RoomLimits = RoomLimits(),
 ) -> AdminOutcome:
     """One admin command on ``tenant``'s ``room`` (the caller checked ``admin``)."""
     if name == commands.ROOM_INFO:
         settings = await directory.read(tenant, room)
         now = time.time()
-        return AdminOutcome(empty_info(room) if settings is None else settings.info(room, now), "")
-    if name == commands.ROOM_CONFIGURE:
-        params = configure_params(parameters)
-        new_hash = ""
-        if params.set_key and params.key is not None:
-            new_hash = await directory.hash_key(params.key)
+        if settings is None or not settings.configured:
+            return AdminOutcome(empty_info(room), "")
+        return AdminOutcome(settings.info(room, now), "")
+    if name in _CONFIGURE_COMMANDS:
+        return await _configure(directory, name, parameters, tenant, actor, room, limits)
+    if name == commands.KICK:
+        kick = commands.kick_params(parameters)
 
-        def configure(settings: RoomSettings) -> None:
-            if params.private is not None:
-                settings.private = params.private
-            if params.invite_only is not None:
-                settings.invite_only = params.invite_only
-            if params.set_key:
-                settings.key_hash = new_hash
+        def record_kick(settings: RoomSettings) -> None:
+            settings.kicks[kick.principal] = Kick(time.time(), kick.reason)
 
-        settings = await directory.update(tenant, room, actor, configure)
-        return AdminOutcome(settings.info(room, time.time()), "")
+        await directory.update(tenant, room, actor, record_kick)
+        kicked = {"room": room, "principal": kick.principal, "kicked": True}
+        return AdminOutcome(kicked, kick.principal)
     target = principal_param(parameters)
     change: Callable[[RoomSettings], None]
     if name == commands.ROOM_INVITE:
@@ -723,7 +974,7 @@ async def run_admin_command(
 
     else:  # pragma: no cover - the caller dispatches only ADMIN_COMMANDS
         raise ValueError(name)
-    settings = await directory.update(tenant, room, actor, change)
+    settings = await directory.update(tenant, room, actor, _configuring(change))
     now = time.time()
     result: dict[str, Any] = {"room": room, "principal": target}
     if name in (commands.ROOM_INVITE, commands.ROOM_UNINVITE):
@@ -737,3 +988,17 @@ async def run_admin_command(
         result["muted"] = active_mute is not None
         result["until"] = None if active_mute is None else active_mute.until
     return AdminOutcome(result, target)
+
+
+def _configuring(change: Callable[[RoomSettings], None]) -> Callable[[RoomSettings], None]:
+    """An invite, ban or mute configures the room: an unconfigured record starts afresh."""
+
+    def apply(settings: RoomSettings) -> None:
+        if not settings.configured:
+            kicks = settings.kicks
+            _reset(settings, settings.created_by)
+            settings.kicks = kicks
+            settings.configured = True
+        change(settings)
+
+    return apply

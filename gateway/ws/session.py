@@ -30,6 +30,7 @@ from arqonbus_server.gateway.auth.base import (
 )
 from arqonbus_server.gateway.http.metrics import NO_METRICS, NoMetrics, message_kind
 from arqonbus_server.gateway.policies import policy_for
+from arqonbus_server.gateway.state.admin import GatewayCommands
 from arqonbus_server.gateway.state.audit import AuditLog
 from arqonbus_server.gateway.state.limits import (
     ConnectionLimits,
@@ -37,7 +38,7 @@ from arqonbus_server.gateway.state.limits import (
     rate_specs,
     welcome_limits,
 )
-from arqonbus_server.gateway.state.rooms import RoomDirectory, run_admin_command
+from arqonbus_server.gateway.state.rooms import RoomDirectory, RoomLimits, run_admin_command
 from arqonbus_server.gateway.state.security import SecurityState
 from arqonbus_server.gateway.tracing import Tracing, now_ns
 from arqonbus_server.gateway.tracing import counters as trace_counters
@@ -139,8 +140,11 @@ class Session:
         rate_limits: RateLimits | None = None,
         tracing: Tracing | None = None,
         metrics: NoMetrics = NO_METRICS,
+        commands: GatewayCommands | None = None,
     ) -> None:
         self.socket = socket
+        # Presence and the gateway's admin commands (gateway/state/admin.py); None: refused.
+        self._commands = commands
         self._metrics = metrics  # gateway/http/metrics.py (NO_METRICS: off)
         self._kind = "invalid"  # the received-type label of the frame being handled
         self._publish_started: dict[int, float] = {}  # op -> perf_counter() when taken
@@ -237,6 +241,8 @@ class Session:
             if self._expiry is not None:
                 self._expiry.cancel()
             left = self.core.connection_lost()
+            if self._commands is not None:
+                self._commands.ended(self.id)
             self._rates.close()
             self._hub.leave_all(self.socket, [e.ref for e in left if isinstance(e, fx.Leave)])
             await self._close_handlers("the handler's connection closed before it answered")
@@ -253,6 +259,8 @@ class Session:
         return message
 
     async def handle(self, data: bytes) -> None:
+        if self._commands is not None:
+            self._commands.activity(self.id)
         try:
             effects = self.core.receive(data, self._now())
             if self._kind == "invalid":
@@ -304,6 +312,8 @@ class Session:
             self._audit.record(effect.tenant, effect.type, effect.principal, **effect.details)
         elif isinstance(effect, fx.Leave):
             self._hub.leave(self.socket, effect.ref)
+            if self._commands is not None:
+                self._commands.left(effect.ref, self.id)
         elif isinstance(effect, fx.ArmTimer):
             loop = asyncio.get_running_loop()
             self._timers[effect.delivery_id] = loop.call_later(
@@ -401,7 +411,9 @@ class Session:
     ) -> PublishResult | tuple[Failure, str | None]:
         """Publish to the store: its result, or how it failed."""
         try:
-            return await self._broker.publish(publish.ref, body, publish.dedupe_key, headers)
+            return await self._broker.publish(
+                publish.ref, body, publish.dedupe_key, headers, ttl_s=publish.ttl_s
+            )
         except StoreQuotaExceeded as exc:
             return Failure.QUOTA, str(exc)
         except BrokerUnavailable as exc:
@@ -471,6 +483,7 @@ class Session:
             fx.CheckCredential: self._check_credential,
             fx.RegisterAgent: self._register_agent,
             fx.RoomAdmin: self._room_admin,
+            fx.RunCommand: self._run_command,
             fx.ReportLimits: self._report_limits,
         }
         await handlers[type(effect)](effect)
@@ -498,8 +511,35 @@ class Session:
         if joined is _FAILED:
             return
         member, result = cast(tuple[Member, JoinResult], joined)
-        await self._execute(self.core.joined_channel(effect.op, result.as_result()))
+        answer = result.as_result()
+        if effect.presence or effect.presence_events:
+            answer.update(await self._enter_presence(effect))
+        await self._execute(self.core.joined_channel(effect.op, answer))
         self._hub.start(member, result.last_seq)
+
+    async def _enter_presence(self, effect: fx.Join) -> dict[str, bool]:
+        """Enter the channel's presence and/or take its frames; the join reply says which.
+
+        The join itself stands either way: a presence store that did not answer leaves
+        ``presence`` false in the reply (the client may join again to retry)."""
+        entered = False
+        if self._commands is not None:
+            sink = self._presence_frame if effect.presence_events else None
+            try:
+                entered = await self._commands.enter(
+                    effect.ref, self.id, self.principal.id, present=effect.presence, sink=sink
+                )
+            except BrokerUnavailable as exc:
+                log.warning("presence of %s in %s not entered: %s", self.id, effect.ref, exc)
+        return {
+            "presence": entered and effect.presence,
+            "presence_events": entered and effect.presence_events,
+        }
+
+    def _presence_frame(self, frame: bytes) -> None:
+        if not self.core.closed:
+            self.socket.send(frame)
+            self._metrics.frame_sent(frame)
 
     async def _history(self, effect: fx.ReadHistory) -> None:
         """One page of stored events, bounded by ``limit`` and by bytes (half the send buffer)."""
@@ -583,11 +623,29 @@ class Session:
             effect.ref.tenant,
             effect.actor,
             effect.ref.room,
+            self._room_limits(),
         )
         outcome = await self._port(effect.op, work, effect.name)
         if outcome is not _FAILED:
             result, target = outcome.result, outcome.target  # type: ignore[attr-defined]
             await self._execute(self.core.room_admin_done(effect.op, result, target))
+
+    def _room_limits(self) -> RoomLimits:
+        settings = self._settings
+        return RoomLimits(
+            min_retention_s=settings.room_min_retention_s,
+            max_retention_s=int(settings.stream_max_age_s),
+            max_message_bytes=settings.max_envelope_bytes,
+        )
+
+    async def _run_command(self, effect: fx.RunCommand) -> None:
+        if self._commands is None:
+            work: Awaitable[dict[str, Any]] = _refused(effect.name)
+        else:
+            work = self._commands.run(effect)
+        result = await self._port(effect.op, work, effect.name)
+        if result is not _FAILED:
+            await self._execute(self.core.command_done(effect.op, result))  # type: ignore[arg-type]
 
     async def _report_limits(self, effect: fx.ReportLimits) -> None:
         await self._execute(self.core.command_done(effect.op, self._limits_report(effect.usage)))
@@ -719,6 +777,10 @@ class Session:
 
 async def _true() -> bool:
     return True
+
+
+async def _refused(name: str) -> dict[str, Any]:
+    raise ArqonError(UNAVAILABLE, f"{name} needs the gateway's NATS state")
 
 
 async def _checked(authenticator: Authenticator, token: str) -> Principal:

@@ -7,6 +7,7 @@ from typing import Any
 
 from arqonbus_server.shared import authz
 from arqonbus_server.shared import commands as builtin
+from arqonbus_server.shared import presence as presence_rules
 from arqonbus_server.shared.core import rooms as room_rules
 from arqonbus_server.shared.core.effects import (
     ArmExpiry,
@@ -19,6 +20,7 @@ from arqonbus_server.shared.core.effects import (
     RegisterAgent,
     ReportLimits,
     RoomAdmin,
+    RunCommand,
     Serve,
     Unserve,
     VerifyRoomKey,
@@ -53,6 +55,40 @@ _ENTER_ACTIONS = {
 }
 
 
+# Commands that change or read the room's record in the ROOMS bucket (gateway/state/rooms.py).
+_ROOM_RECORD_COMMANDS = frozenset(
+    {*builtin.ROOM_ADMIN_COMMANDS, builtin.CREATE_ROOM, builtin.CONFIGURE_ROOM, builtin.KICK}
+)
+# Commands a gateway port answers (gateway/state/admin.py): presence and the admin commands.
+_GATEWAY_COMMANDS = frozenset(
+    {*builtin.PRESENCE_COMMANDS, *builtin.GATEWAY_ADMIN_COMMANDS} - _ROOM_RECORD_COMMANDS
+)
+
+
+def permission_scope(command: ClientCommand) -> tuple[str, str]:
+    """The room and channel a command's permission is checked on (shared/commands.py)."""
+    if command.command in builtin.TENANT_SCOPED:
+        return authz.WILDCARD, authz.WILDCARD
+    if command.command in builtin.ROOM_SCOPED:
+        return command.room, authz.WILDCARD
+    return command.room, command.channel
+
+
+def checked_parameters(command: ClientCommand) -> Any:
+    """A gateway command's parameters, checked here so bad input costs no I/O."""
+    name, parameters = command.command, command.parameters
+    if name in (builtin.LIST_ROOMS, builtin.LIST_CHANNELS):
+        return builtin.list_params(parameters)
+    if name == builtin.DELETE_ROOM:
+        builtin.delete_room_params(parameters, command.room)
+        return None
+    if name == builtin.PRESENCE:
+        return presence_rules.query_params(parameters)
+    if name == builtin.SET_PRESENCE:
+        return presence_rules.set_presence_params(parameters)
+    return None
+
+
 def room_key_param(parameters: dict[str, Any], name: str = "room_key") -> str | None:
     """A room key given by a client (join, history, register_handler): None if absent."""
     value = parameters.get(name)
@@ -71,7 +107,8 @@ class CommandRules(ConnectionState):
         ref = ChannelRef(self.principal.tenant, command.room, command.channel)
         permission = authz.permission_for_command(command.command)
         if permission is not None:
-            refusal = self.forbidden(permission, command.room, command.channel, command.id, now)
+            room, channel = permission_scope(command)
+            refusal = self.forbidden(permission, room, channel, command.id, now)
             if refusal is not None:
                 error, audit = refusal
                 return [*audit, *self.refuse(command, error)]
@@ -82,8 +119,10 @@ class CommandRules(ConnectionState):
 
     def _dispatch(self, command: ClientCommand, ref: ChannelRef, wall: float) -> list[Effect]:
         name = command.command
-        if name in builtin.ROOM_ADMIN_COMMANDS:
+        if name in _ROOM_RECORD_COMMANDS:
             return self._room_admin(command, ref)
+        if name in _GATEWAY_COMMANDS:
+            return self._run(command, ref)
         if name in _ENTER_ACTIONS:
             return self._enter(command, ref, wall)
         if name == builtin.LEAVE_CHANNEL:
@@ -109,7 +148,11 @@ class CommandRules(ConnectionState):
         parameters = command.parameters
         if command.command == builtin.JOIN_CHANNEL:
             join = builtin.join_params(parameters)
-            extra: dict[str, Any] = {"since_seq": join.since_seq, "since_epoch": join.since_epoch}
+            extra: dict[str, Any] = {
+                "since_seq": join.since_seq,
+                "since_epoch": join.since_epoch,
+                **self._presence_flags(join, command),
+            }
         elif command.command == builtin.HISTORY:
             params = builtin.history_params(parameters)
             extra = {"since_seq": params.since_seq, "limit": params.limit}
@@ -134,6 +177,23 @@ class CommandRules(ConnectionState):
             return [VerifyRoomKey(op, tenant, command.room, principal, decision.key)]
         return self._entered(pending)
 
+    def _presence_flags(self, join: builtin.JoinParams, command: ClientCommand) -> dict[str, bool]:
+        """Enter presence (default: the room's setting) and get its frames (default: the
+        same); the frames need the ``presence`` permission."""
+        settings = self.room_settings(command.room)
+        presence = join.presence
+        if presence is None:
+            presence = bool(settings is not None and settings.presence)
+        events = presence if join.presence_events is None else join.presence_events
+        permission = authz.Permission.PRESENCE
+        if events and not self.decide(permission, command.room, command.channel).allowed:
+            raise ArqonError(
+                FORBIDDEN,
+                "presence_events needs the 'presence' permission on this channel: join with "
+                "presence_events false, or ask the tenant's administrator for it",
+            )
+        return {"presence": presence, "presence_events": events}
+
     def room_key_checked(self, op: int, ok: bool) -> list[Effect]:
         """The outcome of :class:`VerifyRoomKey` (a rate_limited refusal: ``command_failed``)."""
         pending = self.pending.pop(op)
@@ -153,7 +213,17 @@ class CommandRules(ConnectionState):
             if ref not in self.joined and len(self.joined) >= limit:
                 raise ArqonError(LIMIT_EXCEEDED, f"this connection already has {limit} channels")
             op = self.open_op(Pending("join", command, ref=ref))
-            return [Join(op, ref, pending.extra["since_seq"], pending.extra["since_epoch"])]
+            extra = pending.extra
+            return [
+                Join(
+                    op,
+                    ref,
+                    extra["since_seq"],
+                    extra["since_epoch"],
+                    extra["presence"],
+                    extra["presence_events"],
+                )
+            ]
         if command.command == builtin.HISTORY:
             op = self.open_op(Pending("history", command, ref=ref))
             since, limit = pending.extra["since_seq"], pending.extra["limit"]
@@ -195,8 +265,27 @@ class CommandRules(ConnectionState):
     def command_done(self, op: int, result: dict[str, Any]) -> list[Effect]:
         """A port finished a command (history page, limits report): answer with ``result``."""
         pending = self.pending.pop(op)
-        assert pending.command is not None
-        return [self.reply(pending.command, result)]
+        command = pending.command
+        assert command is not None
+        effects: list[Effect] = []
+        if command.command in builtin.AUDITED_COMMANDS:
+            details = {"action": command.command, "room": command.room, "target": ""}
+            effects.append(
+                Audit(self.principal.tenant, AUDIT_ADMIN_ACTION, self.principal.id, details)
+            )
+        return [*effects, self.reply(command, result)]
+
+    def _run(self, command: ClientCommand, ref: ChannelRef) -> list[Effect]:
+        """Presence and gateway admin commands: checked here, answered by a gateway port."""
+        parameters = checked_parameters(command)
+        if command.command == builtin.DELETE_ROOM and not self.config.has_security:
+            raise ArqonError(UNAVAILABLE, "delete_room needs the gateway's NATS security state")
+        op = self.open_op(Pending("run", command, ref=ref))
+        return [
+            RunCommand(
+                op, command.command, ref, parameters, self.principal.id, self.config.session_id
+            )
+        ]
 
     def command_failed(self, op: int, failure: ArqonError | Failure) -> list[Effect]:
         """A port refused or failed a command: the error response."""
@@ -210,6 +299,8 @@ class CommandRules(ConnectionState):
 
     def _room_admin(self, command: ClientCommand, ref: ChannelRef) -> list[Effect]:
         """room_configure, room_invite, ... (``admin`` was checked by the caller)."""
+        if command.command == builtin.KICK:
+            builtin.kick_params(command.parameters)
         if not self.config.has_security:
             raise ArqonError(UNAVAILABLE, "room settings need the gateway's NATS security state")
         op = self.open_op(Pending("room_admin", command, ref=ref))

@@ -97,7 +97,7 @@ class Connection(CommandRules):
             return self._refuse_rate(message.id, wait, now.monotonic)
         if isinstance(message, ClientEvent):
             return self._event(message, now)
-        if builtin.is_builtin(message.command):
+        if builtin.gateway_answers(message.command, message.room):
             return self.run_command(message, now.monotonic, now.wall)
         return self._call(message, now)
 
@@ -133,7 +133,7 @@ class Connection(CommandRules):
             event, tags = self.content.check_event(event, self.principal.tenant, self.principal.id)
         except ArqonError as exc:
             return [*self._policy_audit(exc, event, now.monotonic), self.error(exc)]
-        return self._publish(event, tags)
+        return self._publish(event, tags, settings)
 
     def _policy_audit(self, exc: ArqonError, event: ClientEvent, now: float) -> list[Effect]:
         if exc.code not in POLICY_CODES:
@@ -149,13 +149,23 @@ class Connection(CommandRules):
             reason=exc.detail or "",
         )
 
-    def _publish(self, event: ClientEvent, tags: list[str]) -> list[Effect]:
+    def _publish(
+        self, event: ClientEvent, tags: list[str], settings: room_rules.RoomView | None
+    ) -> list[Effect]:
         ref = ChannelRef(self.principal.tenant, event.room, event.channel)
         body = with_tags(encode_stored_event(event, self.principal.id, self.stamp()), tags)
         size = len(body) if event.trace is None else len(body) + len(encode_trace(event.trace))
         if size > self.config.max_payload - NATS_HEADER_ROOM:
             detail = "the stored envelope exceeds the NATS max_payload"
             return [self.error(ArqonError(MESSAGE_TOO_LARGE, detail, event.id))]
+        room_max = None if settings is None else settings.max_message_bytes
+        if room_max is not None and len(body) > room_max:
+            detail = (
+                f"room {event.room!r} takes events of at most {room_max} bytes as stored "
+                f"(this one is {len(body)}): send a smaller payload"
+            )
+            error = ArqonError(MESSAGE_TOO_LARGE, detail, event.id)
+            return [self.error(error, {"max_bytes": room_max, "room": event.room})]
         effects: list[Effect] = []
         if len(self.publishing) >= self.config.max_in_flight:
             # Backpressure: stop reading this socket until an ack frees a slot.
@@ -163,7 +173,11 @@ class Connection(CommandRules):
         op = self.open_op(Pending("publish", event=event, ref=ref))
         self.publishing[op] = ref
         key = SubjectScheme(self.config.subject_prefix).dedupe_key(ref, self.principal.id, event.id)
-        return [*effects, Publish(op, ref, event.id, body, key, event.trace, event.trace_malformed)]
+        ttl_s = None if settings is None else settings.retention_s
+        publish = Publish(
+            op, ref, event.id, body, key, event.trace, event.trace_malformed, ttl_s=ttl_s
+        )
+        return [*effects, publish]
 
     @property
     def publishes_in_flight(self) -> int:

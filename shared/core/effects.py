@@ -80,6 +80,7 @@ class Publish:
     # its own span, into ``body`` (shared/envelope.py with_trace; gateway/tracing.py).
     trace: Mapping[str, str] | None = None
     trace_malformed: bool = False  # the client's ``trace`` was unusable: ignored, counted
+    ttl_s: int | None = None  # the room's own retention: the store drops the event after it
 
 
 # -- channels, history, handlers ---------------------------------------------------------
@@ -105,11 +106,15 @@ class Join:
     ref: ChannelRef
     since_seq: int | None
     since_epoch: int | None = None  # a placed tenant's epoch of since_seq (shared/core/resume.py)
+    # Enter the channel's presence, and/or receive its presence frames (docs/presence.md);
+    # the join reply's result says whether each happened.
+    presence: bool = False
+    presence_events: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class Leave:
-    """Leave the hub's channel (no answer)."""
+    """Leave the hub's channel, and its presence if entered (no answer)."""
 
     ref: ChannelRef
 
@@ -225,6 +230,19 @@ class RoomAdmin:
 
 
 @dataclass(frozen=True, slots=True)
+class RunCommand:
+    """Run a presence or gateway admin command (gateway/state/admin.py) with parameters the
+    core checked; feed back ``command_done(op, result)`` or ``command_failed(op, error)``."""
+
+    op: int
+    name: str
+    ref: ChannelRef
+    parameters: Any  # the checked parameters (shared/commands.py, shared/presence.py)
+    principal: str
+    session: str
+
+
+@dataclass(frozen=True, slots=True)
 class ReportLimits:
     """Build the ``limits`` report around ``usage``; feed back ``command_done(op, report)``."""
 
@@ -252,5 +270,6 @@ Effect = (
     | ArmExpiry
     | RegisterAgent
     | RoomAdmin
+    | RunCommand
     | ReportLimits
 )

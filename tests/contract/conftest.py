@@ -8,11 +8,13 @@ second gateway); everything opened is closed after the test.
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import nats
+import nats.js.errors
 import pytest
 from nats.js.api import StreamConfig, StreamSource
 
@@ -26,12 +28,14 @@ from arqonbus_server.mesh.memory import (
     MemoryBroker,
     MemoryClusterView,
     MemoryMesh,
+    MemoryPresenceStore,
     MemoryStateStore,
 )
-from arqonbus_server.mesh.ports import AuditSink, Broker, ClusterView, StateStore
+from arqonbus_server.mesh.ports import AuditSink, Broker, ClusterView, PresenceStore, StateStore
+from arqonbus_server.mesh.presence import JetStreamPresenceStore
 from arqonbus_server.mesh.streams import StreamPolicy
 from arqonbus_server.shared.regions import mirror_stream_name
-from arqonbus_server.shared.subjects import SubjectScheme
+from arqonbus_server.shared.subjects import KV_PRESENCE, KV_PRESENCE_LEASES, SubjectScheme
 
 IMPLEMENTATIONS = ["jetstream", "memory"]
 
@@ -47,6 +51,8 @@ class Mesh:
         self._urls = urls or []
         self.opened: list[Any] = []
         self._mirrors: list[str] = []
+        self._presence_scheme: SubjectScheme | None = None
+        self._presence_mesh: MemoryMesh | None = None
 
     async def broker(self, max_bytes_for: Callable[[str], int] | None = None) -> Broker:
         broker = self._make_broker()
@@ -82,6 +88,22 @@ class Mesh:
             self.opened.append(broker)
             views.append(JetStreamClusterView(broker))
         return views
+
+    async def presence(self) -> PresenceStore:
+        """A presence store on a broker of its own (as on another gateway). Every store of
+        one test shares a subject prefix of its own, so its buckets start empty; they are
+        deleted after the test."""
+        if self._presence_scheme is None:
+            self._presence_scheme = SubjectScheme("ct" + uuid.uuid4().hex[:10])
+            self._presence_mesh = MemoryMesh(self._presence_scheme)
+        if self.kind == "memory":
+            return MemoryPresenceStore(self._presence_mesh)
+        broker = JetStreamBroker(
+            self._urls, self._presence_scheme, StreamPolicy(), name="contract-test"
+        )
+        await broker.connect()
+        self.opened.append(broker)
+        return JetStreamPresenceStore(broker)
 
     async def add_mirror(self, tenant: str) -> str:
         """A mirror of the tenant's (existing) stream, read by its own name; its name."""
@@ -121,6 +143,19 @@ class Mesh:
                     await nc.jsm().delete_stream(name)
             finally:
                 await nc.close()
+        if self.kind == "jetstream" and self._presence_scheme is not None:
+            await self._delete_buckets(
+                [self._presence_scheme.kv_bucket(k) for k in (KV_PRESENCE, KV_PRESENCE_LEASES)]
+            )
+
+    async def _delete_buckets(self, names: list[str]) -> None:
+        nc = await nats.connect(self._urls)
+        try:
+            for name in names:
+                with contextlib.suppress(nats.js.errors.NotFoundError):
+                    await nc.jetstream().delete_key_value(name)
+        finally:
+            await nc.close()
 
 
 @pytest.fixture

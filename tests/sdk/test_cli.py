@@ -17,7 +17,7 @@ import pytest
 from arqonbus import Client, CommandFailed, CommandRequest
 from arqonbus_server.mesh.local import free_port
 from tests.conftest import gateway_url
-from tests.timeouts import SEC
+from tests.timeouts import SEC, eventually
 
 pytestmark = pytest.mark.integration
 
@@ -278,3 +278,48 @@ async def test_sub_with_resume_file_survives_a_gateway_kill_and_restart(
         if tail is not None:
             await tail.close()
         await writer.close()
+
+
+# -- arq presence ----------------------------------------------------------------------------
+
+
+async def test_presence_lists_members_and_watch_prints_each_change(start_gateway, tenant):
+    gw = await start_gateway()
+    url, token = gateway_url(gw), f"dev:{tenant}:arq"
+    async with Client(url, f"dev:{tenant}:alice") as alice:
+        await alice.subscribe(ROOM, CHANNEL, presence=True).start()
+
+        async def alice_listed() -> Run | None:
+            run = await arq("presence", f"{ROOM}/{CHANNEL}", "--json", url=url, token=token)
+            return run if run.code == 0 and run.out else None
+
+        listed = await eventually(alice_listed, 10 * SEC, "alice listed by arq presence")
+        assert [(m["principal"], m["state"], m["connections"]) for m in listed.out] == [
+            ("alice", "online", 1)
+        ]
+        bad = await arq("presence", ROOM, url=url, token=token)
+        assert bad.code == 2 and "ROOM/CHANNEL" in bad.err
+
+        watch = await asyncio.create_subprocess_exec(
+            *ARQ, "presence", f"{ROOM}/{CHANNEL}", "--watch", "--json",
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, env=_env(url, token),
+        )  # fmt: skip
+        try:
+            assert watch.stdout is not None and watch.stderr is not None
+            async with asyncio.timeout(30 * SEC):
+                assert (await watch.stderr.readline()).startswith(b"watching")
+                async with Client(url, f"dev:{tenant}:bob") as bob:
+                    await bob.subscribe(ROOM, CHANNEL, presence=True).start()
+                    change = orjson.loads(await watch.stdout.readline())
+            assert (change["principal"], change["action"], change["state"]) == (
+                "bob",
+                "join",
+                "online",
+            )
+            watch.send_signal(signal.SIGINT)
+            assert await asyncio.wait_for(watch.wait(), 15 * SEC) == 130
+        finally:
+            if watch.returncode is None:
+                watch.kill()
+                await watch.wait()

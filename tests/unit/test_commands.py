@@ -14,6 +14,7 @@ from arqonbus_server.shared.commands import (
     HistoryParams,
     JoinParams,
     builtin_suggestion,
+    gateway_answers,
     handler_params,
     history_params,
     is_builtin,
@@ -55,11 +56,23 @@ def test_builtin_commands_are_the_documented_ones() -> None:
         "room_info",
         "register_agent",
         "refresh_token",
+        "presence",
+        "occupancy",
+        "set_presence",
+        "ping",
+        "status",
+        "list_rooms",
+        "list_channels",
+        "channel_info",
+        "create_room",
+        "configure_room",
+        "delete_room",
+        "kick",
     }
     assert all(is_builtin(name) for name in BUILTIN_COMMANDS)
 
 
-@pytest.mark.parametrize("name", ["status", "JOIN_CHANNEL", "get-pool_2", "x" * 64])
+@pytest.mark.parametrize("name", ["health", "JOIN_CHANNEL", "get-pool_2", "x" * 64])
 def test_other_valid_names_are_service_commands(name: str) -> None:
     assert not is_builtin(name)
     assert require_service_name(name) == name
@@ -108,13 +121,10 @@ def test_a_name_close_to_a_built_in_suggests_it(name: str, meant: str) -> None:
 @pytest.mark.parametrize(
     "name",
     [
-        "status",
-        "stats",
         "restart",
         "explode",
         "svc",
         "echo",
-        "ping",
         "search",
         "one",
         "register",
@@ -158,7 +168,7 @@ def test_handler_params_need_a_valid_command_name(params: dict[str, object]) -> 
     assert "'command'" in info.value.message
 
 
-@pytest.mark.parametrize("name", BUILTIN_COMMANDS)
+@pytest.mark.parametrize("name", sorted(set(BUILTIN_COMMANDS) - {"ping", "status"}))
 def test_builtin_commands_cannot_be_handled(name: str) -> None:
     with pytest.raises(ArqonError) as info:
         handler_params({"command": name})
@@ -240,3 +250,15 @@ def test_history_limit_bound_follows_max_limit() -> None:
 def test_history_rejects_bad_since_seq(seq: Any) -> None:
     error = params_error(history_params, {"since_seq": seq})
     assert "since_seq" in error.message
+
+
+def test_ping_and_status_are_the_gateways_only_in_its_own_room() -> None:
+    for name in ("ping", "status"):
+        assert is_builtin(name)
+        assert gateway_answers(name, "_system")
+        assert not gateway_answers(name, "services")  # the seed's "status" service
+        assert handler_params({"command": name}) == name
+    assert gateway_answers("list_rooms", "any") and not gateway_answers("svc", "_system")
+    assert "'kick' is built-in and cannot be handled" in (
+        params_error(handler_params, {"command": "kick"}).message
+    )

@@ -25,6 +25,7 @@ from arqonbus_server.shared.core.effects import (
     ReportLimits,
     Respond,
     RoomAdmin,
+    RunCommand,
     Send,
     Serve,
     VerifyRoomKey,
@@ -73,6 +74,9 @@ class Room:
     banned: dict[str, Timed] = field(default_factory=dict)
     muted: dict[str, Timed] = field(default_factory=dict)
     broken: bool = False
+    presence: bool = False
+    retention_s: int | None = None
+    max_message_bytes: int | None = None
 
     @property
     def restricted(self) -> bool:
@@ -211,6 +215,25 @@ AUTHZ = [
     ("member", (), command("room_ban", principal="bob"), False),
     ("admin", (), command("room_info"), True),
     ("member", (), command("limits"), True),
+    ("read-only", (), command("ping", room="_system"), True),
+    ("read-only", (), command("status", room="_system"), False),
+    ("admin", (), command("status", room="_system"), True),
+    ("read-only", (), command("status"), False),  # elsewhere: a service call
+    ("read-only", ("*:*:admin",), command("list_rooms"), True),
+    ("read-only", ("r:*:admin",), command("list_rooms"), False),
+    ("read-only", ("r:*:admin",), command("list_channels"), True),
+    ("read-only", ("r:c:admin",), command("list_channels"), False),
+    ("read-only", ("r:c:admin",), command("channel_info"), True),
+    ("read-only", ("r:c:admin",), command("delete_room", confirm="r"), False),
+    ("read-only", ("r:*:admin",), command("delete_room", confirm="r"), True),
+    ("read-only", ("r:c:admin",), command("kick", principal="bob"), False),
+    ("member", (), command("kick", principal="bob"), False),
+    ("read-only", (), command("presence"), True),
+    ("read-only", (), command("occupancy"), True),
+    ("viewer", (), command("occupancy"), False),
+    ("viewer", (), command("presence"), False),
+    ("viewer", ("r:c:presence",), command("presence"), True),
+    ("viewer", (), command("set_presence", state="idle"), True),
     ("unknown-role", (), command("join_channel"), False),
 ]
 
@@ -746,3 +769,129 @@ def test_connection_lost_leaves_every_channel() -> None:
     (join,) = connection.receive(command("join_channel"), T0)
     connection.joined_channel(join.op, {"last_seq": 0})
     assert connection.connection_lost() == [Leave(ChannelRef("acme", "r", "c"))]
+
+
+# -- presence and the gateway's admin commands (issue 16) ------------------------------------
+
+
+def test_join_enters_presence_by_the_rooms_default_and_asks_for_frames_with_it() -> None:
+    rooms = Rooms({("acme", "r"): Room(presence=True)})
+    effects = core(rooms=rooms).receive(command("join_channel"), T0)
+    (join,) = [e for e in effects if isinstance(e, Join)]
+    assert (join.presence, join.presence_events) == (True, True)
+    plain = core().receive(command("join_channel", room="other"), T0)
+    (join,) = [e for e in plain if isinstance(e, Join)]
+    assert (join.presence, join.presence_events) == (False, False)
+    watch_only = core().receive(command("join_channel", presence_events=True), T0)
+    (join,) = [e for e in watch_only if isinstance(e, Join)]
+    assert (join.presence, join.presence_events) == (False, True)
+
+
+def test_presence_frames_need_the_presence_permission_but_entering_does_not() -> None:
+    guest = Who(role="viewer")
+    refused = core(guest).receive(command("join_channel", presence=True), T0)
+    assert [error_of(f)[0] for f in frames(refused)] == ["forbidden"]
+    assert "presence_events" in frames(refused)[0]["payload"]["error"]["message"]
+    entered = core(guest).receive(command("join_channel", presence=True, presence_events=False), T0)
+    (join,) = [e for e in entered if isinstance(e, Join)]
+    assert (join.presence, join.presence_events) == (True, False)
+
+
+@pytest.mark.parametrize(
+    ("frame", "message"),
+    [
+        (command("join_channel", presence="yes"), "'presence' must be true or false"),
+        (command("presence", limit=0), "limit"),
+        (command("presence", cursor="!!"), "cursor"),
+        (command("set_presence", state="away"), "state"),
+        (command("set_presence", metadata={"x": "y" * 2000}), "1024"),
+        (command("set_presence"), "state"),
+        (command("list_rooms", limit=5000, room="r"), "limit"),
+        (command("list_channels", cursor="a b"), "cursor"),
+        (command("delete_room"), "confirm"),
+        (command("delete_room", confirm="other"), "confirm"),
+        (command("kick"), "principal"),
+        (command("kick", principal="bob", reason="x" * 201), "reason"),
+    ],
+)
+def test_bad_presence_and_admin_parameters_are_refused_without_io(
+    frame: bytes, message: str
+) -> None:
+    effects = core(Who(role="owner")).receive(frame, T0)
+    assert kinds(effects) == ["Send"]
+    (response,) = frames(effects)
+    assert error_of(response)[0] == "invalid_parameters"
+    assert message in response["payload"]["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("name", "parameters"),
+    [
+        ("list_rooms", {"limit": 10}),
+        ("list_channels", {"cursor": "c1"}),
+        ("channel_info", {}),
+        ("delete_room", {"confirm": "r"}),
+        ("presence", {"state": "idle", "limit": 5}),
+        ("occupancy", {}),
+        ("set_presence", {"state": "idle", "metadata": {"skill": "triage"}}),
+    ],
+)
+def test_gateway_commands_go_to_the_gateway_with_checked_parameters(
+    name: str, parameters: dict[str, Any]
+) -> None:
+    connection = core(Who(role="owner"))
+    effects = connection.receive(command(name, **parameters), T0)
+    (run,) = effects
+    assert isinstance(run, RunCommand)
+    assert (run.name, run.ref, run.principal, run.session) == (
+        name,
+        ChannelRef("acme", "r", "c"),
+        "alice",
+        "s1",
+    )
+    answered = frames(connection.command_done(run.op, {"ok": True}))
+    assert answered[-1]["payload"]["result"] == {"ok": True}
+
+
+def test_delete_room_is_audited_once_done() -> None:
+    connection = core(Who(role="owner"))
+    (run,) = connection.receive(command("delete_room", confirm="r"), T0)
+    assert isinstance(run, RunCommand)
+    effects = connection.command_done(run.op, {"room": "r"})
+    audits = [e for e in effects if isinstance(e, Audit)]
+    assert [(a.type, a.details["action"], a.details["room"]) for a in audits] == [
+        ("admin_action", "delete_room", "r")
+    ]
+
+
+@pytest.mark.parametrize("name", ["create_room", "configure_room", "kick"])
+def test_room_record_commands_go_to_the_room_directory(name: str) -> None:
+    parameters = {"principal": "bob"} if name == "kick" else {"retention_s": 7200}
+    (effect,) = core(Who(role="owner")).receive(command(name, **parameters), T0)
+    assert isinstance(effect, RoomAdmin)
+    assert effect.name == name
+
+
+def test_a_rooms_retention_and_size_limit_apply_to_its_events() -> None:
+    rooms = Rooms({("acme", "r"): Room(retention_s=3600, max_message_bytes=400)})
+    connection = core(rooms=rooms)
+    (publish,) = connection.receive(envelope(text="hi"), T0)
+    assert isinstance(publish, Publish)
+    assert publish.ttl_s == 3600
+    refused = frames(connection.receive(envelope(id="m2", text="x" * 500), T0))
+    assert [error_of(f) for f in refused] == [("message_too_large", "m2")]
+    assert refused[0]["payload"]["max_bytes"] == 400
+    (other,) = connection.receive(envelope(id="m3", room="r2", text="x" * 500), T0)
+    assert isinstance(other, Publish) and other.ttl_s is None
+
+
+def test_ping_and_status_are_service_calls_outside_the_system_room() -> None:
+    connection = core(Who(role="owner"))
+    (call,) = connection.receive(command("status"), T0)
+    assert isinstance(call, CallService) and call.name == "status"
+    refused = frames(connection.call_failed(call.op, Failure.NO_RESPONDERS))
+    assert [error_of(f)[0] for f in refused] == ["no_responders"]
+    (run,) = connection.receive(command("status", id="c2", room="_system"), T0)
+    assert isinstance(run, RunCommand) and run.name == "status"
+    (run,) = core(Who(role="read-only")).receive(command("ping", room="_system"), T0)
+    assert isinstance(run, RunCommand) and run.name == "ping"

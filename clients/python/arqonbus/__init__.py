@@ -16,10 +16,12 @@ Quick start::
 See the README of this package for the resume guarantee and the error classes.
 """
 
+from arqonbus._admin import ROOM_SETTINGS, SYSTEM_ROOM
 from arqonbus.agent import AgentCredentials
 from arqonbus.client import (
     ADMIN_COMMANDS,
     BUILTIN_COMMANDS,
+    SERVICE_FIRST,
     Client,
     CommandHandler,
     History,
@@ -42,6 +44,7 @@ from arqonbus.errors import (
     InvalidName,
     InvalidParameters,
     InvalidPayload,
+    Kicked,
     LimitExceeded,
     MessageTooLarge,
     Muted,
@@ -51,19 +54,33 @@ from arqonbus.errors import (
     PolicyViolation,
     QuotaExceeded,
     RateLimited,
+    RoomDeleted,
+    RoomExists,
     RoomKeyRequired,
+    RoomNotFound,
     Timeout,
     Unavailable,
     UnknownCommand,
     UnknownRequest,
 )
 from arqonbus.models import Ack, CommandRequest, Event, Gap, HistoryPage, Welcome
+from arqonbus.presence import (
+    Member,
+    MemberConnection,
+    Occupancy,
+    PresenceChange,
+    PresenceEvent,
+    PresencePage,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ADMIN_COMMANDS",
     "BUILTIN_COMMANDS",
+    "ROOM_SETTINGS",
+    "SERVICE_FIRST",
+    "SYSTEM_ROOM",
     "Ack",
     "AgentCredentials",
     "ArqonBusError",
@@ -88,16 +105,26 @@ __all__ = [
     "InvalidName",
     "InvalidParameters",
     "InvalidPayload",
+    "Kicked",
     "LimitExceeded",
+    "Member",
+    "MemberConnection",
     "MessageTooLarge",
     "Muted",
     "NoResponders",
     "NotJoined",
     "NotRegistered",
+    "Occupancy",
     "PolicyViolation",
+    "PresenceChange",
+    "PresenceEvent",
+    "PresencePage",
     "QuotaExceeded",
     "RateLimited",
+    "RoomDeleted",
+    "RoomExists",
     "RoomKeyRequired",
+    "RoomNotFound",
     "Subscription",
     "SubscriptionCallback",
     "Timeout",

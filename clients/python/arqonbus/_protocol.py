@@ -29,6 +29,14 @@ The rules it keeps (docs/protocol.md, "Never losing your place"):
 * Retention gaps (a join result with ``gap``, a ``gap`` frame) become :class:`GapDetected`.
 * A full queue pauses the subscription (it leaves the channel); once the application has
   taken half of the queue it rejoins from the last accepted seq.
+* Presence (docs/presence.md): ``presence`` frames of a subscription joined with
+  ``presence_events`` become :class:`PresenceReceived` and are queued (bounded: on overflow
+  the queue is replaced by one ``overflow`` event). A subscription that keeps its member list
+  asks for a fresh snapshot (:class:`MembersStale`) after every join (also after a resume)
+  and after an ``overflow`` frame. The connection's presence state and metadata
+  (:meth:`ClientProtocol.remember_presence`) are set again first on each new connection.
+* A ``kicked`` or ``room_deleted`` error pushed without a request ends the room's
+  subscriptions the way a ban does: they fail with the error and are not rejoined.
 """
 
 from __future__ import annotations
@@ -41,8 +49,16 @@ from typing import Any
 
 import orjson
 
-from arqonbus.errors import ArqonBusError, InvalidEnvelope, MessageTooLarge, error_from_wire
+from arqonbus.errors import (
+    ArqonBusError,
+    InvalidEnvelope,
+    Kicked,
+    MessageTooLarge,
+    RoomDeleted,
+    error_from_wire,
+)
 from arqonbus.models import Ack, CommandRequest, Event, Gap, Welcome
+from arqonbus.presence import MemberView, PresenceEvent
 
 __all__ = [
     "DEFAULT_LIMITS",
@@ -55,7 +71,9 @@ __all__ = [
     "GapDetected",
     "JoinRetry",
     "Joined",
+    "MembersStale",
     "Paused",
+    "PresenceReceived",
     "ProtocolEvent",
     "PublishFailed",
     "RemovedFromRoom",
@@ -68,6 +86,7 @@ __all__ = [
 PROTOCOL_VERSION = "1.0"
 DEFAULT_LIMITS = {"max_envelope_bytes": 65536, "max_in_flight": 1000, "history_max_limit": 1000}
 ID_MAX = 128
+PRESENCE_QUEUE_MAX = 1000  # presence frames a subscription holds for the application
 ERROR_MESSAGE_MAX = 1024
 
 IdFactory = Callable[[str], str]
@@ -235,6 +254,26 @@ class RemovedFromRoom:
     error: ArqonBusError
 
 
+@dataclass(frozen=True, slots=True)
+class PresenceReceived:
+    """A ``presence`` frame for a subscription; queued for ``take_presence``."""
+
+    event: PresenceEvent
+
+
+@dataclass(frozen=True, slots=True)
+class MembersStale:
+    """A subscription's member list must be read again (after a join, or an overflow frame).
+
+    Its snapshot ``generation`` has begun (frames are buffered meanwhile): read every
+    ``presence`` page into ``state.members.add_page(generation, page)``, then ``finish``.
+    """
+
+    room: str
+    channel: str
+    generation: int
+
+
 ProtocolEvent = (
     Acked
     | PublishFailed
@@ -248,6 +287,8 @@ ProtocolEvent = (
     | ServiceRequest
     | ErrorReceived
     | RemovedFromRoom
+    | PresenceReceived
+    | MembersStale
 )
 
 
@@ -282,6 +323,13 @@ class SubscriptionState:
     # seen). Seqs of a new epoch restart after its fork and may repeat old numbers.
     last_epoch: int | None = None
     accepted_epoch: int | None = None
+    # Presence (None: the room's default). ``members``: the member list, when kept.
+    presence: bool | None = None
+    presence_events: bool | None = None
+    members: MemberView | None = None
+    presence_items: deque[PresenceEvent] = field(default_factory=deque)
+    in_presence: bool = False  # the last join result's "presence"
+    watching_presence: bool = False  # ... and its "presence_events"
 
     def __post_init__(self) -> None:
         self.accepted_seq = self.last_seq
@@ -300,10 +348,13 @@ class SubscriptionState:
         self.accepting = False
         self.items.clear()
         self.queued_events = 0
+        self.presence_items.clear()
 
     def fail(self, error: ArqonBusError) -> None:
         self.error = error
         self.accepting = False
+        if self.members is not None:
+            self.members.clear()
 
 
 # -- the protocol -------------------------------------------------------------------------
@@ -327,6 +378,7 @@ class ClientProtocol:
         self._joins: dict[str, tuple[SubscriptionState, int | None]] = {}  # id -> (sub, since)
         self._quiet: set[str] = set()  # requests whose reply nobody awaits (leave on pause)
         self._subs: dict[tuple[str, str], SubscriptionState] = {}
+        self._presence: dict[str, Any] = {}  # set_presence parameters to set on each connection
 
     def data_to_send(self) -> list[bytes]:
         """The frames to send now, in order (each one JSON text); empties the outbox."""
@@ -339,6 +391,13 @@ class ClientProtocol:
         """A connection is up: rejoin every subscription from its cursor, resend unacked."""
         self.limits = {**DEFAULT_LIMITS, **welcome.limits}
         self.connected = True
+        if self._presence:  # before the joins, so that they enter with this state
+            request_id = self._new_id("set_presence")
+            self._quiet.add(request_id)
+            payload = {"command": "set_presence", "parameters": dict(self._presence)}
+            self._outbox.append(
+                encode_envelope("command", request_id, "presence", "presence", payload)
+            )
         for state in list(self._subs.values()):
             if state.active:
                 self._send_join(state, reset=True)
@@ -447,6 +506,11 @@ class ClientProtocol:
         self._outbox.append(encode_envelope("command", request_id, room, channel, payload, trace))
         return request_id
 
+    def remember_presence(self, parameters: dict[str, Any]) -> None:
+        """A ``set_presence`` succeeded: set the same state and metadata on each new
+        connection (a gateway keeps them per connection)."""
+        self._presence.update({k: v for k, v in parameters.items() if k in ("state", "metadata")})
+
     def new_request_id(self, command: str) -> str:
         """A fresh id for a command: ``<command, cut to 20>_<unique>``."""
         return self._new_id(command[:20])
@@ -509,6 +573,10 @@ class ClientProtocol:
             state.last_seq, state.last_epoch = item.after_seq, item.epoch
         return item
 
+    def take_presence(self, state: SubscriptionState) -> PresenceEvent | None:
+        """Hand the next queued presence event to the application."""
+        return state.presence_items.popleft() if state.presence_items else None
+
     def rejoin(self, state: SubscriptionState) -> None:
         """Retry a join after :class:`JoinRetry`, unless things moved on meanwhile."""
         if (
@@ -554,6 +622,10 @@ class ClientProtocol:
             parameters["since_epoch"] = state.accepted_epoch
         if state.room_key is not None:
             parameters["room_key"] = state.room_key
+        if state.presence is not None:
+            parameters["presence"] = state.presence
+        if state.presence_events is not None:
+            parameters["presence_events"] = state.presence_events
         payload = {"command": "join_channel", "parameters": parameters}
         self._outbox.append(
             encode_envelope("command", request_id, state.room, state.channel, payload)
@@ -598,6 +670,8 @@ class ClientProtocol:
             return self._on_gap(message)
         if kind == "command":
             return self._on_service_request(message)
+        if kind == "presence":
+            return self._on_presence(message)
         return []
 
     def _sub_for(self, message: dict[str, Any]) -> SubscriptionState | None:
@@ -669,15 +743,19 @@ class ClientProtocol:
                 return [CommandResult(request_id, None, error)]
             self._quiet.discard(request_id)
         room, channels = payload.get("room"), payload.get("channels")
-        if raw_id is None and isinstance(room, str) and isinstance(channels, list):
-            return self._on_removed(room, channels, error)
+        if raw_id is None and isinstance(room, str):
+            if isinstance(error, Kicked | RoomDeleted) and not isinstance(channels, list):
+                channels = sorted(c for r, c in self._subs if r == room)  # all of the room's
+            if isinstance(channels, list):
+                return self._on_removed(room, channels, error)
         return [ErrorReceived(request_id, error)]
 
     def _on_removed(
         self, room: str, channels: list[Any], error: ArqonBusError
     ) -> list[ProtocolEvent]:
-        """Pushed: a ban removed this connection from those channels. Their subscriptions
-        end with the error; rejoining would only be refused."""
+        """Pushed: a ban, kick or room deletion removed this connection from those channels.
+        Their subscriptions end with the error (after a ban rejoining would only be
+        refused; after a kick or deletion the application decides whether to join again)."""
         events: list[ProtocolEvent] = []
         for channel in channels:
             state = self._subs.pop((room, channel), None) if isinstance(channel, str) else None
@@ -698,6 +776,22 @@ class ClientProtocol:
         gap = _gap(state, after, first, payload)
         state.items.append(gap)
         return [GapDetected(gap)]
+
+    def _on_presence(self, message: dict[str, Any]) -> list[ProtocolEvent]:
+        state = self._sub_for(message)
+        if state is None or not state.accepting or not state.watching_presence:
+            return []
+        event = PresenceEvent.from_wire(message)
+        if len(state.presence_items) >= PRESENCE_QUEUE_MAX:
+            # The application does not keep up: what it missed is summed up as an overflow.
+            state.presence_items.clear()
+            lost = PresenceEvent(state.room, state.channel, event.position, (), True)
+            state.presence_items.append(lost)
+        state.presence_items.append(event)
+        events: list[ProtocolEvent] = [PresenceReceived(event)]
+        if state.members is not None and state.members.apply(event):
+            events.append(_members_stale(state, state.members))
+        return events
 
     def _on_service_request(self, message: dict[str, Any]) -> list[ProtocolEvent]:
         request = CommandRequest.from_wire(message)
@@ -741,7 +835,12 @@ class ClientProtocol:
         state.paused = False
         state.accepting = True
         state.join_failures = 0
+        state.in_presence = result.get("presence") is True
+        state.watching_presence = result.get("presence_events") is True
         events: list[ProtocolEvent] = [Joined(state.room, state.channel, last_seq)]
+        if state.members is not None and state.watching_presence:
+            # Changes before this join were not seen: only a fresh snapshot is complete.
+            events.append(_members_stale(state, state.members))
         if result.get("gap") is True:
             first = result.get("first_available_seq")
             after = result.get("after_seq")
@@ -750,6 +849,10 @@ class ClientProtocol:
             state.items.append(gap)
             events.append(GapDetected(gap))
         return events
+
+
+def _members_stale(state: SubscriptionState, view: MemberView) -> MembersStale:
+    return MembersStale(state.room, state.channel, view.begin())
 
 
 def _gap(state: SubscriptionState, after: int, first: int, fields: dict[str, Any]) -> Gap:

@@ -1,6 +1,7 @@
-"""``arq``: publish, tail, read history and call service commands from a shell.
+"""``arq``: publish, tail, read history, call service commands and list presence from a shell.
 
-Every subcommand prints JSON lines on stdout. Errors are one line on stderr that says what
+Every subcommand prints JSON lines on stdout (``presence``: a table, JSON lines with
+``--json``). Errors are one line on stderr that says what
 went wrong and what to do. Exit codes: 0 success, 1 the gateway answered with an error,
 2 bad usage or input, 3 no connection (unreachable, refused token, lost), 130 interrupted.
 """
@@ -15,12 +16,13 @@ import os
 import sys
 import threading
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NoReturn
 
 import orjson
 
-from arqonbus.client import Client
+from arqonbus.client import Client, Subscription
 from arqonbus.errors import (
     ArqonBusError,
     AuthenticationError,
@@ -30,6 +32,7 @@ from arqonbus.errors import (
     ConnectionRejected,
 )
 from arqonbus.models import Event, Gap
+from arqonbus.presence import Member, Occupancy, PresenceChange, PresenceEvent
 
 DEFAULT_URL = "ws://127.0.0.1:8765/ws,ws://127.0.0.1:8766/ws"  # the gateways of make run
 DEFAULT_TOKEN = "dev:demo:arq"
@@ -132,6 +135,21 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("command")
     cmd.add_argument("params", nargs="?", metavar="JSON", help="parameters, a JSON object")
     cmd.add_argument("--timeout", type=float, default=5.0, metavar="S")
+
+    presence = commands.add_parser(
+        "presence",
+        parents=[common],
+        help="list a channel's present members; --watch prints each change",
+        description="Print the members present in ROOM/CHANNEL (every page), one JSON line "
+        "each, or with --watch join with presence events and print each change until Ctrl-C. "
+        "Needs the presence permission.",
+    )
+    presence.add_argument("target", metavar="ROOM/CHANNEL")
+    presence.add_argument("--state", choices=("online", "idle"), help="only members in STATE")
+    presence.add_argument(
+        "--watch", action="store_true", help="print each change (join, update, leave)"
+    )
+    presence.add_argument("--json", action="store_true", help="print JSON lines, not a table")
     return parser
 
 
@@ -309,7 +327,110 @@ async def _cmd(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-_SUBCOMMANDS = {"pub": _pub, "sub": _sub, "history": _history, "cmd": _cmd}
+def _room_channel(target: str) -> tuple[str, str]:
+    room, sep, channel = target.partition("/")
+    if not sep or not room or not channel or "/" in channel:
+        raise UsageError(f"{target!r} is not ROOM/CHANNEL: write it like science/general")
+    return room, channel
+
+
+def _member_json(member: Member) -> dict[str, Any]:
+    return {
+        "principal": member.principal,
+        "state": member.state,
+        "metadata": member.metadata,
+        "joined_at": member.joined_at,
+        "connections": member.connection_count,
+    }
+
+
+def _member_line(member: Member) -> str:
+    meta = orjson.dumps(member.metadata).decode() if member.metadata else ""
+    count = member.connection_count
+    sessions = f"{count} connection{'s' if count != 1 else ''}"
+    return f"{member.principal:<24} {member.state:<7} {sessions:<14} {meta}".rstrip()
+
+
+def _change_line(room: str, channel: str, change: PresenceChange) -> str:
+    if change.action == "leave":
+        return f"{room}/{channel}: {change.principal} left"
+    what = "joined" if change.action == "join" else "is now"
+    meta = f" {orjson.dumps(change.metadata).decode()}" if change.metadata else ""
+    return f"{room}/{channel}: {change.principal} {what} {change.state}{meta}"
+
+
+async def _presence(client: Client, args: argparse.Namespace) -> int:
+    room, channel = _room_channel(args.target)
+    as_json: bool = args.json
+    if args.watch:
+        return await _watch_presence(client, room, channel, args.state, as_json)
+    members = await client.presence(room, channel, state=args.state)
+    for member in members:
+        if as_json:
+            _emit(_member_json(member))
+        else:
+            print(_member_line(member), flush=True)
+    if not as_json:
+        print(f"{len(members)} member(s) in {room}/{channel}", file=sys.stderr, flush=True)
+    return EXIT_OK
+
+
+async def _watch_presence(
+    client: Client, room: str, channel: str, state: str | None, as_json: bool
+) -> int:
+    """Join with presence events only (not entering presence) and print every change."""
+    sub = client.subscribe(room, channel, presence=False, presence_events=True)
+    # The channel's events are taken and dropped: a full queue would pause the subscription.
+    drain: asyncio.Task[None] | None = None
+    try:
+        await sub.start()
+        drain = asyncio.create_task(_discard(sub))
+        print(f"watching {room}/{channel}; Ctrl-C to stop", file=sys.stderr, flush=True)
+        async for event in sub.presence():
+            _print_presence(event, state, as_json)
+    finally:
+        if drain is not None:
+            drain.cancel()
+            await asyncio.gather(drain, return_exceptions=True)
+        await sub.close()
+    return EXIT_OK
+
+
+async def _discard(sub: Subscription) -> None:
+    with contextlib.suppress(ArqonBusError):
+        async for _ in sub:
+            pass
+
+
+def _print_presence(event: PresenceEvent, state: str | None, as_json: bool) -> None:
+    if event.overflow:
+        counts = event.occupancy or Occupancy()
+        if as_json:
+            _emit({"overflow": True, "position": event.position, "occupancy": asdict(counts)})
+        else:
+            print(
+                f"{event.room}/{event.channel}: many changes at once; now {counts.members} "
+                f"member(s), {counts.online} online, {counts.idle} idle (run arq presence "
+                "for the list)",
+                flush=True,
+            )
+        return
+    for change in event.changes:
+        if state is not None and change.action != "leave" and change.state != state:
+            continue
+        if as_json:
+            _emit({"room": event.room, "channel": event.channel, **asdict(change)})
+        else:
+            print(_change_line(event.room, event.channel, change), flush=True)
+
+
+_SUBCOMMANDS = {
+    "pub": _pub,
+    "sub": _sub,
+    "history": _history,
+    "cmd": _cmd,
+    "presence": _presence,
+}
 
 
 async def run(args: argparse.Namespace) -> int:

@@ -39,7 +39,7 @@ import re
 import socket
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -55,6 +55,7 @@ from websockets.exceptions import (
 )
 from websockets.uri import parse_uri
 
+from arqonbus._admin import AdminCommands
 from arqonbus._protocol import (
     PROTOCOL_VERSION,
     Acked,
@@ -65,7 +66,9 @@ from arqonbus._protocol import (
     GapDetected,
     Joined,
     JoinRetry,
+    MembersStale,
     Paused,
+    PresenceReceived,
     ProtocolEvent,
     PublishFailed,
     RemovedFromRoom,
@@ -91,6 +94,14 @@ from arqonbus.errors import (
     Unavailable,
 )
 from arqonbus.models import Ack, CommandRequest, Event, Gap, HistoryPage, Welcome
+from arqonbus.presence import (
+    PRESENCE_STATES,
+    Member,
+    MemberView,
+    Occupancy,
+    PresenceEvent,
+    PresencePage,
+)
 
 if TYPE_CHECKING:
     from arqonbus.agent import AgentCredentials
@@ -112,6 +123,15 @@ _WS_LOG.setLevel(logging.INFO)
 
 ADMIN_COMMANDS = frozenset(
     {
+        "ping",
+        "status",
+        "list_rooms",
+        "list_channels",
+        "channel_info",
+        "create_room",
+        "configure_room",
+        "delete_room",
+        "kick",
         "room_configure",
         "room_invite",
         "room_uninvite",
@@ -132,8 +152,17 @@ BUILTIN_COMMANDS = ADMIN_COMMANDS | frozenset(
         "unregister_handler",
         "limits",
         "refresh_token",
+        "presence",
+        "occupancy",
+        "set_presence",
     }
 )
+SERVICE_FIRST = frozenset({"ping", "status"})
+"""Built-in names services use too: in any room but ``_system`` they are service commands
+(:meth:`Client.command`, :meth:`Client.handles`); the gateway's own ``ping`` and ``status``
+are sent to room ``_system`` (:meth:`Client.ping`, :meth:`Client.status`)."""
+_NOT_FOR_SERVICES = BUILTIN_COMMANDS - SERVICE_FIRST
+PRESENCE_PAGE_MAX = 1000  # the most members one presence page holds
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
 _INITIAL_BACKOFF = 0.05
 _MAX_RETRY_AFTER_S = 60.0  # the most a gateway's retry_after_ms can make the client wait
@@ -145,6 +174,8 @@ SubscriptionCallback = Callable[[Event | Gap], Awaitable[None] | None]
 """A callback for :meth:`Client.on`: sync or async, called once per item, in order."""
 
 _H = TypeVar("_H", bound=Callable[..., Any])
+
+
 _T = TypeVar("_T")
 
 
@@ -276,7 +307,7 @@ def _retry_after(exc: InvalidStatus) -> float:
     return float(header) if header.isdigit() and int(header) <= 3600 else 0.0
 
 
-class Client:
+class Client(AdminCommands):
     """An ArqonBus connection that reconnects and resumes by itself.
 
     ``urls`` is one gateway URL (``ws://host:port/ws``) or several; the client connects to
@@ -557,6 +588,9 @@ class Client:
         *,
         queue_size: int | None = None,
         room_key: str | None = None,
+        presence: bool | None = None,
+        presence_events: bool | None = None,
+        track_members: bool = False,
     ) -> Subscription:
         """A subscription to one channel: an async iterator of :class:`Event` and :class:`Gap`.
 
@@ -568,6 +602,14 @@ class Client:
 
         One client holds at most one subscription per room and channel. ``room_key``
         enters a private room (sent with every join, also after a reconnect).
+
+        Presence (docs/presence.md): ``presence=True`` enters this connection in the
+        channel's presence, ``presence_events=True`` delivers ``presence`` frames as
+        :class:`PresenceEvent` items of ``sub.presence()`` (needs the ``presence``
+        permission: else the join fails with :class:`Forbidden`); ``None`` leaves each to the
+        room's default. ``track_members=True`` keeps ``sub.members``, the channel's member
+        list, by snapshot + diff; it needs presence events, and is read again after every
+        resume and every overflow frame.
         """
         if since_seq is not None and (
             isinstance(since_seq, bool) or not isinstance(since_seq, int) or since_seq < 0
@@ -576,7 +618,16 @@ class Client:
         size = self.queue_size if queue_size is None else queue_size
         if size < 1:
             raise ValueError("queue_size must be at least 1")
-        return Subscription(self, room, channel, since_seq, size, room_key)
+        if track_members and presence_events is False:
+            raise ValueError("track_members needs presence events: drop presence_events=False")
+        sub = Subscription(self, room, channel, since_seq, size, room_key)
+        state = sub._state
+        state.presence, state.presence_events = presence, presence_events
+        if track_members:
+            state.members = MemberView()
+            if presence_events is None:
+                state.presence_events = True
+        return sub
 
     async def on(
         self,
@@ -668,9 +719,10 @@ class Client:
         idempotent, so the client does not resend them.
 
         Built-in commands cannot be sent this way (``ValueError``): use :meth:`subscribe`,
-        :meth:`history` and :meth:`register_handler`.
+        :meth:`history` and :meth:`register_handler`. ``ping`` and ``status`` can
+        (:data:`SERVICE_FIRST`): outside room ``_system`` they are service commands.
         """
-        if command in BUILTIN_COMMANDS:
+        if command in _NOT_FOR_SERVICES:
             raise ValueError(
                 f"{command!r} is a built-in command: use subscribe(), history(), "
                 "register_handler(), unregister_handler(), admin(), limits() or "
@@ -720,7 +772,11 @@ class Client:
         ``key``, ``invite_only``), ``room_invite``/``room_uninvite``, ``room_ban``/
         ``room_unban`` (``principal``, ``duration_s``, ``reason``), ``room_mute``/
         ``room_unmute``, ``room_info``, ``register_agent`` (``public_key``, ``name``,
-        ``role``). Raises :class:`Forbidden` without the permission. Not retried.
+        ``role``), and the room and tenant commands of docs/protocol.md (``ping``,
+        ``status``, ``list_rooms``, ``list_channels``, ``channel_info``, ``create_room``,
+        ``configure_room``, ``delete_room``, ``kick``; typed helpers: :meth:`ping`, ...;
+        the gateway answers ``ping`` and ``status`` only in room ``_system``). Raises
+        :class:`Forbidden` without the permission. Not retried.
         """
         if command not in ADMIN_COMMANDS:
             raise ValueError(
@@ -728,6 +784,97 @@ class Client:
             )
         budget = self.request_timeout if timeout is None else timeout
         return await self._request(room, channel, command, params or {}, timeout=budget)
+
+    # -- presence (issue 16) ----------------------------------------------------------------
+
+    async def presence(
+        self,
+        room: str,
+        channel: str,
+        *,
+        state: str | None = None,
+        page_size: int = PRESENCE_PAGE_MAX,
+        timeout: float | None = None,
+    ) -> list[Member]:
+        """Every member present in the channel, sorted by principal (all pages read).
+
+        ``state`` (``"online"`` or ``"idle"``) keeps only members in that state. Pages are
+        read one after the other while the channel changes: for a list kept current, use
+        ``subscribe(..., track_members=True)``. Needs the ``presence`` permission. Each page
+        is retried across reconnects within ``timeout`` (default ``request_timeout``).
+        """
+        pages = self.presence_pages(
+            room, channel, state=state, page_size=page_size, timeout=timeout
+        )
+        return [member async for page in pages for member in page.members]
+
+    async def presence_pages(
+        self,
+        room: str,
+        channel: str,
+        *,
+        state: str | None = None,
+        page_size: int = PRESENCE_PAGE_MAX,
+        timeout: float | None = None,
+    ) -> AsyncIterator[PresencePage]:
+        """The channel's members one :class:`PresencePage` at a time (for huge channels)."""
+        if state is not None and state not in PRESENCE_STATES:
+            raise ValueError(f"state must be 'online' or 'idle', not {state!r}")
+        if isinstance(page_size, bool) or not 1 <= page_size <= PRESENCE_PAGE_MAX:
+            raise ValueError(f"page_size must be 1-{PRESENCE_PAGE_MAX}")
+        cursor: str | None = None
+        seen: set[str] = set()
+        while True:
+            params: dict[str, Any] = {"limit": page_size}
+            if cursor is not None:
+                params["cursor"] = cursor
+            if state is not None:
+                params["state"] = state
+            result = await self._request_idempotent(room, channel, "presence", params, timeout)
+            page = PresencePage.from_wire(result)
+            yield page
+            if page.next_cursor is None or page.next_cursor in seen:
+                return  # the last page (a cursor seen before would only loop)
+            seen.add(page.next_cursor)
+            cursor = page.next_cursor
+
+    async def occupancy(
+        self, room: str, channel: str, *, timeout: float | None = None
+    ) -> Occupancy:
+        """The channel's counts (members, connections, online, idle) and view position.
+        Cheap: the gateway answers from its view. Needs the ``presence`` permission."""
+        result = await self._request_idempotent(room, channel, "occupancy", {}, timeout)
+        return Occupancy.from_wire(result)
+
+    async def set_presence(
+        self,
+        state: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> dict[str, Any]:
+        """Set this connection's presence state and/or metadata in every channel it is
+        present in, and for later joins; kept across reconnects (set again first).
+
+        ``state``: ``"online"`` or ``"idle"``; ``metadata``: a JSON object (at most 1024
+        bytes encoded, 32 keys) that replaces the previous one. Returns ``{"state",
+        "metadata", "channels"}``. Raises :class:`InvalidParameters` over a limit.
+        """
+        if state is None and metadata is None:
+            raise ValueError("pass state, metadata, or both")
+        if state is not None and state not in PRESENCE_STATES:
+            raise ValueError(f"state must be 'online' or 'idle', not {state!r}")
+        if metadata is not None and not isinstance(metadata, dict):
+            raise TypeError("metadata must be a dict (a JSON object)")
+        params: dict[str, Any] = {}
+        if state is not None:
+            params["state"] = state
+        if metadata is not None:
+            params["metadata"] = metadata
+        budget = self.request_timeout if timeout is None else timeout
+        result = await self._request("presence", "presence", "set_presence", params, budget)
+        self._core.remember_presence(params)
+        return result
 
     async def limits(self, *, timeout: float | None = None) -> dict[str, Any]:
         """This connection's limits and current usage (rates, tokens left, channels, ...)."""
@@ -818,7 +965,7 @@ class Client:
 
     @staticmethod
     def _check_handler_name(command: str) -> None:
-        if command in BUILTIN_COMMANDS:
+        if command in _NOT_FOR_SERVICES:
             raise ValueError(f"{command!r} is a built-in command and cannot be handled")
         if not _is_name(command):
             raise ValueError(
@@ -1271,6 +1418,14 @@ class Client:
                 self._spawn(self._answer(conn, request, handler))
             case RemovedFromRoom(room=room, channels=channels, error=error):
                 log.warning("removed from room %s (%s): %s", room, ", ".join(channels), error)
+            case PresenceReceived(event=presence):
+                sub = self._subs.get((presence.room, presence.channel))
+                if sub is not None:
+                    sub._presence_wakeup.set()
+            case MembersStale(room=room, channel=channel, generation=generation):
+                sub = self._subs.get((room, channel))
+                if sub is not None:
+                    self._spawn(self._read_members(sub, generation))
             case ErrorReceived(request_id=request_id, error=error):
                 log.warning("the gateway reported an error for request %s: %s", request_id, error)
 
@@ -1364,6 +1519,21 @@ class Client:
                 del self._subs[(sub.room, sub.channel)]
                 self._core.unsubscribe(sub._state)
 
+    async def _read_members(self, sub: Subscription, generation: int) -> None:
+        """Read the member list snapshot ``generation`` of a subscription (MembersStale)."""
+        view = sub._state.members
+        if view is None:
+            return
+        try:
+            async for page in self.presence_pages(sub.room, sub.channel):
+                if not view.add_page(generation, page):
+                    return  # a newer snapshot (or the end of the subscription) replaced it
+            if view.finish(generation):
+                sub._members_synced.set()
+        except ArqonBusError as exc:
+            if not sub.closed:
+                log.warning("reading the members of %s/%s failed: %s", sub.room, sub.channel, exc)
+
     # -- service handlers ---------------------------------------------------------------------
 
     async def _answer(
@@ -1448,6 +1618,8 @@ class Subscription:
         # The cursor, the queue and the join state: the client's core decides over them.
         self._state = SubscriptionState(room, channel, since_seq, room_key, maxsize)
         self._wakeup = asyncio.Event()
+        self._presence_wakeup = asyncio.Event()
+        self._members_synced = asyncio.Event()
         self._start_called = False
         self._started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._callback_task: asyncio.Task[None] | None = None
@@ -1459,6 +1631,64 @@ class Subscription:
     def last_seq(self) -> int | None:
         """The seq of the last event handed to the application (None before the join)."""
         return self._state.last_seq
+
+    @property
+    def in_presence(self) -> bool:
+        """Whether the last join entered this connection in the channel's presence."""
+        return self._state.in_presence
+
+    @property
+    def presence_events(self) -> bool:
+        """Whether the last join asked for ``presence`` frames (see :meth:`presence`)."""
+        return self._state.watching_presence
+
+    @property
+    def members(self) -> Mapping[str, Member]:
+        """The channel's members by principal, kept current (``track_members=True``).
+
+        Empty until the first snapshot is read (:meth:`wait_members`). After a resume or an
+        overflow frame the list is read again; until then it shows the last known state.
+        """
+        view = self._state.members
+        if view is None:
+            raise ValueError("subscribe with track_members=True to keep the member list")
+        return view.members
+
+    async def wait_members(self, timeout: float | None = None) -> Mapping[str, Member]:
+        """Wait until the member list is read (after the first join); returns it."""
+        self.members  # noqa: B018 (raises without track_members)
+        if not self._start_called:
+            await self.start()
+        budget = self._client.request_timeout if timeout is None else timeout
+        try:
+            await asyncio.wait_for(self._members_synced.wait(), budget)
+        except TimeoutError:
+            raise Timeout(
+                f"the members of {self.room}/{self.channel} were not read within {budget:g}s"
+            ) from None
+        return self.members
+
+    async def presence(self) -> AsyncIterator[PresenceEvent]:
+        """The channel's :class:`PresenceEvent` items, in order, until the subscription ends.
+
+        Only for a subscription joined with presence events. At most 1000 are held for the
+        application; when more arrive they are dropped and one ``overflow`` event says so
+        (re-read the list with :meth:`Client.presence`, or use :attr:`members`).
+        """
+        if not self._start_called:
+            await self.start()
+        core = self._client._core
+        while True:
+            item = core.take_presence(self._state)
+            if item is not None:
+                yield item
+                continue
+            if self._error is not None:
+                raise self._error
+            if self._closed:
+                return
+            self._presence_wakeup.clear()
+            await self._presence_wakeup.wait()
 
     @property
     def pause_count(self) -> int:
@@ -1545,7 +1775,10 @@ class Subscription:
 
     def _end(self) -> None:
         self._state.end()
+        if self._state.members is not None:
+            self._state.members.clear()
         self._wakeup.set()
+        self._presence_wakeup.set()
         if not self._started.done():
             self._started.set_exception(ClientClosed("the subscription was closed"))
             self._started.exception()  # retrieved: nobody may be waiting
@@ -1553,6 +1786,7 @@ class Subscription:
     def _fail(self, exc: ArqonBusError) -> None:
         self._state.fail(exc)
         self._wakeup.set()
+        self._presence_wakeup.set()
         if not self._started.done():
             self._started.set_exception(exc)
             self._started.exception()

@@ -28,6 +28,10 @@ raises ``ValueError`` or ``TypeError``, as usual in Python). The tree::
     │   ├── RoomKeyRequired      [room_key_required]
     │   ├── Banned               [banned]             room, channels, retry_after_ms
     │   ├── Muted                [muted]              room, retry_after_ms
+    │   ├── RoomExists           [room_exists]        create_room of a configured room
+    │   ├── RoomNotFound         [room_not_found]     delete_room of an unknown room
+    │   ├── Kicked               [kicked]             pushed: room, channels, reason
+    │   ├── RoomDeleted          [room_deleted]       pushed: room, channels
     │   └── CommandFailed        [a handler's own code]
     └── errors of the connection (raised by the SDK itself)
         ├── ConnectionLost       [connection_lost]    retryable
@@ -83,6 +87,7 @@ __all__ = [
     "InvalidName",
     "InvalidParameters",
     "InvalidPayload",
+    "Kicked",
     "LimitExceeded",
     "MessageTooLarge",
     "Muted",
@@ -92,7 +97,10 @@ __all__ = [
     "PolicyViolation",
     "QuotaExceeded",
     "RateLimited",
+    "RoomDeleted",
+    "RoomExists",
     "RoomKeyRequired",
+    "RoomNotFound",
     "Timeout",
     "Unavailable",
     "UnknownCommand",
@@ -313,6 +321,44 @@ class Muted(ArqonBusError):
     default_code = "muted"
 
 
+# -- room administration (issue 16) --
+
+
+class RoomExists(ArqonBusError):
+    """``create_room`` of a room that is configured already: use ``configure_room``."""
+
+    default_code = "room_exists"
+
+
+class RoomNotFound(ArqonBusError):
+    """``delete_room`` of a room with no stored events and no settings: nothing to delete."""
+
+    default_code = "room_not_found"
+
+
+class Kicked(ArqonBusError):
+    """A room admin kicked this principal from the room; pushed without a request.
+
+    The connection left ``channels`` of ``room``; their subscriptions end with this error.
+    Joining again is allowed (a kick is not a ban). ``reason`` is the admin's reason, or "".
+    """
+
+    default_code = "kicked"
+
+    def __init__(self, message: str = "", *, reason: str = "", **fields: Any) -> None:
+        super().__init__(message, **fields)
+        self.reason: str = reason
+
+
+class RoomDeleted(ArqonBusError):
+    """A room admin deleted the room (its events and presence); pushed without a request.
+
+    The connection left ``channels`` of ``room``; their subscriptions end with this error.
+    """
+
+    default_code = "room_deleted"
+
+
 class CommandFailed(ArqonBusError):
     """A service handler answered with an error of its own ``code``.
 
@@ -446,6 +492,10 @@ ERROR_CLASSES: dict[str, type[ArqonBusError]] = {
         Muted,
         RateLimited,
         QuotaExceeded,
+        RoomExists,
+        RoomNotFound,
+        Kicked,
+        RoomDeleted,
     )
 }
 """The server error codes of protocol v1 and their exception classes."""
@@ -473,4 +523,11 @@ def error_from_wire(error: Any, request_id: str | None = None) -> ArqonBusError:
     cls = ERROR_CLASSES.get(code)
     if cls is None:
         return CommandFailed(code, message, retryable=bool(retry), **fields)
+    if cls is Kicked:
+        reason = error.get("reason")
+        return Kicked(message, retryable=retry, reason=_text(reason), **fields)
     return cls(message, retryable=retry, **fields)
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else ""
