@@ -54,7 +54,9 @@ def add_parser(sub: Any) -> None:
         required=True,
         help="the agent's Ed25519 public key: a PEM file, or 32 raw bytes as base64url",
     )
-    register.add_argument("--role", default="member", help="owner, admin, member, read-only")
+    register.add_argument(
+        "--role", default="member", help="owner, admin, member, read-only, viewer"
+    )
     register.add_argument(
         "--grant", action="append", default=[], help="ROOM:CHANNEL:PERMS (repeatable)"
     )

@@ -41,7 +41,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="the principal id the key signs in as (1-64 of A-Z a-z 0-9 _ -)",
     )
     create.add_argument(
-        "--role", default="member", help="owner, admin, member or read-only (default member)"
+        "--role",
+        default="member",
+        help="owner, admin, member, read-only or viewer (default member)",
     )
     create.add_argument(
         "--grant",

@@ -35,6 +35,8 @@ from arqonbus_server.shared.errors import ROOM_NOT_FOUND, UNAVAILABLE, ArqonErro
 from arqonbus_server.shared.subjects import ChannelRef
 
 PresenceSink = Callable[[bytes], None]
+ENTER_WITHIN_S = 10.0  # how long a join keeps trying to enter presence (a leader election)
+ENTER_ATTEMPTS = 20
 log = logging.getLogger("arqonbus.gateway.admin")
 
 
@@ -85,12 +87,32 @@ class GatewayCommands:
         if self._presence is None:
             return False
         if present:
-            await self._presence.enter(ref, session, principal, sink)
+            await self._enter_retrying(ref, session, principal, sink)
         elif sink is not None:
             self._presence.watch(ref, session, sink)
         if sink is not None:  # the join's reply promises every change after it
             await self._presence.following(ref)
         return True
+
+    async def _enter_retrying(
+        self, ref: ChannelRef, session: str, principal: str, sink: PresenceSink | None
+    ) -> None:
+        """Enter presence, retried with backoff for up to ENTER_WITHIN_S: a NATS node lost
+        makes the presence bucket elect a leader (seconds), and a join meanwhile should
+        still enter. Raises BrokerUnavailable if the store never took the entry."""
+        presence = self._presence
+        assert presence is not None
+        deadline = time.monotonic() + ENTER_WITHIN_S
+        delay = 0.1
+        for attempt in range(ENTER_ATTEMPTS):
+            try:
+                await presence.enter(ref, session, principal, sink)
+                return
+            except BrokerUnavailable:
+                if attempt + 1 == ENTER_ATTEMPTS or time.monotonic() + delay > deadline:
+                    raise
+            await asyncio.sleep(delay)  # backoff before asking the store again
+            delay = min(1.0, delay * 2)
 
     def left(self, ref: ChannelRef, session: str) -> None:
         """The session left the channel (leave_channel, a ban, a kick): in the background."""

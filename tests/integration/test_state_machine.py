@@ -64,3 +64,4 @@ def test_delivered_is_always_a_prefix_of_acked(mesh: Mesh) -> None:
     print("state machine:", stats.as_dict())
     assert stats.examples >= 6
     assert stats.publishes > 0
+    assert stats.presence_checks > 0  # presence was checked against the model (no ghosts)
