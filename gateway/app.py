@@ -49,6 +49,7 @@ from arqonbus_server.gateway.state.limits import (
 )
 from arqonbus_server.gateway.state.placement import PlacementTable
 from arqonbus_server.gateway.state.presence import PresenceService, PresenceSettings
+from arqonbus_server.gateway.state.room_bytes import RoomTrimmer
 from arqonbus_server.gateway.state.rooms import (
     EVERYONE,
     KICK_MEMORY_S,
@@ -220,6 +221,7 @@ class Gateway:
             node_token(self.node_id),
             presence_settings(settings),
         )
+        self.trimmer = RoomTrimmer(self.broker, self.rooms)
         self.commands = GatewayCommands(
             self.broker,
             GatewayInfo(
@@ -233,6 +235,7 @@ class Gateway:
             self.rooms,
             self._status_connections,
             self._live_gateways,
+            self.trimmer,
         )
         # Per client address: upgrades per second (429 beyond) and unfinished handshakes.
         self.conn_rate = RateLimiter(settings.conn_rate_per_ip, settings.conn_burst_per_ip)
@@ -326,6 +329,7 @@ class Gateway:
         self.audit.start()
         self.heartbeats.start()
         await self.presence.start()
+        self.trimmer.start()
         self._tasks.append(asyncio.create_task(self._ready_once_loaded()))
         loop = asyncio.get_running_loop()
         interval = self.settings.health_interval_s
@@ -427,6 +431,7 @@ class Gateway:
                     await self._server.wait_closed()
         await self.heartbeats.close()  # leave the cluster view now, not in 3 intervals
         await self.presence.close()  # this gateway's members leave now, not at lease expiry
+        await self.trimmer.close()
         await self.hub.close()
         await self.security.close()
         await self.conn_reports.close()

@@ -54,6 +54,7 @@ from arqonbus_server.mesh.ports import (
     StoredEvent,
     StoreQuotaExceeded,
     StreamStats,
+    trim_count,
 )
 from arqonbus_server.mesh.streams import StreamPolicy, StreamProvisioner, choose_replicas
 from arqonbus_server.shared.regions import Placement
@@ -84,6 +85,11 @@ _REPLAY_BATCH_BYTES = 1 << 20  # bounds a batch in memory, whatever the events' 
 # them all, in direct-get batches: ~10 round trips); above it, the bytes are estimated from
 # _SAMPLE_WINDOWS windows of _SAMPLE_SIZE events spread over the channel (bytes_exact False).
 DETAIL_EXACT_MAX = 10_000
+# trim_room reads at most this many of a room's events (~200 direct-get batches: a larger
+# room is read from its newest this many), for at most _TRIM_READ_S (then it trims what it
+# read proves, in steps; see JetStreamBroker.trim_room).
+TRIM_READ_MAX = 200_000
+_TRIM_READ_S = 30.0
 _SAMPLE_WINDOWS = 4
 _SAMPLE_SIZE = 250
 # A batched direct get with multi_last answers at most 1024 subjects (nats-server's
@@ -1099,18 +1105,134 @@ class JetStreamBroker:
         A mirror does not copy a purge, so a placed tenant's mirrors are purged too, each
         once; one that does not answer (its region is down) is logged and keeps the room's
         events until its own retention removes them (reads by the primary are exact)."""
-        stream = self._primary_stream(tenant)
-        subjects = _room_filter(self._scheme, tenant, room)
-        reply = await self._js_api(f"STREAM.PURGE.{stream}", {"filter": subjects})
+        request = {"filter": _room_filter(self._scheme, tenant, room)}
+        return await self._purge_everywhere(tenant, room, request)
+
+    async def _purge_everywhere(self, tenant: str, room: str, request: dict[str, Any]) -> int:
+        """One STREAM.PURGE ``request`` on the tenant's primary, then on each of its mirrors
+        (a mirror keeps the primary's seqs, so a ``seq`` bound means the same events there);
+        returns the primary's purged count (0: no stream)."""
+        reply = await self._js_api(f"STREAM.PURGE.{self._primary_stream(tenant)}", request)
         placement = self._placement(tenant)
         for mirror in placement.mirrors if placement is not None else ():
             try:
-                await self._js_api(f"STREAM.PURGE.{mirror.stream}", {"filter": subjects})
+                await self._js_api(f"STREAM.PURGE.{mirror.stream}", request)
             except BrokerUnavailable as exc:
                 log.warning(
                     "room %s of %s stays in mirror %s: %s", room, tenant, mirror.stream, exc
                 )
         return 0 if reply is None else int(reply.get("purged", 0))
+
+    async def trim_room(self, tenant: str, room: str, max_bytes: int) -> int:
+        """Read the room's events oldest first (batched direct gets on the room's subjects,
+        up to its last seq at the stream leader when the call starts), find how many of the
+        oldest go (:func:`trim_count`), then purge the room's subjects below the first kept
+        seq (STREAM.PURGE ``filter`` + ``seq``: "below seq"), on the primary and each mirror
+        as :meth:`purge_room` does. Concurrent trims purge below cuts computed from the same
+        or newer states, so the union is what the newest state asks, and JetStream counts
+        each removed event in the one purge that removed it.
+
+        Bounded: at most :data:`TRIM_READ_MAX` events and :data:`_TRIM_READ_S` seconds are
+        read. A room of more events is read from the first of its newest TRIM_READ_MAX
+        (found by a binary search on direct-get counts, ~log2(last seq) requests): when
+        they exceed the cap, the trim is exact (every older event goes too); when they fit,
+        the cap keeps more than the bound can read and nothing is removed (logged; use
+        ``purge_room`` or the tenant's stream limits). A read cut short (time, a replica
+        that stays behind) removes only what the part read proves past the cap, never too
+        many: the next call goes on from there."""
+        trim_count((), max_bytes)  # a negative cap: ValueError before any request
+        stream = self._primary_stream(tenant)
+        subjects = _room_filter(self._scheme, tenant, room)
+        room_last = await self._room_last_seq(stream, subjects)
+        if room_last == 0:
+            return 0
+        start = await self._newest_start(stream, subjects, room_last)
+        seqs, sizes = await self._room_sizes(stream, subjects, start, room_last)
+        removed = trim_count(sizes, max_bytes)
+        if removed == 0:
+            if start > 1:
+                log.info("trim of %s in %s: the cap holds more than the read bound", room, stream)
+            return 0
+        cut = seqs[removed] if removed < len(seqs) else seqs[-1] + 1
+        return await self._purge_everywhere(tenant, room, {"filter": subjects, "seq": cut})
+
+    async def _count_from(self, stream: str, subjects: str, seq: int) -> int:
+        """How many of the room's events have a seq of ``seq`` or more: a batched direct get
+        of one, whose ``Nats-Num-Pending`` counts the matching events after it."""
+        request = {"seq": seq, "next_by_subj": subjects, "batch": 1}
+        msgs, _ = await self._direct_batch(stream, request)
+        return _header_int(msgs[0], "Nats-Num-Pending") + 1 if msgs else 0
+
+    async def _newest_start(self, stream: str, subjects: str, room_last: int) -> int:
+        """A seq from which at most :data:`TRIM_READ_MAX` of the room's events remain: 1
+        when the room holds no more, else found by binary search (counts only fall as the
+        seq rises; bounded: seqs are below 2**64)."""
+        if await self._count_from(stream, subjects, 1) <= TRIM_READ_MAX:
+            return 1
+        low, high = 1, room_last  # more than the bound from low; at most the bound from high
+        for _ in range(64):
+            if high - low <= 1:
+                break
+            middle = (low + high) // 2
+            if await self._count_from(stream, subjects, middle) <= TRIM_READ_MAX:
+                high = middle
+            else:
+                low = middle
+        return high
+
+    async def _room_last_seq(self, stream: str, subjects: str) -> int:
+        """The room's newest seq at the stream leader (``last_by_subj`` takes wildcards);
+        0 when the stream or the room has no event."""
+        _, _, jsm, _ = self._require()
+        try:
+            return (await jsm.get_last_msg(stream, subjects)).seq or 0
+        except NotFoundError:
+            return 0
+        except (*_TRANSIENT, APIError) as exc:
+            raise BrokerUnavailable(f"last message lookup failed: {exc}") from exc
+
+    async def _room_sizes(
+        self, stream: str, subjects: str, start: int, room_last: int
+    ) -> tuple[list[int], list[int]]:
+        """The seqs and body sizes of the room's events from ``start`` up to ``room_last``,
+        within :data:`TRIM_READ_MAX` events and :data:`_TRIM_READ_S` seconds. A replica
+        behind the leader ends short: it is asked again (bounded); then what was read is
+        used (short of the newest events, a trim removes less, never more)."""
+        seqs: list[int] = []
+        sizes: list[int] = []
+        deadline, short = time.monotonic() + _TRIM_READ_S, 0
+        # At least one batch, however short the time: each call makes progress.
+        while len(seqs) < TRIM_READ_MAX and (not seqs or time.monotonic() < deadline):
+            request = {
+                "seq": seqs[-1] + 1 if seqs else start,
+                "next_by_subj": subjects,
+                "batch": min(_REPLAY_BATCH, TRIM_READ_MAX - len(seqs)),
+                "max_bytes": _REPLAY_BATCH_BYTES,
+            }
+            msgs, _ = await self._direct_batch(stream, request)
+            for msg in msgs:
+                seq = int((msg.headers or {}).get("Nats-Sequence", "0"))
+                if seq > room_last:
+                    return seqs, sizes
+                seqs.append(seq)
+                sizes.append(len(msg.data))
+            if seqs and seqs[-1] >= room_last:
+                return seqs, sizes
+            short = 0 if msgs else short + 1
+            if short > _LAGGING_RETRIES:
+                break
+            if short:
+                await asyncio.sleep(0.05 * 2**short)  # retry backoff: the replica catches up
+        log.info(
+            "trim of %s in %s read %d events, up to seq %s of %d (out of time or a lagging "
+            "replica): trims what that part proves, the next trim goes on",
+            subjects,
+            stream,
+            len(seqs),
+            seqs[-1] if seqs else 0,
+            room_last,
+        )
+        return seqs, sizes
 
     async def _js_api(self, api: str, request: dict[str, Any]) -> dict[str, Any] | None:
         """One JetStream API request (``$JS.API.<api>``); None when the stream does not

@@ -47,6 +47,7 @@ from arqonbus_server.mesh.ports import (
     StoredEvent,
     StoreQuotaExceeded,
     StreamStats,
+    trim_count,
 )
 from arqonbus_server.mesh.presence import (
     channel_filter,
@@ -357,6 +358,17 @@ class MemoryBroker:
         self._require()
         stream = self._stream(tenant)
         return 0 if stream is None else stream.remove(lambda e: e.ref.room == room)
+
+    async def trim_room(self, tenant: str, room: str, max_bytes: int) -> int:
+        """The room's oldest events past the cap go, as one step (no event is awaited)."""
+        self._require()
+        stream = self._stream(tenant)
+        events = [e for e in stream.events if e.ref.room == room] if stream else []
+        removed = trim_count((len(e.body) for e in events), max_bytes)
+        if stream is None or removed == 0:
+            return 0
+        cut = events[removed - 1].seq  # the newest removed
+        return stream.remove(lambda e: e.ref.room == room and e.seq <= cut)
 
     async def replay(
         self, ref: ChannelRef, start_seq: int, end_seq: int | None, limit: int | None = None

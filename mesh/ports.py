@@ -221,6 +221,21 @@ class LiveSubscription(Protocol):
         """Stop delivery. Never raises; closing twice is harmless."""
 
 
+def trim_count(sizes: Iterable[int], max_bytes: int) -> int:
+    """How many of the oldest events (``sizes``: their bodies' lengths, oldest first) to
+    remove so that the rest total at most ``max_bytes``: the rule of
+    :meth:`Broker.trim_room`, in one place for every implementation."""
+    if max_bytes < 0:
+        raise ValueError(f"max_bytes must be 0 or more, not {max_bytes}")
+    listed = list(sizes)
+    remaining, removed = sum(listed), 0
+    for size in listed:
+        if remaining <= max_bytes:
+            break
+        remaining, removed = remaining - size, removed + 1
+    return removed
+
+
 # -- Broker ---------------------------------------------------------------------------------
 
 
@@ -364,6 +379,19 @@ class Broker(Protocol):
         """Remove every stored event of every channel of ``room`` (other rooms and tenants
         keep theirs); returns how many were removed. Seqs are never reused: later events of
         the room get seqs above every earlier one. Raises BrokerUnavailable."""
+        ...
+
+    async def trim_room(self, tenant: str, room: str, max_bytes: int) -> int:
+        """Remove the oldest stored events of ``room`` (all its channels together) until the
+        room's events total at most ``max_bytes`` (the sum of the events' bodies, as
+        :attr:`ChannelDetail.bytes` counts them); returns how many were removed. Newer
+        events are never removed before older ones of the room; other rooms and tenants
+        keep theirs; seqs are never reused. The cap applies to the room as stored when the
+        call starts (an event published meanwhile is kept). Safe to run concurrently from
+        several gateways: each removes at most what the cap asks, and an event is counted
+        by the one call that removed it. A room too large to read at once may be trimmed
+        in steps (the implementation says when). No stream or no such room: 0. Raises
+        ValueError for a negative ``max_bytes`` and BrokerUnavailable."""
         ...
 
     def replay(

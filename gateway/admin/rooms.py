@@ -115,6 +115,10 @@ def _room_settings(parser: argparse.ArgumentParser) -> None:
         "--max-message-bytes", type=_bytes, default=argparse.SUPPRESS, metavar="N",
         help="refuse larger events in this room (none: the gateway's limit)",
     )  # fmt: skip
+    parser.add_argument(
+        "--max-bytes", type=_bytes, default=argparse.SUPPRESS, metavar="N",
+        help="keep the room's newest events up to N bytes; older ones go (none: no cap)",
+    )  # fmt: skip
     flags = (("presence", "members enter presence by default"), ("private", "joins need --key"))
     for name, text in (*flags, ("invite-only", "only invited principals may join")):
         parser.add_argument(
@@ -238,13 +242,14 @@ def _list_request(args: argparse.Namespace) -> Request:
 
 def _settings_params(args: argparse.Namespace) -> dict[str, Any]:
     names = {"retention": "retention_s", "max_message_bytes": "max_message_bytes"}
+    names |= {"max_bytes": "max_bytes"}
     names |= {"presence": "presence", "private": "private", "invite_only": "invite_only"}
     params = {wire: getattr(args, arg) for arg, wire in names.items() if hasattr(args, arg)}
     if hasattr(args, "key"):
         params["key"] = args.key
     if args.admin_command == "configure-room" and not params:
         raise _UsageError(
-            "configure-room needs at least one setting: --retention, --max-message-bytes, "
+            "configure-room needs at least one setting: --retention, --max-message-bytes, --max-bytes, "
             "--presence, --private/--key, --invite-only (or their --no- forms)"
         )
     if args.admin_command == "create-room" and params.get("private") and "key" not in params:

@@ -75,6 +75,7 @@ log = logging.getLogger("arqonbus.gateway.presence")
 T = TypeVar("T")
 Sink = Callable[[bytes], None]
 RETRY_MAX_S = 5.0  # a failed watch is re-established after at most this long
+UNREMOVED_MAX = 100_000  # removals kept for retry at most (beyond: left to a restart's cleanup)
 REPUT_CONCURRENCY = 64  # entries put at once when a whole gateway re-puts
 
 
@@ -159,6 +160,8 @@ class PresenceService:
         self._loop_task: asyncio.Task[None] | None = None
         self._started_clean = False
         self._stopping = False
+        # Removals the store did not take (ref, principal, session): retried every round.
+        self._unremoved: set[tuple[ChannelRef, str, str]] = set()
         self._closed = False
 
     # -- life cycle --
@@ -219,15 +222,21 @@ class PresenceService:
 
     async def enter(self, ref: ChannelRef, session: str, principal: str, sink: Sink | None) -> None:
         """Put the session's entry in ``ref`` (its current state and metadata); ``sink``
-        receives ``ref``'s presence frames from now on (None: none). Raises
-        BrokerUnavailable if the store did not take the entry."""
+        receives ``ref``'s presence frames from now on (None: none).
+
+        The session is present from now on: if the store does not take the entry (a NATS
+        node lost, a leader election), the repair rounds put it again until it lands, as
+        they do after an outage, so it appears once the store answers."""
         record = self._session(session, principal)
         new = ref not in record.channels
         record.channels.setdefault(ref, self._clock())
+        self._unremoved.discard((ref, principal, session))  # a failed leave, then a rejoin
         if sink is not None:
             self._mirror(ref).sinks[session] = sink
         try:
             await self._put(ref, session, record)
+        except BrokerUnavailable as exc:
+            self._repair(f"an entry was not stored: {exc}")
         except BaseException:
             if new:  # not present: nothing must put it later
                 record.channels.pop(ref, None)
@@ -240,12 +249,40 @@ class PresenceService:
         self._mirror(ref).sinks[session] = sink
 
     async def leave(self, ref: ChannelRef, session: str) -> None:
-        """Remove the session's entry in ``ref`` and its sink. Raises BrokerUnavailable."""
+        """Remove the session's entry in ``ref`` and its sink. If the store does not take
+        the removal, every lease round tries it again until it does (a live gateway's stale
+        entry would otherwise never expire)."""
         self._unwatch(ref, session)
         record = self._sessions.get(session)
         if record is None or record.channels.pop(ref, None) is None:
             return
-        await self._call(self._store.remove(ref, record.principal, self.gateway, session))
+        await self._remove((ref, record.principal, session))
+
+    async def _remove(self, entry: tuple[ChannelRef, str, str]) -> bool:
+        """Remove one of this gateway's entries; on failure keep it for the next round."""
+        ref, principal, session = entry
+        try:
+            await self._call(self._store.remove(ref, principal, self.gateway, session))
+        except Exception as exc:
+            if len(self._unremoved) < UNREMOVED_MAX:
+                self._unremoved.add(entry)
+            log.warning("presence entry of %s in %s not removed yet: %s", session, ref, exc)
+            return False
+        self._unremoved.discard(entry)
+        return True
+
+    async def _remove_unremoved(self) -> None:
+        """Retry the removals the store did not take (at most REPUT_CONCURRENCY at once)."""
+        if not self._unremoved:
+            return
+        pending = list(self._unremoved)
+        limit = asyncio.Semaphore(REPUT_CONCURRENCY)
+
+        async def one(entry: tuple[ChannelRef, str, str]) -> None:
+            async with limit:
+                await self._remove(entry)
+
+        await asyncio.gather(*(one(entry) for entry in pending))
 
     def forget(self, session: str) -> None:
         """The connection ended: drop it and remove its entries in the background. Call it
@@ -255,10 +292,8 @@ class PresenceService:
         for mirror in self._mirrors.values():
             mirror.sinks.pop(session, None)
         if record is not None and record.channels:
-            principal, store = record.principal, self._store
             removals = [
-                partial(store.remove, ref, principal, self.gateway, session)
-                for ref in record.channels
+                partial(self._remove, (ref, record.principal, session)) for ref in record.channels
             ]
             self._spawn(self._gather(removals, f"entries of ended session {session}"))
 
@@ -345,7 +380,13 @@ class PresenceService:
         )
 
     async def _put(self, ref: ChannelRef, session: str, record: _Session) -> None:
-        await self._call(self._store.put(ref, self._entry(ref, session, record)))
+        try:
+            await self._call(self._store.put(ref, self._entry(ref, session, record)))
+        finally:
+            if self._sessions.get(session) is not record or ref not in record.channels:
+                # The session left while the put was in flight (a re-put racing a leave or
+                # a closed connection): the put may land after the removal, so remove again.
+                self._unremoved.add((ref, record.principal, session))
 
     async def _put_all(self, session: str, record: _Session, strict: bool = False) -> None:
         if strict:
@@ -506,6 +547,7 @@ class PresenceService:
         await self._renew()
         self._sweep_idle()
         self._drop_unused_mirrors()
+        await self._remove_unremoved()
         if self._mono() < self._repair_until:
             await self._reput_everything()
 

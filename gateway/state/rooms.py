@@ -12,6 +12,7 @@ The record (JSON)::
      "banned": {principal: {"until": unix_s | null, "reason": str}},
      "muted": {principal: {"until": unix_s | null}},
      "presence": bool, "retention_s": int | null, "max_message_bytes": int | null,
+     "max_bytes": int | null,
      "configured": bool,
      "kicks": {principal or "*": {"at": unix_s, "reason": str}},
      "created_by": principal, "updated_at": unix_s}
@@ -36,6 +37,8 @@ Rules (checked by :class:`gateway.session.Session`):
 * retention_s: every event published in the room afterwards carries that TTL (NATS
   per-message TTL): the store drops it then, whatever the tenant's stream keeps.
 * max_message_bytes: a larger stored event is refused with ``message_too_large``.
+* max_bytes: the room keeps its newest events up to that many bytes (all channels together);
+  older ones are removed a few seconds after the room goes over (gateway/state/room_bytes.py).
 * presence: join_channel's default for ``presence`` (docs/presence.md).
 
 Room keys are stored only as a salted scrypt hash. A successful verification is remembered
@@ -205,6 +208,7 @@ class RoomSettings:
     presence: bool = False
     retention_s: int | None = None
     max_message_bytes: int | None = None
+    max_bytes: int | None = None
     configured: bool = True
     kicks: dict[str, Kick] = field(default_factory=dict)
     # A record that did not parse: only admins may enter (fail closed).
@@ -256,6 +260,7 @@ class RoomSettings:
                 "presence": self.presence,
                 "retention_s": self.retention_s,
                 "max_message_bytes": self.max_message_bytes,
+                "max_bytes": self.max_bytes,
                 "configured": self.configured,
                 "kicks": {p: {"at": k.at, "reason": k.reason} for p, k in self.kicks.items()},
                 "created_by": self.created_by,
@@ -287,6 +292,7 @@ class RoomSettings:
             presence=_field(obj, "presence", bool, False),
             retention_s=_positive(obj, "retention_s"),
             max_message_bytes=_positive(obj, "max_message_bytes"),
+            max_bytes=_positive(obj, "max_bytes"),
             configured=_field(obj, "configured", bool, True),
         )
         for principal, entry in _field(obj, "kicks", dict, {}).items():
@@ -334,6 +340,7 @@ class RoomSettings:
             "presence": self.presence,
             "retention_s": self.retention_s,
             "max_message_bytes": self.max_message_bytes,
+            "max_bytes": self.max_bytes,
             "created_by": self.created_by,
             "updated_at": self.updated_at,
         }
@@ -388,6 +395,7 @@ def empty_info(room: str) -> dict[str, Any]:
         "presence": False,
         "retention_s": None,
         "max_message_bytes": None,
+        "max_bytes": None,
         "created_by": "",
         "updated_at": 0.0,
     }
@@ -448,6 +456,8 @@ class RoomLimits:
     min_retention_s: int = 3600
     max_retention_s: int = 0  # the tenant stream's retention; 0: unlimited
     max_message_bytes: int = 65536  # the gateway's max envelope size
+    min_room_bytes: int = 1024
+    max_room_bytes: int = 0  # the tenant's stored-bytes quota; 0: unlimited
 
 
 @dataclass(frozen=True, slots=True)
@@ -460,6 +470,7 @@ class ConfigureParams:
     # Present in the command (UNSET: leave as it is); None removes the room's own value.
     retention_s: Any = UNSET  # int, None (removed) or UNSET
     max_message_bytes: Any = UNSET
+    max_bytes: Any = UNSET
 
     def apply(self, settings: RoomSettings, new_hash: str) -> None:
         if self.private is not None:
@@ -474,6 +485,8 @@ class ConfigureParams:
             settings.retention_s = self.retention_s
         if self.max_message_bytes is not UNSET:
             settings.max_message_bytes = self.max_message_bytes
+        if self.max_bytes is not UNSET:
+            settings.max_bytes = self.max_bytes
 
 
 _CONFIGURE_PARAMETERS = (
@@ -483,6 +496,7 @@ _CONFIGURE_PARAMETERS = (
     "presence",
     "retention_s",
     "max_message_bytes",
+    "max_bytes",
 )
 
 
@@ -539,7 +553,10 @@ def configure_params(
     retention = _bounded(
         parameters, "retention_s", limits.min_retention_s, limits.max_retention_s, "seconds"
     )
-    max_bytes = _bounded(parameters, "max_message_bytes", 1, limits.max_message_bytes, "bytes")
+    max_message = _bounded(parameters, "max_message_bytes", 1, limits.max_message_bytes, "bytes")
+    room_bytes = _bounded(
+        parameters, "max_bytes", limits.min_room_bytes, limits.max_room_bytes, "bytes"
+    )
     return ConfigureParams(
         flags["private"],
         flags["invite_only"],
@@ -547,7 +564,8 @@ def configure_params(
         key,
         flags["presence"],
         retention,
-        max_bytes,
+        max_message,
+        room_bytes,
     )
 
 

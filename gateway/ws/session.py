@@ -428,6 +428,8 @@ class Session:
     ) -> list[fx.Effect]:
         self._count_publish(publish, outcome)
         if isinstance(outcome, PublishResult):
+            if not outcome.duplicate and self._commands is not None:
+                self._commands.published(publish.ref)
             return self.core.publish_acked(
                 publish.op, outcome.seq, outcome.duplicate, outcome.epoch
             )
@@ -636,6 +638,7 @@ class Session:
             min_retention_s=settings.room_min_retention_s,
             max_retention_s=int(settings.stream_max_age_s),
             max_message_bytes=settings.max_envelope_bytes,
+            max_room_bytes=settings.tenant_max_bytes,
         )
 
     async def _run_command(self, effect: fx.RunCommand) -> None:

@@ -229,3 +229,28 @@ async def test_kick_removes_a_principals_sessions_in_the_room_on_every_gateway(
 
     audit = await ok(admin, "room1", "room_info")
     assert audit["configured"] is False  # a kick alone does not configure the room
+
+
+async def test_a_room_with_max_bytes_keeps_its_newest_events_and_others_keep_all(
+    start_gateway: GatewayFactory, clients: Connect, tenant: str
+) -> None:
+    gateway = await start_gateway()
+    owner = await clients(gateway_url(gateway), tenant, "owner")
+    assert await error(owner, "capped", "create_room", {"max_bytes": 100}) == "invalid_parameters"
+    created = await ok(owner, "capped", "create_room", {"max_bytes": 2000})
+    assert created["max_bytes"] == 2000
+    for room in ("capped", "open"):
+        for index in range(30):
+            reply = await owner.publish(room, "general", {"i": index, "text": "x" * 150})
+            assert reply["type"] == "ack"
+
+    async def trimmed() -> Message | None:
+        info = (await owner.command("capped", "general", "channel_info", {}))["payload"]
+        return info["result"] if info["result"]["bytes"] <= 2000 else None
+
+    info = await eventually(trimmed, 20 * SEC, "the capped room trimmed to its max_bytes")
+    assert info["max_bytes"] == 2000 and 0 < info["messages"] < 30
+    kept = await ok(owner, "capped", "history", {"since_seq": 0})
+    numbers = [event["payload"]["i"] for event in kept["events"]]
+    assert numbers == list(range(30 - len(numbers), 30))  # the newest, in order, none skipped
+    assert len((await ok(owner, "open", "history", {"since_seq": 0}))["events"]) == 30

@@ -11,6 +11,7 @@ import pytest
 
 from arqonbus_server.gateway.state.presence import PresenceService, PresenceSettings
 from arqonbus_server.mesh.memory import MemoryMesh, MemoryPresenceStore
+from arqonbus_server.mesh.ports import BrokerUnavailable
 from arqonbus_server.shared.presence import PresenceQuery, decode_cursor
 from arqonbus_server.shared.subjects import ChannelRef
 from tests.timeouts import SEC, eventually
@@ -246,3 +247,39 @@ async def test_close_forget_and_remove_room_remove_entries(gateways: Gateways) -
     await a.close()
     assert await store.entries(other_room) == []
     assert "gwa" not in await store.leases()
+
+
+class FlakyRemovals(MemoryPresenceStore):
+    """The twin, but ``remove`` fails while ``down`` (a NATS node lost mid-disconnect)."""
+
+    def __init__(self, mesh: MemoryMesh) -> None:
+        super().__init__(mesh)
+        self.down = True
+
+    async def remove(self, ref: ChannelRef, principal: str, gateway: str, session: str) -> None:
+        if self.down:
+            raise BrokerUnavailable("no response from stream")
+        await super().remove(ref, principal, gateway, session)
+
+
+async def test_removals_the_store_refused_are_retried_until_they_land(
+    gateways: Gateways,
+) -> None:
+    store = FlakyRemovals(gateways.mesh)
+    service = PresenceService(store, "gwa", FAST)
+    await service.start()
+    gateways.services.append(service)
+    reader = gateways.store()
+    for session in ("s1", "s2"):
+        await service.enter(REF, session, "alice", None)
+    await service.leave(REF, "s1")  # refused: kept for the next round
+    service.forget("s2")  # the connection ended: refused in the background too
+    assert len(await reader.entries(REF)) == 2  # a live gateway's stale entries, for now
+    store.down = False
+
+    async def gone() -> bool:
+        return not await reader.entries(REF)
+
+    await eventually(gone, 5 * SEC, "the refused removals retried by the lease rounds")
+    await service.enter(REF, "s3", "alice", None)  # and nothing removes a later entry
+    assert [e.session for e in await reader.entries(REF)] == ["s3"]

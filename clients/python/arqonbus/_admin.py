@@ -17,7 +17,7 @@ SYSTEM_ROOM = "_system"
 service commands), and of the other tenant-wide commands."""
 
 ROOM_SETTINGS = frozenset(
-    {"private", "key", "invite_only", "retention_s", "max_message_bytes", "presence"}
+    {"private", "key", "invite_only", "retention_s", "max_message_bytes", "max_bytes", "presence"}
 )
 """The settings of ``create_room`` and ``configure_room`` (docs/protocol.md#create_room)."""
 
@@ -85,7 +85,7 @@ class AdminCommands:
         ``settings`` are any of :data:`ROOM_SETTINGS`: ``private`` and ``key``,
         ``invite_only``, ``retention_s`` (seconds, from the gateway's minimum to the tenant's
         retention; applies to events published after it is set), ``max_message_bytes``,
-        ``presence`` (the default of ``join_channel``'s ``presence``). Returns the room's info.
+        ``max_bytes`` (the room keeps its newest events up to that many bytes), ``presence`` (the default of ``join_channel``'s ``presence``). Returns the room's info.
         """
         _check_room_settings(settings, at_least_one=False)
         return await self.admin(room, "create_room", settings, timeout=timeout)
@@ -94,7 +94,7 @@ class AdminCommands:
         self, room: str, *, timeout: float | None = None, **settings: Any
     ) -> dict[str, Any]:
         """Change some of a room's settings (see :meth:`create_room`; ``None`` removes
-        ``retention_s`` or ``max_message_bytes``). Creates an unconfigured room."""
+        ``retention_s``, ``max_message_bytes`` or ``max_bytes``). Creates an unconfigured room."""
         _check_room_settings(settings, at_least_one=True)
         return await self.admin(room, "configure_room", settings, timeout=timeout)
 
