@@ -292,10 +292,10 @@ class PresenceService:
         for mirror in self._mirrors.values():
             mirror.sinks.pop(session, None)
         if record is not None and record.channels:
-            removals = [
-                partial(self._remove, (ref, record.principal, session)) for ref in record.channels
-            ]
-            self._spawn(self._gather(removals, f"entries of ended session {session}"))
+            # Queued first: whatever happens to this attempt (a timeout, a cancellation),
+            # the lease rounds retry each removal until the store takes it.
+            self._unremoved.update((ref, record.principal, session) for ref in record.channels)
+            self._spawn(self._remove_unremoved())
 
     async def set_presence(
         self, session: str, principal: str, state: str | None, metadata: bytes | None
