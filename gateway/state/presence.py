@@ -162,6 +162,8 @@ class PresenceService:
         self._stopping = False
         # Removals the store did not take (ref, principal, session): retried every round.
         self._unremoved: set[tuple[ChannelRef, str, str]] = set()
+        # Entries the store did not take at enter (ref, session): put every round until stored.
+        self._unstored: set[tuple[ChannelRef, str]] = set()
         self._closed = False
 
     # -- life cycle --
@@ -225,8 +227,8 @@ class PresenceService:
         receives ``ref``'s presence frames from now on (None: none).
 
         The session is present from now on: if the store does not take the entry (a NATS
-        node lost, a leader election), the repair rounds put it again until it lands, as
-        they do after an outage, so it appears once the store answers."""
+        node lost, a leader election), every lease round puts it again until it lands, so it
+        appears once the store answers."""
         record = self._session(session, principal)
         new = ref not in record.channels
         record.channels.setdefault(ref, self._clock())
@@ -236,7 +238,8 @@ class PresenceService:
         try:
             await self._put(ref, session, record)
         except BrokerUnavailable as exc:
-            self._repair(f"an entry was not stored: {exc}")
+            log.warning("presence entry of %s in %s not stored yet: %s", session, ref, exc)
+            self._unstored.add((ref, session))  # every lease round tries it until it lands
         except BaseException:
             if new:  # not present: nothing must put it later
                 record.channels.pop(ref, None)
@@ -270,6 +273,28 @@ class PresenceService:
             return False
         self._unremoved.discard(entry)
         return True
+
+    async def _store_unstored(self) -> None:
+        """Put again the entries the store refused at enter (while their session is still
+        in the channel), until each lands."""
+        if not self._unstored:
+            return
+        limit = asyncio.Semaphore(REPUT_CONCURRENCY)
+
+        async def one(ref: ChannelRef, session: str) -> None:
+            record = self._sessions.get(session)
+            if record is None or ref not in record.channels:
+                self._unstored.discard((ref, session))  # left meanwhile: nothing to store
+                return
+            async with limit:
+                try:
+                    await self._put(ref, session, record)
+                except Exception as exc:
+                    log.warning("presence entry of %s in %s not stored yet: %s", session, ref, exc)
+                    return
+            self._unstored.discard((ref, session))
+
+        await asyncio.gather(*(one(ref, session) for ref, session in list(self._unstored)))
 
     async def _remove_unremoved(self) -> None:
         """Retry the removals the store did not take (at most REPUT_CONCURRENCY at once)."""
@@ -548,6 +573,7 @@ class PresenceService:
         self._sweep_idle()
         self._drop_unused_mirrors()
         await self._remove_unremoved()
+        await self._store_unstored()
         if self._mono() < self._repair_until:
             await self._reput_everything()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -283,3 +284,47 @@ async def test_removals_the_store_refused_are_retried_until_they_land(
     await eventually(gone, 5 * SEC, "the refused removals retried by the lease rounds")
     await service.enter(REF, "s3", "alice", None)  # and nothing removes a later entry
     assert [e.session for e in await reader.entries(REF)] == ["s3"]
+
+
+class FlakyPuts(MemoryPresenceStore):
+    """The twin, but ``put`` fails while ``down`` (a join during a leader election)."""
+
+    def __init__(self, mesh: MemoryMesh) -> None:
+        super().__init__(mesh)
+        self.down = True
+
+    async def put(self, ref: ChannelRef, entry: Any) -> int:
+        if self.down:
+            raise BrokerUnavailable("no response from stream")
+        return await super().put(ref, entry)
+
+
+async def test_an_entry_the_store_refused_at_enter_is_put_until_it_lands(
+    gateways: Gateways,
+) -> None:
+    store = FlakyPuts(gateways.mesh)
+    settings = dataclasses.replace(FAST, call_timeout_s=0.2)
+    service = PresenceService(store, "gwa", settings)
+    await service.start()
+    gateways.services.append(service)
+    reader = gateways.store()
+    await service.enter(REF, "s1", "alice", None)  # refused: no error, kept for the rounds
+    await service.enter(REF, "s2", "bob", None)
+    await service.leave(REF, "s2")  # left before it was ever stored: never put later
+    # The store stays down longer than any time-limited repair window would last: the
+    # entry must still land once it answers.
+    refused_at = asyncio.get_running_loop().time()
+    window = settings.lease_timeout_s + settings.call_timeout_s
+
+    async def outlasted() -> bool:
+        return asyncio.get_running_loop().time() - refused_at > 2 * window
+
+    await eventually(outlasted, 5 * SEC, "the outage outlasting a repair window")
+    assert await reader.entries(REF) == []
+    store.down = False
+
+    async def stored() -> list[str] | None:
+        sessions = [e.session for e in await reader.entries(REF)]
+        return sessions or None
+
+    assert await eventually(stored, 5 * SEC, "the refused entry put by the lease rounds") == ["s1"]
