@@ -8,7 +8,7 @@ connections and delivery.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 __all__ = ["ROOM_SETTINGS", "SYSTEM_ROOM", "AdminCommands"]
 
@@ -26,17 +26,17 @@ class AdminCommands:
     """``ping``, ``status``, ``list_rooms``, ``list_channels``, ``channel_info``,
     ``create_room``, ``configure_room``, ``delete_room`` and ``kick`` as methods."""
 
-    async def admin(
-        self,
-        room: str,
-        command: str,
-        params: dict[str, Any] | None = None,
-        *,
-        channel: str = "admin",
-        timeout: float | None = None,
-    ) -> dict[str, Any]:
-        """Run a built-in admin command (implemented by :class:`arqonbus.Client`)."""
-        raise NotImplementedError
+    if TYPE_CHECKING:  # provided by arqonbus.Client, which mixes these helpers in
+
+        async def admin(
+            self,
+            room: str,
+            command: str,
+            params: dict[str, Any] | None = None,
+            *,
+            channel: str = "admin",
+            timeout: float | None = None,
+        ) -> dict[str, Any]: ...
 
     async def ping(self, *, timeout: float | None = None) -> dict[str, Any]:
         """``{"pong": true, "time": unix_s, "gateway": node}``; needs no permission."""
