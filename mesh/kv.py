@@ -269,6 +269,11 @@ class JetStreamBucket:
         with _Failures(self.name, ">"):
             return _JetStreamWatch(await self._kv.watchall())
 
+    async def last_revision(self) -> int:
+        with _Failures(self.name, ">"):
+            info = await self._kv._js.stream_info(self._kv._stream)  # answered by the leader
+        return int(info.state.last_seq or 0)
+
 
 class JetStreamStateStore:
     """The :class:`mesh.ports.StateStore` on a connected :class:`JetStreamBroker`."""

@@ -564,6 +564,9 @@ class MemoryBucket:
                 initial.append(KVChange(key, live[0], live[1]))
         return _MemoryWatch(self._bucket.watchers, initial)
 
+    async def last_revision(self) -> int:
+        return self._bucket.revision
+
 
 class MemoryStateStore:
     """A :class:`mesh.ports.StateStore` in memory."""

@@ -524,6 +524,15 @@ class KVBucket(Protocol):
         """Watch the whole bucket (see :class:`KVWatch`); in place when this returns."""
         ...
 
+    async def last_revision(self) -> int:
+        """The revision of the bucket's latest write or delete (0 when there was none).
+
+        A watch started after this returns holds, in its initial part, every write up to
+        that revision; a watch that has reported a change at or past it has seen every
+        write made before the call (read-your-writes for a cached copy).
+        """
+        ...
+
 
 class StateStore(Protocol):
     """The KV buckets of shared state (kinds: ``shared.subjects.KV_*``)."""

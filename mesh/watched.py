@@ -11,11 +11,13 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
-from arqonbus_server.mesh.ports import KVBucket
+from arqonbus_server.mesh.ports import BrokerUnavailable, KVBucket
 
 log = logging.getLogger("arqonbus.mesh.kv")
 
 _RETRY_S = 1.0
+# How long a lookup that missed waits for the copy to catch up with the store.
+CATCH_UP_S = 2.0
 
 ChangeHandler = Callable[[str, "bytes | None"], None]
 
@@ -26,6 +28,9 @@ class WatchedBucket:
     ``get`` answers from memory. ``ready`` is set once the initial values are in. The
     watch restarts (with a full reload) after an error; ``on_change(key, value)`` is
     called for every change seen after the initial load (``value`` None: deleted).
+    ``caught_up()`` waits until the copy holds every write made before the call (a lookup
+    that missed calls it before it calls the key unknown: a key written a moment ago on
+    another node is found, not refused).
     """
 
     def __init__(self, name: str, open_kv: Callable[[], Awaitable[KVBucket]]) -> None:
@@ -38,6 +43,11 @@ class WatchedBucket:
         self._stop = asyncio.Event()
         self._restart = asyncio.Event()
         self.kv: KVBucket | None = None  # the bucket, once opened
+        # The store revision the copy has reached (every write up to it is in), and an
+        # event set at each advance; one store query is shared by concurrent caught_up().
+        self.revision = 0
+        self._advanced = asyncio.Event()
+        self._sync: asyncio.Task[bool] | None = None
         # Observability (the gateway's metrics): called with the bucket's name at each full
         # (re)load; it must not raise or block.
         self.on_reload: Callable[[str], None] | None = None
@@ -88,9 +98,43 @@ class WatchedBucket:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), _RETRY_S)
 
+    async def caught_up(self, timeout: float = CATCH_UP_S) -> bool:
+        """Wait (up to ``timeout`` s) until the copy holds every write the store had made
+        when this was called. False when it did not within the time or the store did not
+        answer. Concurrent callers share one query of the store."""
+        sync = self._sync
+        if sync is None or sync.done():
+            sync = self._sync = asyncio.create_task(self._catch_up(timeout))
+        try:
+            return await asyncio.wait_for(asyncio.shield(sync), timeout)
+        except TimeoutError:
+            return False
+
+    async def _catch_up(self, timeout: float) -> bool:
+        kv = self.kv
+        if kv is None or not self.ready.is_set():
+            return False
+        try:
+            async with asyncio.timeout(timeout):
+                target = await kv.last_revision()
+                while self.revision < target:
+                    self._advanced.clear()
+                    await self._advanced.wait()
+        except (TimeoutError, BrokerUnavailable):
+            return False
+        return True
+
+    def _advance(self, revision: int) -> None:
+        if revision > self.revision:
+            self.revision = revision
+            self._advanced.set()
+
     async def _watch_once(self) -> None:
         kv = await self._open_kv()
         self.kv = kv
+        # A watch started after this read holds every write up to it in its initial part
+        # (a delete there may not show as a change, so the revisions seen can fall short).
+        floor = await kv.last_revision()
         watcher = await kv.watch()
         loaded: dict[str, bytes] = {}
         initial = True
@@ -100,15 +144,18 @@ class WatchedBucket:
                     if initial:
                         self._replace(loaded)
                         initial = False
+                        self._advance(floor)
                         self.ready.set()
                     continue
                 if initial:
+                    floor = max(floor, change.revision)
                     if change.value is None:
                         loaded.pop(change.key, None)
                     else:
                         loaded[change.key] = change.value
                     continue
                 self._apply(change.key, change.value)
+                self._advance(change.revision)
         finally:
             await watcher.stop()
 

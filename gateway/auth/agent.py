@@ -115,6 +115,8 @@ class AgentAuthenticator:
         if not await self.security.wait_ready(agents):
             raise AuthUnavailable("agent identities are not loaded yet: retry shortly")
         raw = agents.get(token.agent_id)
+        if raw is None and await agents.caught_up():  # registered a moment ago elsewhere?
+            raw = agents.get(token.agent_id)
         if raw is None:
             raise AuthError("unknown agent: register it first (arqonbus agents register)")
         try:

@@ -106,16 +106,19 @@ class ApiKeyAuthenticator:
             parsed = apikeys.parse_key(token)
         except KeyFormatError as exc:
             raise AuthError(str(exc)) from None
-        if not self._bucket.ready.is_set():
-            return self._when_ready(parsed)
+        if not self._bucket.ready.is_set() or parsed.key_id not in self._index:
+            return self._when_current(parsed)
         return self._check(parsed)
 
-    async def _when_ready(self, parsed: apikeys.ParsedKey) -> Principal:
+    async def _when_current(self, parsed: apikeys.ParsedKey) -> Principal:
         if not await self._security.wait_ready(self._bucket):
             raise AuthUnavailable(
                 "API keys cannot be checked yet (the key store has not loaded): retry shortly "
                 "or connect to another gateway"
             )
+        if parsed.key_id not in self._index:
+            # Created a moment ago through another node: the copy may not have it yet.
+            await self._bucket.caught_up()
         return self._check(parsed)
 
     def _check(self, parsed: apikeys.ParsedKey) -> Principal:

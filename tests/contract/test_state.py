@@ -138,6 +138,19 @@ async def test_watch_gives_current_values_then_a_marker_then_changes_in_order(
     assert changes[2].revision > a_rev
 
 
+async def test_last_revision_is_the_latest_write_or_delete_seen_from_any_gateway(
+    mesh: Mesh,
+) -> None:
+    kv = await fresh_bucket(mesh)
+    assert await kv.last_revision() == 0
+    written = await kv.put("a", b"1")
+    assert await kv.last_revision() == written
+    await kv.delete("a")
+    deleted = await kv.last_revision()
+    assert deleted > written
+    assert await (await same_bucket_elsewhere(mesh, kv)).last_revision() == deleted
+
+
 @pytest.mark.parametrize("key", ["", ".a", "a.", "a b", "a*", "a>"])
 async def test_a_key_the_store_cannot_hold_is_invalid_key(mesh: Mesh, key: str) -> None:
     kv = await fresh_bucket(mesh)

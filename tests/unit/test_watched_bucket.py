@@ -1,0 +1,73 @@
+"""The watched copy of a KV bucket catching up with the store (mesh/watched.py), on the
+in-memory twin (held to the JetStream bucket by tests/contract/test_state.py)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from arqonbus_server.mesh.memory import MemoryMesh, MemoryStateStore
+from arqonbus_server.mesh.watched import WatchedBucket
+from tests.timeouts import SEC
+
+
+async def watched_copy(mesh: MemoryMesh) -> WatchedBucket:
+    watched = WatchedBucket("keys", lambda: MemoryStateStore(mesh).bucket("keys"))
+    watched.start()
+    await asyncio.wait_for(watched.ready.wait(), 5 * SEC)
+    return watched
+
+
+async def test_a_write_made_elsewhere_is_in_the_copy_once_caught_up_returns() -> None:
+    mesh = MemoryMesh()
+    watched = await watched_copy(mesh)
+    try:
+        writer = await MemoryStateStore(mesh).bucket("keys")
+        await writer.put("t.k1", b"new")
+        assert watched.get("t.k1") is None  # the watch has not run yet: a plain miss
+        assert await watched.caught_up(5 * SEC)
+        assert watched.get("t.k1") == b"new"
+        await writer.delete("t.k1")
+        assert await watched.caught_up(5 * SEC)
+        assert watched.get("t.k1") is None
+    finally:
+        await watched.close()
+
+
+async def test_a_copy_loaded_after_a_delete_is_current_at_once() -> None:
+    # The delete is the store's latest revision and the initial load shows no change for
+    # it: the copy still knows it holds every write up to there.
+    mesh = MemoryMesh()
+    kv = await MemoryStateStore(mesh).bucket("keys")
+    await kv.put("t.a", b"1")
+    await kv.put("t.gone", b"x")
+    await kv.delete("t.gone")
+    watched = await watched_copy(mesh)
+    try:
+        assert watched.revision == await kv.last_revision()
+        assert await watched.caught_up(5 * SEC)
+    finally:
+        await watched.close()
+
+
+async def test_concurrent_misses_share_one_query_and_a_copy_not_loaded_is_not_current() -> None:
+    mesh = MemoryMesh()
+    idle = WatchedBucket("keys", lambda: MemoryStateStore(mesh).bucket("keys"))
+    assert not await idle.caught_up(5 * SEC)  # never started: nothing to catch up with
+    watched = await watched_copy(mesh)
+    queries = 0
+    kv = watched.kv
+    assert kv is not None
+    last_revision = kv.last_revision
+
+    async def counted() -> int:
+        nonlocal queries
+        queries += 1
+        return await last_revision()
+
+    kv.last_revision = counted  # type: ignore[method-assign]
+    try:
+        await (await MemoryStateStore(mesh).bucket("keys")).put("t.k", b"v")
+        assert await asyncio.gather(*(watched.caught_up(5 * SEC) for _ in range(5))) == [True] * 5
+        assert queries == 1 and watched.get("t.k") == b"v"
+    finally:
+        await watched.close()
