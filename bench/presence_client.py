@@ -83,6 +83,7 @@ class Session(WSListener):
         self.bodies: list[dict[str, Any]] | None = None  # kept by watch(): each frame's body
         self.sizes: list[int] = []  # and its size in bytes
         self.closed = False
+        self.close_reason = "no close frame: the connection was lost"
 
     def watch(self) -> None:
         """Keep every presence frame's body (for :func:`frame_matching`); a watcher's frames
@@ -96,6 +97,7 @@ class Session(WSListener):
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         if frame.msg_type == WSMsgType.CLOSE:
+            self.close_reason = f"{frame.get_close_code()} {frame.get_close_message()!r}"
             transport.send_close(frame.get_close_code())
             transport.disconnect()
             return
@@ -111,7 +113,7 @@ class Session(WSListener):
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         self.closed = True
-        error = ConnectionError("the gateway closed the session")
+        error = ConnectionError(f"the gateway closed the session ({self.close_reason})")
         if not self.welcome.done():
             self.welcome.set_exception(error)
         for future in self.pending.values():
@@ -148,7 +150,7 @@ class Session(WSListener):
     ) -> dict[str, Any]:
         """Send command ``name`` and return its ``result``; :class:`CommandFailed` on an error."""
         if self.transport is None or self.closed:
-            raise ConnectionError("the session is closed")
+            raise ConnectionError(f"the session is closed ({self.close_reason})")
         request_id = f"b{next(_ids)}"
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self.pending[request_id] = future

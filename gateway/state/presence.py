@@ -160,8 +160,14 @@ class PresenceService:
         self._loop_task: asyncio.Task[None] | None = None
         self._started_clean = False
         self._stopping = False
-        # Removals the store did not take (ref, principal, session): retried every round.
+        # Removals the store did not take (ref, principal, session): retried every round,
+        # through one bound on removals in flight (a mass disconnect must not queue
+        # thousands of KV deletes at once), never two attempts at one entry.
         self._unremoved: set[tuple[ChannelRef, str, str]] = set()
+        self._removing: set[tuple[ChannelRef, str, str]] = set()
+        self._removal_limit = asyncio.Semaphore(REPUT_CONCURRENCY)
+        self._removal_failures = 0  # since the last round's warning
+        self._removal_error = ""
         # Entries the store did not take at enter (ref, session): put every round until stored.
         self._unstored: set[tuple[ChannelRef, str]] = set()
         self._closed = False
@@ -262,15 +268,23 @@ class PresenceService:
         await self._remove((ref, record.principal, session))
 
     async def _remove(self, entry: tuple[ChannelRef, str, str]) -> bool:
-        """Remove one of this gateway's entries; on failure keep it for the next round."""
+        """Remove one of this gateway's entries; on failure keep it for the next round
+        (each round logs one warning for the removals that failed since the last)."""
+        if entry in self._removing:  # another attempt is on it
+            return False
         ref, principal, session = entry
+        self._removing.add(entry)
         try:
-            await self._call(self._store.remove(ref, principal, self.gateway, session))
+            async with self._removal_limit:
+                await self._call(self._store.remove(ref, principal, self.gateway, session))
         except Exception as exc:
             if len(self._unremoved) < UNREMOVED_MAX:
                 self._unremoved.add(entry)
-            log.warning("presence entry of %s in %s not removed yet: %s", session, ref, exc)
+            self._removal_failures += 1
+            self._removal_error = f"{type(exc).__name__}: {exc}"
             return False
+        finally:
+            self._removing.discard(entry)
         self._unremoved.discard(entry)
         return True
 
@@ -280,6 +294,7 @@ class PresenceService:
         if not self._unstored:
             return
         limit = asyncio.Semaphore(REPUT_CONCURRENCY)
+        failed: list[str] = []
 
         async def one(ref: ChannelRef, session: str) -> None:
             record = self._sessions.get(session)
@@ -290,24 +305,33 @@ class PresenceService:
                 try:
                     await self._put(ref, session, record)
                 except Exception as exc:
-                    log.warning("presence entry of %s in %s not stored yet: %s", session, ref, exc)
+                    failed.append(f"{type(exc).__name__}: {exc}")
                     return
             self._unstored.discard((ref, session))
 
         await asyncio.gather(*(one(ref, session) for ref, session in list(self._unstored)))
+        if failed:
+            log.warning(
+                "presence: %d entries not stored yet (retried every round): %s",
+                len(failed),
+                failed[-1],
+            )
 
     async def _remove_unremoved(self) -> None:
-        """Retry the removals the store did not take (at most REPUT_CONCURRENCY at once)."""
-        if not self._unremoved:
-            return
-        pending = list(self._unremoved)
-        limit = asyncio.Semaphore(REPUT_CONCURRENCY)
+        """Retry the removals the store did not take (not those in flight)."""
+        if self._removal_failures:
+            log.warning(
+                "presence: %d entry removals failed since the last round, %d pending "
+                "(retried every round): %s",
+                self._removal_failures,
+                len(self._unremoved),
+                self._removal_error,
+            )
+            self._removal_failures = 0
+        await self._remove_all(list(self._unremoved - self._removing))
 
-        async def one(entry: tuple[ChannelRef, str, str]) -> None:
-            async with limit:
-                await self._remove(entry)
-
-        await asyncio.gather(*(one(entry) for entry in pending))
+    async def _remove_all(self, entries: list[tuple[ChannelRef, str, str]]) -> None:
+        await asyncio.gather(*(self._remove(entry) for entry in entries))
 
     def forget(self, session: str) -> None:
         """The connection ended: drop it and remove its entries in the background. Call it
@@ -319,8 +343,9 @@ class PresenceService:
         if record is not None and record.channels:
             # Queued first: whatever happens to this attempt (a timeout, a cancellation),
             # the lease rounds retry each removal until the store takes it.
-            self._unremoved.update((ref, record.principal, session) for ref in record.channels)
-            self._spawn(self._remove_unremoved())
+            entries = [(ref, record.principal, session) for ref in record.channels]
+            self._unremoved.update(entries)
+            self._spawn(self._remove_all(entries))  # this session's entries only
 
     async def set_presence(
         self, session: str, principal: str, state: str | None, metadata: bytes | None

@@ -10,7 +10,11 @@ from typing import Any
 import orjson
 import pytest
 
-from arqonbus_server.gateway.state.presence import PresenceService, PresenceSettings
+from arqonbus_server.gateway.state.presence import (
+    REPUT_CONCURRENCY,
+    PresenceService,
+    PresenceSettings,
+)
 from arqonbus_server.mesh.memory import MemoryMesh, MemoryPresenceStore
 from arqonbus_server.mesh.ports import BrokerUnavailable
 from arqonbus_server.shared.presence import PresenceQuery, decode_cursor
@@ -284,6 +288,55 @@ async def test_removals_the_store_refused_are_retried_until_they_land(
     await eventually(gone, 5 * SEC, "the refused removals retried by the lease rounds")
     await service.enter(REF, "s3", "alice", None)  # and nothing removes a later entry
     assert [e.session for e in await reader.entries(REF)] == ["s3"]
+
+
+class CountedRemovals(MemoryPresenceStore):
+    """The twin, counting removal attempts and the most in flight at once."""
+
+    def __init__(self, mesh: MemoryMesh) -> None:
+        super().__init__(mesh)
+        self.attempts = 0
+        self.in_flight = 0
+        self.most_in_flight = 0
+        self.released = asyncio.Event()
+
+    async def remove(self, ref: ChannelRef, principal: str, gateway: str, session: str) -> None:
+        self.attempts += 1
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            await self.released.wait()  # every removal stays in flight until released
+            await super().remove(ref, principal, gateway, session)
+        finally:
+            self.in_flight -= 1
+
+
+async def test_a_mass_disconnect_removes_each_entry_once_with_bounded_concurrency(
+    gateways: Gateways,
+) -> None:
+    # Each ended connection used to retry every queued removal: n closes gave n^2 store
+    # calls, a flood that overflowed the NATS client's buffer at a few thousand sessions.
+    store = CountedRemovals(gateways.mesh)
+    service = PresenceService(store, "gwa", dataclasses.replace(FAST, lease_interval_s=60))
+    await service.start()
+    gateways.services.append(service)
+    n = 3 * REPUT_CONCURRENCY
+    for i in range(n):
+        await service.enter(REF, f"s{i}", f"p{i}", None)
+    for i in range(n):
+        service.forget(f"s{i}")
+
+    async def saturated() -> bool:
+        return store.in_flight == REPUT_CONCURRENCY
+
+    await eventually(saturated, 3 * SEC, "removals in flight up to the bound")
+    store.released.set()
+
+    async def gone() -> bool:
+        return not await gateways.store().entries(REF)
+
+    await eventually(gone, 5 * SEC, "every entry removed")
+    assert store.attempts == n and store.most_in_flight == REPUT_CONCURRENCY
 
 
 class FlakyPuts(MemoryPresenceStore):
