@@ -29,6 +29,7 @@ from arqonbus_server.gateway.auth.base import (
 from arqonbus_server.gateway.auth.chain import make_authenticator
 from arqonbus_server.gateway.auth.keys import revoked_key_id
 from arqonbus_server.gateway.dashboard import routes as dashboard
+from arqonbus_server.gateway.gc_policy import FreezingCollector
 from arqonbus_server.gateway.http.admission import (
     PendingHandshakes,
     RateLimiter,
@@ -1003,8 +1004,15 @@ async def run_gateway(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    collector = FreezingCollector(settings.gc_sweep_interval_s)
+    sweeper: asyncio.Task[None] | None = None
+    if settings.gc_freeze:  # process-wide: only here, never in a gateway inside a program
+        collector.install()
+        sweeper = asyncio.create_task(collector.run(), name="gc sweeps")
     await stop.wait()
     log.info("signal received: draining")
+    if sweeper is not None:
+        sweeper.cancel()
     await gateway.drain()
     log.info("gateway %s stopped", gateway.node_id)
     return 0

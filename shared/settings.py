@@ -105,6 +105,14 @@ class Settings(BaseModel):
     room_min_retention_s: int = Field(
         3600, ge=1, description="The shortest retention_s a room may be configured with"
     )
+    # -- the process (gateway/gc_policy.py) --
+    gc_freeze: bool = Field(
+        True,
+        description="Freeze survivors after each full GC: pauses follow what is new, not the heap",
+    )
+    gc_sweep_interval_s: float = Field(
+        300.0, ge=1, description="Shortest time between whole-heap sweeps (gc_freeze on)"
+    )
     # -- web dashboard (issue 13; gateway/http/dashboard.py) --
     trace_viewer_url: str = Field(
         "", description="The dashboard's trace link, {trace_id} replaced; empty: no link"
