@@ -579,6 +579,7 @@ class LocalCluster:
         """Freeze node ``i`` (SIGSTOP): its sockets stay open but it answers nothing."""
         node = self._nodes[i]
         _signal(node, signal.SIGSTOP)
+        _until_stopped(node)
         node.paused = True
 
     def resume_node(self, i: int) -> None:
@@ -706,6 +707,18 @@ def _signal(node: _Node, sig: signal.Signals) -> None:
     if node.process is None or not _alive(node.process):
         raise RuntimeError(f"node {node.spec.name} is not running")
     node.process.send_signal(sig)
+
+
+def _until_stopped(node: _Node) -> None:
+    """Return once the signalled process has really stopped (or exited).
+
+    SIGSTOP takes effect when the kernel next schedules every thread of the process: on a
+    loaded machine a probe sent right after the signal could still be answered. waitid
+    with WNOWAIT reports the stop without consuming it (asyncio still reaps the exit).
+    """
+    assert node.process is not None
+    with contextlib.suppress(ChildProcessError):  # already reaped: it has exited
+        os.waitid(os.P_PID, node.process.pid, os.WSTOPPED | os.WEXITED | os.WNOWAIT)
 
 
 async def _wait_exit(node: _Node, timeout: float) -> None:
