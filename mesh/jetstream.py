@@ -33,7 +33,14 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamInfo
 from nats.js.errors import APIError, NotFoundError, ServiceUnavailableError
 from nats.js.kv import KeyValue
 
+from arqonbus_server.mesh.batch import (
+    BatchItemResult,
+    BatchPublisher,
+    BatchPublisherClosed,
+    sweep_deadlines,
+)
 from arqonbus_server.mesh.carried_ids import MAX_CARRIED_IDS, CarriedIds, epoch_holding
+from arqonbus_server.mesh.ingest import IngestBatcher
 from arqonbus_server.mesh.kv import open_bucket
 from arqonbus_server.mesh.mirrors import TenantConfirmers, mirrors_to_confirm
 from arqonbus_server.mesh.nats_auth import connect_failure, connect_options, redact_url
@@ -233,18 +240,7 @@ class _PublishAcks:
             future.set_exception(BrokerUnavailable("unreadable publish ack"))
 
     async def _sweep(self) -> None:
-        while True:
-            await asyncio.sleep(_ACK_SWEEP_S)  # the sweep period, bounded work per round
-            now = time.monotonic()
-            expired = []
-            for token, (future, deadline) in self._waiting.items():
-                if deadline > now:
-                    break
-                expired.append((token, future))
-            for token, future in expired:
-                self._waiting.pop(token, None)
-                if not future.done():
-                    future.set_exception(TimeoutError())
+        await sweep_deadlines(self._waiting, _ACK_SWEEP_S, TimeoutError)
 
     def _fail_all(self, exc: Exception) -> None:
         waiting, self._waiting = self._waiting, {}
@@ -354,12 +350,14 @@ class JetStreamBroker:
         name: str = "arqonbus-gateway",
         connect_options: dict[str, Any] | None = None,
         region: str = "",
+        batching: bool = True,
     ) -> None:
         self._urls = urls
         # The gateway's region (ARQONBUS_REGION): where it creates auto-provisioned streams
         # and whose copy of a placed tenant's stream it replays from. "": one region.
         self._region = region
         self._warned_region = False
+        self._batching = batching  # ARQONBUS_PUBLISH_BATCHING (mesh/ingest.py)
         self._confirmers = TenantConfirmers(self._stream_last_seq)
         self._carried = CarriedIds(self._ids_before, policy.dedupe_window_s)
         self._scheme = scheme
@@ -380,6 +378,11 @@ class JetStreamBroker:
         self._resync: asyncio.Task[None] | None = None
         self._resync_again = False
         self._acks: _PublishAcks | None = None
+        # Publishes to tenant streams, coalesced into atomic batches (mesh/ingest.py).
+        self._batches: BatchPublisher | None = None
+        self._ingest: IngestBatcher | None = None
+        self._atomic_asked: set[str] = set()
+        self._background: set[asyncio.Task[None]] = set()
         self._link_up = asyncio.Event()  # set while connected (see window)
         # Per-tenant stored-bytes quotas (gateway/state/tenant_limits.py); None = the policy's.
         self.max_bytes_for: Callable[[str], int] | None = None
@@ -477,6 +480,12 @@ class JetStreamBroker:
         self._streams.is_placed = self._is_placed
         self._acks = _PublishAcks(nc, self._publish_timeout)
         await self._acks.start()
+        if self._batching:
+            batches = BatchPublisher(nc, self._publish_timeout)
+            await batches.start()
+            self._batches = batches
+            self._ingest = IngestBatcher(batches)
+            self._ingest.on_atomic_disabled = self._allow_atomic
         where = nc.connected_url  # host and port only: a URL may carry credentials
         log.info("connected to NATS at %s", f"{where.hostname}:{where.port}" if where else "?")
 
@@ -620,6 +629,10 @@ class JetStreamBroker:
             with contextlib.suppress(*_TRANSIENT, nats.errors.Error, OSError):
                 await self._nc.close()
         finally:
+            if self._ingest is not None:
+                await self._ingest.close()
+            if self._batches is not None:
+                await self._batches.close()
             if self._acks is not None:
                 await self._acks.close()
             await self._confirmers.close()
@@ -665,6 +678,18 @@ class JetStreamBroker:
         # Create the tenant's stream before its first publish (cached afterwards): waiting
         # for "no responders" is not enough, since any wildcard subscriber answers too.
         await self.ensure_stream(ref.tenant)
+        if self._ingest is not None:
+            try:
+                outcome = await self._ingest.publish(
+                    self._scheme.stream_name(ref.tenant), subject, body, sent
+                )
+            except BatchPublisherClosed as exc:
+                raise BrokerUnavailable(f"publish not acknowledged: {exc}") from exc
+            except _TRANSIENT as exc:
+                raise BrokerUnavailable(f"publish not acknowledged: {type(exc).__name__}") from exc
+            if isinstance(outcome, BatchItemResult):
+                return PublishResult(outcome.seq, outcome.duplicate)
+            # Refused for the batch's sake (e.g. a resent id): alone, as before batching.
         delay, ttl_on = 0.05, False
         for attempt in range(_NO_STREAM_RETRIES):
             try:
@@ -728,6 +753,25 @@ class JetStreamBroker:
             await self.wait_mirrored(ref.tenant, mirrors, result.seq, self._publish_timeout)
         # Nats-Expected-Stream: only this placement's primary stored it, in its epoch.
         return replace(result, epoch=placement.epoch)
+
+    def _allow_atomic(self, stream: str) -> None:
+        """A batch was refused because ``stream`` predates atomic batches: turn them on
+        (in the background; its events are published alone meanwhile)."""
+        if stream in self._atomic_asked or self._streams is None:
+            return
+        self._atomic_asked.add(stream)
+        streams = self._streams
+
+        async def turn_on() -> None:
+            try:
+                await streams.allow_atomic(stream)
+            except Exception as exc:  # asked again after the next refusal
+                self._atomic_asked.discard(stream)
+                log.warning("stream %s: atomic batches not turned on: %s", stream, exc)
+
+        task = asyncio.create_task(turn_on())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _allow_msg_ttl(self, stream: str, tried: bool) -> bool:
         """Turn per-message TTLs on for ``stream`` after it refused a TTL'd event; True.
@@ -1608,4 +1652,5 @@ def broker_from_settings(settings: Settings, name: str = "arqonbus") -> JetStrea
         name=name,
         connect_options=connect_options(settings),
         region=settings.region,
+        batching=settings.publish_batching,
     )

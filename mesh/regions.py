@@ -97,6 +97,7 @@ def stream_config(scheme: SubjectScheme, spec: StreamSpec) -> StreamConfig:
         mirror=StreamSource(name=spec.mirror_of),
         mirror_direct=False,
         allow_direct=True,
+        allow_atomic=False,  # the server refuses it on a mirror (10198); nothing publishes to one
     )
 
 

@@ -68,6 +68,9 @@ def tenant_stream_config(
         # Per-message TTLs (the ``Nats-TTL`` header, nats-server 2.11+): a room's own
         # retention. Once on it cannot be turned off (the server refuses), so it always is.
         allow_msg_ttl=True,
+        # Atomic batch publishing (nats-server 2.12+): the gateway batches what is in flight
+        # to one stream (mesh/ingest.py).
+        allow_atomic=True,
         placement=placement,
         republish=RePublish(
             src=scheme.tenant_ingest_filter(tenant), dest=scheme.tenant_live_filter(tenant)
@@ -203,6 +206,11 @@ class StreamProvisioner:
             return info.config.num_replicas or 1
         raise AssertionError("unreachable")
 
+    async def allow_atomic(self, stream: str) -> bool:
+        """Turn atomic batch publishing on for an existing stream (one made before it was
+        used). Idempotent. False when the stream does not exist."""
+        return await self._turn_on(stream, "allow_atomic", "atomic batch publishing")
+
     async def allow_msg_ttl(self, stream: str) -> bool:
         """Turn per-message TTLs on for an existing stream (one made before they were used).
 
@@ -210,15 +218,20 @@ class StreamProvisioner:
         failover) is looked at once too. False when the stream does not exist."""
         if stream in self._ttl_streams:
             return True
+        if not await self._turn_on(stream, "allow_msg_ttl", "per-message TTLs"):
+            return False
+        self._ttl_streams.add(stream)
+        return True
+
+    async def _turn_on(self, stream: str, flag: str, what: str) -> bool:
         try:
             info = await asyncio.wait_for(self._jsm.stream_info(stream), _LOOKUP_TIMEOUT_S * 5)
         except NotFoundError:
             return False
-        if not info.config.allow_msg_ttl:
-            info.config.allow_msg_ttl = True
+        if not getattr(info.config, flag):
+            setattr(info.config, flag, True)
             await self._jsm.update_stream(info.config)
-            log.info("stream %s: per-message TTLs turned on", stream)
-        self._ttl_streams.add(stream)
+            log.info("stream %s: %s turned on", stream, what)
         return True
 
     async def _reconcile(self, config: StreamConfig, policy: StreamPolicy) -> None:
@@ -233,16 +246,17 @@ class StreamProvisioner:
         want_bytes = policy.max_bytes if policy.max_bytes > 0 else -1
         have_bytes = config.max_bytes if config.max_bytes is not None else -1
         quota_ok = have_bytes == want_bytes and config.discard == policy.discard
-        if quota_ok and config.allow_msg_ttl:
+        if quota_ok and config.allow_msg_ttl and config.allow_atomic:
             self._ttl_streams.add(config.name or "")
             return
         config.max_bytes = want_bytes
         config.discard = policy.discard
         config.allow_msg_ttl = True
+        config.allow_atomic = True
         await self._jsm.update_stream(config)
         self._ttl_streams.add(config.name or "")
         log.info(
-            "stream %s: max_bytes %s -> %s, discard %s, per-message TTLs on",
+            "stream %s: max_bytes %s -> %s, discard %s, per-message TTLs and atomic batches on",
             config.name,
             have_bytes,
             want_bytes,

@@ -33,7 +33,12 @@ reply (:func:`as_arqon_error`). The tree::
     │   ├── RequestTimeout             timeout
     │   ├── KeyExists                  invalid_parameters (carries key, value, revision)
     │   ├── KeyContended, RevisionMismatch   unavailable (retry)
-    │   └── RegionsRefused (+RuntimeError)   mesh/regions.py: provision/failover refused, says why
+    │   ├── RegionsRefused (+RuntimeError)   mesh/regions.py: provision/failover refused, says why
+    │   └── BatchError                 mesh/batch.py: an atomic batch not (known to be) stored: unavailable
+    │       ├── BatchPublisherClosed, NoStream
+    │       └── BatchRejected          JetStream refused it (code, description): BatchDuplicate,
+    │                                  BatchTooLarge, BatchTooManyInflight, BatchIncomplete,
+    │                                  AtomicPublishDisabled
     ├── PortInUse (+RuntimeError)      a listener's port is taken (carries host, port, what)
     └── LocalClusterError              the embedded cluster and dev supervisor (mesh/local.py)
         ├── NatsServerNotFound, DataDirInUse, NodeExited, GatewayFailed (+RuntimeError)

@@ -50,6 +50,10 @@ class Settings(BaseModel):
     stream_max_age_s: float = Field(86400.0, gt=0)
     stream_replicas: int = Field(0, ge=0, le=5, description="0 = min(3, cluster size)")
     dedupe_window_s: float = Field(120.0, ge=120.0)
+    publish_batching: bool = Field(
+        True,
+        description="Coalesce concurrent publishes to a stream into atomic batches (NATS 2.12+)",
+    )
     publish_timeout_s: float = Field(5.0, gt=0)
     drain_timeout_s: float = Field(10.0, gt=0)
     open_timeout_s: float = Field(10.0, gt=0)

@@ -8,7 +8,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import nats
 import pytest
+from nats.aio.client import Client
 
 from arqonbus_server.gateway.app import Gateway
 from arqonbus_server.gateway.config import load_settings
@@ -32,6 +34,16 @@ async def nats_cluster(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterato
         yield cluster
     finally:
         await cluster.stop()
+
+
+@pytest.fixture
+async def nc(nats_cluster: LocalCluster) -> AsyncIterator[Client]:
+    """A plain nats-py connection to the shared cluster (tests that talk NATS directly)."""
+    client = await nats.connect(nats_cluster.urls)
+    try:
+        yield client
+    finally:
+        await client.close()
 
 
 @pytest.fixture

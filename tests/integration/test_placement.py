@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import inspect
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import nats
 import pytest
@@ -21,7 +21,6 @@ from nats.js.api import StreamConfig, StreamSource
 from nats.js.errors import BucketNotFoundError
 
 from arqonbus_server.gateway.app import Gateway
-from arqonbus_server.mesh.local import LocalCluster
 from arqonbus_server.mesh.regions import RegionOps
 from arqonbus_server.mesh.streams import StreamPolicy, tenant_stream_config
 from arqonbus_server.shared.regions import (
@@ -39,15 +38,6 @@ pytestmark = pytest.mark.integration
 
 ROOM, CHANNEL = "science", "general"
 SCHEME = SubjectScheme()  # the gateways' default prefix
-
-
-@pytest.fixture
-async def nc(nats_cluster: LocalCluster) -> AsyncIterator[Client]:
-    client = await nats.connect(nats_cluster.urls)
-    try:
-        yield client
-    finally:
-        await client.close()
 
 
 async def until(condition: Callable[[], object], what: str) -> None:

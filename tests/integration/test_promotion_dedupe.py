@@ -10,14 +10,12 @@ its mirror promoted exactly as `arqonbus mesh failover` does.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
-import nats
 import pytest
 from nats.aio.client import Client
 
 from arqonbus_server.gateway.app import Gateway
-from arqonbus_server.mesh.local import LocalCluster
 from arqonbus_server.mesh.regions import RegionOps
 from arqonbus_server.mesh.streams import StreamPolicy, tenant_stream_config
 from arqonbus_server.shared.regions import Epoch, Placement, StreamAt, mirror_stream_name, promoted
@@ -29,15 +27,6 @@ pytestmark = pytest.mark.integration
 
 ROOM, CHANNEL = "ops", "feed"
 SCHEME = SubjectScheme()
-
-
-@pytest.fixture
-async def nc(nats_cluster: LocalCluster) -> AsyncIterator[Client]:
-    client = await nats.connect(nats_cluster.urls)
-    try:
-        yield client
-    finally:
-        await client.close()
 
 
 async def test_a_resend_of_an_event_stored_before_a_promotion_is_a_duplicate(

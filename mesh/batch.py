@@ -1,0 +1,388 @@
+"""JetStream atomic batch publishing (ADR-50, nats-server 2.12+) on nats-py's plain PUBs.
+
+nats-py has no batch publisher. A batch is a list of messages to ONE stream, stored all or
+none, in contiguous stream sequences. On the wire every message carries ``Nats-Batch-Id``
+(the same for the whole batch, at most 64 characters) and ``Nats-Batch-Sequence`` (1..n); the
+last one also ``Nats-Batch-Commit: 1``. The stream must have ``allow_atomic``.
+
+What the server answers (nats-server ``server/stream.go``, ``processJetStreamAtomicBatchMsg``):
+
+* a message with a reply subject that is staged (not the commit) gets an EMPTY reply; one
+  with an error gets a PubAck with ``error``. A reply is optional on every message (the ADR
+  asks for one on the first message, the server does not require it).
+* the commit message gets ``{"stream", "seq", "batch", "count"}`` once the batch is stored,
+  ``seq`` being the stream sequence of the LAST message: message i (1-based) of n has
+  ``seq - n + i``.
+* an error abandons the whole batch: nothing of it is stored.
+
+Here the first and the last message of a batch carry the same reply subject, a token of one
+wildcard inbox subscription. The first one's reply reports an error of the batch's start at
+once (too many batches in flight, a stream without ``allow_atomic``, no stream at all: the
+503 no-responders status), which the commit's reply would only report as "incomplete"; its
+empty reply is skipped. The messages between carry no reply, so a batch costs two replies
+whatever its size. Nothing waits for the first reply before the rest is sent.
+
+A batch of one message is a normal JetStream publish (no batch headers): atomic anyway, no
+staging on the server, and a ``Nats-Msg-Id`` already stored answers ``duplicate: true`` with
+its original sequence instead of failing. (Consequence: a one-message batch to a stream
+without ``allow_atomic`` is stored, where a longer one raises :class:`AtomicPublishDisabled`.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import orjson
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.errors import BadSubscriptionError, ConnectionClosedError
+
+from arqonbus_server.mesh.ports import MeshError
+from arqonbus_server.shared.errors import UNAVAILABLE
+
+BATCH_ID = "Nats-Batch-Id"
+BATCH_SEQUENCE = "Nats-Batch-Sequence"
+BATCH_COMMIT = "Nats-Batch-Commit"
+_BATCH_HEADER_PREFIX = "nats-batch-"
+
+# nats-server's defaults (server/stream.go: streamDefaultMaxAtomicBatchSize,
+# streamDefaultMaxAtomicBatchInflightPerStream, streamDefaultMaxBatchTimeout). An operator can
+# lower the size in the server's jetstream limits (max_batch_size): the server then refuses a
+# longer batch with BatchTooLarge.
+MAX_BATCH_MESSAGES = 1000
+MAX_INFLIGHT_PER_STREAM = 50
+SERVER_IDLE_ABANDON_S = 10.0
+# What the publisher's headers add to a message at most: Nats-Batch-Id (64 characters at
+# most), Nats-Batch-Sequence (4 digits), Nats-Batch-Commit.
+_BATCH_HEADERS_SIZE = 81 + 27 + 22
+
+_SWEEP_S = 0.1  # how often expired batches are failed
+_REPLY_PENDING_MSGS = 65_536
+_REPLY_PENDING_BYTES = 64 * 1024 * 1024
+
+# JetStream error codes (server/errors.json).
+ERR_ATOMIC_DISABLED = 10174  # the stream has no allow_atomic
+ERR_MISSING_SEQUENCE = 10175
+ERR_INCOMPLETE = 10176  # a gap, an unknown batch (abandoned: idle 10 s, leader change)
+ERR_UNSUPPORTED_HEADER = 10177  # Nats-Expected-Last-Msg-Id
+ERR_INVALID_BATCH_ID = 10179
+ERR_TOO_LARGE = 10199
+ERR_INVALID_COMMIT = 10200
+ERR_DUPLICATE = 10201  # a Nats-Msg-Id already stored (or twice in the batch)
+ERR_TOO_MANY_INFLIGHT = 10210  # 50 per stream, 1,000 per server
+ERR_DUPLICATE_IN_PROCESS = 10158  # a Nats-Msg-Id staged by a publish not yet applied
+
+
+class BatchError(MeshError):
+    """A batch was not (known to be) stored."""
+
+    catalogue = UNAVAILABLE
+
+
+class BatchPublisherClosed(BatchError):
+    """The publisher is closed (or was never started): the batch's outcome is unknown."""
+
+
+class NoStream(BatchError):
+    """No stream listens on the subject (the 503 no-responders status): nothing was stored."""
+
+
+class BatchRejected(BatchError):
+    """JetStream refused the batch: none of its messages was stored.
+
+    ``code`` is JetStream's error code (``err_code``, 10xxx), ``status`` its HTTP-like code.
+    ``retryable``: the same batch may succeed when sent again as it is.
+    """
+
+    retryable: ClassVar[bool] = False
+
+    def __init__(self, code: int, description: str, status: int = 400) -> None:
+        super().__init__(f"batch rejected by JetStream ({code}): {description}")
+        self.code = code
+        self.description = description
+        self.status = status
+
+
+class BatchDuplicate(BatchRejected):
+    """A ``Nats-Msg-Id`` of the batch is already in the stream's dedupe window (10201), or
+    is being stored by a publish not yet applied (10158). The server does not say which
+    message: publish the batch's messages one by one instead, and a duplicate answers
+    ``duplicate: true`` with its original sequence."""
+
+
+class BatchTooLarge(BatchRejected):
+    """More messages than a batch may hold (1,000, or the server's max_batch_size): split it.
+
+    Raised before anything is sent for more than :data:`MAX_BATCH_MESSAGES`."""
+
+
+class BatchTooManyInflight(BatchRejected):
+    """The stream (50) or the server (1,000) already has its maximum of open batches."""
+
+    retryable = True
+
+
+class BatchIncomplete(BatchRejected):
+    """The server abandoned the batch before its commit: a lost message, a leader change, or
+    more than 10 s between two of its messages."""
+
+    retryable = True
+
+
+class AtomicPublishDisabled(BatchRejected):
+    """The stream was created without ``allow_atomic``."""
+
+
+_REJECTIONS: dict[int, type[BatchRejected]] = {
+    ERR_DUPLICATE: BatchDuplicate,
+    ERR_DUPLICATE_IN_PROCESS: BatchDuplicate,
+    ERR_TOO_LARGE: BatchTooLarge,
+    ERR_TOO_MANY_INFLIGHT: BatchTooManyInflight,
+    ERR_INCOMPLETE: BatchIncomplete,
+    ERR_ATOMIC_DISABLED: AtomicPublishDisabled,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class BatchItemResult:
+    """Where one message of a batch was stored."""
+
+    seq: int
+    # Only a one-message batch (a plain publish) can be a duplicate: in a longer batch a
+    # duplicate rejects the whole batch (BatchDuplicate).
+    duplicate: bool = False
+
+
+def _rejection(error: Any) -> BatchError:
+    if not isinstance(error, dict):
+        return BatchError(f"batch rejected by JetStream: {error}")
+    code = error.get("err_code")
+    description = str(error.get("description", "error"))
+    status = error.get("code")
+    status = status if isinstance(status, int) else 400
+    if not isinstance(code, int):
+        return BatchRejected(0, description, status)
+    return _REJECTIONS.get(code, BatchRejected)(code, description, status)
+
+
+async def sweep_deadlines(
+    waiting: dict[str, tuple[asyncio.Future[Any], float]],
+    period: float,
+    error: Callable[[], BaseException],
+) -> None:
+    """Every ``period`` s, fail (with ``error()``) and drop the futures of ``waiting`` whose
+    deadline passed. ``waiting`` is in deadline order (every entry has the same timeout), so
+    a round stops at the first one still in time. Runs until cancelled."""
+    while True:
+        await asyncio.sleep(period)  # the sweep period, bounded work per round
+        now = time.monotonic()
+        expired = []
+        for token, (future, deadline) in waiting.items():
+            if deadline > now:
+                break
+            expired.append((token, future))
+        for token, future in expired:
+            waiting.pop(token, None)
+            if not future.done():
+                future.set_exception(error())
+
+
+class BatchPublisher:
+    """Publishes lists of messages to one stream as atomic batches; one instance per NATS
+    connection.
+
+    Replies come to one wildcard inbox subscription, matched by a counter token (no request
+    and no NUID per batch); one task fails the batches whose deadline passed. Batches may be
+    published concurrently; the server allows 50 open per stream (BatchTooManyInflight).
+    """
+
+    def __init__(self, nc: NatsClient, timeout: float = 5.0) -> None:
+        if timeout <= 0:
+            raise ValueError(f"timeout must be positive, not {timeout}")
+        self._nc = nc
+        self._timeout = timeout
+        self._prefix = nc.new_inbox() + "."
+        # Unique per publisher, so batches of two publishers never share an id: 32 + 1 +
+        # the token's digits, far below the server's 64.
+        self._id = uuid.uuid4().hex + "."
+        self._next = itertools.count(1)
+        # Insertion order is deadline order: every batch has the same timeout.
+        self._waiting: dict[str, tuple[asyncio.Future[dict[str, Any]], float]] = {}
+        self._sub: Subscription | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self._closed = False
+
+    @property
+    def in_flight(self) -> int:
+        """Batches sent and not answered yet."""
+        return len(self._waiting)
+
+    async def start(self) -> None:
+        if self._sub is not None or self._closed:
+            raise RuntimeError("a BatchPublisher starts once")
+        self._sub = await self._nc.subscribe(
+            self._prefix + "*",
+            cb=self._on_reply,
+            pending_msgs_limit=_REPLY_PENDING_MSGS,
+            pending_bytes_limit=_REPLY_PENDING_BYTES,
+        )
+        self._sweeper = asyncio.create_task(self._sweep())
+
+    async def close(self) -> None:
+        """Stop; the batches still waiting for their ack fail with BatchPublisherClosed."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        if self._sub is not None and not self._nc.is_closed:
+            with contextlib.suppress(ConnectionClosedError, BadSubscriptionError):
+                await self._sub.unsubscribe()
+        self._fail_all(BatchPublisherClosed("the batch publisher closed before the batch's ack"))
+
+    async def publish_batch(
+        self, subject_msgs: Sequence[tuple[str, bytes, dict[str, str]]]
+    ) -> list[BatchItemResult]:
+        """Store ``(subject, body, headers)`` messages all or none, in this order, in one stream.
+
+        Returns each message's sequence. Raises BatchRejected (and its subclasses:
+        BatchDuplicate, BatchTooLarge, ...), NoStream, TimeoutError (no ack in time: the
+        batch may still have been stored; with Nats-Msg-Ids a resend is safe), or
+        BatchPublisherClosed. Errors of the connection (nats-py's) pass through: the commit
+        was then not sent, and the server abandons what it staged.
+        """
+        count = len(subject_msgs)
+        if count == 0:
+            return []
+        if count > MAX_BATCH_MESSAGES:
+            raise BatchTooLarge(
+                ERR_TOO_LARGE,
+                f"{count} messages, a batch holds at most {MAX_BATCH_MESSAGES} (not sent)",
+            )
+        self._check(subject_msgs)
+        if self._sub is None or self._closed:
+            raise BatchPublisherClosed("the batch publisher is not running")
+
+        token = str(next(self._next))
+        reply = self._prefix + token
+        batch_id = self._id + token
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._waiting[token] = (future, time.monotonic() + self._timeout)
+        try:
+            if count == 1:
+                subject, body, headers = subject_msgs[0]
+                await self._nc.publish(subject, body, reply=reply, headers=headers or None)
+                ack = await future
+                return [BatchItemResult(_seq(ack), bool(ack.get("duplicate")))]
+            last = count
+            for i, (subject, body, headers) in enumerate(subject_msgs, 1):
+                sent = {**headers, BATCH_ID: batch_id, BATCH_SEQUENCE: str(i)}
+                if i == last:
+                    sent[BATCH_COMMIT] = "1"
+                await self._nc.publish(
+                    subject, body, reply=reply if i in (1, last) else "", headers=sent
+                )
+                if future.done():  # the start failed (or timed out): the rest is refused too
+                    break
+            ack = await future
+        except BaseException:
+            _discard(future)
+            raise
+        finally:
+            self._waiting.pop(token, None)
+        if ack.get("batch") != batch_id or ack.get("count") != count:
+            raise BatchError(f"the batch ack does not match the batch of {count}: {ack}")
+        last_seq = _seq(ack)
+        return [BatchItemResult(last_seq - count + i) for i in range(1, count + 1)]
+
+    def _check(self, subject_msgs: Sequence[tuple[str, bytes, dict[str, str]]]) -> None:
+        """Refuse before sending what would leave a batch half sent."""
+        max_payload = self._nc.max_payload
+        for i, (_, body, headers) in enumerate(subject_msgs, 1):
+            for key in headers:
+                if key.lower().startswith(_BATCH_HEADER_PREFIX):
+                    raise ValueError(f"message {i} of the batch: {key} is the publisher's header")
+            # The server's max_payload counts the headers too (nats-py checks the body only),
+            # and a message over it closes the connection.
+            size = len(body) + _headers_size(headers) + _BATCH_HEADERS_SIZE
+            if size > max_payload:
+                raise ValueError(
+                    f"message {i} of the batch: {size} bytes with its headers, more than the "
+                    f"server's max_payload of {max_payload}"
+                )
+
+    async def _on_reply(self, msg: Msg) -> None:
+        token = msg.subject[len(self._prefix) :]
+        entry = self._waiting.get(token)
+        if entry is None or entry[0].done():
+            return  # the commit's reply after the start's error, or a batch timed out
+        future = entry[0]
+        headers = msg.headers
+        status = headers.get("Status") if headers else None
+        if headers and status == "503":  # no responders: nothing listens on the subject
+            subject = headers.get("Nats-Subject", "the subject")
+            future.set_exception(NoStream(f"no stream stores {subject}"))
+        elif status:
+            future.set_exception(BatchError(f"NATS status {status} for the batch"))
+        elif not msg.data:
+            return  # the first message's ack: the batch is open; its commit answers later
+        else:
+            try:
+                ack = orjson.loads(msg.data)
+                if not isinstance(ack, dict):
+                    raise TypeError(ack)
+            except (orjson.JSONDecodeError, TypeError):
+                future.set_exception(BatchError(f"unreadable batch ack: {msg.data[:200]!r}"))
+            else:
+                error = ack.get("error")
+                if error:
+                    future.set_exception(_rejection(error))
+                else:
+                    future.set_result(ack)
+        self._waiting.pop(token, None)
+
+    async def _sweep(self) -> None:
+        await sweep_deadlines(
+            self._waiting,
+            _SWEEP_S,
+            lambda: TimeoutError(
+                f"no ack for the batch within {self._timeout:g} s (it may still be stored)"
+            ),
+        )
+
+    def _fail_all(self, exc: Exception) -> None:
+        waiting, self._waiting = self._waiting, {}
+        for future, _ in waiting.values():
+            if not future.done():
+                future.set_exception(exc)
+
+
+def _headers_size(headers: dict[str, str]) -> int:
+    """The bytes of ``NATS/1.0`` headers on the wire (an upper bound: nats-py strips values)."""
+    return 12 + sum(len(k.encode()) + len(v.encode()) + 4 for k, v in headers.items())
+
+
+def _seq(ack: dict[str, Any]) -> int:
+    seq = ack.get("seq")
+    if not isinstance(seq, int) or seq < 1:
+        raise BatchError(f"batch ack without a sequence: {ack}")
+    return seq
+
+
+def _discard(future: asyncio.Future[Any]) -> None:
+    """A future nobody will await: cancelled, or its exception marked as seen."""
+    if future.done():
+        if not future.cancelled():
+            future.exception()
+    else:
+        future.cancel()

@@ -1,0 +1,123 @@
+"""The gateway's natural batching of publishes (mesh/ingest.py) against a scripted publisher;
+tests/integration/test_ingest_batching.py runs it on the real cluster."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+from arqonbus_server.mesh.batch import (
+    AtomicPublishDisabled,
+    BatchDuplicate,
+    BatchItemResult,
+    BatchPublisherClosed,
+)
+from arqonbus_server.mesh.ingest import ALONE, IngestBatcher
+from tests.timeouts import SEC, eventually
+
+Msgs = Sequence[tuple[str, bytes, dict[str, str]]]
+
+
+class Scripted:
+    """A BatchPublisher whose batches stay open until the test answers them."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[bytes]] = []
+        self.answers: list[asyncio.Future[Any]] = []
+        self.seq = 0
+
+    async def publish_batch(self, msgs: Msgs) -> list[BatchItemResult]:
+        self.batches.append([body for _, body, _ in msgs])
+        answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.answers.append(answer)
+        outcome = await answer
+        if isinstance(outcome, BaseException):
+            raise outcome
+        first = self.seq + 1
+        self.seq += len(msgs)
+        return [BatchItemResult(first + i) for i in range(len(msgs))]
+
+    def answer(self, i: int, outcome: Any = None) -> None:
+        self.answers[i].set_result(outcome)
+
+
+def start(batcher: IngestBatcher, bodies: list[bytes]) -> list[asyncio.Task[Any]]:
+    return [
+        asyncio.ensure_future(batcher.publish("S", "arq.ev.t.r.c", body, {"Nats-Msg-Id": "x"}))
+        for body in bodies
+    ]
+
+
+async def batches_sent(pub: Scripted, n: int) -> None:
+    async def sent() -> bool:
+        return len(pub.batches) >= n
+
+    await eventually(sent, 3 * SEC, f"{n} batches sent")
+
+
+async def test_a_quiet_stream_sends_at_once_and_a_busy_one_coalesces_what_waits() -> None:
+    pub = Scripted()
+    batcher = IngestBatcher(pub, max_in_flight=2, max_batch=3)  # type: ignore[arg-type]
+    tasks = start(batcher, [b"%d" % i for i in range(7)])
+    await batches_sent(pub, 2)
+    # Two single sends fill the lane; the other five wait for an ack.
+    assert pub.batches == [[b"0"], [b"1"]]
+    pub.answer(0)
+    await batches_sent(pub, 3)
+    assert pub.batches[2] == [b"2", b"3", b"4"]  # up to max_batch at once
+    pub.answer(1)
+    await batches_sent(pub, 4)
+    assert pub.batches[3] == [b"5", b"6"]
+    pub.answer(2)
+    pub.answer(3)
+    results = await asyncio.wait_for(asyncio.gather(*tasks), 3 * SEC)
+    assert [r.seq for r in results] == [1, 2, 3, 4, 5, 6, 7]  # each event its own seq
+    assert (batcher.stats.batches, batcher.stats.events) == (4, 7)
+
+
+async def test_a_batch_refused_for_the_batch_hands_each_event_back_to_publish_alone() -> None:
+    pub = Scripted()
+    batcher = IngestBatcher(pub, max_in_flight=1)  # type: ignore[arg-type]
+    disabled: list[str] = []
+    batcher.on_atomic_disabled = disabled.append
+    tasks = start(batcher, [b"a", b"b", b"c"])
+    await batches_sent(pub, 1)
+    pub.answer(0, BatchDuplicate(10201, "atomic publish batch contains duplicate message id"))
+    await batches_sent(pub, 2)
+    assert await asyncio.wait_for(tasks[0], 3 * SEC) is ALONE
+    pub.answer(1, AtomicPublishDisabled(10174, "atomic publish is disabled"))
+    assert await asyncio.wait_for(asyncio.gather(*tasks[1:]), 3 * SEC) == [ALONE, ALONE]
+    assert disabled == ["S"]
+    assert batcher.stats.alone == 3
+    assert batcher.stats.refusals == {"BatchDuplicate": 1, "AtomicPublishDisabled": 1}
+
+
+async def test_a_timeout_fails_every_event_of_the_batch_and_the_lane_goes_on() -> None:
+    pub = Scripted()
+    batcher = IngestBatcher(pub, max_in_flight=1)  # type: ignore[arg-type]
+    tasks = start(batcher, [b"a", b"b", b"c"])
+    await batches_sent(pub, 1)
+    pub.answer(0, TimeoutError())
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(tasks[0], 3 * SEC)
+    await batches_sent(pub, 2)
+    pub.answer(1)
+    assert [r.seq for r in await asyncio.gather(*tasks[1:])] == [1, 2]
+
+
+async def test_a_caller_that_gave_up_is_not_sent_and_close_fails_what_waits() -> None:
+    pub = Scripted()
+    batcher = IngestBatcher(pub, max_in_flight=1)  # type: ignore[arg-type]
+    tasks = start(batcher, [b"a", b"gone", b"c"])
+    await batches_sent(pub, 1)
+    tasks[1].cancel()
+    pub.answer(0)
+    await batches_sent(pub, 2)
+    assert pub.batches[1] == [b"c"]
+    await batcher.close()  # c's batch is still open
+    with pytest.raises(BatchPublisherClosed):
+        await asyncio.wait_for(tasks[2], 3 * SEC)
+    assert (await tasks[0]).seq == 1
