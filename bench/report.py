@@ -140,6 +140,11 @@ def table(results: dict[str, Any]) -> str:
 
     row("fan-out deliveries/s (saturated)", "deliveries_s")
     row("server CPU µs per delivery", "cpu_us_per_delivery", 2)
+    row(
+        "server CPU µs per delivery with the store (ArqonBus: + NATS nodes)",
+        "cpu_with_store_us_per_delivery",
+        2,
+    )
     lines.append(
         f"| fan-out across 2 gateways, deliveries/s | {_fmt(cross['deliveries_s'])} | | | | |"
     )

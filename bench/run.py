@@ -178,6 +178,9 @@ class Target:
     pub_url: str
     sub_urls: list[str]
     pids: list[int]
+    # The store behind it (ArqonBus: the NATS nodes), measured apart: server CPU per
+    # delivery is reported for the target's own processes and with its store.
+    store_pids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -234,6 +237,7 @@ async def fanout_once(
         for sub in procs:
             await sub.read(120)
         cpu_before = cpu_seconds(target.pids)
+        store_before = cpu_seconds(target.store_pids)
         pub = await Loadgen.start(
             "pub", "--proto", target.proto, "--urls", target.pub_url, "--channels", channels,
             "--rate", str(rate), "--duration", str(cfg.duration), "--count", str(count),
@@ -248,6 +252,7 @@ async def fanout_once(
             sub.send({"expect": expect, "timeout": 60})
         results = [await sub.read(90) for sub in procs]
         cpu = cpu_seconds(target.pids) - cpu_before
+        store_cpu = cpu_seconds(target.store_pids) - store_before
     finally:
         for sub in procs:
             await sub.close()
@@ -265,6 +270,10 @@ async def fanout_once(
         "missing": sum(r["missing"] for r in results),
         "deliveries_s": deliveries / span if deliveries else 0.0,
         "cpu_us_per_delivery": cpu * 1e6 / deliveries if deliveries else float("nan"),
+        # With the store's CPU (the NATS nodes, for ArqonBus; the same for store-less peers).
+        "cpu_with_store_us_per_delivery": (
+            (cpu + store_cpu) * 1e6 / deliveries if deliveries else float("nan")
+        ),
         "p50_ms": percentile_us(hist, 0.50) / 1000,
         "p99_ms": percentile_us(hist, 0.99) / 1000,
         "p999_ms": percentile_us(hist, 0.999) / 1000,
@@ -471,9 +480,10 @@ async def run(cfg: Config, out_dir: Path) -> dict[str, Any]:
         for kind in ("socketio-py", "socketio-node", "nats-ws"):
             peers.append(await start_peer(kind, free_port()))
         sio_py, sio_node, nats_ws = peers
+        nodes = [pid for pid in cluster.pids if pid is not None]
         targets = {
             "arqonbus": Target(
-                "arqonbus", "arq", gateways[0].url, [gateways[0].url], [gateways[0].pid]
+                "arqonbus", "arq", gateways[0].url, [gateways[0].url], [gateways[0].pid], nodes
             ),
             "arqonbus-2gw": Target(
                 "arqonbus-2gw",
@@ -481,6 +491,7 @@ async def run(cfg: Config, out_dir: Path) -> dict[str, Any]:
                 gateways[0].url,
                 [gateways[1].url],
                 [gateways[0].pid, gateways[1].pid],
+                nodes,
             ),
             "python-socketio": Target(
                 "python-socketio", "sio", sio_py.url, [sio_py.url], [sio_py.pid]
