@@ -20,6 +20,13 @@ from tests.support import GatewayProcess, WsClient
 from tests.timeouts import SEC
 
 
+# Every test tenant that records a security event gets an audit stream, which reserves its
+# max_bytes (default 1 GiB) on each of its 3 servers; the session's shared cluster ran out of
+# JetStream storage reservations ("insufficient storage resources", err 10047) once enough
+# tenants had one. The tests' gateways (in-process and started as processes) keep 1 MiB.
+os.environ.setdefault("ARQONBUS_AUDIT_MAX_BYTES", str(1 << 20))
+
+
 def new_cluster(base_dir: Path, nodes: int = 3, **kwargs: Any) -> LocalCluster:
     """A NATS cluster from the backend ARQONBUS_NATS_BACKEND names: the wheel's nats-server
     (``local``, the default) or containers (``container``; make container-test)."""
