@@ -19,7 +19,6 @@ from arqonbus_server.mesh.local import LocalCluster
 from tests.support import GatewayProcess, WsClient
 from tests.timeouts import SEC
 
-
 # Every test tenant that records a security event gets an audit stream, which reserves its
 # max_bytes (default 1 GiB) on each of its 3 servers; the session's shared cluster ran out of
 # JetStream storage reservations ("insufficient storage resources", err 10047) once enough
