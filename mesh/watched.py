@@ -67,6 +67,8 @@ class WatchedBucket:
 
     async def close(self) -> None:
         self._stop.set()
+        if self._sync is not None:
+            self._sync.cancel()  # a catch-up in progress: its callers get False
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -109,6 +111,11 @@ class WatchedBucket:
             return await asyncio.wait_for(asyncio.shield(sync), timeout)
         except TimeoutError:
             return False
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if sync.cancelled() and (task is None or not task.cancelling()):
+                return False  # close() ended the catch-up, not our caller
+            raise
 
     async def _catch_up(self, timeout: float) -> bool:
         kv = self.kv

@@ -7,7 +7,7 @@ import asyncio
 
 from arqonbus_server.mesh.memory import MemoryMesh, MemoryStateStore
 from arqonbus_server.mesh.watched import WatchedBucket
-from tests.timeouts import SEC
+from tests.timeouts import SEC, eventually
 
 
 async def watched_copy(mesh: MemoryMesh) -> WatchedBucket:
@@ -71,3 +71,23 @@ async def test_concurrent_misses_share_one_query_and_a_copy_not_loaded_is_not_cu
         assert queries == 1 and watched.get("t.k") == b"v"
     finally:
         await watched.close()
+
+
+async def test_close_ends_a_catch_up_in_progress_with_false() -> None:
+    mesh = MemoryMesh()
+    watched = await watched_copy(mesh)
+    kv = watched.kv
+    assert kv is not None
+
+    async def far_ahead() -> int:
+        return 1_000  # a revision the copy will not reach
+
+    kv.last_revision = far_ahead  # type: ignore[method-assign]
+    waiting = asyncio.ensure_future(watched.caught_up(30 * SEC))
+
+    async def started() -> bool:
+        return watched._sync is not None and not watched._sync.done()
+
+    await eventually(started, 3 * SEC, "a catch-up in progress")
+    await watched.close()
+    assert await asyncio.wait_for(waiting, 3 * SEC) is False
