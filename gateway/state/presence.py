@@ -77,6 +77,7 @@ Sink = Callable[[bytes], None]
 RETRY_MAX_S = 5.0  # a failed watch is re-established after at most this long
 UNREMOVED_MAX = 100_000  # removals kept for retry at most (beyond: left to a restart's cleanup)
 REPUT_CONCURRENCY = 64  # entries put at once when a whole gateway re-puts
+START_GRACE_S = 30.0  # a store not answering at start is logged at INFO this long, then WARNING
 
 
 @dataclass(frozen=True)
@@ -159,6 +160,7 @@ class PresenceService:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loop_task: asyncio.Task[None] | None = None
         self._started_clean = False
+        self._start_tried_at: float | None = None  # the first clean-start attempt
         self._stopping = False
         # Removals the store did not take (ref, principal, session): retried every round,
         # through one bound on removals in flight (a mass disconnect must not queue
@@ -183,8 +185,21 @@ class PresenceService:
             try:
                 await self._clean_start()
             except Exception as exc:
-                log.warning("presence not started yet (the next round retries): %s", exc)
+                self._log_not_started(exc)
             self._loop_task = asyncio.create_task(self._run(), name="presence")
+
+    def _log_not_started(self, exc: Exception) -> None:
+        """A store that is still forming when the gateway starts (a cluster starting with
+        it, JetStream electing its leaders) is normal for START_GRACE_S: logged at INFO;
+        after that, each failed round is a WARNING."""
+        now = self._mono()
+        if self._start_tried_at is None:
+            self._start_tried_at = now
+        waited = now - self._start_tried_at
+        level = logging.INFO if waited < START_GRACE_S else logging.WARNING
+        log.log(
+            level, "presence not started yet after %.0f s (the next round retries): %s", waited, exc
+        )
 
     async def _clean_start(self) -> None:
         """Remove what an earlier process of this node id left (a gateway SIGKILLed and
@@ -587,11 +602,11 @@ class PresenceService:
             await asyncio.sleep(max(0.0, interval - (self._mono() - started)))
 
     async def _round(self) -> None:
-        if not self._started_clean:
+        if not self._started_clean or self._renewed_at is None:  # no first lease yet
             try:
                 await self._clean_start()
             except Exception as exc:
-                log.warning("presence not started yet (retrying next round): %s", exc)
+                self._log_not_started(exc)
                 return
         await self._read_leases()  # first: a lease reaped since the last renewal shows
         await self._renew()

@@ -381,3 +381,51 @@ async def test_an_entry_the_store_refused_at_enter_is_put_until_it_lands(
         return sessions or None
 
     assert await eventually(stored, 5 * SEC, "the refused entry put by the lease rounds") == ["s1"]
+
+
+class LeaseRefused(MemoryPresenceStore):
+    """The twin, refusing the lease (a store still forming) until told otherwise."""
+
+    def __init__(self, mesh: MemoryMesh) -> None:
+        super().__init__(mesh)
+        self.down = True
+        self.tries = asyncio.Event()
+
+    async def renew_lease(self, gateway: str) -> int:
+        self.tries.set()
+        if self.down:
+            raise BrokerUnavailable("the store is forming")
+        return await super().renew_lease(gateway)
+
+
+async def test_a_store_forming_at_start_is_info_then_warning_then_started(
+    gateways: Gateways, caplog: pytest.LogCaptureFixture
+) -> None:
+    from arqonbus_server.gateway.state.presence import START_GRACE_S
+
+    now = [100.0]
+    store = LeaseRefused(gateways.mesh)
+    service = PresenceService(store, "gwa", FAST, monotonic=lambda: now[0])
+    caplog.set_level("INFO", logger="arqonbus.gateway.presence")
+    await service.start()  # refused: the gateway serves, rounds retry
+    gateways.services.append(service)
+    not_started = [r for r in caplog.records if "presence not started" in r.getMessage()]
+    assert [r.levelname for r in not_started] == ["INFO"]
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]  # nothing else either
+
+    now[0] += START_GRACE_S  # still refused after the grace: now an operator must know
+    store.tries.clear()
+    await asyncio.wait_for(store.tries.wait(), 3 * SEC)
+    async def warned() -> bool:
+        return any(
+            r.levelname == "WARNING" and "presence not started" in r.getMessage()
+            for r in caplog.records
+        )
+
+    await eventually(warned, 3 * SEC, "a warning once the grace has passed")
+    store.down = False
+
+    async def leased() -> bool:
+        return "gwa" in await gateways.store().leases()
+
+    await eventually(leased, 3 * SEC, "the lease taken by a later round")
