@@ -416,6 +416,7 @@ async def test_a_store_forming_at_start_is_info_then_warning_then_started(
     now[0] += START_GRACE_S  # still refused after the grace: now an operator must know
     store.tries.clear()
     await asyncio.wait_for(store.tries.wait(), 3 * SEC)
+
     async def warned() -> bool:
         return any(
             r.levelname == "WARNING" and "presence not started" in r.getMessage()
