@@ -39,6 +39,7 @@ from arqonbus_server.mesh.ports import (
 )
 from arqonbus_server.shared import subjects
 from arqonbus_server.shared.errors import InvalidInput
+from arqonbus_server.shared.jsonbytes import dumps_kept
 from arqonbus_server.shared.subjects import ChannelRef
 
 if TYPE_CHECKING:
@@ -139,7 +140,7 @@ def decode_entry(key: str, value: bytes) -> PresenceEntry | None:
             gateway=parts[4],
             joined_at=float(fields["joined_at"]),
             state=str(fields["state"]),
-            metadata=orjson.dumps(fields["metadata"]),
+            metadata=dumps_kept(fields["metadata"]),  # kept by every mirror of the channel
             updated_at=float(fields["updated_at"]),
         )
     except (ValueError, TypeError, KeyError, AttributeError) as exc:

@@ -28,6 +28,7 @@ from typing import Any
 import orjson
 
 from arqonbus_server.shared.errors import INVALID_PARAMETERS, ArqonError
+from arqonbus_server.shared.jsonbytes import dumps_kept
 from arqonbus_server.shared.subjects import is_valid_name
 
 ONLINE = "online"
@@ -79,7 +80,7 @@ def metadata_param(value: object) -> bytes:
                 f"parameter 'metadata': keys must be 1-{METADATA_KEY_MAX} characters long"
             )
     try:
-        encoded = orjson.dumps(value)
+        encoded = dumps_kept(value)  # kept as long as the session is present
     except orjson.JSONEncodeError:
         raise _invalid("parameter 'metadata' must hold only JSON values") from None
     if len(encoded) > METADATA_MAX_BYTES:

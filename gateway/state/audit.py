@@ -47,6 +47,7 @@ import orjson
 
 from arqonbus_server.mesh.ports import BrokerUnavailable
 from arqonbus_server.shared.core.state import AuditThrottle as ThrottleRule
+from arqonbus_server.shared.jsonbytes import dumps_kept
 from arqonbus_server.shared.subjects import SubjectScheme, is_valid_name
 
 if TYPE_CHECKING:
@@ -305,7 +306,7 @@ class AuditLog:
         if self._sink is None:  # no NATS (unit tests): the log is all there is
             log.info("audit %s", orjson.dumps(event).decode())
             return
-        item = (tenant, type_, event["id"], orjson.dumps(event))
+        item = (tenant, type_, event["id"], dumps_kept(event))  # may wait in the queue
         try:
             self._queue.put_nowait(item)
         except asyncio.QueueFull:

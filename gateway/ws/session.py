@@ -226,10 +226,15 @@ class Session:
 
     # -- the socket loop ------------------------------------------------------------------
 
-    async def run(self) -> None:
+    def _welcome(self) -> None:
+        # Its own frame, so the encoded welcome is not held for the connection's life (an
+        # orjson result occupies at least 4 KiB: shared/jsonbytes.py).
         welcome = encode_welcome(self.id, self._node_id, self.limits())
         self.socket.send(welcome)
         self._metrics.frame_sent(welcome)
+
+    async def run(self) -> None:
+        self._welcome()
         self._arm_expiry(self.principal.expires_at)
         try:
             while True:
