@@ -425,7 +425,7 @@ class Hub:
     async def _catch_up(self, member: Member, upto: int, check_retention: bool) -> None:
         try:
             if check_retention:
-                window = await self._broker.window(member.ref)
+                window = await self._member_window(member)
                 self._report_gap(member, upto, window.first_stream_seq)
             await self._replay_then_verify(member, upto)
             for _ in range(_MAX_CATCHUP_ROUNDS):
@@ -508,11 +508,13 @@ class Hub:
 
     async def _replay_then_verify(self, member: Member, upto: int) -> None:
         """Replay, then re-check retention: the replica that served the replay may have
-        expired events that the leader still counted when the gap check was made."""
+        expired events that the leader still counted when the gap check was made. The
+        check's read is shared with the channel's other members (a read that starts after
+        this replay ended): after a failover thousands of members replay at once."""
         before = member.cursor
         await self._replay(member, upto)
         if upto > before and not member.gap_reported:
-            window = await self._broker.window(member.ref)
+            window = await self._member_window(member)
             if before + 1 < window.first_stream_seq:
                 self._send_gap(member, before, window.first_stream_seq)
 

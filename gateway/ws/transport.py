@@ -347,34 +347,13 @@ def server_tls_context(cert_file: str, key_file: str) -> ssl.SSLContext:
 
 
 # websockets logs handshake headers and frame contents at DEBUG: bearer tokens, auth frames,
-# refresh_token and room keys would reach the log. Its logger stays at INFO whatever the
-# gateway's level.
+# refresh_token and room keys would reach the log. At INFO it logs one line per connection
+# opened and closed and per plain HTTP answer (every health probe and client: thousands of
+# lines that hide the few that matter, and a log record built per connection even when a
+# filter drops it), and "server listening", which the gateway logs itself. So its logger
+# stays at WARNING whatever the gateway's level.
 _WS_LOG = logging.getLogger("arqonbus.gateway.websockets")
-_WS_LOG.setLevel(logging.INFO)
-
-
-class _NoPerConnectionLines(logging.Filter):
-    """Drops websockets' one INFO line per connection and per plain HTTP answer.
-
-    Every health probe (a load balancer's, Kubernetes', the dev supervisor's readiness polling)
-    and every client would log "HTTP response sent (200 OK)" / "connection open" / "connection
-    closed": thousands of lines that hide the few that matter.
-    """
-
-    PER_CONNECTION = frozenset(
-        {
-            "connection open",
-            "connection closed",
-            "HTTP response sent (%d %s)",
-            "connection rejected (%d %s)",
-        }
-    )
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.msg not in self.PER_CONNECTION
-
-
-_WS_LOG.addFilter(_NoPerConnectionLines())
+_WS_LOG.setLevel(logging.WARNING)
 
 
 # on_request(path with query, headers, peer IP) -> HttpReply to refuse, or a context to upgrade with
