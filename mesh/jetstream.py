@@ -44,7 +44,12 @@ from arqonbus_server.mesh.ingest import IngestBatcher
 from arqonbus_server.mesh.kv import open_bucket
 from arqonbus_server.mesh.mirrors import TenantConfirmers, mirrors_to_confirm
 from arqonbus_server.mesh.nats_auth import connect_failure, connect_options, redact_url
-from arqonbus_server.mesh.nats_client import FastHeaderClient
+from arqonbus_server.mesh.nats_client import (
+    FastHeaderClient,
+    header_fields,
+    header_int,
+    header_status,
+)
 from arqonbus_server.mesh.ports import (
     BrokerUnavailable,
     ChannelDetail,
@@ -120,38 +125,47 @@ class _NoDirectGet(Exception):
 
 
 class _DirectBatch:
-    """The replies to one batched direct get, handed over in order until its end marker."""
+    """The replies to one batched direct get, kept until its end marker.
+
+    :meth:`on_raw` runs in the NATS client's read loop (``FastHeaderClient.subscribe_raw``)."""
 
     def __init__(self) -> None:
-        self._items: collections.deque[tuple[int, bytes] | None] = collections.deque()
+        self.items: list[tuple[int, bytes]] = []
+        self._ended = False
         self._ready = asyncio.Event()
         self.no_direct_get = False
 
     def start(self) -> None:
-        self._items.clear()
+        self.items = []
+        self._ended = False
         self._ready.clear()
         self.no_direct_get = False
 
-    async def on_msg(self, msg: Msg) -> None:
-        headers = msg.headers or {}
-        status = headers.get("Status")
+    def on_raw(self, data: bytes, headers: bytes | None) -> None:
+        if self._ended:
+            return  # a late reply to an earlier request on this inbox
+        status = header_status(headers)
         if status:
             # 204 end of batch, 404 nothing (more) matches, 408 timed out, 503 no direct get.
             self.no_direct_get = status == "503"
-            self._items.append(None)
+            self._ended = True
         else:
-            self._items.append((int(headers.get("Nats-Sequence", "0")), msg.data))
+            seq = header_int(headers, b"Nats-Sequence")
+            if seq is None:  # not where the server puts it: parse the whole block
+                seq = int(header_fields(headers).get("Nats-Sequence", "0"))
+            self.items.append((seq, data))
         self._ready.set()
 
-    async def next(self, timeout: float) -> tuple[int, bytes] | None:
-        """The next event, or None at the end of the batch."""
-        if not self._items:
+    async def complete(self, timeout: float) -> list[tuple[int, bytes]]:
+        """Every event of the batch, once its end marker arrived. BrokerUnavailable when
+        nothing arrives for ``timeout`` seconds."""
+        while not self._ended:
             self._ready.clear()
             try:
                 await asyncio.wait_for(self._ready.wait(), timeout)
             except TimeoutError:
                 raise BrokerUnavailable("replay stalled: the store stopped answering") from None
-        return self._items.popleft()
+        return self.items
 
 
 class _NoStream(Exception):
@@ -366,7 +380,7 @@ class JetStreamBroker:
         self._publish_timeout = publish_timeout_s
         self._name = name
         self._connect_options = connect_options or {}
-        self._nc: NatsClient | None = None
+        self._nc: FastHeaderClient | None = None
         self._js: JetStreamContext | None = None
         self._jsm: JetStreamManager | None = None
         self._streams: StreamProvisioner | None = None
@@ -644,7 +658,9 @@ class JetStreamBroker:
         JetStream's stream API directly. Raises BrokerUnavailable before :meth:`connect`."""
         return self._require()[0]
 
-    def _require(self) -> tuple[NatsClient, JetStreamContext, JetStreamManager, StreamProvisioner]:
+    def _require(
+        self,
+    ) -> tuple[FastHeaderClient, JetStreamContext, JetStreamManager, StreamProvisioner]:
         if self._nc is None or self._js is None or self._jsm is None or self._streams is None:
             raise BrokerUnavailable("not connected to NATS yet")
         return self._nc, self._js, self._jsm, self._streams
@@ -678,7 +694,8 @@ class JetStreamBroker:
         # server; a bounded retry covers it. The dedupe key makes the retry safe.
         # Create the tenant's stream before its first publish (cached afterwards): waiting
         # for "no responders" is not enough, since any wildcard subscriber answers too.
-        await self.ensure_stream(ref.tenant)
+        if not streams.known(ref.tenant):
+            await self.ensure_stream(ref.tenant)
         if self._ingest is not None:
             try:
                 outcome = await self._ingest.publish(
@@ -938,6 +955,9 @@ class JetStreamBroker:
             return await streams.apply_quota(tenant, self._primary_stream(tenant))
         except (*_TRANSIENT, APIError) as exc:
             raise BrokerUnavailable(f"could not update the stream of {tenant}: {exc}") from exc
+
+    def stream_known(self, tenant: str) -> bool:
+        return self._streams is not None and self._streams.known(tenant)
 
     async def ensure_stream(self, tenant: str) -> int:
         """Create the tenant's stream if it does not exist (idempotent)."""
@@ -1517,60 +1537,75 @@ class JetStreamBroker:
         patient: bool = True,
     ) -> AsyncGenerator[StoredEvent, None]:
         """Batched direct gets of ``stream``; ``patient``: ask again after an empty batch
-        short of the end (a lagging replica), else stop there."""
+        short of the end (a lagging replica), else stop there.
+
+        Two requests overlap: the next batch is asked for as soon as one is complete, so
+        the store reads it while this one goes to the client (one inbox per batch, so the
+        replies of the two never mix; at most two batches, 2 x _REPLAY_BATCH_BYTES, held)."""
         nc, _, _, _ = self._require()
         api = f"$JS.API.DIRECT.GET.{stream}"
         subject = self._scheme.ingest(ref)
-        batch = _DirectBatch()
+        batches = (_DirectBatch(), _DirectBatch())
+        subs: list[Subscription] = []
+
+        async def ask(k: int, seq: int, count: int) -> None:
+            want = _REPLAY_BATCH if limit is None else min(_REPLAY_BATCH, limit - count)
+            batches[k].start()
+            request = {
+                "seq": seq,
+                "next_by_subj": subject,
+                "batch": want,
+                "max_bytes": _REPLAY_BATCH_BYTES,
+            }
+            await nc.publish(api, orjson.dumps(request), reply=subs[k].subject)
+
+        def more(seq: int, count: int) -> bool:
+            return seq <= end_seq and (limit is None or count < limit)
+
+        next_seq, count, empty_rounds, k = start_seq, 0, 0, 0
         try:
-            sub = await nc.subscribe(
-                nc.new_inbox(),
-                cb=batch.on_msg,
-                pending_msgs_limit=_REPLAY_BATCH * 2,
-                pending_bytes_limit=_LIVE_PENDING_BYTES,
-            )
-        except _TRANSIENT as exc:
-            raise BrokerUnavailable(f"replay failed: {type(exc).__name__}") from exc
-        next_seq, count, empty_rounds = start_seq, 0, 0
-        try:
-            while next_seq <= end_seq and (limit is None or count < limit):
-                want = _REPLAY_BATCH if limit is None else min(_REPLAY_BATCH, limit - count)
-                batch.start()
-                request = {
-                    "seq": next_seq,
-                    "next_by_subj": subject,
-                    "batch": want,
-                    "max_bytes": _REPLAY_BATCH_BYTES,
-                }
-                try:
-                    await nc.publish(api, orjson.dumps(request), reply=sub.subject)
-                except _TRANSIENT as exc:
-                    raise BrokerUnavailable(f"replay failed: {type(exc).__name__}") from exc
-                got = 0
-                while True:
-                    item = await batch.next(_REPLAY_WAIT_S * _REPLAY_STALL_CHECKS)
-                    if item is None:
-                        break
-                    seq, body = item
+            for batch in batches:
+                subs.append(await nc.subscribe_raw(nc.new_inbox(), batch.on_raw))
+            if not more(next_seq, count):
+                return
+            await ask(k, next_seq, count)
+            while True:
+                batch = batches[k]
+                items = await batch.complete(_REPLAY_WAIT_S * _REPLAY_STALL_CHECKS)
+                if batch.no_direct_get and count == 0 and not items:
+                    raise _NoDirectGet()
+                past_end = bool(items) and items[-1][0] > end_seq
+                if limit is not None:
+                    items = items[: limit - count]
+                if items:
+                    empty_rounds = 0
+                    next_seq = items[-1][0] + 1
+                    if not past_end and more(next_seq, count + len(items)):
+                        await ask(1 - k, next_seq, count + len(items))  # overlaps the yields
+                        k = 1 - k
+                    else:
+                        past_end = True
+                else:
+                    # An empty batch short of the end: a lagging replica answered; ask again.
+                    empty_rounds += 1
+                    if empty_rounds >= _REPLAY_STALL_CHECKS or not patient:
+                        return
+                    await asyncio.sleep(0.05 * 2**empty_rounds)  # retry backoff
+                    await ask(k, next_seq, count)
+                    continue
+                for seq, body in items:
                     if seq > end_seq:
                         return
-                    got += 1
                     count += 1
-                    next_seq = seq + 1
                     yield StoredEvent(seq, body)
-                    if limit is not None and count >= limit:
-                        return
-                if batch.no_direct_get and count == 0:
-                    raise _NoDirectGet()
-                # An empty batch short of the end: a lagging replica answered; ask again.
-                empty_rounds = 0 if got else empty_rounds + 1
-                if empty_rounds >= _REPLAY_STALL_CHECKS or (empty_rounds and not patient):
+                if past_end:
                     return
-                if empty_rounds:
-                    await asyncio.sleep(0.05 * 2**empty_rounds)  # retry backoff
+        except _TRANSIENT as exc:
+            raise BrokerUnavailable(f"replay failed: {type(exc).__name__}") from exc
         finally:
-            with contextlib.suppress(*_TRANSIENT, nats.errors.Error):
-                await sub.unsubscribe()
+            for sub in subs:
+                with contextlib.suppress(*_TRANSIENT, nats.errors.Error):
+                    await nc.unsubscribe_raw(sub)
 
     async def _replay_consumer(
         self, stream: str, ref: ChannelRef, start_seq: int, end_seq: int, limit: int | None

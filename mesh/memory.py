@@ -220,6 +220,9 @@ class MemoryBroker:
     def _placement(self, tenant: str) -> Placement | None:
         return self.placement_for(tenant) if self.placement_for is not None else None
 
+    def stream_known(self, tenant: str) -> bool:
+        return self._connected and (tenant in self._known or self._placement(tenant) is not None)
+
     async def ensure_stream(self, tenant: str) -> int:
         self._require()
         if tenant in self._known or self._placement(tenant) is not None:

@@ -304,6 +304,12 @@ class Broker(Protocol):
         this broker already knew the stream. Raises BrokerUnavailable."""
         ...
 
+    def stream_known(self, tenant: str) -> bool:
+        """True when :meth:`ensure_stream` would return -1 at once, with no I/O (the stream
+        is known, or the tenant is placed). A caller on the hot path asks this first and
+        awaits ensure_stream only when it is False."""
+        ...
+
     async def apply_quota(self, tenant: str) -> bool:
         """Bring the tenant's existing stream (a placed tenant's: its current primary) to its
         stored-bytes quota (``max_bytes_for``) now; idempotent. True if the stream exists (False: it gets the quota when created).

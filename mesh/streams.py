@@ -137,12 +137,16 @@ class StreamProvisioner:
         """Look at ``stream``'s TTL setting again on the next :meth:`allow_msg_ttl`."""
         self._ttl_streams.discard(stream)
 
+    def known(self, tenant: str) -> bool:
+        """:meth:`ensure` would return -1 at once."""
+        return tenant in self._known or (self.is_placed is not None and self.is_placed(tenant))
+
     async def ensure(self, tenant: str) -> int:
         """Create the tenant's stream if missing; return its replica count.
 
         A placed tenant's stream is never created here (-1): ``arqonbus mesh provision``
         places it and its mirrors; until then its publishes fail, retryably."""
-        if tenant in self._known or (self.is_placed is not None and self.is_placed(tenant)):
+        if self.known(tenant):
             return -1
         lock = self._locks.setdefault(tenant, asyncio.Lock())
         async with lock:

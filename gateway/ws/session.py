@@ -377,7 +377,8 @@ class Session:
         try:
             # Inline, in frame order: provisioning (once per tenant) must not let a
             # later event of this connection overtake an earlier one.
-            await self._broker.ensure_stream(publish.ref.tenant)
+            if not self._broker.stream_known(publish.ref.tenant):
+                await self._broker.ensure_stream(publish.ref.tenant)
         except BrokerUnavailable as exc:
             log.warning("publish of %s failed: %s", publish.event_id, exc)
             self._count_publish(publish, (Failure.UNAVAILABLE, None))

@@ -9,6 +9,7 @@ outcomes back; it makes no decision of its own.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 from arqonbus_server.shared import commands as builtin
@@ -70,6 +71,12 @@ from arqonbus_server.shared.service import MalformedServiceMessage, ServiceCall,
 from arqonbus_server.shared.subjects import ChannelRef, SubjectScheme
 
 PUBLISH, COMMAND = Permission.PUBLISH, Permission.COMMAND
+
+
+@functools.cache
+def _scheme(prefix: str) -> SubjectScheme:
+    """One scheme per prefix (a gateway has one), not one built and validated per event."""
+    return SubjectScheme(prefix)
 
 
 class Connection(CommandRules):
@@ -172,7 +179,7 @@ class Connection(CommandRules):
             effects.append(AwaitPublishSlot(self.config.max_in_flight))
         op = self.open_op(Pending("publish", event=event, ref=ref))
         self.publishing[op] = ref
-        key = SubjectScheme(self.config.subject_prefix).dedupe_key(ref, self.principal.id, event.id)
+        key = _scheme(self.config.subject_prefix).dedupe_key(ref, self.principal.id, event.id)
         ttl_s = None if settings is None else settings.retention_s
         publish = Publish(
             op, ref, event.id, body, key, event.trace, event.trace_malformed, ttl_s=ttl_s

@@ -142,6 +142,36 @@ async def test_replay_is_exact_inclusive_in_order_and_bounded_by_limit(mesh: Mes
     assert [e.seq async for e in broker.replay(ref, seqs[7] + 1, None)] == []
 
 
+async def test_a_replay_longer_than_a_store_batch_is_exact_and_can_stop_anywhere(
+    mesh: Mesh,
+) -> None:
+    """Thousands of events: more than one batched read of the store (1,000 at a time, the
+    next asked while the last is handed over), bounded by an end, a limit, or the reader."""
+    broker = await mesh.broker()
+    t = tenant()
+    ref, noise = ChannelRef(t, "r", "c"), ChannelRef(t, "r", "noise")
+    seqs: list[int] = []
+    for start in range(0, 2600, 200):  # concurrent publishes, stored in some order
+        acks = await asyncio.gather(
+            *(
+                broker.publish(ref if i % 13 else noise, b"%d" % i, key())
+                for i in range(start, start + 200)
+            )
+        )
+        seqs += [a.seq for i, a in zip(range(start, start + 200), acks, strict=True) if i % 13]
+    seqs.sort()
+    middle = [e.seq async for e in broker.replay(ref, seqs[40], seqs[2300])]
+    assert middle == seqs[40:2301]
+    assert [e.seq async for e in broker.replay(ref, seqs[7], None, limit=2100)] == seqs[7:2107]
+    taken = []
+    async for event in broker.replay(ref, 1, None):
+        taken.append(event.seq)
+        if len(taken) == 1200:
+            break  # the reader stops mid-batch, with the next batch asked for
+    assert taken == seqs[:1200]
+    assert [e.seq async for e in broker.replay(ref, seqs[-3], None)] == seqs[-3:]
+
+
 async def test_live_delivery_is_in_store_order_with_the_channels_previous_seq(
     mesh: Mesh,
 ) -> None:
@@ -188,8 +218,10 @@ async def test_tenants_are_isolated(mesh: Mesh) -> None:
 async def test_ensure_stream_is_idempotent_when_brokers_race(mesh: Mesh) -> None:
     first, second = await mesh.broker(), await mesh.broker()
     t = tenant()
+    assert not first.stream_known(t) and not second.stream_known(t)
     results = await asyncio.gather(*(b.ensure_stream(t) for b in (first, second, first)))
     assert all(r != 0 for r in results)
+    assert first.stream_known(t) and second.stream_known(t)
     assert await first.ensure_stream(t) == -1  # known: nothing asked
     seq = (await second.publish(ChannelRef(t, "r", "c"), b"x", key())).seq
     assert seq == 1

@@ -38,3 +38,43 @@ async def test_a_received_messages_headers_go_through_the_faster_parser(
         await nc.close()
     assert headers == {"Nats-Msg-Id": "m1", "Trace": "t"}
     assert seen and b"Nats-Msg-Id" in seen[0]
+
+
+async def test_a_raw_subscription_gets_payload_and_header_block_in_order_until_it_ends(
+    nats_cluster: LocalCluster,
+) -> None:
+    nc = nats_client.FastHeaderClient()
+    await nc.connect(servers=nats_cluster.urls)
+    try:
+        raw: list[tuple[bytes, bytes | None]] = []
+        got_all = asyncio.Event()
+        plain: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+        def on_raw(data: bytes, headers: bytes | None) -> None:
+            raw.append((data, headers))
+            if len(raw) == 3:
+                got_all.set()
+
+        async def on_plain(msg) -> None:  # type: ignore[no-untyped-def]
+            if not plain.done():
+                plain.set_result(msg.data)
+
+        sub = await nc.subscribe_raw("raw.test", on_raw)
+        await nc.subscribe("plain.test", cb=on_plain)  # the client's other subscriptions
+        await nc.publish("raw.test", b"a", headers={"Nats-Sequence": "7"})
+        await nc.publish("raw.test", b"b")
+        await nc.publish("raw.test", b"c", headers={"X": "y"})
+        await nc.publish("plain.test", b"p")
+        await asyncio.wait_for(got_all.wait(), 10 * SEC)
+        assert await asyncio.wait_for(plain, 10 * SEC) == b"p"
+        assert [data for data, _ in raw] == [b"a", b"b", b"c"]
+        assert nats_client.header_int(raw[0][1], b"Nats-Sequence") == 7
+        assert raw[1][1] is None and nats_client.header_fields(raw[2][1]) == {"X": "y"}
+        await nc.unsubscribe_raw(sub)
+        await nc.publish("raw.test", b"after")
+        await nc.flush()
+        ping = await nc.request("$JS.API.INFO", b"", timeout=10 * SEC)  # a round trip later
+        assert ping is not None and len(raw) == 3  # nothing after the end
+        assert sub._id not in nc._raw_handlers
+    finally:
+        await nc.close()

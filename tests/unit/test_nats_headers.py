@@ -6,7 +6,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from nats.aio.client import Client
 
-from arqonbus_server.mesh.nats_client import parse_header_lines
+from arqonbus_server.mesh.nats_client import (
+    header_fields,
+    header_int,
+    header_status,
+    parse_header_lines,
+)
 
 STORED = (
     b"Nats-Stream: arq_t1\r\nNats-Subject: arq.ev.t1.room.channel\r\nNats-Sequence: 42\r\n"
@@ -46,3 +51,45 @@ def test_any_block_parses_as_nats_py_parses_it(parts: list[tuple[bytes, bytes, b
     raw = b"\r\n".join(name + sep + value for name, sep, value in parts)
     assert parse_header_lines(raw) == Client._parse_header_lines(raw)
     assert parse_header_lines(raw) == Client._parse_header_lines(raw)  # remembered names too
+
+
+STATUS_BLOCKS = [
+    b"NATS/1.0 204 EOB\r\nNats-Num-Pending: 0\r\nNats-Last-Sequence: 9\r\n\r\n",
+    b"NATS/1.0 404 No Messages\r\n\r\n",
+    b"NATS/1.0 503\r\n\r\n",
+    b"NATS/1.0 408 Request Timeout\r\n\r\n",
+    b"NATS/1.0 100 Idle Heartbeat\r\nNats-Last-Consumer: 1016\r\nNats-Last-Stream: 1024\r\n\r\n",
+    b"NATS/1.0 abc\r\n\r\n",  # not a number: no status
+    b"NATS/1.0\r\n" + STORED,
+    b"NATS/1.0\r\n" + ODD + b"\r\n",
+]
+
+
+async def test_raw_blocks_read_as_nats_py_reads_them() -> None:
+    """header_status / header_fields (the raw subscriptions' view) against nats-py's own
+    parse of whole header blocks: the status, and every header but the description."""
+    client = Client()
+    for raw in STATUS_BLOCKS:
+        theirs = await client._process_headers(raw) or {}
+        assert header_status(raw) == theirs.get("Status"), raw
+        if header_status(raw) is None:
+            assert header_fields(raw) == theirs, raw
+    assert header_status(None) is None and header_fields(None) == {}
+    assert header_fields(b"NATS/1.0\r\n" + STORED)["Nats-Sequence"] == "42"
+
+
+def test_an_integer_header_is_found_without_parsing_the_block() -> None:
+    stored = b"NATS/1.0\r\n" + STORED
+    assert header_int(stored, b"Nats-Sequence") == 42
+    assert header_int(stored + b"Nats-Sequence: 43\r\n\r\n", b"Nats-Sequence") == 43  # last
+    assert header_int(stored, b"Nats-Stream") is None  # not a number: parse the block
+    assert header_int(stored, b"Nats-Pending") is None
+    assert header_int(None, b"Nats-Sequence") is None
+    assert header_int(b"NATS/1.0\r\nNats-Sequence:7", b"Nats-Sequence") is None  # no line end
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 2**64), st.sampled_from([b"", b" ", b"  "]))
+def test_an_integer_header_agrees_with_the_parsed_block(seq: int, pad: bytes) -> None:
+    raw = b"NATS/1.0\r\nNats-Stream: s\r\nNats-Sequence:" + pad + b"%d\r\n\r\n" % seq
+    assert header_int(raw, b"Nats-Sequence") == int(header_fields(raw)["Nats-Sequence"]) == seq
