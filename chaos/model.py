@@ -157,6 +157,7 @@ class Mesh:
         self.gateways: list[GatewayProcess] = []
         self.down_node: int | None = None
         self.last_gateway_kill = float("-inf")  # time.monotonic() of the last SIGKILL
+        self.last_node_kill = float("-inf")  # time.monotonic() of the last NATS node SIGKILL
         self.stats = Stats()
         self.gateway_logs: list[str] = []  # stderr tails of killed gateways
         self.failures: list[dict[str, Any]] = []  # what the mesh looked like at each failure
@@ -248,6 +249,7 @@ class Mesh:
         if self.down_node is not None:
             raise RuntimeError("a node is down already: R3 would lose its quorum")
         await self.cluster.kill_node(index, signal.SIGKILL)
+        self.last_node_kill = time.monotonic()
         self.down_node = index
         self.stats.node_kills += 1
 

@@ -309,6 +309,8 @@ async def cluster_restart(mesh: Mesh, wl: Workload, plan: Plan, outcome: Outcome
 
 # -- 5. stream-leader pause -----------------------------------------------------------------
 
+ELECTION_BOUND_S = 10.0
+
 
 async def leader_pause(mesh: Mesh, wl: Workload, plan: Plan, outcome: Outcome) -> None:
     cluster = mesh.cluster
@@ -344,9 +346,12 @@ async def leader_pause(mesh: Mesh, wl: Workload, plan: Plan, outcome: Outcome) -
     streams = {mesh.scheme.stream_name(t): t for t in led}
     times = {t: elected[s] - fault_at for s, t in streams.items() if s in elected}
     worst = max(times.values(), default=float("inf"))
+    # nats-server's followers campaign after a random 4-9 s without the leader's heartbeat
+    # (raft.go's minElectionTimeoutDefault..maxElectionTimeoutDefault, not configurable),
+    # plus up to 0.8 s of campaign: 10 s is the most an election takes by design.
     outcome.check(
-        "a new leader within 5 s for every stream the paused node led",
-        len(times) == len(led) and worst <= 5.0,
+        "a new leader within 10 s (NATS's election timeout) for every stream the paused node led",
+        len(times) == len(led) and worst <= ELECTION_BOUND_S,
         f"{len(times)} of {len(led)} re-elected, slowest {worst:.2f} s",
     )
     window = (fault_at, fault_at + pause_s)
@@ -896,7 +901,7 @@ _DESCRIPTIONS: dict[int, tuple[int, str, str, str]] = {
     4: (4, "whole-cluster restart", "kill -9 all NATS nodes at once, restart them",
         "0 acked lost"),
     5: (5, "leader pause", "SIGSTOP the stream leader for 10 s, then SIGCONT",
-        "new leader ≤ 5 s; 0 acked lost; publishes during the pause acked late or failed"),
+        "new leader ≤ 10 s; 0 acked lost; publishes during the pause acked late or failed"),
     6: (6, "partition", "cut the stream leader's node off its peers (netns, veth down), heal",
         "minority acks nothing; converges; 0 acked lost"),
     7: (7, "gateway↔NATS link trouble", "fault proxy between a gateway and NATS: delay, reset, stall",
