@@ -602,7 +602,7 @@ class PresenceService:
             await asyncio.sleep(max(0.0, interval - (self._mono() - started)))
 
     async def _round(self) -> None:
-        if not self._started_clean or self._renewed_at is None:  # no first lease yet
+        if not self._started_clean:
             try:
                 await self._clean_start()
             except Exception as exc:
@@ -622,7 +622,10 @@ class PresenceService:
         try:
             position = await self._call(self._store.renew_lease(self.gateway))
         except Exception as exc:
-            log.warning("presence lease not renewed (retrying next round): %s", exc)
+            if self._renewed_at is None:  # the first lease is part of the start
+                self._log_not_started(exc)
+            else:
+                log.warning("presence lease not renewed (retrying next round): %s", exc)
             return
         self._renewed_position = position
         previous, self._renewed_at = self._renewed_at, started
