@@ -65,7 +65,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from arqonbus_server.gateway.http.admission import RateLimiter
-from arqonbus_server.mesh.ports import KeyExists, RevisionMismatch
+from arqonbus_server.mesh.ports import KeyContended, KeyExists, RevisionMismatch
 from arqonbus_server.shared import commands, subjects
 from arqonbus_server.shared.core.commands import room_key_param as room_key_param
 from arqonbus_server.shared.core.rooms import CALL_ACTION as CALL_ACTION
@@ -782,8 +782,9 @@ class RoomDirectory:
                     await kv.create(key, body)
                 else:
                     await kv.update(key, body, revision)
-            except (RevisionMismatch, KeyExists):
-                # Another admin wrote meanwhile: read theirs and apply the change to it.
+            except (RevisionMismatch, KeyExists, KeyContended):
+                # Another admin wrote meanwhile (or kept writing while the store's create
+                # retried): read theirs and apply the change to it.
                 self._unexpect(key, body)
                 continue
             except BaseException:

@@ -308,3 +308,47 @@ async def test_key_guessing_is_limited_per_principal() -> None:
     # Another principal is not held back, and a key already checked costs no guess.
     assert await d.key_matches("t", "r", settings, "secret-one", "alice")
     assert not await d.key_matches("t", "r", settings, "guess-0", "mallory")
+
+
+class ContendedOnce:
+    """A KV bucket whose first create is refused as contended (the store's create kept
+    losing to other writers); its writes reach the directory's watched copy at once."""
+
+    def __init__(self, kv: Any, watched: FakeBucket) -> None:
+        self._kv = kv
+        self._watched = watched
+        self.creates = 0
+
+    async def get(self, key: str) -> Any:
+        return await self._kv.get(key)
+
+    async def create(self, key: str, value: bytes) -> int:
+        from arqonbus_server.mesh.ports import KeyContended
+
+        self.creates += 1
+        if self.creates == 1:
+            raise KeyContended(f"key {key!r} kept changing")
+        revision = int(await self._kv.create(key, value))
+        self._watched.put(key, value)
+        return revision
+
+    async def update(self, key: str, value: bytes, revision: int) -> int:
+        new = int(await self._kv.update(key, value, revision))
+        self._watched.put(key, value)
+        return new
+
+
+async def test_a_contended_create_is_read_again_and_retried_like_a_concurrent_write() -> None:
+    from arqonbus_server.mesh.memory import MemoryStateStore
+
+    watched = FakeBucket()
+    kv = ContendedOnce(await MemoryStateStore().bucket("rooms"), watched)
+
+    async def open_kv() -> Any:
+        return kv
+
+    directory = RoomDirectory(watched, open_kv)  # type: ignore[arg-type]
+    settings = await directory.update("acme", "lobby", "root", lambda s: s.invited.add("bob"))
+    assert settings.invited == {"bob"} and kv.creates == 2
+    stored = await kv.get(rooms.room_key("acme", "lobby"))
+    assert stored is not None and "bob" in orjson.loads(stored.value)["invited"]
