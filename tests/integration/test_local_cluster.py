@@ -14,7 +14,6 @@ from pathlib import Path
 import nats
 import pytest
 from nats.aio.client import Client
-from nats.aio.msg import Msg
 from nats.js.api import StreamConfig, StreamInfo
 
 from arqonbus_server.mesh.local import (
@@ -26,7 +25,7 @@ from arqonbus_server.mesh.local import (
     find_nats_server,
 )
 from arqonbus_server.shared.errors import PortInUse
-from tests.timeouts import SEC
+from tests.timeouts import SEC, eventually
 
 pytestmark = pytest.mark.integration
 
@@ -62,27 +61,22 @@ def assert_gone(pid: int) -> None:
 
 
 async def add_stream_with_leader(nc: Client, config: StreamConfig) -> StreamInfo:
-    """Create a stream and wait for JetStream's advisory that its leader was elected.
+    """Create a stream and return its info once it has a leader (until then a publish can
+    get "no responders").
 
-    Until then a publish can get "no responders"; the advisory is the event to wait for.
+    Not JetStream's LEADER_ELECTED advisory: another server may publish it before this
+    connection's interest has reached that server over the routes, and then it never
+    arrives here (a fresh-clone CI run waited 30 s for one). The stream's info names its
+    leader; nothing announces it to a late subscriber, so it is read until it does.
     """
-    elected = asyncio.Event()
+    js = nc.jetstream()
+    await js.add_stream(config)
 
-    async def on_advisory(_: Msg) -> None:
-        elected.set()
+    async def led() -> StreamInfo | None:
+        info = await js.stream_info(config.name)
+        return info if info.cluster is not None and info.cluster.leader else None
 
-    advisory = await nc.subscribe(
-        f"$JS.EVENT.ADVISORY.STREAM.LEADER_ELECTED.{config.name}", cb=on_advisory
-    )
-    try:
-        info = await nc.jetstream().add_stream(config)
-        async with asyncio.timeout(
-            30 * SEC
-        ):  # NATS elects within seconds; a loaded machine is slower
-            await elected.wait()
-    finally:
-        await advisory.unsubscribe()
-    return info
+    return await eventually(led, 30 * SEC, f"stream {config.name} has a leader")
 
 
 async def test_three_nodes_replicate_a_stream(cluster: LocalCluster) -> None:
