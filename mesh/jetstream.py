@@ -1148,8 +1148,13 @@ class JetStreamBroker:
         except (*_TRANSIENT, APIError) as exc:
             raise BrokerUnavailable(f"message lookup failed: {type(exc).__name__}") from exc
         if count <= self.detail_exact_max:
-            sizes = [len(e.body) async for e in self.replay(ref, first, last)]
-            return ChannelDetail(count, first, last, sum(sizes), True)
+            # Count, ends and bytes from this one read: events removed (a room's max_bytes,
+            # retention) since the count above are in none of them.
+            events = [(e.seq, len(e.body)) async for e in self.replay(ref, first, last)]
+            if not events:
+                return ChannelDetail(0, 0, 0, 0, True)
+            size = sum(n for _, n in events)
+            return ChannelDetail(len(events), events[0][0], events[-1][0], size, True)
         return ChannelDetail(
             count, first, last, await self._estimate(ref, first, last, count), False
         )
