@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from bench.phases import PHASES
 from bench.presence import problems as presence_problems
 from bench.presence import table as presence_table
 
@@ -37,6 +38,10 @@ def sanity_problems(results: dict[str, Any]) -> list[str]:
                 problems.append(f"fanout {name} at {point['offered_msgs_s']}: no deliveries")
             if name.startswith("arqonbus") and point["missing"]:
                 problems.append(f"fanout {name}: {point['missing']} acked events not delivered")
+    sampled = results["fanout"]["arqonbus"]["saturated"].get("phases", {})
+    missing = [p for p in PHASES if not sampled.get(p, {}).get("count")]
+    if missing:  # the gateway's sampled phase timings (bench/phases.py)
+        problems.append(f"fanout arqonbus: no sampled phase timings for {', '.join(missing)}")
     for n, point in results["scaleout"].items():
         if point["deliveries_s"] <= 0:
             problems.append(f"scale-out {n} gateways: no deliveries")
@@ -167,6 +172,9 @@ def table(results: dict[str, Any]) -> str:
         cells.append(f"{p['p50_ms']:.2f} / {p['p99_ms']:.2f} / {p['p999_ms']:.2f}")
     lines.append(f"| {rate:,.0f}, 1 subscriber per channel | " + " | ".join(cells) + " |")
     lines.append("")
+    if "phases" in fan["arqonbus"]["saturated"]:
+        lines.append(phases_table(fan["arqonbus"]))
+        lines.append("")
     ingest = results["ingest"]
     lines.append("| store workload | ArqonBus | nats-py direct (no gateway) | ratio |")
     lines.append("|---|---|---|---|")
@@ -205,6 +213,29 @@ def table(results: dict[str, Any]) -> str:
         lines.append(presence_table(results["presence"]))
         lines.append("")
     lines.append(goals(results, arq))
+    return "\n".join(lines)
+
+
+def phases_table(arq: dict[str, Any]) -> str:
+    """Where the time goes inside the gateway (publisher and members on one gateway)."""
+    lines = [
+        "Inside the gateway (publisher and subscribers on one gateway), sampled messages by "
+        "phase, ms p50 / p99 over the 3 runs (`arqonbus_event_phase_seconds`: read = socket "
+        "→ session, handle → store request, store ack, store request → live copy back, "
+        "live copy → frames written to the kernel):",
+        "",
+        "| offered msgs/s | samples | " + " | ".join(PHASES) + " |",
+        "|---|---|" + "---|" * len(PHASES),
+    ]
+    points = [(f"{p['offered_msgs_s']:,.0f}", p) for p in arq["sweep"]]
+    points.append((f"saturated ({arq['saturated']['published']:,.0f} messages)", arq["saturated"]))
+    points.append((f"{arq['latency']['offered_msgs_s']:,.0f}, 1 subscriber", arq["latency"]))
+    for label, point in points:
+        phases = point.get("phases")
+        if not phases:
+            continue
+        cells = [f"{phases[k]['p50_ms']:.2f} / {phases[k]['p99_ms']:.2f}" for k in PHASES]
+        lines.append(f"| {label} | {phases['total']['count']:,.0f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -35,6 +35,7 @@ import orjson
 from arqonbus_server.gateway.admin.dev import http_status
 from arqonbus_server.mesh.local import LocalCluster, free_port
 from bench.loadgen import percentile_us
+from bench.phases import Hist, add, delta, scrape_phases, summary
 
 log = logging.getLogger("bench")
 REPO = Path(__file__).resolve().parents[1]
@@ -181,6 +182,8 @@ class Target:
     # The store behind it (ArqonBus: the NATS nodes), measured apart: server CPU per
     # delivery is reported for the target's own processes and with its store.
     store_pids: list[int] = field(default_factory=list)
+    # A gateway whose sampled phase timings to read (bench/phases.py); 0: none.
+    phase_port: int = 0
 
 
 @dataclass
@@ -236,6 +239,7 @@ async def fanout_once(
             )
         for sub in procs:
             await sub.read(120)
+        phases_before = await scrape_phases(target.phase_port) if target.phase_port else None
         cpu_before = cpu_seconds(target.pids)
         store_before = cpu_seconds(target.store_pids)
         pub = await Loadgen.start(
@@ -253,6 +257,9 @@ async def fanout_once(
         results = [await sub.read(90) for sub in procs]
         cpu = cpu_seconds(target.pids) - cpu_before
         store_cpu = cpu_seconds(target.store_pids) - store_before
+        phase_hist: Hist | None = None
+        if phases_before is not None:
+            phase_hist = delta(await scrape_phases(target.phase_port), phases_before)
     finally:
         for sub in procs:
             await sub.close()
@@ -278,6 +285,7 @@ async def fanout_once(
         "p99_ms": percentile_us(hist, 0.99) / 1000,
         "p999_ms": percentile_us(hist, 0.999) / 1000,
         "errors": [e for r in results for e in r["errors"]][:3] + pub_stats["errors"][:3],
+        "phase_hist": phase_hist,
     }
 
 
@@ -297,7 +305,12 @@ async def fanout(
     for _ in range(cfg.repeats):
         tenant = "b" + uuid.uuid4().hex[:10]
         runs.append(await fanout_once(target, cfg, rate, tenant, count, subs))
+    hist: Hist = {}
+    for one in runs:
+        hist = add(hist, one.pop("phase_hist") or {})
     result = median_of(runs)
+    if hist:  # the gateway's sampled phases over all the runs together
+        result["phases"] = summary(hist)
     log.info(
         "%-22s subs %4d rate %7.0f: %9.0f deliveries/s, cpu %.2f us, p50 %.2f ms, p99 %.2f ms, missing %d",
         target.name, subs or cfg.subs_per_channel, rate, result["deliveries_s"], result["cpu_us_per_delivery"],
@@ -483,7 +496,13 @@ async def run(cfg: Config, out_dir: Path) -> dict[str, Any]:
         nodes = [pid for pid in cluster.pids if pid is not None]
         targets = {
             "arqonbus": Target(
-                "arqonbus", "arq", gateways[0].url, [gateways[0].url], [gateways[0].pid], nodes
+                "arqonbus",
+                "arq",
+                gateways[0].url,
+                [gateways[0].url],
+                [gateways[0].pid],
+                nodes,
+                phase_port=gateways[0].port,
             ),
             "arqonbus-2gw": Target(
                 "arqonbus-2gw",

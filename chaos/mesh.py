@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 import nats
 
+from arqonbus_server.gateway.admin.dev import http_get
 from arqonbus_server.mesh.local import LocalCluster
 from arqonbus_server.shared.subjects import SubjectScheme
 from tests.support import GatewayProcess
@@ -114,15 +115,5 @@ async def http_json(host: str, port: int, path: str, timeout: float = 2.0) -> tu
     """GET a small JSON document (the gateways' /readyz); (status, body)."""
     import orjson
 
-    async with asyncio.timeout(timeout):
-        reader, writer = await asyncio.open_connection(host, port)
-        try:
-            writer.write(
-                f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
-            )
-            data = await reader.read()
-        finally:
-            writer.close()
-    head, _, body = data.partition(b"\r\n\r\n")
-    status = int(head.split()[1])
+    status, body = await http_get(host, port, path, timeout)
     return status, orjson.loads(body) if body else None

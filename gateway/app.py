@@ -294,6 +294,7 @@ class Gateway:
                 self.pending_handshakes if self.pending_handshakes.enabled else None,
                 Credentials.select_subprotocol,
                 counts=self.frames,
+                read_sampler=self.metrics.phases,
             )
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:

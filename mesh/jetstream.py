@@ -974,10 +974,11 @@ class JetStreamBroker:
 
         async def on_msg(msg: Msg) -> None:
             seq = _header_int(msg, "Nats-Sequence")
-            if seq:
+            headers = msg.headers
+            if seq and headers:  # a seq comes in a header: there are headers
                 last = _header_int(msg, "Nats-Last-Sequence")
-                stream = msg.headers.get("Nats-Stream", "") if msg.headers else ""
-                handler(ref, LiveEvent(seq, last, msg.data, msg.headers, stream))
+                stream, key = headers.get("Nats-Stream", ""), headers.get("Nats-Msg-Id", "")
+                handler(ref, LiveEvent(seq, last, msg.data, headers, stream, key))
 
         return await self._subscribe(
             nc, self._scheme.live(ref), on_msg, "", _LIVE_PENDING_MSGS, _LIVE_PENDING_BYTES

@@ -307,7 +307,9 @@ class MemoryBroker:
             if placement is None
             else placement.primary.stream
         )
-        live = LiveEvent(event.seq, event.prev_seq, body, dict(headers) if headers else None, name)
+        live = LiveEvent(
+            event.seq, event.prev_seq, body, dict(headers) if headers else None, name, dedupe_key
+        )
         loop = asyncio.get_running_loop()
         for sub in list(self.mesh.live.get(ref, ())):
             loop.call_soon(sub.handler, ref, live)

@@ -148,6 +148,9 @@ class LiveEvent:
     # The stream that stored it ("" when unknown): for a placed tenant, which primary,
     # so which epoch (Placement.epoch_of), even before the gateway sees a new placement.
     stream: str = ""
+    # The dedupe key it was published with ("" when unknown): lets the gateway that
+    # published an event recognise its live copy (gateway/http/phases.py).
+    dedupe_key: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -144,6 +144,12 @@ class Settings(BaseModel):
     metrics_max_tenants: int = Field(
         100, ge=1, le=10_000, description="Tenants with their own label value; the rest: other"
     )
+    metrics_phase_sample_ms: float = Field(
+        10.0,
+        ge=0,
+        le=60_000,
+        description="Follow one client message per this many ms through the gateway's phases; 0: off",
+    )
 
     # -- rate limits and quotas (issue 6, gateway/state/limits.py); 0 = off --
     msg_rate_per_conn: float = Field(

@@ -46,6 +46,24 @@ async def http_status(host: str, port: int, path: str, timeout: float = 2.0) -> 
     return int(parts[1]) if len(parts) >= 2 and parts[1].isdigit() else None
 
 
+async def http_get(host: str, port: int, path: str, timeout: float = 10.0) -> tuple[int, bytes]:
+    """GET a path (``Connection: close``): (status, body). Raises OSError or TimeoutError."""
+    async with asyncio.timeout(timeout):
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            writer.write(
+                f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
+            )
+            data = await reader.read()
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+    head, _, body = data.partition(b"\r\n\r\n")
+    parts = head.split(b"\r\n", 1)[0].split()
+    return (int(parts[1]) if len(parts) >= 2 and parts[1].isdigit() else 0), body
+
+
 class GatewayFailed(LocalClusterError, RuntimeError):
     """A gateway process exited before it was ready."""
 

@@ -32,6 +32,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from arqonbus_server.gateway.http.phases import PHASES, PhaseSampler
 from arqonbus_server.gateway.tracing import counters as trace_counters
 from arqonbus_server.shared.core import effects as fx
 from arqonbus_server.shared.envelope import ClientCommand, ClientEvent, ClientResponse
@@ -44,6 +45,10 @@ LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
 REPLAY_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 120.0)
+PHASE_BUCKETS = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
 # Types of the messages a client sends and the gateway sends (envelope ``type``).
 RECEIVED_TYPES = ("event", "command", "command_response", "auth", "invalid")
 SENT_TYPES = (
@@ -120,6 +125,7 @@ class NoMetrics:
     """The metrics interface, doing nothing: what the shells hold when metrics are off."""
 
     enabled = False
+    phases: PhaseSampler | None = None  # sampled phase timings (gateway/http/phases.py)
 
     def frame_received(self, kind: str) -> None: ...
     def frame_sent(self, frame: bytes) -> None: ...
@@ -259,7 +265,9 @@ class PrometheusMetrics(NoMetrics):
 
     enabled = True
 
-    def __init__(self, tenant_labels: bool = False, max_tenants: int = 100) -> None:
+    def __init__(
+        self, tenant_labels: bool = False, max_tenants: int = 100, phase_sample_s: float = 0.0
+    ) -> None:
         self.registry = CollectorRegistry()
         self.tenants = TenantLabels(tenant_labels, max_tenants)
         ProcessCollector(namespace="", registry=self.registry)  # process_cpu_seconds_total, ...
@@ -306,6 +314,17 @@ class PrometheusMetrics(NoMetrics):
             LATENCY_BUCKETS,
         )
         self.deliveries = counter("arqonbus_deliveries", "Live events written to members' sockets")
+        self.event_phases = self._all.histogram(
+            "arqonbus_event_phase_seconds",
+            "Sampled client messages through the gateway, by phase: read, handle, store_ack, "
+            "store_to_live, fanout_write, total (docs/observability.md)",
+            PHASE_BUCKETS,
+            ["phase"],
+        )
+        if phase_sample_s > 0:
+            for phase in PHASES:
+                self.event_phases.series[(phase,)] = [0.0] * (len(PHASE_BUCKETS) + 2)
+            self.phases = PhaseSampler(self._observe_phase, phase_sample_s)
         self.replay_events = counter(
             "arqonbus_replay_events", "Stored events sent by replays", ["kind"]
         )
@@ -412,6 +431,9 @@ class PrometheusMetrics(NoMetrics):
         self._stamp = (text, stamped)
         return stamped
 
+    def _observe_phase(self, phase: str, seconds: float) -> None:
+        self.event_phases.observe(seconds, (phase,))
+
     def replayed(self, kind: str, events: int, duration_s: float) -> None:
         self.replay_events.inc((kind,), events)
         self.replay_duration.observe(duration_s, (kind,))
@@ -467,4 +489,8 @@ def metrics_from(settings: Settings) -> NoMetrics:
     """Prometheus metrics as configured, or the no-op twin (``ARQONBUS_METRICS=false``)."""
     if not settings.metrics:
         return NO_METRICS
-    return PrometheusMetrics(settings.metrics_tenant_labels, settings.metrics_max_tenants)
+    return PrometheusMetrics(
+        settings.metrics_tenant_labels,
+        settings.metrics_max_tenants,
+        settings.metrics_phase_sample_ms / 1000,
+    )

@@ -110,6 +110,7 @@ class Hub:
         self._broker = broker
         self._epoch_gate = asyncio.Semaphore(epoch_catchup_concurrency)
         self._metrics = metrics  # gateway/http/metrics.py (NO_METRICS: off)
+        self._phases = metrics.phases  # sampled phase timings (gateway/http/phases.py)
         self._tracing = tracing  # None: tracing off, no span made (gateway/tracing.py)
         self._pending_limit = pending_limit
         self._pending_bytes_limit = pending_bytes_limit
@@ -357,6 +358,8 @@ class Hub:
                 epoch = placement.epoch_of(event.seq, event.stream)
                 if epoch is None:
                     return  # an epoch not known here yet: read from the store once it is
+        if self._phases is not None and self._phases.open and event.dedupe_key:
+            self._phases.live(event.dedupe_key)  # a sampled event (gateway/http/phases.py)
         if self._tracing is not None:
             self._on_live_traced(ref, event, channel, self._tracing, epoch)
             return

@@ -146,6 +146,8 @@ class Session:
         # Presence and the gateway's admin commands (gateway/state/admin.py); None: refused.
         self._commands = commands
         self._metrics = metrics  # gateway/http/metrics.py (NO_METRICS: off)
+        self._phases = metrics.phases  # sampled phase timings (gateway/http/phases.py)
+        self._sampled: tuple[float, float] | None = None  # (parsed, taken) of this frame
         self._kind = "invalid"  # the received-type label of the frame being handled
         self._publish_started: dict[int, float] = {}  # op -> perf_counter() when taken
         self._tracing = tracing  # None: tracing off, no span made (gateway/tracing.py)
@@ -266,6 +268,12 @@ class Session:
     async def handle(self, data: bytes) -> None:
         if self._commands is not None:
             self._commands.activity(self.id)
+        read_at = self.socket.read_at
+        if read_at is not None:  # a sampled message (gateway/http/phases.py)
+            self.socket.read_at = None
+            self._sampled = (read_at, time.monotonic())
+        elif self._sampled is not None:  # the last sampled message was no publish
+            self._sampled = None
         try:
             effects = self.core.receive(data, self._now())
             if self._kind == "invalid":
@@ -389,6 +397,9 @@ class Session:
             self._count_publish(publish, (Failure.INTERNAL, None))
             self._apply_now(self.core.publish_failed(publish.op, Failure.INTERNAL))
             return
+        if self._sampled is not None and self._phases is not None:
+            self._phases.sent(publish.dedupe_key, *self._sampled)
+            self._sampled = None
         task = asyncio.create_task(self._publish(publish))
         self._publishes.add(task)
         task.add_done_callback(self._publishes.discard)
@@ -434,6 +445,8 @@ class Session:
     ) -> list[fx.Effect]:
         self._count_publish(publish, outcome)
         if isinstance(outcome, PublishResult):
+            if self._phases is not None and self._phases.open:
+                self._phases.acked(publish.dedupe_key)
             if not outcome.duplicate and self._commands is not None:
                 self._commands.published(publish.ref)
             return self.core.publish_acked(

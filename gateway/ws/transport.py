@@ -95,7 +95,9 @@ class Socket:
         "_out_bytes",
         "_pace_at",
         "_protocol",
+        "_taken",
         "_transport",
+        "read_at",
     )
 
     def __init__(
@@ -116,6 +118,9 @@ class Socket:
         self._protocol.last_data_at = time.monotonic()
         self._idle_timeout = 0.0
         self._idle_handle: asyncio.TimerHandle | None = None
+        self._taken = 0  # messages taken by recv (counted only with a read sampler)
+        # When the message just taken was sampled (ReadSampler): when it was parsed.
+        self.read_at: float | None = None
 
     # -- idle timeout ------------------------------------------------------------------
     # The protocol stamps each data frame as it is parsed (see _ServerProtocol); one timer per
@@ -225,6 +230,14 @@ class Socket:
         except ConnectionClosed:
             return None
         self._counts.received += 1
+        protocol = self._protocol
+        if protocol.sampler is not None:
+            self._taken += 1
+            sampled = protocol.sampled
+            if sampled is not None and sampled[0] <= self._taken:
+                protocol.sampled = None
+                if sampled[0] == self._taken:
+                    self.read_at = sampled[1]
         if isinstance(data, str):
             return data.encode(), True
         return data, False
@@ -413,6 +426,14 @@ class _TooManyFragments(PayloadTooBig):
         return f"message in more than {self.limit} fragments"
 
 
+class ReadSampler(Protocol):
+    """Picks the messages to time from the socket on (gateway/http/phases.py)."""
+
+    def read_due(self, now: float) -> bool:
+        """True when the message parsed at ``now`` (time.monotonic) is to be sampled."""
+        ...
+
+
 class _ServerProtocol(ServerProtocol):
     """websockets' server protocol with two changes, both made as frames are parsed.
 
@@ -423,41 +444,74 @@ class _ServerProtocol(ServerProtocol):
       fails the connection with 1002 ("incomplete fragmented message") when that frame
       is a Close; the RFC says to answer it (section 5.5.1) and to discard whatever
       follows (section 1.4). The unfinished message is dropped.
+
+    It also stamps messages for a read sampler, when the server has one (``sampler``, set
+    on a subclass per server): ``sampled`` is (number of the message, time parsed) of the
+    one message this connection has sampled and its session has not taken yet.
     """
 
     fragments = 0  # frames of the message being received
     last_data_at = 0.0  # time.monotonic() of the last data frame (the idle timeout's clock)
+    sampler: ReadSampler | None = None
+    parsed = 0  # complete data messages parsed (counted only with a sampler)
+    sampled: tuple[int, float] | None = None
 
     def recv_frame(self, frame: Frame) -> None:
         opcode = frame.opcode
         if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
             self.fragments = 1
-            self.last_data_at = time.monotonic()
+            self.last_data_at = now = time.monotonic()
+            if frame.fin and self.sampler is not None:
+                self._parsed(now)
         elif opcode is Opcode.CONT:
             self.fragments += 1
-            self.last_data_at = time.monotonic()
+            self.last_data_at = now = time.monotonic()
             if self.fragments > MAX_FRAGMENTS and self.current_size is not None:
                 raise _TooManyFragments(MAX_FRAGMENTS)
+            if frame.fin and self.sampler is not None:
+                self._parsed(now)
         elif opcode is Opcode.CLOSE and self.current_size is not None:
             self.current_size = None
         super().recv_frame(frame)
 
+    def _parsed(self, now: float) -> None:
+        assert self.sampler is not None
+        self.parsed += 1
+        if self.sampled is None and self.sampler.read_due(now):
+            self.sampled = (self.parsed, now)
+
 
 class _ServerConnection(ServerConnection):
+    protocol_class: type[_ServerProtocol] = _ServerProtocol
+
     def __init__(self, protocol: ServerProtocol, server: Any, **kwargs: Any) -> None:
         # serve() builds a plain ServerProtocol and has no hook for its class: upgrade it
         # before the connection sees any data (the subclass adds no slots).
-        protocol.__class__ = _ServerProtocol
+        protocol.__class__ = self.protocol_class
         super().__init__(protocol, server, **kwargs)
 
 
-def _gated_connection(gate: AcceptGate | None) -> type[ServerConnection]:
-    """A ServerConnection that asks ``gate`` at accept and releases it once."""
+def _connection_class(
+    gate: AcceptGate | None, sampler: ReadSampler | None
+) -> type[ServerConnection]:
+    """This server's ServerConnection: asks ``gate`` at accept and releases it once, and
+    stamps messages for ``sampler``."""
+    base: type[_ServerConnection] = _ServerConnection
+    if sampler is not None:
+        stamped_for = sampler
+
+        class _SampledProtocol(_ServerProtocol):
+            sampler = stamped_for
+
+        class _SampledConnection(_ServerConnection):
+            protocol_class = _SampledProtocol
+
+        base = _SampledConnection
     if gate is None:
-        return _ServerConnection
+        return base
     admit = gate
 
-    class GatedConnection(_ServerConnection):
+    class GatedConnection(base):  # type: ignore[valid-type,misc]
         refused = False
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -494,13 +548,15 @@ async def start_server(
     accept_gate: AcceptGate | None = None,
     select_subprotocol: Callable[[Sequence[str]], str | None] | None = None,
     counts: FrameCounts | None = None,
+    read_sampler: ReadSampler | None = None,
 ) -> Server:
     """Listen for WebSocket upgrades and plain HTTP GETs on one port.
 
     Compression stays off on purpose: frames are built once and shared by every
     subscriber (see the module docstring). Messages above ``max_frame_bytes``, or in
     more than MAX_FRAGMENTS fragments, close 1009; text that is not UTF-8 closes 1007.
-    ``counts`` (optional) counts every socket's messages in and out.
+    ``counts`` (optional) counts every socket's messages in and out; ``read_sampler``
+    (optional) picks messages whose parse time sockets report (``Socket.read_at``).
     """
 
     contexts: dict[int, Any] = {}  # lives only from process_request to handler (or close)
@@ -541,7 +597,7 @@ async def start_server(
         handler,
         options.host,
         options.port,
-        create_connection=_gated_connection(accept_gate),
+        create_connection=_connection_class(accept_gate, read_sampler),
         process_request=process_request,
         # Browsers send a token as a subprotocol and fail a handshake that echoes none
         # of the offered ones; ``select_subprotocol`` picks which one to echo.

@@ -181,9 +181,9 @@ async def test_live_delivery_is_in_store_order_with_the_channels_previous_seq(
     received = Received()
     subscription = await subscriber.subscribe_live(ref, received)
     await live_in_place(publisher, ref, received)
-    mine = []
+    mine, keys = [], [key() for _ in range(10)]
     for i in range(10):
-        mine.append((await publisher.publish(ref, f"{i}".encode(), key())).seq)
+        mine.append((await publisher.publish(ref, f"{i}".encode(), keys[i])).seq)
         await publisher.publish(noise, b"x", key())  # other channels' seqs sit between
     await received.until(lambda events: events[-1].seq == mine[-1])
     await subscription.close()
@@ -194,6 +194,10 @@ async def test_live_delivery_is_in_store_order_with_the_channels_previous_seq(
         assert event.prev_seq == store[store.index(event.seq) - 1]
     assert [e.body for e in chain] == [
         f"{i}".encode() for i in range(10) if mine[i] in {e.seq for e in chain}
+    ]
+    # Each live copy names the dedupe key it was published with (gateway/http/phases.py).
+    assert [e.dedupe_key for e in chain] == [
+        keys[i] for i in range(10) if mine[i] in {e.seq for e in chain}
     ]
 
 

@@ -184,3 +184,39 @@ async def test_metrics_off_is_404(start_gateway):
     status = (await reader.readline()).split()[1]
     writer.close()
     assert status == b"404"
+
+
+async def test_sampled_messages_are_timed_through_every_phase(start_gateway, clients, tenant):
+    # Every message sampled (an interval of 1 µs), publisher and member on one gateway.
+    gateway = await start_gateway(metrics_phase_sample_ms=0.001)
+    alice = await clients(gateway_url(gateway), tenant, "alice")
+    bob = await clients(gateway_url(gateway), tenant, "bob")
+    await bob.join("r", "c")
+    for n in range(5):
+        assert (await alice.publish("r", "c", {"n": n}))["type"] == "ack"
+    await bob.wait_events(5, "r", "c")
+
+    def counted(s: Samples) -> bool:
+        return value(s, "arqonbus_event_phase_seconds_count", phase="total") == 5
+
+    found = await eventually(gateway, counted)
+    phases = ("read", "handle", "store_ack", "store_to_live", "fanout_write", "total")
+    for phase in phases:
+        assert value(found, "arqonbus_event_phase_seconds_count", phase=phase) == 5, phase
+    sums = {p: value(found, "arqonbus_event_phase_seconds_sum", phase=p) for p in phases}
+    assert all(s >= 0 for s in sums.values()), sums
+    # total is read + handle + store_to_live + fanout_write, sample by sample.
+    parts = sums["read"] + sums["handle"] + sums["store_to_live"] + sums["fanout_write"]
+    assert sums["total"] == pytest.approx(parts, abs=1e-6)
+    assert 0 < sums["store_ack"] < 5 * 10
+
+
+async def test_phase_sampling_off_observes_nothing(start_gateway, clients, tenant):
+    gateway = await start_gateway(metrics_phase_sample_ms=0)
+    assert gateway.metrics.phases is None
+    alice = await clients(gateway_url(gateway), tenant, "alice")
+    await alice.join("r", "c")
+    assert (await alice.publish("r", "c", {"n": 1}))["type"] == "ack"
+    await alice.wait_events(1, "r", "c")
+    found = samples((await scrape(gateway))[1])
+    assert value(found, "arqonbus_event_phase_seconds_count") == 0
