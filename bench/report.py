@@ -183,6 +183,13 @@ def table(results: dict[str, Any]) -> str:
         f"{_fmt(ingest['nats-py-direct']['acked_s'])} | "
         f"{_ratio(ingest['arqonbus']['acked_s'], ingest['nats-py-direct']['acked_s'])} |"
     )
+    if "arqonbus-2-workers" in ingest:
+        two = ingest["arqonbus-2-workers"]["acked_s"]
+        lines.append(
+            f"| acked publishes/s into R3, one gateway with `--workers 2` | {_fmt(two)} | "
+            f"{_fmt(ingest['nats-py-direct']['acked_s'])} | "
+            f"{_ratio(two, ingest['nats-py-direct']['acked_s'])} |"
+        )
     rp = results["replay"]
     lines.append(
         f"| replay of {rp['events']:,} stored events to one client, s | {rp['arqonbus_s']:.2f} | "

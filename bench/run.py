@@ -33,7 +33,7 @@ from typing import Any
 import orjson
 
 from arqonbus_server.gateway.admin.dev import http_status
-from arqonbus_server.mesh.local import LocalCluster, free_port
+from arqonbus_server.mesh.local import LocalCluster, free_port, free_port_run
 from bench.loadgen import percentile_us
 from bench.phases import Hist, add, delta, scrape_phases, summary
 
@@ -90,9 +90,15 @@ def _default_environ() -> dict[str, str]:
 
 
 async def start_gateway(
-    nats_urls: str, index: int, log_dir: Path, extra_env: dict[str, str] | None = None
+    nats_urls: str,
+    index: int,
+    log_dir: Path,
+    extra_env: dict[str, str] | None = None,
+    workers: int = 1,
 ) -> Gateway:
+    """One gateway process; with ``workers`` above 1, ``--workers`` (ready once each is)."""
     port = free_port()
+    admin = free_port_run(workers)
     env = {
         **_default_environ(),
         "ARQONBUS_LOG_LEVEL": "WARNING",
@@ -101,6 +107,8 @@ async def start_gateway(
         "ARQONBUS_MSG_RATE_PER_CONN": "0",
         "ARQONBUS_BYTES_RATE_PER_CONN": "0",
         "ARQONBUS_INSECURE_DEV_AUTH": "true",  # dev tokens on 127.0.0.1
+        "ARQONBUS_WORKERS": str(workers),
+        "ARQONBUS_WORKER_ADMIN_PORT": str(admin),
         **(extra_env or {}),
     }
     with (log_dir / f"gw{index}.log").open("wb") as err:
@@ -110,8 +118,9 @@ async def start_gateway(
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=err,
             env=env, cwd=REPO, start_new_session=True, preexec_fn=raise_nofile,
         )  # fmt: skip
+    ready_ports = [admin + i for i in range(workers)] if workers > 1 else [port]
     async with asyncio.timeout(60):
-        while await http_status("127.0.0.1", port, "/readyz") != 200:
+        while any([await http_status("127.0.0.1", p, "/readyz") != 200 for p in ready_ports]):
             if proc.returncode is not None:
                 raise RuntimeError(f"gateway {index} exited: see {log_dir}/gw{index}.log")
             with contextlib.suppress(TimeoutError):
@@ -537,10 +546,16 @@ async def run(cfg: Config, out_dir: Path) -> dict[str, Any]:
             )
             scale[str(n)] = await fanout(target, cfg, cfg.saturate_rate, cfg.saturate_count)
         results["scaleout"] = scale
-        results["ingest"] = {
-            "arqonbus": await ingest(gateways, cfg),
-            "nats-py-direct": await ingest_nats_direct(cluster, cfg),
-        }
+        # The same ingest into one host's gateway with 2 worker processes (--workers 2).
+        two_workers = await start_gateway(cluster.url_csv, 3, work, workers=2)
+        try:
+            results["ingest"] = {
+                "arqonbus": await ingest(gateways, cfg),
+                "arqonbus-2-workers": await ingest([two_workers], cfg, "arqonbus --workers 2"),
+                "nats-py-direct": await ingest_nats_direct(cluster, cfg),
+            }
+        finally:
+            await stop_process(two_workers.proc)
         results["replay"] = await replay(gateways, cluster, cfg)
         results["observability"] = await observability_cost(cluster, cfg, work)
         idle: dict[str, Any] = {}

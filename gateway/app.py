@@ -89,7 +89,7 @@ from arqonbus_server.shared.errors import (
     CloseCode,
     PortInUse,
 )
-from arqonbus_server.shared.settings import ConfigError, Settings
+from arqonbus_server.shared.settings import ConfigError, Settings, parse_host_port
 from arqonbus_server.shared.subjects import node_token
 
 log = logging.getLogger("arqonbus.gateway")
@@ -124,6 +124,7 @@ def listen_options(settings: Settings, host: str, port: int) -> ListenOptions:
         if settings.tls_enabled
         else None,
         idle_timeout_s=settings.idle_timeout_s,
+        reuse_port=settings.reuse_port,
     )
 
 
@@ -264,6 +265,8 @@ class Gateway:
         self.link_failures = 0  # consecutive checks the NATS link did not answer
         self._reconnect_grace = 0  # link checks excused after this gateway dropped its link
         self._server: Server | None = None
+        # A second listener of this process alone (admin_listen): a worker's own port.
+        self._admin_server: Server | None = None
         self._stop = asyncio.Event()
         self._became_ready = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -286,9 +289,31 @@ class Gateway:
 
     async def start(self) -> None:
         """Listen at once; connect to NATS in the background (readyz stays 503 until then)."""
+        self._server = await self._listen(
+            self.listener,
+            "the gateway's listener",
+            "Stop the other process or choose another port with --listen HOST:PORT.",
+        )
+        if self.settings.admin_listen:
+            host, port = parse_host_port(self.settings.admin_listen)
+            self._admin_server = await self._listen(
+                listen_options(self.settings, host, port),
+                "the gateway's admin listener",
+                "Choose another port with ARQONBUS_ADMIN_LISTEN (or ARQONBUS_WORKER_ADMIN_PORT).",
+            )
+        self._tasks.append(asyncio.create_task(self._connect_and_watch()))
+        log.info(
+            "gateway %s listening on %s://%s:%d%s",
+            self.node_id,
+            self.listener.scheme,
+            *self.address,
+            WS_PATH,
+        )
+
+    async def _listen(self, options: ListenOptions, what: str, hint: str) -> Server:
         try:
-            self._server = await start_server(
-                self.listener,
+            return await start_server(
+                options,
                 self._on_request,
                 self._on_socket_measured,
                 self.pending_handshakes if self.pending_handshakes.enabled else None,
@@ -298,21 +323,8 @@ class Gateway:
             )
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
-                raise PortInUse(
-                    self.settings.host,
-                    self.settings.port,
-                    "the gateway's listener",
-                    "Stop the other process or choose another port with --listen HOST:PORT.",
-                ) from None
+                raise PortInUse(options.host, options.port, what, hint) from None
             raise
-        self._tasks.append(asyncio.create_task(self._connect_and_watch()))
-        log.info(
-            "gateway %s listening on %s://%s:%d%s",
-            self.node_id,
-            self.listener.scheme,
-            *self.address,
-            WS_PATH,
-        )
 
     @property
     def address(self) -> tuple[str, int]:
@@ -426,11 +438,13 @@ class Gateway:
 
     async def close(self, timeout: float = 5.0) -> None:
         self._stop.set()
-        if self._server is not None:
-            self._server.close(close_connections=True)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout / 2):
-                    await self._server.wait_closed()
+        servers = [s for s in (self._server, self._admin_server) if s is not None]
+        for server in servers:
+            server.close(close_connections=True)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout / 2):
+                for server in servers:
+                    await server.wait_closed()
         await self.heartbeats.close()  # leave the cluster view now, not in 3 intervals
         await self.presence.close()  # this gateway's members leave now, not at lease expiry
         await self.trimmer.close()

@@ -181,6 +181,21 @@ def free_port(host: str = "127.0.0.1") -> int:
     return _free_ports(host, 1)[0]
 
 
+def free_port_run(count: int, host: str = "127.0.0.1") -> int:
+    """The first of ``count`` consecutive TCP ports on ``host`` that were free a moment ago
+    (a gateway's workers take admin ports base, base + 1, ...)."""
+    for _ in range(100):
+        base = free_port(host)
+        with contextlib.ExitStack() as stack:
+            try:
+                for port in range(base + 1, base + count):
+                    stack.enter_context(socket.socket()).bind((host, port))
+            except OSError:
+                continue
+            return base
+    raise OSError(f"no {count} consecutive free ports on {host} in 100 tries")
+
+
 def _free_ports(host: str, count: int) -> list[int]:
     # Hold every socket open until all are bound, so one call never returns the same port twice.
     with contextlib.ExitStack() as stack:

@@ -38,6 +38,19 @@ class Settings(BaseModel):
 
     nats: str = Field("nats://127.0.0.1:4222", description="NATS URLs, comma-separated")
     listen: str = Field("127.0.0.1:8765", description="HOST:PORT of the WebSocket/HTTP listener")
+    # -- several processes on one host (gateway/admin/workers.py) --
+    workers: int = Field(
+        1, ge=1, le=64, description="Gateway processes sharing the listener (SO_REUSEPORT)"
+    )
+    worker_admin_port: int = Field(
+        0, ge=0, le=65535, description="With workers: worker i's own listener is this + i; 0: any"
+    )
+    reuse_port: bool = Field(
+        False, description="Bind the listener with SO_REUSEPORT (each worker of --workers does)"
+    )
+    admin_listen: str = Field(
+        "", description="HOST:PORT of a second listener of this process alone; empty: none"
+    )
     node_id: str = Field("", description="Node name shown in welcome; default host-pid")
     auth: str = Field(
         "", description="Authentication methods, comma-separated: jwt, apikey, agent, dev"
@@ -243,6 +256,13 @@ class Settings(BaseModel):
     @classmethod
     def _listen_is_host_port(cls, value: str) -> str:
         parse_host_port(value)
+        return value
+
+    @field_validator("admin_listen")
+    @classmethod
+    def _admin_listen_is_host_port(cls, value: str) -> str:
+        if value:
+            parse_host_port(value)
         return value
 
     @field_validator("auth")

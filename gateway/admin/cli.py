@@ -115,6 +115,12 @@ def _parser() -> argparse.ArgumentParser:
         "(dev needs --insecure-dev-auth) [ARQONBUS_AUTH]",
     )
     gw.add_argument("--node-id", help="node name [ARQONBUS_NODE_ID]")
+    gw.add_argument(
+        "--workers",
+        type=int,
+        help="gateway processes sharing --listen (SO_REUSEPORT), one per free core; "
+        "default 1 [ARQONBUS_WORKERS]",
+    )
     gw.add_argument("--log-level", help="DEBUG, INFO, WARNING [ARQONBUS_LOG_LEVEL]")
     gw.add_argument(
         "--tls-cert", help="PEM certificate (chain) file; serves wss:// [ARQONBUS_TLS_CERT]"
@@ -155,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name in unknown_variables(os.environ):
             log.warning("ignoring unknown variable %s: see docs/operations.md#settings", name)
         if args.command == "gateway":
-            return _run_gateway(settings)
+            return _run_gateway(settings, {**os.environ, **_environ_of(args)})
         commands: dict[str, Any] = {
             "mesh": admin_mesh,
             "keys": admin_keys,
@@ -177,10 +183,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+_SETTINGS_ARGS = (
+    "nats", "listen", "auth", "node_id", "log_level", "tls_cert", "tls_key", "insecure_dev_auth",
+    "workers",
+)  # fmt: skip
+
+
 def _settings_from(args: argparse.Namespace) -> Settings:
-    keys: tuple[str, ...] = ("nats", "listen", "auth", "node_id", "log_level", "tls_cert")
-    keys += ("tls_key", "insecure_dev_auth")
-    return load_settings(**{k: getattr(args, k, None) for k in keys})
+    return load_settings(**{k: getattr(args, k, None) for k in _SETTINGS_ARGS})
+
+
+def _environ_of(args: argparse.Namespace) -> dict[str, str]:
+    """The settings given as options, as the variables a worker process reads."""
+    out = {}
+    for key in _SETTINGS_ARGS:
+        value = getattr(args, key, None)
+        if value is not None:
+            out[f"ARQONBUS_{key.upper()}"] = str(value).lower() if value is True else str(value)
+    return out
 
 
 def _raise_open_file_limit() -> None:
@@ -196,13 +216,16 @@ def _raise_open_file_limit() -> None:
         log.info("open-file limit raised from %d to %d", soft, target)
 
 
-def _run_gateway(settings: Settings) -> int:
+def _run_gateway(settings: Settings, environ: dict[str, str]) -> int:
+    from arqonbus_server.gateway.admin.workers import run_workers
     from arqonbus_server.gateway.app import run_gateway
     from arqonbus_server.shared.errors import PortInUse
 
     _refuse_dev_auth(settings)
     _raise_open_file_limit()
     try:
+        if settings.workers > 1:
+            return asyncio.run(run_workers(settings, environ))
         return asyncio.run(run_gateway(settings))
     except PortInUse as exc:
         log.error("%s", exc)

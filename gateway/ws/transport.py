@@ -321,6 +321,7 @@ class ListenOptions:
     close_timeout_s: float = 5.0
     ssl: ssl.SSLContext | None = None  # TLS on the listener (wss://); see server_tls_context
     idle_timeout_s: float = 0.0  # 0 = off; see Socket.watch_idle
+    reuse_port: bool = False  # SO_REUSEPORT: several processes share the port
 
     @property
     def scheme(self) -> str:
@@ -622,4 +623,5 @@ async def start_server(
         # Room for connection bursts (a reconnect storm): the default queue of 100
         # pending connections drops handshakes under load and clients retry after 1 s.
         backlog=_LISTEN_BACKLOG,
+        reuse_port=options.reuse_port or None,
     )
