@@ -110,3 +110,23 @@ async def test_gateway_memory_stays_bounded_under_frame_abuse(
         assert await round_trip(bystander)
     finally:
         bystander.abort()
+
+
+async def test_the_upgrade_headers_are_not_kept_for_the_connections_life(
+    start_gateway: GatewayFactory, tenant: str
+) -> None:
+    # A browser's upgrade carries kilobytes of headers (cookies, user agent): the gateway
+    # reads them during the upgrade and keeps none of them per connection.
+    gateway = await start_gateway()
+    big = {"Cookie": "c=" + "x" * 4000, "User-Agent": "ua " * 100}
+    alice = await WsClient.connect(gateway_url(gateway), tenant, "alice", additional_headers=big)
+    try:
+        (session,) = [s for s in gateway.sessions if s.principal.id == "alice"]
+        conn = session.socket._conn
+        assert conn.request is not None and conn.response is not None
+        assert len(conn.request.headers) == 0 and len(conn.response.headers) == 0
+        await alice.join("r", "c")  # and the connection works on
+        assert (await alice.publish("r", "c", {"n": 1}))["type"] == "ack"
+        assert len(await alice.wait_events(1, "r", "c")) == 1
+    finally:
+        await alice.close()
