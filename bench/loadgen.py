@@ -254,10 +254,17 @@ async def run_sub(args: argparse.Namespace) -> dict[str, Any]:
     for i in range(args.conns):
         pending.append(asyncio.create_task(connect(i)))
     await asyncio.gather(*pending)
-    async with asyncio.timeout(60):
-        while stats.ready < args.conns:
-            ready.clear()
-            await ready.wait()
+    try:
+        async with asyncio.timeout(60):
+            while stats.ready < args.conns:
+                ready.clear()
+                await ready.wait()
+    except TimeoutError:
+        closed = sum(1 for lst in listeners if lst.done.is_set())
+        raise RuntimeError(
+            f"{stats.ready} of {args.conns} subscribers joined within 60 s ({closed} closed); "
+            f"first errors: {stats.errors[:5]}"
+        ) from None
     emit({"ready": stats.ready})
     command = orjson.loads(await read_line())
     expect: dict[str, int] = command["expect"]
