@@ -118,6 +118,7 @@ class SubListener(WSListener):  # type: ignore[misc]
         self.done = asyncio.Event()
         self.buffer = b""
         self.subscribed = False
+        self.welcomed = False  # arq: the welcome came (and the join was sent)
         self.transport: WSTransport | None = None
 
     def on_ws_connected(self, transport: WSTransport) -> None:
@@ -159,6 +160,7 @@ class SubListener(WSListener):  # type: ignore[misc]
         if data.startswith(b'{"version":"1.0","id"'):
             self._delivered(read_ts(data))
         elif b'"type":"welcome"' in data:
+            self.welcomed = True
             join = {
                 "id": "join",
                 "type": "command",
@@ -261,9 +263,10 @@ async def run_sub(args: argparse.Namespace) -> dict[str, Any]:
                 await ready.wait()
     except TimeoutError:
         closed = sum(1 for lst in listeners if lst.done.is_set())
+        welcomed = sum(1 for lst in listeners if lst.welcomed)
         raise RuntimeError(
-            f"{stats.ready} of {args.conns} subscribers joined within 60 s ({closed} closed); "
-            f"first errors: {stats.errors[:5]}"
+            f"{stats.ready} of {args.conns} subscribers joined within 60 s ({welcomed} got "
+            f"their welcome, {closed} were closed); first errors: {stats.errors[:5]}"
         ) from None
     emit({"ready": stats.ready})
     command = orjson.loads(await read_line())

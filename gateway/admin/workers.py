@@ -174,7 +174,12 @@ class Supervisor:
                 await asyncio.wait_for(self._stopping.wait(), delay)
             if self._stopping.is_set():
                 return
-            await self._spawn(worker)
+            try:
+                await self._spawn(worker)
+            except OSError as exc:  # e.g. no more processes: nothing left to supervise
+                self._failed = f"could not restart worker {worker.node_id}: {exc}"
+                self._stopping.set()
+                return
             try:
                 await self._ready(worker, READY_TIMEOUT_S)
             except RuntimeError as exc:

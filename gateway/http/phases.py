@@ -8,9 +8,9 @@ channel, back out to their sockets. Each phase is one series of the histogram
 ==============  ==========================================================================
 ``read``        the message parsed from the socket's bytes -> its session takes it (the
                 socket's queue and the event loop's backlog)
-``handle``      taken -> the store request sent (parse, checks, publish back-pressure)
-``store_ack``   the store request sent -> the store's ack (stored by a quorum, batching
-                included)
+``handle``      taken -> handed to the store client (parse, checks, publish back-pressure)
+``store_ack``   handed to the store client -> its ack (stored by a quorum; a wait in the
+                stream's batching lane included)
 ``store_to_live`` the store request sent -> the live copy received by this gateway (stored,
                 then republished to the live subject)
 ``fanout_write`` the live copy received -> its frames handed to the kernel for every member

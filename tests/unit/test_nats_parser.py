@@ -4,6 +4,7 @@ on generated streams of MSG, HMSG and control lines cut into reads at any byte."
 from __future__ import annotations
 
 import asyncio
+import itertools
 from typing import Any
 
 import orjson
@@ -77,7 +78,7 @@ def lines(draw: st.DrawFn) -> bytes:
 
 async def feed(parser: Parser, stream: bytes, cuts: list[int]) -> None:
     edges = [0, *sorted({c % (len(stream) + 1) for c in cuts}), len(stream)]
-    for a, b in zip(edges, edges[1:], strict=False):
+    for a, b in itertools.pairwise(edges):
         await parser.parse(stream[a:b])
 
 
