@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 from arqonbus_server.mesh.ports import BrokerUnavailable, KVBucket
@@ -16,6 +17,9 @@ from arqonbus_server.mesh.ports import BrokerUnavailable, KVBucket
 log = logging.getLogger("arqonbus.mesh.kv")
 
 _RETRY_S = 1.0
+# A watch failing before its first load within this long of the start is the store still
+# forming (buckets created by another gateway, streams electing leaders): INFO, not WARNING.
+START_GRACE_S = 30.0
 # How long a lookup that missed waits for the copy to catch up with the store.
 CATCH_UP_S = 2.0
 
@@ -33,9 +37,16 @@ class WatchedBucket:
     another node is found, not refused).
     """
 
-    def __init__(self, name: str, open_kv: Callable[[], Awaitable[KVBucket]]) -> None:
+    def __init__(
+        self,
+        name: str,
+        open_kv: Callable[[], Awaitable[KVBucket]],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.name = name
         self._open_kv = open_kv
+        self._clock = clock
+        self._started_at = 0.0
         self._values: dict[str, bytes] = {}
         self._handlers: list[ChangeHandler] = []
         self.ready = asyncio.Event()
@@ -63,6 +74,7 @@ class WatchedBucket:
 
     def start(self) -> None:
         if self._task is None:
+            self._started_at = self._clock()
             self._task = asyncio.create_task(self._run(), name=f"watch {self.name}")
 
     async def close(self) -> None:
@@ -96,7 +108,16 @@ class WatchedBucket:
                 continue
             exc = watch.exception()
             if exc is not None:
-                log.warning("watch of KV bucket %s failed (%s); restarting", self.name, exc)
+                forming = (
+                    not self.ready.is_set() and self._clock() - self._started_at < START_GRACE_S
+                )
+                log.log(
+                    logging.INFO if forming else logging.WARNING,
+                    "watch of KV bucket %s failed (%s); restarting%s",
+                    self.name,
+                    exc,
+                    " (the store is still forming)" if forming else "",
+                )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), _RETRY_S)
 

@@ -4,9 +4,11 @@ in-memory twin (held to the JetStream bucket by tests/contract/test_state.py).""
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from arqonbus_server.mesh.memory import MemoryMesh, MemoryStateStore
-from arqonbus_server.mesh.watched import WatchedBucket
+from arqonbus_server.mesh.ports import BrokerUnavailable
+from arqonbus_server.mesh.watched import START_GRACE_S, WatchedBucket
 from tests.timeouts import SEC, eventually
 
 
@@ -91,3 +93,34 @@ async def test_close_ends_a_catch_up_in_progress_with_false() -> None:
     await eventually(started, 3 * SEC, "a catch-up in progress")
     await watched.close()
     assert await asyncio.wait_for(waiting, 3 * SEC) is False
+
+
+async def test_a_bucket_not_there_at_start_is_info_then_warning(caplog) -> None:
+    # A gateway starting with its cluster (another one creating the buckets) sees "stream
+    # not found" for a moment: INFO during the start grace, WARNING once it lasts.
+    mesh, now = MemoryMesh(), [100.0]
+    attempts: asyncio.Queue[int] = asyncio.Queue()
+    count = 0
+
+    async def open_kv():
+        nonlocal count
+        count += 1
+        attempts.put_nowait(count)
+        if count < 3:
+            raise BrokerUnavailable("stream not found")
+        return await MemoryStateStore(mesh).bucket("keys")
+
+    watched = WatchedBucket("keys", open_kv, clock=lambda: now[0])
+    caplog.set_level(logging.INFO, logger="arqonbus.mesh.kv")
+    watched.start()
+    try:
+        async with asyncio.timeout(10 * SEC):
+            assert await attempts.get() == 1
+            assert await attempts.get() == 2  # the first failure has been logged
+            now[0] += START_GRACE_S  # the store stays away past the grace
+            assert await attempts.get() == 3
+            await watched.ready.wait()
+        levels = [(r.levelname, "still forming" in r.getMessage()) for r in caplog.records]
+        assert levels == [("INFO", True), ("WARNING", False)]
+    finally:
+        await watched.close()
