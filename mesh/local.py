@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import random
 import re
 import shutil
 import signal
@@ -34,7 +35,7 @@ import socket
 import subprocess
 import sys
 import sysconfig
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -181,19 +182,41 @@ def free_port(host: str = "127.0.0.1") -> int:
     return _free_ports(host, 1)[0]
 
 
-def free_port_run(count: int, host: str = "127.0.0.1") -> int:
+def free_port_run(count: int, host: str = "127.0.0.1", avoid: Iterable[int] = ()) -> int:
     """The first of ``count`` consecutive TCP ports on ``host`` that were free a moment ago
-    (a gateway's workers take admin ports base, base + 1, ...)."""
+    (a dev mesh's gateways, a gateway's workers: base, base + 1, ...).
+
+    Taken below the kernel's ephemeral range, so that no outgoing connection (which gets an
+    ephemeral port) can take one of them between this check and the server's bind.
+    """
+    low, high = _ephemeral_range()
+    # Below the ephemeral range; above it when the range starts too low to leave room.
+    start, stop = (max(1024, low - 12_000), low - count)
+    if stop - start < 1000:
+        start, stop = high + 1, 65536 - count
+    avoided = set(avoid)
+    rng = random.Random()
     for _ in range(100):
-        base = free_port(host)
+        base = rng.randrange(start, stop)
+        run = range(base, base + count)
+        if avoided & set(run):
+            continue
         with contextlib.ExitStack() as stack:
             try:
-                for port in range(base + 1, base + count):
+                for port in run:
                     stack.enter_context(socket.socket()).bind((host, port))
             except OSError:
                 continue
             return base
     raise OSError(f"no {count} consecutive free ports on {host} in 100 tries")
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
 
 
 def _free_ports(host: str, count: int) -> list[int]:

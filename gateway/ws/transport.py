@@ -233,6 +233,7 @@ class Socket:
         protocol = self._protocol
         if protocol.sampler is not None:
             self._taken += 1
+            self.read_at = None  # a sample nobody took (an auth frame's) is not this one's
             sampled = protocol.sampled
             if sampled is not None and sampled[0] <= self._taken:
                 protocol.sampled = None

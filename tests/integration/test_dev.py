@@ -9,12 +9,11 @@ import re
 import signal
 import socket
 import sys
-from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
 
-from arqonbus_server.mesh.local import free_port
+from arqonbus_server.mesh.local import free_port_run
 from tests.timeouts import SEC
 
 pytestmark = pytest.mark.integration
@@ -35,17 +34,6 @@ def port_is_free(port: int) -> bool:
         except OSError:
             return False
     return True
-
-
-def free_port_run(count: int, avoid: Iterable[int] = ()) -> int:
-    """The first of ``count`` consecutive ports that were all free a moment ago."""
-    avoid = set(avoid)
-    for _ in range(50):
-        first = free_port()
-        run = range(first, first + count)
-        if first + count <= 65535 and not avoid & set(run) and all(map(port_is_free, run)):
-            return first
-    raise AssertionError(f"no run of {count} free ports found in 50 tries")
 
 
 def pids_running_with(text: str, besides: int | None = None) -> list[int]:
