@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import inspect
 import logging
@@ -297,7 +298,8 @@ class Gateway:
         if self.settings.admin_listen:
             host, port = parse_host_port(self.settings.admin_listen)
             self._admin_server = await self._listen(
-                listen_options(self.settings, host, port),
+                # This process's own port: never shared (a second binder must fail).
+                dataclasses.replace(listen_options(self.settings, host, port), reuse_port=False),
                 "the gateway's admin listener",
                 "Choose another port with ARQONBUS_ADMIN_LISTEN (or ARQONBUS_WORKER_ADMIN_PORT).",
             )
