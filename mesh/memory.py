@@ -725,10 +725,13 @@ class MemoryPresenceStore:
         ]
         return _MemoryPresenceWatch(self.mesh.presence.watchers.setdefault(channel, []), initial)
 
-    async def renew_lease(self, gateway: str) -> int:
+    async def renew_lease(self, gateway: str, after: int | None = None) -> int:
         tables = self.mesh.presence
+        key = lease_key(gateway)
+        if after is not None and tables.leases.get(key) != after:
+            raise RevisionMismatch(f"lease {key}: not at position {after}")
         tables.lease_position += 1
-        tables.leases[lease_key(gateway)] = tables.lease_position
+        tables.leases[key] = tables.lease_position
         return tables.lease_position
 
     async def leases(self) -> dict[str, int]:

@@ -735,8 +735,12 @@ class PresenceStore(Protocol):
         """Watch the channel (see :class:`PresenceWatch`); in place when this returns."""
         ...
 
-    async def renew_lease(self, gateway: str) -> int:
-        """Renew ``gateway``'s lease now; returns the renewal's position."""
+    async def renew_lease(self, gateway: str, after: int | None = None) -> int:
+        """Renew ``gateway``'s lease now; returns the renewal's position. With ``after``
+        (the position of the gateway's own previous renewal) the renewal is conditional:
+        RevisionMismatch, and nothing written, when another removed or renewed the lease
+        since. Decided by the store's leader, unlike :meth:`leases`, which may read a
+        replica that lags."""
         ...
 
     async def leases(self) -> dict[str, int]:

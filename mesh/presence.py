@@ -333,11 +333,14 @@ class JetStreamPresenceStore:
         kv = await self._bucket(ENTRIES)
         return _JetStreamPresenceWatch(await _KeyStream.open(kv, keys))
 
-    async def renew_lease(self, gateway: str) -> int:
+    async def renew_lease(self, gateway: str, after: int | None = None) -> int:
         key = lease_key(gateway)
         kv = await self._bucket(LEASES)
+        value = orjson.dumps({"renewed_at": time.time()})
         with _Failures(kv._name, key):
-            return await kv.put(key, orjson.dumps({"renewed_at": time.time()}))
+            if after is None:
+                return await kv.put(key, value)
+            return await kv.update(key, value, last=after)
 
     async def leases(self) -> dict[str, int]:
         kv = await self._bucket(LEASES)

@@ -20,7 +20,9 @@ The rules live in :mod:`shared.presence`; this shell moves them to and from the
   hidden in every mirror at once and ``remove_gateway`` removes them from the store (any
   gateway may do it; doing it twice is harmless). A gateway that could not read the leases
   for a while starts its observations afresh, so an outage of the store kills no one.
-* **Self-repair.** If this gateway's own lease is missing, or two successful renewals are
+* **Self-repair.** If this gateway's lease was removed or renewed by another since its own
+  last renewal (each renewal is conditional on it, decided by the store's leader: the lease
+  read may come from a replica that lags), or two successful renewals are
   ``lease_timeout_s / 2`` or more apart (others may have reaped it), it re-puts every local
   entry each round for ``lease_timeout_s + call_timeout_s`` (past any reap in flight).
 * **Idle.** A session silent for ``idle_s`` (0: never) is shown ``idle`` until its next frame
@@ -55,6 +57,7 @@ from arqonbus_server.mesh.ports import (
     PresenceEntry,
     PresenceStore,
     PresenceWatch,
+    RevisionMismatch,
 )
 from arqonbus_server.shared.envelope import encode_presence
 from arqonbus_server.shared.presence import (
@@ -608,7 +611,7 @@ class PresenceService:
             except Exception as exc:
                 self._log_not_started(exc)
                 return
-        await self._read_leases()  # first: a lease reaped since the last renewal shows
+        await self._read_leases()
         await self._renew()
         self._sweep_idle()
         self._drop_unused_mirrors()
@@ -620,7 +623,15 @@ class PresenceService:
     async def _renew(self) -> None:
         started = self._mono()
         try:
-            position = await self._call(self._store.renew_lease(self.gateway))
+            try:
+                after = self._renewed_position
+                position = await self._call(self._store.renew_lease(self.gateway, after))
+            except RevisionMismatch:  # decided by the store's leader, never by a stale copy
+                self._repair(
+                    "its lease was removed or renewed by another since this gateway's last "
+                    "renewal, or a renewal's answer was lost"
+                )
+                position = await self._call(self._store.renew_lease(self.gateway))
         except Exception as exc:
             if self._renewed_at is None:  # the first lease is part of the start
                 self._log_not_started(exc)
@@ -643,11 +654,6 @@ class PresenceService:
         except Exception as exc:
             log.warning("presence leases not read (retrying next round): %s", exc)
             return
-        if (
-            self._renewed_position is not None
-            and leases.get(self.gateway) != self._renewed_position
-        ):
-            self._repair("its lease was removed or changed by another")
         in_entries: set[str] = set()
         for mirror in self._mirrors.values():
             in_entries |= mirror.view.gateways()

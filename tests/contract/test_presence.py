@@ -20,6 +20,7 @@ from arqonbus_server.mesh.ports import (
     PresenceEntry,
     PresenceStore,
     PresenceWatch,
+    RevisionMismatch,
 )
 from arqonbus_server.shared.errors import InvalidInput
 from arqonbus_server.shared.subjects import ChannelRef
@@ -218,6 +219,30 @@ async def test_leases_hold_each_gateways_latest_renewal_position(mesh: Mesh) -> 
     assert await there.leases() == {"gw-a": a2, "gw-b": b1}
     await here.put(channel(), entry("alice"))  # entries never show up as leases
     assert set(await here.leases()) == {"gw-a", "gw-b"}
+
+
+async def test_a_conditional_renewal_fails_once_another_removed_or_renewed_the_lease(
+    mesh: Mesh,
+) -> None:
+    mine, other = await mesh.presence(), await mesh.presence()
+    first = await mine.renew_lease("gw-a")
+    second = await mine.renew_lease("gw-a", after=first)
+    assert second > first
+    with pytest.raises(RevisionMismatch):  # not at ``first`` any more: nothing written
+        await mine.renew_lease("gw-a", after=first)
+    assert (await mine.leases())["gw-a"] == second
+
+    taken = await other.renew_lease("gw-a")  # another process under the same node id
+    with pytest.raises(RevisionMismatch):
+        await mine.renew_lease("gw-a", after=second)
+    assert await mine.renew_lease("gw-a", after=taken) > taken
+
+    await other.remove_gateway("gw-a")  # reaped
+    with pytest.raises(RevisionMismatch):
+        await mine.renew_lease("gw-a", after=taken)
+    assert "gw-a" not in await mine.leases()
+    again = await mine.renew_lease("gw-a")  # the unconditional renewal takes it back
+    assert (await other.leases())["gw-a"] == again
 
 
 async def test_remove_gateway_removes_its_entries_in_every_tenant_and_its_lease(

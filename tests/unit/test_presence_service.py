@@ -215,6 +215,56 @@ async def test_a_reaped_gateway_puts_its_entries_again(gateways: Gateways) -> No
     )
 
 
+class LaggingLeases(MemoryPresenceStore):
+    """The twin whose lease reads come from a replica one read behind (a NATS KV read may be
+    served by a follower), its renewals decided on the leader as always."""
+
+    def __init__(self, mesh: MemoryMesh) -> None:
+        super().__init__(mesh)
+        self.behind: dict[str, int] = {}
+        self.reads = 0
+
+    async def leases(self) -> dict[str, int]:
+        self.reads += 1
+        now = await super().leases()
+        seen, self.behind = self.behind, now
+        return seen
+
+
+async def test_a_lagging_lease_read_is_no_reason_to_repair(
+    gateways: Gateways, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = LaggingLeases(gateways.mesh)
+    caplog.set_level("INFO", logger="arqonbus.gateway.presence")
+    service = PresenceService(store, "gwa", FAST)
+    await service.start()
+    gateways.services.append(service)
+    await service.enter(REF, "s1", "alice", None)
+    await eventually(lambda: _reads(store, 10), 3 * SEC, "ten lease rounds")
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == []
+
+
+async def _reads(store: LaggingLeases, count: int) -> bool:
+    return store.reads >= count
+
+
+async def test_a_lease_renewed_by_another_is_repaired(
+    gateways: Gateways, caplog: pytest.LogCaptureFixture
+) -> None:
+    a = await gateways.start("gwa")
+    await a.enter(REF, "s1", "alice", None)
+    store = gateways.store()
+    caplog.set_level("INFO", logger="arqonbus.gateway.presence")
+    await store.renew_lease("gwa")  # another process under the same node id
+    await store.remove(REF, "alice", "gwa", "s1")  # and its clean start, without a watch here
+
+    async def warned() -> bool:
+        return any("renewed by another" in r.getMessage() for r in caplog.records)
+
+    await eventually(warned, 3 * SEC, "the repair's warning")
+    await eventually(lambda: _principals(store, {"alice"}), 3 * SEC, "alice's entry put again")
+
+
 async def _principals(store: MemoryPresenceStore, expected: set[str]) -> bool:
     return {e.principal for e in await store.entries(REF)} == expected
 
@@ -391,11 +441,11 @@ class LeaseRefused(MemoryPresenceStore):
         self.down = True
         self.tries = asyncio.Event()
 
-    async def renew_lease(self, gateway: str) -> int:
+    async def renew_lease(self, gateway: str, after: int | None = None) -> int:
         self.tries.set()
         if self.down:
             raise BrokerUnavailable("the store is forming")
-        return await super().renew_lease(gateway)
+        return await super().renew_lease(gateway, after)
 
 
 async def test_a_store_forming_at_start_is_info_then_warning_then_started(
