@@ -6,11 +6,12 @@ STAMP  := $(VENV)/.installed
 # Test workers: each one runs its own 3-node NATS cluster for the session.
 WORKERS ?= 2
 
-.PHONY: help install run test test-unit lint format clean bench bench-smoke bench-regions chaos
+.PHONY: help install run test test-unit lint format clean bench bench-smoke bench-regions chaos js-build js-test js-bundle
 
 help:
 	@echo "make run    start a local mesh: 3 NATS nodes + 2 gateways (ws://127.0.0.1:8765/ws); ARGS=\"...\" passes options to arqonbus dev"
-	@echo "make test   unit + integration tests against a real JetStream cluster"
+	@echo "make test   unit + integration tests against a real JetStream cluster, then make js-test"
+	@echo "make js-test  the JavaScript SDK (clients/js): npm ci, build, bundle, node --test against a real dev mesh"
 	@echo "make lint   ruff + mypy + import-linter layering contracts"
 	@echo "make bench  ArqonBus against python-socketio, Node socket.io and raw NATS WebSocket (about 15 min)"
 	@echo "make bench-smoke  a short run of the same harness (under 60 s), as CI runs it"
@@ -38,6 +39,31 @@ run: install
 
 test: install
 	$(BIN)/python -m pytest -n $(WORKERS) --dist loadfile
+	$(MAKE) js-test
+
+# ---- JavaScript/TypeScript SDK (clients/js; its README) ---------------------------------------
+# npm ci from the committed lock file (the npm registry), then tsc, the esbuild bundle and
+# node --test: the conformance fixtures, the shell against a fake gateway, and the integration
+# tests against a real `arqonbus dev` mesh. The chat demo serves the bundle from
+# gateway/demo/static/: it must be the one these sources build (make js-bundle updates it).
+JS_DIR := clients/js
+JS_STAMP := $(JS_DIR)/node_modules/.installed
+
+$(JS_STAMP): $(JS_DIR)/package.json $(JS_DIR)/package-lock.json
+	@command -v npm >/dev/null || { echo "the JS SDK needs Node 20+ and npm (apt-get install -y nodejs npm)"; exit 1; }
+	cd $(JS_DIR) && npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
+
+js-build: $(JS_STAMP)
+	cd $(JS_DIR) && npm run --silent build && npm run --silent bundle
+
+js-test: install js-build
+	cd $(JS_DIR) && npm run --silent size && npm test
+	@cmp -s $(JS_DIR)/dist/arqonbus.min.js gateway/demo/static/arqonbus.min.js || \
+	  { echo "gateway/demo/static/arqonbus.min.js is not the bundle of clients/js/src: run make js-bundle"; exit 1; }
+
+js-bundle: js-build
+	cp $(JS_DIR)/dist/arqonbus.min.js gateway/demo/static/arqonbus.min.js
 
 test-unit: install
 	$(BIN)/python -m pytest tests/unit

@@ -30,6 +30,7 @@ from arqonbus_server.gateway.auth.base import (
 from arqonbus_server.gateway.auth.chain import make_authenticator
 from arqonbus_server.gateway.auth.keys import revoked_key_id
 from arqonbus_server.gateway.dashboard import routes as dashboard
+from arqonbus_server.gateway.demo import routes as demo
 from arqonbus_server.gateway.gc_policy import FreezingCollector
 from arqonbus_server.gateway.http.admission import (
     PendingHandshakes,
@@ -574,6 +575,8 @@ class Gateway:
             return self._nonce_request(peer_ip)
         if path == dashboard.DASHBOARD_PATH or path.startswith(dashboard.DASHBOARD_PATH + "/"):
             return self._dashboard_request(path, target, headers, peer_ip)
+        if self.settings.demo_pages and demo.is_demo_path(path):
+            return demo.static_reply(path)
         if path != WS_PATH:
             return HttpReply(
                 HTTPStatus.NOT_FOUND, {"error": "not found: the WebSocket endpoint is /ws"}

@@ -130,6 +130,10 @@ class Settings(BaseModel):
     gc_sweep_interval_s: float = Field(
         300.0, ge=1, description="Shortest time between whole-heap sweeps (gc_freeze on)"
     )
+    # -- the browser chat demo (issue 18; gateway/demo/) --
+    demo_pages: bool = Field(
+        False, description="Serve /demo/chat, a chat page on the JavaScript SDK (arqonbus dev: on)"
+    )
     # -- web dashboard (issue 13; gateway/http/dashboard.py) --
     trace_viewer_url: str = Field(
         "", description="The dashboard's trace link, {trace_id} replaced; empty: no link"

@@ -238,9 +238,14 @@ class GatewayProcess:
     """``arqonbus gateway`` as a real child process (so it can be SIGKILLed or SIGTERMed)."""
 
     def __init__(
-        self, nats_urls: str, port: int | None = None, env: dict[str, str] | None = None
+        self,
+        nats_urls: str,
+        port: int | None = None,
+        env: dict[str, str] | None = None,
+        auth: str = "dev",
     ) -> None:
         self.nats_urls = nats_urls
+        self.auth = auth
         self.port = port or free_port()
         self.env = {**os.environ, **(env or {})}
         self.proc: asyncio.subprocess.Process | None = None
@@ -254,7 +259,7 @@ class GatewayProcess:
     async def start(self, timeout: float = 30.0) -> None:
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "arqonbus_server.gateway", "gateway",
-            "--nats", self.nats_urls, "--listen", f"127.0.0.1:{self.port}", "--auth", "dev",
+            "--nats", self.nats_urls, "--listen", f"127.0.0.1:{self.port}", "--auth", self.auth,
             "--node-id", f"gw-{self.port}", "--insecure-dev-auth",
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
             stderr=self._log, env=self.env, start_new_session=True,

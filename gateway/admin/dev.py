@@ -101,9 +101,12 @@ def dev_auth(environ: Mapping[str, str]) -> tuple[str | None, str]:
 async def spawn_gateway(
     nats: str, host: str, port: int, node_id: str, auth: str | None = "dev"
 ) -> asyncio.subprocess.Process:
+    # The chat demo (/demo/chat) is on in the dev mesh unless the environment says otherwise.
+    env = {"ARQONBUS_DEMO_PAGES": "true", **os.environ}
     return await asyncio.create_subprocess_exec(
         *gateway_command(nats, host, port, node_id, auth),
         stdin=asyncio.subprocess.DEVNULL,
+        env=env,
         start_new_session=True,
     )
 
@@ -263,6 +266,10 @@ def _print_banner(
         lines.append(
             f"  dashboard: http://{host}:{ports[0]}/dashboard   (sign in with a tenant admin's "
             "token, e.g. dev:demo:ops)"
+        )
+        failover = ",".join(f"ws://{host}:{port}/ws" for port in ports)
+        lines.append(
+            f"  chat demo: http://{host}:{ports[0]}/demo/chat?gateways={failover}   (any dev token)"
         )
         lines += [
             "",
