@@ -102,6 +102,24 @@ async def test_publish_waits_out_the_rate_limit_and_every_event_is_stored(
     assert waited, "the limit (5 at once, then 20/s) was never reached"
 
 
+async def test_concurrent_publishes_over_the_rate_are_resent_at_the_buckets_rate(
+    start_gateway: GatewayFactory, tenant: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    gw = await start_gateway(msg_rate_per_conn=20, msg_burst_per_conn=5)
+    caplog.set_level(logging.DEBUG, logger="arqonbus.client")
+    count = 40
+    async with Client([gateway_url(gw)], f"dev:{tenant}:alice") as alice:
+        publishes = (alice.publish("r", "c", {"n": n}, timeout=30 * SEC) for n in range(count))
+        acks = await asyncio.gather(*publishes)
+        history = [e async for e in alice.history("r", "c", since_seq=0)]
+    assert sorted(e.payload["n"] for e in history) == list(range(count))
+    assert len({ack.seq for ack in acks}) == count and not any(a.duplicate for a in acks)
+    refused = [r for r in caplog.records if RateLimited.default_code in r.getMessage()]
+    # 35 must wait for the bucket; resent all at once they would be refused again and again
+    # (hundreds of refusals), paced at its rate each is refused about once.
+    assert count // 2 <= len(refused) <= 2 * count, len(refused)
+
+
 async def test_private_room_with_a_key_and_a_ban_that_ends_the_subscription(
     start_gateway: GatewayFactory, sdk_client: Any, tenant: str
 ) -> None:

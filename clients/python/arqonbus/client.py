@@ -188,17 +188,6 @@ def _backoff(attempt: int, cap: float) -> float:
     return random.uniform(0.5, 1.0) * min(cap, _INITIAL_BACKOFF * 2.0 ** min(attempt, 30))
 
 
-def _retry_delay(exc: ArqonBusError, attempt: int, cap: float) -> float:
-    """How long to wait before resending after a retryable error.
-
-    Over a rate limit the gateway says when to come back (``retry_after_ms``); otherwise
-    jittered exponential backoff.
-    """
-    if isinstance(exc, RateLimited) and exc.retry_after_ms > 0:
-        return min(exc.retry_after_ms / 1000, _MAX_RETRY_AFTER_S)
-    return _backoff(attempt, cap)
-
-
 def _round_delay(rounds: int, cap: float, asked: float) -> float:
     """The pause after a round of failed attempts: backoff, or what a gateway asked (plus up
     to 50% jitter, so clients told the same wait do not come back together), capped at 60 s."""
@@ -386,6 +375,7 @@ class Client(AdminCommands):
         self._handlers: dict[tuple[str, str, str], CommandHandler] = {}
         self._handler_slots = asyncio.Semaphore(handler_concurrency)
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._rate_slot_at = 0.0  # when the next rate-limited resend may go (_retry_delay)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -540,7 +530,7 @@ class Client(AdminCommands):
                 return await self._publish_once(msg_id, frame, deadline)
             except (Unavailable, Internal, RateLimited) as exc:
                 # Retryable, and safe: a resend with the same id is never stored twice.
-                delay = _retry_delay(exc, attempt, self.max_backoff)
+                delay = self._retry_delay(exc, attempt)
                 attempt += 1
                 if deadline - loop.time() <= delay:
                     raise
@@ -989,6 +979,23 @@ class Client(AdminCommands):
 
     # -- requests ---------------------------------------------------------------------------
 
+    def _retry_delay(self, exc: ArqonBusError, attempt: int) -> float:
+        """How long to wait before resending after a retryable error.
+
+        Over a rate limit the gateway says when to come back (``retry_after_ms``: when its
+        bucket holds one frame again). The resends of every call share one queue of slots
+        spaced that far apart (a little more), so calls refused together go out again at the
+        bucket's rate, not all at once, which would have all but one refused again.
+        Otherwise jittered exponential backoff.
+        """
+        if not isinstance(exc, RateLimited) or exc.retry_after_ms <= 0:
+            return _backoff(attempt, self.max_backoff)
+        spacing = min(exc.retry_after_ms * 1.05 + 1, _MAX_RETRY_AFTER_S * 1000) / 1000
+        now = asyncio.get_running_loop().time()
+        at = max(now + spacing, self._rate_slot_at)
+        self._rate_slot_at = at + spacing
+        return at - now
+
     def _check_usable(self) -> None:
         if self._fatal is not None:
             raise self._fatal
@@ -1028,7 +1035,7 @@ class Client(AdminCommands):
                     room, channel, command, parameters, deadline - loop.time(), extra, trace
                 )
             except RateLimited as exc:
-                delay = _retry_delay(exc, attempt, self.max_backoff)
+                delay = self._retry_delay(exc, attempt)
                 if deadline - loop.time() <= delay:
                     raise
                 await asyncio.sleep(delay)
@@ -1091,7 +1098,7 @@ class Client(AdminCommands):
                     raise last_error from None
                 raise
             except (Unavailable, Internal, RateLimited) as exc:
-                delay = _retry_delay(exc, attempt, self.max_backoff)
+                delay = self._retry_delay(exc, attempt)
                 attempt += 1
                 if deadline - loop.time() <= delay:
                     raise exc from None
@@ -1462,7 +1469,7 @@ class Client(AdminCommands):
 
     def _on_join_retry(self, event: JoinRetry, conn: ClientConnection) -> None:
         sub = self._subs.get((event.room, event.channel))
-        delay = _retry_delay(event.error, event.attempt, self.max_backoff)
+        delay = self._retry_delay(event.error, event.attempt)
         log.warning(
             "join of %s/%s failed (%s); retrying in %.2fs",
             event.room,
