@@ -64,10 +64,12 @@ import {
 /** A token, or a function returning one (or a promise of one): called before every attempt. */
 export type TokenSource = string | (() => string | Promise<string>);
 
-/** How the token travels. `"auto"` (the default): a subprotocol when the token may be one
- * (RFC 7230 token characters: JWTs and API keys), else the first frame (dev and agent tokens
- * hold ':'). `"subprotocol"`, `"first-message"`: always that way. `"header"`: an
- * `Authorization` header (Node with the `ws` package only; browsers cannot set headers). */
+/** How the token travels. `"auto"` (the default): a subprotocol where the WebSocket
+ * implementation reports why a handshake was refused (the `ws` package) and the token may be
+ * one (RFC 7230 token characters: JWTs and API keys), else the first frame (browsers, whose
+ * WebSocket hides a 401 behind a plain 1006 close, and dev and agent tokens, which hold ':').
+ * `"subprotocol"`, `"first-message"`: always that way. `"header"`: an `Authorization` header
+ * (Node with the `ws` package only; browsers cannot set headers). */
 export type AuthMode = "auto" | "subprotocol" | "first-message" | "header";
 
 /** The subset of the WebSocket API the client uses (browsers, Node 22+, the `ws` package). */
@@ -96,6 +98,10 @@ export interface ClientOptions {
   queueSize?: number;
   /** How many service requests the client's handlers run at once. */
   handlerConcurrency?: number;
+  /** A connection silent this long gets a `ping` command; silent twice this long, it is
+   * taken for dead (a half-open TCP connection: a sleeping laptop, a NAT that forgot it) and
+   * the client reconnects and resumes. Default 20 000; 0 turns it off. */
+  keepaliveMs?: number;
 }
 
 export type ClientState = "idle" | "connecting" | "connected" | "resuming" | "closed";
@@ -164,6 +170,8 @@ const SUBPROTOCOL_TOKEN = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/;
 const BEARER = "arqonbus.bearer";
 const INITIAL_BACKOFF_MS = 50;
 const MAX_RETRY_AFTER_MS = 60_000;
+/** How long command() lets a service handler take by default (as the Python SDK). */
+const COMMAND_TIMEOUT_MS = 5_000;
 const PRESENCE_PAGE_MAX = 1000;
 const OPEN = 1;
 const ADMIN_COMMANDS = new Set(
@@ -201,7 +209,12 @@ function checkTimeout(value: unknown): void {
 }
 
 function checkSignal(signal: AbortSignal | undefined): void {
-  if (signal?.aborted) throw signal.reason;
+  if (signal?.aborted) throw abortReason(signal);
+}
+
+/** Why `signal` aborted: its reason, or an AbortError when it gave none (older browsers). */
+function abortReason(signal: AbortSignal): unknown {
+  return signal.reason ?? new DOMException("the operation was aborted", "AbortError");
 }
 
 function jitter(lo: number, hi: number): number {
@@ -281,6 +294,9 @@ interface Conn {
   onClose: (code: number, reason: string) => void;
   /** Frames that arrived after the welcome, before the connection was attached. */
   early: JsonObject[];
+  /** When the last frame arrived, and the keepalive check (see `_keepalive`). */
+  lastFrameAt?: number;
+  keepalive?: ReturnType<typeof setInterval>;
 }
 
 function describeRefusal(r: HandshakeRefusal): string {
@@ -334,10 +350,12 @@ export class Client extends EventTarget {
   readonly connectTimeoutMs: number;
   readonly requestTimeoutMs: number;
   readonly maxBackoffMs: number;
+  readonly keepaliveMs: number;
   readonly queueSize: number;
   private _token: TokenSource | undefined;
   private readonly _authMode: AuthMode;
   private readonly _WS: WebSocketConstructor;
+  private readonly _readsRefusals: boolean;
   private _state: ClientState = "idle";
   private _url: string | null = null;
   private _welcome: Welcome | null = null;
@@ -405,11 +423,14 @@ export class Client extends EventTarget {
     this._token = token;
     this._authMode = auth;
     this._WS = WS;
+    // The ws package reports a refused upgrade's status and body ("unexpected-response").
+    this._readsRefusals = typeof (WS as { prototype?: { on?: unknown } }).prototype?.on === "function";
     this.connectTimeoutMs = ms("connectTimeoutMs", options.connectTimeoutMs, 10_000);
     this.requestTimeoutMs = ms("requestTimeoutMs", options.requestTimeoutMs, 10_000);
     this.maxBackoffMs = ms("maxBackoffMs", options.maxBackoffMs, 5_000, 0);
     this.queueSize = ms("queueSize", options.queueSize, 10_000);
     this._handlerSlots = ms("handlerConcurrency", options.handlerConcurrency, 64);
+    this.keepaliveMs = ms("keepaliveMs", options.keepaliveMs, 20_000, 0);
   }
 
   /** `"idle" | "connecting" | "connected" | "resuming" | "closed"`. */
@@ -464,6 +485,11 @@ export class Client extends EventTarget {
       this._setState("idle", error instanceof ArqonBusError ? error : null);
       throw error;
     }
+    if (this._closing) {
+      // close() (or a fatal error) came while the welcome was on its way
+      conn.ws.close(1000, "client closed");
+      throw this._fatal ?? new ClientClosed("the client was closed while connecting");
+    }
     const resumed = this._attach(conn, welcome);
     await this._until(resumed, Math.max(deadline, now() + 100), undefined, null).catch(() => {});
   }
@@ -487,6 +513,7 @@ export class Client extends EventTarget {
     const conn = this._conn;
     this._conn = null;
     if (conn) {
+      clearInterval(conn.keepalive);
       conn.onFrame = conn.onClose = () => {};
       try {
         conn.ws.close(1000, "client closed");
@@ -546,8 +573,8 @@ export class Client extends EventTarget {
         }
         if (!isRetryable(error)) throw error;
         // Retryable, and safe: a resend with the same id is never stored twice.
-        const delay = this._retryDelay(error, attempt);
-        if (deadline - now() <= delay) throw error;
+        const delay = this._retryDelay(error, attempt, deadline);
+        if (delay === null) throw error;
         lastError = error;
         await this._sleep(delay, options.signal);
       }
@@ -636,7 +663,10 @@ export class Client extends EventTarget {
     checkInt("limit", limit, 1);
     const max = this._core.limits.history_max_limit ?? 1000;
     const params: JsonObject = { since_seq: since, limit: Math.min(limit, max) };
-    if (options.roomKey !== undefined) params.room_key = options.roomKey;
+    if (options.roomKey !== undefined) {
+      if (typeof options.roomKey !== "string") throw new TypeError("roomKey must be a string");
+      params.room_key = options.roomKey;
+    }
     const result = await this._requestIdempotent(room, channel, "history", params, options);
     const events = (Array.isArray(result.events) ? result.events : []).filter(isObject).map(eventFromWire);
     const next = Number.isInteger(result.next_since_seq) ? (result.next_since_seq as number) : since;
@@ -665,7 +695,7 @@ export class Client extends EventTarget {
 
   /**
    * Call a service command and return its result. The gateway waits `timeoutMs` (default
-   * `requestTimeoutMs`) for the handler's answer; the client waits one second more. Not
+   * 5000, as the Python SDK) for the handler's answer; the client waits one second more. Not
    * resent after a lost connection (ConnectionLost): commands are not idempotent.
    */
   async command(room: string, channel: string, command: string, params: JsonObject = {}, options: CallOptions = {}): Promise<JsonObject> {
@@ -677,7 +707,7 @@ export class Client extends EventTarget {
     }
     if (!isObject(params)) throw new TypeError("params must be a plain object");
     checkTimeout(options.timeoutMs);
-    const timeoutMs = options.timeoutMs ?? this.requestTimeoutMs;
+    const timeoutMs = options.timeoutMs ?? COMMAND_TIMEOUT_MS;
     return this.request(room, channel, command, params, timeoutMs + 1000, options.signal, {
       timeout_ms: Math.max(1, Math.round(timeoutMs)),
     });
@@ -689,6 +719,7 @@ export class Client extends EventTarget {
     if (!ADMIN_COMMANDS.has(command)) throw new TypeError(`${JSON.stringify(command)} is not an admin command`);
     const channel = options.channel ?? "admin";
     checkName("channel", channel);
+    if (!isObject(params)) throw new TypeError("params must be a plain object");
     return this.request(room, channel, command, params, options.timeoutMs ?? this.requestTimeoutMs, options.signal);
   }
 
@@ -821,7 +852,7 @@ export class Client extends EventTarget {
       };
       const onAbort = (): void => {
         done();
-        reject(signal?.aborted ? signal.reason : this._stopped);
+        reject(signal?.aborted ? abortReason(signal) : this._stopped);
       };
       const timer = setTimeout(() => {
         done();
@@ -844,17 +875,24 @@ export class Client extends EventTarget {
     });
   }
 
-  /** The wait before resending after a retryable error. Over a rate limit, the resends of all
-   * calls share one queue of slots spaced by what the gateway asked (the time its bucket
-   * takes to refill one frame): calls refused together go out again at the bucket's rate, not
-   * all at once (which would have all but one refused again). Else jittered backoff. */
-  private _retryDelay(error: ArqonBusError, attempt: number): number {
-    if (!(error instanceof RateLimited) || error.retryAfterMs <= 0) return backoff(attempt, this.maxBackoffMs);
-    // A little over what was asked: a slot a millisecond early is refused again.
+  /** The wait before resending after a retryable error, or null when it would end past
+   * `deadline` (the caller gives up). Over a rate limit, the resends of all calls share one
+   * queue of slots spaced by what the gateway asked (the time its bucket takes to refill one
+   * frame, a little more): calls refused together go out again at the bucket's rate, not all
+   * at once (which would have all but one refused again). A slot is taken only by a caller
+   * that will wait for it, and the queue reaches at most MAX_RETRY_AFTER_MS ahead. Else
+   * jittered backoff. */
+  private _retryDelay(error: ArqonBusError, attempt: number, deadline: number): number | null {
+    const start = now();
+    if (!(error instanceof RateLimited) || error.retryAfterMs <= 0) {
+      const delay = backoff(attempt, this.maxBackoffMs);
+      return start + delay < deadline ? delay : null;
+    }
     const spacing = Math.min(error.retryAfterMs * 1.05 + 1, MAX_RETRY_AFTER_MS);
-    const at = Math.max(now() + spacing, this._rateSlotAt);
+    const at = Math.max(start + spacing, Math.min(this._rateSlotAt, start + MAX_RETRY_AFTER_MS));
+    if (at >= deadline) return null;
     this._rateSlotAt = at + spacing;
-    return at - now();
+    return at - start;
   }
 
   /** Wait `ms`; rejects on abort or when the client closes. */
@@ -890,8 +928,8 @@ export class Client extends EventTarget {
         return await this._requestOnce(room, channel, command, parameters, deadline, timeoutMs, signal, extra);
       } catch (error) {
         if (!(error instanceof RateLimited)) throw error;
-        const delay = this._retryDelay(error, attempt);
-        if (deadline - now() <= delay) throw error;
+        const delay = this._retryDelay(error, attempt, deadline);
+        if (delay === null) throw error;
         await this._sleep(delay, signal);
       }
     }
@@ -941,8 +979,8 @@ export class Client extends EventTarget {
         if (error instanceof ConnectionLost) continue; // waits for the next connection
         if (error instanceof Timeout && lastError) throw lastError;
         if (!isRetryable(error)) throw error;
-        const delay = this._retryDelay(error, attempt++);
-        if (deadline - now() <= delay) throw error;
+        const delay = this._retryDelay(error, attempt++, deadline);
+        if (delay === null) throw error;
         lastError = error;
         await this._sleep(delay, options.signal);
       }
@@ -1000,16 +1038,22 @@ export class Client extends EventTarget {
    * AuthenticationError or ConnectionRejected (fatal). */
   private async _open(url: string, timeoutMs: number, signal?: AbortSignal): Promise<[Conn, Welcome]> {
     let token: string | undefined;
+    const started = now();
     try {
-      token = await this._currentToken();
+      // Bounded by the attempt's time, and ended by close() or the signal like any wait.
+      token = await this._until(this._currentToken(), started + timeoutMs, signal, null);
     } catch (error) {
-      if (error instanceof ArqonBusError) throw error;
+      if (error instanceof ArqonBusError || signal?.aborted) throw error;
       throw new AttemptFailed(`the token function failed: ${error instanceof Error ? error.message : String(error)}`);
     }
+    if (token === undefined && this._token !== undefined) {
+      throw new AttemptFailed(`the token function did not answer within ${timeoutMs} ms`);
+    }
+    timeoutMs = Math.max(1, timeoutMs - (now() - started));
     checkSignal(signal);
     if (this._stopped) throw this._stopped;
     let mode: AuthMode | "none" = token === undefined ? "none" : this._authMode;
-    if (mode === "auto") mode = SUBPROTOCOL_TOKEN.test(token!) ? "subprotocol" : "first-message";
+    if (mode === "auto") mode = this._readsRefusals && SUBPROTOCOL_TOKEN.test(token!) ? "subprotocol" : "first-message";
     else if (mode === "subprotocol" && !SUBPROTOCOL_TOKEN.test(token!)) throw new AuthenticationError(NOT_A_SUBPROTOCOL);
     let ws: WebSocketLike;
     try {
@@ -1034,7 +1078,7 @@ export class Client extends EventTarget {
         clearTimeout(timer);
         this._aborters.delete(onAbort);
         signal?.removeEventListener("abort", onAbort);
-        if (error) {
+        if (error !== null) {
           conn.onFrame = conn.onClose = () => {};
           try {
             ws.close();
@@ -1046,7 +1090,7 @@ export class Client extends EventTarget {
           resolve([conn, welcome!]);
         }
       };
-      const onAbort = (): void => finish((signal?.aborted ? signal.reason : this._stopped) as Error);
+      const onAbort = (): void => finish((signal?.aborted ? abortReason(signal) : this._stopped) as Error);
       const timer = setTimeout(() => finish(new AttemptFailed("timed out")), timeoutMs);
       this._aborters.add(onAbort);
       signal?.addEventListener("abort", onAbort);
@@ -1200,8 +1244,13 @@ export class Client extends EventTarget {
   private _attach(conn: Conn, welcome: Welcome): Promise<unknown> {
     this._conn = conn;
     this._welcome = welcome;
-    conn.onFrame = (message) => this._dispatch(message, conn);
+    conn.lastFrameAt = now();
+    conn.onFrame = (message) => {
+      conn.lastFrameAt = now();
+      this._dispatch(message, conn);
+    };
     conn.onClose = (code, reason) => this._onDisconnect(conn, code, reason);
+    if (this.keepaliveMs > 0) conn.keepalive = setInterval(() => this._keepalive(conn), this.keepaliveMs / 2);
     this._core.connectionMade(welcome);
     this._flush();
     this._setState("connected");
@@ -1228,8 +1277,29 @@ export class Client extends EventTarget {
     this.dispatchEvent(new CustomEvent("error", { detail: error }));
   }
 
+  /** A silent connection gets a `ping` (any frame back proves it alive); one silent for two
+   * intervals is closed and treated as lost, so the client reconnects and resumes. */
+  private _keepalive(conn: Conn): void {
+    if (this._conn !== conn) {
+      clearInterval(conn.keepalive);
+      return;
+    }
+    const silent = now() - (conn.lastFrameAt ?? 0);
+    if (silent >= 2 * this.keepaliveMs) {
+      try {
+        conn.ws.close(4000, "keepalive timeout");
+      } catch {
+        // closed already
+      }
+      this._onDisconnect(conn, 1006, `keepalive timeout: nothing from the gateway for ${Math.round(silent)} ms`);
+    } else if (silent >= this.keepaliveMs) {
+      this.request("_system", "admin", "ping", {}, this.keepaliveMs).catch(() => {});
+    }
+  }
+
   private _onDisconnect(conn: Conn, code: number, reason: string): void {
     if (this._conn !== conn) return;
+    clearInterval(conn.keepalive);
     conn.onFrame = conn.onClose = () => {};
     this._conn = null;
     this._core.connectionLost();
@@ -1312,7 +1382,7 @@ export class Client extends EventTarget {
       case "join_retry": {
         const sub = this._subs.get(subKey(event.room, event.channel));
         if (!sub) break;
-        this._later(this._retryDelay(event.error, event.attempt), () => {
+        this._later(this._retryDelay(event.error, event.attempt, Number.POSITIVE_INFINITY) ?? 0, () => {
           if (conn === this._conn && this._subs.get(sub.state.key) === sub) {
             this._core.rejoin(sub.state);
             this._flush();
@@ -1446,6 +1516,52 @@ export class Client extends EventTarget {
 
 // -- subscriptions -----------------------------------------------------------------------------
 
+
+type Listener = EventListenerOrEventListenerObject;
+
+/** The listeners of one event type, kept as EventTarget keeps them (one per listener and
+ * capture flag; a `once` one gone after it fired, a `signal` one gone on abort), so that a
+ * subscription takes items from its queue only while someone receives them: an item taken
+ * moves the resume cursor, so one handed to nobody would be lost. */
+class ListenerSet {
+  private readonly _entries = new Map<Listener, Map<boolean, boolean>>(); // capture -> once
+  private _size = 0;
+
+  get size(): number {
+    return this._size;
+  }
+
+  /** True when added (not already there). */
+  add(listener: Listener, options?: boolean | AddEventListenerOptions): boolean {
+    const capture = typeof options === "boolean" ? options : Boolean(options?.capture);
+    const once = typeof options === "object" && Boolean(options.once);
+    const signal = typeof options === "object" ? options.signal : undefined;
+    if (signal?.aborted) return false;
+    let byCapture = this._entries.get(listener);
+    if (!byCapture) this._entries.set(listener, (byCapture = new Map()));
+    if (byCapture.has(capture)) return false;
+    byCapture.set(capture, once);
+    this._size += 1;
+    signal?.addEventListener("abort", () => this.remove(listener, capture), { once: true });
+    return true;
+  }
+
+  remove(listener: Listener, options?: boolean | EventListenerOptions): void {
+    const capture = typeof options === "boolean" ? options : Boolean(options?.capture);
+    const byCapture = this._entries.get(listener);
+    if (!byCapture?.delete(capture)) return;
+    this._size -= 1;
+    if (byCapture.size === 0) this._entries.delete(listener);
+  }
+
+  /** After a dispatch: the `once` listeners fired and are gone. */
+  fired(): void {
+    for (const [listener, byCapture] of this._entries) {
+      for (const [capture, once] of byCapture) if (once) this.remove(listener, capture);
+    }
+  }
+}
+
 /**
  * One channel's events and gaps, in seq order, each exactly once, across reconnects.
  *
@@ -1469,8 +1585,8 @@ export class Subscription extends EventTarget implements AsyncIterable<Item> {
   private readonly _wakeup = new Notifier();
   private readonly synced = new Notifier();
   private _iterators = 0;
-  private _itemListeners = 0;
-  private _presenceListeners = 0;
+  private readonly _itemListeners = new ListenerSet();
+  private readonly _presenceListeners = new ListenerSet();
   private _draining = false;
 
   /** @internal */
@@ -1514,19 +1630,17 @@ export class Subscription extends EventTarget implements AsyncIterable<Item> {
     super.addEventListener(type, listener, options);
     if (!listener) return;
     if (type === "item") {
-      this._itemListeners += 1;
-      queueMicrotask(() => this._wake());
+      if (this._itemListeners.add(listener, options)) queueMicrotask(() => this._wake());
     } else if (type === "presence") {
-      this._presenceListeners += 1;
-      queueMicrotask(() => this._onPresence());
+      if (this._presenceListeners.add(listener, options)) queueMicrotask(() => this._onPresence());
     }
   }
 
   override removeEventListener(type: string, listener: EventListenerOrEventListenerObject | null, options?: boolean | EventListenerOptions): void {
     super.removeEventListener(type, listener, options);
     if (!listener) return;
-    if (type === "item") this._itemListeners = Math.max(0, this._itemListeners - 1);
-    else if (type === "presence") this._presenceListeners = Math.max(0, this._presenceListeners - 1);
+    if (type === "item") this._itemListeners.remove(listener, options);
+    else if (type === "presence") this._presenceListeners.remove(listener, options);
   }
 
   /** Wait until the member list has been read (trackMembers); resolves with it. */
@@ -1596,17 +1710,18 @@ export class Subscription extends EventTarget implements AsyncIterable<Item> {
 
   private _emit(item: Item): void {
     this.dispatchEvent(new CustomEvent<Item>("item", { detail: item }));
+    this._itemListeners.fired();
   }
 
   /** @internal New items or a state change: wake iterators, or hand items to listeners. */
   _wake(): void {
     this._wakeup.notify();
-    if (this._iterators > 0 || this._itemListeners === 0 || this._draining) return;
+    if (this._iterators > 0 || this._itemListeners.size === 0 || this._draining) return;
     this._draining = true;
     try {
       for (let item = this._client._takeItem(this); item; item = this._client._takeItem(this)) {
         this._emit(item);
-        if (this._iterators > 0 || this._itemListeners === 0) break;
+        if (this._iterators > 0 || this._itemListeners.size === 0) break;
       }
     } finally {
       this._draining = false;
@@ -1615,10 +1730,11 @@ export class Subscription extends EventTarget implements AsyncIterable<Item> {
 
   /** @internal A presence frame arrived: hand queued presence events to listeners. */
   _onPresence(): void {
-    if (this._presenceListeners > 0) {
-      for (let p = this._client.takePresence(this); p; p = this._client.takePresence(this)) {
-        this.dispatchEvent(new CustomEvent<PresenceEvent>("presence", { detail: p }));
-      }
+    while (this._presenceListeners.size > 0) {
+      const p = this._client.takePresence(this);
+      if (!p) break;
+      this.dispatchEvent(new CustomEvent<PresenceEvent>("presence", { detail: p }));
+      this._presenceListeners.fired();
     }
     if (this.state.members?.synced) this._membersChanged(false);
   }

@@ -410,3 +410,125 @@ test("close() rejects pending calls with ClientClosed and ends iterators", withC
   assert.deepEqual(await within(2000, "the iterator's end", next), { value: undefined, done: true });
   assert.equal(client.state, "closed");
 }));
+
+test("items are taken only while a listener receives them: once, signal and duplicate listeners lose nothing", withCleanup(async (_, use) => {
+  const gw = use(await startGateway());
+  const client = use(new Client({ ...fast, urls: gw.url, token: "tok" }));
+  await client.connect();
+  const sub = await client.subscribe("science", "general");
+  const first = nextEvent(sub, "item");
+  sub.addEventListener("item", () => {}, { once: true }); // fires once, then gone
+  const onAbort = new AbortController();
+  const counted = () => {};
+  sub.addEventListener("item", counted, { signal: onAbort.signal });
+  sub.addEventListener("item", counted); // the platform keeps one: one removal removes it
+  await client.publish("science", "general", { n: 1 });
+  assert.equal((await first).seq, 1);
+  onAbort.abort();
+  sub.removeEventListener("item", counted);
+  for (let n = 2; n <= 4; n++) await client.publish("science", "general", { n });
+  // Nobody listened to 2-4: they wait in the queue for the iterator, in order.
+  assert.deepEqual((await take(sub, 3)).map((item) => item.seq), [2, 3, 4]);
+}));
+
+test("a rate-limit slot is taken only by a call that waits for it: a later call waits, it does not fail", withCleanup(async (_, use) => {
+  let refuseAll = true;
+  const refused = new Set();
+  const gw = use(
+    await startGateway({
+      onFrame: (conn, frame) => {
+        if (frame.type !== "event" || (!refuseAll && refused.has(frame.id))) return false;
+        refused.add(frame.id);
+        conn.send({ type: "error", payload: { request_id: frame.id, code: "rate_limited", message: "slow down", retryable: true, retry_after_ms: 100 } });
+        return true;
+      },
+    }),
+  );
+  const client = use(new Client({ ...fast, urls: gw.url, token: "tok" }));
+  await client.connect();
+  // 50 calls with 300 ms each: a few fit the queue of 100 ms slots, the others give up at once.
+  const burst = await Promise.allSettled(
+    Array.from({ length: 50 }, (_, i) => client.publish("a", "b", { i }, { id: `burst-${i}`, timeoutMs: 300 })),
+  );
+  assert.ok(burst.some((r) => r.status === "rejected"), "no call gave up: the test needs a full queue");
+  refuseAll = false;
+  const started = performance.now();
+  const ack = await client.publish("a", "b", { late: true }, { id: "late", timeoutMs: 5000 });
+  assert.equal(ack.id, "late");
+  assert.ok(performance.now() - started >= 100, "resent before retry_after_ms");
+  assert.ok(performance.now() - started < 2000, `waited ${performance.now() - started} ms behind slots nobody used`);
+}));
+
+test("a silent connection is pinged, then taken for dead: the client reconnects and resumes", withCleanup(async (_, use) => {
+  const gw = use(await startGateway());
+  const client = use(new Client({ ...fast, urls: gw.url, token: "tok", keepaliveMs: 200 }));
+  await client.connect();
+  const sub = await client.subscribe("a", "b");
+  await client.publish("a", "b", { n: 1 });
+  assert.equal((await take(sub, 1))[0].seq, 1);
+  // The gateway goes silent (a half-open connection): it reads nothing and sends nothing.
+  const silent = gw.conns[0];
+  silent.ws.send = () => {};
+  silent.ws._socket.pause();
+  const ping = await nextFrame(gw, (f, conn) => conn === silent && f.payload?.command === "ping", 5000, "a ping").catch(() => null);
+  assert.equal(await gw.connections.next(1000, "the first connection"), silent);
+  const resumed = await gw.connections.next(5000, "a second connection");
+  assert.notEqual(resumed, silent);
+  await within(5000, "connected again", client.state === "connected" ? Promise.resolve() : nextEvent(client, "state", (d) => d.state === "connected"));
+  const other = use(new Client({ ...fast, urls: gw.url, token: "tok2" }));
+  await other.connect();
+  await other.publish("a", "b", { n: 2 });
+  assert.equal((await take(sub, 1))[0].seq, 2);
+  // The ping went out on the silent socket (paused: the gateway may not have read it).
+  assert.ok(ping === null || ping.frame.room === "_system");
+}));
+
+test("a token function that never answers: connect() fails within connectTimeoutMs, close() ends it at once", withCleanup(async (_, use) => {
+  const gw = use(await startGateway());
+  const hanging = () => new Promise(() => {});
+  const timedOut = use(new Client({ ...fast, urls: gw.url, token: hanging, connectTimeoutMs: 600 }));
+  await assert.rejects(within(3000, "connect", timedOut.connect()), (e) => e instanceof ConnectionFailed && /did not answer/.test(e.message));
+  const closed = new Client({ ...fast, urls: gw.url, token: hanging, connectTimeoutMs: 60_000 });
+  const connecting = closed.connect();
+  await closed.close();
+  await assert.rejects(within(1000, "connect after close", connecting), (e) => e instanceof ClientClosed);
+  assert.equal(gw.attempts.length, 0);
+}));
+
+test("auth auto: first-message where the WebSocket hides handshake refusals (browsers), a subprotocol with ws", withCleanup(async (_, use) => {
+  const gw = use(await startGateway({ firstMessageAuth: true }));
+  // Only the platform's WebSocket API (browsers, Node 22+): no ws events, no refusal details.
+  class PlatformLike {
+    constructor(url, protocols) {
+      this.ws = new WebSocket(url, protocols);
+    }
+    get readyState() {
+      return this.ws.readyState;
+    }
+    get binaryType() {
+      return this.ws.binaryType;
+    }
+    set binaryType(value) {
+      this.ws.binaryType = value;
+    }
+    send(data) {
+      this.ws.send(data);
+    }
+    close(code, reason) {
+      this.ws.close(code, reason);
+    }
+    addEventListener(type, listener, options) {
+      this.ws.addEventListener(type, listener, options);
+    }
+    removeEventListener(type, listener) {
+      this.ws.removeEventListener(type, listener);
+    }
+  }
+  const browser = use(new Client({ ...fast, urls: gw.url, token: "abc.def", WebSocket: PlatformLike }));
+  await browser.connect();
+  assert.deepEqual(gw.attempts[0].protocols, []);
+  assert.equal(gw.conns[0].authToken, "abc.def");
+  const node = use(new Client({ ...fast, urls: gw.url, token: "abc.def" }));
+  await node.connect();
+  assert.deepEqual(gw.attempts[1].protocols, ["arqonbus.bearer", "arqonbus.bearer.abc.def"]);
+}));

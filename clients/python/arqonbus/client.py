@@ -34,6 +34,7 @@ import contextlib
 import inspect
 import itertools
 import logging
+import math
 import random
 import re
 import socket
@@ -530,9 +531,9 @@ class Client(AdminCommands):
                 return await self._publish_once(msg_id, frame, deadline)
             except (Unavailable, Internal, RateLimited) as exc:
                 # Retryable, and safe: a resend with the same id is never stored twice.
-                delay = self._retry_delay(exc, attempt)
+                delay = self._retry_delay(exc, attempt, deadline)
                 attempt += 1
-                if deadline - loop.time() <= delay:
+                if delay is None:
                     raise
                 log.debug("publish of %s failed (%s); resending", msg_id, exc)
                 last_error = exc
@@ -979,20 +980,25 @@ class Client(AdminCommands):
 
     # -- requests ---------------------------------------------------------------------------
 
-    def _retry_delay(self, exc: ArqonBusError, attempt: int) -> float:
-        """How long to wait before resending after a retryable error.
+    def _retry_delay(self, exc: ArqonBusError, attempt: int, deadline: float) -> float | None:
+        """How long to wait before resending after a retryable error, or None when the wait
+        would end past ``deadline`` (loop time: the caller gives up).
 
         Over a rate limit the gateway says when to come back (``retry_after_ms``: when its
         bucket holds one frame again). The resends of every call share one queue of slots
         spaced that far apart (a little more), so calls refused together go out again at the
-        bucket's rate, not all at once, which would have all but one refused again.
-        Otherwise jittered exponential backoff.
+        bucket's rate, not all at once, which would have all but one refused again. A slot is
+        taken only by a caller that will wait for it, and the queue reaches at most
+        ``_MAX_RETRY_AFTER_S`` ahead. Otherwise jittered exponential backoff.
         """
-        if not isinstance(exc, RateLimited) or exc.retry_after_ms <= 0:
-            return _backoff(attempt, self.max_backoff)
-        spacing = min(exc.retry_after_ms * 1.05 + 1, _MAX_RETRY_AFTER_S * 1000) / 1000
         now = asyncio.get_running_loop().time()
-        at = max(now + spacing, self._rate_slot_at)
+        if not isinstance(exc, RateLimited) or exc.retry_after_ms <= 0:
+            delay = _backoff(attempt, self.max_backoff)
+            return delay if now + delay < deadline else None
+        spacing = min(exc.retry_after_ms * 1.05 + 1, _MAX_RETRY_AFTER_S * 1000) / 1000
+        at = max(now + spacing, min(self._rate_slot_at, now + _MAX_RETRY_AFTER_S))
+        if at >= deadline:
+            return None
         self._rate_slot_at = at + spacing
         return at - now
 
@@ -1035,8 +1041,8 @@ class Client(AdminCommands):
                     room, channel, command, parameters, deadline - loop.time(), extra, trace
                 )
             except RateLimited as exc:
-                delay = self._retry_delay(exc, attempt)
-                if deadline - loop.time() <= delay:
+                delay = self._retry_delay(exc, attempt, deadline)
+                if delay is None:
                     raise
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")
@@ -1098,9 +1104,9 @@ class Client(AdminCommands):
                     raise last_error from None
                 raise
             except (Unavailable, Internal, RateLimited) as exc:
-                delay = self._retry_delay(exc, attempt)
+                delay = self._retry_delay(exc, attempt, deadline)
                 attempt += 1
-                if deadline - loop.time() <= delay:
+                if delay is None:
                     raise exc from None
                 last_error = exc
                 log.debug("%s on %s/%s failed (%s); retrying", command, room, channel, exc)
@@ -1469,7 +1475,7 @@ class Client(AdminCommands):
 
     def _on_join_retry(self, event: JoinRetry, conn: ClientConnection) -> None:
         sub = self._subs.get((event.room, event.channel))
-        delay = self._retry_delay(event.error, event.attempt)
+        delay = self._retry_delay(event.error, event.attempt, math.inf) or 0.0
         log.warning(
             "join of %s/%s failed (%s); retrying in %.2fs",
             event.room,
