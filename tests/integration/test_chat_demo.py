@@ -7,7 +7,8 @@ other gateway, replays what it missed and sends the line typed meanwhile. In the
 pages show every line exactly once, in seq order, the same lines as the store's history.
 
 Debian's ``chromium`` driven by Playwright for Python: never a downloaded browser.
-``ARQONBUS_UPDATE_SCREENSHOTS=1`` also writes docs/images/chat.png (the README's picture).
+The screenshot is kept as .build/test-artifacts/chat.png; ``ARQONBUS_UPDATE_SCREENSHOTS=1``
+also writes docs/images/chat.png (the README's picture).
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ from tests.support import GatewayProcess
 from tests.timeouts import SEC
 
 WAIT_MS = 30_000 * SEC
-DOC_SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "images" / "chat.png"
+REPO = Path(__file__).resolve().parents[2]
+DOC_SCREENSHOT = REPO / "docs" / "images" / "chat.png"
+ARTIFACTS = REPO / ".build" / "test-artifacts"
 DEMO_ENV = {"ARQONBUS_DEMO_PAGES": "true"}
 BEFORE_KILL, AFTER_KILL = 12, 24  # lines page B sends before and after the kill
 
@@ -76,7 +79,6 @@ async def test_two_pages_chat_and_one_resumes_on_the_other_gateway_after_a_sigki
     nats_cluster: LocalCluster,
     gateway_processes: Callable[..., Awaitable[GatewayProcess]],
     chromium: Browser,  # noqa: F811
-    tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     tenant, room = "t" + uuid.uuid4().hex[:10], "lobby"
@@ -152,7 +154,8 @@ async def test_two_pages_chat_and_one_resumes_on_the_other_gateway_after_a_sigki
     assert resumed.startswith(f"resumed on {gw1.url} after #"), resumed
     await notices.first.scroll_into_view_if_needed()
 
-    shot = tmp_path / "chat.png"
+    shot = ARTIFACTS / "chat.png"  # the test's artifact, kept after the run
+    shot.parent.mkdir(parents=True, exist_ok=True)
     await alice.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 10_000
     if os.environ.get("ARQONBUS_UPDATE_SCREENSHOTS"):

@@ -1,6 +1,7 @@
 """Runs every conformance fixture of clients/conformance/ against the SDK's sans-I/O core.
 
-The format is described in clients/conformance/README.md; a JavaScript SDK runs the same files.
+The format is described in clients/conformance/README.md; the JavaScript SDK runs the same files
+(clients/js/test/conformance.test.js).
 """
 
 from __future__ import annotations
