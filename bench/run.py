@@ -32,7 +32,7 @@ from typing import Any
 
 import orjson
 
-from arqonbus_server.gateway.admin.dev import http_status
+from arqonbus_server.gateway.admin.dev import http_get, http_status
 from arqonbus_server.mesh.local import LocalCluster, free_port, free_port_run
 from bench.loadgen import percentile_us
 from bench.phases import Hist, add, delta, scrape_phases, summary
@@ -213,6 +213,30 @@ class Config:
     smoke: bool = False
 
 
+# What each gateway counted of its connections: tells a welcome never sent from one lost.
+_COUNTS = (
+    "arqonbus_connections ",
+    "arqonbus_sessions ",
+    "arqonbus_connections_opened_total",
+    'arqonbus_frames_sent_total{type="welcome"}',
+)
+
+
+async def gateway_counts(urls: list[str]) -> str:
+    """The connection, session and welcome counters of the gateways behind ``urls``."""
+    found = []
+    for url in urls:
+        port = int(url.split(":")[2].split("/")[0])
+        try:
+            _, body = await http_get("127.0.0.1", port, "/metrics")
+        except OSError as exc:
+            found.append(f"{url}: /metrics not read: {exc}")
+            continue
+        lines = [line for line in body.decode().splitlines() if line.startswith(_COUNTS)]
+        found.append(f"{url}: " + "; ".join(lines))
+    return "\n".join(found)
+
+
 async def fanout_once(
     target: Target, cfg: Config, rate: float, tenant: str, count: int = 0, subs: int = 0
 ) -> dict[str, Any]:
@@ -247,7 +271,12 @@ async def fanout_once(
                 )
             )
         for sub in procs:
-            await sub.read(120)
+            try:
+                await sub.read(120)
+            except RuntimeError as exc:
+                if target.proto != "arq":
+                    raise
+                raise RuntimeError(f"{exc}\n{await gateway_counts(target.sub_urls)}") from None
         phases_before = await scrape_phases(target.phase_port) if target.phase_port else None
         cpu_before = cpu_seconds(target.pids)
         store_before = cpu_seconds(target.store_pids)

@@ -163,6 +163,21 @@ async def test_two_pages_chat_and_one_resumes_on_the_other_gateway_after_a_sigki
         shutil.copyfile(shot, DOC_SCREENSHOT)
 
 
+async def test_the_page_connects_only_to_gateways_on_its_own_host(
+    nats_cluster: LocalCluster,
+    gateway_processes: Callable[..., Awaitable[GatewayProcess]],
+    chromium: Browser,  # noqa: F811
+) -> None:
+    gw = await gateway_processes(nats_cluster.url_csv, env=DEMO_ENV)
+    page = await chromium.new_page()
+    # A link that lists someone else's server: the token typed must never go there.
+    await page.goto(
+        f"http://127.0.0.1:{gw.port}/demo/chat?gateways=ws://evil.example:80/ws,{gw.url}"
+    )
+    await expect(page.locator("#gateways")).to_have_text(gw.url)
+    await expect(page.locator("#signin-error")).to_contain_text("ws://evil.example:80/ws")
+
+
 async def test_the_demo_is_served_only_when_turned_on(
     nats_cluster: LocalCluster, gateway_processes: Callable[..., Awaitable[GatewayProcess]]
 ) -> None:

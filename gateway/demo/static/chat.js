@@ -11,13 +11,25 @@ const MAX_LINES = 500;
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
 const own = `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws`;
-const gateways = (params.get("gateways") || own)
-  .split(",")
-  .map((url) => url.trim())
-  .filter((url) => url.startsWith("ws://") || url.startsWith("wss://"))
-  .slice(0, 16);
+// Only gateways on this page's own host (any port): a link must not be able to send the
+// token the user types to someone else's server.
+function sameHost(url) {
+  try {
+    const parsed = new URL(url);
+    return (parsed.protocol === "ws:" || parsed.protocol === "wss:") && parsed.hostname === location.hostname;
+  } catch {
+    return false;
+  }
+}
+const asked = (params.get("gateways") || own).split(",").map((url) => url.trim()).filter(Boolean);
+const gateways = asked.filter(sameHost).slice(0, 16);
+if (gateways.length === 0) gateways.push(own);
+const ignored = asked.filter((url) => !sameHost(url));
 if (params.get("room")) $("room").value = params.get("room");
 $("gateways").textContent = gateways.join(", ");
+if (ignored.length) {
+  $("signin-error").textContent = `ignored gateways not on ${location.hostname}: ${ignored.join(", ")}`;
+}
 
 let client = null;
 let sub = null;
