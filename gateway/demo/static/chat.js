@@ -92,9 +92,18 @@ function showItem(item) {
   if (item.type === "gap") {
     const li = document.createElement("li");
     li.className = "gap";
-    li.textContent =
-      `lines ${item.afterSeq + 1}–${item.firstAvailableSeq - 1} are no longer stored ` +
-      "(the room's retention removed them before this page read them)";
+    if (item.reason === "epoch") {
+      // A regional failover: the new region's seqs continue after the fork point.
+      lastShown = item.afterSeq;
+      const lost = item.lostToSeq >= item.lostFromSeq && item.lostFromSeq > 0;
+      li.textContent =
+        `the room moved to another region (epoch ${item.epoch}) after #${item.afterSeq}` +
+        (lost ? `; lines #${item.lostFromSeq}–#${item.lostToSeq} of the old region were not copied before it went down` : "");
+    } else {
+      li.textContent =
+        `lines after #${item.afterSeq} up to #${item.firstAvailableSeq - 1} are no longer stored ` +
+        "(the room's retention removed them before this page read them)";
+    }
     append(li);
     return;
   }
