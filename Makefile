@@ -108,7 +108,8 @@ format: install
 	$(BIN)/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) .build .arqonbus .bench-smoke .chaos .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .build .arqonbus .bench-smoke .chaos .pytest_cache .mypy_cache .ruff_cache .hypothesis \
+	  $(JS_DIR)/node_modules $(JS_DIR)/dist
 
 # ---- Container image (deploy/Dockerfile; docs/deploy.md#image) --------------------------------
 # Podman as root, with runc, cgroupfs and explicit ulimits (deploy/base/containers.conf). The
