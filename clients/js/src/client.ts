@@ -478,7 +478,7 @@ export class Client extends EventTarget {
     let conn: Conn;
     let welcome: Welcome;
     try {
-      [conn, welcome] = await this._openFirst(deadline, options.signal);
+      [conn, welcome] = await this._openAny(deadline, options.signal);
     } catch (error) {
       this._started = false;
       if (this._closing) throw this._fatal ?? new ClientClosed("the client was closed while connecting");
@@ -1226,10 +1226,6 @@ export class Client extends EventTarget {
         await this._sleep(Math.max(0, Math.min(delay, deadline - now())), signal);
       }
     }
-  }
-
-  private _openFirst(deadline: number, signal?: AbortSignal): Promise<[Conn, Welcome]> {
-    return this._openAny(deadline, signal);
   }
 
   /** Reconnect until it works or the client closes. */
