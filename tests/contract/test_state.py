@@ -49,7 +49,7 @@ async def test_of_concurrent_creates_on_several_gateways_exactly_one_wins(mesh: 
     won = [i for i, r in enumerate(results) if isinstance(r, int)]
     assert len(won) == 1
     losers = [r for r in results if not isinstance(r, int)]
-    assert all(isinstance(r, KeyExists) for r in losers)
+    assert all(isinstance(r, KeyExists) for r in losers), [repr(r) for r in losers]
     winner = await kv.get("k")
     assert winner is not None and winner.value == f"v{won[0]}".encode()
     assert all(r.value == winner.value for r in losers if isinstance(r, KeyExists))
