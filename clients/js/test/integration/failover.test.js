@@ -75,12 +75,15 @@ test("kill -9 of a gateway under load: resume elsewhere, every acked event exact
     const acksQ = new Map();
     const startedQ = new Set();
     let stopQ = false;
+    let firstAckQ;
+    const firstQ = new Promise((resolve) => (firstAckQ = resolve));
     const workersQ = Array.from({ length: WINDOW }, async (_, w) => {
       for (let i = 0; !stopQ && i < 2000; i++) {
         const id = `q-${w}-${i}`;
         startedQ.add(id);
         const ack = await pubOnDoomed.publish(room, channel, { w, i }, { id, timeoutMs: 60_000 });
         acksQ.set(id, ack);
+        firstAckQ();
       }
     });
     workersQ.forEach((w) => w.catch(() => {})); // awaited below; no unhandled rejection meanwhile
@@ -101,6 +104,8 @@ test("kill -9 of a gateway under load: resume elsewhere, every acked event exact
         if (i === KILL_AFTER - 1) {
           // A has delivered from gw0 before the kill, so its resume starts past seq 0.
           await itemsA.waitFor((items) => items.some((it) => it.seq >= ackList[50].seq), 20_000, "A's items before the kill");
+          // Its first publish may wait on the store longer than 100 of the other's: wait for it.
+          await within(20_000, "the publisher on gw0's first ack", firstQ).catch(() => {});
           assert.ok(acksQ.size > 0, "the publisher on gw0 got no ack before the kill");
           killedPid = mesh.gatewayPids[0];
           killedAt = Date.now();
