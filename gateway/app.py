@@ -318,7 +318,7 @@ class Gateway:
             return await start_server(
                 options,
                 self._on_request,
-                self._on_socket_measured,
+                self._on_socket,
                 self.pending_handshakes if self.pending_handshakes.enabled else None,
                 Credentials.select_subprotocol,
                 counts=self.frames,
@@ -782,67 +782,69 @@ class Gateway:
     async def _on_socket(
         self, context: Principal | PendingAuth | dashboard.DashboardViewer, socket: Socket
     ) -> None:
-        if isinstance(context, dashboard.DashboardViewer):
-            viewer = context.principal
-            await self.dashboard.run(viewer, socket, lambda: self._revoked_since_check(viewer))
-            return
-        if isinstance(context, PendingAuth):
-            authenticated = await self._auth_phase(context, socket)
-            if authenticated is None:
-                return
-            principal = authenticated
-            # Authenticated after the upgrade: the tenant's connection cap is checked here.
-            if not self.tenant_conns.try_reserve(
-                principal.tenant,
-                self.conn_reports.others(principal.tenant),
-                self.tenant_limits.max_connections(principal.tenant),
-            ):
-                await socket.close(
-                    CloseCode.TOO_MANY_CONNECTIONS,
-                    "the tenant is at its connection limit: reconnect later",
-                )
-                return
-        else:
-            principal = context
-        if self.draining:  # the handshake finished just as the drain began
-            await socket.close(CloseCode.SERVICE_RESTART, "server draining: reconnect elsewhere")
-            return
-        session = Session(
-            socket,
-            principal,
-            self.hub,
-            self.broker,
-            self.settings,
-            self.node_id,
-            security=self.security,
-            audit=self.audit,
-            authenticator=self.authenticator,
-            rate_limits=self.rate_limits,
-            tracing=self.tracing,
-            metrics=self.metrics,
-            commands=self.commands,
-        )
-        self.tenant_conns.claim(principal.tenant)
-        self.sessions.add(session)
-        if self._revoked_since_check(principal):
-            # Revoked between the credential check and now: the revocation scan that ran
-            # meanwhile could not see this session.
-            session.socket.close_soon(
-                CloseCode.CREDENTIAL_REVOKED, "the credential was revoked: do not reconnect with it"
-            )
-        try:
-            await session.run()
-        except Exception:
-            log.exception("session %s crashed", session.id)
-        finally:
-            self.sessions.discard(session)
-            self.tenant_conns.release(principal.tenant)
-
-    async def _on_socket_measured(self, context: Principal | PendingAuth, socket: Socket) -> None:
-        """``_on_socket``, counted: connections open, opened, and closed by close code."""
+        """A connection's life after its upgrade, counted: connections open, opened, and
+        closed by close code. (One coroutine, not a counting wrapper around another: every
+        idle connection holds this chain of frames for its whole life.)"""
         self.metrics.connection_opened()
         try:
-            await self._on_socket(context, socket)
+            if isinstance(context, dashboard.DashboardViewer):
+                viewer = context.principal
+                await self.dashboard.run(viewer, socket, lambda: self._revoked_since_check(viewer))
+                return
+            if isinstance(context, PendingAuth):
+                authenticated = await self._auth_phase(context, socket)
+                if authenticated is None:
+                    return
+                principal = authenticated
+                # Authenticated after the upgrade: the tenant's connection cap is checked here.
+                if not self.tenant_conns.try_reserve(
+                    principal.tenant,
+                    self.conn_reports.others(principal.tenant),
+                    self.tenant_limits.max_connections(principal.tenant),
+                ):
+                    await socket.close(
+                        CloseCode.TOO_MANY_CONNECTIONS,
+                        "the tenant is at its connection limit: reconnect later",
+                    )
+                    return
+            else:
+                principal = context
+            if self.draining:  # the handshake finished just as the drain began
+                await socket.close(
+                    CloseCode.SERVICE_RESTART, "server draining: reconnect elsewhere"
+                )
+                return
+            session = Session(
+                socket,
+                principal,
+                self.hub,
+                self.broker,
+                self.settings,
+                self.node_id,
+                security=self.security,
+                audit=self.audit,
+                authenticator=self.authenticator,
+                rate_limits=self.rate_limits,
+                tracing=self.tracing,
+                metrics=self.metrics,
+                commands=self.commands,
+            )
+            self.tenant_conns.claim(principal.tenant)
+            self.sessions.add(session)
+            if self._revoked_since_check(principal):
+                # Revoked between the credential check and now: the revocation scan that ran
+                # meanwhile could not see this session.
+                session.socket.close_soon(
+                    CloseCode.CREDENTIAL_REVOKED,
+                    "the credential was revoked: do not reconnect with it",
+                )
+            try:
+                await session.run()
+            except Exception:
+                log.exception("session %s crashed", session.id)
+            finally:
+                self.sessions.discard(session)
+                self.tenant_conns.release(principal.tenant)
         finally:
             self.metrics.connection_closed(socket.close_code)
 

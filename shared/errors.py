@@ -375,6 +375,7 @@ class CloseCode(IntEnum):
 
     NORMAL = 1000
     MESSAGE_TOO_BIG = 1009
+    KEEPALIVE_TIMEOUT = 1011  # no frame came back after a ping: taken for dead; resume
     SERVICE_RESTART = 1012  # node draining: reconnect to another gateway and resume
     TRY_AGAIN_LATER = 1013  # too many unauthenticated connections from this address
     SLOW_CONSUMER = 4001  # send buffer overflowed: reconnect and resume from last seq
@@ -391,6 +392,8 @@ class CloseCode(IntEnum):
 
     @property
     def should_reconnect(self) -> bool:
-        return self in (CloseCode.SERVICE_RESTART, CloseCode.TRY_AGAIN_LATER) or (
-            4000 <= self <= 4499
-        )
+        return self in (
+            CloseCode.KEEPALIVE_TIMEOUT,
+            CloseCode.SERVICE_RESTART,
+            CloseCode.TRY_AGAIN_LATER,
+        ) or (4000 <= self <= 4499)

@@ -128,7 +128,7 @@ class CommandRules(ConnectionState):
         if name == builtin.LEAVE_CHANNEL:
             if ref not in self.joined:
                 raise ArqonError(NOT_JOINED)
-            self.joined.discard(ref)
+            del self.joined[ref]
             return [Leave(ref), self.reply(command, {})]
         if name == builtin.REFRESH_TOKEN:
             token = builtin.refresh_token_params(command.parameters)
@@ -240,7 +240,7 @@ class CommandRules(ConnectionState):
         """The hub joined (``result``: last_seq, gap...): the reply; then the shell goes live."""
         pending = self.pending.pop(op)
         assert pending.command is not None and pending.ref is not None
-        self.joined.add(pending.ref)
+        self.joined[pending.ref] = None
         return [self.reply(pending.command, result)]
 
     def handler_served(self, op: int) -> list[Effect]:
@@ -250,14 +250,14 @@ class CommandRules(ConnectionState):
         if self.closed or self.stopping:
             error = ArqonError(UNAVAILABLE, "the gateway is draining")
             return [Unserve(pending.ref, pending.name), *self.refuse(pending.command, error)]
-        self.handlers.add((pending.ref, pending.name))
+        self.handlers[pending.ref, pending.name] = None
         return [self.reply(pending.command, {"command": pending.name})]
 
     def _unregister(self, command: ClientCommand, ref: ChannelRef) -> list[Effect]:
         name = builtin.handler_params(command.parameters)
         if (ref, name) not in self.handlers:
             raise ArqonError(NOT_REGISTERED, f"no handler for {name!r} on this channel")
-        self.handlers.discard((ref, name))
+        del self.handlers[ref, name]
         return [Unserve(ref, name), self.reply(command, {"command": name})]
 
     # -- outcomes shared by every command -----------------------------------------------------
@@ -379,9 +379,9 @@ class CommandRules(ConnectionState):
         """Leave these channels and stop serving these handlers (the client is told apart)."""
         effects: list[Effect] = []
         for ref in refs:
-            self.joined.discard(ref)
+            self.joined.pop(ref, None)
             effects.append(Leave(ref))
         for ref, name in handlers:
-            self.handlers.discard((ref, name))
+            self.handlers.pop((ref, name), None)
             effects.append(Unserve(ref, name, background=True))
         return effects

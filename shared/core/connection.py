@@ -237,7 +237,7 @@ class Connection(CommandRules):
             return self.refuse(command, ArqonError(LIMIT_EXCEEDED, detail))
         ref = ChannelRef(self.principal.tenant, command.room, command.channel)
         op = self.open_op(Pending("call", command, ref=ref, timeout_ms=timeout_ms))
-        self.calls.add(op)
+        self.calls[op] = None
         call = ServiceCall(
             command.command,
             command.parameters,
@@ -298,7 +298,7 @@ class Connection(CommandRules):
         return self.refuse(command, failure_error(failure, command.id))
 
     def _end_call(self, op: int) -> Pending:
-        self.calls.discard(op)
+        self.calls.pop(op, None)
         return self.pending.pop(op)
 
     # -- service commands: the handler's side -------------------------------------------------
@@ -398,13 +398,13 @@ class Connection(CommandRules):
         return self.stop_handlers()
 
     def stop_handlers(self) -> list[Effect]:
-        handlers, self.handlers = self.handlers, set()
+        handlers, self.handlers = self.handlers, {}
         return [Unserve(ref, name) for ref, name in handlers]
 
     def connection_lost(self) -> list[Effect]:
         """The socket closed: leave every channel (then :meth:`close_handlers`)."""
         self.closed = True
-        refs, self.joined = self.joined, set()
+        refs, self.joined = self.joined, {}
         return [Leave(ref) for ref in refs]
 
     def close_handlers(self, reason: str) -> list[Effect]:

@@ -213,10 +213,12 @@ class ConnectionState:
         self.parse = parse  # the frame decoder (a seam for tests that break it on purpose)
         self.policy = authz.policy_for(principal.role, tuple(principal.grants))
         self.decisions: dict[tuple[authz.Permission, str, str], authz.Decision] = {}
-        self.joined: set[ChannelRef] = set()
-        self.handlers: set[tuple[ChannelRef, str]] = set()
+        # Sets kept as dicts (keys only, in the order added): an empty dict is 64 bytes, an
+        # empty set 216, and most connections hold these empty for their whole life.
+        self.joined: dict[ChannelRef, None] = {}
+        self.handlers: dict[tuple[ChannelRef, str], None] = {}
         self.publishing: dict[int, ChannelRef] = {}  # op -> channel of a publish in flight
-        self.calls: set[int] = set()  # ops of service calls awaiting answers
+        self.calls: dict[int, None] = {}  # ops of service calls awaiting answers
         self.deliveries: dict[str, str] = {}  # delivery id -> reply subject
         self.pending: dict[int, Pending] = {}
         self.stopping = False  # draining: frames other than answers are not acted on

@@ -74,7 +74,7 @@ def test_with_request_id_keeps_error_and_detail() -> None:
     assert original.request_id is None
 
 
-@pytest.mark.parametrize("code", [1012, 4001, 4002])
+@pytest.mark.parametrize("code", [1011, 1012, 4001, 4002])
 def test_close_codes_that_ask_for_reconnect(code: int) -> None:
     assert CloseCode(code).should_reconnect is True
 
