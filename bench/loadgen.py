@@ -119,6 +119,7 @@ class SubListener(WSListener):  # type: ignore[misc]
         self.buffer = b""
         self.subscribed = False
         self.welcomed = False  # arq: the welcome came (and the join was sent)
+        self.dropped = False  # the TCP connection ended without a close frame
         self.transport: WSTransport | None = None
 
     def on_ws_connected(self, transport: WSTransport) -> None:
@@ -214,6 +215,8 @@ class SubListener(WSListener):  # type: ignore[misc]
         self.buffer = buf[pos:]
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
+        if not self.done.is_set():  # no close frame came first (on_ws_frame sets done)
+            self.dropped = True
         self.done.set()
 
 
@@ -262,11 +265,13 @@ async def run_sub(args: argparse.Namespace) -> dict[str, Any]:
                 ready.clear()
                 await ready.wait()
     except TimeoutError:
-        closed = sum(1 for lst in listeners if lst.done.is_set())
+        dropped = sum(1 for lst in listeners if lst.dropped)
+        closed = sum(1 for lst in listeners if lst.done.is_set()) - dropped
         welcomed = sum(1 for lst in listeners if lst.welcomed)
         raise RuntimeError(
             f"{stats.ready} of {args.conns} subscribers joined within 60 s ({welcomed} got "
-            f"their welcome, {closed} were closed); first errors: {stats.errors[:5]}"
+            f"their welcome, {closed} were closed with a close frame, {dropped} lost their "
+            f"TCP connection without one); first errors: {stats.errors[:5]}"
         ) from None
     emit({"ready": stats.ready})
     command = orjson.loads(await read_line())
