@@ -88,6 +88,7 @@ class Socket:
         "_coalesce_max",
         "_conn",
         "_counts",
+        "_flusher",
         "_idle_handle",
         "_idle_timeout",
         "_ka_slot",
@@ -104,9 +105,14 @@ class Socket:
     )
 
     def __init__(
-        self, conn: ServerConnection, send_buffer_bytes: int, counts: FrameCounts | None = None
+        self,
+        conn: ServerConnection,
+        send_buffer_bytes: int,
+        counts: FrameCounts | None = None,
+        flusher: _Flusher | None = None,
     ) -> None:
         self._conn = conn
+        self._flusher = flusher if flusher is not None else _Flusher()
         self._counts = counts if counts is not None else FrameCounts()
         self._transport: asyncio.Transport = conn.transport
         self._limit = send_buffer_bytes
@@ -174,7 +180,7 @@ class Socket:
             if not self.is_open:
                 return False
             self._base = self._transport.get_write_buffer_size()
-            self._loop.call_soon(self._flush)
+            self._flusher.add(self)
         if self._base + self._out_bytes > self._limit:
             self.close_soon(CloseCode.SLOW_CONSUMER, "slow consumer: reconnect and resume")
             return False
@@ -186,10 +192,14 @@ class Socket:
         return True
 
     def _flush(self) -> None:
-        out, self._out, self._out_bytes = self._out, [], 0
+        out = self._out
+        if not out:
+            return
+        self._out_bytes = 0
         # Never write data frames after websockets has started the closing handshake.
-        if out and self._conn.protocol.state is State.OPEN:
+        if self._conn.protocol.state is State.OPEN:
             self._transport.write(b"".join(out) if len(out) > 1 else out[0])
+        out.clear()
 
     def send(self, message: bytes) -> bool:
         """Queue one text message (``message`` is UTF-8)."""
@@ -298,6 +308,30 @@ class Socket:
 
 
 _pending_closes: set[asyncio.Task[None]] = set()
+
+
+class _Flusher:
+    """Writes every socket's frames of this event-loop turn at the turn's end, with one
+    loop callback for all of them (a fan-out to N sockets made N callbacks before)."""
+
+    __slots__ = ("_dirty", "_scheduled")
+
+    def __init__(self) -> None:
+        self._dirty: list[Socket] = []
+        self._scheduled = False
+
+    def add(self, socket: Socket) -> None:
+        self._dirty.append(socket)
+        if not self._scheduled:
+            self._scheduled = True
+            socket._loop.call_soon(self._flush_all)
+
+    def _flush_all(self) -> None:
+        dirty, self._dirty = self._dirty, []
+        self._scheduled = False
+        for socket in dirty:
+            socket._flush()
+
 
 __all__ = [
     "MAX_FRAGMENTS",
@@ -761,6 +795,7 @@ async def start_server(
         return accept(connection, outcome)
 
     keepalive = _Keepalive(options.ping_interval_s)
+    flusher = _Flusher()
 
     def take_context(connection: ServerConnection) -> Any:
         entry = contexts.pop(id(connection), None)
@@ -775,7 +810,7 @@ async def start_server(
         context = take_context(connection)
         if context is not _NO_CONTEXT:
             _drop_handshake_headers(connection)
-            socket = Socket(connection, options.send_buffer_bytes, counts)
+            socket = Socket(connection, options.send_buffer_bytes, counts, flusher)
             socket.watch_idle(options.idle_timeout_s)
             keepalive.add(socket)
             try:
