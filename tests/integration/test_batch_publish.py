@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.errors import NoRespondersError
 from nats.js.api import RawStreamMsg, StorageType, StreamConfig
 
 from arqonbus_server.mesh import batch
@@ -22,7 +23,7 @@ from arqonbus_server.mesh.batch import (
     BatchTooManyInflight,
     NoStream,
 )
-from tests.timeouts import SEC
+from tests.timeouts import SEC, eventually
 
 pytestmark = pytest.mark.integration
 
@@ -60,11 +61,27 @@ async def make_stream(nc: Client) -> AsyncIterator[MakeStream]:
         info = await nc.jsm(timeout=JS_TIMEOUT).add_stream(config)
         made.append(name)
         assert bool(info.config.allow_atomic) is atomic  # nats-py sends the field
+        # The create's answer can come before this connection's server knows the stream's
+        # interest in its subjects (it spreads over the routes): a publish then finds no
+        # responder, and one without a reply is dropped. Wait until the stream answers a
+        # publish that it refuses without storing (an expected last seq it does not have).
+        await eventually(lambda: _answers(nc, f"{name}.probe"), 10 * SEC, f"stream {name} answers")
         return name
 
     yield make
     for name in made:
         await nc.jsm(timeout=JS_TIMEOUT).delete_stream(name)
+
+
+async def _answers(nc: Client, subject: str) -> bool:
+    try:
+        reply = await nc.request(
+            subject, b"", timeout=1, headers={"Nats-Expected-Last-Sequence": "999999999"}
+        )
+    except (NoRespondersError, TimeoutError):
+        return False
+    assert b"wrong last sequence" in reply.data, reply.data  # refused, not stored
+    return True
 
 
 async def _last_seq(nc: Client, stream: str) -> int:
