@@ -231,6 +231,11 @@ async def open_connection(
     return await ws_connect(factory, url, **kwargs)
 
 
+_UPGRADES_PER_ADDRESS = 48  # in flight at once from one source address (see run_sub)
+_CONNECT_ATTEMPTS = 5
+_RETRY_BACKOFF_S = 0.05  # doubled after each attempt: at most 1.55 s in all
+
+
 def proto_url(proto: str, url: str, name: str) -> str:
     if proto == "arq":
         return f"{url}?token=dev:{os.environ.get('BENCH_TENANT', 'bench')}:{name}"
@@ -246,15 +251,30 @@ async def run_sub(args: argparse.Namespace) -> dict[str, Any]:
     listeners: list[SubListener] = []
     ready = asyncio.Event()
     pending: list[asyncio.Task[Any]] = []
-    sem = asyncio.Semaphore(200)
+    # Upgrades in flight per source address, below the gateway's default cap of connections
+    # one address may hold before their upgrade request arrives (64; more are dropped at
+    # accept). One semaphore for all addresses let the slower of two gateways gather up to
+    # 100 of one address's handshakes, and the gateway dropped the ones over its cap.
+    sems = {ip: asyncio.Semaphore(_UPGRADES_PER_ADDRESS) for ip in src_ips}
+    retried = 0
 
     async def connect(i: int) -> None:
+        nonlocal retried
         channel = channels[i % len(channels)]
-        listener = SubListener(args.proto, channel, stats, ready)
         url = proto_url(args.proto, urls[i % len(urls)], f"s{args.index}_{i}")
-        async with sem:
-            await open_connection(lambda: listener, url, src_ips[i % len(src_ips)])
-        listeners.append(listener)
+        src = src_ips[i % len(src_ips)]
+        for attempt in range(_CONNECT_ATTEMPTS):
+            listener = SubListener(args.proto, channel, stats, ready)
+            async with sems[src]:
+                _, got = await open_connection(lambda lst=listener: lst, url, src)
+            if got is not None:
+                listeners.append(listener)
+                return
+            # picows returns no listener when the server ended the TCP connection before
+            # its upgrade answer (a drop at accept): a client reconnects, after a backoff.
+            retried += 1
+            await asyncio.sleep(_RETRY_BACKOFF_S * 2**attempt)
+        raise ConnectionError(f"{url}: closed before the upgrade {_CONNECT_ATTEMPTS} times")
 
     for i in range(args.conns):
         pending.append(asyncio.create_task(connect(i)))
@@ -271,9 +291,10 @@ async def run_sub(args: argparse.Namespace) -> dict[str, Any]:
         raise RuntimeError(
             f"{stats.ready} of {args.conns} subscribers joined within 60 s ({welcomed} got "
             f"their welcome, {closed} were closed with a close frame, {dropped} lost their "
-            f"TCP connection without one); first errors: {stats.errors[:5]}"
+            f"TCP connection without one; {retried} upgrades retried after the server "
+            f"closed them before answering); first errors: {stats.errors[:5]}"
         ) from None
-    emit({"ready": stats.ready})
+    emit({"ready": stats.ready, "retried": retried})
     command = orjson.loads(await read_line())
     expect: dict[str, int] = command["expect"]
     for listener in listeners:

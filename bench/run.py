@@ -219,6 +219,7 @@ _COUNTS = (
     "arqonbus_sessions ",
     "arqonbus_connections_opened_total",
     'arqonbus_frames_sent_total{type="welcome"}',
+    'arqonbus_rate_limited_total{scope="pending_handshake"}',
 )
 
 
@@ -270,9 +271,10 @@ async def fanout_once(
                     tenant=tenant,
                 )
             )
+        retried = 0  # upgrades the subscribers retried (the server closed them unanswered)
         for sub in procs:
             try:
-                await sub.read(120)
+                retried += (await sub.read(120)).get("retried", 0)
             except RuntimeError as exc:
                 if target.proto != "arq":
                     raise
@@ -323,6 +325,7 @@ async def fanout_once(
         "p99_ms": percentile_us(hist, 0.99) / 1000,
         "p999_ms": percentile_us(hist, 0.999) / 1000,
         "errors": [e for r in results for e in r["errors"]][:3] + pub_stats["errors"][:3],
+        "connect_retries": retried,
         "phase_hist": phase_hist,
     }
 
@@ -347,6 +350,7 @@ async def fanout(
     for one in runs:
         hist = add(hist, one.pop("phase_hist") or {})
     result = median_of(runs)
+    result["connect_retries"] = sum(one["connect_retries"] for one in runs)  # all, not a median
     if hist:  # the gateway's sampled phases over all the runs together
         result["phases"] = summary(hist)
     log.info(
@@ -354,6 +358,9 @@ async def fanout(
         target.name, subs or cfg.subs_per_channel, rate, result["deliveries_s"], result["cpu_us_per_delivery"],
         result["p50_ms"], result["p99_ms"], result["missing"],
     )  # fmt: skip
+    if result["connect_retries"]:
+        log.info("%-22s %d subscriber upgrades retried (closed unanswered by the server)",
+                 target.name, result["connect_retries"])  # fmt: skip
     return result
 
 

@@ -256,8 +256,16 @@ class Gateway:
         self.broker.max_bytes_for = self.tenant_limits.max_stored_bytes
         self.security.tenants.on_change(self._on_tenant_limits)
         self._quota_updates: set[asyncio.Task[None]] = set()
-        self.pending_handshakes = PendingHandshakes(settings.max_pending_handshakes_per_ip)
-        self.unauthenticated = PendingHandshakes(settings.max_pending_handshakes_per_ip)
+        # A connection dropped at accept sees no HTTP answer (its client only sees the TCP
+        # connection end): the metric is how an operator tells these drops from a crash.
+        self.pending_handshakes = PendingHandshakes(
+            settings.max_pending_handshakes_per_ip,
+            lambda: self.metrics.rate_limited("pending_handshake"),
+        )
+        self.unauthenticated = PendingHandshakes(
+            settings.max_pending_handshakes_per_ip,
+            lambda: self.metrics.rate_limited("pending_auth"),
+        )
         # Checked here, so a bad allowlist or TLS file stops the gateway before it listens.
         self.origins = origin_policy(settings)
         self.listener = listen_options(settings, settings.host, settings.port)

@@ -128,12 +128,13 @@ class PendingHandshakes:
     the connection closed. ``max_per_ip == 0`` turns the cap off.
     """
 
-    def __init__(self, max_per_ip: int) -> None:
+    def __init__(self, max_per_ip: int, on_refused: Callable[[], None] | None = None) -> None:
         if max_per_ip < 0:
             raise ValueError("max_per_ip must be >= 0 (0 = off)")
         self.max_per_ip = max_per_ip
         self._counts: dict[str, int] = {}
         self.refused = 0
+        self._on_refused = on_refused  # e.g. a metric: a refusal is otherwise silent
 
     @property
     def enabled(self) -> bool:
@@ -151,6 +152,8 @@ class PendingHandshakes:
         count = self._counts.get(key, 0)
         if count >= self.max_per_ip > 0:
             self.refused += 1
+            if self._on_refused is not None:
+                self._on_refused()
             return False
         self._counts[key] = count + 1
         return True

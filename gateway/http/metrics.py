@@ -340,7 +340,9 @@ class PrometheusMetrics(NoMetrics):
         )
         self.rate_limits = counter(
             "arqonbus_rate_limited",
-            "Refusals for rate: frames (message) and upgrades per address (upgrade)",
+            "Refusals for rate: frames (message), upgrades per address (upgrade), connections"
+            " over an address's cap of unfinished handshakes (pending_handshake) or of waits"
+            " for an auth frame (pending_auth)",
             ["scope"],
         )
         self.nats = counter(

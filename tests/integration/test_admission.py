@@ -161,6 +161,9 @@ async def test_pending_handshakes_are_capped_per_address(
         assert await read_until_closed(extra_reader, timeout=10 * SEC) == b""
         assert gateway.pending_handshakes.pending("127.0.0.3") == cap
         assert gateway.pending_handshakes.refused == 1
+        # The client saw only its TCP connection end: the operator sees the drop counted.
+        metrics = gateway.metrics.render()
+        assert b'arqonbus_rate_limited_total{scope="pending_handshake"} 1.0' in metrics
         # Other addresses are not affected.
         other = await clients(gateway_url(gateway), tenant, "other", local_addr=("127.0.0.4", 0))
         assert other.welcome is not None

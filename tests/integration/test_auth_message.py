@@ -185,6 +185,7 @@ async def test_waiting_to_authenticate_is_capped_per_address_and_issues_no_needl
     third = WsClient(await websockets.connect(gateway_url(gw)))
     opened.append(third)
     assert (await closed_with(third))[0] == 1013  # try again later
+    assert b'arqonbus_rate_limited_total{scope="pending_auth"} 1.0' in gw.metrics.render()
     # One of the two authenticates: its slot frees, and a new connection may wait again.
     await auth(waiting[0][0], "dev:t1:alice")
     _, required = await no_credential(gw, opened)

@@ -138,12 +138,14 @@ def test_one_ipv6_network_shares_a_bucket() -> None:
 
 
 def test_pending_cap_per_address() -> None:
-    pending = PendingHandshakes(2)
+    told: list[None] = []
+    pending = PendingHandshakes(2, lambda: told.append(None))
     assert pending.acquire("10.0.0.1")
     assert pending.acquire("10.0.0.1")
     assert not pending.acquire("10.0.0.1")
     assert pending.acquire("10.0.0.2")  # another address is not affected
     assert pending.refused == 1
+    assert len(told) == 1  # each refusal is told (the gateway counts it in a metric)
     pending.release("10.0.0.1")
     assert pending.pending("10.0.0.1") == 1
     assert pending.acquire("10.0.0.1")
