@@ -94,6 +94,20 @@ _LIVE_PENDING_BYTES = 64 * 1024 * 1024
 _ACK_SWEEP_S = 0.1
 _REPLAY_BATCH = 1000
 _REPLAY_BATCH_BYTES = 1 << 20  # bounds a batch in memory, whatever the events' size
+# A long replay reads through an ephemeral pull consumer (R1, in memory, no acks): JetStream
+# hands a consumer's messages over with their stored headers as they are, where a batched
+# direct get rebuilds six headers for each (the store's CPU per replayed event: about 7.8 µs
+# by direct get, docs/performance.md "Replay through a consumer"). Short replays stay on
+# direct gets: a consumer is made and deleted through the meta leader, which the thousands
+# of short replays of a reconnect storm must not load; and at most _PULL_REPLAYS_MAX run at
+# once on a gateway (more read by direct get).
+# (Long: ARQONBUS_REPLAY_CONSUMER_MIN_SPAN stream seqs or more from its start to its end.)
+_PULL_REPLAYS_MAX = 4
+_PULL_BATCH = 1000  # events per pull request; about two requests' worth are asked ahead
+# A request's bytes: one batch's, plus room for the largest event (a 1 MiB envelope with
+# its subject and headers), so every request delivers at least one event.
+_PULL_BATCH_BYTES = _REPLAY_BATCH_BYTES + (64 << 10)
+_PULL_EXPIRES_S = 5.0
 # channel_detail sums the bodies of a channel of at most this many events (one read of
 # them all, in direct-get batches: ~10 round trips); above it, the bytes are estimated from
 # _SAMPLE_WINDOWS windows of _SAMPLE_SIZE events spread over the channel (bytes_exact False).
@@ -141,7 +155,7 @@ class _DirectBatch:
         self._ready.clear()
         self.no_direct_get = False
 
-    def on_raw(self, data: bytes, headers: bytes | None) -> None:
+    def on_raw(self, data: bytes, headers: bytes | None, reply: bytes) -> None:
         if self._ended:
             return  # a late reply to an earlier request on this inbox
         status = header_status(headers)
@@ -166,6 +180,70 @@ class _DirectBatch:
             except TimeoutError:
                 raise BrokerUnavailable("replay stalled: the store stopped answering") from None
         return self.items
+
+
+def ack_seqs(reply: bytes) -> tuple[int, int] | None:
+    """(stream seq, consumer seq) of a consumer's message, from its ack subject; None if
+    ``reply`` is not one. The subject is ``$JS.ACK.<stream>.<consumer>.<delivered>.<stream
+    seq>.<consumer seq>.<time>.<pending>``, or from nats-server 2.10 on possibly
+    ``$JS.ACK.<domain>.<account hash>.<stream>.<consumer>.`` and the same five, perhaps
+    followed by more tokens."""
+    tokens = reply.split(b".")
+    if len(tokens) == 9:
+        at = 5
+    elif len(tokens) >= 11:
+        at = 7
+    else:
+        return None
+    if tokens[0] != b"$JS" or tokens[1] != b"ACK":
+        return None
+    stream_seq, consumer_seq = tokens[at], tokens[at + 1]
+    if not (stream_seq.isdigit() and consumer_seq.isdigit()):
+        return None
+    return int(stream_seq), int(consumer_seq)
+
+
+# Statuses that end a pull request and leave the consumer as it was: the request expired,
+# its bytes ran out, or its count was reached with bytes left.
+_PULL_REQUEST_ENDS = (b"408 Request Timeout", b"409 Message Size Exceeds MaxBytes",
+                      b"409 Batch Completed")  # fmt: skip
+
+
+class _Pulled:
+    """What a replay's pull requests brought, on one inbox (they all share it).
+
+    The server hands a consumer's messages out in consumer-seq order, cycling over the
+    requests waiting, so on one inbox they arrive in order whichever request each answers;
+    ``credit`` counts the messages asked for and not yet come (a status ending a request
+    early says how many it will not bring). :meth:`on_raw` runs in the NATS client's read
+    loop."""
+
+    __slots__ = ("arrived", "credit", "failed", "items")
+
+    def __init__(self) -> None:
+        self.items: list[tuple[int, int, bytes]] = []  # (stream seq, consumer seq, body)
+        self.credit = 0
+        self.failed = ""  # why the consumer cannot go on (then direct gets read the rest)
+        self.arrived = asyncio.Event()
+
+    def on_raw(self, data: bytes, headers: bytes | None, reply: bytes) -> None:
+        if header_status(headers):
+            assert headers is not None
+            line = headers[: headers.find(b"\r\n")].partition(b" ")[2].strip()
+            if line.startswith(b"100"):
+                return  # a heartbeat (none are asked for)
+            if line.startswith(_PULL_REQUEST_ENDS):
+                self.credit -= max(0, header_int(headers, b"Nats-Pending-Messages") or 0)
+            else:  # 409 Consumer Deleted, 409 Leadership Change, 400, 503, ...
+                self.failed = line.decode(errors="replace")
+        else:
+            seqs = ack_seqs(reply)
+            if seqs is None:
+                self.failed = "a message without an ack subject"
+            else:
+                self.items.append((seqs[0], seqs[1], data))
+                self.credit -= 1
+        self.arrived.set()
 
 
 class _NoStream(Exception):
@@ -366,6 +444,7 @@ class JetStreamBroker:
         connect_options: dict[str, Any] | None = None,
         region: str = "",
         batching: bool = True,
+        pull_replay_min: int = 5_000,
     ) -> None:
         self._urls = urls
         # The gateway's region (ARQONBUS_REGION): where it creates auto-provisioned streams
@@ -373,7 +452,11 @@ class JetStreamBroker:
         self._region = region
         self._warned_region = False
         self._batching = batching  # ARQONBUS_PUBLISH_BATCHING (mesh/ingest.py)
+        self.pull_replay_min = pull_replay_min  # ARQONBUS_REPLAY_CONSUMER_MIN_SPAN; 0 = never
         self._confirmers = TenantConfirmers(self._stream_last_seq)
+        self._pulls_running = 0  # replays reading through a pull consumer now
+        self.pulled_replays = 0  # replays that started through a pull consumer, ever
+        self._consumer_deletes: set[asyncio.Task[None]] = set()
         self._carried = CarriedIds(self._ids_before, policy.dedupe_window_s)
         self._scheme = scheme
         self._policy = policy
@@ -636,6 +719,10 @@ class JetStreamBroker:
         self._closing = True
         if self._resync is not None:
             self._resync.cancel()
+        if self._consumer_deletes:  # replays' consumers: deleted now, or idle out later
+            _, late = await asyncio.wait(self._consumer_deletes, timeout=min(1.0, timeout))
+            for task in late:
+                task.cancel()
         try:
             await asyncio.wait_for(self._nc.drain(), timeout)
         except (*_TRANSIENT, nats.errors.Error):
@@ -1467,14 +1554,26 @@ class JetStreamBroker:
         try:
             if not self._has_batched_direct_get():
                 raise _NoDirectGet()
-            async with contextlib.aclosing(
-                self._replay_direct(
-                    primary, ref, last + 1, end_seq, None if limit is None else limit - count
-                )
-            ) as direct:
-                async for event in direct:
-                    last, count = event.seq, count + 1
-                    yield event
+            if self._pull_fits(last + 1, end_seq, None if limit is None else limit - count):
+                # Stops short without an error wherever the consumer cannot go on: the
+                # direct gets below read the rest (and fail loudly if they cannot).
+                async with contextlib.aclosing(
+                    self._replay_pulled(
+                        primary, ref, last + 1, end_seq, None if limit is None else limit - count
+                    )
+                ) as pulled:
+                    async for event in pulled:
+                        last, count = event.seq, count + 1
+                        yield event
+            if last < end_seq and (limit is None or count < limit):
+                async with contextlib.aclosing(
+                    self._replay_direct(
+                        primary, ref, last + 1, end_seq, None if limit is None else limit - count
+                    )
+                ) as direct:
+                    async for event in direct:
+                        last, count = event.seq, count + 1
+                        yield event
         except _NoDirectGet:
             async with contextlib.aclosing(
                 self._replay_consumer(primary, ref, last + 1, end_seq, limit and limit - count)
@@ -1613,6 +1712,103 @@ class JetStreamBroker:
                 with contextlib.suppress(*_TRANSIENT, nats.errors.Error):
                     await nc.unsubscribe_raw(sub)
 
+    def _pull_fits(self, start_seq: int, end_seq: int, limit: int | None) -> bool:
+        """Whether a replay is long enough for a pull consumer, and one more may run."""
+        least = self.pull_replay_min
+        if least <= 0 or end_seq - start_seq + 1 < least:
+            return False
+        return (limit is None or limit >= least) and self._pulls_running < _PULL_REPLAYS_MAX
+
+    async def _replay_pulled(
+        self, stream: str, ref: ChannelRef, start_seq: int, end_seq: int, limit: int | None
+    ) -> AsyncGenerator[StoredEvent, None]:
+        """The events of ``ref`` from ``start_seq`` through an ephemeral pull consumer, in
+        order, none twice, up to ``end_seq`` or ``limit``. It stops short, without an error,
+        wherever the consumer cannot go on: it could not be made, a message went missing
+        (consumer seqs not contiguous: this connection dropped some), the server ended it,
+        or nothing came for a while. The caller then reads the rest with direct gets.
+
+        About two requests of _PULL_BATCH events are asked for ahead, each bounded in bytes:
+        the store reads the next events while these go to the client, and a replay holds at
+        most those in memory, whatever the client's pace.
+        """
+        nc, _, jsm, _ = self._require()
+        self._pulls_running += 1
+        self.pulled_replays += 1
+        pulled = _Pulled()
+        sub: Subscription | None = None
+        consumer: str | None = None
+        delivered = count = quiet = 0
+        try:
+            inbox = nc.new_inbox()
+            sub = await nc.subscribe_raw(inbox, pulled.on_raw)
+            config = ConsumerConfig(
+                filter_subject=self._scheme.ingest(ref),
+                deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                opt_start_seq=max(1, start_seq),
+                ack_policy=AckPolicy.NONE,
+                max_deliver=1,
+                mem_storage=True,
+                num_replicas=1,
+                inactive_threshold=_REPLAY_IDLE_S,
+            )
+            consumer = (await jsm.add_consumer(stream, config)).name
+            api = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
+            request = orjson.dumps(
+                {"batch": _PULL_BATCH, "max_bytes": _PULL_BATCH_BYTES,
+                 "expires": int(_PULL_EXPIRES_S * 1e9)}
+            )  # fmt: skip
+
+            async def ask_ahead() -> None:
+                while pulled.credit < 2 * _PULL_BATCH:
+                    pulled.credit += _PULL_BATCH
+                    await nc.publish(api, request, reply=inbox)
+
+            while True:
+                pulled.arrived.clear()  # before looking: what comes after sets it again
+                if not pulled.items:
+                    if pulled.failed:
+                        log.debug("pulled replay of %s: %s", stream, pulled.failed)
+                        return
+                    await ask_ahead()  # also after requests that ended short (expired)
+                    try:
+                        async with asyncio.timeout(_REPLAY_WAIT_S):
+                            await pulled.arrived.wait()
+                        quiet = 0
+                    except TimeoutError:
+                        # Nothing for a while: a request may have ended without a word (its
+                        # bytes ran out exactly); ask again, a few times, then give up.
+                        quiet += 1
+                        if quiet >= _REPLAY_STALL_CHECKS:
+                            return
+                        pulled.credit = 0
+                    continue
+                items, pulled.items = pulled.items, []
+                await ask_ahead()  # the store reads the next ones while these go out
+                for seq, consumer_seq, body in items:
+                    if consumer_seq != delivered + 1:
+                        return  # a message went missing: direct gets from the last one
+                    delivered = consumer_seq
+                    if seq > end_seq:
+                        return
+                    count += 1
+                    yield StoredEvent(seq, body)
+                    if seq >= end_seq or (limit is not None and count >= limit):
+                        return
+        except (*_TRANSIENT, nats.errors.Error, APIError) as exc:
+            log.debug("pulled replay of %s stopped (%s)", stream, type(exc).__name__)
+        finally:
+            self._pulls_running -= 1
+            if sub is not None:
+                with contextlib.suppress(*_TRANSIENT, nats.errors.Error):
+                    await nc.unsubscribe_raw(sub)
+            if consumer is not None:
+                # In the background: the client has its events; the consumer also ends by
+                # itself once idle for _REPLAY_IDLE_S.
+                task = asyncio.create_task(self._delete_consumer(jsm, stream, consumer))
+                self._consumer_deletes.add(task)
+                task.add_done_callback(self._consumer_deletes.discard)
+
     async def _replay_consumer(
         self, stream: str, ref: ChannelRef, start_seq: int, end_seq: int, limit: int | None
     ) -> AsyncGenerator[StoredEvent, None]:
@@ -1695,4 +1891,5 @@ def broker_from_settings(settings: Settings, name: str = "arqonbus") -> JetStrea
         connect_options=connect_options(settings),
         region=settings.region,
         batching=settings.publish_batching,
+        pull_replay_min=settings.replay_consumer_min_span,
     )

@@ -60,7 +60,9 @@ class MirrorConfirmer:
             return
         if len(self._pending) >= self._max_pending:
             raise BrokerUnavailable(f"{len(self._pending)} acks already wait for a mirror")
-        self._streams = tuple(streams)
+        if tuple(streams) != self._streams:  # the placement changed: other mirrors now
+            self._streams = tuple(streams)
+            self._confirmed = 0
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         entry = (seq, future)
         self._pending.append(entry)
@@ -85,7 +87,10 @@ class MirrorConfirmer:
 
     async def _run(self) -> None:
         while self._pending:
-            highest = await self._highest()
+            streams = self._streams
+            highest = await self._highest(streams)
+            if streams != self._streams:
+                continue  # an answer about mirrors that are no longer the ones to wait for
             self._confirmed = max(self._confirmed, highest)
             for seq, future in self._pending:
                 if seq <= highest and not future.done():
@@ -94,9 +99,9 @@ class MirrorConfirmer:
             if self._pending:
                 await asyncio.sleep(self._interval_s)  # the poll period: bounded rate
 
-    async def _highest(self) -> int:
+    async def _highest(self, streams: tuple[str, ...]) -> int:
         answers = await asyncio.gather(
-            *(self._last_seq(stream) for stream in self._streams), return_exceptions=True
+            *(self._last_seq(stream) for stream in streams), return_exceptions=True
         )
         seqs = [answer for answer in answers if isinstance(answer, int)]
         failed = [answer for answer in answers if isinstance(answer, BaseException)]

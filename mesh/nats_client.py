@@ -10,7 +10,8 @@ generated input) about 3x faster: header names repeat, so each distinct raw name
 validated and decoded once and remembered (at most ``_MAX_NAMES`` of them).
 
 :meth:`FastHeaderClient.subscribe_raw` hands each message of a subscription to a plain
-function inside the client's read loop, with the payload and the raw header block: no
+function inside the client's read loop, with the payload, the raw header block and the
+reply subject (a pull consumer's ack subject holds the event's seqs): no
 ``Msg`` object, no headers dict unless the handler parses one, no queue and no task hop.
 For a replay's batched direct gets (100k events read at once) nats-py's path of a ``Msg``,
 a subscription queue and a callback task per message was half of the gateway's CPU.
@@ -107,8 +108,9 @@ def header_int(raw: bytes | None, name: bytes) -> int | None:
     return int(value) if value.isdigit() else None
 
 
-# (payload, raw header block or None), called inside the client's read loop: must not block.
-RawHandler = Callable[[bytes, bytes | None], None]
+# (payload, raw header block or None, reply subject or b""), called inside the client's
+# read loop: must not block.
+RawHandler = Callable[[bytes, bytes | None, bytes], None]
 
 
 class FastHeaderClient(NatsClient):
@@ -139,10 +141,10 @@ class FastHeaderClient(NatsClient):
     async def _process_msg(
         self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None
     ) -> None:
-        if not self._dispatch_raw(sid, data, headers):
+        if not self._dispatch_raw(sid, data, headers, reply):
             await super()._process_msg(sid, subject, reply, data, headers)  # type: ignore[arg-type]
 
-    def _dispatch_raw(self, sid: int, data: bytes, headers: bytes | None) -> bool:
+    def _dispatch_raw(self, sid: int, data: bytes, headers: bytes | None, reply: bytes) -> bool:
         """Hand a message of a raw subscription to its handler; False: not a raw one."""
         handler = self._raw_handlers.get(sid)
         if handler is None:
@@ -152,7 +154,7 @@ class FastHeaderClient(NatsClient):
         if sid not in self._subs:  # unsubscribed by other means meanwhile
             self._raw_handlers.pop(sid, None)
             return True
-        handler(data, headers)
+        handler(data, headers, reply)
         return True
 
 
@@ -209,7 +211,7 @@ class FastParser(Parser):
                     payload = bytes(buf[start + header_size : stop])
                 else:
                     headers, payload = None, bytes(buf[start:stop])
-                if not nc._dispatch_raw(sid, payload, headers):
+                if not nc._dispatch_raw(sid, payload, headers, reply):
                     await nc._process_msg(sid, parts[1], reply, payload, headers)
                     if self.buf is not buf:
                         return  # reset (a reconnect) while the message was handled

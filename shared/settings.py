@@ -67,6 +67,12 @@ class Settings(BaseModel):
         True,
         description="Coalesce concurrent publishes to a stream into atomic batches (NATS 2.12+)",
     )
+    replay_consumer_min_span: int = Field(
+        5000,
+        ge=0,
+        description="Replays spanning at least this many stream seqs read through a pull "
+        "consumer instead of direct gets; 0 = never",
+    )
     publish_timeout_s: float = Field(5.0, gt=0)
     drain_timeout_s: float = Field(10.0, gt=0)
     open_timeout_s: float = Field(10.0, gt=0)

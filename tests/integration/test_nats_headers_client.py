@@ -47,11 +47,13 @@ async def test_a_raw_subscription_gets_payload_and_header_block_in_order_until_i
     await nc.connect(servers=nats_cluster.urls)
     try:
         raw: list[tuple[bytes, bytes | None]] = []
+        replies: list[bytes] = []
         got_all = asyncio.Event()
         plain: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
 
-        def on_raw(data: bytes, headers: bytes | None) -> None:
+        def on_raw(data: bytes, headers: bytes | None, reply: bytes) -> None:
             raw.append((data, headers))
+            replies.append(reply)
             if len(raw) == 3:
                 got_all.set()
 
@@ -62,12 +64,13 @@ async def test_a_raw_subscription_gets_payload_and_header_block_in_order_until_i
         sub = await nc.subscribe_raw("raw.test", on_raw)
         await nc.subscribe("plain.test", cb=on_plain)  # the client's other subscriptions
         await nc.publish("raw.test", b"a", headers={"Nats-Sequence": "7"})
-        await nc.publish("raw.test", b"b")
+        await nc.publish("raw.test", b"b", reply="back.here")
         await nc.publish("raw.test", b"c", headers={"X": "y"})
         await nc.publish("plain.test", b"p")
         await asyncio.wait_for(got_all.wait(), 10 * SEC)
         assert await asyncio.wait_for(plain, 10 * SEC) == b"p"
         assert [data for data, _ in raw] == [b"a", b"b", b"c"]
+        assert replies == [b"", b"back.here", b""]
         assert nats_client.header_int(raw[0][1], b"Nats-Sequence") == 7
         assert raw[1][1] is None and nats_client.header_fields(raw[2][1]) == {"X": "y"}
         await nc.unsubscribe_raw(sub)

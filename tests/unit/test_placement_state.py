@@ -134,6 +134,28 @@ async def test_one_confirmer_resolves_every_pending_seq_up_to_the_highest_mirror
     await confirmer.close()
 
 
+async def test_an_answer_about_other_mirrors_confirms_nothing() -> None:
+    """The mirrors to wait for changed while a round of stream infos was on its way: its
+    answer (about the old ones) must not confirm a wait for the new ones."""
+    answer = asyncio.Event()
+
+    async def last_seq(stream: str) -> int:
+        if stream == "old":
+            await answer.wait()  # slow: still on its way when the mirrors change
+            return 10
+        return 0
+
+    confirmer = MirrorConfirmer(last_seq, interval_s=0.001)
+    with pytest.raises(BrokerUnavailable):
+        await confirmer.wait(["old"], 10, 0.05 * SEC)
+    waiting = asyncio.create_task(confirmer.wait(["new"], 10, 0.5 * SEC))
+    await until(lambda: confirmer.pending == 1, "the wait for the new mirror is pending")
+    answer.set()  # the old mirror's answer arrives: it holds seq 10
+    with pytest.raises(BrokerUnavailable, match="new"):
+        await waiting  # "new" never held it: not confirmed on "old"'s word
+    await confirmer.close()
+
+
 async def test_an_ack_carries_the_epoch_of_the_placement_the_publish_used() -> None:
     home = Placement("acme", "east", PRIMARY, (), (*PLACED.epochs, Epoch(2, 1, PRIMARY)))
     broker = await placed_broker(home)
