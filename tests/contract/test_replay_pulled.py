@@ -36,7 +36,7 @@ async def long_replays(mesh: Mesh) -> JetStreamBroker:
 
 
 async def channel_with_noise(broker: JetStreamBroker, events: int) -> tuple[ChannelRef, list[int]]:
-    """``events`` events of one channel, stored concurrently among a sibling's."""
+    """At least ``events`` events of one channel, stored concurrently among a sibling's."""
     t = "p" + uuid.uuid4().hex[:12]
     ref, noise = ChannelRef(t, "r", "c"), ChannelRef(t, "r", "noise")
     seqs: list[int] = []
@@ -49,7 +49,7 @@ async def channel_with_noise(broker: JetStreamBroker, events: int) -> tuple[Chan
         )
         seqs += [a.seq for i, a in zip(range(start, start + 200), acks, strict=True) if i % 13]
     seqs.sort()
-    return ref, seqs[:events] if len(seqs) > events else seqs
+    return ref, seqs
 
 
 async def consumers_of(broker: JetStreamBroker, ref: ChannelRef) -> list[str]:
