@@ -246,6 +246,14 @@ class _Pulled:
         self.arrived.set()
 
 
+def _cut_short(stream: str, count: int, why: str) -> None:
+    log.info(
+        "a replay of %s through a pull consumer stopped after %d events (%s): direct gets "
+        "read the rest",
+        stream, count, why,
+    )  # fmt: skip
+
+
 class _NoStream(Exception):
     """No stream answered the publish (NATS no-responders status)."""
 
@@ -1753,6 +1761,7 @@ class JetStreamBroker:
                 inactive_threshold=_REPLAY_IDLE_S,
             )
             consumer = (await jsm.add_consumer(stream, config)).name
+            log.debug("replay of %s from %d through pull consumer %s", stream, start_seq, consumer)
             api = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
             request = orjson.dumps(
                 {"batch": _PULL_BATCH, "max_bytes": _PULL_BATCH_BYTES,
@@ -1768,7 +1777,7 @@ class JetStreamBroker:
                 pulled.arrived.clear()  # before looking: what comes after sets it again
                 if not pulled.items:
                     if pulled.failed:
-                        log.debug("pulled replay of %s: %s", stream, pulled.failed)
+                        _cut_short(stream, count, pulled.failed)
                         return
                     await ask_ahead()  # also after requests that ended short (expired)
                     try:
@@ -1780,14 +1789,16 @@ class JetStreamBroker:
                         # bytes ran out exactly); ask again, a few times, then give up.
                         quiet += 1
                         if quiet >= _REPLAY_STALL_CHECKS:
+                            _cut_short(stream, count, "nothing came for a while")
                             return
                         pulled.credit = 0
                     continue
                 items, pulled.items = pulled.items, []
                 await ask_ahead()  # the store reads the next ones while these go out
                 for seq, consumer_seq, body in items:
-                    if consumer_seq != delivered + 1:
-                        return  # a message went missing: direct gets from the last one
+                    if consumer_seq != delivered + 1:  # a message went missing on the way
+                        _cut_short(stream, count, f"consumer seq {consumer_seq} after {delivered}")
+                        return
                     delivered = consumer_seq
                     if seq > end_seq:
                         return
@@ -1796,7 +1807,7 @@ class JetStreamBroker:
                     if seq >= end_seq or (limit is not None and count >= limit):
                         return
         except (*_TRANSIENT, nats.errors.Error, APIError) as exc:
-            log.debug("pulled replay of %s stopped (%s)", stream, type(exc).__name__)
+            _cut_short(stream, count, type(exc).__name__)
         finally:
             self._pulls_running -= 1
             if sub is not None:

@@ -234,8 +234,8 @@ class Session:
         # Its own frame, so the encoded welcome is not held for the connection's life (an
         # orjson result occupies at least 4 KiB: shared/jsonbytes.py).
         welcome = encode_welcome(self.id, self._node_id, self.limits())
-        self.socket.send(welcome)
-        self._metrics.frame_sent(welcome)
+        if self.socket.send(welcome):  # counted once queued, not when the socket refused it
+            self._metrics.frame_sent(welcome)
 
     async def run(self) -> None:
         self._welcome()
@@ -321,8 +321,8 @@ class Session:
     def _apply(self, effect: fx.Effect) -> bool:
         """Execute an effect that needs no awaiting; False if it needs one."""
         if isinstance(effect, fx.Send):
-            self.socket.send(effect.frame)
-            self._metrics.frame_sent(effect.frame)
+            if self.socket.send(effect.frame):
+                self._metrics.frame_sent(effect.frame)
         elif isinstance(effect, fx.Audit):
             self._audit.record(effect.tenant, effect.type, effect.principal, **effect.details)
         elif isinstance(effect, fx.Leave):
@@ -579,8 +579,7 @@ class Session:
         }
 
     def _presence_frame(self, frame: bytes) -> None:
-        if not self.core.closed:
-            self.socket.send(frame)
+        if not self.core.closed and self.socket.send(frame):
             self._metrics.frame_sent(frame)
 
     async def _history(self, effect: fx.ReadHistory) -> None:
