@@ -93,9 +93,23 @@ async def preload(urls: str, tenant: str, count: int) -> int:
         ]
         async with asyncio.timeout(120):
             await js.publish_async_completed()
-        return max(f.result().seq for f in futures)
+        last = max(f.result().seq for f in futures)
+        await _replicas_caught_up(nc, futures[0].result().stream)
+        return last
     finally:
         await nc.close()
+
+
+async def _replicas_caught_up(nc: nats.NATS, stream: str, timeout: float = 60) -> None:
+    """Until every replica of ``stream`` is current: an ack needs only 2 of 3 replicas, and a
+    replay timed while the third still catches up would measure the preload's tail."""
+    async with asyncio.timeout(timeout):
+        while True:
+            cluster = (await nc.jetstream().stream_info(stream)).cluster
+            replicas = (cluster.replicas if cluster else None) or []
+            if all(peer.current and not peer.lag for peer in replicas):
+                return
+            await asyncio.sleep(0.05)  # nothing announces it: the stream's info is polled
 
 
 class _Replay(WSListener):  # type: ignore[misc]
