@@ -292,6 +292,7 @@ class Gateway:
         )
         if self.metrics.enabled:
             self.broker.on_link_event = self.metrics.nats_event
+            self.broker.on_replay_consumer = self.metrics.replay_consumer
             for bucket in self.security.watched:
                 bucket.on_reload = self.metrics.kv_reloaded
 

@@ -185,9 +185,9 @@ class _DirectBatch:
 def ack_seqs(reply: bytes) -> tuple[int, int] | None:
     """(stream seq, consumer seq) of a consumer's message, from its ack subject; None if
     ``reply`` is not one. The subject is ``$JS.ACK.<stream>.<consumer>.<delivered>.<stream
-    seq>.<consumer seq>.<time>.<pending>``, or from nats-server 2.10 on possibly
-    ``$JS.ACK.<domain>.<account hash>.<stream>.<consumer>.`` and the same five, perhaps
-    followed by more tokens."""
+    seq>.<consumer seq>.<time>.<pending>``, or in the newer format a server can be set to use
+    (nats-server's ``FeatureFlagJsAckFormatV2``) ``$JS.ACK.<domain>.<account hash>.<stream>.
+    <consumer>.`` and the same five, perhaps followed by more tokens."""
     tokens = reply.split(b".")
     if len(tokens) == 9:
         at = 5
@@ -244,14 +244,6 @@ class _Pulled:
                 self.items.append((seqs[0], seqs[1], data))
                 self.credit -= 1
         self.arrived.set()
-
-
-def _cut_short(stream: str, count: int, why: str) -> None:
-    log.info(
-        "a replay of %s through a pull consumer stopped after %d events (%s): direct gets "
-        "read the rest",
-        stream, count, why,
-    )  # fmt: skip
 
 
 class _NoStream(Exception):
@@ -497,6 +489,8 @@ class JetStreamBroker:
         # Observability (the gateway's metrics): called with "disconnect", "reconnect",
         # "slow_consumer" or "error" as they happen; it must not raise or block.
         self.on_link_event: Callable[[str], None] | None = None
+        # Told each replay through a pull consumer's outcome: "read" or "cut_short".
+        self.on_replay_consumer: Callable[[str], None] | None = None
         # channel_detail sums the bytes of a channel up to this many events (tests lower it).
         self.detail_exact_max = DETAIL_EXACT_MAX
 
@@ -1747,6 +1741,7 @@ class JetStreamBroker:
         sub: Subscription | None = None
         consumer: str | None = None
         delivered = count = quiet = 0
+        why = ""  # why the consumer stopped short (then direct gets read the rest)
         try:
             inbox = nc.new_inbox()
             sub = await nc.subscribe_raw(inbox, pulled.on_raw)
@@ -1777,7 +1772,7 @@ class JetStreamBroker:
                 pulled.arrived.clear()  # before looking: what comes after sets it again
                 if not pulled.items:
                     if pulled.failed:
-                        _cut_short(stream, count, pulled.failed)
+                        why = pulled.failed
                         return
                     await ask_ahead()  # also after requests that ended short (expired)
                     try:
@@ -1789,7 +1784,7 @@ class JetStreamBroker:
                         # bytes ran out exactly); ask again, a few times, then give up.
                         quiet += 1
                         if quiet >= _REPLAY_STALL_CHECKS:
-                            _cut_short(stream, count, "nothing came for a while")
+                            why = "nothing came for a while"
                             return
                         pulled.credit = 0
                     continue
@@ -1797,7 +1792,7 @@ class JetStreamBroker:
                 await ask_ahead()  # the store reads the next ones while these go out
                 for seq, consumer_seq, body in items:
                     if consumer_seq != delivered + 1:  # a message went missing on the way
-                        _cut_short(stream, count, f"consumer seq {consumer_seq} after {delivered}")
+                        why = f"consumer seq {consumer_seq} after {delivered}"
                         return
                     delivered = consumer_seq
                     if seq > end_seq:
@@ -1807,9 +1802,17 @@ class JetStreamBroker:
                     if seq >= end_seq or (limit is not None and count >= limit):
                         return
         except (*_TRANSIENT, nats.errors.Error, APIError) as exc:
-            _cut_short(stream, count, type(exc).__name__)
+            why = type(exc).__name__
         finally:
             self._pulls_running -= 1
+            if why:
+                log.info(
+                    "a replay of %s through a pull consumer stopped after %d events (%s): "
+                    "direct gets read the rest",
+                    stream, count, why,
+                )  # fmt: skip
+            if self.on_replay_consumer is not None:
+                self.on_replay_consumer("cut_short" if why else "read")
             if sub is not None:
                 with contextlib.suppress(*_TRANSIENT, nats.errors.Error):
                     await nc.unsubscribe_raw(sub)

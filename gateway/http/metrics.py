@@ -136,6 +136,7 @@ class NoMetrics:
     def publish_refused(self, code: str, tenant: str) -> None: ...
     def delivered(self, members: int, body: bytes) -> None: ...
     def replayed(self, kind: str, events: int, duration_s: float) -> None: ...
+    def replay_consumer(self, outcome: str) -> None: ...
     def service_call(self, outcome: str) -> None: ...
     def auth_failed(self, method: str) -> None: ...
     def rate_limited(self, scope: str) -> None: ...
@@ -356,6 +357,12 @@ class PrometheusMetrics(NoMetrics):
             "JetStream requests that failed (store unavailable), by operation",
             ["operation"],
         )
+        self.replay_consumers = counter(
+            "arqonbus_replay_consumers",
+            "Replays read through a pull consumer, by outcome: read (as far as asked) or "
+            "cut_short (direct gets read the rest)",
+            ["outcome"],
+        )
         self.kv_reloads = counter(
             "arqonbus_kv_watch_reloads",
             "Full (re)loads of a watched KV bucket (the first load, then after each restart)",
@@ -454,6 +461,9 @@ class PrometheusMetrics(NoMetrics):
         self.rate_limits.inc((scope,))
 
     # -- the mesh ---------------------------------------------------------------------
+
+    def replay_consumer(self, outcome: str) -> None:
+        self.replay_consumers.inc((outcome,))
 
     def nats_event(self, event: str) -> None:
         self.nats.inc((event,))

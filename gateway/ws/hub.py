@@ -461,13 +461,18 @@ class Hub:
             member.replayed = 0
 
     async def _replay_range(self, member: Member, upto: int) -> None:
-        async for stored in self._broker.replay(member.ref, member.cursor + 1, upto):
-            if stored.seq <= member.cursor:
-                continue
-            if not await member.socket.send_paced(self._delivered(member, stored.body, stored.seq)):
-                return
-            member.cursor = stored.seq
-            member.replayed += 1
+        # Closed here, not left to the generator's finalizer: a replay through a pull
+        # consumer holds one of the gateway's few slots and a consumer until it is closed.
+        replay = self._broker.replay(member.ref, member.cursor + 1, upto)
+        async with contextlib.aclosing(replay) as stored_events:
+            async for stored in stored_events:
+                if stored.seq <= member.cursor:
+                    continue
+                delivered = self._delivered(member, stored.body, stored.seq)
+                if not await member.socket.send_paced(delivered):
+                    return
+                member.cursor = stored.seq
+                member.replayed += 1
         if member.cursor < upto:
             # ``upto`` is a seq the channel holds; a replay that ends short of it is
             # either retention (tell the member) or a lagging replica (make it resume).

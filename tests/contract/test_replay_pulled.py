@@ -8,6 +8,7 @@ The thresholds are lowered so a few thousand events make many pull requests.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 
 import nats
@@ -32,7 +33,16 @@ async def long_replays(mesh: Mesh) -> JetStreamBroker:
     broker = await mesh.broker()
     assert isinstance(broker, JetStreamBroker)
     broker.pull_replay_min = 100
+    broker.on_replay_consumer = outcomes.append
     return broker
+
+
+outcomes: list[str] = []  # what the brokers told of their replays through a consumer
+
+
+@pytest.fixture(autouse=True)
+def no_outcomes_yet() -> None:
+    outcomes.clear()
 
 
 async def channel_with_noise(broker: JetStreamBroker, events: int) -> tuple[ChannelRef, list[int]]:
@@ -72,12 +82,14 @@ async def test_a_long_replay_reads_through_a_pull_consumer_exactly(jetstream_mes
     assert middle == seqs[40:1301]
     assert [e.seq async for e in broker.replay(ref, seqs[7], None, limit=1100)] == seqs[7:1107]
     taken = []
-    async for event in broker.replay(ref, 1, None):
-        taken.append(event.seq)
-        if len(taken) == 700:
-            break  # the reader stops with requests in flight
+    async with contextlib.aclosing(broker.replay(ref, 1, None)) as events:
+        async for event in events:
+            taken.append(event.seq)
+            if len(taken) == 700:
+                break  # the reader stops with requests in flight
     assert taken == seqs[:700]
     assert broker.pulled_replays - before == 4  # all but the one-event replay
+    assert outcomes == ["read"] * 4
 
     # Each replay's consumer is deleted once it is done (not left to idle out).
     async def none_left() -> bool:
@@ -116,6 +128,7 @@ async def test_a_consumer_deleted_mid_replay_leaves_the_rest_to_direct_gets(
             finally:
                 await nc.close()
     assert taken == seqs
+    assert outcomes == ["cut_short"]
 
 
 async def test_a_message_missing_on_the_way_leaves_the_rest_to_direct_gets(
@@ -136,8 +149,9 @@ async def test_a_message_missing_on_the_way_leaves_the_rest_to_direct_gets(
     monkeypatch.setattr(_Pulled, "on_raw", lossy)
     broker = await long_replays(jetstream_mesh)
     ref, seqs = await channel_with_noise(broker, 800)
-    assert [e.seq async for e in broker.replay(ref, 1, None)] == seqs
-    assert dropped == [seqs[299]]
+    got = [e.seq async for e in broker.replay(ref, 1, None)]
+    assert got == seqs, (len(got), len(seqs), dropped, outcomes)
+    assert (dropped, outcomes) == ([seqs[299]], ["cut_short"])
 
 
 async def test_replays_over_the_cap_read_by_direct_get(

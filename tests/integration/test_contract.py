@@ -445,3 +445,19 @@ async def test_replay_falls_back_to_an_ordered_consumer_without_batched_direct_g
     reader = await clients(gateway_url(gw), tenant, "reader")
     await reader.join("r", "c", since_seq=seqs[0])
     assert [e["seq"] for e in await reader.wait_events(4)] == seqs[1:]
+
+
+async def test_a_long_resume_reads_through_a_pull_consumer_and_is_counted(
+    start_gateway, clients, tenant
+):
+    """A resume spanning replay_consumer_min_span stream seqs or more: the same events,
+    read through a pull consumer, and arqonbus_replay_consumers_total says so."""
+    gw = await start_gateway(replay_consumer_min_span=20)
+    writer = await clients(gateway_url(gw), tenant, "writer")
+    acks = [await writer.publish("r", "c", {"n": n}) for n in range(30)]
+    seqs = [a["payload"]["seq"] for a in acks]
+    reader = await clients(gateway_url(gw), tenant, "reader")
+    await reader.join("r", "c", since_seq=seqs[0])
+    assert [e["seq"] for e in await reader.wait_events(29)] == seqs[1:]
+    assert gw.broker.pulled_replays == 1
+    assert b'arqonbus_replay_consumers_total{outcome="read"} 1.0' in gw.metrics.render()
