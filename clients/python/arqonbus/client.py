@@ -277,11 +277,16 @@ class _AttemptFailed(Exception):
     """
 
     def __init__(
-        self, message: str, retry_after: float = 0.0, refusal: HandshakeRefusal | None = None
+        self,
+        message: str,
+        retry_after: float = 0.0,
+        refusal: HandshakeRefusal | None = None,
+        timed_out: bool = False,
     ) -> None:
         super().__init__(message)
         self.retry_after = retry_after
         self.refusal = refusal
+        self.timed_out = timed_out  # the attempt ran out of its time
 
 
 def _retry_after(exc: InvalidStatus) -> float:
@@ -1177,7 +1182,7 @@ class Client(AdminCommands):
             refusal = _refusal(exc)
             raise _AttemptFailed(_describe_refusal(refusal), wait, refusal) from None
         except (OSError, TimeoutError, InvalidHandshake, WebSocketException) as exc:
-            raise _AttemptFailed(_describe(exc)) from None
+            raise _AttemptFailed(_describe(exc), timed_out=isinstance(exc, TimeoutError)) from None
         try:
             raw = await asyncio.wait_for(conn.recv(), timeout)
             message = orjson.loads(raw)
@@ -1195,7 +1200,8 @@ class Client(AdminCommands):
             if isinstance(exc, orjson.JSONDecodeError):
                 raise _AttemptFailed("the welcome message is not JSON") from None
             if isinstance(exc, Exception):
-                raise _AttemptFailed(_describe(exc)) from None
+                timed_out = isinstance(exc, TimeoutError)
+                raise _AttemptFailed(_describe(exc), timed_out=timed_out) from None
             raise
 
     async def _sign_in(
@@ -1238,11 +1244,16 @@ class Client(AdminCommands):
                 summary = "; ".join(f"{u}: {r}" for u, r in reasons.items()) or "timed out"
                 raise ConnectionFailed(f"cannot reach any gateway ({summary})", refusals=refusals)
             url = self.urls[self._url_index % len(self.urls)]
+            budget = min(remaining, self._attempt_timeout())
             try:
-                conn, welcome = await self._open(url, min(remaining, self._attempt_timeout()))
+                conn, welcome = await self._open(url, budget)
                 self._url = url
                 return conn, welcome
             except _AttemptFailed as exc:
+                if exc.timed_out and budget < self._attempt_timeout() and url in reasons:
+                    # Cut short by connect_timeout, not refused: what this gateway answered
+                    # before (a 503 and its reason, say) tells more than "timed out".
+                    continue
                 reasons[url] = str(exc)
                 if exc.refusal is not None:
                     refusals[url] = exc.refusal
