@@ -134,6 +134,10 @@ _SERVICE_PENDING_BYTES = 64 * 1024 * 1024
 _CONNECT_BUDGET_PER_SERVER_S = 10.0
 
 
+# A replay reader: (stream, ref, start seq, end seq, limit) -> the events it reads.
+_Reader = Callable[[str, ChannelRef, int, int, int | None], AsyncGenerator[StoredEvent, None]]
+
+
 class _NoDirectGet(Exception):
     """The stream does not answer direct gets (created without allow_direct)."""
 
@@ -1542,45 +1546,21 @@ class JetStreamBroker:
         if end_seq < start_seq:
             return
         primary = self._primary_stream(ref.tenant)
-        last, count = start_seq - 1, 0
+        # Each reader reads from where the one before stopped: the region's own copy (up to
+        # what it holds), a pull consumer (long replays; it may stop anywhere), then direct
+        # gets (or an ordered consumer on servers without them), which fail loudly.
+        readers: list[tuple[_Reader, str]] = []
         local = self._local_copy(ref.tenant, primary)
         if local is not None:
-            async with contextlib.aclosing(
-                self._replay_local(local, ref, start_seq, end_seq, limit)
-            ) as nearby:
-                async for event in nearby:
-                    last, count = event.seq, count + 1
-                    yield event
+            readers.append((self._replay_local, local))
+        readers += [(self._replay_pulled, primary), (self._replay_stored, primary)]
+        last, count = start_seq - 1, 0
+        for read, stream in readers:
             if last >= end_seq or (limit is not None and count >= limit):
                 return
-        try:
-            if not self._has_batched_direct_get():
-                raise _NoDirectGet()
-            if self._pull_fits(last + 1, end_seq, None if limit is None else limit - count):
-                # Stops short without an error wherever the consumer cannot go on: the
-                # direct gets below read the rest (and fail loudly if they cannot).
-                async with contextlib.aclosing(
-                    self._replay_pulled(
-                        primary, ref, last + 1, end_seq, None if limit is None else limit - count
-                    )
-                ) as pulled:
-                    async for event in pulled:
-                        last, count = event.seq, count + 1
-                        yield event
-            if last < end_seq and (limit is None or count < limit):
-                async with contextlib.aclosing(
-                    self._replay_direct(
-                        primary, ref, last + 1, end_seq, None if limit is None else limit - count
-                    )
-                ) as direct:
-                    async for event in direct:
-                        last, count = event.seq, count + 1
-                        yield event
-        except _NoDirectGet:
-            async with contextlib.aclosing(
-                self._replay_consumer(primary, ref, last + 1, end_seq, limit and limit - count)
-            ) as consumer:
-                async for event in consumer:
+            rest = None if limit is None else limit - count
+            async with contextlib.aclosing(read(stream, ref, last + 1, end_seq, rest)) as events:
+                async for event in events:
                     last, count = event.seq, count + 1
                     yield event
         if last < end_seq and (limit is None or count < limit):
@@ -1588,6 +1568,28 @@ class JetStreamBroker:
             window = await self.window(ref)
             if window.last_seq >= end_seq and end_seq >= window.first_stream_seq:
                 raise BrokerUnavailable(f"replay stopped at {last}, before {end_seq}")
+
+    async def _replay_stored(
+        self, stream: str, ref: ChannelRef, start_seq: int, end_seq: int, limit: int | None
+    ) -> AsyncGenerator[StoredEvent, None]:
+        """Batched direct gets; an ordered consumer where the stream answers none (that is
+        known before the first event)."""
+        try:
+            if not self._has_batched_direct_get():
+                raise _NoDirectGet()
+            async with contextlib.aclosing(
+                self._replay_direct(stream, ref, start_seq, end_seq, limit)
+            ) as direct:
+                async for event in direct:
+                    yield event
+            return
+        except _NoDirectGet:
+            pass
+        async with contextlib.aclosing(
+            self._replay_consumer(stream, ref, start_seq, end_seq, limit)
+        ) as consumer:
+            async for event in consumer:
+                yield event
 
     def _has_batched_direct_get(self) -> bool:
         """Batched direct get came with nats-server 2.11; older servers answer one message."""
@@ -1715,9 +1717,10 @@ class JetStreamBroker:
                     await nc.unsubscribe_raw(sub)
 
     def _pull_fits(self, start_seq: int, end_seq: int, limit: int | None) -> bool:
-        """Whether a replay is long enough for a pull consumer, and one more may run."""
+        """Whether a replay is long enough for a pull consumer, and one more may run (only
+        beside batched direct gets, which read whatever the consumer does not)."""
         least = self.pull_replay_min
-        if least <= 0 or end_seq - start_seq + 1 < least:
+        if least <= 0 or end_seq - start_seq + 1 < least or not self._has_batched_direct_get():
             return False
         return (limit is None or limit >= least) and self._pulls_running < _PULL_REPLAYS_MAX
 
@@ -1734,6 +1737,8 @@ class JetStreamBroker:
         the store reads the next events while these go to the client, and a replay holds at
         most those in memory, whatever the client's pace.
         """
+        if not self._pull_fits(start_seq, end_seq, limit):
+            return  # short (or too many at once): the direct gets after this read it all
         nc, _, jsm, _ = self._require()
         self._pulls_running += 1
         self.pulled_replays += 1
