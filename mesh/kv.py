@@ -60,8 +60,12 @@ bucket_name = subjects.kv_bucket_name
 
 _WRITE_RETRIES = 8  # about 2.5 s in all (see _RetryingJetStream)
 _OPEN_ATTEMPTS = 3  # see open_bucket
-# create: conditional writes tried while the key keeps changing between write and read.
-_CREATE_ATTEMPTS = 5
+# create: conditional writes tried while the key keeps changing between write and read, or
+# while another write to it is still in flight (the leader refuses without comparing, and the
+# key reads as absent until that write is applied). Bounded in count and in time.
+_CREATE_ATTEMPTS = 30
+_CREATE_WINDOW_S = 3.0
+_CREATE_BACKOFF_S = (0.002, 0.2)  # first and longest pause after an in-flight refusal
 # Failures of the store itself (no answer), as opposed to answers about a key.
 _UNAVAILABLE = (nats.errors.Error, TimeoutError, OSError)
 
@@ -209,11 +213,15 @@ class JetStreamBucket:
         read may be a direct get, answered by any replica. A replica that has not yet
         applied the winner's write answers "not found", which looked like a store failure.
         Here the read goes to the stream leader, which refused the write and so holds what
-        refused it. A delete marker is written over (at its revision).
+        refused it. A delete marker is written over (at its revision). The leader also
+        refuses while another write to the key is in flight, and until that write is applied
+        the key reads as absent: then the write is tried again after a short pause.
         """
         last = 0
+        pause, longest = _CREATE_BACKOFF_S
+        deadline = asyncio.get_running_loop().time() + _CREATE_WINDOW_S
         with _Failures(self.name, key):
-            for _ in range(_CREATE_ATTEMPTS):
+            for attempt in range(1, _CREATE_ATTEMPTS + 1):
                 try:
                     return await self._kv.update(key, value, last=last)
                 except KeyWrongLastSequenceError:
@@ -222,12 +230,22 @@ class JetStreamBucket:
                     entry = await self._leader.get(key)
                 except KeyNotFoundError as exc:
                     # A delete marker (its entry names the revision to write over), or
-                    # nothing: the key was purged since our write was refused. Write again.
+                    # nothing: another write to the key is still in flight (the leader
+                    # refuses a conditional write then, without comparing), or the key was
+                    # purged since. Write again; after an in-flight refusal, once it had
+                    # a moment to land.
                     marker = exc.entry
                     last = marker.revision if marker is not None and marker.revision else 0
+                    if asyncio.get_running_loop().time() >= deadline:
+                        break
+                    if not last:
+                        await asyncio.sleep(min(longest, pause * 2 ** (attempt - 1)))
                     continue
                 raise KeyExists(key, entry.value or b"", entry.revision or 0)
-        raise KeyContended(f"key {key!r} kept changing: {_CREATE_ATTEMPTS} writes were refused")
+        raise KeyContended(
+            f"key {key!r} kept changing: {attempt} writes were refused in "
+            f"{_CREATE_WINDOW_S:g} s; try again"
+        )
 
     async def update(self, key: str, value: bytes, revision: int) -> int:
         if revision <= 0:

@@ -1,7 +1,8 @@
-"""Opening a KV bucket that other gateways create at the same moment.
+"""Opening a KV bucket that other gateways create at the same moment, and creating a key
+that other gateways create at the same moment.
 
 JetStream can leave one of two identical, concurrent stream creates unanswered (nats-server
-#3677); the real race cannot be forced, so these tests script the JetStream answers.
+#3677); the real races cannot be forced, so these tests script the JetStream answers.
 """
 
 from __future__ import annotations
@@ -10,9 +11,11 @@ from typing import Any
 
 import pytest
 from nats.errors import TimeoutError as NatsTimeoutError
-from nats.js.errors import BucketNotFoundError
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
 
 from arqonbus_server.mesh import kv as kvmod
+from arqonbus_server.mesh.ports import KeyContended, KeyExists
 
 
 class ScriptedJetStream:
@@ -54,3 +57,61 @@ async def test_a_store_that_never_answers_still_fails_after_a_bounded_number_of_
     with pytest.raises(NatsTimeoutError):
         await kvmod.open_bucket(js, "arq_rooms", replicas=3)  # type: ignore[arg-type]
     assert len(js.calls) == attempts
+
+
+class ScriptedKeys:
+    """A key's conditional writes and leader reads, answered from a script."""
+
+    _name = "b"
+
+    def __init__(self, updates: list[Any], reads: list[Any]) -> None:
+        self.updates, self.reads = updates, reads
+        self.lasts: list[int] = []
+
+    async def update(self, key: str, value: bytes, last: int) -> Any:
+        self.lasts.append(last)
+        return _answer(self.updates.pop(0))
+
+    async def get(self, key: str) -> Any:
+        return _answer(self.reads.pop(0))
+
+
+def scripted_bucket(keys: ScriptedKeys) -> kvmod.JetStreamBucket:
+    bucket = kvmod.JetStreamBucket(FakeKV())  # type: ignore[arg-type]
+    bucket._kv = bucket._leader = keys  # type: ignore[assignment]
+    return bucket
+
+
+async def test_a_create_refused_while_the_winner_is_in_flight_names_the_winner() -> None:
+    """The leader refuses a conditional write while another write to the key is in flight,
+    and the key reads as absent until that write is applied: several rounds of that end in
+    KeyExists once it lands, not in a failure."""
+    refused = KeyWrongLastSequenceError()
+    landed = KeyValue.Entry("b", "k", b"won", 7, None, None, None)
+    keys = ScriptedKeys(updates=[refused] * 9, reads=[KeyNotFoundError()] * 8 + [landed])
+    with pytest.raises(KeyExists) as exists:
+        await scripted_bucket(keys).create("k", b"mine")
+    assert (exists.value.value, exists.value.revision) == (b"won", 7)
+    assert keys.lasts == [0] * 9
+
+
+async def test_a_delete_marker_is_written_over_at_its_revision() -> None:
+    marker = KeyValue.Entry("b", "k", None, 4, None, None, "DEL")
+    keys = ScriptedKeys(
+        updates=[KeyWrongLastSequenceError(), 5], reads=[KeyNotFoundError(entry=marker)]
+    )
+    assert await scripted_bucket(keys).create("k", b"again") == 5
+    assert keys.lasts == [0, 4]
+
+
+async def test_a_key_that_stays_in_flight_fails_retryably_within_the_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(kvmod, "_CREATE_WINDOW_S", 0.05)
+    endless = kvmod._CREATE_ATTEMPTS + 1
+    keys = ScriptedKeys(
+        updates=[KeyWrongLastSequenceError()] * endless, reads=[KeyNotFoundError()] * endless
+    )
+    with pytest.raises(KeyContended, match=r"kept changing.*try again"):
+        await scripted_bucket(keys).create("k", b"mine")
+    assert 1 < len(keys.lasts) < kvmod._CREATE_ATTEMPTS
