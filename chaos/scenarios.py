@@ -697,7 +697,13 @@ async def slow_reader(mesh: Mesh, wl: Workload, plan: Plan, outcome: Outcome) ->
         fast_count = await fast
     baseline = wl.latencies_between(baseline_from, fault_from)
     during = wl.latencies_between(fault_from, fault_to)
-    p99_a, p99_b = percentile(baseline, 0.99), percentile(during, 0.99)
+    # The short run (make test) has about 1,000 deliveries a phase on two cores it shares
+    # with the rest of the suite: its p99 is the 10th slowest, which one scheduler stall of
+    # tens of ms sets. It checks p90 instead (100 deliveries): a gateway held up by its slow
+    # readers delays most deliveries for the stall's 3 s, which any tail shows.
+    tail = 0.99 if plan.long else 0.9
+    name = f"p{tail * 100:g}"
+    tail_a, tail_b = percentile(baseline, tail), percentile(during, tail)
     codes = [r["code"] for r in results]
     growth_mb = (peak - rss_before) / 2**20
     budget_mb = readers * 2 * 1 + 32  # send buffers (1 MiB each, doubled for slack) + 32 MiB
@@ -711,14 +717,14 @@ async def slow_reader(mesh: Mesh, wl: Workload, plan: Plan, outcome: Outcome) ->
         growth_mb <= budget_mb,
         f"RSS {rss_before / 2**20:.0f} MiB -> peak {peak / 2**20:.0f} MiB (+{growth_mb:.0f}, budget {budget_mb})",
     )
-    # The short run (make test) shares two cores with the rest of the suite: a few ms of
-    # scheduler noise would swamp a ratio of small p99s, so it allows 25 ms on top.
+    # The short run also allows 25 ms on top: a few ms of scheduler noise would swamp a
+    # ratio of small latencies.
     slack_ms = 0.0 if plan.long else 25.0
     outcome.check(
-        "other clients' p99 within 2x of the baseline"
+        f"other clients' {name} within 2x of the baseline"
         + ("" if plan.long else f" (+{slack_ms:g} ms for a shared machine)"),
-        p99_b <= 2 * p99_a + slack_ms,
-        f"p99 {p99_a:.1f} ms -> {p99_b:.1f} ms ({len(baseline)} / {len(during)} deliveries)",
+        tail_b <= 2 * tail_a + slack_ms,
+        f"{name} {tail_a:.1f} ms -> {tail_b:.1f} ms ({len(baseline)} / {len(during)} deliveries)",
     )
     outcome.measures.update(
         slow_readers=results,

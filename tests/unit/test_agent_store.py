@@ -23,6 +23,7 @@ from arqonbus_server.gateway.auth.agent import (
     register_from_session,
     store_new,
 )
+from arqonbus_server.mesh import kv as kv_module
 from arqonbus_server.mesh.kv import JetStreamBucket
 from arqonbus_server.mesh.ports import BrokerUnavailable, KeyContended, KeyExists
 from arqonbus_server.shared import agent_identity as ai
@@ -128,7 +129,8 @@ async def test_a_key_that_keeps_changing_is_contended_not_exists() -> None:
     def delete_again() -> None:
         stream.log.append((f"{PRE}k", b"", {"KV-Operation": "DEL"}))
 
-    stream.before_publish = [delete_again] * 10  # a new marker before each of our writes
+    # A new marker before each of our writes, for longer than create tries.
+    stream.before_publish = [delete_again] * (kv_module._CREATE_ATTEMPTS + 1)
     with pytest.raises(KeyContended):
         await create_key(kv, "k", b"new")
 
