@@ -39,7 +39,7 @@ from arqonbus_server.gateway.http.admission import (
     retry_after_ms,
 )
 from arqonbus_server.gateway.http.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from arqonbus_server.gateway.http.metrics import metrics_from
+from arqonbus_server.gateway.http.metrics import BatchCounts, metrics_from
 from arqonbus_server.gateway.http.origin import OriginPolicy
 from arqonbus_server.gateway.state.admin import GatewayCommands, GatewayInfo
 from arqonbus_server.gateway.state.audit import AUTH_FAILED, AuditLog, AuditThrottle
@@ -289,6 +289,10 @@ class Gateway:
             lambda: self.hub.channel_count,
             self.hub.member_count,
             lambda: (self.frames.received, self.frames.sent),
+        )
+        stats = self.broker.batch_stats
+        self.metrics.observe_batches(
+            lambda: BatchCounts(stats.batches, stats.events, stats.alone, stats.refusals)
         )
         if self.metrics.enabled:
             self.broker.on_link_event = self.metrics.nats_event

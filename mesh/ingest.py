@@ -26,12 +26,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
 
 from arqonbus_server.mesh.batch import (
+    AtomicPublishDisabled,
     BatchError,
     BatchItemResult,
     BatchPublisher,
@@ -76,10 +78,10 @@ class _Lane:
 class IngestStats:
     """What the lanes did (the gateway's metrics and the bench read it)."""
 
-    batches: int = 0
-    events: int = 0
+    batches: int = 0  # stored (their commit acked)
+    events: int = 0  # stored through those batches
     alone: int = 0  # events handed back to be published alone
-    refusals: dict[str, int] = field(default_factory=dict)  # by error class name
+    refusals: dict[str, int] = field(default_factory=dict)  # by reason (refusal_reason)
 
 
 class IngestBatcher:
@@ -90,6 +92,7 @@ class IngestBatcher:
         publisher: BatchPublisher,
         max_in_flight: int = MAX_IN_FLIGHT,
         max_batch: int = MAX_BATCH,
+        stats: IngestStats | None = None,
     ) -> None:
         if max_in_flight < 1 or not 1 <= max_batch <= 1000:
             raise ValueError("max_in_flight >= 1 and 1 <= max_batch <= 1000")
@@ -98,7 +101,7 @@ class IngestBatcher:
         self._max_batch = max_batch
         self._lanes: dict[str, _Lane] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self.stats = IngestStats()
+        self.stats = stats if stats is not None else IngestStats()  # the caller's outlives this
         # Called with the stream's name when a batch was refused because the stream has no
         # allow_atomic (an older stream): the broker turns it on.
         self.on_atomic_disabled: Callable[[str], None] | None = None
@@ -154,10 +157,10 @@ class IngestBatcher:
         except BatchPublisherClosed as exc:
             _fail(batch, exc)
         except BatchError as exc:  # refused for the batch: each event alone
-            name = type(exc).__name__
-            self.stats.refusals[name] = self.stats.refusals.get(name, 0) + 1
+            reason = refusal_reason(exc)
+            self.stats.refusals[reason] = self.stats.refusals.get(reason, 0) + 1
             self.stats.alone += len(batch)
-            if name == "AtomicPublishDisabled" and self.on_atomic_disabled is not None:
+            if isinstance(exc, AtomicPublishDisabled) and self.on_atomic_disabled is not None:
                 self.on_atomic_disabled(stream)
             log.debug("batch of %d to %s refused (%s): published alone", len(batch), stream, exc)
             for waiting in batch:
@@ -177,6 +180,14 @@ class IngestBatcher:
         finally:
             lane.in_flight -= 1  # a lane with a batch out is never dropped (_pump)
             self._pump(stream, lane)
+
+
+def refusal_reason(exc: BatchError) -> str:
+    """A refusal's reason as a metric label: the error's class in snake case, without its
+    ``batch_`` prefix (``BatchDuplicate`` -> ``duplicate``, ``AtomicPublishDisabled`` ->
+    ``atomic_publish_disabled``)."""
+    words = re.sub(r"(?<!^)(?=[A-Z])", "_", type(exc).__name__).lower()
+    return words.removeprefix("batch_") or words
 
 
 def _fail(batch: list[_Waiting], exc: BaseException) -> None:

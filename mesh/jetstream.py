@@ -40,7 +40,7 @@ from arqonbus_server.mesh.batch import (
     sweep_deadlines,
 )
 from arqonbus_server.mesh.carried_ids import MAX_CARRIED_IDS, CarriedIds, epoch_holding
-from arqonbus_server.mesh.ingest import IngestBatcher
+from arqonbus_server.mesh.ingest import IngestBatcher, IngestStats
 from arqonbus_server.mesh.kv import open_bucket
 from arqonbus_server.mesh.mirrors import TenantConfirmers, mirrors_to_confirm
 from arqonbus_server.mesh.nats_auth import connect_failure, connect_options, redact_url
@@ -483,6 +483,8 @@ class JetStreamBroker:
         # Publishes to tenant streams, coalesced into atomic batches (mesh/ingest.py).
         self._batches: BatchPublisher | None = None
         self._ingest: IngestBatcher | None = None
+        # What the batching did, over this broker's life (the gateway's metrics read it).
+        self.batch_stats = IngestStats()
         self._atomic_asked: set[str] = set()
         self._background: set[asyncio.Task[None]] = set()
         self._link_up = asyncio.Event()  # set while connected (see window)
@@ -588,7 +590,7 @@ class JetStreamBroker:
             batches = BatchPublisher(nc, self._publish_timeout)
             await batches.start()
             self._batches = batches
-            self._ingest = IngestBatcher(batches)
+            self._ingest = IngestBatcher(batches, stats=self.batch_stats)
             self._ingest.on_atomic_disabled = self._allow_atomic
         where = nc.connected_url  # host and port only: a URL may carry credentials
         log.info("connected to NATS at %s", f"{where.hostname}:{where.port}" if where else "?")

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import time
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
+from typing import NamedTuple
 
 import orjson
 from prometheus_client import (
@@ -121,6 +122,15 @@ class TenantLabels:
         return (OTHER,)
 
 
+class BatchCounts(NamedTuple):
+    """What the store's publish batching did (mesh/ingest.py ``IngestStats``), as counters."""
+
+    batches: int  # atomic batches stored
+    events: int  # events stored through them
+    alone: int  # events of refused batches, published one by one instead
+    refusals: Mapping[str, int]  # refused batches by reason
+
+
 class NoMetrics:
     """The metrics interface, doing nothing: what the shells hold when metrics are off."""
 
@@ -152,6 +162,9 @@ class NoMetrics:
         frames: Callable[[], tuple[int, int]],
     ) -> None:
         """Values read at each scrape (nothing to do on the hot path)."""
+
+    def observe_batches(self, read: Callable[[], BatchCounts]) -> None:
+        """The store's publish batching, read at each scrape."""
 
     def render(self) -> bytes:
         return b""
@@ -223,6 +236,7 @@ class _Families(Collector):
         self.families: list[_Counter | _Histogram] = []
         self.gauges: list[tuple[str, str, Callable[[], float]]] = []
         self.frames: Callable[[], tuple[int, int]] | None = None
+        self.batches: Callable[[], BatchCounts] | None = None
 
     def counter(self, name: str, doc: str, labels: Sequence[str] = ()) -> _Counter:
         counter = _Counter(name, doc, labels)
@@ -259,6 +273,37 @@ class _Families(Collector):
                 "WebSocket messages queued to clients (all sockets, counted by the transport)",
                 value=sent,
             )
+        if self.batches is not None:
+            yield from _batch_families(self.batches())
+
+
+def _batch_families(counts: BatchCounts) -> Iterable[Metric]:
+    yield CounterMetricFamily(
+        "arqonbus_publish_batches",
+        "Batches of publishes stored by the publish lanes, one store ack each: JetStream "
+        "atomic batches, and events a quiet lane sent alone (a batch of one)",
+        value=counts.batches,
+    )
+    yield CounterMetricFamily(
+        "arqonbus_publish_batched_events",
+        "Events stored through the publish lanes' batches (divided by "
+        "arqonbus_publish_batches_total: the mean batch size)",
+        value=counts.events,
+    )
+    yield CounterMetricFamily(
+        "arqonbus_publish_unbatched_events",
+        "Events of refused batches, published one by one instead",
+        value=counts.alone,
+    )
+    refusals = CounterMetricFamily(
+        "arqonbus_publish_batch_refusals",
+        "Atomic batches the store refused for a batch-only reason (their events were "
+        "published one by one), by reason",
+        labels=["reason"],
+    )
+    for reason, count in sorted(counts.refusals.items()):
+        refusals.add_metric([reason], count)
+    yield refusals
 
 
 class PrometheusMetrics(NoMetrics):
@@ -491,6 +536,9 @@ class PrometheusMetrics(NoMetrics):
             ("arqonbus_hub_members", "(socket, channel) members on this gateway", members),
         ]
         self._all.frames = frames
+
+    def observe_batches(self, read: Callable[[], BatchCounts]) -> None:
+        self._all.batches = read
 
     def render(self) -> bytes:
         """The text exposition format (``GET /metrics``)."""

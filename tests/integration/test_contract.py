@@ -461,3 +461,24 @@ async def test_a_long_resume_reads_through_a_pull_consumer_and_is_counted(
     assert [e["seq"] for e in await reader.wait_events(29)] == seqs[1:]
     assert gw.broker.pulled_replays == 1
     assert b'arqonbus_replay_consumers_total{outcome="read"} 1.0' in gw.metrics.render()
+
+
+async def test_concurrent_publishes_are_stored_in_batches_and_counted(
+    start_gateway, clients, tenant
+):
+    """Many publishes at once from one socket: each acked with its own seq, and
+    arqonbus_publish_batch* show that they went to the store in fewer batches."""
+    gw = await start_gateway()
+    writer = await clients(gateway_url(gw), tenant, "writer")
+    acks = await asyncio.gather(*(writer.publish("r", "c", {"n": n}) for n in range(60)))
+    seqs = sorted(a["payload"]["seq"] for a in acks)
+    assert len(set(seqs)) == 60
+    text = gw.metrics.render().decode()
+    events = float(metric_value(text, "arqonbus_publish_batched_events_total"))
+    batches = float(metric_value(text, "arqonbus_publish_batches_total"))
+    assert events == 60 and 1 <= batches < 60, (events, batches)
+    assert "arqonbus_publish_unbatched_events_total 0.0" in text
+
+
+def metric_value(text: str, name: str) -> str:
+    return next(line.split()[1] for line in text.splitlines() if line.startswith(name + " "))

@@ -92,7 +92,7 @@ async def test_a_batch_refused_for_the_batch_hands_each_event_back_to_publish_al
     assert await asyncio.wait_for(asyncio.gather(*tasks[1:]), 3 * SEC) == [ALONE, ALONE]
     assert disabled == ["S"]
     assert batcher.stats.alone == 3
-    assert batcher.stats.refusals == {"BatchDuplicate": 1, "AtomicPublishDisabled": 1}
+    assert batcher.stats.refusals == {"duplicate": 1, "atomic_publish_disabled": 1}
 
 
 async def test_a_timeout_fails_every_event_of_the_batch_and_the_lane_goes_on() -> None:

@@ -7,11 +7,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from arqonbus_server.gateway.http.metrics import (
     NO_METRICS,
     OTHER,
+    BatchCounts,
     PrometheusMetrics,
     close_label,
     metrics_from,
     sent_type,
 )
+from arqonbus_server.mesh.batch import AtomicPublishDisabled, BatchDuplicate
+from arqonbus_server.mesh.ingest import IngestStats, refusal_reason
 from arqonbus_server.shared.core import effects as fx
 from arqonbus_server.shared.envelope import encode_ack, encode_error, encode_welcome
 from arqonbus_server.shared.errors import MESSAGE_RATE_LIMITED, ArqonError
@@ -19,7 +22,7 @@ from arqonbus_server.shared.settings import settings_from
 
 # Label names any metric may carry: none names a room or a channel.
 ALLOWED_LABELS = {"type", "code", "duplicate", "kind", "outcome", "method", "scope", "event"}
-ALLOWED_LABELS |= {"operation", "bucket", "le", "tenant"}
+ALLOWED_LABELS |= {"operation", "bucket", "le", "tenant", "reason"}
 
 
 def label_values(metrics: PrometheusMetrics, label: str) -> set[str]:
@@ -141,3 +144,21 @@ def test_malformed_trace_fields_are_counted_on_metrics() -> None:
         assert scraped() == before + 2
     finally:
         counters.malformed_trace_fields -= 2
+
+
+def test_publish_batching_is_read_at_each_scrape() -> None:
+    metrics = PrometheusMetrics()
+    stats = IngestStats()
+    metrics.observe_batches(lambda: BatchCounts(stats.batches, stats.events, stats.alone,
+                                                stats.refusals))  # fmt: skip
+    text = metrics.render().decode()
+    assert "arqonbus_publish_batches_total 0.0" in text
+    stats.batches, stats.events, stats.alone = 3, 1200, 40
+    stats.refusals.update({refusal_reason(BatchDuplicate(10201, "dup")): 2})
+    stats.refusals[refusal_reason(AtomicPublishDisabled(10174, "off"))] = 1
+    text = metrics.render().decode()
+    assert "arqonbus_publish_batches_total 3.0" in text
+    assert "arqonbus_publish_batched_events_total 1200.0" in text
+    assert "arqonbus_publish_unbatched_events_total 40.0" in text
+    assert 'arqonbus_publish_batch_refusals_total{reason="duplicate"} 2.0' in text
+    assert 'arqonbus_publish_batch_refusals_total{reason="atomic_publish_disabled"} 1.0' in text
