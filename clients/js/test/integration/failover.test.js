@@ -5,7 +5,7 @@
 import assert from "node:assert/strict";
 import { after, before, test } from "node:test";
 import { Client } from "../../dist/index.js";
-import { collect, closeAll, frameTail, recordStates, spyWebSocket, unique, within } from "./helpers.js";
+import { collect, closeAll, frameTail, recordStates, spyWebSocket, unique, untilFrames, within } from "./helpers.js";
 import { startMesh, waitGone } from "./mesh.js";
 
 let mesh;
@@ -88,6 +88,17 @@ test("kill -9 of a gateway under load: resume elsewhere, every acked event exact
     });
     workersQ.forEach((w) => w.catch(() => {})); // awaited below; no unhandled rejection meanwhile
 
+    // Publishes of the gw0 publisher sent on a socket to gw0 whose ack has not been read.
+    const unackedOnGw0 = () => {
+      const acked = new Set(
+        spyQ.log.frames.filter((f) => f.dir === "in" && f.json?.type === "ack").map((f) => f.json.payload.request_id),
+      );
+      const onGw0 = spyQ.log.frames.filter(
+        (f) => f.dir === "out" && f.json?.type === "event" && spyQ.log.sockets[f.socket].url === gw0,
+      );
+      return [...new Set(onGw0.map((f) => f.json.id))].filter((id) => !acked.has(id));
+    };
+
     const acksP = new Map();
     const ackList = [];
     let unackedQAtKill = [];
@@ -108,9 +119,15 @@ test("kill -9 of a gateway under load: resume elsewhere, every acked event exact
           await within(20_000, "the publisher on gw0's first ack", firstQ).catch(() => {});
           assert.ok(acksQ.size > 0, "the publisher on gw0 got no ack before the kill");
           killedPid = mesh.gatewayPids[0];
+          // Stopped first, so the kill finds publishes in flight on gw0 for certain: a
+          // stopped gateway acks nothing more, and each worker's next publish (after an ack
+          // it had already written) goes to gw0 too. Killed once all WINDOW are stuck there.
+          process.kill(killedPid, "SIGSTOP");
+          await untilFrames(spyQ.log, () => unackedOnGw0().length === WINDOW, 20_000,
+            `all ${WINDOW} publishes of the gw0 publisher in flight on the stopped gw0`);
           killedAt = Date.now();
           process.kill(killedPid, "SIGKILL");
-          unackedQAtKill = [...startedQ].filter((id) => !acksQ.has(id));
+          unackedQAtKill = unackedOnGw0();
         }
       }
     } finally {

@@ -44,10 +44,15 @@ export async function rejection(promise, ms, what) {
 /**
  * A `ws` WebSocket subclass that records every socket it opens and every frame, with times.
  * `log.sockets[i]`: `{ url, protocols, openedAt, closed: {code, reason} | null, errors }`;
- * `log.frames`: `{ dir: "in" | "out", socket: i, at, text, json }`.
+ * `log.frames`: `{ dir: "in" | "out", socket: i, at, text, json }`; `log.watchers`: functions
+ * called after each frame is recorded (see `untilFrames`).
  */
 export function spyWebSocket() {
-  const log = { sockets: [], frames: [] };
+  const log = { sockets: [], frames: [], watchers: new Set() };
+  const recorded = (frame) => {
+    log.frames.push(frame);
+    for (const watch of [...log.watchers]) watch();
+  };
   class SpyWebSocket extends WebSocket {
     constructor(...args) {
       super(...args);
@@ -63,7 +68,7 @@ export function spyWebSocket() {
         } catch {
           // not JSON
         }
-        log.frames.push({ dir: "in", socket: index, at: Date.now(), text, json });
+        recorded({ dir: "in", socket: index, at: Date.now(), text, json });
       });
       this.on("close", (code, reason) => {
         record.closed = { code, reason: reason.toString() };
@@ -81,11 +86,28 @@ export function spyWebSocket() {
       } catch {
         // not JSON
       }
-      log.frames.push({ dir: "out", socket: this._spyIndex, at: Date.now(), text, json });
+      recorded({ dir: "out", socket: this._spyIndex, at: Date.now(), text, json });
       return super.send(data, ...rest);
     }
   }
   return { WebSocket: SpyWebSocket, log };
+}
+
+/** Resolves once `pred()` holds, checked now and after each frame a spy `log` records; within `ms`. */
+export async function untilFrames(log, pred, ms, what) {
+  let check;
+  const held = new Promise((resolve) => {
+    check = () => {
+      if (pred()) resolve();
+    };
+  });
+  log.watchers.add(check);
+  try {
+    check();
+    await within(ms, what, held);
+  } finally {
+    log.watchers.delete(check);
+  }
 }
 
 /** The last `count` frames of a spy log, one line each (for failure messages). */
