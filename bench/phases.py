@@ -38,6 +38,22 @@ async def scrape_phases(port: int, timeout: float = 10.0) -> Hist:
     return {phase: sorted(buckets) for phase, buckets in hist.items()}
 
 
+BATCH_FAMILIES = ("arqonbus_publish_batches", "arqonbus_publish_batched_events")
+
+
+async def scrape_batches(port: int, timeout: float = 10.0) -> tuple[float, float]:
+    """(batches, events) the publish lanes of the gateway on 127.0.0.1:``port`` stored."""
+    status, body = await http_get("127.0.0.1", port, "/metrics", timeout)
+    if status != 200:
+        raise RuntimeError(f"GET /metrics on port {port}: status {status}")
+    found = {
+        family.name: family.samples[0].value
+        for family in text_string_to_metric_families(body.decode())
+        if family.name in BATCH_FAMILIES and family.samples
+    }
+    return found.get(BATCH_FAMILIES[0], 0.0), found.get(BATCH_FAMILIES[1], 0.0)
+
+
 def delta(after: Hist, before: Hist) -> Hist:
     """What was observed between two scrapes."""
     out: Hist = {}

@@ -196,6 +196,13 @@ def table(results: dict[str, Any]) -> str:
         f"{rp['nats_direct_s']:.2f} | {_ratio(rp['arqonbus_s'], rp['nats_direct_s'])} |"
     )
     lines.append("")
+    if "mean_batch" in ingest["arqonbus"]:
+        lines.append(
+            f"In the ingest runs the gateway's publish lanes stored events in atomic batches of "
+            f"{ingest['arqonbus']['mean_batch']:,.1f} on average (its "
+            "`arqonbus_publish_batched_events_total / arqonbus_publish_batches_total`)."
+        )
+        lines.append("")
     scale = results["scaleout"]
     base = scale["1"]["deliveries_s"]
     lines.append("| gateways | deliveries/s | vs 1 gateway |")

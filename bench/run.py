@@ -35,7 +35,7 @@ import orjson
 from arqonbus_server.gateway.admin.dev import http_get, http_status
 from arqonbus_server.mesh.local import LocalCluster, free_port, free_port_run
 from bench.loadgen import percentile_us
-from bench.phases import Hist, add, delta, scrape_phases, summary
+from bench.phases import Hist, add, delta, scrape_batches, scrape_phases, summary
 
 log = logging.getLogger("bench")
 REPO = Path(__file__).resolve().parents[1]
@@ -364,9 +364,15 @@ async def fanout(
     return result
 
 
-async def ingest(gateways: list[Gateway], cfg: Config, label: str = "arqonbus") -> dict[str, Any]:
+async def ingest(
+    gateways: list[Gateway], cfg: Config, label: str = "arqonbus", batches: bool = True
+) -> dict[str, Any]:
+    """Acked publishes/s through ``gateways[0]``; with ``batches``, also the mean size of the
+    store batches its publish lanes made (read from its /metrics: a gateway of one process)."""
     runs = []
+    lanes = [0.0, 0.0]  # batches, events: over all the runs
     for _ in range(cfg.repeats):
+        before = await scrape_batches(gateways[0].port) if batches else (0.0, 0.0)
         tenant = "i" + uuid.uuid4().hex[:10]
         gen = await Loadgen.start(
             "ingest", "--urls", gateways[0].url, "--conns", str(cfg.ingest_conns),
@@ -376,11 +382,17 @@ async def ingest(gateways: list[Gateway], cfg: Config, label: str = "arqonbus") 
             r = await gen.read(cfg.duration + 120)
         finally:
             await gen.close()
+        if batches:
+            after = await scrape_batches(gateways[0].port)
+            lanes = [lanes[0] + after[0] - before[0], lanes[1] + after[1] - before[1]]
         runs.append(
             {"acked_s": r["acked"] / r["elapsed_s"], "acked": r["acked"], "errors": r["errors"]}
         )
     result = median_of(runs)
-    log.info("ingest %s: %.0f acked/s", label, result["acked_s"])
+    if lanes[0]:
+        result["mean_batch"] = lanes[1] / lanes[0]
+    batched = f", mean store batch {result['mean_batch']:.1f} events" if lanes[0] else ""
+    log.info("ingest %s: %.0f acked/s%s", label, result["acked_s"], batched)
     return result
 
 
@@ -474,7 +486,9 @@ async def observability_cost(cluster: LocalCluster, cfg: Config, work: Path) -> 
                 fan_runs[name].append(
                     await fanout(target, once, cfg.saturate_rate, cfg.saturate_count)
                 )
-                ingest_runs[name].append(await ingest([gw], once, f"arqonbus-{name}"))
+                ingest_runs[name].append(
+                    await ingest([gw], once, f"arqonbus-{name}", batches=False)
+                )
         # A stopped gateway drains: the traced one exports what its batch still holds.
         for gw in gws.values():
             await stop_process(gw.proc)
@@ -587,7 +601,9 @@ async def run(cfg: Config, out_dir: Path) -> dict[str, Any]:
         try:
             results["ingest"] = {
                 "arqonbus": await ingest(gateways, cfg),
-                "arqonbus-2-workers": await ingest([two_workers], cfg, "arqonbus --workers 2"),
+                "arqonbus-2-workers": await ingest(
+                    [two_workers], cfg, "arqonbus --workers 2", batches=False
+                ),
                 "nats-py-direct": await ingest_nats_direct(cluster, cfg),
             }
         finally:
