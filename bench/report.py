@@ -198,7 +198,7 @@ def table(results: dict[str, Any]) -> str:
     lines.append("")
     if "mean_batch" in ingest["arqonbus"]:
         lines.append(
-            f"In the ingest runs the gateway's publish lanes stored events in atomic batches of "
+            f"In the ingest runs the gateway's publish lanes stored events in batches of "
             f"{ingest['arqonbus']['mean_batch']:,.1f} on average (its "
             "`arqonbus_publish_batched_events_total / arqonbus_publish_batches_total`)."
         )
