@@ -600,23 +600,37 @@ async def _run_link_trouble(plan: Plan, workdir: Path) -> Outcome:
 
 FIREHOSE_BYTES = 32 * 1024  # payload of each firehose event
 FIREHOSE_RATE = 100.0  # events/s: about 3.2 MB/s, so a reader that stops falls behind fast
+# Publishes of the firehose awaiting their ack at once: the rate holds when the store is slow
+# to ack (one at a time, a 50 ms ack halves it, and a stalled reader might not overflow).
+FIREHOSE_IN_FLIGHT = 20
 
 
 async def _firehose(wl: Workload, ref: ChannelRef, stop: asyncio.Event) -> int:
     """Big events on ``ref`` at FIREHOSE_RATE until ``stop``; returns how many were acked."""
     blob = "f" * FIREHOSE_BYTES
     acked = 0
+    in_flight: set[asyncio.Task[None]] = set()
+
+    async def publish(client: Client, n: int) -> None:
+        nonlocal acked
+        await client.publish(ref.room, ref.channel, {"n": n, "blob": blob}, id=f"fh-{n}")
+        acked += 1
+
     async with Client(wl.urls, f"dev:{ref.tenant}:firehose", request_timeout=30) as client:
         loop = asyncio.get_running_loop()
         next_at = loop.time()
         for n in range(int(FIREHOSE_RATE * 600)):
             if stop.is_set():
                 break
-            await client.publish(ref.room, ref.channel, {"n": n, "blob": blob}, id=f"fh-{n}")
-            acked += 1
+            if len(in_flight) >= FIREHOSE_IN_FLIGHT:
+                await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+            task = asyncio.create_task(publish(client, n))
+            in_flight.add(task)
+            task.add_done_callback(in_flight.discard)
             next_at = max(next_at + 1 / FIREHOSE_RATE, loop.time())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), next_at - loop.time())  # pacing the load
+        await asyncio.gather(*in_flight)
     return acked
 
 
