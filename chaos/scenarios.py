@@ -610,27 +610,36 @@ async def _firehose(wl: Workload, ref: ChannelRef, stop: asyncio.Event) -> int:
     blob = "f" * FIREHOSE_BYTES
     acked = 0
     in_flight: set[asyncio.Task[None]] = set()
+    failures: list[BaseException] = []  # a publish that failed ends the firehose with it
 
     async def publish(client: Client, n: int) -> None:
         nonlocal acked
         await client.publish(ref.room, ref.channel, {"n": n, "blob": blob}, id=f"fh-{n}")
         acked += 1
 
+    def done(task: asyncio.Task[None]) -> None:
+        in_flight.discard(task)
+        error = None if task.cancelled() else task.exception()
+        if error is not None:
+            failures.append(error)
+
     async with Client(wl.urls, f"dev:{ref.tenant}:firehose", request_timeout=30) as client:
         loop = asyncio.get_running_loop()
         next_at = loop.time()
         for n in range(int(FIREHOSE_RATE * 600)):
-            if stop.is_set():
+            if stop.is_set() or failures:
                 break
             if len(in_flight) >= FIREHOSE_IN_FLIGHT:
                 await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
             task = asyncio.create_task(publish(client, n))
             in_flight.add(task)
-            task.add_done_callback(in_flight.discard)
+            task.add_done_callback(done)
             next_at = max(next_at + 1 / FIREHOSE_RATE, loop.time())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), next_at - loop.time())  # pacing the load
-        await asyncio.gather(*in_flight)
+        await asyncio.gather(*in_flight, return_exceptions=True)  # done() keeps failures
+    if failures:
+        raise failures[0]
     return acked
 
 
