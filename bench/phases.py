@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from arqonbus_server.gateway.admin.dev import http_get
@@ -22,13 +23,18 @@ PHASES = ("read", "handle", "store_ack", "store_to_live", "fanout_write", "total
 Hist = dict[str, list[tuple[float, float]]]
 
 
-async def scrape_phases(port: int, timeout: float = 10.0) -> Hist:
-    """The phase histogram of the gateway listening on 127.0.0.1:``port``."""
+async def _families(port: int, timeout: float) -> list[Metric]:
+    """The metric families of the gateway listening on 127.0.0.1:``port``."""
     status, body = await http_get("127.0.0.1", port, "/metrics", timeout)
     if status != 200:
         raise RuntimeError(f"GET /metrics on port {port}: status {status}")
+    return list(text_string_to_metric_families(body.decode()))
+
+
+async def scrape_phases(port: int, timeout: float = 10.0) -> Hist:
+    """The phase histogram of the gateway listening on 127.0.0.1:``port``."""
     hist: Hist = {}
-    for family in text_string_to_metric_families(body.decode()):
+    for family in await _families(port, timeout):
         if family.name != FAMILY:
             continue
         for sample in family.samples:
@@ -43,12 +49,9 @@ BATCH_FAMILIES = ("arqonbus_publish_batches", "arqonbus_publish_batched_events")
 
 async def scrape_batches(port: int, timeout: float = 10.0) -> tuple[float, float]:
     """(batches, events) the publish lanes of the gateway on 127.0.0.1:``port`` stored."""
-    status, body = await http_get("127.0.0.1", port, "/metrics", timeout)
-    if status != 200:
-        raise RuntimeError(f"GET /metrics on port {port}: status {status}")
     found = {
         family.name: family.samples[0].value
-        for family in text_string_to_metric_families(body.decode())
+        for family in await _families(port, timeout)
         if family.name in BATCH_FAMILIES and family.samples
     }
     return found.get(BATCH_FAMILIES[0], 0.0), found.get(BATCH_FAMILIES[1], 0.0)
