@@ -34,7 +34,7 @@ from arqonbus_server.shared import apikeys
 from arqonbus_server.shared.errors import CloseCode
 from tests.conftest import GatewayFactory, gateway_url
 from tests.integration.test_api_keys import cli, create_key
-from tests.timeouts import SEC
+from tests.timeouts import SEC, eventually
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -217,8 +217,15 @@ async def test_the_dashboard_shows_the_mesh_and_tails_a_channel_live_in_chromium
             await wait_for_rate(page, MOVING)  # the rate moves
         stream = page.locator("#stream")
         await expect(stream).to_contain_text("last seq", timeout=WAIT_MS)
-        last_seq = int(
-            await stream.locator("tr", has_text="last seq").locator("td").nth(1).inner_text()
+        cell = stream.locator("tr", has_text="last seq").locator("td").nth(1)
+
+        async def refreshed() -> int | None:
+            # The stream panel refreshes on its own schedule: wait for one after the publishes.
+            seq = int(await cell.inner_text())
+            return seq if seq > other.seq else None
+
+        last_seq = await eventually(
+            refreshed, WAIT_MS / 1000, "the stream panel past the publishes"
         )
         assert last_seq > other.seq
 
