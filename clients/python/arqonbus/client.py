@@ -54,6 +54,7 @@ from websockets.exceptions import (
     InvalidURI,
     WebSocketException,
 )
+from websockets.proxy import get_proxy
 from websockets.uri import parse_uri
 
 from arqonbus._admin import AdminCommands
@@ -320,6 +321,11 @@ class Client(AdminCommands):
     OpenTelemetry ``TracerProvider``; needs ``arqonbus[tracing]``) makes a PRODUCER span
     per publish, whose context goes in the event's ``trace`` field, and a CONSUMER span per
     delivered event; every event carries its creation context as ``event.trace_context``.
+
+    ``proxy``: ``True`` (the default) connects through the proxy the environment names
+    (``https_proxy``, ``http_proxy``, ``all_proxy``, ``no_proxy``, as websockets reads
+    them), looked up once per gateway URL for the life of the client rather than at every
+    reconnect; ``None`` connects directly; a URL (``http://proxy:3128``) uses that proxy.
     """
 
     def __init__(
@@ -336,6 +342,7 @@ class Client(AdminCommands):
         ping_interval: float | None = 20.0,
         max_frame_bytes: int = 64 * 1024 * 1024,
         tracer_provider: Any = None,
+        proxy: str | bool | None = True,
     ) -> None:
         url_list = [u.strip() for u in urls.split(",")] if isinstance(urls, str) else list(urls)
         url_list = [u for u in url_list if u]
@@ -361,6 +368,8 @@ class Client(AdminCommands):
         self.queue_size = queue_size
         self._ping_interval = ping_interval
         self._max_frame_bytes = max_frame_bytes
+        self._proxy: str | bool | None = proxy
+        self._proxies: dict[str, str | None] = {}  # proxy=True: each URL's, looked up once
         # OpenTelemetry spans (arqonbus/_tracing.py), only with a tracer provider.
         self._tracing = ClientTracing(tracer_provider) if tracer_provider is not None else None
 
@@ -1161,6 +1170,7 @@ class Client(AdminCommands):
         try:
             conn = await ws_connect(
                 url,
+                proxy=self._proxy_for(url),
                 additional_headers=headers,
                 logger=_WS_LOG,
                 open_timeout=timeout,
@@ -1203,6 +1213,16 @@ class Client(AdminCommands):
                 timed_out = isinstance(exc, TimeoutError)
                 raise _AttemptFailed(_describe(exc), timed_out=timed_out) from None
             raise
+
+    def _proxy_for(self, url: str) -> str | None:
+        """The proxy for ``url``. The environment's is looked up once per URL: websockets
+        would read the whole environment again at every attempt, a cost that shows when
+        thousands of clients in one process reconnect at once."""
+        if self._proxy is not True:
+            return self._proxy or None
+        if url not in self._proxies:
+            self._proxies[url] = get_proxy(parse_uri(url))
+        return self._proxies[url]
 
     async def _sign_in(
         self, conn: ClientConnection, url: str, message: dict[str, Any], timeout: float
