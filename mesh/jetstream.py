@@ -145,7 +145,7 @@ class _NoDirectGet(Exception):
 class _DirectBatch:
     """The replies to one batched direct get, kept until its end marker.
 
-    :meth:`on_raw` runs in the NATS client's read loop (``FastHeaderClient.subscribe_raw``)."""
+    :meth:`on_raw` runs in the NATS client's read loop (``FastHeaderClient.reply_subject``)."""
 
     def __init__(self) -> None:
         self.items: list[tuple[int, bytes]] = []
@@ -1651,13 +1651,14 @@ class JetStreamBroker:
         short of the end (a lagging replica), else stop there.
 
         Two requests overlap: the next batch is asked for as soon as one is complete, so
-        the store reads it while this one goes to the client (one inbox per batch, so the
-        replies of the two never mix; at most two batches, 2 x _REPLAY_BATCH_BYTES, held)."""
+        the store reads it while this one goes to the client (a reply subject per batch, so
+        the replies of the two never mix; at most two batches, 2 x _REPLAY_BATCH_BYTES,
+        held)."""
         nc, _, _, _ = self._require()
         api = f"$JS.API.DIRECT.GET.{stream}"
         subject = self._scheme.ingest(ref)
         batches = (_DirectBatch(), _DirectBatch())
-        subs: list[Subscription] = []
+        inboxes: list[str] = []
 
         async def ask(k: int, seq: int, count: int) -> None:
             want = _REPLAY_BATCH if limit is None else min(_REPLAY_BATCH, limit - count)
@@ -1668,7 +1669,7 @@ class JetStreamBroker:
                 "batch": want,
                 "max_bytes": _REPLAY_BATCH_BYTES,
             }
-            await nc.publish(api, orjson.dumps(request), reply=subs[k].subject)
+            await nc.publish(api, orjson.dumps(request), reply=inboxes[k])
 
         def more(seq: int, count: int) -> bool:
             return seq <= end_seq and (limit is None or count < limit)
@@ -1676,7 +1677,7 @@ class JetStreamBroker:
         next_seq, count, empty_rounds, k = start_seq, 0, 0, 0
         try:
             for batch in batches:
-                subs.append(await nc.subscribe_raw(nc.new_inbox(), batch.on_raw))
+                inboxes.append(await nc.reply_subject(batch.on_raw))
             if not more(next_seq, count):
                 return
             await ask(k, next_seq, count)
@@ -1714,9 +1715,8 @@ class JetStreamBroker:
         except _TRANSIENT as exc:
             raise BrokerUnavailable(f"replay failed: {type(exc).__name__}") from exc
         finally:
-            for sub in subs:
-                with contextlib.suppress(*_TRANSIENT, nats.errors.Error):
-                    await nc.unsubscribe_raw(sub)
+            for inbox in inboxes:
+                nc.release_reply_subject(inbox)
 
     def _pull_fits(self, start_seq: int, end_seq: int, limit: int | None) -> bool:
         """Whether a replay is long enough for a pull consumer, and one more may run (only

@@ -81,3 +81,41 @@ async def test_a_raw_subscription_gets_payload_and_header_block_in_order_until_i
         assert sub._id not in nc._raw_handlers
     finally:
         await nc.close()
+
+
+async def test_reply_subjects_route_each_reply_to_its_handler_under_one_subscription(
+    nats_cluster: LocalCluster,
+) -> None:
+    nc = nats_client.FastHeaderClient()
+    await nc.connect(servers=nats_cluster.urls)
+    try:
+        got: dict[str, list[bytes]] = {"a": [], "b": []}
+        both = asyncio.Event()
+
+        def handler(name: str) -> nats_client.RawHandler:
+            def on_raw(data: bytes, headers: bytes | None, reply: bytes) -> None:
+                got[name].append(data)
+                if got["a"] and got["b"]:
+                    both.set()
+
+            return on_raw
+
+        subs_before = len(nc._subs)
+        a, b = await asyncio.gather(nc.reply_subject(handler("a")), nc.reply_subject(handler("b")))
+        assert a != b
+        assert len(nc._subs) == subs_before + 1  # one wildcard subscription for both
+        # A real request: the stream-less API answers on the reply subject it was given.
+        await nc.publish("$JS.API.INFO", b"", reply=a)
+        await nc.publish(b, b"to b", headers={"Nats-Sequence": "3"})
+        await asyncio.wait_for(both.wait(), 10 * SEC)
+        assert got["b"] == [b"to b"] and b"api" in got["a"][0].lower()
+        nc.release_reply_subject(b)
+        await nc.publish(b, b"late")
+        after = asyncio.Event()
+        third = await nc.reply_subject(lambda data, headers, reply: after.set())
+        assert len(nc._subs) == subs_before + 1  # still the one subscription
+        await nc.publish(third, b"after")  # comes after "late": one connection keeps order
+        await asyncio.wait_for(after.wait(), 10 * SEC)
+        assert got["b"] == [b"to b"]  # the late reply to a released subject went nowhere
+    finally:
+        await nc.close()

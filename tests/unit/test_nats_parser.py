@@ -22,17 +22,19 @@ class Recorder:
         self.calls: list[tuple[Any, ...]] = []
         self.raw = raw
 
-    def _dispatch_raw(self, sid: int, data: bytes, headers: bytes | None, reply: bytes) -> bool:
+    def _dispatch_raw(
+        self, sid: int, data: bytes, headers: bytes | None, reply: bytes, subject: bytes
+    ) -> bool:
         if sid not in self.raw:
             return False
-        self.calls.append(("msg", sid, data, headers, bytes(reply)))
+        self.calls.append(("msg", sid, bytes(subject), data, headers, bytes(reply)))
         return True
 
     async def _process_msg(
         self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None
     ) -> None:
         if sid in self.raw:  # nats-py's parser: FastHeaderClient._process_msg does this
-            self.calls.append(("msg", sid, data, headers, bytes(reply)))
+            self.calls.append(("msg", sid, bytes(subject), data, headers, bytes(reply)))
         else:
             self.calls.append(("msg", sid, bytes(subject), bytes(reply), data, headers))
 
