@@ -60,7 +60,7 @@ class Member:
 class _Channel:
     members: dict[int, Member] = field(default_factory=dict)
     subscription: LiveSubscription | None = None
-    ready: asyncio.Lock = field(default_factory=asyncio.Lock)
+    subscribing: asyncio.Event | None = None  # set when the attempt in progress ends
     joining: int = 0
     # Joins share window reads: the next read (not started yet) and the task doing them.
     window_next: asyncio.Future[ChannelWindow] | None = None
@@ -160,9 +160,7 @@ class Hub:
         self._idle.clear()
         channel.joining += 1  # keeps the channel (and its subscription) while we wait
         try:
-            async with channel.ready:
-                if channel.subscription is None:
-                    channel.subscription = await self._broker.subscribe_live(ref, self._on_live)
+            await self._subscribed(ref, channel)
             member = Member(socket, ref)
             channel.members[id(socket)] = member
             window = await self._shared_window(ref, channel)
@@ -183,6 +181,24 @@ class Hub:
         return member, JoinResult(
             window.last_seq, gap, first, point.epoch, point.loss, member.cursor
         )
+
+    async def _subscribed(self, ref: ChannelRef, channel: _Channel) -> None:
+        """Make the channel's live subscription unless it has one; joins that arrive while
+        one join makes it wait for that attempt, all woken at once when it ends (a lock
+        would hand the channel to them one per event-loop turn: a reconnect storm's
+        hundreds of joins of one channel queued behind each other). If the attempt failed,
+        the next of them tries again; each join makes at most one attempt of its own."""
+        while channel.subscription is None:
+            attempt = channel.subscribing
+            if attempt is not None:
+                await attempt.wait()
+                continue
+            attempt = channel.subscribing = asyncio.Event()
+            try:
+                channel.subscription = await self._broker.subscribe_live(ref, self._on_live)
+            finally:
+                channel.subscribing = None
+                attempt.set()
 
     def _placement(self, tenant: str) -> Placement | None:
         return self.placement_for(tenant) if self.placement_for is not None else None

@@ -6,10 +6,11 @@ from __future__ import annotations
 import asyncio
 
 import orjson
+import pytest
 
 from arqonbus_server.gateway.ws.hub import Hub
 from arqonbus_server.mesh.memory import MemoryBroker, MemoryMesh
-from arqonbus_server.mesh.ports import ChannelWindow
+from arqonbus_server.mesh.ports import BrokerUnavailable, ChannelWindow
 from arqonbus_server.shared.subjects import ChannelRef
 from tests.unit.test_hub_epochs import FakeSocket
 
@@ -48,4 +49,72 @@ async def test_members_resuming_at_once_share_the_window_reads() -> None:
     # One read for the joins and one for the checks after the replays, give or take a
     # read in flight when more members asked; before sharing: one per member at least.
     assert broker.windows <= 6, broker.windows
+    await hub.close()
+
+
+async def test_joins_waiting_for_the_channel_s_subscription_go_on_together() -> None:
+    """Joins that arrive while the first one subscribes the channel are woken together
+    when it is done: with a lock they were handed the channel one per event-loop turn (a
+    storm's hundreds of joins of one channel, hundreds of turns, each as long as the storm
+    makes it)."""
+    subscribing = asyncio.Event()
+    may_finish = asyncio.Event()
+
+    class SlowSubscribe(WindowCounting):
+        async def subscribe_live(self, ref, handler):  # type: ignore[no-untyped-def]
+            subscribing.set()
+            await may_finish.wait()
+            return await super().subscribe_live(ref, handler)
+
+    broker = SlowSubscribe()
+    await broker.connect()
+    hub = Hub(broker, 100, 1 << 20)
+    joins = 300
+    tasks = [asyncio.create_task(hub.join(FakeSocket(), REF, 0)) for _ in range(joins)]  # type: ignore[arg-type]
+    await asyncio.wait_for(subscribing.wait(), 5)
+    for _ in range(5):  # let every join reach the wait
+        await asyncio.sleep(0)
+    turns = 0
+    done = asyncio.Event()
+
+    def count_turn() -> None:
+        nonlocal turns
+        turns += 1
+        if not done.is_set() and turns < 10_000:
+            asyncio.get_running_loop().call_soon(count_turn)
+
+    asyncio.get_running_loop().call_soon(count_turn)
+    may_finish.set()
+    await asyncio.wait_for(asyncio.gather(*tasks), 10)
+    done.set()
+    assert turns < joins / 10, f"{joins} joins took {turns} event-loop turns"
+    assert hub.subscription_count() == 1
+    await hub.close()
+
+
+async def test_a_failed_subscribe_is_tried_again_by_a_waiting_join() -> None:
+    attempts = 0
+    release = asyncio.Event()
+
+    class FailingOnce(WindowCounting):
+        async def subscribe_live(self, ref, handler):  # type: ignore[no-untyped-def]
+            nonlocal attempts
+            attempts += 1
+            if attempts == 1:
+                await release.wait()
+                raise BrokerUnavailable("first subscribe fails")
+            return await super().subscribe_live(ref, handler)
+
+    broker = FailingOnce()
+    await broker.connect()
+    hub = Hub(broker, 100, 1 << 20)
+    first = asyncio.create_task(hub.join(FakeSocket(), REF, 0))  # type: ignore[arg-type]
+    others = [asyncio.create_task(hub.join(FakeSocket(), REF, 0)) for _ in range(3)]  # type: ignore[arg-type]
+    for _ in range(5):
+        await asyncio.sleep(0)
+    release.set()
+    with pytest.raises(BrokerUnavailable):
+        await asyncio.wait_for(first, 5)
+    await asyncio.wait_for(asyncio.gather(*others), 5)  # one of them subscribed
+    assert attempts == 2
     await hub.close()
