@@ -789,20 +789,19 @@ async def _js_consumers(mesh: Mesh, tenants: list[str]) -> int:
         await nc.close()
 
 
-async def _ticks(urls: list[str], tenant: str, stop: asyncio.Event) -> int:
+async def _ticks(client: Client, stop: asyncio.Event) -> int:
     """One event per storm channel every 0.5 s (the resume signal), until ``stop``."""
     sent = 0
-    async with Client(urls, f"dev:{tenant}:ticker", request_timeout=30) as client:
-        for _ in range(240):  # at most 2 minutes
-            if stop.is_set():
-                break
-            now = time.time()
-            await asyncio.gather(
-                *(client.publish("storm", f"ch{c}", {"t": now}) for c in range(STORM_CHANNELS))
-            )
-            sent += STORM_CHANNELS
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 0.5)  # the tick interval (load pacing)
+    for _ in range(240):  # at most 2 minutes
+        if stop.is_set():
+            break
+        now = time.time()
+        await asyncio.gather(
+            *(client.publish("storm", f"ch{c}", {"t": now}) for c in range(STORM_CHANNELS))
+        )
+        sent += STORM_CHANNELS
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 0.5)  # the tick interval (load pacing)
     return sent
 
 
@@ -814,6 +813,11 @@ async def reconnect_storm(mesh: Mesh, wl: Workload, plan: Plan, outcome: Outcome
     argv = ["-m", "chaos.storm", "--urls", ",".join(urls), "--tenant", tenant]
     argv += ["--clients", str(total // processes), "--channels", str(STORM_CHANNELS)]
     pipe = asyncio.subprocess.PIPE
+    # The ticker is connected to the surviving gateway before the fault, so that the ticks
+    # (each client's resume signal) do not wait for the ticker's own handshake among the
+    # 5,000.
+    ticker = Client([urls[1]], f"dev:{tenant}:ticker", request_timeout=30)
+    await ticker.connect()
     workers = [
         await asyncio.create_subprocess_exec(
             sys.executable, *argv, stdin=pipe, stdout=pipe, start_new_session=True
@@ -835,7 +839,7 @@ async def reconnect_storm(mesh: Mesh, wl: Workload, plan: Plan, outcome: Outcome
         fault_at = time.time()
         await mesh.kill_gateway(0)
         stop = asyncio.Event()
-        ticking = asyncio.create_task(_ticks([urls[1]], tenant, stop))
+        ticking = asyncio.create_task(_ticks(ticker, stop))
         for worker in workers:
             assert worker.stdin is not None
             worker.stdin.write(f"kill {fault_at}\n".encode())
@@ -874,6 +878,7 @@ async def reconnect_storm(mesh: Mesh, wl: Workload, plan: Plan, outcome: Outcome
         )
         outcome.measures["storm_clients"] = total
     finally:
+        await ticker.close()
         for worker in workers:
             if worker.stdin is not None and worker.returncode is None:
                 with contextlib.suppress(OSError):
