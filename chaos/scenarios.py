@@ -817,7 +817,6 @@ async def reconnect_storm(mesh: Mesh, wl: Workload, plan: Plan, outcome: Outcome
     # (each client's resume signal) do not wait for the ticker's own handshake among the
     # 5,000.
     ticker = Client([urls[1]], f"dev:{tenant}:ticker", request_timeout=30)
-    await ticker.connect()
     workers = [
         await asyncio.create_subprocess_exec(
             sys.executable, *argv, stdin=pipe, stdout=pipe, start_new_session=True
@@ -825,6 +824,7 @@ async def reconnect_storm(mesh: Mesh, wl: Workload, plan: Plan, outcome: Outcome
         for _ in range(processes)
     ]
     try:
+        await ticker.connect()
         connect_from = time.time()
         for worker in workers:
             assert worker.stdout is not None
