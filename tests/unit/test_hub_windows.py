@@ -12,6 +12,7 @@ from arqonbus_server.gateway.ws.hub import Hub
 from arqonbus_server.mesh.memory import MemoryBroker, MemoryMesh
 from arqonbus_server.mesh.ports import BrokerUnavailable, ChannelWindow
 from arqonbus_server.shared.subjects import ChannelRef
+from tests.timeouts import SEC
 from tests.unit.test_hub_epochs import FakeSocket
 
 REF = ChannelRef("acme", "r", "c")
@@ -71,7 +72,7 @@ async def test_joins_waiting_for_the_channel_s_subscription_go_on_together() -> 
     hub = Hub(broker, 100, 1 << 20)
     joins = 300
     tasks = [asyncio.create_task(hub.join(FakeSocket(), REF, 0)) for _ in range(joins)]  # type: ignore[arg-type]
-    await asyncio.wait_for(subscribing.wait(), 5)
+    await asyncio.wait_for(subscribing.wait(), 5 * SEC)
     for _ in range(5):  # let every join reach the wait
         await asyncio.sleep(0)
     turns = 0
@@ -85,7 +86,7 @@ async def test_joins_waiting_for_the_channel_s_subscription_go_on_together() -> 
 
     asyncio.get_running_loop().call_soon(count_turn)
     may_finish.set()
-    await asyncio.wait_for(asyncio.gather(*tasks), 10)
+    await asyncio.wait_for(asyncio.gather(*tasks), 10 * SEC)
     done.set()
     assert turns < joins / 10, f"{joins} joins took {turns} event-loop turns"
     assert hub.subscription_count() == 1
@@ -114,7 +115,7 @@ async def test_a_failed_subscribe_is_tried_again_by_a_waiting_join() -> None:
         await asyncio.sleep(0)
     release.set()
     with pytest.raises(BrokerUnavailable):
-        await asyncio.wait_for(first, 5)
-    await asyncio.wait_for(asyncio.gather(*others), 5)  # one of them subscribed
+        await asyncio.wait_for(first, 5 * SEC)
+    await asyncio.wait_for(asyncio.gather(*others), 5 * SEC)  # one of them subscribed
     assert attempts == 2
     await hub.close()
