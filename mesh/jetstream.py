@@ -1775,9 +1775,19 @@ class JetStreamBroker:
                     pulled.credit += _PULL_BATCH
                     await nc.publish(api, request, reply=inbox)
 
+            not_ready = 0
             while True:
                 pulled.arrived.clear()  # before looking: what comes after sets it again
                 if not pulled.items:
+                    if pulled.failed.startswith("503") and delivered == 0 and not_ready < 5:
+                        # No responders to the first requests: the consumer was just made,
+                        # and the server they reached may not know it yet (interest in its
+                        # request subject spreads over the cluster a moment later). Ask
+                        # again shortly rather than leave the whole replay to direct gets.
+                        not_ready += 1
+                        pulled.failed, pulled.credit = "", 0
+                        await asyncio.sleep(0.01 * 2**not_ready)  # retry backoff
+                        continue
                     if pulled.failed:
                         why = pulled.failed
                         return

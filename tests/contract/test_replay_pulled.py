@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import uuid
 
 import nats
@@ -72,7 +73,17 @@ async def consumers_of(broker: JetStreamBroker, ref: ChannelRef) -> list[str]:
         await nc.close()
 
 
-async def test_a_long_replay_reads_through_a_pull_consumer_exactly(jetstream_mesh: Mesh) -> None:
+# Why a pull consumer may stop short on a loaded machine, where direct gets then read the rest
+# by design: the server's API or the store timing out, a leader elected anew. Anything else (a
+# consumer seq skipped, a message without its ack subject, a refused request, no responders
+# to the new consumer's requests after the retries) is ours.
+_LOAD_REASONS = ("TimeoutError", "nothing came for a while", "409 Leadership Change")
+
+
+async def test_a_long_replay_reads_through_a_pull_consumer_exactly(
+    jetstream_mesh: Mesh, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="arqonbus.mesh.jetstream")
     broker = await long_replays(jetstream_mesh)
     ref, seqs = await channel_with_noise(broker, 500)
     before = broker.pulled_replays
@@ -90,7 +101,16 @@ async def test_a_long_replay_reads_through_a_pull_consumer_exactly(jetstream_mes
                 break  # the reader stops with requests in flight
     assert taken == seqs[:250]
     assert broker.pulled_replays - before == 4  # all but the one-event replay
-    assert outcomes == ["read"] * 4
+    # Every event came exactly (above) whatever the consumer did; it read whole replays, and
+    # stopped short (direct gets reading the rest) only for a reason of the machine's load.
+    reasons = [
+        str(r.args[2])
+        for r in caplog.records
+        if r.name == "arqonbus.mesh.jetstream" and "through a pull consumer stopped" in r.msg
+    ]
+    assert outcomes.count("read") >= 2 and len(outcomes) == 4, (outcomes, reasons)
+    assert len(reasons) == outcomes.count("cut_short"), (outcomes, reasons)
+    assert all(r.startswith(_LOAD_REASONS) for r in reasons), reasons
 
     # Each replay's consumer is deleted once it is done (not left to idle out).
     async def none_left() -> bool:
