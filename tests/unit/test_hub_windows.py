@@ -4,6 +4,7 @@ one channel's members shares them instead of making two JetStream requests per m
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import orjson
 import pytest
@@ -53,6 +54,25 @@ async def test_members_resuming_at_once_share_the_window_reads() -> None:
     await hub.close()
 
 
+def joined_the_gate(hub: Hub, joins: int) -> asyncio.Event:
+    """Set once ``joins`` joins have reached the channel's subscription step. The last one
+    sets it within the same step that takes it to its wait, so when a waiter of this event
+    runs, every join is waiting (or subscribing)."""
+    reached = asyncio.Event()
+    original = hub._subscribed
+    count = 0
+
+    async def counting(ref: ChannelRef, channel: Any) -> None:
+        nonlocal count
+        count += 1
+        if count == joins:
+            reached.set()
+        await original(ref, channel)
+
+    hub._subscribed = counting  # type: ignore[method-assign]
+    return reached
+
+
 async def test_joins_waiting_for_the_channel_s_subscription_go_on_together() -> None:
     """Joins that arrive while the first one subscribes the channel are woken together
     when it is done: with a lock they were handed the channel one per event-loop turn (a
@@ -71,10 +91,10 @@ async def test_joins_waiting_for_the_channel_s_subscription_go_on_together() -> 
     await broker.connect()
     hub = Hub(broker, 100, 1 << 20)
     joins = 300
+    gate = joined_the_gate(hub, joins)
     tasks = [asyncio.create_task(hub.join(FakeSocket(), REF, 0)) for _ in range(joins)]  # type: ignore[arg-type]
     await asyncio.wait_for(subscribing.wait(), 5 * SEC)
-    for _ in range(5):  # let every join reach the wait
-        await asyncio.sleep(0)
+    await asyncio.wait_for(gate.wait(), 5 * SEC)  # every join waits for the subscription
     turns = 0
     done = asyncio.Event()
 
@@ -109,10 +129,10 @@ async def test_a_failed_subscribe_is_tried_again_by_a_waiting_join() -> None:
     broker = FailingOnce()
     await broker.connect()
     hub = Hub(broker, 100, 1 << 20)
+    gate = joined_the_gate(hub, 4)
     first = asyncio.create_task(hub.join(FakeSocket(), REF, 0))  # type: ignore[arg-type]
     others = [asyncio.create_task(hub.join(FakeSocket(), REF, 0)) for _ in range(3)]  # type: ignore[arg-type]
-    for _ in range(5):
-        await asyncio.sleep(0)
+    await asyncio.wait_for(gate.wait(), 5 * SEC)  # the first subscribing, the rest waiting
     release.set()
     with pytest.raises(BrokerUnavailable):
         await asyncio.wait_for(first, 5 * SEC)
