@@ -74,7 +74,8 @@ class _Waiting:
 
 @dataclass(slots=True)
 class _Lane:
-    waiting: deque[_Waiting] = field(default_factory=deque)
+    # A publish, or a group of one publish_many call that goes whole into one batch.
+    waiting: deque[_Waiting | list[_Waiting]] = field(default_factory=deque)
     in_flight: int = 0
 
 
@@ -124,13 +125,47 @@ class IngestBatcher:
         self._pump(stream, lane)
         return await future
 
+    @property
+    def max_batch(self) -> int:
+        return self._max_batch
+
+    async def publish_group(
+        self, stream: str, subject: str, items: list[tuple[bytes, dict[str, str]]]
+    ) -> list[Outcome]:
+        """Store up to ``max_batch`` events of one subject through ``stream``'s lane, in one
+        batch together (with others' publishes when they fit): their outcomes, in order.
+
+        The group is never split across batches, so it is stored whole, in order, or,
+        refused for the batch's sake, not at all (each :data:`ALONE`): a caller that
+        publishes those alone before its next group keeps its events in order."""
+        if not 1 <= len(items) <= self._max_batch:
+            raise ValueError(f"a group holds 1-{self._max_batch} events, not {len(items)}")
+        lane = self._lanes.get(stream)
+        if lane is None:
+            lane = self._lanes[stream] = _Lane()
+        loop = asyncio.get_running_loop()
+        group = [_Waiting(subject, body, headers, loop.create_future()) for body, headers in items]
+        lane.waiting.append(group)
+        self._pump(stream, lane)
+        try:
+            return [await waiting.future for waiting in group]
+        except BaseException:
+            for waiting in group:  # one failure is raised; the others are retrieved
+                if waiting.future.done() and not waiting.future.cancelled():
+                    waiting.future.exception()
+                else:
+                    waiting.future.cancel()
+            raise
+
     async def close(self) -> None:
         """Fail what waits in the lanes and stop the batches in flight."""
         for lane in self._lanes.values():
             while lane.waiting:
-                waiting = lane.waiting.popleft()
-                if not waiting.future.done():
-                    waiting.future.set_exception(BatchPublisherClosed("the gateway is closing"))
+                entry = lane.waiting.popleft()
+                _fail(
+                    entry if isinstance(entry, list) else [entry],
+                    BatchPublisherClosed("the gateway is closing"),
+                )
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):
@@ -141,9 +176,16 @@ class IngestBatcher:
         while lane.waiting and lane.in_flight < self._max_in_flight:
             batch: list[_Waiting] = []
             while lane.waiting and len(batch) < self._max_batch:
-                waiting = lane.waiting.popleft()
-                if not waiting.future.done():  # a caller that gave up is not sent
-                    batch.append(waiting)
+                entry = lane.waiting[0]
+                if isinstance(entry, list):  # a group: whole, in a batch of its own size
+                    if batch and len(batch) + len(entry) > self._max_batch:
+                        break
+                    lane.waiting.popleft()
+                    batch.extend(w for w in entry if not w.future.done())
+                    continue
+                lane.waiting.popleft()
+                if not entry.future.done():  # a caller that gave up is not sent
+                    batch.append(entry)
             if not batch:
                 break
             lane.in_flight += 1

@@ -59,6 +59,7 @@ from arqonbus_server.mesh.ports import (
     LiveHandler,
     LiveSubscription,
     NoResponders,
+    PublishItem,
     PublishResult,
     ReconnectHandler,
     RequestTimeout,
@@ -803,6 +804,47 @@ class JetStreamBroker:
             if isinstance(outcome, BatchItemResult):
                 return PublishResult(outcome.seq, outcome.duplicate)
             # Refused for the batch's sake (e.g. a resent id): alone, as before batching.
+        return await self._publish_alone(ref, subject, body, sent)
+
+    async def publish_many(
+        self, ref: ChannelRef, items: Sequence[PublishItem], ttl_s: int | None = None
+    ) -> list[PublishResult]:
+        """Store several events (see :meth:`mesh.ports.Broker.publish_many`): through the
+        stream's lane together, so a busy or large list goes out in atomic batches; a
+        placed tenant's (or with batching off) one after the other."""
+        _, _, _, streams = self._require()
+        if self._ingest is None or self._placement(ref.tenant) is not None:
+            return [
+                await self.publish(ref, body, key, headers, ttl_s) for body, key, headers in items
+            ]
+        subject = self._scheme.ingest(ref)
+        if not streams.known(ref.tenant):
+            await self.ensure_stream(ref.tenant)
+        sent = [(body, _publish_headers(headers, key, ttl_s)) for body, key, headers in items]
+        stream, size = self._scheme.stream_name(ref.tenant), self._ingest.max_batch
+        results: list[PublishResult] = []
+        for start in range(0, len(sent), size):  # a group at a time keeps the list's order
+            group = sent[start : start + size]
+            try:
+                outcomes = await self._ingest.publish_group(stream, subject, group)
+            except BatchPublisherClosed as exc:
+                raise BrokerUnavailable(f"publish not acknowledged: {exc}") from exc
+            except _TRANSIENT as exc:
+                raise BrokerUnavailable(f"publish not acknowledged: {type(exc).__name__}") from exc
+            for (body, headers), outcome in zip(group, outcomes, strict=True):
+                if isinstance(outcome, BatchItemResult):
+                    results.append(PublishResult(outcome.seq, outcome.duplicate))
+                else:  # the group was refused for the batch's sake: alone, in order
+                    results.append(await self._publish_alone(ref, subject, body, headers))
+        return results
+
+    async def _publish_alone(
+        self, ref: ChannelRef, subject: str, body: bytes, sent: dict[str, str]
+    ) -> PublishResult:
+        """One event, with a single publish: bounded retries while the stream has no leader
+        or no TTLs yet (the dedupe key makes them safe)."""
+        _, _, _, streams = self._require()
+        assert self._acks is not None
         delay, ttl_on = 0.05, False
         for attempt in range(_NO_STREAM_RETRIES):
             try:

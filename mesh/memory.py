@@ -38,6 +38,7 @@ from arqonbus_server.mesh.ports import (
     NoResponders,
     PresenceChange,
     PresenceEntry,
+    PublishItem,
     PublishResult,
     ReconnectHandler,
     RequestTimeout,
@@ -261,6 +262,11 @@ class MemoryBroker:
         if mirrors := mirrors_to_confirm(placement):
             await self.wait_mirrored(ref.tenant, mirrors, result.seq, self.publish_timeout_s)
         return result
+
+    async def publish_many(
+        self, ref: ChannelRef, items: Sequence[PublishItem], ttl_s: int | None = None
+    ) -> list[PublishResult]:
+        return [await self.publish(ref, body, key, headers, ttl_s) for body, key, headers in items]
 
     async def wait_mirrored(
         self, tenant: str, mirrors: Sequence[str], seq: int, timeout: float

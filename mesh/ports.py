@@ -131,6 +131,10 @@ class PublishResult:
     epoch: int | None = None
 
 
+# One event of Broker.publish_many: its stored body, its dedupe key and its headers.
+PublishItem = tuple[bytes, str, Mapping[str, str] | None]
+
+
 @dataclass(frozen=True, slots=True)
 class StoredEvent:
     seq: int
@@ -341,6 +345,19 @@ class Broker(Protocol):
         Raises StoreQuotaExceeded
         when the tenant's quota refuses the event (nothing stored), BrokerUnavailable when
         the store did not acknowledge (publish again with the same key: stored once).
+        """
+        ...
+
+    async def publish_many(
+        self, ref: ChannelRef, items: Sequence[PublishItem], ttl_s: int | None = None
+    ) -> list[PublishResult]:
+        """Store several events of ``ref``'s channel, each ``(body, dedupe_key, headers)``
+        exactly as :meth:`publish` would store it alone: its result, in ``items``' order.
+
+        The events are stored in the order given (their seqs increase along the list,
+        except a duplicate's, which is its first publish's). The list is not atomic: when
+        this raises (StoreQuotaExceeded, BrokerUnavailable), some of the events may be
+        stored; publishing the same list again with the same keys stores each one once.
         """
         ...
 

@@ -25,7 +25,10 @@ from arqonbus_server.shared.subjects import is_valid_name, validate_name
 
 PROTOCOL_VERSION = "1.0"
 ID_MAX = 128
-CLIENT_TYPES = ("event", "command", "command_response")
+CLIENT_TYPES = ("event", "events", "command", "command_response")
+# Events in one ``events`` frame (a batch): the store takes up to 1,000 messages in one
+# atomic batch, and a gateway's lane sends at most 500 at once (mesh/ingest.py).
+BATCH_EVENTS_MAX = 500
 ERROR_MESSAGE_MAX = 1024
 # Nested arrays and objects in one envelope, the envelope object included. The gateway
 # re-encodes what it accepts (stored event, delivered command, handler answer) and orjson
@@ -45,6 +48,16 @@ class ClientEvent:
     trace: Mapping[str, str] | None = None
     # The client sent a ``trace`` field that was not usable: ignored (the shell counts it).
     trace_malformed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ClientEventBatch:
+    """An ``events`` frame: several events to one channel, answered by one ack."""
+
+    id: str
+    room: str
+    channel: str
+    events: tuple[ClientEvent, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +105,7 @@ class ClientResponse:
     error: ResponseError | None
 
 
-ClientMessage = ClientEvent | ClientCommand | ClientResponse
+ClientMessage = ClientEvent | ClientEventBatch | ClientCommand | ClientResponse
 
 
 def _decode_object(data: bytes | str, max_bytes: int) -> tuple[bytes, dict[str, Any]]:
@@ -184,6 +197,8 @@ def _parse_fields(obj: dict[str, Any], request_id: str) -> ClientMessage:
             return ClientEvent(request_id, room, channel, payload)
         trace = parse_trace(obj["trace"])
         return ClientEvent(request_id, room, channel, payload, trace, trace is None)
+    if kind == "events":
+        return _parse_batch(request_id, room, channel, payload)
     if kind == "command":
         command = _parse_command(request_id, room, channel, payload)
         if "trace" not in obj:
@@ -191,6 +206,43 @@ def _parse_fields(obj: dict[str, Any], request_id: str) -> ClientMessage:
         trace = parse_trace(obj["trace"])
         return replace(command, trace=trace, trace_malformed=trace is None)
     return _parse_response(request_id, room, channel, payload)
+
+
+def _parse_batch(
+    request_id: str, room: str, channel: str, payload: dict[str, Any]
+) -> ClientEventBatch:
+    """``payload.events``: 1-BATCH_EVENTS_MAX objects ``{"id", "payload"[, "trace"]}``,
+    each id once."""
+    items = payload.get("events")
+    if not isinstance(items, list) or not 1 <= len(items) <= BATCH_EVENTS_MAX:
+        raise ArqonError(
+            INVALID_ENVELOPE,
+            f"field 'payload.events' must be a list of 1-{BATCH_EVENTS_MAX} events: "
+            "send more in several frames",
+        )
+    events: list[ClientEvent] = []
+    seen: set[str] = set()
+    for index, item in enumerate(items):
+        where = f"payload.events[{index}]"
+        if not isinstance(item, dict):
+            raise ArqonError(INVALID_ENVELOPE, f"field {where!r} must be a JSON object")
+        event_id = _read_id(item, where + ".id")
+        if event_id in seen:
+            raise ArqonError(
+                INVALID_ENVELOPE,
+                f"field '{where}.id' repeats {_shown(event_id)}: each event of a batch "
+                "needs its own id",
+            )
+        seen.add(event_id)
+        body = item.get("payload")
+        if not isinstance(body, dict):
+            raise ArqonError(INVALID_ENVELOPE, f"field '{where}.payload' must be a JSON object")
+        if "trace" not in item:
+            events.append(ClientEvent(event_id, room, channel, body))
+        else:
+            trace = parse_trace(item["trace"])
+            events.append(ClientEvent(event_id, room, channel, body, trace, trace is None))
+    return ClientEventBatch(request_id, room, channel, tuple(events))
 
 
 def _parse_command(
@@ -399,6 +451,24 @@ def encode_ack(
         payload["duplicate"] = True
     if epoch is not None:  # a placed tenant (docs/protocol.md#resume-across-a-failover)
         payload["epoch"] = epoch
+    return _server_message("ack", payload, room=room, channel=channel)
+
+
+def encode_batch_ack(
+    request_id: str,
+    room: str,
+    channel: str,
+    seqs: list[int],
+    duplicates: list[int],
+    epochs: list[int] | None = None,
+) -> bytes:
+    """The ack of an ``events`` frame: ``seqs[i]`` is event i's; ``duplicates`` lists the
+    indexes of events stored before (their original seq); ``epochs`` for a placed tenant."""
+    payload: dict[str, Any] = {"request_id": request_id, "seqs": seqs}
+    if duplicates:
+        payload["duplicates"] = duplicates
+    if epochs is not None:
+        payload["epochs"] = epochs
     return _server_message("ack", payload, room=room, channel=channel)
 
 

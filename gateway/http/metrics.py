@@ -36,7 +36,12 @@ from prometheus_client.registry import Collector
 from arqonbus_server.gateway.http.phases import PHASES, PhaseSampler
 from arqonbus_server.gateway.tracing import counters as trace_counters
 from arqonbus_server.shared.core import effects as fx
-from arqonbus_server.shared.envelope import ClientCommand, ClientEvent, ClientResponse
+from arqonbus_server.shared.envelope import (
+    ClientCommand,
+    ClientEvent,
+    ClientEventBatch,
+    ClientResponse,
+)
 from arqonbus_server.shared.errors import CloseCode
 from arqonbus_server.shared.settings import Settings
 
@@ -51,7 +56,7 @@ PHASE_BUCKETS = (
     1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
 # Types of the messages a client sends and the gateway sends (envelope ``type``).
-RECEIVED_TYPES = ("event", "command", "command_response", "auth", "invalid")
+RECEIVED_TYPES = ("event", "events", "command", "command_response", "auth", "invalid")
 SENT_TYPES = (
     "event", "ack", "error", "command", "command_response", "welcome", "gap", "auth_required",
 )  # fmt: skip
@@ -64,6 +69,7 @@ _TIMESTAMP_LEN = len("2025-01-01T12:00:00.000Z")
 _CLOSE_CODES = frozenset({int(c) for c in CloseCode} | set(range(1000, 1016)))
 _MESSAGE_KINDS: dict[type, str] = {
     ClientEvent: "event",
+    ClientEventBatch: "events",
     ClientCommand: "command",
     ClientResponse: "command_response",
 }
@@ -139,11 +145,15 @@ class NoMetrics:
 
     def frame_received(self, kind: str) -> None: ...
     def frame_sent(self, frame: bytes) -> None: ...
-    def frame_handled(self, kind: str, tenant: str, effects: Sequence[fx.Effect]) -> None: ...
+    def frame_handled(
+        self, kind: str, tenant: str, effects: Sequence[fx.Effect], events: int = 1
+    ) -> None: ...
     def connection_opened(self) -> None: ...
     def connection_closed(self, code: int | None) -> None: ...
-    def publish_acked(self, latency_s: float, tenant: str, duplicate: bool = False) -> None: ...
-    def publish_refused(self, code: str, tenant: str) -> None: ...
+    def publish_acked(
+        self, latency_s: float, tenant: str, duplicate: bool = False, events: int = 1
+    ) -> None: ...
+    def publish_refused(self, code: str, tenant: str, events: int = 1) -> None: ...
     def delivered(self, members: int, body: bytes) -> None: ...
     def replayed(self, kind: str, events: int, duration_s: float) -> None: ...
     def replay_consumer(self, outcome: str) -> None: ...
@@ -426,8 +436,11 @@ class PrometheusMetrics(NoMetrics):
     def frame_sent(self, frame: bytes) -> None:
         self.sent.inc((sent_type(frame),))
 
-    def frame_handled(self, kind: str, tenant: str, effects: Sequence[fx.Effect]) -> None:
-        """The core's answer to one client frame: count what it refused, and why."""
+    def frame_handled(
+        self, kind: str, tenant: str, effects: Sequence[fx.Effect], events: int = 1
+    ) -> None:
+        """The core's answer to one client frame (of ``events`` events, for a batch): count
+        what it refused, and why."""
         for effect in effects:
             if not isinstance(effect, fx.Send):
                 continue
@@ -438,6 +451,8 @@ class PrometheusMetrics(NoMetrics):
                 self.rate_limited("message")
             if kind == "event":
                 self.publish_refused(code, tenant)
+            elif kind == "events":
+                self.publish_refused(code, tenant, events)
 
     # -- connections ------------------------------------------------------------------
 
@@ -453,13 +468,16 @@ class PrometheusMetrics(NoMetrics):
 
     # -- events -----------------------------------------------------------------------
 
-    def publish_acked(self, latency_s: float, tenant: str, duplicate: bool = False) -> None:
+    def publish_acked(
+        self, latency_s: float, tenant: str, duplicate: bool = False, events: int = 1
+    ) -> None:
+        """``events`` acked by one ack frame (a batch's: its latency observed once)."""
         self.ack_latency.observe(latency_s)
         key = ("true" if duplicate else "false",)
-        self.acked.inc(key + self.tenants.values(tenant) if self.tenants.enabled else key)
+        self.acked.inc(key + self.tenants.values(tenant) if self.tenants.enabled else key, events)
 
-    def publish_refused(self, code: str, tenant: str) -> None:
-        self.refused.inc((code, *self.tenants.values(tenant)))
+    def publish_refused(self, code: str, tenant: str, events: int = 1) -> None:
+        self.refused.inc((code, *self.tenants.values(tenant)), events)
 
     def delivered(self, members: int, body: bytes) -> None:
         """A live event written to ``members`` sockets (its latency observed once)."""

@@ -66,9 +66,10 @@ class ConnectionLimits(ConnectionRates):
         super().__init__(connection, principal, release)
         self._clock = clock
 
-    def admit(self, size: int) -> float:
-        """One event or command frame: 0.0 to act on it, else seconds until it would pass."""
-        return self.admit_at(size, self._clock())
+    def admit(self, size: int, msgs: int = 1) -> float:
+        """One event or command frame (``msgs`` messages: a batch's events): 0.0 to act on
+        it, else seconds until it would pass."""
+        return self.admit_at(size, self._clock(), msgs)
 
     def charge(self, size: int) -> None:
         """A frame that is never refused (a handler's answer): count its bytes."""

@@ -49,6 +49,7 @@ from arqonbus_server.mesh.broker import (
     BrokerUnavailable,
     LiveSubscription,
     NoResponders,
+    PublishItem,
     PublishResult,
     RequestTimeout,
     ServiceRequest,
@@ -60,6 +61,7 @@ from arqonbus_server.shared.core import effects as fx
 from arqonbus_server.shared.core.rates import RateSpec
 from arqonbus_server.shared.core.state import failure_error
 from arqonbus_server.shared.envelope import (
+    ClientEventBatch,
     ClientMessage,
     encode_error,
     encode_welcome,
@@ -86,6 +88,7 @@ log = logging.getLogger("arqonbus.gateway.session")
 _NO_RESPONDERS_RETRY_S = (0.01, 0.02, 0.03)
 _FAILED = object()  # a port call whose failure was already fed back to the core
 T = TypeVar("T")
+R = TypeVar("R")
 
 _last_stamp: tuple[int, str] = (-1, "")
 
@@ -108,8 +111,8 @@ class _ClockedRates:
     def __init__(self, limits: ConnectionLimits) -> None:
         self.limits = limits
 
-    def admit_at(self, size: int, now: float) -> float:
-        return self.limits.admit(size)
+    def admit_at(self, size: int, now: float, msgs: int = 1) -> float:
+        return self.limits.admit(size, msgs)
 
     def charge_at(self, size: int, now: float) -> None:
         self.limits.charge(size)
@@ -149,6 +152,7 @@ class Session:
         self._phases = metrics.phases  # sampled phase timings (gateway/http/phases.py)
         self._sampled: tuple[float, float] | None = None  # (parsed, taken) of this frame
         self._kind = "invalid"  # the received-type label of the frame being handled
+        self._frame_events = 1  # events in it (an ``events`` frame's count)
         self._publish_started: dict[int, float] = {}  # op -> perf_counter() when taken
         self._tracing = tracing  # None: tracing off, no span made (gateway/tracing.py)
         # refresh_token checks the new credential with the gateway's authenticator.
@@ -264,6 +268,7 @@ class Session:
         self._kind = "invalid"
         message = _parse(data, max_bytes)
         self._kind = message_kind(message)
+        self._frame_events = len(message.events) if isinstance(message, ClientEventBatch) else 1
         self._metrics.frame_received(self._kind)
         return message
 
@@ -280,7 +285,9 @@ class Session:
             effects = self.core.receive(data, self._now())
             if self._kind == "invalid":
                 self._metrics.frame_received("invalid")
-            self._metrics.frame_handled(self._kind, self.principal.tenant, effects)
+            self._metrics.frame_handled(
+                self._kind, self.principal.tenant, effects, self._frame_events
+            )
             self._kind = "invalid"
             await self._execute(effects)
         except Exception:
@@ -366,7 +373,7 @@ class Session:
             while self._publishes is not None and len(self._publishes) >= effect.limit:
                 # Backpressure: stop reading this socket until an ack frees a slot.
                 await asyncio.wait(set(self._publishes), return_when=asyncio.FIRST_COMPLETED)
-        elif isinstance(effect, fx.Publish):
+        elif isinstance(effect, fx.Publish | fx.PublishBatch):
             await self._start_publish(effect)
         elif isinstance(effect, fx.Unserve):
             served = self._served.pop((effect.ref, effect.name), None)
@@ -386,29 +393,34 @@ class Session:
 
     # -- events ---------------------------------------------------------------------------
 
-    async def _start_publish(self, publish: fx.Publish) -> None:
+    async def _start_publish(self, publish: fx.Publish | fx.PublishBatch) -> None:
         self._publish_started[publish.op] = time.perf_counter()
+        request_id = publish.event_id if isinstance(publish, fx.Publish) else publish.batch_id
         try:
             # Inline, in frame order: provisioning (once per tenant) must not let a
             # later event of this connection overtake an earlier one.
             if not self._broker.stream_known(publish.ref.tenant):
                 await self._broker.ensure_stream(publish.ref.tenant)
         except BrokerUnavailable as exc:
-            log.warning("publish of %s failed: %s", publish.event_id, exc)
+            log.warning("publish of %s failed: %s", request_id, exc)
             self._count_publish(publish, (Failure.UNAVAILABLE, None))
             self._apply_now(self.core.publish_failed(publish.op, Failure.UNAVAILABLE))
             return
         except Exception:
-            log.exception("publish of %s failed", publish.event_id)
+            log.exception("publish of %s failed", request_id)
             self._count_publish(publish, (Failure.INTERNAL, None))
             self._apply_now(self.core.publish_failed(publish.op, Failure.INTERNAL))
             return
         if self._sampled is not None and self._phases is not None:
-            self._phases.sent(publish.dedupe_key, *self._sampled)
+            first = publish if isinstance(publish, fx.Publish) else publish.items[0]
+            self._phases.sent(first.dedupe_key, *self._sampled)
             self._sampled = None
         if self._publishes is None:
             self._publishes = set()
-        task = asyncio.create_task(self._publish(publish))
+        if isinstance(publish, fx.Publish):
+            task = asyncio.create_task(self._publish(publish))
+        else:
+            task = asyncio.create_task(self._publish_batch(publish))
         self._publishes.add(task)
         task.add_done_callback(self._publishes.discard)
 
@@ -435,18 +447,61 @@ class Session:
         self, publish: fx.Publish, body: bytes, headers: dict[str, str] | None
     ) -> PublishResult | tuple[Failure, str | None]:
         """Publish to the store: its result, or how it failed."""
-        try:
-            return await self._broker.publish(
+        return await self._stored(
+            publish.event_id,
+            self._broker.publish(
                 publish.ref, body, publish.dedupe_key, headers, ttl_s=publish.ttl_s
-            )
+            ),
+        )
+
+    async def _stored(self, request_id: str, work: Awaitable[R]) -> R | tuple[Failure, str | None]:
+        """The store's answer to a publish, or how it failed."""
+        try:
+            return await work
         except StoreQuotaExceeded as exc:
             return Failure.QUOTA, str(exc)
         except BrokerUnavailable as exc:
-            log.warning("publish of %s failed: %s", publish.event_id, exc)
+            log.warning("publish of %s failed: %s", request_id, exc)
             return Failure.UNAVAILABLE, None
         except Exception:
-            log.exception("publish of %s failed", publish.event_id)
+            log.exception("publish of %s failed", request_id)
             return Failure.INTERNAL, None
+
+    async def _publish_batch(self, batch: fx.PublishBatch) -> None:
+        """An ``events`` frame: its events stored together, answered by one ack (or one
+        error) once every one is stored; each is traced as a single event would be."""
+        tracing = self._tracing
+        spans: list[Any] = []
+        items: list[PublishItem] = []
+        for item in batch.items:
+            if item.trace_malformed:
+                trace_counters.malformed_trace_fields += 1
+            if tracing is None:
+                items.append((with_trace(item.body, item.trace), item.dedupe_key, None))
+            else:
+                span, hop, created = tracing.start_send(item.ref, item.event_id, item.trace)
+                spans.append(span)
+                items.append((with_trace(item.body, created), item.dedupe_key, hop))
+        outcome = await self._stored(
+            batch.batch_id, self._broker.publish_many(batch.ref, items, batch.ttl_s)
+        )
+        if tracing is not None:
+            for index, (span, item) in enumerate(zip(spans, batch.items, strict=True)):
+                if isinstance(outcome, list):
+                    tracing.end_send(span, outcome[index].seq, outcome[index].duplicate, None)
+                else:
+                    code = failure_error(outcome[0], item.event_id).code
+                    tracing.end_send(span, None, False, code)
+        self._count_publish(batch, outcome)
+        if isinstance(outcome, list):
+            if self._phases is not None and self._phases.open:
+                self._phases.acked(batch.items[0].dedupe_key)
+            if self._commands is not None and not all(r.duplicate for r in outcome):
+                self._commands.published(batch.ref)
+            results = [(r.seq, r.duplicate, r.epoch) for r in outcome]
+            self._apply_now(self.core.batch_acked(batch.op, results))
+        else:
+            self._apply_now(self.core.publish_failed(batch.op, *outcome))
 
     def _answer(
         self, publish: fx.Publish, outcome: PublishResult | tuple[Failure, str | None]
@@ -463,17 +518,28 @@ class Session:
         return self.core.publish_failed(publish.op, *outcome)
 
     def _count_publish(
-        self, publish: fx.Publish, outcome: PublishResult | tuple[Failure, str | None]
+        self,
+        publish: fx.Publish | fx.PublishBatch,
+        outcome: PublishResult | list[PublishResult] | tuple[Failure, str | None],
     ) -> None:
         started = self._publish_started.pop(publish.op, None)
         tenant = publish.ref.tenant
+        latency = time.perf_counter() - started if started is not None else 0.0
         if isinstance(outcome, PublishResult):
-            latency = time.perf_counter() - started if started is not None else 0.0
             self._metrics.publish_acked(latency, tenant, outcome.duplicate)
+            return
+        if isinstance(outcome, list):  # a batch's: one latency, counted per event
+            duplicates = sum(1 for result in outcome if result.duplicate)
+            if duplicates < len(outcome):
+                self._metrics.publish_acked(latency, tenant, False, len(outcome) - duplicates)
+            if duplicates:
+                self._metrics.publish_acked(latency, tenant, True, duplicates)
             return
         if outcome[0] is Failure.UNAVAILABLE:
             self._metrics.jetstream_error("publish")
-        self._metrics.publish_refused(failure_error(outcome[0], publish.event_id).code, tenant)
+        request_id = publish.event_id if isinstance(publish, fx.Publish) else publish.batch_id
+        events = 1 if isinstance(publish, fx.Publish) else len(publish.items)
+        self._metrics.publish_refused(failure_error(outcome[0], request_id).code, tenant, events)
 
     async def finish_in_flight(self, timeout: float) -> None:
         """Wait for acks and answers owed to this connection, and by its handler to others."""

@@ -10,7 +10,7 @@ outcomes back; it makes no decision of its own.
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from arqonbus_server.shared import commands as builtin
 from arqonbus_server.shared.authz import Permission
@@ -26,6 +26,7 @@ from arqonbus_server.shared.core.effects import (
     Leave,
     Now,
     Publish,
+    PublishBatch,
     Respond,
     Send,
     Unserve,
@@ -47,9 +48,11 @@ from arqonbus_server.shared.core.state import (
 from arqonbus_server.shared.envelope import (
     ClientCommand,
     ClientEvent,
+    ClientEventBatch,
     ClientResponse,
     ResponseError,
     encode_ack,
+    encode_batch_ack,
     encode_delivery,
     encode_response,
     encode_stored_event,
@@ -100,10 +103,13 @@ class Connection(CommandRules):
             # Draining: frames other than answers are not acted on (the client resends them
             # elsewhere); the shell reads on so the close handshake does not stall.
             return []
-        if wait := self.rates.admit_at(len(frame), now.monotonic):
+        msgs = len(message.events) if isinstance(message, ClientEventBatch) else 1
+        if wait := self.rates.admit_at(len(frame), now.monotonic, msgs):
             return self._refuse_rate(message.id, wait, now.monotonic)
         if isinstance(message, ClientEvent):
             return self._event(message, now)
+        if isinstance(message, ClientEventBatch):
+            return self._events(message, now)
         if builtin.gateway_answers(message.command, message.room):
             return self.run_command(message, now.monotonic, now.wall)
         return self._call(message, now)
@@ -124,23 +130,97 @@ class Connection(CommandRules):
     # -- events ---------------------------------------------------------------------------
 
     def _event(self, event: ClientEvent, now: Now) -> list[Effect]:
-        refusal = self.forbidden(PUBLISH, event.room, event.channel, event.id, now.monotonic)
+        settings = self.room_settings(event.room)
+        refused = self._publish_refused(event.room, event.channel, event.id, settings, now)
+        if refused is not None:
+            return refused
+        stored = self._stored(event, settings, event.id, None, now.monotonic)
+        if isinstance(stored, list):
+            return stored
+        event, body = stored
+        ref = ChannelRef(self.principal.tenant, event.room, event.channel)
+        effects = self._publish_slot()
+        op = self.open_op(Pending("publish", event=event, ref=ref))
+        self.publishing[op] = ref
+        effects.append(self._publish_effect(op, ref, event, body, settings))
+        return effects
+
+    def _events(self, batch: ClientEventBatch, now: Now) -> list[Effect]:
+        """An ``events`` frame: every check of a single event, for each; one refused event
+        refuses the frame (nothing stored), with its ``index`` and ``event_id``."""
+        settings = self.room_settings(batch.room)
+        refused = self._publish_refused(batch.room, batch.channel, batch.id, settings, now)
+        if refused is not None:
+            return refused
+        ref = ChannelRef(self.principal.tenant, batch.room, batch.channel)
+        effects = self._publish_slot()
+        op = self.open_op(Pending("publish", batch=batch, ref=ref))
+        items: list[Publish] = []
+        for index, event in enumerate(batch.events):
+            stored = self._stored(event, settings, batch.id, index, now.monotonic)
+            if isinstance(stored, list):
+                del self.pending[op]
+                return stored
+            checked, body = stored
+            items.append(self._publish_effect(op, ref, checked, body, settings))
+        self.publishing[op] = ref
+        ttl_s = None if settings is None else settings.retention_s
+        effects.append(PublishBatch(op, ref, batch.id, tuple(items), ttl_s))
+        return effects
+
+    def _publish_refused(
+        self,
+        room: str,
+        channel: str,
+        request_id: str,
+        settings: room_rules.RoomView | None,
+        now: Now,
+    ) -> list[Effect] | None:
+        """The answer when this principal may not publish to the channel now (permission,
+        ban, mute, private room); None when it may."""
+        refusal = self.forbidden(PUBLISH, room, channel, request_id, now.monotonic)
         if refusal is not None:
             error, audit = refusal
             return [*audit, self.error(error)]
-        settings = self.room_settings(event.room)
         if settings is not None:
-            who = self.standing(event.room, event.channel)
-            refused = room_rules.publish_refusal(settings, event.room, who, now.wall)
+            who = self.standing(room, channel)
+            refused = room_rules.publish_refusal(settings, room, who, now.wall)
             if refused is not None:
                 error, extra = refused
-                return [self.error(error.with_request_id(event.id), extra)]
+                return [self.error(error.with_request_id(request_id), extra)]
+        return None
+
+    def _stored(
+        self,
+        event: ClientEvent,
+        settings: room_rules.RoomView | None,
+        request_id: str,
+        index: int | None,
+        now: float,
+    ) -> tuple[ClientEvent, bytes] | list[Effect]:
+        """The event as content policies leave it and its stored envelope, or the error
+        (``index``: its place in a batch, told to the client with its id)."""
+        where = {} if index is None else {"index": index, "event_id": event.id}
         try:
             # Content policies run before anything is stored (and may redact or tag).
             event, tags = self.content.check_event(event, self.principal.tenant, self.principal.id)
         except ArqonError as exc:
-            return [*self._policy_audit(exc, event, now.monotonic), self.error(exc)]
-        return self._publish(event, tags, settings)
+            audit = self._policy_audit(exc, event, now)
+            return [*audit, self.error(exc.with_request_id(request_id), where or None)]
+        body = with_tags(encode_stored_event(event, self.principal.id, self.stamp()), tags)
+        size = len(body) if event.trace is None else len(body) + len(encode_trace(event.trace))
+        if size > self.config.max_payload - NATS_HEADER_ROOM:
+            detail = "the stored envelope exceeds the NATS max_payload"
+            return [self.error(ArqonError(MESSAGE_TOO_LARGE, detail, request_id), where or None)]
+        room_max = None if settings is None else settings.max_message_bytes
+        if room_max is not None and len(body) > room_max:
+            detail = (
+                f"room {event.room!r} takes events of at most {room_max} bytes as stored "
+                f"(this one is {len(body)}): send a smaller payload"
+            )
+            error = ArqonError(MESSAGE_TOO_LARGE, detail, request_id)
+            return [self.error(error, {"max_bytes": room_max, "room": event.room, **where})]
+        return event, body
 
     def _policy_audit(self, exc: ArqonError, event: ClientEvent, now: float) -> list[Effect]:
         if exc.code not in POLICY_CODES:
@@ -156,35 +236,26 @@ class Connection(CommandRules):
             reason=exc.detail or "",
         )
 
-    def _publish(
-        self, event: ClientEvent, tags: list[str], settings: room_rules.RoomView | None
-    ) -> list[Effect]:
-        ref = ChannelRef(self.principal.tenant, event.room, event.channel)
-        body = with_tags(encode_stored_event(event, self.principal.id, self.stamp()), tags)
-        size = len(body) if event.trace is None else len(body) + len(encode_trace(event.trace))
-        if size > self.config.max_payload - NATS_HEADER_ROOM:
-            detail = "the stored envelope exceeds the NATS max_payload"
-            return [self.error(ArqonError(MESSAGE_TOO_LARGE, detail, event.id))]
-        room_max = None if settings is None else settings.max_message_bytes
-        if room_max is not None and len(body) > room_max:
-            detail = (
-                f"room {event.room!r} takes events of at most {room_max} bytes as stored "
-                f"(this one is {len(body)}): send a smaller payload"
-            )
-            error = ArqonError(MESSAGE_TOO_LARGE, detail, event.id)
-            return [self.error(error, {"max_bytes": room_max, "room": event.room})]
-        effects: list[Effect] = []
+    def _publish_slot(self) -> list[Effect]:
+        """Backpressure: stop reading this socket until an ack frees a slot (a batch takes
+        one, like a single event)."""
         if len(self.publishing) >= self.config.max_in_flight:
-            # Backpressure: stop reading this socket until an ack frees a slot.
-            effects.append(AwaitPublishSlot(self.config.max_in_flight))
-        op = self.open_op(Pending("publish", event=event, ref=ref))
-        self.publishing[op] = ref
+            return [AwaitPublishSlot(self.config.max_in_flight)]
+        return []
+
+    def _publish_effect(
+        self,
+        op: int,
+        ref: ChannelRef,
+        event: ClientEvent,
+        body: bytes,
+        settings: room_rules.RoomView | None,
+    ) -> Publish:
         key = _scheme(self.config.subject_prefix).dedupe_key(ref, self.principal.id, event.id)
         ttl_s = None if settings is None else settings.retention_s
-        publish = Publish(
+        return Publish(
             op, ref, event.id, body, key, event.trace, event.trace_malformed, ttl_s=ttl_s
         )
-        return [*effects, publish]
 
     @property
     def publishes_in_flight(self) -> int:
@@ -195,21 +266,38 @@ class Connection(CommandRules):
     ) -> list[Effect]:
         """The store acknowledged the publish ``op`` with ``seq`` (of ``epoch``, for a placed
         tenant): the client's ack."""
-        event = self._end_publish(op)
+        pending = self._end_publish(op)
+        event = pending.event
+        assert event is not None
         return [Send(encode_ack(event.id, event.room, event.channel, seq, duplicate, epoch))]
 
+    def batch_acked(self, op: int, results: Sequence[tuple[int, bool, int | None]]) -> list[Effect]:
+        """The store acknowledged every event of the batch ``op``: ``(seq, duplicate,
+        epoch)`` each, in the batch's order: one ack frame."""
+        pending = self._end_publish(op)
+        batch = pending.batch
+        assert batch is not None and len(results) == len(batch.events)
+        seqs = [seq for seq, _, _ in results]
+        duplicates = [i for i, (_, duplicate, _) in enumerate(results) if duplicate]
+        placed = [epoch for _, _, epoch in results if epoch is not None]
+        epochs = placed if len(placed) == len(results) else None
+        frame = encode_batch_ack(batch.id, batch.room, batch.channel, seqs, duplicates, epochs)
+        return [Send(frame)]
+
     def publish_failed(self, op: int, failure: Failure, detail: str | None = None) -> list[Effect]:
-        """The stream could not be ensured or the publish failed: the error for the event."""
-        event = self._end_publish(op)
+        """The stream could not be ensured or the publish (of an event or a batch) failed:
+        the error for the frame."""
+        pending = self._end_publish(op)
+        sent = pending.batch if pending.batch is not None else pending.event
+        assert sent is not None
+        request_id = sent.id
         if failure is not Failure.QUOTA:
             detail = None  # the reason is logged by the shell, not told to the client
-        return [self.error(failure_error(failure, event.id, detail))]
+        return [self.error(failure_error(failure, request_id, detail))]
 
-    def _end_publish(self, op: int) -> ClientEvent:
+    def _end_publish(self, op: int) -> Pending:
         self.publishing.pop(op, None)
-        pending = self.pending.pop(op)
-        assert pending.event is not None
-        return pending.event
+        return self.pending.pop(op)
 
     # -- service commands: the caller's side -----------------------------------------------
 

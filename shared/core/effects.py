@@ -83,6 +83,19 @@ class Publish:
     ttl_s: int | None = None  # the room's own retention: the store drops the event after it
 
 
+@dataclass(frozen=True, slots=True)
+class PublishBatch:
+    """Store the events of an ``events`` frame (``items``, in order; each one's ``op`` is
+    the batch's), ensuring the tenant's stream first, inline; then feed back
+    ``batch_acked(op, results)`` or ``publish_failed(op, failure)``."""
+
+    op: int
+    ref: ChannelRef
+    batch_id: str
+    items: tuple[Publish, ...]
+    ttl_s: int | None = None
+
+
 # -- channels, history, handlers ---------------------------------------------------------
 
 
@@ -256,6 +269,7 @@ Effect = (
     | Audit
     | AwaitPublishSlot
     | Publish
+    | PublishBatch
     | VerifyRoomKey
     | Join
     | Leave

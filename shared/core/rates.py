@@ -148,28 +148,29 @@ class FrameMeter:
         self._msgs.tokens = min(self._msgs.tokens, self._msg_burst)
         self._bytes.tokens = min(self._bytes.tokens, self._byte_burst)
 
-    def take(self, size: int, now: float) -> float:
-        """Admit one frame of ``size`` bytes (0.0) or say how long to wait (nothing taken)."""
+    def take(self, size: int, now: float, msgs: int = 1) -> float:
+        """Admit one frame of ``size`` bytes carrying ``msgs`` messages (a batch of events
+        counts each) (0.0), or say how long to wait (nothing taken)."""
         if self._msg_rate:
-            wait = self._msgs.take(1.0, now, self._msg_rate, self._msg_burst)
+            wait = self._msgs.take(msgs, now, self._msg_rate, self._msg_burst)
             if wait:
                 return wait
         if self._byte_rate:
             wait = self._bytes.take(size, now, self._byte_rate, self._byte_burst)
             if wait:
                 if self._msg_rate:
-                    self._msgs.tokens += 1.0  # give the message token back
+                    self._msgs.tokens += msgs  # give the message tokens back
                 return wait
-        self.count(size, now)
+        self.count(size, now, msgs)
         return 0.0
 
-    def give_back(self, size: int) -> None:
+    def give_back(self, size: int, msgs: int = 1) -> None:
         """Undo a :meth:`take` (the other scope refused the frame)."""
         if self._msg_rate:
-            self._msgs.tokens += 1.0
+            self._msgs.tokens += msgs
         if self._byte_rate:
             self._bytes.tokens += size
-        self._window_msgs -= 1
+        self._window_msgs -= msgs
         self._window_bytes -= size
 
     def charge(self, size: int, now: float) -> None:
@@ -239,18 +240,19 @@ class ConnectionRates:
         self._on = connection.spec.enabled or principal.spec.enabled
         self._release = release
 
-    def admit_at(self, size: int, now: float) -> float:
-        """One event or command frame: 0.0 to act on it, else seconds until it would pass."""
+    def admit_at(self, size: int, now: float, msgs: int = 1) -> float:
+        """One event or command frame (``msgs`` messages: a batch's events): 0.0 to act on
+        it, else seconds until it would pass."""
         if not self._on:
-            self.connection.count(size, now)
-            self.principal.count(size, now)
+            self.connection.count(size, now, msgs)
+            self.principal.count(size, now, msgs)
             return 0.0
-        wait: float = self.connection.take(size, now)
+        wait: float = self.connection.take(size, now, msgs)
         if wait:
             return wait
-        wait = self.principal.take(size, now)
+        wait = self.principal.take(size, now, msgs)
         if wait:
-            self.connection.give_back(size)
+            self.connection.give_back(size, msgs)
         return wait
 
     def charge_at(self, size: int, now: float) -> None:

@@ -14,6 +14,7 @@ from arqonbus_server.shared.core.rooms import RoomView, Standing
 from arqonbus_server.shared.envelope import (
     ClientCommand,
     ClientEvent,
+    ClientEventBatch,
     ClientMessage,
     encode_command_response,
     encode_error,
@@ -101,7 +102,7 @@ class Identity(Protocol):
 class RateAdmission(Protocol):
     """The connection's rate meters (shared/core/rates.py ConnectionRates)."""
 
-    def admit_at(self, size: int, now: float) -> float: ...
+    def admit_at(self, size: int, now: float, msgs: int = 1) -> float: ...
     def charge_at(self, size: int, now: float) -> None: ...
 
 
@@ -183,6 +184,7 @@ class Pending:
     kind: str
     command: ClientCommand | None = None
     event: ClientEvent | None = None
+    batch: ClientEventBatch | None = None
     ref: ChannelRef | None = None
     name: str = ""
     timeout_ms: int = 0

@@ -98,6 +98,43 @@ async def test_the_same_dedupe_key_stores_once_and_returns_the_first_seq(mesh: M
     assert await stored(first, ref) == [(original.seq, b"once"), (other.seq, b"other")]
 
 
+async def test_publish_many_stores_in_order_each_once_with_its_own_result(mesh: Mesh) -> None:
+    publisher, subscriber = await mesh.broker(), await mesh.broker()
+    ref = ChannelRef(tenant(), "r", "c")
+    received = Received()
+    subscription = await subscriber.subscribe_live(ref, received)
+    await live_in_place(publisher, ref, received)
+    earlier = await publisher.publish(ref, b"earlier", "resent")
+    n = 700  # more than one atomic batch of the real store's lane (500)
+    keys = [key() for _ in range(n)]
+    keys[3] = "resent"  # stored before: its first seq, nothing stored again
+    items = [
+        (b'{"n":%d}' % i, k, {"traceparent": f"t{i}"} if i == 5 else None)
+        for i, k in enumerate(keys)
+    ]
+    async with asyncio.timeout(30 * SEC):
+        results = await publisher.publish_many(ref, items)
+    assert len(results) == n
+    assert (results[3].seq, results[3].duplicate) == (earlier.seq, True)
+    fresh = [r for i, r in enumerate(results) if i != 3]
+    assert not any(r.duplicate for r in fresh)
+    seqs = [r.seq for r in fresh]
+    assert seqs == sorted(set(seqs)) and seqs[0] > earlier.seq  # in the list's order
+    expected = [(r.seq, items[i][0]) for i, r in enumerate(results) if i != 3]
+    assert (await stored(subscriber, ref))[-(n - 1) :] == expected
+    # Each event reached live subscribers once, in order, with its own headers.
+    await received.until(lambda events: events[-1].seq == seqs[-1])
+    await subscription.close()
+    live = [e for e in received.events if e.seq >= seqs[0]]
+    assert [e.seq for e in live] == seqs
+    assert (live[4].headers or {}).get("traceparent") == "t5"  # index 5 (index 3 left out)
+    # The same list again (a client's resend): every event a duplicate with its seq.
+    async with asyncio.timeout(30 * SEC):
+        again = await subscriber.publish_many(ref, items)
+    assert [(r.seq, r.duplicate) for r in again] == [(r.seq, True) for r in results]
+    assert len(await stored(subscriber, ref)) == n + 1  # probe, earlier and the n - 1
+
+
 async def test_window_of_an_unknown_tenant_is_empty_and_then_tracks_the_channel(
     mesh: Mesh,
 ) -> None:
