@@ -14,8 +14,8 @@ object per line:
 * ``pub``: publishes at ``--rate`` messages/s for ``--duration`` s, round robin over the
   channels, each payload carrying ``ts`` (CLOCK_MONOTONIC ns, shared by all processes of
   the machine); prints its stats (sent and, for ``arq``, acked per channel).
-* ``ingest``: many ``arq`` connections publishing with a window of unacked events; prints
-  acked events/s.
+* ``ingest``: many ``arq`` connections publishing with a window of unacked events (single
+  ``event`` frames, or ``events`` frames of ``--batch`` events); prints acked events/s.
 
 Latency is measured at the subscriber: now - ts, into a log-bucket histogram (1 % wide)
 that the orchestrator merges across processes.
@@ -323,8 +323,9 @@ async def run_sub(args: argparse.Namespace) -> dict[str, Any]:
 
 
 class PubListener(WSListener):  # type: ignore[misc]
-    def __init__(self, proto: str) -> None:
+    def __init__(self, proto: str, batch: int = 0) -> None:
         self.proto = proto
+        self.batch = batch  # events per frame (arq events frames); 0: one event a frame
         self.ready = asyncio.Event()
         self.acked: Counter[str] = Counter()
         self.acks = 0
@@ -349,9 +350,12 @@ class PubListener(WSListener):  # type: ignore[misc]
         if self.proto == "arq":
             if b'"type":"ack"' in data:
                 at = data.find(b'"channel":"') + 11
-                self.acked[data[at : data.find(b'"', at)].decode()] += 1
-                self.acks += 1
-                self.in_flight -= 1
+                # An events frame's ack: one seq per event, the list's commas + 1.
+                seqs = data.find(b'"seqs":[')
+                count = 1 if seqs < 0 else data.count(b",", seqs, data.find(b"]", seqs)) + 1
+                self.acked[data[at : data.find(b'"', at)].decode()] += count
+                self.acks += count
+                self.in_flight -= count
                 self.slot.set()
                 if self.in_flight == 0:
                     self.all_acked.set()
@@ -359,7 +363,7 @@ class PubListener(WSListener):  # type: ignore[misc]
                 self.ready.set()
             elif b'"type":"error"' in data:
                 self.errors.append(data[:300].decode(errors="replace"))
-                self.in_flight -= 1
+                self.in_flight -= self.batch or 1
                 self.slot.set()
         elif self.proto == "sio":
             if data == b"2":
@@ -376,6 +380,16 @@ class PubListener(WSListener):  # type: ignore[misc]
                     transport.send(WSMsgType.TEXT, b"PONG\r\n")
                 elif line.startswith(b"-ERR"):
                     self.errors.append(line.decode(errors="replace"))
+
+
+def encode_batch(channel: str, n: int, count: int, pad: int) -> bytes:
+    """An ArqonBus ``events`` frame of ``count`` events (ids from ``n``), each stamped now."""
+    now = time.monotonic_ns()
+    events = [{"id": f"p{n + i}", "payload": payload(now, pad)} for i in range(count)]
+    return orjson.dumps(
+        {"id": f"b{n}", "type": "events", "room": ROOM, "channel": channel,
+         "payload": {"events": events}}
+    )  # fmt: skip
 
 
 def encode_publish(proto: str, channel: str, n: int, body: dict[str, Any]) -> bytes:
@@ -467,7 +481,7 @@ async def run_ingest(args: argparse.Namespace) -> dict[str, Any]:
     urls = args.urls.split(",")
     pubs: list[tuple[WSTransport, PubListener]] = []
     for i in range(args.conns):
-        listener = PubListener("arq")
+        listener = PubListener("arq", args.batch)
         url = proto_url("arq", urls[i % len(urls)], f"ing{args.index}_{i}")
         transport, _ = await open_connection(lambda lst=listener: lst, url, None)
         pubs.append((transport, listener))
@@ -481,9 +495,17 @@ async def run_ingest(args: argparse.Namespace) -> dict[str, Any]:
         n = 0
         channel = f"i{i % 10}"
         while time.monotonic() < deadline:
-            while listener.in_flight >= args.window:
+            while args.window - listener.in_flight < (args.batch or 1):
                 listener.slot.clear()
                 await listener.slot.wait()
+            if args.batch:  # events frames of args.batch while the window has room
+                while args.window - listener.in_flight >= args.batch:
+                    listener.in_flight += args.batch
+                    listener.all_acked.clear()
+                    frame = encode_batch(channel, n, args.batch, args.pad)
+                    transport.send(WSMsgType.TEXT, frame)
+                    n += args.batch
+                continue
             for _ in range(args.window - listener.in_flight):
                 listener.in_flight += 1
                 listener.all_acked.clear()
@@ -537,8 +559,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--count", type=int, default=0, help="pub: stop after this many")
     parser.add_argument("--window", type=int, default=1000)
     parser.add_argument("--pad", type=int, default=120)
+    parser.add_argument(
+        "--batch", type=int, default=0, help="ingest: events per events frame (0: single events)"
+    )
     parser.add_argument("--index", type=int, default=0)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.batch > args.window:
+        parser.error(f"--batch {args.batch} is more than --window {args.window}: it never fits")
+    return args
 
 
 async def main_async(args: argparse.Namespace) -> None:

@@ -190,6 +190,15 @@ def table(results: dict[str, Any]) -> str:
             f"{_fmt(ingest['nats-py-direct']['acked_s'])} | "
             f"{_ratio(two, ingest['nats-py-direct']['acked_s'])} |"
         )
+    direct = ingest["nats-py-direct"]["acked_s"]
+    for key, what in (
+        ("arqonbus-events-frames", "acked publishes/s into R3, `events` frames (same connections and window)"),
+        ("arqonbus-1-conn", "acked publishes/s into R3, one connection (nats-py: one connection too)"),
+        ("arqonbus-1-conn-events-frames", "acked publishes/s into R3, one connection, `events` frames"),
+    ):  # fmt: skip
+        if key in ingest:
+            acked = ingest[key]["acked_s"]
+            lines.append(f"| {what} | {_fmt(acked)} | {_fmt(direct)} | {_ratio(acked, direct)} |")
     rp = results["replay"]
     lines.append(
         f"| replay of {rp['events']:,} stored events to one client, s | {rp['arqonbus_s']:.2f} | "

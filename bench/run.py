@@ -209,6 +209,9 @@ class Config:
     idle_n: int = 50_000
     ingest_conns: int = 50
     ingest_window: int = 100
+    ingest_batch: int = 50  # events per events frame in the batched ingest runs
+    one_conn_window: int = 4000  # one publishing connection: as nats-py's publish_async
+    one_conn_batch: int = 100
     replay_events: int = 100_000
     smoke: bool = False
 
@@ -365,18 +368,27 @@ async def fanout(
 
 
 async def ingest(
-    gateways: list[Gateway], cfg: Config, label: str = "arqonbus", batches: bool = True
+    gateways: list[Gateway],
+    cfg: Config,
+    label: str = "arqonbus",
+    batches: bool = True,
+    conns: int = 0,
+    window: int = 0,
+    frame_events: int = 0,
 ) -> dict[str, Any]:
-    """Acked publishes/s through ``gateways[0]``; with ``batches``, also the mean size of the
-    store batches its publish lanes made (read from its /metrics: a gateway of one process)."""
+    """Acked publishes/s through ``gateways[0]`` over ``conns`` connections (default
+    ``cfg.ingest_conns``), each with ``window`` unacked events; ``frame_events`` > 0 sends
+    ``events`` frames of that many. With ``batches``, also the mean size of the store
+    batches its publish lanes made (read from its /metrics: a gateway of one process)."""
     runs = []
     lanes = [0.0, 0.0]  # batches, events: over all the runs
     for _ in range(cfg.repeats):
         before = await scrape_batches(gateways[0].port) if batches else (0.0, 0.0)
         tenant = "i" + uuid.uuid4().hex[:10]
         gen = await Loadgen.start(
-            "ingest", "--urls", gateways[0].url, "--conns", str(cfg.ingest_conns),
-            "--window", str(cfg.ingest_window), "--duration", str(cfg.duration), tenant=tenant,
+            "ingest", "--urls", gateways[0].url, "--conns", str(conns or cfg.ingest_conns),
+            "--window", str(window or cfg.ingest_window), "--batch", str(frame_events),
+            "--duration", str(cfg.duration), tenant=tenant,
         )  # fmt: skip
         try:
             r = await gen.read(cfg.duration + 120)
@@ -604,6 +616,30 @@ async def run(cfg: Config, out_dir: Path) -> dict[str, Any]:
                 "arqonbus-2-workers": await ingest(
                     [two_workers], cfg, "arqonbus --workers 2", batches=False
                 ),
+                # The same connections and window, sending events frames.
+                "arqonbus-events-frames": await ingest(
+                    gateways,
+                    cfg,
+                    f"arqonbus, events frames of {cfg.ingest_batch}",
+                    frame_events=cfg.ingest_batch,
+                ),
+                # One publishing connection, with nats-py's window: single events, then
+                # events frames.
+                "arqonbus-1-conn": await ingest(
+                    gateways,
+                    cfg,
+                    "arqonbus, one connection",
+                    conns=1,
+                    window=cfg.one_conn_window,
+                ),
+                "arqonbus-1-conn-events-frames": await ingest(
+                    gateways,
+                    cfg,
+                    f"arqonbus, one connection, events frames of {cfg.one_conn_batch}",
+                    conns=1,
+                    window=cfg.one_conn_window,
+                    frame_events=cfg.one_conn_batch,
+                ),
                 "nats-py-direct": await ingest_nats_direct(cluster, cfg),
             }
         finally:
@@ -676,7 +712,7 @@ def main() -> int:
         cfg = Config(
             channels=2, subs_per_channel=10, sub_procs=1, duration=1.0, sweep=[200],
             saturate_rate=5000, saturate_count=500, latency_rate=1000, repeats=1, idle_n=300, ingest_conns=5, ingest_window=20,
-            replay_events=2000, smoke=True,
+            ingest_batch=10, one_conn_window=200, one_conn_batch=50, replay_events=2000, smoke=True,
         )  # fmt: skip
     started = time.monotonic()
     results = asyncio.run(run(cfg, args.out))

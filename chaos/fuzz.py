@@ -50,6 +50,7 @@ from arqonbus_server.shared.envelope import (
     PROTOCOL_VERSION,
     ClientCommand,
     ClientEvent,
+    ClientEventBatch,
     ClientResponse,
     ResponseError,
 )
@@ -230,12 +231,16 @@ def _envelope(kind: str, request_id: str, room: str, channel: str, payload: Any)
 
 @st.composite
 def valid_messages(draw: st.DrawFn) -> dict[str, Any]:
-    """A valid client envelope (as a dict) of any of the three client types."""
+    """A valid client envelope (as a dict) of any of the client types."""
     kind = draw(st.sampled_from(envelope.CLIENT_TYPES))
     head = (draw(ids), draw(names), draw(names))
     payload: dict[str, Any]
     if kind == "event":
         payload = draw(json_objects)
+    elif kind == "events":
+        count = draw(st.integers(1, 4))
+        batch_ids = draw(st.lists(ids, min_size=count, max_size=count, unique=True))
+        payload = {"events": [{"id": i, "payload": draw(json_objects)} for i in batch_ids]}
     elif kind == "command":
         name = draw(st.sampled_from(commands.BUILTIN_COMMANDS) | service_names)
         payload = {"command": name, "parameters": draw(builtin_parameters() | json_objects)}
@@ -260,6 +265,7 @@ def valid_messages(draw: st.DrawFn) -> dict[str, Any]:
 _TOP = ("version", "id", "type", "room", "channel", "payload", "from", "timestamp", "extra")
 _PATHS: dict[str, tuple[tuple[str, ...], ...]] = {
     "event": (("payload", "extra"),),
+    "events": (("payload", "events"), ("payload", "extra")),
     "command": (
         ("payload", "command"),
         ("payload", "parameters"),
@@ -441,11 +447,18 @@ def check_frame(data: bytes | str) -> None:
             readable = _readable_id(data) if size <= MAX_BYTES else None
             assert error.request_id == readable, (error.request_id, readable)
         return
-    assert isinstance(message, ClientEvent | ClientCommand | ClientResponse)
+    assert isinstance(message, ClientEvent | ClientEventBatch | ClientCommand | ClientResponse)
     _check_id(message.id)
     assert is_valid_name(message.room) and is_valid_name(message.channel)
     if isinstance(message, ClientEvent):
         check_event(message)
+    elif isinstance(message, ClientEventBatch):
+        assert 1 <= len(message.events) <= envelope.BATCH_EVENTS_MAX
+        assert len({event.id for event in message.events}) == len(message.events)
+        for event in message.events:
+            _check_id(event.id)
+            assert (event.room, event.channel) == (message.room, message.channel)
+            check_event(event)
     elif isinstance(message, ClientCommand):
         check_command(message)
     else:
@@ -607,6 +620,9 @@ def check_roundtrip(message: dict[str, Any]) -> None:
     head = (message["id"], message["room"], message["channel"])
     if message["type"] == "event":
         assert parsed == ClientEvent(*head, payload)
+    elif message["type"] == "events":
+        events = tuple(ClientEvent(e["id"], *head[1:], e["payload"]) for e in payload["events"])
+        assert parsed == ClientEventBatch(*head, events)
     elif message["type"] == "command":
         assert parsed == ClientCommand(
             *head, payload["command"], payload["parameters"], payload.get("timeout_ms")

@@ -25,6 +25,7 @@ from arqonbus import (
     ConnectionFailed,
     ConnectionRejected,
     Event,
+    Forbidden,
     Gap,
     Internal,
     InvalidEnvelope,
@@ -343,15 +344,26 @@ async def test_subscription_resumes_on_another_gateway_without_loss_or_duplicate
     assert (await reader.publish(ROOM, CHANNEL, {"after": "failover"})).seq > acks[-1].seq
 
 
-async def test_publish_lost_on_the_way_is_resent_with_the_same_id(
-    start_gateway, sdk_client, tcp_proxy, tenant
-):
+async def behind_a_proxy(
+    start_gateway: Any, sdk_client: Any, tcp_proxy: Any, tenant: str
+) -> tuple[Any, Client, Subscription, Client]:
+    """A gateway; a watcher subscribed to the channel on it directly (the tenant's stream
+    made); and "alice", connected through a TCP proxy that can drop or cut traffic."""
     gw = await start_gateway()
     proxy = await tcp_proxy(gw.address[1])
     watcher = await sdk_client(gateway_url(gw), tenant, "watcher")
     await watcher.publish(ROOM, "warm-up", {"creates": "the stream"})
     watch = await watcher.subscribe(ROOM, CHANNEL).start()
     client = await sdk_client(proxy.url, tenant, "alice")
+    return proxy, watcher, watch, client
+
+
+async def test_publish_lost_on_the_way_is_resent_with_the_same_id(
+    start_gateway, sdk_client, tcp_proxy, tenant
+):
+    proxy, _, watch, client = await behind_a_proxy(
+        start_gateway, sdk_client, tcp_proxy, tenant
+    )
 
     proxy.current.drop_upstream = True  # the frame never reaches the gateway
     publishing = asyncio.create_task(client.publish(ROOM, CHANNEL, {"n": 1}, id="lost-1"))
@@ -369,12 +381,9 @@ async def test_publish_lost_on_the_way_is_resent_with_the_same_id(
 async def test_unacked_publish_resent_after_a_drop_is_acked_as_duplicate_and_delivered_once(
     start_gateway, sdk_client, tcp_proxy, tenant
 ):
-    gw = await start_gateway()
-    proxy = await tcp_proxy(gw.address[1])
-    watcher = await sdk_client(gateway_url(gw), tenant, "watcher")
-    await watcher.publish(ROOM, "warm-up", {"creates": "the stream"})
-    watch = await watcher.subscribe(ROOM, CHANNEL).start()
-    client = await sdk_client(proxy.url, tenant, "alice")
+    proxy, watcher, watch, client = await behind_a_proxy(
+        start_gateway, sdk_client, tcp_proxy, tenant
+    )
     own = await client.subscribe(ROOM, CHANNEL).start()
     first = await publish_n(client, 3, "before-")
     assert seqs(await take(own, 3)) == [a.seq for a in first]
@@ -393,6 +402,61 @@ async def test_unacked_publish_resent_after_a_drop_is_acked_as_duplicate_and_del
     assert [e.seq for e in await watcher.history(ROOM, CHANNEL).list()] == seqs(stored) + [
         a.seq for a in later
     ]
+
+
+async def test_publish_many_acks_each_event_in_order_and_a_lost_ack_resends_the_batch(
+    start_gateway, sdk_client, tcp_proxy, tenant
+):
+    proxy, _, watch, client = await behind_a_proxy(
+        start_gateway, sdk_client, tcp_proxy, tenant
+    )
+
+    acks = await client.publish_many(ROOM, CHANNEL, [{"n": n} for n in range(200)])
+    assert [a.seq for a in acks] == sorted({a.seq for a in acks}) and len(acks) == 200
+    assert all(len(a.request_id) == 32 and not a.duplicate for a in acks)
+    delivered = await take(watch, 200)
+    assert [(e.id, e.seq) for e in delivered] == [(a.request_id, a.seq) for a in acks]  # type: ignore[union-attr]
+
+    # Stored, but the ack is lost: the SDK resends the frame after the reconnect, and the
+    # events come back as duplicates with their seqs, delivered once.
+    proxy.current.drop_downstream = True
+    ids = [f"lost-ack-{n}" for n in range(50)]
+    publishing = asyncio.create_task(
+        client.publish_many(ROOM, CHANNEL, [{"n": n} for n in range(50)], ids)
+    )
+    stored = await take(watch, 50)
+    proxy.cut_all()
+    resent = await asyncio.wait_for(publishing, 15 * SEC)
+    assert [(a.request_id, a.seq, a.duplicate) for a in resent] == [
+        (e.id, e.seq, True)
+        for e in stored  # type: ignore[union-attr]
+    ]
+    after = await client.publish(ROOM, CHANNEL, {"after": True})
+    (next_event,) = await take(watch, 1)
+    assert isinstance(next_event, Event) and next_event.seq == after.seq  # nothing twice
+
+
+async def test_publish_many_refuses_bad_batches_before_or_at_the_gateway(
+    start_gateway, sdk_client, tenant
+):
+    gw = await start_gateway()
+    client = await sdk_client(gateway_url(gw), tenant, "alice")
+    with pytest.raises(ValueError, match="1-500"):
+        await client.publish_many(ROOM, CHANNEL, [])
+    with pytest.raises(ValueError, match="1-500"):
+        await client.publish_many(ROOM, CHANNEL, [{}] * 501)
+    with pytest.raises(ValueError, match="its own id"):
+        await client.publish_many(ROOM, CHANNEL, [{}, {}], ["same", "same"])
+    with pytest.raises(TypeError):
+        await client.publish_many(ROOM, CHANNEL, [{}, "text"])  # type: ignore[list-item]
+    with pytest.raises(MessageTooLarge):
+        await client.publish_many(ROOM, CHANNEL, [{"pad": "x" * 1000}] * 100)
+    reader = await sdk_client(gateway_url(gw), tenant, "reader:read-only")
+    with pytest.raises(Forbidden) as refused:
+        await reader.publish_many(ROOM, CHANNEL, [{"n": 1}])
+    assert refused.value.request_id is not None
+    # The client goes on: a batch after the refusals is stored.
+    assert len(await client.publish_many(ROOM, CHANNEL, [{"n": 1}, {"n": 2}])) == 2
 
 
 async def test_gap_reaches_the_application(start_gateway, sdk_client, tenant, nats_cluster):

@@ -9,6 +9,7 @@ import orjson
 import pytest
 
 from arqonbus import (
+    Ack,
     Banned,
     Event,
     Gap,
@@ -20,6 +21,7 @@ from arqonbus import (
 )
 from arqonbus._protocol import (
     Acked,
+    BatchAcked,
     ClientProtocol,
     CommandResult,
     Delivered,
@@ -167,6 +169,54 @@ def test_bad_events_are_refused_before_anything_is_sent() -> None:
 
     assert too_large.value.request_id == "big"
     assert [orjson.loads(f)["id"] for f in core.data_to_send()] == ["once"]
+
+
+def test_an_events_frame_is_kept_until_its_batch_ack_and_resent_whole() -> None:
+    core = make_core()
+    batch_id, ids, frame = core.encode_events(ROOM, CHANNEL, [{"n": 1}, {"n": 2}], ["a", "b"])
+    assert (batch_id, ids) == ("batch_1", ["a", "b"])
+    assert orjson.loads(frame) == {
+        "version": "1.0",
+        "id": "batch_1",
+        "type": "events",
+        "room": ROOM,
+        "channel": CHANNEL,
+        "payload": {"events": [{"id": "a", "payload": {"n": 1}}, {"id": "b", "payload": {"n": 2}}]},
+    }
+    core.send_event(batch_id, frame)
+    core.connection_made(welcome())
+    core.connection_lost()
+    core.connection_made(welcome())
+    assert core.data_to_send() == [frame]  # resent whole, same bytes
+    ack = {"type": "ack", "payload": {"request_id": "batch_1", "seqs": [8, 3], "duplicates": [1]}}
+    (acked,) = core.receive(ack)
+    assert acked == BatchAcked("batch_1", (8, 3), frozenset({1}))
+    assert acked.acks(ids) == [Ack("a", 8, False), Ack("b", 3, True)]
+    assert core.in_flight == 0 and core.receive(ack) == []
+    # Refused by one event: the typed error names it.
+    batch_id, _, frame = core.encode_events(ROOM, CHANNEL, [{}, {}])
+    core.send_event(batch_id, frame)
+    (failed,) = core.receive(error_frame(batch_id, "message_too_large", index=1, event_id="x"))
+    assert isinstance(failed, PublishFailed) and isinstance(failed.error, MessageTooLarge)
+    assert (failed.error.event_index, failed.error.event_id) == (1, "x")
+
+
+def test_bad_events_frames_are_refused_before_anything_is_sent() -> None:
+    core = make_core()
+    core.connection_made(welcome(max_envelope_bytes=300))
+    with pytest.raises(ValueError, match="1-500"):
+        core.encode_events(ROOM, CHANNEL, [])
+    with pytest.raises(ValueError, match="2 ids for 1"):
+        core.encode_events(ROOM, CHANNEL, [{}], ["a", "b"])
+    with pytest.raises(ValueError, match="its own id"):
+        core.encode_events(ROOM, CHANNEL, [{}, {}], ["a", "a"])
+    with pytest.raises(InvalidEnvelope):
+        core.encode_events(ROOM, CHANNEL, [{}], ["bad\nid"])
+    with pytest.raises(TypeError):
+        core.encode_events(ROOM, CHANNEL, [[1]])  # type: ignore[list-item]
+    with pytest.raises(MessageTooLarge):
+        core.encode_events(ROOM, CHANNEL, [{"blob": "x" * 100}] * 3)
+    assert core.data_to_send() == []
 
 
 def test_an_error_for_an_event_maps_to_its_typed_error_with_fields() -> None:

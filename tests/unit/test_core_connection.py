@@ -21,6 +21,7 @@ from arqonbus_server.shared.core.effects import (
     Join,
     Leave,
     Publish,
+    PublishBatch,
     RegisterAgent,
     ReportLimits,
     Respond,
@@ -357,6 +358,143 @@ def test_a_content_policy_refusal_is_sent_and_audited() -> None:
         "no-links",
         "policy_violation",
     )
+
+
+# -- events frames (batches) -------------------------------------------------------------------
+
+
+def batch(n: int = 3, id: str = "b1", room: str = "r", channel: str = "c", **item: Any) -> bytes:
+    events = [{"id": f"e{i}", "payload": {"n": i}, **item} for i in range(n)]
+    return envelope("events", id, room, channel, events=events)
+
+
+def test_an_events_frame_is_one_publish_of_each_event_answered_by_one_ack() -> None:
+    connection = core()
+    (effect,) = connection.receive(batch(3), T0)
+    assert isinstance(effect, PublishBatch)
+    assert (effect.batch_id, effect.ref) == ("b1", ChannelRef("acme", "r", "c"))
+    scheme = SubjectScheme("arq")
+    assert [p.event_id for p in effect.items] == ["e0", "e1", "e2"]
+    assert [p.dedupe_key for p in effect.items] == [
+        scheme.dedupe_key(effect.ref, "alice", f"e{i}") for i in range(3)
+    ]
+    stored = [orjson.loads(p.body) for p in effect.items]
+    assert [(s["id"], s["from"], s["payload"]) for s in stored] == [
+        (f"e{i}", "alice", {"n": i}) for i in range(3)
+    ]
+    assert connection.publishes_in_flight == 1  # a batch takes one slot
+    (ack,) = frames(
+        connection.batch_acked(effect.op, [(7, False, None), (3, True, None), (8, False, None)])
+    )
+    assert ack == {
+        "version": "1.0",
+        "type": "ack",
+        "room": "r",
+        "channel": "c",
+        "payload": {"request_id": "b1", "seqs": [7, 3, 8], "duplicates": [1]},
+    }
+    assert connection.publishes_in_flight == 0
+    (effect,) = connection.receive(batch(2, id="b2"), T0)
+    assert isinstance(effect, PublishBatch)
+    (placed,) = frames(connection.batch_acked(effect.op, [(9, False, 2), (10, False, 2)]))
+    assert placed["payload"] == {"request_id": "b2", "seqs": [9, 10], "epochs": [2, 2]}
+    (effect,) = connection.receive(batch(2, id="b3"), T0)
+    assert isinstance(effect, PublishBatch)
+    (failed,) = frames(connection.publish_failed(effect.op, Failure.UNAVAILABLE))
+    assert error_of(failed) == ("unavailable", "b3") and failed["payload"]["retryable"]
+
+
+BAD_BATCHES = [
+    (envelope("events", "b1", events=[]), "invalid_envelope", "payload.events"),
+    (batch(501), "invalid_envelope", "payload.events"),
+    (envelope("events", "b1", events={"id": "e"}), "invalid_envelope", "payload.events"),
+    (
+        envelope("events", "b1", events=[{"id": "e0", "payload": {}}, 3]),
+        "invalid_envelope",
+        "payload.events[1]",
+    ),
+    (
+        envelope("events", "b1", events=[{"payload": {}}]),
+        "invalid_envelope",
+        "payload.events[0].id",
+    ),
+    (
+        envelope("events", "b1", events=[{"id": "e0", "payload": []}]),
+        "invalid_envelope",
+        "payload.events[0].payload",
+    ),
+    (
+        envelope("events", "b1", events=[{"id": "e0", "payload": {}}, {"id": "e0", "payload": {}}]),
+        "invalid_envelope",
+        "payload.events[1].id",
+    ),
+    (
+        envelope("events", "b1", room="no spaces", events=[{"id": "e0", "payload": {}}]),
+        "invalid_name",
+        "room",
+    ),
+]
+
+
+@pytest.mark.parametrize(("frame", "expected", "named"), BAD_BATCHES)
+def test_a_bad_events_frame_is_refused_whole_naming_the_field(
+    frame: bytes, expected: str, named: str
+) -> None:
+    connection = core()
+    effects = connection.receive(frame, T0)
+    (sent,) = frames(effects)
+    assert kinds(effects) == ["Send"] and error_of(sent) == (expected, "b1")
+    assert named in sent["payload"]["message"]
+    assert connection.publishes_in_flight == 0 and not connection.pending
+
+
+def test_one_refused_event_refuses_the_frame_with_its_index_and_nothing_is_published() -> None:
+    rooms = Rooms({("acme", "r"): Room(retention_s=60, max_message_bytes=400)})
+    connection = core(rooms=rooms)
+    events = [{"id": f"e{i}", "payload": {"t": "x" * (500 if i == 2 else 1)}} for i in range(4)]
+    effects = connection.receive(envelope("events", "b1", events=events), T0)
+    (sent,) = frames(effects)
+    assert kinds(effects) == ["Send"] and error_of(sent) == ("message_too_large", "b1")
+    assert (sent["payload"]["index"], sent["payload"]["event_id"]) == (2, "e2")
+    assert not connection.pending
+    # Within the room's limits the room's retention applies to each event.
+    (effect,) = connection.receive(batch(2, id="b2"), T0)
+    assert isinstance(effect, PublishBatch) and effect.ttl_s == 60
+    assert all(p.ttl_s == 60 for p in effect.items)
+    # A content policy refusing one event: the frame refused, the refusal audited.
+    refusal = ArqonError(POLICY_VIOLATION, "rule 'no-links' refused the payload")
+    effects = core(content=RefusingPolicy(refusal)).receive(batch(3), T0)
+    (sent,) = frames(effects)
+    assert error_of(sent) == ("policy_violation", "b1") and sent["payload"]["index"] == 0
+    assert [e.type for e in effects if isinstance(e, Audit)] == ["policy_blocked"]
+
+
+def test_an_events_frame_needs_publish_permission_and_room_standing() -> None:
+    effects = core(Who(role="read-only")).receive(batch(2), T0)
+    assert [error_of(f) for f in frames(effects)] == [("forbidden", "b1")]
+    rooms = Rooms({("acme", "r"): Room(banned={"alice": Timed()})})
+    effects = core(rooms=rooms).receive(batch(2), T0)
+    assert [error_of(f) for f in frames(effects)] == [("banned", "b1")]
+
+
+def test_each_event_of_a_batch_counts_against_the_message_rate() -> None:
+    connection = core(rate=RateSpec(msgs_per_s=10, msgs_burst=5))
+    assert kinds(connection.receive(batch(4), T0)) == ["PublishBatch"]
+    (frame,) = frames(connection.receive(batch(2, id="b2"), T0))
+    assert error_of(frame) == ("rate_limited", "b2")
+    assert frame["payload"]["retry_after_ms"] == 100  # one token left, two needed
+    # A batch larger than the burst passes on a full bucket (it is never refused forever).
+    later = Now(T0.monotonic + 1.0, T0.wall)
+    assert kinds(connection.receive(batch(20, id="b3"), later)) == ["PublishBatch"]
+    (frame,) = frames(connection.receive(batch(1, id="b4"), later))
+    assert error_of(frame) == ("rate_limited", "b4")
+
+
+def test_a_traced_event_of_a_batch_keeps_its_trace() -> None:
+    traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    (effect,) = core().receive(batch(2, trace={"traceparent": traceparent}), T0)
+    assert isinstance(effect, PublishBatch)
+    assert [p.trace for p in effect.items] == [{"traceparent": traceparent}] * 2
 
 
 # -- rate admission --------------------------------------------------------------------------

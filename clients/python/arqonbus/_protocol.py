@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,6 +64,7 @@ __all__ = [
     "DEFAULT_LIMITS",
     "PROTOCOL_VERSION",
     "Acked",
+    "BatchAcked",
     "ClientProtocol",
     "CommandResult",
     "Delivered",
@@ -86,6 +87,7 @@ __all__ = [
 PROTOCOL_VERSION = "1.0"
 DEFAULT_LIMITS = {"max_envelope_bytes": 65536, "max_in_flight": 1000, "history_max_limit": 1000}
 ID_MAX = 128
+BATCH_EVENTS_MAX = 500  # events in one events frame (docs/protocol.md#batches-of-events)
 PRESENCE_QUEUE_MAX = 1000  # presence frames a subscription holds for the application
 ERROR_MESSAGE_MAX = 1024
 
@@ -157,6 +159,22 @@ class Acked:
 
     def ack(self) -> Ack:
         return Ack(self.request_id, self.seq, self.duplicate)
+
+
+@dataclass(frozen=True, slots=True)
+class BatchAcked:
+    """The store acknowledged every event of the unacked ``events`` frame ``request_id``:
+    ``seqs[i]`` is event i's, ``duplicates`` the indexes of those stored before."""
+
+    request_id: str
+    seqs: tuple[int, ...]
+    duplicates: frozenset[int]
+
+    def acks(self, ids: Sequence[str]) -> list[Ack]:
+        return [
+            Ack(i, seq, n in self.duplicates)
+            for n, (i, seq) in enumerate(zip(ids, self.seqs, strict=True))
+        ]
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,6 +294,7 @@ class MembersStale:
 
 ProtocolEvent = (
     Acked
+    | BatchAcked
     | PublishFailed
     | CommandResult
     | Delivered
@@ -451,6 +470,55 @@ class ClientProtocol:
                 request_id=msg_id,
             )
         return msg_id, frame
+
+    def encode_events(
+        self,
+        room: str,
+        channel: str,
+        payloads: Sequence[dict[str, Any]],
+        ids: Sequence[str] | None = None,
+        trace: dict[str, str] | None = None,
+    ) -> tuple[str, list[str], bytes]:
+        """Check and encode an ``events`` frame: ``(frame id, event ids, frame)``. Raises
+        before anything is sent: ``ValueError`` for an empty list, more than
+        :data:`BATCH_EVENTS_MAX` events or ``ids`` of another length or with a repeat,
+        ``TypeError``, :class:`InvalidEnvelope` and :class:`MessageTooLarge` as
+        :meth:`encode_event` (the whole frame within ``limits.max_envelope_bytes``)."""
+        if not 1 <= len(payloads) <= BATCH_EVENTS_MAX:
+            raise ValueError(
+                f"a batch holds 1-{BATCH_EVENTS_MAX} events, not {len(payloads)}: "
+                "send more in several batches"
+            )
+        if ids is None:
+            ids = [self._new_id("") for _ in payloads]
+        elif len(ids) != len(payloads):
+            raise ValueError(f"{len(ids)} ids for {len(payloads)} payloads")
+        events: list[dict[str, Any]] = []
+        for event_id, payload in zip(ids, payloads, strict=True):
+            if not isinstance(payload, dict):
+                raise TypeError(
+                    f"payload must be a dict (a JSON object), not {type(payload).__name__}"
+                )
+            check_id(event_id)
+            event: dict[str, Any] = {"id": event_id, "payload": payload}
+            if trace:
+                event["trace"] = trace
+            events.append(event)
+        if len(set(ids)) != len(ids):
+            raise ValueError("each event of a batch needs its own id")
+        batch_id = self._new_id("batch")
+        try:
+            frame = encode_envelope("events", batch_id, room, channel, {"events": events})
+        except TypeError as exc:
+            raise TypeError(f"payload is not JSON-serializable: {exc}") from None
+        limit = self.limits["max_envelope_bytes"]
+        if len(frame) > limit:
+            raise MessageTooLarge(
+                f"the batch is {len(frame)} bytes, limit is {limit}: send fewer or smaller "
+                "events per batch",
+                request_id=batch_id,
+            )
+        return batch_id, list(ids), frame
 
     def send_event(self, request_id: str, frame: bytes) -> None:
         """Keep ``frame`` unacked until its answer, and send it now if connected."""
@@ -708,6 +776,16 @@ class ClientProtocol:
             return []
         if self._unacked.pop(request_id, None) is None:
             return []
+        seqs = payload.get("seqs")
+        if isinstance(seqs, list):  # an events frame's
+            duplicates = payload.get("duplicates")
+            return [
+                BatchAcked(
+                    request_id,
+                    tuple(s if isinstance(s, int) else 0 for s in seqs),
+                    frozenset(duplicates if isinstance(duplicates, list) else ()),
+                )
+            ]
         seq = payload.get("seq")
         seq = seq if isinstance(seq, int) else 0
         return [Acked(request_id, seq, payload.get("duplicate") is True)]

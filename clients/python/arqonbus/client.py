@@ -61,6 +61,7 @@ from arqonbus._admin import AdminCommands
 from arqonbus._protocol import (
     PROTOCOL_VERSION,
     Acked,
+    BatchAcked,
     ClientProtocol,
     CommandResult,
     Delivered,
@@ -383,7 +384,8 @@ class Client(AdminCommands):
         self._fatal: ArqonBusError | None = None
         self._run_task: asyncio.Task[None] | None = None
 
-        self._acks: dict[str, asyncio.Future[Ack]] = {}  # unacked publishes' callers
+        # Unacked publishes' callers: an event's Ack, or an events frame's BatchAcked.
+        self._acks: dict[str, asyncio.Future[Ack | BatchAcked]] = {}
         self._slot_freed = asyncio.Event()
         self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._subs: dict[tuple[str, str], Subscription] = {}
@@ -508,7 +510,51 @@ class Client(AdminCommands):
         if self._tracing is not None:
             return await self._publish_traced(self._tracing, room, channel, payload, id, timeout)
         msg_id, frame = self._core.encode_event(room, channel, payload, id)
-        return await self._publish_frame(msg_id, frame, timeout)
+        ack = await self._publish_frame(msg_id, frame, timeout)
+        assert isinstance(ack, Ack)
+        return ack
+
+    async def publish_many(
+        self,
+        room: str,
+        channel: str,
+        payloads: Sequence[dict[str, Any]],
+        ids: Sequence[str] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> list[Ack]:
+        """Publish up to 500 events to one channel in one ``events`` frame and wait until
+        the store acknowledged all of them: their acks, in order.
+
+        The events are stored in the list's order, each exactly as :meth:`publish` would
+        store it (``ids``: their idempotency keys, default fresh ones). The frame counts as
+        one publish in flight. Everything :meth:`publish` says of resends holds for the
+        frame as a whole: unacked, it is resent after a reconnect; retryable errors are
+        retried with the same ids, and what was stored comes back as duplicates.
+
+        Raises ``ValueError`` for an empty list, more than 500 events or repeated ids, and
+        the mapped :class:`ArqonBusError` when the gateway refuses the frame (one event
+        refused by a content policy or a size limit refuses all: nothing is stored; the
+        error's ``event_index`` and ``event_id`` name it).
+        """
+        if self._tracing is not None:
+            span, trace = self._tracing.start_send(room, channel)
+            batch_id = ""
+            try:
+                batch_id, event_ids, frame = self._core.encode_events(
+                    room, channel, payloads, ids, trace
+                )
+                acked = await self._publish_frame(batch_id, frame, timeout)
+            except BaseException as exc:
+                self._tracing.end_send(span, batch_id, None, exc)
+                raise
+            assert isinstance(acked, BatchAcked)
+            self._tracing.end_send(span, batch_id, acked.seqs[-1] if acked.seqs else None, None)
+            return acked.acks(event_ids)
+        batch_id, event_ids, frame = self._core.encode_events(room, channel, payloads, ids)
+        acked = await self._publish_frame(batch_id, frame, timeout)
+        assert isinstance(acked, BatchAcked)
+        return acked.acks(event_ids)
 
     async def _publish_traced(
         self,
@@ -525,13 +571,16 @@ class Client(AdminCommands):
         try:
             msg_id, frame = self._core.encode_event(room, channel, payload, id, trace)
             ack = await self._publish_frame(msg_id, frame, timeout)
+            assert isinstance(ack, Ack)
         except BaseException as exc:
             tracing.end_send(span, msg_id, None, exc)
             raise
         tracing.end_send(span, msg_id, ack.seq, None)
         return ack
 
-    async def _publish_frame(self, msg_id: str, frame: bytes, timeout: float | None) -> Ack:
+    async def _publish_frame(
+        self, msg_id: str, frame: bytes, timeout: float | None
+    ) -> Ack | BatchAcked:
         self._check_usable()
         if msg_id in self._acks:
             raise ValueError(f"a publish with id {msg_id!r} is already waiting for its ack")
@@ -562,9 +611,9 @@ class Client(AdminCommands):
                     request_id=msg_id,
                 ) from None
 
-    async def _publish_once(self, msg_id: str, frame: bytes, deadline: float) -> Ack:
+    async def _publish_once(self, msg_id: str, frame: bytes, deadline: float) -> Ack | BatchAcked:
         """Send once (and again after each reconnect) until the ack or an error arrives."""
-        future: asyncio.Future[Ack] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Ack | BatchAcked] = asyncio.get_running_loop().create_future()
         try:
             async with asyncio.timeout_at(deadline):
                 while self._core.in_flight >= self._core.limits["max_in_flight"]:
@@ -1440,7 +1489,7 @@ class Client(AdminCommands):
                 self._wake(item.room, item.channel)
             case GapDetected(gap=gap):
                 self._wake(gap.room, gap.channel)
-            case Acked() | PublishFailed():
+            case Acked() | BatchAcked() | PublishFailed():
                 self._on_publish_answer(event)
             case CommandResult():
                 self._on_command_result(event)
@@ -1473,13 +1522,15 @@ class Client(AdminCommands):
             case ErrorReceived(request_id=request_id, error=error):
                 log.warning("the gateway reported an error for request %s: %s", request_id, error)
 
-    def _on_publish_answer(self, event: Acked | PublishFailed) -> None:
+    def _on_publish_answer(self, event: Acked | BatchAcked | PublishFailed) -> None:
         self._slot_freed.set()
         future = self._acks.pop(event.request_id, None)
         if future is None or future.done():
             return
         if isinstance(event, Acked):
             future.set_result(event.ack())
+        elif isinstance(event, BatchAcked):
+            future.set_result(event)
         else:
             future.set_exception(event.error)
 

@@ -125,6 +125,8 @@ class ArqonBusError(Exception):
         retry_after_ms: int = 0,
         room: str | None = None,
         channels: tuple[str, ...] = (),
+        event_index: int | None = None,
+        event_id: str | None = None,
     ) -> None:
         self.code: str = code or self.default_code
         self.message: str = message
@@ -133,6 +135,9 @@ class ArqonBusError(Exception):
         self.retry_after_ms: int = retry_after_ms
         self.room: str | None = room
         self.channels: tuple[str, ...] = channels
+        # A refused batch (publish_many): the place and id of the event that refused it.
+        self.event_index: int | None = event_index
+        self.event_id: str | None = event_id
         super().__init__(message)
 
     def __str__(self) -> str:
@@ -512,6 +517,7 @@ def error_from_wire(error: Any, request_id: str | None = None) -> ArqonBusError:
     message = message if isinstance(message, str) else ""
     retry = retryable if isinstance(retryable, bool) else None
     wait, room, channels = error.get("retry_after_ms"), error.get("room"), error.get("channels")
+    index, event_id = error.get("index"), error.get("event_id")
     fields: dict[str, Any] = {
         "request_id": request_id,
         "retry_after_ms": wait if isinstance(wait, int) and not isinstance(wait, bool) else 0,
@@ -521,8 +527,11 @@ def error_from_wire(error: Any, request_id: str | None = None) -> ArqonBusError:
         else (),
     }
     cls = ERROR_CLASSES.get(code)
-    if cls is None:
+    if cls is None:  # a handler's own error: never about a batch
         return CommandFailed(code, message, retryable=bool(retry), **fields)
+    if isinstance(index, int) and not isinstance(index, bool):  # one event refused a batch
+        fields["event_index"] = index
+        fields["event_id"] = event_id if isinstance(event_id, str) else None
     if cls is Kicked:
         reason = error.get("reason")
         return Kicked(message, retryable=retry, reason=_text(reason), **fields)
