@@ -361,9 +361,7 @@ async def behind_a_proxy(
 async def test_publish_lost_on_the_way_is_resent_with_the_same_id(
     start_gateway, sdk_client, tcp_proxy, tenant
 ):
-    proxy, _, watch, client = await behind_a_proxy(
-        start_gateway, sdk_client, tcp_proxy, tenant
-    )
+    proxy, _, watch, client = await behind_a_proxy(start_gateway, sdk_client, tcp_proxy, tenant)
 
     proxy.current.drop_upstream = True  # the frame never reaches the gateway
     publishing = asyncio.create_task(client.publish(ROOM, CHANNEL, {"n": 1}, id="lost-1"))
@@ -407,9 +405,7 @@ async def test_unacked_publish_resent_after_a_drop_is_acked_as_duplicate_and_del
 async def test_publish_many_acks_each_event_in_order_and_a_lost_ack_resends_the_batch(
     start_gateway, sdk_client, tcp_proxy, tenant
 ):
-    proxy, _, watch, client = await behind_a_proxy(
-        start_gateway, sdk_client, tcp_proxy, tenant
-    )
+    proxy, _, watch, client = await behind_a_proxy(start_gateway, sdk_client, tcp_proxy, tenant)
 
     acks = await client.publish_many(ROOM, CHANNEL, [{"n": n} for n in range(200)])
     assert [a.seq for a in acks] == sorted({a.seq for a in acks}) and len(acks) == 200
