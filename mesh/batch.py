@@ -40,17 +40,19 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import orjson
-from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import BadSubscriptionError, ConnectionClosedError
 
+from arqonbus_server.mesh.nats_client import FastHeaderClient, encode_hpub
 from arqonbus_server.mesh.ports import MeshError
 from arqonbus_server.shared.errors import UNAVAILABLE
 
 BATCH_ID = "Nats-Batch-Id"
 BATCH_SEQUENCE = "Nats-Batch-Sequence"
 BATCH_COMMIT = "Nats-Batch-Commit"
+_SEQUENCE = BATCH_SEQUENCE.encode()
+_COMMIT_LINE = BATCH_COMMIT.encode() + b": 1\r\n"
 _BATCH_HEADER_PREFIX = "nats-batch-"
 
 # nats-server's defaults (server/stream.go: streamDefaultMaxAtomicBatchSize,
@@ -204,7 +206,7 @@ class BatchPublisher:
     published concurrently; the server allows 50 open per stream (BatchTooManyInflight).
     """
 
-    def __init__(self, nc: NatsClient, timeout: float = 5.0) -> None:
+    def __init__(self, nc: FastHeaderClient, timeout: float = 5.0) -> None:
         if timeout <= 0:
             raise ValueError(f"timeout must be positive, not {timeout}")
         self._nc = nc
@@ -284,16 +286,21 @@ class BatchPublisher:
                 await self._nc.publish(subject, body, reply=reply, headers=headers or None)
                 ack = await future
                 return [BatchItemResult(_seq(ack), bool(ack.get("duplicate")))]
-            last = count
+            # Every message encoded here and written at once (nats-py's publish per message
+            # was a fifth of the gateway's CPU under ingest). The batch headers follow the
+            # message's own; the first and the last message carry the reply subject.
+            batch_line = b"%s: %s\r\n%s: " % (BATCH_ID.encode(), batch_id.encode(), _SEQUENCE)
+            commands: list[bytes] = []
+            payload_bytes = 0
             for i, (subject, body, headers) in enumerate(subject_msgs, 1):
-                sent = {**headers, BATCH_ID: batch_id, BATCH_SEQUENCE: str(i)}
-                if i == last:
-                    sent[BATCH_COMMIT] = "1"
-                await self._nc.publish(
-                    subject, body, reply=reply if i in (1, last) else "", headers=sent
+                extra = batch_line + b"%d\r\n" % i
+                if i == count:
+                    extra += _COMMIT_LINE
+                commands.append(
+                    encode_hpub(subject, reply if i in (1, count) else "", headers, body, extra)
                 )
-                if future.done():  # the start failed (or timed out): the rest is refused too
-                    break
+                payload_bytes += len(body)
+            await self._nc.publish_encoded(b"".join(commands), count, payload_bytes)
             ack = await future
         except BaseException:
             _discard(future)

@@ -105,7 +105,7 @@ async def test_publish_many_stores_in_order_each_once_with_its_own_result(mesh: 
     subscription = await subscriber.subscribe_live(ref, received)
     await live_in_place(publisher, ref, received)
     earlier = await publisher.publish(ref, b"earlier", "resent")
-    n = 700  # more than one atomic batch of the real store's lane (500)
+    n = 1200  # more than one atomic batch of the real store's lane (1,000)
     keys = [key() for _ in range(n)]
     keys[3] = "resent"  # stored before: its first seq, nothing stored again
     items = [

@@ -23,6 +23,8 @@ from arqonbus_server.mesh.batch import (
     BatchTooManyInflight,
     NoStream,
 )
+from arqonbus_server.mesh.local import LocalCluster
+from arqonbus_server.mesh.nats_client import FastHeaderClient
 from tests.timeouts import SEC, eventually
 
 pytestmark = pytest.mark.integration
@@ -33,7 +35,18 @@ JS_TIMEOUT = 10 * SEC  # nats-py's JetStream API calls (its default: 5 s, a publ
 
 
 @pytest.fixture
-async def publisher(nc: Client) -> AsyncIterator[BatchPublisher]:
+async def nc(nats_cluster: LocalCluster) -> AsyncIterator[Client]:
+    """The gateway's client (the batch publisher writes encoded commands through it)."""
+    client = FastHeaderClient()
+    await client.connect(nats_cluster.urls)
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+@pytest.fixture
+async def publisher(nc: FastHeaderClient) -> AsyncIterator[BatchPublisher]:
     pub = BatchPublisher(nc, timeout=10 * SEC)
     await pub.start()
     try:
@@ -265,7 +278,7 @@ async def test_a_subject_without_a_stream_is_no_stream(
     assert publisher.in_flight == 0
 
 
-async def test_a_batch_without_an_ack_times_out(nc: Client) -> None:
+async def test_a_batch_without_an_ack_times_out(nc: FastHeaderClient) -> None:
     # A plain subscriber takes the messages and never answers: no 503, no ack.
     silent = "silent" + uuid.uuid4().hex[:12]
     sink = await nc.subscribe(f"{silent}.>")
@@ -283,7 +296,7 @@ async def test_a_batch_without_an_ack_times_out(nc: Client) -> None:
         await sink.unsubscribe()
 
 
-async def test_close_fails_the_batches_in_flight(nc: Client) -> None:
+async def test_close_fails_the_batches_in_flight(nc: FastHeaderClient) -> None:
     silent = "silent" + uuid.uuid4().hex[:12]
     committed = asyncio.Event()
 

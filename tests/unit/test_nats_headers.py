@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import nats.errors
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from nats.aio.client import Client
 
 from arqonbus_server.mesh.nats_client import (
+    encode_hpub,
     header_fields,
     header_int,
     header_status,
@@ -93,3 +96,59 @@ def test_an_integer_header_is_found_without_parsing_the_block() -> None:
 def test_an_integer_header_agrees_with_the_parsed_block(seq: int, pad: bytes) -> None:
     raw = b"NATS/1.0\r\nNats-Stream: s\r\nNats-Sequence:" + pad + b"%d\r\n\r\n" % seq
     assert header_int(raw, b"Nats-Sequence") == int(header_fields(raw)["Nats-Sequence"]) == seq
+
+
+class _Captured(Client):
+    """nats-py's client that keeps the commands its publish would send."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent: list[bytes] = []
+
+    async def _send_command(self, cmd: bytes, priority: bool = False) -> None:
+        self.sent.append(cmd)
+
+
+async def nats_py_hpub(subject: str, reply: str, headers: dict[str, str], payload: bytes) -> bytes:
+    client = _Captured()
+    client._max_payload = 1 << 20
+    client._status = Client.CONNECTED
+    await client.publish(subject, payload, reply=reply, headers=headers)
+    (command,) = client.sent
+    return command
+
+
+header_names = st.one_of(
+    st.sampled_from(["Nats-Msg-Id", "Nats-TTL", "traceparent", " Pad ", "", "  "]),
+    st.text(st.characters(codec="ascii"), max_size=10),
+)
+header_values = st.text(max_size=20)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.dictionaries(header_names, header_values, max_size=5),
+    st.sampled_from(["arq.ev.t.r.c", "a.b"]),
+    st.sampled_from(["", "_INBOX.x.1"]),
+    st.binary(max_size=40),
+)
+async def test_encode_hpub_sends_what_nats_py_would_or_refuses_the_same(
+    headers: dict[str, str], subject: str, reply: str, payload: bytes
+) -> None:
+    try:
+        expected: bytes | type[Exception] = await nats_py_hpub(subject, reply, headers, payload)
+    except nats.errors.Error as exc:
+        expected = type(exc)
+    try:
+        got: bytes | type[Exception] = encode_hpub(subject, reply, headers, payload)
+    except nats.errors.Error as exc:
+        got = type(exc)
+    assert got == expected
+
+
+def test_encode_hpub_puts_the_callers_own_lines_after_the_headers() -> None:
+    command = encode_hpub("a.b", "r.1", {"Nats-Msg-Id": "k"}, b"{}", b"X-Own: 1\r\n")
+    hdr = b"NATS/1.0\r\nNats-Msg-Id: k\r\nX-Own: 1\r\n\r\n"
+    assert command == b"HPUB a.b r.1 %d %d\r\n%s{}\r\n" % (len(hdr), len(hdr) + 2, hdr)
+    with pytest.raises(nats.errors.BadSubjectError):
+        encode_hpub("a b", "", {}, b"")
