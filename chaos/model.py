@@ -601,6 +601,63 @@ class BusMachine(PresenceRules, RuleBasedStateMachine):
             return
         self._record_ack(channel, msg_id, ack.seq, ack.duplicate, fresh=True)
 
+    @rule(
+        pub=st.integers(0, 7),
+        channel=st.sampled_from(CHANNELS),
+        count=st.integers(1, 6),
+        drop_after=st.one_of(st.none(), st.integers(0, 3)),
+        patience=st.sampled_from([None, None, 0.3, 2.0]),
+    )
+    def publish_batch(
+        self,
+        pub: int,
+        channel: str,
+        count: int,
+        drop_after: int | None,
+        patience: float | None,
+    ) -> None:
+        """Publish ``count`` events in one events frame (``publish_many``), awaiting its ack;
+        ``drop_after`` and ``patience`` as for :meth:`publish`. Acked, each event is checked
+        as a single one would be, in the list's order (so their seqs must increase)."""
+        self.m.stats.count("publish_batch" if drop_after is None else "publish_batch_with_drop")
+        publisher = self.publishers[pub % len(self.publishers)]
+        self._do(self._publish_batch(publisher, channel, count, drop_after, patience))
+
+    async def _publish_batch(
+        self,
+        publisher: Publisher,
+        channel: str,
+        count: int,
+        drop_after: int | None,
+        patience: float | None,
+    ) -> None:
+        self.dirty = True
+        ids = [uuid.uuid4().hex for _ in range(count)]
+        payloads = []
+        for msg_id in ids:
+            payload = {"n": len(self.published), "by": publisher.name, "ch": channel}
+            self.published[msg_id] = Published(msg_id, channel, publisher.name, payload)
+            payloads.append(payload)
+        task = asyncio.create_task(
+            publisher.client.publish_many(ROOM, channel, payloads, ids, timeout=patience)
+        )
+        if drop_after is not None:
+            for _ in range(drop_after):
+                await asyncio.sleep(0)  # one loop turn, not a timed wait
+            self._drop(publisher.client)
+        self.m.stats.publishes += count
+        try:
+            acks = await task
+        except ArqonBusError as exc:
+            log.warning("batch %s..: outcome unknown (%r)", ids[0], exc)
+            self.channels[channel].unknown.update(ids)
+            self.m.stats.unknown_outcomes += count
+            return
+        if [ack.request_id for ack in acks] != ids:
+            raise ModelViolation(f"the acks of a batch name {acks}, not its ids {ids}")
+        for ack in acks:
+            self._record_ack(channel, ack.request_id, ack.seq, ack.duplicate, fresh=True)
+
     def _record_ack(
         self, channel: str, msg_id: str, seq: int, duplicate: bool, fresh: bool
     ) -> None:

@@ -2,7 +2,8 @@
 
 Publishers and subscribers are real SDK clients (``arqonbus.Client``) spread over every
 gateway. Each publisher writes one channel at a steady rate with a small window of
-publishes in flight; each subscriber reads one channel from its first event
+publishes in flight (every fourth one an ``events`` frame of five: ``publish_many``); each
+subscriber reads one channel from its first event
 (``since_seq=0``). The ledger records what was sent, what was acked (id -> seq) and what
 each subscriber's application saw, then checks the promise: every acked event reaches
 every subscriber exactly once, in seq order.
@@ -128,8 +129,14 @@ class Workload:
         max_backoff: float = 0.5,
         publisher_urls: Sequence[Sequence[str]] = (),
         subscriber_urls: Sequence[Sequence[str]] = (),
+        batch_every: int = 4,
+        batch_size: int = 5,
     ) -> None:
         self.urls = list(urls)
+        # Every batch_every-th send is an events frame of batch_size events (publish_many);
+        # 0: single events only.
+        self.batch_every = batch_every
+        self.batch_size = batch_size
         # Where each kind of client connects: URL lists taken in turn (none: ``urls`` rotated).
         self._url_lists = {
             "pub": [list(u) for u in publisher_urls],
@@ -212,17 +219,24 @@ class Workload:
         inflight: set[asyncio.Task[None]] = set()
         interval = 1.0 / self.rate
         next_at = loop.time() + random.uniform(0, interval)
-        n = 0
+        n = sends = 0
         max_count = int(self.rate * 3600)  # a bound far above any scenario's length
         while not self._stop.is_set() and n < max_count:
             await slots.acquire()
             if self._stop.is_set():
                 slots.release()
                 break
-            event_id = f"{log.prefix}-{n}"
-            n += 1
-            log.sent += 1
-            task = asyncio.create_task(self._publish_one(client, log, event_id, slots))
+            sends += 1
+            if self.batch_every and sends % self.batch_every == 0:
+                ids = [f"{log.prefix}-{n + i}" for i in range(self.batch_size)]
+                n += self.batch_size
+                log.sent += self.batch_size
+                task = asyncio.create_task(self._publish_batch(client, log, ids, slots))
+            else:
+                event_id = f"{log.prefix}-{n}"
+                n += 1
+                log.sent += 1
+                task = asyncio.create_task(self._publish_one(client, log, event_id, slots))
             inflight.add(task)
             task.add_done_callback(inflight.discard)
             # Pacing a load generator, not synchronizing a test: the offered rate is the point.
@@ -253,6 +267,36 @@ class Workload:
             log.ack_times[event_id] = now
             if now - started > LATE_S:
                 log.acked_late += 1
+        finally:
+            slots.release()
+            await self._notify()
+
+    async def _publish_batch(
+        self, client: Client, log: PublisherLog, ids: list[str], slots: asyncio.Semaphore
+    ) -> None:
+        """One events frame: each of its events is in the ledger like a single one."""
+        started = time.time()
+        for event_id in ids:
+            log.sent_times[event_id] = started
+        try:
+            acks = await client.publish_many(
+                log.ref.room,
+                log.ref.channel,
+                [{"t": started, "pad": _PAD} for _ in ids],
+                ids,
+                timeout=self.publish_timeout,
+            )
+        except ArqonBusError as exc:
+            code = getattr(exc, "code", type(exc).__name__) or type(exc).__name__
+            for event_id in ids:
+                log.failed[event_id] = code
+        else:
+            now = time.time()
+            for ack in acks:
+                log.acked[ack.request_id] = ack.seq
+                log.ack_times[ack.request_id] = now
+            if now - started > LATE_S:
+                log.acked_late += len(acks)
         finally:
             slots.release()
             await self._notify()
