@@ -16,6 +16,7 @@ import pytest
 from arqonbus import ArqonBusError, Event, Gap
 from arqonbus._protocol import (
     Acked,
+    BatchAcked,
     ClientProtocol,
     CommandResult,
     Delivered,
@@ -76,6 +77,13 @@ def event_json(event: ProtocolEvent) -> dict[str, Any]:
     match event:
         case Acked(request_id=rid, seq=seq, duplicate=dup):
             return {"event": "acked", "request_id": rid, "seq": seq, "duplicate": dup}
+        case BatchAcked(request_id=rid, seqs=seqs, duplicates=duplicates):
+            return {
+                "event": "batch_acked",
+                "request_id": rid,
+                "seqs": list(seqs),
+                "duplicates": sorted(duplicates),
+            }
         case PublishFailed(request_id=rid, error=error):
             return {"event": "publish_failed", "request_id": rid, "error": error_json(error)}
         case CommandResult(request_id=rid, result=result, error=error):
@@ -160,6 +168,12 @@ class Runner:
             core.connection_lost()
         elif action == "publish":
             return [], core.publish(step["room"], step["channel"], step["payload"], step.get("id"))
+        elif action == "publish_many":
+            batch_id, _, frame = core.encode_events(
+                step["room"], step["channel"], step["payloads"], step.get("ids")
+            )
+            core.send_event(batch_id, frame)
+            return [], batch_id
         elif action == "command":
             extra = {"timeout_ms": step["timeout_ms"]} if "timeout_ms" in step else None
             return [], core.command(

@@ -122,6 +122,14 @@ export interface PublishOptions extends CallOptions {
   id?: string;
 }
 
+export interface PublishManyOptions extends CallOptions {
+  /** The events' idempotency keys, one per payload (default: fresh random ids). */
+  ids?: readonly string[];
+}
+
+/** How the store answered a publish: an event's ack or a batch's. */
+type Settled = Extract<ProtocolEvent, { event: "acked" | "batch_acked" }>;
+
 export interface SubscribeOptions extends CallOptions {
   /** Every stored event with seq > sinceSeq first; omitted: from now. */
   sinceSeq?: number;
@@ -372,7 +380,7 @@ export class Client extends EventTarget {
   private readonly _core = new ClientProtocol();
   private readonly _ready = new Notifier();
   private readonly _slotFreed = new Notifier();
-  private readonly _acks = new Map<string, Deferred<Ack>>();
+  private readonly _acks = new Map<string, Deferred<Settled>>();
   private readonly _pending = new Map<string, Deferred<JsonObject>>();
   private readonly _subs = new Map<string, Subscription>();
   private readonly _handlers = new Map<string, { room: string; channel: string; command: string; fn: CommandHandler }>();
@@ -554,6 +562,40 @@ export class Client extends EventTarget {
     checkName("channel", channel);
     checkTimeout(options.timeoutMs);
     const [id, frame] = this._core.encodeEvent(room, channel, payload, options.id);
+    const settled = await this._publishFrame(id, frame, options);
+    if (settled.event !== "acked") throw new Error(`an event was answered by a batch ack: ${settled.request_id}`);
+    return { id, seq: settled.seq, duplicate: settled.duplicate };
+  }
+
+  /**
+   * Publish up to 500 events to one channel in one `events` frame and wait until the store
+   * acknowledged all of them: their acks, in order. The events are stored in the list's
+   * order, each exactly as `publish` would store it (`options.ids`: their idempotency keys,
+   * default fresh ones). The frame counts as one publish in flight; what `publish` says of
+   * resends holds for the frame as a whole. Throws RangeError for an empty list, more than
+   * 500 events or repeated ids, and the typed error when the gateway refuses the frame (one
+   * event refused by a content policy or a size limit refuses all: nothing is stored).
+   */
+  async publishMany(
+    room: string,
+    channel: string,
+    payloads: readonly JsonObject[],
+    options: PublishManyOptions = {},
+  ): Promise<Ack[]> {
+    checkName("room", room);
+    checkName("channel", channel);
+    checkTimeout(options.timeoutMs);
+    const [batchId, ids, frame] = this._core.encodeEvents(room, channel, payloads, options.ids);
+    const settled = await this._publishFrame(batchId, frame, options);
+    if (settled.event !== "batch_acked" || settled.seqs.length !== ids.length) {
+      throw new Error(`the ack of batch ${batchId} does not answer its ${ids.length} events`);
+    }
+    const duplicates = new Set(settled.duplicates);
+    return ids.map((id, i) => ({ id, seq: settled.seqs[i]!, duplicate: duplicates.has(i) }));
+  }
+
+  /** Send an event's (or a batch's) frame until its ack, retrying what may be retried. */
+  private async _publishFrame(id: string, frame: string, options: CallOptions): Promise<Settled> {
     this._checkUsable();
     checkSignal(options.signal);
     if (this._acks.has(id)) throw new Error(`a publish with id ${JSON.stringify(id)} is already waiting for its ack`);
@@ -581,9 +623,9 @@ export class Client extends EventTarget {
     }
   }
 
-  private async _publishOnce(id: string, frame: string, deadline: number, signal?: AbortSignal): Promise<Ack> {
+  private async _publishOnce(id: string, frame: string, deadline: number, signal?: AbortSignal): Promise<Settled> {
     const timeout = (): ArqonBusError => new Expired("", { requestId: id });
-    const waiter = deferred<Ack>();
+    const waiter = deferred<Settled>();
     try {
       while (this._core.inFlight >= (this._core.limits.max_in_flight ?? 1000)) {
         await this._until(this._slotFreed.wait(), deadline, signal, timeout);
@@ -1353,13 +1395,14 @@ export class Client extends EventTarget {
         this._subs.get(subKey(event.item.room, event.item.channel))?._wake();
         break;
       case "acked":
+      case "batch_acked":
       case "publish_failed": {
         this._slotFreed.notify();
         const waiter = this._acks.get(event.request_id);
         if (!waiter) break;
         this._acks.delete(event.request_id);
-        if (event.event === "acked") waiter.resolve({ id: event.request_id, seq: event.seq, duplicate: event.duplicate });
-        else waiter.reject(event.error);
+        if (event.event === "publish_failed") waiter.reject(event.error);
+        else waiter.resolve(event);
         break;
       }
       case "command_result": {

@@ -9,6 +9,7 @@ export type {
   HistoryAllOptions,
   HistoryOptions,
   PresenceOptions,
+  PublishManyOptions,
   PublishOptions,
   StateDetail,
   SubscribeOptions,

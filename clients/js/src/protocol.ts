@@ -57,6 +57,8 @@ export const DEFAULT_LIMITS: Readonly<Record<string, number>> = Object.freeze({
 const ID_MAX = 128;
 /** Presence frames a subscription holds for the application. */
 export const PRESENCE_QUEUE_MAX = 1000;
+/** Events in one `events` frame (docs/protocol.md#batches-of-events). */
+export const BATCH_EVENTS_MAX = 500;
 const ERROR_MESSAGE_MAX = 1024;
 
 /** Makes a fresh id with a prefix (`"join"`, `"leave"`, a command's name; `""`: none). */
@@ -131,6 +133,7 @@ export function answerResult(request: CommandRequest, result: JsonObject): JsonO
 /** What the core decided, in the shapes of the conformance fixtures. */
 export type ProtocolEvent =
   | { event: "acked"; request_id: string; seq: number; duplicate: boolean }
+  | { event: "batch_acked"; request_id: string; seqs: number[]; duplicates: number[] }
   | { event: "publish_failed"; request_id: string; error: ArqonBusError }
   | { event: "command_result"; request_id: string; result: JsonObject | null; error: ArqonBusError | null }
   | { event: "delivered"; item: Event }
@@ -366,6 +369,56 @@ export class ClientProtocol {
       });
     }
     return [msgId, frame];
+  }
+
+  /**
+   * Check and encode an `events` frame: `[frame id, event ids, frame]`. Throws before
+   * anything is sent: RangeError for an empty list, more than BATCH_EVENTS_MAX events, or
+   * `ids` of another length or with a repeat; TypeError, InvalidEnvelope and MessageTooLarge
+   * as encodeEvent (the whole frame within `limits.max_envelope_bytes`).
+   */
+  encodeEvents(
+    room: string,
+    channel: string,
+    payloads: readonly JsonObject[],
+    ids?: readonly string[] | null,
+    trace?: Record<string, string> | null,
+  ): [string, string[], string] {
+    if (payloads.length < 1 || payloads.length > BATCH_EVENTS_MAX) {
+      throw new RangeError(
+        `a batch holds 1-${BATCH_EVENTS_MAX} events, not ${payloads.length}: send more in several batches`,
+      );
+    }
+    if (ids && ids.length !== payloads.length) {
+      throw new RangeError(`${ids.length} ids for ${payloads.length} payloads`);
+    }
+    const eventIds = ids ? [...ids] : payloads.map(() => this._newId(""));
+    const events = payloads.map((payload, i) => {
+      if (!isObject(payload)) {
+        throw new TypeError(`payload must be a plain object (a JSON object), not ${describe(payload)}`);
+      }
+      checkId(eventIds[i]!);
+      const event: JsonObject = { id: eventIds[i]!, payload };
+      if (trace) event.trace = trace;
+      return event;
+    });
+    if (new Set(eventIds).size !== eventIds.length) throw new RangeError("each event of a batch needs its own id");
+    const batchId = this._newId("batch");
+    let frame: string;
+    try {
+      frame = encodeEnvelope("events", batchId, room, channel, { events });
+    } catch (exc) {
+      throw new TypeError(`payload is not JSON-serializable: ${(exc as Error).message}`);
+    }
+    const limit = this.limits.max_envelope_bytes ?? DEFAULT_LIMITS.max_envelope_bytes!;
+    const size = byteLength(frame);
+    if (size > limit) {
+      throw new MessageTooLarge(
+        `the batch is ${size} bytes, limit is ${limit}: send fewer or smaller events per batch`,
+        { requestId: batchId },
+      );
+    }
+    return [batchId, eventIds, frame];
   }
 
   /** Keep `frame` unacked until its answer, and send it now if connected. */
@@ -619,6 +672,14 @@ export class ClientProtocol {
     const requestId = payload?.request_id;
     if (payload === null || typeof requestId !== "string") return [];
     if (!this._unacked.delete(requestId)) return [];
+    if (Array.isArray(payload.seqs)) {
+      // An events frame's: seqs[i] is event i's; duplicates, the indexes stored before.
+      const seqs = payload.seqs.map((s) => (Number.isInteger(s) ? (s as number) : 0));
+      const duplicates = Array.isArray(payload.duplicates)
+        ? payload.duplicates.filter((i): i is number => Number.isInteger(i))
+        : [];
+      return [{ event: "batch_acked", request_id: requestId, seqs, duplicates }];
+    }
     const seq = Number.isInteger(payload.seq) ? (payload.seq as number) : 0;
     return [{ event: "acked", request_id: requestId, seq, duplicate: payload.duplicate === true }];
   }

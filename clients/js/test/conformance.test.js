@@ -66,6 +66,8 @@ function eventJson(e) {
       return { event: "service_request", delivery_id: e.delivery_id, command: e.command, parameters: e.parameters };
     case "removed_from_room":
       return { event: "removed_from_room", room: e.room, channels: [...e.channels], error: errorJson(e.error) };
+    case "batch_acked":
+      return { event: "batch_acked", request_id: e.request_id, seqs: [...e.seqs], duplicates: [...e.duplicates].sort((a, b) => a - b) };
     case "error_received":
       return { event: "error_received", request_id: e.request_id, error: errorJson(e.error) };
     default:
@@ -115,6 +117,11 @@ class Runner {
         break;
       case "publish":
         return [[], core.publish(step.room, step.channel, step.payload, step.id ?? null)];
+      case "publish_many": {
+        const [batchId, , frame] = core.encodeEvents(step.room, step.channel, step.payloads, step.ids ?? null);
+        core.sendEvent(batchId, frame);
+        return [[], batchId];
+      }
       case "command": {
         const extra = "timeout_ms" in step ? { timeout_ms: step.timeout_ms } : null;
         return [[], core.command(step.room, step.channel, step.command, step.parameters ?? {}, extra)];

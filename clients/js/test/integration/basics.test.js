@@ -77,6 +77,29 @@ describe("publish idempotency", () => {
     );
   });
 
+  test("publishMany: one events frame, every event acked in the list's order; the same ids again are duplicates", async () => {
+    const c = client("batcher");
+    await within(20_000, "connect", c.connect());
+    const room = "idem";
+    const channel = unique("many");
+    const before = await c.publish(room, channel, { n: -1 }, { id: "many-1" });
+    const ids = Array.from({ length: 120 }, (_, i) => `many-${i}`);
+    const payloads = ids.map((_, i) => ({ n: i }));
+    const acks = await c.publishMany(room, channel, payloads, { ids });
+    assert.deepEqual(acks.map((a) => a.id), ids);
+    assert.deepEqual([acks[1].seq, acks[1].duplicate], [before.seq, true], "many-1 was stored before");
+    const fresh = acks.filter((_, i) => i !== 1).map((a) => a.seq);
+    assert.ok(fresh.every((seq, i) => i === 0 || seq > fresh[i - 1]) && fresh[0] > before.seq, `seqs ${fresh}`);
+    const frames = c.spy.log.frames.filter((f) => f.dir === "out" && f.json?.type === "events");
+    assert.equal(frames.length, 1, "one events frame");
+    const again = await c.publishMany(room, channel, payloads, { ids });
+    assert.deepEqual(again.map((a) => [a.id, a.seq, a.duplicate]), acks.map((a) => [a.id, a.seq, true]));
+    const events = await stored(c, room, channel);
+    assert.deepEqual(events.map((e) => e.id), ["many-1", ...ids.filter((id) => id !== "many-1")]);
+    await assert.rejects(c.publishMany(room, channel, []), RangeError);
+    await assert.rejects(c.publishMany(room, channel, [{}, {}], { ids: ["x", "x"] }), RangeError);
+  });
+
   test("the same id published concurrently (one client, and two clients of one principal) is stored once", async () => {
     const c1 = client("bob", { urls: [mesh.urls[0]] });
     const c2 = client("bob", { urls: [mesh.urls[1]] });
