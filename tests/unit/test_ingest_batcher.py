@@ -121,3 +121,53 @@ async def test_a_caller_that_gave_up_is_not_sent_and_close_fails_what_waits() ->
     with pytest.raises(BatchPublisherClosed):
         await asyncio.wait_for(tasks[2], 3 * SEC)
     assert (await tasks[0]).seq == 1
+
+
+async def test_a_second_batch_goes_out_only_while_a_full_one_waits() -> None:
+    pub = Scripted()
+    batcher = IngestBatcher(pub, max_in_flight=1, max_batch=3)  # type: ignore[arg-type]
+    few = start(batcher, [b"a", b"b", b"c"])
+    await batches_sent(pub, 1)
+    assert pub.batches == [[b"a"]]  # b and c are no full batch: they wait for the ack
+    more = start(batcher, [b"d", b"e", b"f", b"g"])
+    await batches_sent(pub, 2)
+    assert pub.batches[1] == [b"b", b"c", b"d"]  # a full batch waited: a second one went
+    assert len(pub.batches) == 2  # e, f, g are full too, but two are out (the limit)
+    pub.answer(0)
+    await batches_sent(pub, 3)
+    assert pub.batches[2] == [b"e", b"f", b"g"]
+    pub.answer(1)
+    pub.answer(2)
+    results = await asyncio.wait_for(asyncio.gather(*few, *more), 3 * SEC)
+    assert [r.seq for r in results] == list(range(1, 8))
+
+
+async def test_a_group_goes_whole_into_one_batch_and_is_refused_whole() -> None:
+    pub = Scripted()
+    batcher = IngestBatcher(pub, max_in_flight=1, max_batch=4)  # type: ignore[arg-type]
+    first = start(batcher, [b"a", b"b"])
+    await batches_sent(pub, 1)
+    group = asyncio.ensure_future(
+        batcher.publish_group("S", "arq.ev.t.r.c", [(b"g%d" % i, {}) for i in range(3)])
+    )
+    pub.answer(0)
+    await batches_sent(pub, 2)
+    # b fits with the group's three (4); a group is never split over two batches.
+    assert pub.batches[1] == [b"b", b"g0", b"g1", b"g2"]
+    pub.answer(1, BatchDuplicate(10201, "atomic publish batch contains duplicate message id"))
+    assert await asyncio.wait_for(group, 3 * SEC) == [ALONE, ALONE, ALONE]
+    late = asyncio.ensure_future(
+        batcher.publish_group("S", "arq.ev.t.r.c", [(b"h%d" % i, {}) for i in range(4)])
+    )
+    tail = start(batcher, [b"z"])
+    await batches_sent(pub, 3)
+    assert pub.batches[2] == [b"h0", b"h1", b"h2", b"h3"]
+    pub.answer(2)
+    await batches_sent(pub, 4)
+    assert pub.batches[3] == [b"z"]
+    pub.answer(3)
+    assert [r.seq for r in await asyncio.wait_for(late, 3 * SEC)] == [2, 3, 4, 5]
+    assert (await asyncio.wait_for(tail[0], 3 * SEC)).seq == 6
+    assert (await first[0]).seq == 1 and await first[1] is ALONE  # b shared the refusal
+    with pytest.raises(ValueError, match="1-4 events"):
+        await batcher.publish_group("S", "arq.ev.t.r.c", [(b"x", {})] * 5)
