@@ -49,6 +49,8 @@ def error_json(error: ArqonBusError | None) -> dict[str, Any] | None:
         "request_id": error.request_id,
         "room": error.room,
         "channels": list(error.channels),
+        "event_index": error.event_index,
+        "event_id": error.event_id,
     }
 
 

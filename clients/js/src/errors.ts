@@ -16,6 +16,8 @@ export interface ErrorFields {
   retryAfterMs?: number;
   room?: string | null;
   channels?: readonly string[];
+  eventIndex?: number | null;
+  eventId?: string | null;
   cause?: unknown;
 }
 
@@ -39,6 +41,9 @@ export class ArqonBusError extends Error {
   readonly room: string | null;
   /** The channels the gateway named (a ban, kick or deletion), or []. */
   readonly channels: readonly string[];
+  /** A refused batch (publishMany): the place and id of the event that refused it, or null. */
+  readonly eventIndex: number | null;
+  readonly eventId: string | null;
 
   constructor(message = "", fields: ErrorFields = {}) {
     super(message, fields.cause === undefined ? undefined : { cause: fields.cause });
@@ -50,6 +55,8 @@ export class ArqonBusError extends Error {
     this.requestId = fields.requestId ?? null;
     this.room = fields.room ?? null;
     this.channels = Object.freeze([...(fields.channels ?? [])]);
+    this.eventIndex = fields.eventIndex ?? null;
+    this.eventId = fields.eventId ?? null;
   }
 
   override toString(): string {
@@ -345,6 +352,11 @@ export function errorFromWire(error: unknown, requestId: string | null = null): 
     ? ERROR_CLASSES[code]
     : undefined;
   if (cls === undefined) return new CommandFailed(code, message, { ...fields, retryable: !!retryable });
+  if (Number.isInteger(error.index)) {
+    // One event refused a batch: which one.
+    fields.eventIndex = error.index as number;
+    fields.eventId = typeof error.event_id === "string" ? error.event_id : null;
+  }
   if (cls === Kicked) {
     const reason = typeof error.reason === "string" ? error.reason : "";
     return new Kicked(message, { ...fields, reason });

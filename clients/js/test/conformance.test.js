@@ -22,6 +22,8 @@ function errorJson(error) {
     request_id: error.requestId,
     room: error.room,
     channels: [...error.channels],
+    event_index: error.eventIndex,
+    event_id: error.eventId,
   };
 }
 
