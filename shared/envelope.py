@@ -26,8 +26,8 @@ from arqonbus_server.shared.subjects import is_valid_name, validate_name
 PROTOCOL_VERSION = "1.0"
 ID_MAX = 128
 CLIENT_TYPES = ("event", "events", "command", "command_response")
-# Events in one ``events`` frame (a batch): the store takes up to 1,000 messages in one
-# atomic batch, and a gateway's lane sends at most 500 at once (mesh/ingest.py).
+# Events in one ``events`` frame (a batch): they go whole into one of the store's atomic
+# batches (up to 1,000 messages, mesh/ingest.py), with room left for others' publishes.
 BATCH_EVENTS_MAX = 500
 ERROR_MESSAGE_MAX = 1024
 # Nested arrays and objects in one envelope, the envelope object included. The gateway
