@@ -52,6 +52,7 @@ OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x
 
 CLOSE_TIMEOUT_S = 15.0
 HANDSHAKE_RETRIES = 50  # a 429 (per-address connection rate) is waited out this many times
+HANDSHAKE_PINGS = 3  # keepalive pings answered before the welcome, at most
 RSS_BUDGET_BYTES = 50 * 1024 * 1024
 
 
@@ -138,6 +139,13 @@ class RawWs:
                 raise AttackError(f"upgrade refused: {head.decode(errors='replace')[:200]}")
             ws = cls(reader, writer)
             opcode, payload = await ws.read_frame()
+            for _ in range(HANDSHAKE_PINGS):
+                # The gateway's keepalive may ping a new connection before its welcome (a
+                # busy gateway, a keepalive slot visited at once): answered, as RFC 6455 says.
+                if opcode != OP_PING:
+                    break
+                await ws.send(client_frame(OP_PONG, payload))
+                opcode, payload = await ws.read_frame()
             if opcode != OP_TEXT or orjson.loads(payload).get("type") != "welcome":
                 raise AttackError(f"expected the welcome, got opcode {opcode}: {payload[:200]!r}")
             return ws, 0.0
