@@ -126,7 +126,12 @@ test("kill -9 of a gateway under load: resume elsewhere, every acked event exact
           await untilFrames(spyQ.log, () => unackedOnGw0().length === WINDOW, 20_000,
             `all ${WINDOW} publishes of the gw0 publisher in flight on the stopped gw0`);
           killedAt = Date.now();
+          const statesBefore = statesQ.length;
           process.kill(killedPid, "SIGKILL");
+          // Counted once the client has seen its gw0 socket end: acks gw0 wrote before it was
+          // stopped may still be on their way until then, and those events need no resend.
+          await statesQ.waitFor((states) => states.slice(statesBefore).some((s) => s.state !== "connected"), 20_000,
+            "the gw0 publisher to see its connection end");
           unackedQAtKill = unackedOnGw0();
         }
       }
