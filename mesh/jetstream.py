@@ -813,7 +813,9 @@ class JetStreamBroker:
         stream's lane together, so a busy or large list goes out in atomic batches; a
         placed tenant's (or with batching off) one after the other."""
         _, _, _, streams = self._require()
-        if self._ingest is None or self._placement(ref.tenant) is not None:
+        if (placement := self._placement(ref.tenant)) is not None:
+            return await self._publish_placed_many(ref, placement, items, ttl_s)
+        if self._ingest is None:
             return [
                 await self.publish(ref, body, key, headers, ttl_s) for body, key, headers in items
             ]
@@ -864,6 +866,27 @@ class JetStreamBroker:
                 raise BrokerUnavailable(f"publish not acknowledged: {type(exc).__name__}") from exc
         raise BrokerUnavailable("no stream answered for this tenant")
 
+    async def _publish_placed_many(
+        self,
+        ref: ChannelRef,
+        placement: Placement,
+        items: Sequence[PublishItem],
+        ttl_s: int | None,
+    ) -> list[PublishResult]:
+        """A placed tenant's events one after the other into its primary, in the list's
+        order; with ``acks: mirrored``, one wait for the mirror to hold the highest seq (a
+        mirror copies in order, so that covers every seq below it)."""
+        results = [
+            await self._publish_placed(
+                ref, placement, body, key, _publish_headers(headers, key, ttl_s), confirm=False
+            )
+            for body, key, headers in items
+        ]
+        if results and (mirrors := mirrors_to_confirm(placement)):
+            highest = max(result.seq for result in results)
+            await self.wait_mirrored(ref.tenant, mirrors, highest, self._publish_timeout)
+        return results
+
     async def _publish_placed(
         self,
         ref: ChannelRef,
@@ -871,8 +894,10 @@ class JetStreamBroker:
         body: bytes,
         dedupe_key: str,
         sent: dict[str, str],
+        confirm: bool = True,
     ) -> PublishResult:
-        """Store only in the placement's primary; with ``acks: mirrored``, ack once mirrored.
+        """Store only in the placement's primary; with ``acks: mirrored``, ack once mirrored
+        (unless ``confirm`` is False: the caller waits for the mirror itself).
 
         ``Nats-Expected-Stream`` makes any other stream that still captures the subject (a
         stale primary in a region that was cut off) refuse the event: BrokerUnavailable,
@@ -884,7 +909,7 @@ class JetStreamBroker:
         # its id (mesh/carried_ids.py), so answer it here as the duplicate it is.
         carried = await self._carried.seq_of(placement, dedupe_key, self._publish_timeout)
         if carried is not None:
-            if mirrors := mirrors_to_confirm(placement):
+            if confirm and (mirrors := mirrors_to_confirm(placement)):
                 await self.wait_mirrored(ref.tenant, mirrors, carried, self._publish_timeout)
             return PublishResult(carried, True, epoch_holding(placement, carried))
         sent["Nats-Expected-Stream"] = placement.primary.stream
@@ -904,7 +929,7 @@ class JetStreamBroker:
                 raise BrokerUnavailable(f"publish not acknowledged: {type(exc).__name__}") from exc
         else:
             raise BrokerUnavailable(f"stream {placement.primary.stream} did not answer")
-        if mirrors := mirrors_to_confirm(placement):
+        if confirm and (mirrors := mirrors_to_confirm(placement)):
             await self.wait_mirrored(ref.tenant, mirrors, result.seq, self._publish_timeout)
         # Nats-Expected-Stream: only this placement's primary stored it, in its epoch.
         return replace(result, epoch=placement.epoch)

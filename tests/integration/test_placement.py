@@ -32,6 +32,7 @@ from arqonbus_server.shared.regions import (
 )
 from arqonbus_server.shared.subjects import SubjectScheme
 from tests.conftest import gateway_url
+from tests.integration.test_event_batches import send_batch
 from tests.timeouts import SEC, eventually
 
 pytestmark = pytest.mark.integration
@@ -207,3 +208,45 @@ async def test_live_events_of_a_placed_tenant_name_their_primary_and_carry_its_e
     (event,) = await reader.wait_events(1)  # live: RePublish names the stream (Nats-Stream)
     assert (ack["payload"]["epoch"], event["seq"], event["epoch"]) == (2, 1, 2)
     await nc.jsm().delete_stream(primary.stream)
+
+
+async def test_an_events_frame_of_a_placed_tenant_waits_for_its_mirror_once(
+    start_gateway: Callable[..., object], clients: Callable[..., object], nc: Client
+) -> None:
+    """With ``acks: mirrored`` a frame's events are stored in order into the primary, then
+    acked together once a mirror holds the last: one wait, not one per event."""
+    gateway: Gateway = await start_gateway(region="here")  # type: ignore[misc]
+    tenant = "pl" + uuid.uuid4().hex[:10]
+    primary = StreamAt("there", SCHEME.stream_name(tenant))
+    following = StreamAt("here", mirror_stream_name(SCHEME, "here", tenant))
+    await nc.jsm().add_stream(tenant_stream_config(SCHEME, tenant, StreamPolicy(), 3))
+    await add_mirror(nc, following.stream, primary.stream)
+    placement = Placement(
+        tenant, "there", primary, (following,), (Epoch(1, 1, primary),), "mirrored"
+    )
+    await place(nc, gateway, placement)
+    asked: list[str] = []
+
+    async def spy(msg: Msg) -> None:
+        asked.append(msg.subject)
+
+    sub = await nc.subscribe(f"$JS.API.STREAM.INFO.{following.stream}", cb=spy)
+    await nc.flush()
+    writer = await clients(gateway_url(gateway), tenant, "writer")  # type: ignore[operator]
+    count = 200
+    events = [{"id": f"e{n}", "payload": {"n": n}} for n in range(count)]
+    ack = await send_batch(writer, ROOM, CHANNEL, events)
+    await nc.flush()
+    await sub.unsubscribe()
+    assert ack["type"] == "ack", ack
+    assert ack["payload"]["seqs"] == list(range(1, count + 1))
+    assert ack["payload"]["epochs"] == [1] * count
+    assert await last_seq(nc, following.stream) >= count  # acknowledged only once mirrored
+    # One wait polls the mirror a few times while it catches up; a wait per event would
+    # ask at least once per event (each seq is new to the mirror when its wait starts).
+    assert len(asked) < count // 4, f"{len(asked)} mirror infos for {count} events"
+    resent = await send_batch(writer, ROOM, CHANNEL, events)  # every id carried: duplicates
+    assert resent["payload"]["seqs"] == list(range(1, count + 1))
+    assert resent["payload"]["duplicates"] == list(range(count))
+    for stream in (following.stream, primary.stream):
+        await nc.jsm().delete_stream(stream)
