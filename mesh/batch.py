@@ -33,18 +33,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import secrets
 import time
-import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import orjson
+from nats.aio.client import _validate_subject
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import BadSubscriptionError, ConnectionClosedError
 
-from arqonbus_server.mesh.nats_client import FastHeaderClient, encode_hpub
+from arqonbus_server.mesh.nats_client import FastHeaderClient, encode_header_lines, hpub_command
 from arqonbus_server.mesh.ports import MeshError
 from arqonbus_server.shared.errors import UNAVAILABLE
 
@@ -62,9 +63,11 @@ _BATCH_HEADER_PREFIX = "nats-batch-"
 MAX_BATCH_MESSAGES = 1000
 MAX_INFLIGHT_PER_STREAM = 50
 SERVER_IDLE_ABANDON_S = 10.0
-# What the publisher's headers add to a message at most: Nats-Batch-Id (64 characters at
-# most), Nats-Batch-Sequence (4 digits), Nats-Batch-Commit.
-_BATCH_HEADERS_SIZE = 81 + 27 + 22
+_MAX_SUBJECTS = 4096  # subjects (and header names) a publisher remembers as checked
+
+# A message's own headers: names and values, or already encoded header lines
+# (``Name: value\r\n`` each, as :func:`encoded_headers` makes them).
+Headers = Mapping[str, str] | bytes
 
 _SWEEP_S = 0.1  # how often expired batches are failed
 _REPLY_PENDING_MSGS = 65_536
@@ -212,15 +215,21 @@ class BatchPublisher:
         self._nc = nc
         self._timeout = timeout
         self._prefix = nc.new_inbox() + "."
-        # Unique per publisher, so batches of two publishers never share an id: 32 + 1 +
-        # the token's digits, far below the server's 64.
-        self._id = uuid.uuid4().hex + "."
+        # Unique per publisher, so batches of two publishers never share an id: 48 random
+        # bits, a dot and the token's digits. JetStream stores the id with every message of
+        # the batch: against a 32-character id this short one saved the 3 NATS nodes about
+        # 2-3 µs of CPU per event (docs/performance.md, "Events frames"). Two publishers
+        # drawing the same bits (about 1 in 10^8 for a thousand of them) and sending the
+        # same token to one stream at once would mix their messages: the server refuses
+        # such a batch whole, and its events are published alone.
+        self._id = secrets.token_hex(6) + "."
         self._next = itertools.count(1)
         # Insertion order is deadline order: every batch has the same timeout.
         self._waiting: dict[str, tuple[asyncio.Future[dict[str, Any]], float]] = {}
         self._sub: Subscription | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._closed = False
+        self._subjects: dict[str, bytes] = {}  # checked subject -> encoded
 
     @property
     def in_flight(self) -> int:
@@ -253,7 +262,7 @@ class BatchPublisher:
         self._fail_all(BatchPublisherClosed("the batch publisher closed before the batch's ack"))
 
     async def publish_batch(
-        self, subject_msgs: Sequence[tuple[str, bytes, dict[str, str]]]
+        self, subject_msgs: Sequence[tuple[str, bytes, Headers]]
     ) -> list[BatchItemResult]:
         """Store ``(subject, body, headers)`` messages all or none, in this order, in one stream.
 
@@ -271,7 +280,6 @@ class BatchPublisher:
                 ERR_TOO_LARGE,
                 f"{count} messages, a batch holds at most {MAX_BATCH_MESSAGES} (not sent)",
             )
-        self._check(subject_msgs)
         if self._sub is None or self._closed:
             raise BatchPublisherClosed("the batch publisher is not running")
 
@@ -281,26 +289,15 @@ class BatchPublisher:
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._waiting[token] = (future, time.monotonic() + self._timeout)
         try:
-            if count == 1:
-                subject, body, headers = subject_msgs[0]
-                await self._nc.publish(subject, body, reply=reply, headers=headers or None)
-                ack = await future
-                return [BatchItemResult(_seq(ack), bool(ack.get("duplicate")))]
             # Every message encoded here and written at once (nats-py's publish per message
             # was a fifth of the gateway's CPU under ingest). The batch headers follow the
             # message's own; the first and the last message carry the reply subject.
-            batch_line = b"%s: %s\r\n%s: " % (BATCH_ID.encode(), batch_id.encode(), _SEQUENCE)
-            commands: list[bytes] = []
-            payload_bytes = 0
-            for i, (subject, body, headers) in enumerate(subject_msgs, 1):
-                extra = batch_line + b"%d\r\n" % i
-                if i == count:
-                    extra += _COMMIT_LINE
-                commands.append(
-                    encode_hpub(subject, reply if i in (1, count) else "", headers, body, extra)
-                )
-                payload_bytes += len(body)
+            commands = self._encode(subject_msgs, reply, batch_id)
+            payload_bytes = sum(len(body) for _, body, _ in subject_msgs)
             await self._nc.publish_encoded(b"".join(commands), count, payload_bytes)
+            if count == 1:
+                ack = await future
+                return [BatchItemResult(_seq(ack), bool(ack.get("duplicate")))]
             ack = await future
         except BaseException:
             _discard(future)
@@ -312,21 +309,55 @@ class BatchPublisher:
         last_seq = _seq(ack)
         return [BatchItemResult(last_seq - count + i) for i in range(1, count + 1)]
 
-    def _check(self, subject_msgs: Sequence[tuple[str, bytes, dict[str, str]]]) -> None:
-        """Refuse before sending what would leave a batch half sent."""
+    def _encode(
+        self, subject_msgs: Sequence[tuple[str, bytes, Headers]], reply: str, batch_id: str
+    ) -> list[bytes]:
+        """The batch's commands; ValueError, before anything is sent, for what would leave
+        it half sent (a message over max_payload, a batch header of the caller's), and
+        nats-py's errors for a bad subject or header. One message is a plain publish."""
         max_payload = self._nc.max_payload
-        for i, (_, body, headers) in enumerate(subject_msgs, 1):
-            for key in headers:
-                if key.lower().startswith(_BATCH_HEADER_PREFIX):
-                    raise ValueError(f"message {i} of the batch: {key} is the publisher's header")
-            # The server's max_payload counts the headers too (nats-py checks the body only),
-            # and a message over it closes the connection.
-            size = len(body) + _headers_size(headers) + _BATCH_HEADERS_SIZE
-            if size > max_payload:
-                raise ValueError(
-                    f"message {i} of the batch: {size} bytes with its headers, more than the "
-                    f"server's max_payload of {max_payload}"
+        count = len(subject_msgs)
+        reply_b = self._encoded_subject(reply)
+        batch_line = b"%s: %s\r\n%s: " % (BATCH_ID.encode(), batch_id.encode(), _SEQUENCE)
+        commands: list[bytes] = []
+        for i, (subject, body, headers) in enumerate(subject_msgs, 1):
+            lines = headers if isinstance(headers, bytes) else encoded_headers(headers)
+            if count == 1:  # no batch headers; no headers at all: PUB, as nats-py sends it
+                header = b"NATS/1.0\r\n%s\r\n" % lines if lines else b""
+            else:
+                header = b"NATS/1.0\r\n%s%s%d\r\n%s\r\n" % (
+                    lines,
+                    batch_line,
+                    i,
+                    _COMMIT_LINE if i == count else b"",
                 )
+            # The server's max_payload counts the headers too (nats-py checks the body
+            # only), and a message over it closes the connection.
+            if len(header) + len(body) > max_payload:
+                raise ValueError(
+                    f"message {i} of the batch: {len(header) + len(body)} bytes with its "
+                    f"headers, more than the server's max_payload of {max_payload}"
+                )
+            subject_b = self._encoded_subject(subject)
+            to = reply_b if i in (1, count) else b""
+            if header:
+                commands.append(hpub_command(subject_b, to, header, body))
+            else:
+                commands.append(b"PUB %s %s %d\r\n%s\r\n" % (subject_b, to, len(body), body))
+        return commands
+
+    def _encoded_subject(self, subject: str) -> bytes:
+        """``subject`` checked as nats-py does and encoded, remembered (a stream's lane
+        sends the same few subjects over and over)."""
+        encoded = self._subjects.get(subject)
+        if encoded is None:
+            if subject:
+                _validate_subject(subject)
+            encoded = subject.encode()
+            if len(self._subjects) >= _MAX_SUBJECTS:
+                self._subjects.clear()
+            self._subjects[subject] = encoded
+        return encoded
 
     async def _on_reply(self, msg: Msg) -> None:
         token = msg.subject[len(self._prefix) :]
@@ -374,9 +405,20 @@ class BatchPublisher:
                 future.set_exception(exc)
 
 
-def _headers_size(headers: dict[str, str]) -> int:
-    """The bytes of ``NATS/1.0`` headers on the wire (an upper bound: nats-py strips values)."""
-    return 12 + sum(len(k.encode()) + len(v.encode()) + 4 for k, v in headers.items())
+_checked_keys: set[str] = set()  # header names known not to be the publisher's own
+
+
+def encoded_headers(headers: Mapping[str, str]) -> bytes:
+    """A message's own ``headers`` as the header lines :meth:`BatchPublisher.publish_batch`
+    takes (a caller that sends the same ones again encodes them once); ValueError for a
+    batch header, nats-py's BadHeaderError for a name it refuses."""
+    for key in headers:
+        if key not in _checked_keys:
+            if key.lower().startswith(_BATCH_HEADER_PREFIX):
+                raise ValueError(f"{key} is the batch publisher's header")
+            if len(_checked_keys) < _MAX_SUBJECTS:
+                _checked_keys.add(key)
+    return encode_header_lines(headers)
 
 
 def _seq(ack: dict[str, Any]) -> int:

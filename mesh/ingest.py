@@ -29,7 +29,7 @@ import contextlib
 import logging
 import re
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -39,6 +39,7 @@ from arqonbus_server.mesh.batch import (
     BatchItemResult,
     BatchPublisher,
     BatchPublisherClosed,
+    Headers,
 )
 
 log = logging.getLogger("arqonbus.mesh.ingest")
@@ -77,14 +78,23 @@ Outcome = BatchItemResult | _Alone
 class _Waiting:
     subject: str
     body: bytes
-    headers: dict[str, str]
+    headers: Headers
     future: asyncio.Future[Outcome]
+
+
+@dataclass(slots=True)
+class _Group:
+    """The events of one publish_many call: whole into one batch, one future for all."""
+
+    subject: str
+    items: Sequence[tuple[bytes, Headers]]
+    future: asyncio.Future[list[Outcome]]
 
 
 @dataclass(slots=True)
 class _Lane:
     # A publish, or a group of one publish_many call that goes whole into one batch.
-    waiting: deque[_Waiting | list[_Waiting]] = field(default_factory=deque)
+    waiting: deque[_Waiting | _Group] = field(default_factory=deque)
     queued: int = 0  # events in ``waiting``
     in_flight: int = 0
 
@@ -123,9 +133,7 @@ class IngestBatcher:
         # allow_atomic (an older stream): the broker turns it on.
         self.on_atomic_disabled: Callable[[str], None] | None = None
 
-    async def publish(
-        self, stream: str, subject: str, body: bytes, headers: dict[str, str]
-    ) -> Outcome:
+    async def publish(self, stream: str, subject: str, body: bytes, headers: Headers) -> Outcome:
         """Store one event through ``stream``'s lane: its result (seq, duplicate), or
         :data:`ALONE` (publish it alone). Raises TimeoutError when its batch had no ack in
         time, and the connection's errors."""
@@ -143,7 +151,7 @@ class IngestBatcher:
         return self._max_batch
 
     async def publish_group(
-        self, stream: str, subject: str, items: list[tuple[bytes, dict[str, str]]]
+        self, stream: str, subject: str, items: Sequence[tuple[bytes, Headers]]
     ) -> list[Outcome]:
         """Store up to ``max_batch`` events of one subject through ``stream``'s lane, in one
         batch together (with others' publishes when they fit): their outcomes, in order.
@@ -156,31 +164,18 @@ class IngestBatcher:
         lane = self._lanes.get(stream)
         if lane is None:
             lane = self._lanes[stream] = _Lane()
-        loop = asyncio.get_running_loop()
-        group = [_Waiting(subject, body, headers, loop.create_future()) for body, headers in items]
+        group = _Group(subject, items, asyncio.get_running_loop().create_future())
         lane.waiting.append(group)
-        lane.queued += len(group)
+        lane.queued += len(items)
         self._pump(stream, lane)
-        try:
-            return [await waiting.future for waiting in group]
-        except BaseException:
-            for waiting in group:  # one failure is raised; the others are retrieved
-                if waiting.future.done() and not waiting.future.cancelled():
-                    waiting.future.exception()
-                else:
-                    waiting.future.cancel()
-            raise
+        return await group.future
 
     async def close(self) -> None:
         """Fail what waits in the lanes and stop the batches in flight."""
         for lane in self._lanes.values():
             lane.queued = 0
             while lane.waiting:
-                entry = lane.waiting.popleft()
-                _fail(
-                    entry if isinstance(entry, list) else [entry],
-                    BatchPublisherClosed("the gateway is closing"),
-                )
+                _fail([lane.waiting.popleft()], BatchPublisherClosed("the gateway is closing"))
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):
@@ -194,20 +189,24 @@ class IngestBatcher:
 
     def _pump(self, stream: str, lane: _Lane) -> None:
         while lane.waiting and self._may_send(lane):
-            batch: list[_Waiting] = []
-            while lane.waiting and len(batch) < self._max_batch:
+            batch: list[_Waiting | _Group] = []
+            size = 0
+            while lane.waiting and size < self._max_batch:
                 entry = lane.waiting[0]
-                if isinstance(entry, list):  # a group: whole, in a batch of its own size
-                    if batch and len(batch) + len(entry) > self._max_batch:
+                if isinstance(entry, _Group):  # whole, in a batch of its own size
+                    if size and size + len(entry.items) > self._max_batch:
                         break
                     lane.waiting.popleft()
-                    lane.queued -= len(entry)
-                    batch.extend(w for w in entry if not w.future.done())
+                    lane.queued -= len(entry.items)
+                    if not entry.future.done():  # a caller that gave up is not sent
+                        batch.append(entry)
+                        size += len(entry.items)
                     continue
                 lane.waiting.popleft()
                 lane.queued -= 1
-                if not entry.future.done():  # a caller that gave up is not sent
+                if not entry.future.done():
                     batch.append(entry)
+                    size += 1
             if not batch:
                 break
             lane.in_flight += 1
@@ -217,23 +216,31 @@ class IngestBatcher:
         if not lane.waiting and not lane.in_flight:
             self._lanes.pop(stream, None)  # a quiet stream keeps nothing
 
-    async def _send(self, stream: str, lane: _Lane, batch: list[_Waiting]) -> None:
+    async def _send(self, stream: str, lane: _Lane, batch: list[_Waiting | _Group]) -> None:
+        messages: list[tuple[str, bytes, Headers]] = []
+        for entry in batch:
+            if isinstance(entry, _Group):
+                subject = entry.subject
+                messages += [(subject, body, headers) for body, headers in entry.items]
+            else:
+                messages.append((entry.subject, entry.body, entry.headers))
         try:
-            results = await self._publisher.publish_batch(
-                [(w.subject, w.body, w.headers) for w in batch]
-            )
+            results = await self._publisher.publish_batch(messages)
         except BatchPublisherClosed as exc:
             _fail(batch, exc)
         except BatchError as exc:  # refused for the batch: each event alone
             reason = refusal_reason(exc)
             self.stats.refusals[reason] = self.stats.refusals.get(reason, 0) + 1
-            self.stats.alone += len(batch)
+            self.stats.alone += len(messages)
             if isinstance(exc, AtomicPublishDisabled) and self.on_atomic_disabled is not None:
                 self.on_atomic_disabled(stream)
-            log.debug("batch of %d to %s refused (%s): published alone", len(batch), stream, exc)
-            for waiting in batch:
-                if not waiting.future.done():
-                    waiting.future.set_result(ALONE)
+            log.debug("batch of %d to %s refused (%s): published alone", len(messages), stream, exc)
+            for entry in batch:
+                if not entry.future.done():
+                    if isinstance(entry, _Group):
+                        entry.future.set_result([ALONE] * len(entry.items))
+                    else:
+                        entry.future.set_result(ALONE)
         except asyncio.CancelledError:
             _fail(batch, BatchPublisherClosed("the gateway is closing"))
             raise
@@ -241,10 +248,19 @@ class IngestBatcher:
             _fail(batch, exc)
         else:
             self.stats.batches += 1
-            self.stats.events += len(batch)
-            for waiting, result in zip(batch, results, strict=True):
-                if not waiting.future.done():
-                    waiting.future.set_result(result)
+            self.stats.events += len(messages)
+            at = 0
+            for entry in batch:
+                if isinstance(entry, _Group):
+                    n = len(entry.items)
+                    if not entry.future.done():
+                        outcomes: list[Outcome] = [*results[at : at + n]]
+                        entry.future.set_result(outcomes)
+                    at += n
+                else:
+                    if not entry.future.done():
+                        entry.future.set_result(results[at])
+                    at += 1
         finally:
             lane.in_flight -= 1  # a lane with a batch out is never dropped (_pump)
             self._pump(stream, lane)
@@ -258,7 +274,7 @@ def refusal_reason(exc: BatchError) -> str:
     return words.removeprefix("batch_") or words
 
 
-def _fail(batch: list[_Waiting], exc: BaseException) -> None:
-    for waiting in batch:
-        if not waiting.future.done():
-            waiting.future.set_exception(exc)
+def _fail(batch: list[_Waiting | _Group], exc: BaseException) -> None:
+    for entry in batch:
+        if not entry.future.done():
+            entry.future.set_exception(exc)

@@ -37,6 +37,7 @@ from arqonbus_server.mesh.batch import (
     BatchItemResult,
     BatchPublisher,
     BatchPublisherClosed,
+    encoded_headers,
     sweep_deadlines,
 )
 from arqonbus_server.mesh.carried_ids import MAX_CARRIED_IDS, CarriedIds, epoch_holding
@@ -48,6 +49,7 @@ from arqonbus_server.mesh.nats_client import (
     FastHeaderClient,
     header_fields,
     header_int,
+    header_line,
     header_status,
 )
 from arqonbus_server.mesh.ports import (
@@ -398,17 +400,28 @@ def _uses_tls_as_configured(nc: NatsClient, options: dict[str, Any]) -> bool:
     return writer is not None and writer.get_extra_info("ssl_object") is not None
 
 
+MSG_ID = "Nats-Msg-Id"
+
+
 def _publish_headers(
     headers: Mapping[str, str] | None, dedupe_key: str, ttl_s: int | None
 ) -> dict[str, str]:
     """The headers of a stored event: the caller's, its dedupe key and its TTL."""
     sent = {**headers} if headers else {}
-    sent["Nats-Msg-Id"] = dedupe_key
+    sent[MSG_ID] = dedupe_key
     if ttl_s is not None:
         if ttl_s < 1:
             raise ValueError(f"ttl_s must be at least 1 second, not {ttl_s}")
         sent["Nats-TTL"] = f"{ttl_s}s"
     return sent
+
+
+def _header_lines(headers: Mapping[str, str] | None, dedupe_key: str, ttl_s: int | None) -> bytes:
+    """The headers of a stored event (:func:`_publish_headers`) as encoded header lines;
+    the usual event, with its dedupe key only, without building them as a dict."""
+    if not headers and ttl_s is None:
+        return header_line(MSG_ID, dedupe_key)
+    return encoded_headers(_publish_headers(headers, dedupe_key, ttl_s))
 
 
 def _channels_filter(scheme: SubjectScheme, tenant: str, room: str | None) -> str:
@@ -822,7 +835,8 @@ class JetStreamBroker:
         subject = self._scheme.ingest(ref)
         if not streams.known(ref.tenant):
             await self.ensure_stream(ref.tenant)
-        sent = [(body, _publish_headers(headers, key, ttl_s)) for body, key, headers in items]
+        # Encoded once here: the lane and the batch publisher take the header lines as is.
+        sent = [(body, _header_lines(headers, key, ttl_s)) for body, key, headers in items]
         stream, size = self._scheme.stream_name(ref.tenant), self._ingest.max_batch
         results: list[PublishResult] = []
         for start in range(0, len(sent), size):  # a group at a time keeps the list's order
@@ -833,11 +847,14 @@ class JetStreamBroker:
                 raise BrokerUnavailable(f"publish not acknowledged: {exc}") from exc
             except _TRANSIENT as exc:
                 raise BrokerUnavailable(f"publish not acknowledged: {type(exc).__name__}") from exc
-            for (body, headers), outcome in zip(group, outcomes, strict=True):
+            for (body, key, headers), outcome in zip(
+                items[start : start + size], outcomes, strict=True
+            ):
                 if isinstance(outcome, BatchItemResult):
                     results.append(PublishResult(outcome.seq, outcome.duplicate))
                 else:  # the group was refused for the batch's sake: alone, in order
-                    results.append(await self._publish_alone(ref, subject, body, headers))
+                    alone = _publish_headers(headers, key, ttl_s)
+                    results.append(await self._publish_alone(ref, subject, body, alone))
         return results
 
     async def _publish_alone(

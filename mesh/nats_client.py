@@ -153,19 +153,38 @@ def encode_hpub(
     _validate_subject(subject)
     if reply:
         _validate_subject(reply)
-    parts = [b"NATS/1.0\r\n"]
+    header = b"NATS/1.0\r\n%s%s\r\n" % (encode_header_lines(headers), extra)
+    return hpub_command(subject.encode(), reply.encode(), header, payload)
+
+
+def encode_header_lines(headers: Mapping[str, str]) -> bytes:
+    """``headers`` as nats-py writes them, one ``Name: value\r\n`` line each (BadHeaderError
+    for a name it refuses)."""
+    parts: list[bytes] = []
     for name, value in headers.items():
         key = _encoded_key(name)
         if key:
             parts += (key, value.strip().translate(_VALUE_NEWLINES).encode(), b"\r\n")
-    parts += (extra, b"\r\n")
-    hdr = b"".join(parts)
+    return b"".join(parts)
+
+
+def header_line(name: str, value: str) -> bytes:
+    """One header as :func:`encode_header_lines` writes it (b"" for a name nats-py skips)."""
+    key = _encoded_key(name)
+    if not key:
+        return b""
+    return b"%s%s\r\n" % (key, value.strip().translate(_VALUE_NEWLINES).encode())
+
+
+def hpub_command(subject: bytes, reply: bytes, header: bytes, payload: bytes) -> bytes:
+    """One ``HPUB`` command of a checked subject and reply and an encoded header block
+    (``NATS/1.0\r\n`` ... ``\r\n``)."""
     return b"HPUB %s %s %d %d\r\n%s%s\r\n" % (
-        subject.encode(),
-        reply.encode(),
-        len(hdr),
-        len(hdr) + len(payload),
-        hdr,
+        subject,
+        reply,
+        len(header),
+        len(header) + len(payload),
+        header,
         payload,
     )
 

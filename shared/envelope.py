@@ -223,11 +223,17 @@ def _parse_batch(
     events: list[ClientEvent] = []
     seen: set[str] = set()
     for index, item in enumerate(items):
-        where = f"payload.events[{index}]"
         if not isinstance(item, dict):
-            raise ArqonError(INVALID_ENVELOPE, f"field {where!r} must be a JSON object")
-        event_id = _read_id(item, where + ".id")
+            raise ArqonError(
+                INVALID_ENVELOPE, f"field 'payload.events[{index}]' must be a JSON object"
+            )
+        raw_id = item.get("id")
+        if type(raw_id) is str and 1 <= len(raw_id) <= ID_MAX and raw_id.isprintable():
+            event_id = raw_id
+        else:
+            event_id = _read_id(item, f"payload.events[{index}].id")  # raises, naming it
         if event_id in seen:
+            where = f"payload.events[{index}]"
             raise ArqonError(
                 INVALID_ENVELOPE,
                 f"field '{where}.id' repeats {_shown(event_id)}: each event of a batch "
@@ -236,7 +242,9 @@ def _parse_batch(
         seen.add(event_id)
         body = item.get("payload")
         if not isinstance(body, dict):
-            raise ArqonError(INVALID_ENVELOPE, f"field '{where}.payload' must be a JSON object")
+            raise ArqonError(
+                INVALID_ENVELOPE, f"field 'payload.events[{index}].payload' must be a JSON object"
+            )
         if "trace" not in item:
             events.append(ClientEvent(event_id, room, channel, body))
         else:

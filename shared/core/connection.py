@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from arqonbus_server.shared import commands as builtin
 from arqonbus_server.shared.authz import Permission
@@ -74,6 +75,11 @@ from arqonbus_server.shared.service import MalformedServiceMessage, ServiceCall,
 from arqonbus_server.shared.subjects import ChannelRef, SubjectScheme
 
 PUBLISH, COMMAND = Permission.PUBLISH, Permission.COMMAND
+
+
+def _where(index: int | None, event: ClientEvent) -> dict[str, Any] | None:
+    """What an error about one event of a batch adds: its place and its id."""
+    return None if index is None else {"index": index, "event_id": event.id}
 
 
 @functools.cache
@@ -156,8 +162,9 @@ class Connection(CommandRules):
         effects = self._publish_slot()
         op = self.open_op(Pending("publish", batch=batch, ref=ref))
         items: list[Publish] = []
+        stamp = self.stamp()  # the frame's events arrived together
         for index, event in enumerate(batch.events):
-            stored = self._stored(event, settings, batch.id, index, now.monotonic)
+            stored = self._stored(event, settings, batch.id, index, now.monotonic, stamp)
             if isinstance(stored, list):
                 del self.pending[op]
                 return stored
@@ -197,21 +204,24 @@ class Connection(CommandRules):
         request_id: str,
         index: int | None,
         now: float,
+        stamp: str | None = None,
     ) -> tuple[ClientEvent, bytes] | list[Effect]:
         """The event as content policies leave it and its stored envelope, or the error
-        (``index``: its place in a batch, told to the client with its id)."""
-        where = {} if index is None else {"index": index, "event_id": event.id}
+        (``index``: its place in a batch, told to the client with its id; ``stamp``: its
+        server timestamp, when not now)."""
         try:
             # Content policies run before anything is stored (and may redact or tag).
             event, tags = self.content.check_event(event, self.principal.tenant, self.principal.id)
         except ArqonError as exc:
             audit = self._policy_audit(exc, event, now)
-            return [*audit, self.error(exc.with_request_id(request_id), where or None)]
-        body = with_tags(encode_stored_event(event, self.principal.id, self.stamp()), tags)
+            return [*audit, self.error(exc.with_request_id(request_id), _where(index, event))]
+        body = encode_stored_event(event, self.principal.id, stamp or self.stamp())
+        body = with_tags(body, tags)
         size = len(body) if event.trace is None else len(body) + len(encode_trace(event.trace))
         if size > self.config.max_payload - NATS_HEADER_ROOM:
             detail = "the stored envelope exceeds the NATS max_payload"
-            return [self.error(ArqonError(MESSAGE_TOO_LARGE, detail, request_id), where or None)]
+            error = ArqonError(MESSAGE_TOO_LARGE, detail, request_id)
+            return [self.error(error, _where(index, event))]
         room_max = None if settings is None else settings.max_message_bytes
         if room_max is not None and len(body) > room_max:
             detail = (
@@ -219,6 +229,7 @@ class Connection(CommandRules):
                 f"(this one is {len(body)}): send a smaller payload"
             )
             error = ArqonError(MESSAGE_TOO_LARGE, detail, request_id)
+            where = _where(index, event) or {}
             return [self.error(error, {"max_bytes": room_max, "room": event.room, **where})]
         return event, body
 

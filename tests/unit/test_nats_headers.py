@@ -9,7 +9,9 @@ from hypothesis import strategies as st
 from nats.aio.client import Client
 
 from arqonbus_server.mesh.nats_client import (
+    encode_header_lines,
     encode_hpub,
+    header_line,
     header_fields,
     header_int,
     header_status,
@@ -152,3 +154,17 @@ def test_encode_hpub_puts_the_callers_own_lines_after_the_headers() -> None:
     assert command == b"HPUB a.b r.1 %d %d\r\n%s{}\r\n" % (len(hdr), len(hdr) + 2, hdr)
     with pytest.raises(nats.errors.BadSubjectError):
         encode_hpub("a b", "", {}, b"")
+
+
+@settings(max_examples=300, deadline=None)
+@given(header_names, header_values)
+def test_one_header_line_is_what_the_header_lines_of_one_header_are(name: str, value: str) -> None:
+    try:
+        expected: bytes | type[Exception] = encode_header_lines({name: value})
+    except nats.errors.Error as exc:
+        expected = type(exc)
+    try:
+        got: bytes | type[Exception] = header_line(name, value)
+    except nats.errors.Error as exc:
+        got = type(exc)
+    assert got == expected
