@@ -88,13 +88,14 @@ class PhaseSampler:
         if sample.live:
             del self.open[key]
 
-    def live(self, key: str) -> None:
-        """This gateway received ``key``'s live copy and is about to fan it out."""
+    def live(self, key: str, received_at: float | None = None) -> None:
+        """This gateway received ``key``'s live copy (at ``received_at``, when that was
+        before now) and is about to fan it out, or has just queued its frames."""
         sample = self.open.get(key)
         if sample is None or sample.live:
             return
         sample.live = True
-        now = self._clock()
+        now = self._clock() if received_at is None else received_at
         self._observe("store_to_live", now - sample.sent_at)
         if sample.acked:
             del self.open[key]

@@ -33,6 +33,8 @@ from websockets.typing import Subprotocol
 from arqonbus_server.shared.errors import CloseCode
 from arqonbus_server.shared.settings import ConfigError
 
+log = logging.getLogger("arqonbus.gateway.transport")
+
 _OP_TEXT = 0x81  # FIN + text
 _OP_BINARY = 0x82  # FIN + binary
 _CLOSE_TIMEOUT_S = 5.0
@@ -170,8 +172,9 @@ class Socket:
         """Bytes accepted for this peer and not yet sent: queued this turn plus the transport's."""
         return self._out_bytes + self._transport.get_write_buffer_size()
 
-    def write_frame(self, frame: bytes) -> bool:
-        """Queue one framed message. A peer that lets its buffer overflow is closed (4001)."""
+    def write_frame(self, frame: bytes, frames: int = 1) -> bool:
+        """Queue one framed message (or ``frames`` of them, joined). A peer that lets its
+        buffer overflow is closed (4001)."""
         if self._out:
             # Not the first frame this turn: the transport's buffer has not moved since.
             if self._closing:
@@ -186,10 +189,16 @@ class Socket:
             return False
         self._out.append(frame)
         self._out_bytes += len(frame)
-        self._counts.sent += 1
+        self._counts.sent += frames
         if self._out_bytes >= self._coalesce_max:
             self._flush()  # a big burst: hand it to the kernel now
         return True
+
+    def before_flush(self, write: Callable[[], None]) -> None:
+        """Call ``write`` at this turn's end, just before the queued frames of this socket
+        (and of every socket written this turn) go to the kernel, in the same callback:
+        frames it queues go out with them."""
+        self._flusher.before(write, self._loop)
 
     def _flush(self) -> None:
         out = self._out
@@ -314,10 +323,11 @@ class _Flusher:
     """Writes every socket's frames of this event-loop turn at the turn's end, with one
     loop callback for all of them (a fan-out to N sockets made N callbacks before)."""
 
-    __slots__ = ("_dirty", "_scheduled")
+    __slots__ = ("_before", "_dirty", "_scheduled")
 
     def __init__(self) -> None:
         self._dirty: list[Socket] = []
+        self._before: list[Callable[[], None]] = []
         self._scheduled = False
 
     def add(self, socket: Socket) -> None:
@@ -326,7 +336,19 @@ class _Flusher:
             self._scheduled = True
             socket._loop.call_soon(self._flush_all)
 
+    def before(self, write: Callable[[], None], loop: asyncio.AbstractEventLoop) -> None:
+        self._before.append(write)
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._flush_all)
+
     def _flush_all(self) -> None:
+        before, self._before = self._before, []
+        for write in before:
+            try:
+                write()
+            except Exception:  # one writer's bug must not stop every socket's output
+                log.exception("a deferred write failed")
         dirty, self._dirty = self._dirty, []
         self._scheduled = False
         for socket in dirty:

@@ -4,7 +4,7 @@ events carry the epoch; a failover moves members past the fork back to it, with 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 import orjson
@@ -27,6 +27,7 @@ class FakeSocket:
 
     def __init__(self) -> None:
         self.sent: list[dict[str, Any]] = []
+        self.writes = 0  # write_frame calls
         self.changed = asyncio.Event()
         self.closed: CloseCode | None = None
 
@@ -35,8 +36,18 @@ class FakeSocket:
         self.changed.set()
         return True
 
-    def write_frame(self, frame: bytes) -> bool:
-        return self._take(frame[2:] if frame[1] < 126 else frame[4:])  # an unmasked header
+    def write_frame(self, frame: bytes, frames: int = 1) -> bool:
+        self.writes += 1
+        taken = 0
+        while frame:  # unmasked text frames, each with a 2- or 4-byte header
+            size, start = (frame[1], 2) if frame[1] < 126 else (int.from_bytes(frame[2:4]), 4)
+            self._take(frame[start : start + size])
+            frame, taken = frame[start + size :], taken + 1
+        assert taken == frames, (taken, frames)
+        return True
+
+    def before_flush(self, write: Callable[[], None]) -> None:
+        asyncio.get_running_loop().call_soon(write)
 
     def send(self, message: bytes) -> bool:
         return self._take(message)

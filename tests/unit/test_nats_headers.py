@@ -11,9 +11,9 @@ from nats.aio.client import Client
 from arqonbus_server.mesh.nats_client import (
     encode_header_lines,
     encode_hpub,
-    header_line,
     header_fields,
     header_int,
+    header_line,
     header_status,
     parse_header_lines,
 )
