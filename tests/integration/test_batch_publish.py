@@ -6,6 +6,7 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import nats.errors
 import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -332,4 +333,9 @@ async def test_what_would_leave_a_batch_half_sent_is_refused_up_front(
     with_headers = b"x" * (nc.max_payload - 50)
     with pytest.raises(ValueError, match="max_payload"):
         await publisher.publish_batch([("x.a", b"1", {}), ("x.b", with_headers, {})])
+    for subject in ("", "x y", "x.a\r\nPUB x.b 1"):  # nats-py's refusals, for one or more
+        with pytest.raises(nats.errors.BadSubjectError):
+            await publisher.publish_batch([(subject, b"1", {})])
+        with pytest.raises(nats.errors.BadSubjectError):
+            await publisher.publish_batch([("x.a", b"1", {}), (subject, b"2", {})])
     assert publisher.in_flight == 0
