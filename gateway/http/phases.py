@@ -99,7 +99,8 @@ class PhaseSampler:
         self._observe("store_to_live", now - sample.sent_at)
         if sample.acked:
             del self.open[key]
-        # Runs after the sockets' flushes that the fan-out schedules (call_soon is FIFO).
+        # Called once the fan-out has queued its frames: this runs after the sockets'
+        # flush that the fan-out scheduled (call_soon is FIFO).
         asyncio.get_running_loop().call_soon(self._written, sample, now)
 
     def _written(self, sample: _Sample, live_at: float) -> None:

@@ -395,12 +395,14 @@ class Hub:
         if epoch is None and self._tracing is None:
             self._add_to_burst(channel, event)
             return
-        if self._phases is not None and self._phases.open and event.dedupe_key:
-            self._phases.live(event.dedupe_key)  # a sampled event (gateway/http/phases.py)
+        received_at = time.monotonic()
         if self._tracing is not None:
             self._on_live_traced(ref, event, channel, self._tracing, epoch)
-            return
-        self._fan_out(channel, event, epoch)
+        else:
+            self._fan_out(channel, event, epoch)
+        if self._phases is not None and self._phases.open and event.dedupe_key:
+            # A sampled event (gateway/http/phases.py), told once its frames are queued.
+            self._phases.live(event.dedupe_key, received_at)
 
     def _on_live_traced(
         self,
