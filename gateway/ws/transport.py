@@ -39,6 +39,7 @@ _OP_TEXT = 0x81  # FIN + text
 _OP_BINARY = 0x82  # FIN + binary
 _CLOSE_TIMEOUT_S = 5.0
 _COALESCE_MAX = 64 * 1024
+_BEFORE_ROUNDS = 8  # rounds of deferred writes in one flush (Socket.before_flush)
 _PACED_STALL_S = 30.0  # a replay reader that takes nothing for this long is closed (4001)
 
 
@@ -343,14 +344,20 @@ class _Flusher:
             loop.call_soon(self._flush_all)
 
     def _flush_all(self) -> None:
-        before, self._before = self._before, []
-        for write in before:
-            try:
-                write()
-            except Exception:  # one writer's bug must not stop every socket's output
-                log.exception("a deferred write failed")
+        for _ in range(_BEFORE_ROUNDS):  # a writer may ask for another: it runs now too
+            if not self._before:
+                break
+            before, self._before = self._before, []
+            for write in before:
+                try:
+                    write()
+                except Exception:  # one writer's bug must not stop every socket's output
+                    log.exception("a deferred write failed")
         dirty, self._dirty = self._dirty, []
         self._scheduled = False
+        if self._before:  # asked for in the last round: the next turn's
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_all)
         for socket in dirty:
             socket._flush()
 
