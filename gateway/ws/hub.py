@@ -9,8 +9,9 @@ order, whatever core NATS drops, and whenever it joined.
 A channel's live events that arrive in one event-loop turn are written at the turn's
 end, with the sockets' other frames: a member that is live at the first one's
 ``prev_seq`` gets them all in one write, decided once per member rather than once per
-event (about a fifth less of the gateway's CPU per delivery under a saturated fan-out,
-docs/performance.md); any other member takes them one by one with the checks above.
+event (11-18 % less of the gateway's CPU per delivery under a saturated fan-out in
+interleaved runs, docs/performance.md); any other member takes them one by one with the
+checks above.
 """
 
 from __future__ import annotations
