@@ -295,15 +295,14 @@ class BatchPublisher:
             commands = self._encode(subject_msgs, reply, batch_id)
             payload_bytes = sum(len(body) for _, body, _ in subject_msgs)
             await self._nc.publish_encoded(b"".join(commands), count, payload_bytes)
-            if count == 1:
-                ack = await future
-                return [BatchItemResult(_seq(ack), bool(ack.get("duplicate")))]
             ack = await future
         except BaseException:
             _discard(future)
             raise
         finally:
             self._waiting.pop(token, None)
+        if count == 1:  # a plain publish's ack
+            return [BatchItemResult(_seq(ack), bool(ack.get("duplicate")))]
         if ack.get("batch") != batch_id or ack.get("count") != count:
             raise BatchError(f"the batch ack does not match the batch of {count}: {ack}")
         last_seq = _seq(ack)
