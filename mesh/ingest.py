@@ -29,7 +29,7 @@ import contextlib
 import logging
 import re
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -76,10 +76,29 @@ Outcome = BatchItemResult | _Alone
 
 @dataclass(slots=True)
 class _Waiting:
+    """One publish: its caller awaits ``future``, or is called back with ``done``."""
+
     subject: str
     body: bytes
     headers: Headers
-    future: asyncio.Future[Outcome]
+    future: asyncio.Future[Outcome] | None
+    done: Callable[[Outcome | BaseException], None] | None = None
+
+    def wanted(self) -> bool:
+        """False once an awaiting caller gave up (a callback is always wanted)."""
+        return self.future is None or not self.future.done()
+
+    def settle(self, outcome: Outcome | BaseException) -> None:
+        if self.done is not None:
+            try:
+                self.done(outcome)
+            except Exception:  # one caller's bug must not keep the others' outcomes
+                log.exception("a publish's callback failed")
+        elif self.future is not None and not self.future.done():
+            if isinstance(outcome, BaseException):
+                self.future.set_exception(outcome)
+            else:
+                self.future.set_result(outcome)
 
 
 @dataclass(slots=True)
@@ -89,6 +108,16 @@ class _Group:
     subject: str
     items: Sequence[tuple[bytes, Headers]]
     future: asyncio.Future[list[Outcome]]
+
+    def wanted(self) -> bool:
+        return not self.future.done()
+
+    def settle(self, outcome: list[Outcome] | BaseException) -> None:
+        if not self.future.done():
+            if isinstance(outcome, BaseException):
+                self.future.set_exception(outcome)
+            else:
+                self.future.set_result(outcome)
 
 
 @dataclass(slots=True)
@@ -137,14 +166,30 @@ class IngestBatcher:
         """Store one event through ``stream``'s lane: its result (seq, duplicate), or
         :data:`ALONE` (publish it alone). Raises TimeoutError when its batch had no ack in
         time, and the connection's errors."""
+        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        self._enqueue(stream, _Waiting(subject, body, headers, future))
+        return await future
+
+    def publish_then(
+        self,
+        stream: str,
+        subject: str,
+        body: bytes,
+        headers: Headers,
+        done: Callable[[Outcome | BaseException], None],
+    ) -> None:
+        """:meth:`publish` without a task or a future: ``done`` is called with what it would
+        return or raise, once, always later (never from within this call), straight from
+        the batch's ack. Behind it in the lane, a later publish is stored after this one."""
+        self._enqueue(stream, _Waiting(subject, body, headers, None, done))
+
+    def _enqueue(self, stream: str, waiting: _Waiting) -> None:
         lane = self._lanes.get(stream)
         if lane is None:
             lane = self._lanes[stream] = _Lane()
-        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-        lane.waiting.append(_Waiting(subject, body, headers, future))
+        lane.waiting.append(waiting)
         lane.queued += 1
         self._pump(stream, lane)
-        return await future
 
     @property
     def max_batch(self) -> int:
@@ -198,13 +243,13 @@ class IngestBatcher:
                         break
                     lane.waiting.popleft()
                     lane.queued -= len(entry.items)
-                    if not entry.future.done():  # a caller that gave up is not sent
+                    if entry.wanted():  # a caller that gave up is not sent
                         batch.append(entry)
                         size += len(entry.items)
                     continue
                 lane.waiting.popleft()
                 lane.queued -= 1
-                if not entry.future.done():
+                if entry.wanted():
                     batch.append(entry)
                     size += 1
             if not batch:
@@ -236,11 +281,10 @@ class IngestBatcher:
                 self.on_atomic_disabled(stream)
             log.debug("batch of %d to %s refused (%s): published alone", len(messages), stream, exc)
             for entry in batch:
-                if not entry.future.done():
-                    if isinstance(entry, _Group):
-                        entry.future.set_result([ALONE] * len(entry.items))
-                    else:
-                        entry.future.set_result(ALONE)
+                if isinstance(entry, _Group):
+                    entry.settle([ALONE] * len(entry.items))
+                else:
+                    entry.settle(ALONE)
         except asyncio.CancelledError:
             _fail(batch, BatchPublisherClosed("the gateway is closing"))
             raise
@@ -253,13 +297,10 @@ class IngestBatcher:
             for entry in batch:
                 if isinstance(entry, _Group):
                     n = len(entry.items)
-                    if not entry.future.done():
-                        outcomes: list[Outcome] = [*results[at : at + n]]
-                        entry.future.set_result(outcomes)
+                    entry.settle([*results[at : at + n]])
                     at += n
                 else:
-                    if not entry.future.done():
-                        entry.future.set_result(results[at])
+                    entry.settle(results[at])
                     at += 1
         finally:
             lane.in_flight -= 1  # a lane with a batch out is never dropped (_pump)
@@ -274,7 +315,6 @@ def refusal_reason(exc: BatchError) -> str:
     return words.removeprefix("batch_") or words
 
 
-def _fail(batch: list[_Waiting | _Group], exc: BaseException) -> None:
+def _fail(batch: Iterable[_Waiting | _Group], exc: BaseException) -> None:
     for entry in batch:
-        if not entry.future.done():
-            entry.future.set_exception(exc)
+        entry.settle(exc)

@@ -41,7 +41,7 @@ from arqonbus_server.mesh.batch import (
     sweep_deadlines,
 )
 from arqonbus_server.mesh.carried_ids import MAX_CARRIED_IDS, CarriedIds, epoch_holding
-from arqonbus_server.mesh.ingest import IngestBatcher, IngestStats
+from arqonbus_server.mesh.ingest import IngestBatcher, IngestStats, Outcome
 from arqonbus_server.mesh.kv import open_bucket
 from arqonbus_server.mesh.mirrors import TenantConfirmers, mirrors_to_confirm
 from arqonbus_server.mesh.nats_auth import connect_failure, connect_options, redact_url
@@ -61,6 +61,7 @@ from arqonbus_server.mesh.ports import (
     LiveHandler,
     LiveSubscription,
     NoResponders,
+    PublishDone,
     PublishItem,
     PublishResult,
     ReconnectHandler,
@@ -70,6 +71,7 @@ from arqonbus_server.mesh.ports import (
     StoredEvent,
     StoreQuotaExceeded,
     StreamStats,
+    publish_in_task,
     trim_count,
 )
 from arqonbus_server.mesh.streams import StreamPolicy, StreamProvisioner, choose_replicas
@@ -414,6 +416,19 @@ def _publish_headers(
             raise ValueError(f"ttl_s must be at least 1 second, not {ttl_s}")
         sent["Nats-TTL"] = f"{ttl_s}s"
     return sent
+
+
+def _unacknowledged(exc: BaseException) -> BaseException:
+    """A lane's failure as publish() raises it: the connection's and a batch's timeout as
+    BrokerUnavailable (publish again with the same key), anything else as it is."""
+    if isinstance(exc, BatchPublisherClosed):
+        unavailable = BrokerUnavailable(f"publish not acknowledged: {exc}")
+    elif isinstance(exc, _TRANSIENT):
+        unavailable = BrokerUnavailable(f"publish not acknowledged: {type(exc).__name__}")
+    else:
+        return exc
+    unavailable.__cause__ = exc
+    return unavailable
 
 
 def _header_lines(headers: Mapping[str, str] | None, dedupe_key: str, ttl_s: int | None) -> bytes:
@@ -810,14 +825,49 @@ class JetStreamBroker:
                 outcome = await self._ingest.publish(
                     self._scheme.stream_name(ref.tenant), subject, body, sent
                 )
-            except BatchPublisherClosed as exc:
-                raise BrokerUnavailable(f"publish not acknowledged: {exc}") from exc
-            except _TRANSIENT as exc:
-                raise BrokerUnavailable(f"publish not acknowledged: {type(exc).__name__}") from exc
+            except (BatchPublisherClosed, *_TRANSIENT) as exc:
+                raise _unacknowledged(exc) from exc
             if isinstance(outcome, BatchItemResult):
                 return PublishResult(outcome.seq, outcome.duplicate)
             # Refused for the batch's sake (e.g. a resent id): alone, as before batching.
         return await self._publish_alone(ref, subject, body, sent)
+
+    def publish_then(
+        self,
+        ref: ChannelRef,
+        body: bytes,
+        dedupe_key: str,
+        headers: Mapping[str, str] | None,
+        ttl_s: int | None,
+        done: PublishDone,
+    ) -> None:
+        """:meth:`publish`, called back (see :meth:`mesh.ports.Broker.publish_then`). The
+        usual event (a known stream, batching on, no placement) goes into its stream's lane
+        and its outcome is handed back from the batch's ack: no task, no future. Anything
+        else takes :meth:`publish` in a task."""
+        ingest, streams = self._ingest, self._streams
+        if (
+            ingest is None
+            or streams is None
+            or not streams.known(ref.tenant)
+            or (ttl_s is not None and ttl_s < 1)  # publish() raises it
+            or self._placement(ref.tenant) is not None
+        ):
+            publish_in_task(self.publish(ref, body, dedupe_key, headers, ttl_s), done)
+            return
+        subject = self._scheme.ingest(ref)
+
+        def settle(outcome: Outcome | BaseException) -> None:
+            if isinstance(outcome, BatchItemResult):
+                done(PublishResult(outcome.seq, outcome.duplicate))
+            elif isinstance(outcome, BaseException):
+                done(_unacknowledged(outcome))
+            else:  # refused for the batch's sake: alone, as publish() would
+                alone = _publish_headers(headers, dedupe_key, ttl_s)
+                publish_in_task(self._publish_alone(ref, subject, body, alone), done)
+
+        lines = _header_lines(headers, dedupe_key, ttl_s)
+        ingest.publish_then(self._scheme.stream_name(ref.tenant), subject, body, lines, settle)
 
     async def publish_many(
         self, ref: ChannelRef, items: Sequence[PublishItem], ttl_s: int | None = None
@@ -843,10 +893,8 @@ class JetStreamBroker:
             group = sent[start : start + size]
             try:
                 outcomes = await self._ingest.publish_group(stream, subject, group)
-            except BatchPublisherClosed as exc:
-                raise BrokerUnavailable(f"publish not acknowledged: {exc}") from exc
-            except _TRANSIENT as exc:
-                raise BrokerUnavailable(f"publish not acknowledged: {type(exc).__name__}") from exc
+            except (BatchPublisherClosed, *_TRANSIENT) as exc:
+                raise _unacknowledged(exc) from exc
             for (body, key, headers), outcome in zip(
                 items[start : start + size], outcomes, strict=True
             ):

@@ -38,6 +38,7 @@ from arqonbus_server.mesh.ports import (
     NoResponders,
     PresenceChange,
     PresenceEntry,
+    PublishDone,
     PublishItem,
     PublishResult,
     ReconnectHandler,
@@ -48,6 +49,7 @@ from arqonbus_server.mesh.ports import (
     StoredEvent,
     StoreQuotaExceeded,
     StreamStats,
+    publish_in_task,
     trim_count,
 )
 from arqonbus_server.mesh.presence import (
@@ -262,6 +264,17 @@ class MemoryBroker:
         if mirrors := mirrors_to_confirm(placement):
             await self.wait_mirrored(ref.tenant, mirrors, result.seq, self.publish_timeout_s)
         return result
+
+    def publish_then(
+        self,
+        ref: ChannelRef,
+        body: bytes,
+        dedupe_key: str,
+        headers: Mapping[str, str] | None,
+        ttl_s: int | None,
+        done: PublishDone,
+    ) -> None:
+        publish_in_task(self.publish(ref, body, dedupe_key, headers, ttl_s), done)
 
     async def publish_many(
         self, ref: ChannelRef, items: Sequence[PublishItem], ttl_s: int | None = None

@@ -23,6 +23,7 @@ Names of subjects, streams and buckets all come from :mod:`shared.subjects`.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import (
     AsyncGenerator,
     AsyncIterator,
@@ -243,6 +244,32 @@ def trim_count(sizes: Iterable[int], max_bytes: int) -> int:
     return removed
 
 
+# What :meth:`Broker.publish_then` calls back with: publish()'s result, or what it raised.
+PublishDone = Callable[[PublishResult | BaseException], None]
+
+_settling: set[asyncio.Task[None]] = set()  # publish_in_task's tasks, held until done
+
+
+def publish_in_task(work: Coroutine[Any, Any, PublishResult], done: PublishDone) -> None:
+    """Run ``work`` (a publish) in a task and hand its result, or what it raised, to
+    ``done``: :meth:`Broker.publish_then` for a publish that takes the awaiting path."""
+
+    async def settle() -> None:
+        try:
+            result = await work
+        except asyncio.CancelledError:  # stopped (the gateway is closing): not acknowledged
+            done(BrokerUnavailable("publish not acknowledged: the publish was stopped"))
+            raise
+        except Exception as exc:
+            done(exc)
+        else:
+            done(result)
+
+    task = asyncio.create_task(settle())
+    _settling.add(task)
+    task.add_done_callback(_settling.discard)
+
+
 # -- Broker ---------------------------------------------------------------------------------
 
 
@@ -346,6 +373,23 @@ class Broker(Protocol):
         when the tenant's quota refuses the event (nothing stored), BrokerUnavailable when
         the store did not acknowledge (publish again with the same key: stored once).
         """
+        ...
+
+    def publish_then(
+        self,
+        ref: ChannelRef,
+        body: bytes,
+        dedupe_key: str,
+        headers: Mapping[str, str] | None,
+        ttl_s: int | None,
+        done: PublishDone,
+    ) -> None:
+        """:meth:`publish`, with what it would return or raise handed to ``done``: once,
+        always later (never from within this call), on the event loop. Successive calls
+        reach the store in call order, as publishes awaited in tasks started in that order.
+
+        The cheap way to publish one event at a time: no task per publish where the store
+        can call back straight from its ack (the gateway's single events)."""
         ...
 
     async def publish_many(

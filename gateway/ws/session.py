@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 import uuid
@@ -168,6 +169,9 @@ class Session:
         # The task sets and the drain event below are made on first use: an empty set is
         # 216 bytes and an asyncio.Event about 900, on every idle connection otherwise.
         self._publishes: set[asyncio.Task[None]] | None = None
+        self._publishing = 0  # publishes in flight: those tasks and the called-back ones
+        self._publish_tasks_unstarted = 0  # (see _start_publish)
+        self._publish_ended: asyncio.Future[None] | None = None  # made by _publish_end
         # Service calls are counted apart: a connection that is also a handler must keep
         # reading its answers while its own calls wait for them.
         self._calls: set[asyncio.Task[None]] | None = None
@@ -370,9 +374,9 @@ class Session:
 
     async def _await(self, effect: fx.Effect) -> None:
         if isinstance(effect, fx.AwaitPublishSlot):
-            while self._publishes is not None and len(self._publishes) >= effect.limit:
+            while self._publishing >= effect.limit:
                 # Backpressure: stop reading this socket until an ack frees a slot.
-                await asyncio.wait(set(self._publishes), return_when=asyncio.FIRST_COMPLETED)
+                await self._publish_end()
         elif isinstance(effect, fx.Publish | fx.PublishBatch):
             await self._start_publish(effect)
         elif isinstance(effect, fx.Unserve):
@@ -415,16 +419,61 @@ class Session:
             first = publish if isinstance(publish, fx.Publish) else publish.items[0]
             self._phases.sent(first.dedupe_key, *self._sampled)
             self._sampled = None
+        self._publishing += 1
+        if (
+            isinstance(publish, fx.Publish)
+            and self._tracing is None
+            and not self._publish_tasks_unstarted
+        ):
+            # The usual single event: called back from the store's ack, without a task.
+            # Not while a publish task has yet to start: this event would overtake it.
+            if publish.trace_malformed:
+                trace_counters.malformed_trace_fields += 1
+            self._broker.publish_then(
+                publish.ref,
+                with_trace(publish.body, publish.trace),  # the client's, passed on as sent
+                publish.dedupe_key,
+                None,
+                publish.ttl_s,
+                functools.partial(self._published, publish),
+            )
+            return
         if self._publishes is None:
             self._publishes = set()
+        self._publish_tasks_unstarted += 1
         if isinstance(publish, fx.Publish):
             task = asyncio.create_task(self._publish(publish))
         else:
             task = asyncio.create_task(self._publish_batch(publish))
         self._publishes.add(task)
         task.add_done_callback(self._publishes.discard)
+        task.add_done_callback(self._publish_over)
+
+    def _published(self, publish: fx.Publish, outcome: PublishResult | BaseException) -> None:
+        """A single event's outcome, called back by the broker (Broker.publish_then)."""
+        try:
+            if isinstance(outcome, PublishResult):
+                self._apply_now(self._answer(publish, outcome))
+            else:
+                self._apply_now(self._answer(publish, _failure(publish.event_id, outcome)))
+        finally:
+            self._publish_over()
+
+    def _publish_over(self, _: object = None) -> None:
+        self._publishing -= 1
+        ended = self._publish_ended
+        if ended is not None and not ended.done():
+            ended.set_result(None)
+
+    async def _publish_end(self, timeout: float | None = None) -> None:
+        """Return when a publish in flight ends (or after ``timeout`` s)."""
+        ended = self._publish_ended
+        if ended is None or ended.done():
+            ended = self._publish_ended = asyncio.get_running_loop().create_future()
+        await asyncio.wait((ended,), timeout=timeout)  # never cancels it for another waiter
 
     async def _publish(self, publish: fx.Publish) -> None:
+        self._publish_tasks_unstarted -= 1
         if publish.trace_malformed:
             trace_counters.malformed_trace_fields += 1
         if self._tracing is not None:
@@ -458,18 +507,13 @@ class Session:
         """The store's answer to a publish, or how it failed."""
         try:
             return await work
-        except StoreQuotaExceeded as exc:
-            return Failure.QUOTA, str(exc)
-        except BrokerUnavailable as exc:
-            log.warning("publish of %s failed: %s", request_id, exc)
-            return Failure.UNAVAILABLE, None
-        except Exception:
-            log.exception("publish of %s failed", request_id)
-            return Failure.INTERNAL, None
+        except Exception as exc:
+            return _failure(request_id, exc)
 
     async def _publish_batch(self, batch: fx.PublishBatch) -> None:
         """An ``events`` frame: its events stored together, answered by one ack (or one
         error) once every one is stored; each is traced as a single event would be."""
+        self._publish_tasks_unstarted -= 1
         tracing = self._tracing
         spans: list[Any] = []
         items: list[PublishItem] = []
@@ -544,9 +588,10 @@ class Session:
     async def finish_in_flight(self, timeout: float) -> None:
         """Wait for acks and answers owed to this connection, and by its handler to others."""
         deadline = time.monotonic() + timeout
-        in_flight = set(self._publishes or ()) | set(self._calls or ())
-        if in_flight:
-            await asyncio.wait(in_flight, timeout=timeout)
+        if self._calls:
+            await asyncio.wait(set(self._calls), timeout=timeout)
+        while self._publishing > 0 and (left := deadline - time.monotonic()) > 0:
+            await self._publish_end(left)
         if self._no_deliveries is None:
             self._no_deliveries = asyncio.Event()
             if not self._deliveries_pending:
@@ -881,6 +926,17 @@ class Session:
         await self.finish_in_flight(timeout)
         await self._close_handlers("the handler's gateway is draining")
         await self.socket.close(CloseCode.SERVICE_RESTART, "server draining: reconnect elsewhere")
+
+
+def _failure(request_id: str, exc: BaseException) -> tuple[Failure, str | None]:
+    """How a publish failed, from what the store raised (logged unless it is a refusal)."""
+    if isinstance(exc, StoreQuotaExceeded):
+        return Failure.QUOTA, str(exc)
+    if isinstance(exc, BrokerUnavailable):
+        log.warning("publish of %s failed: %s", request_id, exc)
+        return Failure.UNAVAILABLE, None
+    log.error("publish of %s failed", request_id, exc_info=exc)
+    return Failure.INTERNAL, None
 
 
 async def _true() -> bool:

@@ -13,6 +13,7 @@ from arqonbus_server.mesh.ports import (
     ChannelWindow,
     LiveEvent,
     NoResponders,
+    PublishResult,
     RequestTimeout,
     ServiceRequest,
     StoreQuotaExceeded,
@@ -133,6 +134,89 @@ async def test_publish_many_stores_in_order_each_once_with_its_own_result(mesh: 
         again = await subscriber.publish_many(ref, items)
     assert [(r.seq, r.duplicate) for r in again] == [(r.seq, True) for r in results]
     assert len(await stored(subscriber, ref)) == n + 1  # probe, earlier and the n - 1
+
+
+class CalledBack:
+    """Outcomes handed to publish_then's ``done``, by call; each must come once, later."""
+
+    def __init__(self) -> None:
+        self.outcomes: dict[int, list[object]] = {}
+        self.calling = False  # inside a publish_then call
+        self.within_call = 0
+        self._changed = asyncio.Event()
+
+    def publish(self, broker: Broker, ref: ChannelRef, n: int, *args: object) -> None:
+        self.calling = True
+        try:
+            broker.publish_then(ref, *args, done=lambda outcome: self._done(n, outcome))  # type: ignore[misc]
+        finally:
+            self.calling = False
+
+    def _done(self, n: int, outcome: object) -> None:
+        self.within_call += self.calling
+        self.outcomes.setdefault(n, []).append(outcome)
+        self._changed.set()
+
+    async def until(self, count: int) -> list[object]:
+        """The outcomes of calls 0 .. count - 1, once each has come."""
+        async with asyncio.timeout(WAIT_S * SEC):
+            while len(self.outcomes) < count:
+                self._changed.clear()
+                await self._changed.wait()
+        assert self.within_call == 0, "done was called from within publish_then"
+        assert all(len(self.outcomes[n]) == 1 for n in range(count)), "done called twice"
+        return [self.outcomes[n][0] for n in range(count)]
+
+
+async def test_publish_then_calls_back_once_later_with_what_publish_returns(mesh: Mesh) -> None:
+    publisher, reader = await mesh.broker(), await mesh.broker()
+    ref = ChannelRef(tenant(), "r", "c")
+    # The tenant's first event (no stream known yet) and then many in a row, as a busy
+    # connection sends them: each called back once, with its seq, stored in call order.
+    first = CalledBack()
+    first.publish(publisher, ref, 0, b"first", key(), None, None)
+    (result,) = await first.until(1)
+    assert isinstance(result, PublishResult) and not result.duplicate
+    called = CalledBack()
+    n = 300
+    keys = [key() for _ in range(n)]
+    batched = publisher.batch_stats.events if mesh.kind == "jetstream" else 0  # type: ignore[attr-defined]
+    for i, k in enumerate(keys):
+        called.publish(publisher, ref, i, b'{"n":%d}' % i, k, {"traceparent": f"t{i}"}, None)
+    results = await called.until(n)
+    assert all(isinstance(r, PublishResult) and not r.duplicate for r in results)
+    seqs = [r.seq for r in results]  # type: ignore[attr-defined]
+    assert seqs == sorted(set(seqs)) and seqs[0] > result.seq
+    expected = [(result.seq, b"first")] + [(s, b'{"n":%d}' % i) for i, s in enumerate(seqs)]
+    assert await stored(reader, ref) == expected
+    if mesh.kind == "jetstream":  # they went through the stream's lane, in atomic batches
+        assert publisher.batch_stats.events - batched == n  # type: ignore[attr-defined]
+    # The same keys again (a client's resend after a reconnect): duplicates with the first
+    # seqs, nothing stored again.
+    again = CalledBack()
+    for i, k in enumerate(keys):
+        again.publish(reader, ref, i, b"resent", k, None, None)
+    assert [(r.seq, r.duplicate) for r in await again.until(n)] == [  # type: ignore[attr-defined]
+        (s, True) for s in seqs
+    ]
+    assert len(await stored(reader, ref)) == n + 1
+
+
+async def test_publish_then_hands_failures_to_done(mesh: Mesh) -> None:
+    quota = 2000
+    broker = await mesh.broker(max_bytes_for=lambda _: quota)
+    ref = ChannelRef(tenant(), "r", "c")
+    await broker.publish(ref, b"x" * 400, key())  # the stream exists: the lane's path
+    called = CalledBack()
+    for i in range(20):
+        called.publish(broker, ref, i, b"x" * 400, key(), None, None)
+    called.publish(broker, ref, 20, b"x", key(), None, 0)  # a TTL below 1 s
+    outcomes = await called.until(21)
+    acked = [o for o in outcomes[:20] if isinstance(o, PublishResult)]
+    refused = [o for o in outcomes[:20] if isinstance(o, StoreQuotaExceeded)]
+    assert len(acked) < quota // 400 and len(acked) + len(refused) == 20
+    assert isinstance(outcomes[20], ValueError)
+    assert len(await stored(broker, ref)) == 1 + len(acked)  # refusing stored nothing
 
 
 async def test_window_of_an_unknown_tenant_is_empty_and_then_tracks_the_channel(

@@ -11,6 +11,7 @@ import urllib.request
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import nats
 import orjson
@@ -279,10 +280,11 @@ async def test_unexpected_publish_failure_is_internal_and_the_connection_lives(
     gw = await start_gateway()
     client = await clients(gateway_url(gw), tenant, "alice")
 
-    async def broken_publish(*args: object, **kwargs: object) -> None:
-        raise RuntimeError("simulated bug in the broker")
+    def broken_publish(*args: Any) -> None:  # (ref, body, key, headers, ttl_s, done)
+        bug = RuntimeError("simulated bug in the broker")
+        asyncio.get_running_loop().call_soon(args[-1], bug)  # later, as the port requires
 
-    monkeypatch.setattr(gw.broker, "publish", broken_publish)
+    monkeypatch.setattr(gw.broker, "publish_then", broken_publish)
     reply = await client.publish("r", "c", {"n": 1}, id="boom-1")
 
     assert reply["type"] == "error", reply
