@@ -58,8 +58,8 @@ _BATCH_HEADER_PREFIX = "nats-batch-"
 
 # nats-server's defaults (server/stream.go: streamDefaultMaxAtomicBatchSize,
 # streamDefaultMaxAtomicBatchInflightPerStream, streamDefaultMaxBatchTimeout). An operator can
-# lower the size in the server's jetstream limits (max_batch_size): the server then refuses a
-# longer batch with BatchTooLarge.
+# lower the size in the server's jetstream limits (``limits { batch { max_msgs } }``): the
+# server then refuses a longer batch with BatchTooLarge.
 MAX_BATCH_MESSAGES = 1000
 MAX_INFLIGHT_PER_STREAM = 50
 SERVER_IDLE_ABANDON_S = 10.0

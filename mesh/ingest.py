@@ -39,6 +39,7 @@ from arqonbus_server.mesh.batch import (
     BatchItemResult,
     BatchPublisher,
     BatchPublisherClosed,
+    BatchTooLarge,
     Headers,
 )
 
@@ -56,7 +57,8 @@ MAX_IN_FLIGHT: Final = 1
 # (docs/performance.md, "Events frames"): about 12 % more events per second than one, with
 # the same NATS CPU per event; below a full batch nothing changes.
 MAX_IN_FLIGHT_FULL: Final = 2
-# The server's default limit (max_batch_size). Under a steady ingest the batches are full:
+# The server's default limit (jetstream limits: batch max_msgs; a lower one makes the lane
+# halve its batches until they fit, IngestBatcher._below). Under a steady ingest the batches are full:
 # with one in flight, its size bounds the rate. Measured against 500 with events frames
 # (docs/performance.md, "Events frames"): about 10 % more events per second.
 MAX_BATCH: Final = 1000
@@ -279,6 +281,8 @@ class IngestBatcher:
             self.stats.alone += len(messages)
             if isinstance(exc, AtomicPublishDisabled) and self.on_atomic_disabled is not None:
                 self.on_atomic_disabled(stream)
+            if isinstance(exc, BatchTooLarge):
+                self._below(len(messages))
             log.debug("batch of %d to %s refused (%s): published alone", len(messages), stream, exc)
             for entry in batch:
                 if isinstance(entry, _Group):
@@ -305,6 +309,21 @@ class IngestBatcher:
         finally:
             lane.in_flight -= 1  # a lane with a batch out is never dropped (_pump)
             self._pump(stream, lane)
+
+    def _below(self, refused: int) -> None:
+        """The server refused a batch of ``refused`` events as too large: an operator set
+        its limit (jetstream ``limits { batch { max_msgs } }``) below ours. Later batches
+        hold at most half as many, again at each refusal, down to one event: a few
+        refused batches (their events published alone) find a size the server takes."""
+        lowered = max(1, min(self._max_batch, refused // 2))
+        if lowered < self._max_batch:
+            log.warning(
+                "the NATS server refused an atomic batch of %d events as too large (its "
+                "jetstream limits, batch max_msgs, are lower): batches of at most %d from now on",
+                refused,
+                lowered,
+            )
+            self._max_batch = lowered
 
 
 def refusal_reason(exc: BatchError) -> str:

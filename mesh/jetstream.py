@@ -887,9 +887,11 @@ class JetStreamBroker:
             await self.ensure_stream(ref.tenant)
         # Encoded once here: the lane and the batch publisher take the header lines as is.
         sent = [(body, _header_lines(headers, key, ttl_s)) for body, key, headers in items]
-        stream, size = self._scheme.stream_name(ref.tenant), self._ingest.max_batch
+        stream, start = self._scheme.stream_name(ref.tenant), 0
         results: list[PublishResult] = []
-        for start in range(0, len(sent), size):  # a group at a time keeps the list's order
+        while start < len(sent):  # a group at a time keeps the list's order
+            # Read at each group: the lane lowers it when the server refuses a batch size.
+            size = self._ingest.max_batch
             group = sent[start : start + size]
             try:
                 outcomes = await self._ingest.publish_group(stream, subject, group)
@@ -903,6 +905,7 @@ class JetStreamBroker:
                 else:  # the group was refused for the batch's sake: alone, in order
                     alone = _publish_headers(headers, key, ttl_s)
                     results.append(await self._publish_alone(ref, subject, body, alone))
+            start += len(group)
         return results
 
     async def _publish_alone(

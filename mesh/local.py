@@ -277,12 +277,17 @@ class _Node:
 
 
 def render_config(
-    spec: NodeSpec, cluster_name: str, routes: list[str], extra_config: str = ""
+    spec: NodeSpec,
+    cluster_name: str,
+    routes: list[str],
+    extra_config: str = "",
+    jetstream_config: str = "",
 ) -> str:
     """Return the nats-server config for one node; no cluster block when ``routes`` is empty.
 
     ``extra_config`` (top-level nats-server config, e.g. an ``authorization`` or ``tls``
-    block) is appended as is.
+    block) is appended as is; ``jetstream_config`` (e.g. a ``limits`` block) goes inside the
+    ``jetstream`` block (a second one would replace the first).
     """
 
     def q(value: str) -> str:  # a JSON string is a valid quoted string in the nats config syntax
@@ -296,6 +301,7 @@ def render_config(
         f"  store_dir: {q(str(spec.store_dir))}",
         # The default fsyncs every 2 minutes: an acked message could be lost on power loss.
         "  sync_interval: always",
+        *(f"  {line}" for line in jetstream_config.splitlines() if line.strip()),
         "}",
     ]
     if spec.http_port is not None:
@@ -461,6 +467,7 @@ class LocalCluster:
         binary: str | None = None,
         extra_config: str = "",
         connect_options: dict[str, Any] | None = None,
+        jetstream_config: str = "",
     ) -> None:
         if nodes < 1:
             raise ValueError(f"nodes must be >= 1, got {nodes}")
@@ -472,6 +479,7 @@ class LocalCluster:
         # Appended to every node's config (an authorization or tls block); the readiness probes
         # connect with ``connect_options`` (nats-py connect() arguments: credentials, tls).
         self.extra_config = extra_config
+        self.jetstream_config = jetstream_config  # inside every node's jetstream block
         self.connect_options = dict(connect_options or {})
         self._lock = DataDirLock(self.base_dir)
         self._started = False
@@ -674,7 +682,9 @@ class LocalCluster:
             spec = node.spec
             routes = [other.spec.route for other in self._nodes if other is not node]
             spec.store_dir.mkdir(parents=True, exist_ok=True)
-            spec.config_path.write_text(render_config(spec, self.name, routes, self.extra_config))
+            spec.config_path.write_text(
+                render_config(spec, self.name, routes, self.extra_config, self.jetstream_config)
+            )
 
     # Hooks for subclasses that run nodes elsewhere (chaos.netns: one network namespace per node;
     # mesh.containers: one container per node).

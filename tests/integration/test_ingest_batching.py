@@ -14,6 +14,7 @@ from arqonbus_server.mesh.jetstream import JetStreamBroker
 from arqonbus_server.mesh.local import LocalCluster
 from arqonbus_server.mesh.streams import StreamPolicy, tenant_stream_config
 from arqonbus_server.shared.subjects import ChannelRef, SubjectScheme
+from tests.conftest import new_cluster
 from tests.timeouts import SEC
 
 SCHEME = SubjectScheme("arq")
@@ -86,3 +87,49 @@ async def test_a_stream_made_without_atomic_batches_gets_them_and_loses_nothing(
     assert sorted(r.seq for r in results) == list(range(1, 301))
     info = await jsm.stream_info(SCHEME.stream_name(tenant))
     assert info.config.allow_atomic is True  # turned on when the gateway first used it
+
+
+async def test_a_server_batch_limit_below_ours_loses_nothing_and_the_lane_fits_under_it(
+    tmp_path_factory: pytest.TempPathFactory, tenant: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # An operator's jetstream limits allow 10 messages per atomic batch (the default: 1,000).
+    cluster = new_cluster(
+        tmp_path_factory.mktemp("nats-small-batches"),
+        nodes=3,
+        jetstream_config="limits { batch { max_msgs: 10 } }",
+    )
+    await cluster.start(timeout=60 * SEC)
+    broker = JetStreamBroker(cluster.urls, SCHEME, StreamPolicy(), name="small-batches")
+    try:
+        await broker.connect()
+        ref = ChannelRef(tenant, "r", "c")
+        await broker.ensure_stream(tenant)
+        n = 300
+        bodies = [b'{"n":%d}' % i for i in range(n)]
+        async with asyncio.timeout(60 * SEC):
+            # An events frame of 300 (groups of the lane's size), then rounds of 300 single
+            # publishes at once: the first ones find the size, the last ones are batched.
+            many = await broker.publish_many(
+                ref, [(b, f"m-{i}", None) for i, b in enumerate(bodies)]
+            )
+            rounds = [
+                await asyncio.gather(
+                    *(broker.publish(ref, b, f"s{r}-{i}") for i, b in enumerate(bodies))
+                )
+                for r in range(3)
+            ]
+        results = many + [result for round_ in rounds for result in round_]
+        seqs = [r.seq for r in results]
+        assert sorted(seqs) == list(range(1, 4 * n + 1)) and not any(r.duplicate for r in results)
+        assert [r.seq for r in many] == list(range(1, n + 1))  # the frame in its order
+        by_seq = dict(await stored(broker, ref))
+        assert [by_seq[s] for s in seqs] == bodies * 4
+        # A few refusals took the lane below the server's limit; then it batched again.
+        stats = broker.batch_stats
+        assert broker._ingest is not None and broker._ingest.max_batch <= 10
+        assert 1 <= stats.refusals.get("too_large", 0) <= 10, stats
+        assert stats.events >= n and stats.batches < stats.events / 4, stats
+        assert "batches of at most" in caplog.text
+    finally:
+        await broker.close()
+        await cluster.stop()

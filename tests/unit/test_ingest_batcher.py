@@ -4,7 +4,7 @@ tests/integration/test_ingest_batching.py runs it on the real cluster."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
@@ -14,6 +14,7 @@ from arqonbus_server.mesh.batch import (
     BatchDuplicate,
     BatchItemResult,
     BatchPublisherClosed,
+    BatchTooLarge,
 )
 from arqonbus_server.mesh.ingest import ALONE, IngestBatcher
 from tests.timeouts import SEC, eventually
@@ -171,3 +172,66 @@ async def test_a_group_goes_whole_into_one_batch_and_is_refused_whole() -> None:
     assert (await first[0]).seq == 1 and await first[1] is ALONE  # b shared the refusal
     with pytest.raises(ValueError, match="1-4 events"):
         await batcher.publish_group("S", "arq.ev.t.r.c", [(b"x", {})] * 5)
+
+
+async def test_publish_then_calls_back_from_the_batch_and_one_failing_callback_spares_the_rest(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    pub = Scripted()
+    batcher = IngestBatcher(pub, max_in_flight=1)  # type: ignore[arg-type]
+    outcomes: dict[bytes, list[object]] = {}
+
+    def done(body: bytes) -> Callable[[object], None]:
+        def record(outcome: object) -> None:
+            outcomes.setdefault(body, []).append(outcome)
+            if body == b"bug":
+                raise RuntimeError("a caller's bug")
+
+        return record
+
+    for body in (b"a", b"bug", b"c", b"d"):
+        batcher.publish_then("S", "arq.ev.t.r.c", body, b"", done(body))
+    assert outcomes == {}  # never from within the call
+    await batches_sent(pub, 1)
+    pub.answer(0)  # "a" alone; then the three that waited, in one batch
+    await batches_sent(pub, 2)
+    assert pub.batches[1] == [b"bug", b"c", b"d"]
+    pub.answer(1, TimeoutError())
+
+    async def all_called() -> bool:
+        return len(outcomes) == 4
+
+    await eventually(all_called, 3 * SEC, "every callback called")
+    assert [o.seq for o in outcomes[b"a"]] == [1]  # type: ignore[attr-defined]
+    assert all(len(outcomes[b]) == 1 for b in outcomes)  # once each
+    assert all(isinstance(outcomes[b][0], TimeoutError) for b in (b"bug", b"c", b"d"))
+    assert "a publish's callback failed" in caplog.text
+
+
+async def test_a_server_limit_below_the_batch_size_halves_the_batches_until_they_fit(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    pub = Scripted()
+    batcher = IngestBatcher(pub, max_in_flight=1, max_batch=40)  # type: ignore[arg-type]
+    tasks = start(batcher, [b"%d" % i for i in range(41)])  # one alone, then 40 together
+    await batches_sent(pub, 1)
+    pub.answer(0)
+    await batches_sent(pub, 2)
+    assert len(pub.batches[1]) == 40
+    pub.answer(1, BatchTooLarge(10199, "atomic publish batch is too large"))
+    assert await asyncio.wait_for(asyncio.gather(*tasks[1:]), 3 * SEC) == [ALONE] * 40
+    assert batcher.max_batch == 20
+    assert "batches of at most 20 from now on" in caplog.text
+    # A refused batch smaller than the size: below it (10), never up again.
+    more = start(batcher, [b"x"] + [b"%d" % i for i in range(14)])
+    await batches_sent(pub, 3)
+    pub.answer(2)
+    await batches_sent(pub, 4)
+    assert len(pub.batches[3]) == 14
+    pub.answer(3, BatchTooLarge(10199, "atomic publish batch is too large"))
+    await asyncio.wait_for(asyncio.gather(*more), 3 * SEC)
+    assert batcher.max_batch == 7
+    assert batcher.stats.refusals == {"too_large": 2}
+    # A group larger than the new size is refused before it is queued.
+    with pytest.raises(ValueError):
+        await batcher.publish_group("S", "arq.ev.t.r.c", [(b"g", b"")] * 8)
