@@ -57,10 +57,10 @@ MAX_IN_FLIGHT: Final = 1
 # (docs/performance.md, "Events frames"): about 12 % more events per second than one, with
 # the same NATS CPU per event; below a full batch nothing changes.
 MAX_IN_FLIGHT_FULL: Final = 2
-# The server's default limit (jetstream limits: batch max_msgs; a lower one makes the lane
-# halve its batches until they fit, IngestBatcher._below). Under a steady ingest the batches are full:
-# with one in flight, its size bounds the rate. Measured against 500 with events frames
-# (docs/performance.md, "Events frames"): about 10 % more events per second.
+# The server's default limit (jetstream limits: batch max_msgs; against a lower one the lane
+# halves its batches until they fit, IngestBatcher._below). Under a steady ingest the
+# batches are full: with one in flight, its size bounds the rate. Measured against 500 with
+# events frames (docs/performance.md, "Events frames"): about 10 % more events per second.
 MAX_BATCH: Final = 1000
 
 

@@ -24,6 +24,7 @@ Names of subjects, streams and buckets all come from :mod:`shared.subjects`.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import (
     AsyncGenerator,
     AsyncIterator,
@@ -48,6 +49,8 @@ from arqonbus_server.shared.errors import (
 )
 from arqonbus_server.shared.regions import Placement
 from arqonbus_server.shared.subjects import ChannelRef
+
+log = logging.getLogger("arqonbus.mesh.ports")
 
 # -- errors -----------------------------------------------------------------------------
 
@@ -254,16 +257,22 @@ def publish_in_task(work: Coroutine[Any, Any, PublishResult], done: PublishDone)
     """Run ``work`` (a publish) in a task and hand its result, or what it raised, to
     ``done``: :meth:`Broker.publish_then` for a publish that takes the awaiting path."""
 
+    def hand_over(outcome: PublishResult | BaseException) -> None:
+        try:
+            done(outcome)
+        except Exception:  # the caller's bug: logged here, not lost in the task
+            log.exception("a publish's callback failed")
+
     async def settle() -> None:
         try:
             result = await work
         except asyncio.CancelledError:  # stopped (the gateway is closing): not acknowledged
-            done(BrokerUnavailable("publish not acknowledged: the publish was stopped"))
+            hand_over(BrokerUnavailable("publish not acknowledged: the publish was stopped"))
             raise
         except Exception as exc:
-            done(exc)
+            hand_over(exc)
         else:
-            done(result)
+            hand_over(result)
 
     task = asyncio.create_task(settle())
     _settling.add(task)
