@@ -127,6 +127,10 @@ async def test_a_server_batch_limit_below_ours_loses_nothing_and_the_lane_fits_u
         # A few refusals took the lane below the server's limit; then it batched again.
         stats = broker.batch_stats
         assert broker._ingest is not None and broker._ingest.max_batch <= 10
+        # At least one refusal: the server limit took effect (without jetstream_config in
+        # the nodes' config there is none). The lowering itself is shown by max_batch above
+        # and the batching below: without it the lane stays at 1,000 and stores 3 of the
+        # 1,200 events in batches (checked by disabling IngestBatcher._below).
         assert 1 <= stats.refusals.get("too_large", 0) <= 10, stats
         assert stats.events >= n and stats.batches < stats.events / 4, stats
         assert "batches of at most" in caplog.text
