@@ -108,6 +108,8 @@ class JoinParams:
     # ``presence``) (docs/presence.md).
     presence: bool | None = None
     presence_events: bool | None = None
+    # Take several of the channel's events in one ``events`` message (docs/protocol.md).
+    batch: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,8 +234,8 @@ def join_params(parameters: dict[str, Any]) -> JoinParams:
             "parameter 'since_epoch' must be an integer >= 1 and comes with 'since_seq' "
             "(the epoch and seq of the last event received)",
         )
-    flags = [_flag(parameters, name) for name in ("presence", "presence_events")]
-    return JoinParams(since_seq, since_epoch, flags[0], flags[1])
+    flags = [_flag(parameters, name) for name in ("presence", "presence_events", "batch")]
+    return JoinParams(since_seq, since_epoch, flags[0], flags[1], flags[2] is True)
 
 
 def _flag(parameters: dict[str, Any], name: str) -> bool | None:

@@ -432,6 +432,41 @@ def with_seq_epoch(stored: bytes, seq: int, epoch: int) -> bytes:
     return b'%s,"seq":%d,"epoch":%d}' % (stored[:-1], seq, epoch)
 
 
+# The bodies of one ``events`` delivery (docs/protocol.md#batched-delivery): a batch
+# holds events while their delivered forms add up to at most this; a longer one goes alone.
+DELIVERY_BATCH_BYTES = 65536
+
+
+def delivery_batches(delivered: list[bytes]) -> list[list[bytes]]:
+    """``delivered`` (in seq order) cut into runs of at most DELIVERY_BATCH_BYTES each; an
+    event longer than that is a run of its own."""
+    runs: list[list[bytes]] = []
+    run: list[bytes] = []
+    size = 0
+    for body in delivered:
+        if run and size + len(body) > DELIVERY_BATCH_BYTES:
+            runs.append(run)
+            run, size = [], 0
+        run.append(body)
+        size += len(body)
+    if run:
+        runs.append(run)
+    return runs
+
+
+def encode_run(room: str, channel: str, delivered: list[bytes]) -> bytes:
+    """The message of one run of delivered events: the event itself when it is one, else
+    an ``events`` message carrying them in order (each exactly as an ``event`` message)."""
+    if len(delivered) == 1:
+        return delivered[0]
+    return b'{"version":"%s","type":"events","room":%s,"channel":%s,"payload":{"events":[%s]}}' % (
+        PROTOCOL_VERSION.encode(),
+        orjson.dumps(room),
+        orjson.dumps(channel),
+        b",".join(delivered),
+    )
+
+
 # -- gateway -> client --------------------------------------------------------
 
 

@@ -198,20 +198,24 @@ class WsClient:
         )
         return answer_id
 
-    async def join(self, room: str, channel: str, since_seq: int | None = None) -> Message:
-        params = {} if since_seq is None else {"since_seq": since_seq}
+    async def join(
+        self, room: str, channel: str, since_seq: int | None = None, **parameters: Any
+    ) -> Message:
+        params = parameters if since_seq is None else {"since_seq": since_seq, **parameters}
         reply = await self.command(room, channel, "join_channel", params)
         assert reply["payload"]["status"] == "success", reply
         result: Message = reply["payload"]["result"]
         return result
 
     def events(self, room: str | None = None, channel: str | None = None) -> list[Message]:
+        """The events received, in order; those of an ``events`` message one by one."""
         return [
-            m
+            event
             for m in self.received
-            if m["type"] == "event"
+            if m["type"] in ("event", "events")
             and (room is None or m["room"] == room)
             and (channel is None or m["channel"] == channel)
+            for event in (m["payload"]["events"] if m["type"] == "events" else (m,))
         ]
 
     async def wait_events(

@@ -36,7 +36,14 @@ from arqonbus_server.mesh.broker import (
     LiveSubscription,
 )
 from arqonbus_server.shared.core.resume import EpochLoss, resume_point
-from arqonbus_server.shared.envelope import encode_gap, with_seq, with_seq_epoch
+from arqonbus_server.shared.envelope import (
+    DELIVERY_BATCH_BYTES,
+    delivery_batches,
+    encode_gap,
+    encode_run,
+    with_seq,
+    with_seq_epoch,
+)
 from arqonbus_server.shared.errors import CloseCode
 from arqonbus_server.shared.regions import Placement
 from arqonbus_server.shared.subjects import ChannelRef
@@ -62,6 +69,7 @@ class Member:
     task: asyncio.Task[None] | None = None
     replayed: int = 0  # events sent by the replay in progress (for its span)
     epoch: int | None = None  # a placed tenant's epoch its cursor belongs to
+    batch: bool = False  # takes runs of events in ``events`` messages (join_channel ``batch``)
 
 
 @dataclass(slots=True)
@@ -104,9 +112,17 @@ class JoinResult:
         return result
 
 
-def _frames(events: list[LiveEvent]) -> list[bytes]:
-    """The WebSocket frames of live events of a tenant with no placement (no epoch)."""
-    return [encode_text_frame(with_seq(event.body, event.seq)) for event in events]
+def _delivered_forms(events: list[LiveEvent]) -> list[bytes]:
+    """The delivered forms of live events of a tenant with no placement (no epoch)."""
+    return [with_seq(event.body, event.seq) for event in events]
+
+
+def _batched(ref: ChannelRef, delivered: list[bytes]) -> tuple[bytes, int]:
+    """Delivered events as ``events`` messages (docs/protocol.md#batched-delivery): the
+    WebSocket frames, joined, and how many there are."""
+    runs = delivery_batches(delivered)
+    frames = [encode_text_frame(encode_run(ref.room, ref.channel, run)) for run in runs]
+    return (frames[0] if len(frames) == 1 else b"".join(frames)), len(frames)
 
 
 def _retrieve(future: asyncio.Future[ChannelWindow]) -> None:
@@ -164,9 +180,17 @@ class Hub:
     # -- membership -------------------------------------------------------------
 
     async def join(
-        self, socket: Socket, ref: ChannelRef, since_seq: int | None, since_epoch: int | None = None
+        self,
+        socket: Socket,
+        ref: ChannelRef,
+        since_seq: int | None,
+        since_epoch: int | None = None,
+        batch: bool = False,
     ) -> tuple[Member, JoinResult]:
         """Register a member (buffering live events), then read the channel's window.
+
+        With ``batch`` the member takes runs of events in ``events`` messages: the live
+        events written together, and the replay's.
 
         The caller sends the join reply, then calls :meth:`start` to replay and go live.
         A client in an epoch this gateway has not seen yet (its placement record is on the
@@ -180,7 +204,7 @@ class Hub:
         channel.joining += 1  # keeps the channel (and its subscription) while we wait
         try:
             await self._subscribed(ref, channel)
-            member = Member(socket, ref)
+            member = Member(socket, ref, batch=batch)
             channel.members[id(socket)] = member
             window = await self._shared_window(ref, channel)
         except BaseException:
@@ -490,17 +514,27 @@ class Hub:
         if not events:
             return
         channel.burst = []
-        frames: list[bytes] = []  # each event's, made on first need
-        joined = b""
+        delivered: list[bytes] = []  # each event's delivered form, made on first need
+        frames: list[bytes] = []  # each event's frame, made on first need
+        joined = b""  # the whole burst as one frame per event
+        batched = b""  # the whole burst as events messages, and how many
+        batched_count = 0
         start, end = events[0].prev_seq, events[-1].seq
         whole = 0  # members that got the whole burst in one write
         counts = [0] * len(events)
         for member in channel.members.values():
             if member.cursor == start and not member.syncing and member.epoch is None:
-                if not joined:
-                    frames = frames or _frames(events)
-                    joined = frames[0] if len(frames) == 1 else b"".join(frames)
-                member.socket.write_frame(joined, len(events))
+                if member.batch and len(events) > 1:
+                    if not batched:
+                        delivered = delivered or _delivered_forms(events)
+                        batched, batched_count = _batched(member.ref, delivered)
+                    member.socket.write_frame(batched, batched_count)
+                else:
+                    if not joined:
+                        delivered = delivered or _delivered_forms(events)
+                        frames = frames or [encode_text_frame(d) for d in delivered]
+                        joined = frames[0] if len(frames) == 1 else b"".join(frames)
+                    member.socket.write_frame(joined, len(events))
                 member.cursor = end
                 whole += 1
                 continue
@@ -508,7 +542,8 @@ class Hub:
                 continue  # moving to an epoch: its catch-up reads the store
             for i, event in enumerate(events):
                 if self._continues(member, event):
-                    frames = frames or _frames(events)
+                    delivered = delivered or _delivered_forms(events)
+                    frames = frames or [encode_text_frame(d) for d in delivered]
                     member.socket.write_frame(frames[i])
                     member.cursor = event.seq
                     counts[i] += 1
@@ -578,15 +613,29 @@ class Hub:
         # Closed here, not left to the generator's finalizer: a replay through a pull
         # consumer holds one of the gateway's few slots and a consumer until it is closed.
         replay = self._broker.replay(member.ref, member.cursor + 1, upto)
+        run: list[bytes] = []  # a batch member's events not sent yet, up to ``last``
+        run_bytes = 0
+        last = member.cursor
         async with contextlib.aclosing(replay) as stored_events:
             async for stored in stored_events:
-                if stored.seq <= member.cursor:
+                if stored.seq <= last:
                     continue
                 delivered = self._delivered(member, stored.body, stored.seq)
-                if not await member.socket.send_paced(delivered):
-                    return
-                member.cursor = stored.seq
-                member.replayed += 1
+                if not member.batch:
+                    if not await member.socket.send_paced(delivered):
+                        return
+                    member.cursor = last = stored.seq
+                    member.replayed += 1
+                    continue
+                if run and run_bytes + len(delivered) > DELIVERY_BATCH_BYTES:
+                    if not await self._send_run(member, run, last):
+                        return
+                    run, run_bytes = [], 0
+                run.append(delivered)
+                run_bytes += len(delivered)
+                last = stored.seq
+        if run and not await self._send_run(member, run, last):
+            return
         if member.cursor < upto:
             # ``upto`` is a seq the channel holds; a replay that ends short of it is
             # either retention (tell the member) or a lagging replica (make it resume).
@@ -596,6 +645,15 @@ class Hub:
             else:
                 raise BrokerUnavailable(f"replay stopped at {member.cursor}, before {upto}")
         member.cursor = max(member.cursor, upto)
+
+    async def _send_run(self, member: Member, run: list[bytes], last: int) -> bool:
+        """Send a run of replayed events (one message); False if the socket is gone."""
+        message = encode_run(member.ref.room, member.ref.channel, run)
+        if not await member.socket.send_paced(message):
+            return False
+        member.cursor = last
+        member.replayed += len(run)
+        return True
 
     async def _flush_pending(self, member: Member) -> bool:
         """Send buffered live events in order. True if another replay round is needed."""

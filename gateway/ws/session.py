@@ -658,7 +658,9 @@ class Session:
     async def _join(self, effect: fx.Join) -> None:
         joined = await self._port(
             effect.op,
-            self._hub.join(self.socket, effect.ref, effect.since_seq, effect.since_epoch),
+            self._hub.join(
+                self.socket, effect.ref, effect.since_seq, effect.since_epoch, effect.batch
+            ),
             "join_channel",
         )
         if joined is _FAILED:

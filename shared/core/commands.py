@@ -151,6 +151,7 @@ class CommandRules(ConnectionState):
             extra: dict[str, Any] = {
                 "since_seq": join.since_seq,
                 "since_epoch": join.since_epoch,
+                "batch": join.batch,
                 **self._presence_flags(join, command),
             }
         elif command.command == builtin.HISTORY:
@@ -222,6 +223,7 @@ class CommandRules(ConnectionState):
                     extra["since_epoch"],
                     extra["presence"],
                     extra["presence_events"],
+                    extra["batch"],
                 )
             ]
         if command.command == builtin.HISTORY:

@@ -123,6 +123,7 @@ class Join:
     # the join reply's result says whether each happened.
     presence: bool = False
     presence_events: bool = False
+    batch: bool = False  # deliver runs of events in ``events`` messages
 
 
 @dataclass(frozen=True, slots=True)

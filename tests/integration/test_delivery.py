@@ -82,3 +82,40 @@ async def test_ack_comes_only_after_the_event_is_stored(start_gateway, clients, 
     reply = await alice.command("r", "c", "history", {"since_seq": 0})
     events = reply["payload"]["result"]["events"]
     assert [(e["id"], e["seq"]) for e in events] == [("stored-1", ack["payload"]["seq"])]
+
+
+async def test_a_member_that_joins_with_batch_takes_runs_of_events_in_events_messages(
+    start_gateway, clients, tenant
+):
+    """The same events, in the same order, as a member without ``batch``: replayed and live,
+    several in one ``events`` message (docs/protocol.md#batched-delivery)."""
+    g1, g2 = await start_gateway(), await start_gateway()
+    alice = await clients(gateway_url(g1), tenant, "alice")
+
+    async def publish_frame(name: str, count: int) -> list[int]:
+        events = [{"id": f"{name}-{n}", "payload": {"n": n}} for n in range(count)]
+        frame = {"id": name, "type": "events", "room": "r", "channel": "c"}
+        await alice.send({**frame, "payload": {"events": events}})
+        ack = await alice.reply_to(name)
+        assert ack["type"] == "ack", ack
+        seqs: list[int] = ack["payload"]["seqs"]
+        return seqs
+
+    stored = await publish_frame("before", 100)
+    bob = await clients(gateway_url(g2), tenant, "bob")
+    carol = await clients(gateway_url(g2), tenant, "carol")
+    assert (await bob.join("r", "c", since_seq=0, batch=True))["last_seq"] == stored[-1]
+    await carol.join("r", "c", since_seq=0)
+    replayed = await bob.wait_events(100)
+    joined_at = len(bob.received)
+    live = await publish_frame("after", 100)
+
+    batched, plain = await bob.wait_events(200), await carol.wait_events(200)
+    assert [e["seq"] for e in batched] == stored + live
+    assert batched == plain  # each event exactly as an event message carries it
+    assert [e["id"] for e in replayed] == [f"before-{n}" for n in range(100)]
+    assert [m["type"] for m in carol.received if m["type"].startswith("event")] == ["event"] * 200
+    runs = [m for m in bob.received[joined_at:] if m["type"] == "events"]
+    assert runs, "the live events came one by one"
+    assert all((m["room"], m["channel"]) == ("r", "c") for m in runs)
+    assert len([m for m in bob.received if m["type"] in ("event", "events")]) < 100

@@ -625,7 +625,11 @@ async def test_close_4001_resumes_and_4500_range_stops_everything():
     assert seqs(items) == [1, 2]  # once each, across the 4001 resume
     assert rejected.value.close_code == 4501 and not rejected.value.retryable
     assert server.connections == 2  # never retried after 4501
-    assert server.joins[0] == {"since_seq": 0} and server.joins[1]["since_seq"] in (0, 1, 2)
+    assert server.joins[0] == {"since_seq": 0, "batch": True} and server.joins[1]["since_seq"] in (
+        0,
+        1,
+        2,
+    )
     assert client.error is rejected.value
 
 

@@ -83,7 +83,11 @@ def watching(core: ClientProtocol, track: bool = True) -> SubscriptionState:
     state.members = MemberView() if track else None
     core.subscribe(state)
     (join,) = sent(core)
-    assert join["payload"]["parameters"] == {"presence": True, "presence_events": True}
+    assert join["payload"]["parameters"] == {
+        "batch": True,
+        "presence": True,
+        "presence_events": True,
+    }
     events = core.receive(join_reply(join["id"], presence=True, presence_events=True))
     assert events[0] == Joined(ROOM, CHANNEL, 0)
     assert state.in_presence and state.watching_presence
@@ -98,8 +102,12 @@ def test_the_join_carries_presence_parameters_only_when_given() -> None:
     core.subscribe(SubscriptionState(ROOM, "plain"))
     core.subscribe(SubscriptionState(ROOM, "quiet", presence=True, presence_events=False))
     plain, quiet = sent(core)
-    assert plain["payload"]["parameters"] == {}
-    assert quiet["payload"]["parameters"] == {"presence": True, "presence_events": False}
+    assert plain["payload"]["parameters"] == {"batch": True}
+    assert quiet["payload"]["parameters"] == {
+        "batch": True,
+        "presence": True,
+        "presence_events": False,
+    }
 
 
 def test_a_join_of_a_tracked_subscription_asks_for_a_snapshot_every_time() -> None:

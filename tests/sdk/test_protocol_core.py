@@ -249,7 +249,7 @@ def test_a_join_without_since_seq_starts_at_the_channels_last_seq() -> None:
     core.subscribe(state)
     (join,) = sent(core)
 
-    assert join["payload"] == {"command": "join_channel", "parameters": {}}
+    assert join["payload"] == {"command": "join_channel", "parameters": {"batch": True}}
     assert core.receive(event(3)) == []  # before the join's reply: refused
     assert core.receive(response(join["id"], {"last_seq": 5})) == [Joined(ROOM, CHANNEL, 5)]
     assert state.last_seq == 5
@@ -271,7 +271,7 @@ def test_resume_rejoins_from_the_last_event_handed_to_the_application() -> None:
     core.connection_made(welcome())
     (join,) = sent(core)
 
-    assert join["payload"]["parameters"] == {"since_seq": 4}
+    assert join["payload"]["parameters"] == {"batch": True, "since_seq": 4}
     assert core.take(state) is None  # the untaken 9 was dropped: it comes again
     core.receive(response(join["id"], {"last_seq": 9}))
     assert [type(e) for e in core.receive(event(9))] == [Delivered]
@@ -356,7 +356,10 @@ def test_a_retryable_join_failure_asks_for_a_rejoin_and_a_final_one_ends_the_sub
     assert (
         isinstance(retry, JoinRetry) and retry.attempt == 0 and isinstance(retry.error, Unavailable)
     )
-    assert again["payload"]["parameters"] == {"since_seq": 3} and again["id"] != join["id"]
+    assert (
+        again["payload"]["parameters"] == {"batch": True, "since_seq": 3}
+        and again["id"] != join["id"]
+    )
     assert isinstance(failed, SubscriptionFailed) and isinstance(failed.error, InvalidName)
     assert core.subscription(ROOM, CHANNEL) is None and state.error is failed.error
 
@@ -388,7 +391,7 @@ def test_a_full_queue_pauses_and_resumes_from_the_last_accepted_seq() -> None:
     core.take(state)  # one left: at most half the queue, so it rejoins
     (rejoin,) = sent(core)
 
-    assert rejoin["payload"]["parameters"] == {"since_seq": 2}
+    assert rejoin["payload"]["parameters"] == {"batch": True, "since_seq": 2}
     assert state.pause_count == 1 and [
         i.seq for i in take_all(core, state) if isinstance(i, Event)
     ] == [2]

@@ -1033,3 +1033,20 @@ def test_ping_and_status_are_service_calls_outside_the_system_room() -> None:
     assert isinstance(run, RunCommand) and run.name == "status"
     (run,) = core(Who(role="read-only")).receive(command("ping", room="_system"), T0)
     assert isinstance(run, RunCommand) and run.name == "ping"
+
+
+# -- batched delivery (issue 17) ---------------------------------------------------------------
+
+
+def test_join_asks_for_batched_delivery_only_when_batch_is_true() -> None:
+    (join,) = core().receive(command("join_channel", batch=True), T0)
+    assert isinstance(join, Join) and join.batch
+    (join,) = core().receive(command("join_channel"), T0)
+    assert isinstance(join, Join) and not join.batch
+    (join,) = core().receive(command("join_channel", batch=False), T0)
+    assert isinstance(join, Join) and not join.batch
+    refused = frames(core().receive(command("join_channel", batch="yes"), T0))
+    assert [error_of(f)[0] for f in refused] == ["invalid_parameters"]
+    assert refused[0]["payload"]["error"]["message"].startswith(
+        "parameter 'batch' must be true or false"
+    )

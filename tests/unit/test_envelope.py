@@ -605,3 +605,45 @@ def test_a_rejected_value_is_quoted_cut_short(frame: dict[str, Any], field: str)
     assert f"'{field}'" in error.message
     assert "'xxxx" in error.message and "..." in error.message
     assert len(error.message) <= ERROR_MESSAGE_MAX
+
+
+# -- batched delivery (docs/protocol.md#batched-delivery) --------------------------------------
+
+import itertools  # noqa: E402
+
+from arqonbus_server.shared.envelope import (  # noqa: E402
+    DELIVERY_BATCH_BYTES,
+    delivery_batches,
+    encode_run,
+)
+
+
+def delivered_form(seq: int, pad: int = 0) -> bytes:
+    event = {"version": "1.0", "id": f"e{seq}", "type": "event", "room": "r", "channel": "c"}
+    return with_seq(orjson.dumps({**event, "payload": {"pad": "x" * pad}}), seq)
+
+
+def test_a_run_of_events_is_an_events_message_holding_each_as_delivered() -> None:
+    forms = [delivered_form(seq) for seq in (3, 5, 8)]
+    message = orjson.loads(encode_run("r", "c", forms))
+    assert {k: v for k, v in message.items() if k != "payload"} == {
+        "version": "1.0",
+        "type": "events",
+        "room": "r",
+        "channel": "c",
+    }
+    assert message["payload"]["events"] == [orjson.loads(f) for f in forms]
+    assert encode_run("r", "c", forms[:1]) == forms[0]  # one event: its event message
+
+
+@given(st.lists(st.integers(min_value=0, max_value=3 * DELIVERY_BATCH_BYTES // 2), max_size=12))
+@settings(max_examples=50, deadline=None)
+def test_runs_keep_order_and_stay_within_the_bytes_bound(pads: list[int]) -> None:
+    forms = [delivered_form(seq, pad) for seq, pad in enumerate(pads, 1)]
+    runs = delivery_batches(forms)
+    assert [form for run in runs for form in run] == forms
+    for run in runs:
+        assert run  # never empty
+        assert len(run) == 1 or sum(len(form) for form in run) <= DELIVERY_BATCH_BYTES
+    for before, after in itertools.pairwise(runs):  # each run is as long as it may be
+        assert sum(len(form) for form in before) + len(after[0]) > DELIVERY_BATCH_BYTES

@@ -4,6 +4,8 @@ one by one, with the same checks as a single live event (a hole is replayed from
 
 from __future__ import annotations
 
+from typing import Any
+
 import orjson
 
 from arqonbus_server.gateway.ws.hub import Hub, Member
@@ -104,4 +106,92 @@ async def test_a_burst_for_a_channel_without_members_is_dropped() -> None:
     hub.leave(socket, REF)  # type: ignore[arg-type]
     hub._on_live(REF, live(2, 1))
     assert hub._bursts == []
+    await hub.close()
+
+
+# -- batched delivery: members that joined with ``batch`` (docs/protocol.md) -------------------
+
+
+async def batch_member(hub: Hub, cursor: int, replay: bool = False) -> tuple[FakeSocket, Member]:
+    """A member that joined with ``batch`` at ``cursor``, live from there (or, with
+    ``replay``, once it has read what the channel holds after it)."""
+    socket = FakeSocket()
+    member, joined = await hub.join(socket, REF, cursor, batch=True)  # type: ignore[arg-type]
+    hub.start(member, joined.last_seq if replay else member.cursor)
+    await until_live(member)
+    return socket, member
+
+
+def seqs_of(messages: list[dict[str, Any]]) -> list[int]:
+    """The seqs delivered by ``event`` and ``events`` messages, in order."""
+    out: list[int] = []
+    for message in messages:
+        if message.get("type") == "events":
+            assert (message["room"], message["channel"]) == (REF.room, REF.channel)
+            out.extend(event["seq"] for event in message["payload"]["events"])
+        else:
+            out.append(message["seq"])
+    return out
+
+
+async def test_a_batch_member_takes_a_burst_in_one_events_message_and_others_as_before() -> None:
+    _, hub = await stored_hub(3)
+    batched, member = await batch_member(hub, 0)
+    plain, _ = await live_member(hub, 0)
+    for seq in (1, 2, 3):
+        hub._on_live(REF, live(seq, seq - 1))
+    (message,) = await batched.frames(1)
+    assert message["type"] == "events"
+    assert [e["payload"]["n"] for e in message["payload"]["events"]] == [1, 2, 3]
+    assert seqs_of(await plain.frames(3)) == [1, 2, 3]
+    assert [m.get("type") for m in plain.sent] == [None, None, None]  # event messages
+    assert member.cursor == 3
+    hub._on_live(REF, live(4, 3))  # alone in its turn: an event message
+    (_, single) = await batched.frames(2)
+    assert single["seq"] == 4 and "type" not in single  # the test bodies have no type
+    await hub.close()
+
+
+async def test_a_batch_member_behind_the_burst_takes_the_events_it_misses_one_by_one() -> None:
+    _, hub = await stored_hub(4)
+    behind, _ = await batch_member(hub, 3)
+    at_two, _ = await batch_member(hub, 2)
+    hub._on_live(REF, live(3, 2))
+    hub._on_live(REF, live(4, 3))
+    assert [m["type"] for m in await at_two.frames(1)] == ["events"]
+    assert seqs_of(at_two.sent) == [3, 4]
+    assert seqs_of(await behind.frames(1)) == [4]  # it had 3: no events message for it
+    await hub.close()
+
+
+async def test_a_long_burst_is_cut_into_events_messages_within_the_bytes_bound() -> None:
+    """Delivered forms of about 20 KB: three fit in one message, a fourth would not."""
+    big = 20_000
+    broker = MemoryBroker(MemoryMesh())
+    await broker.connect()
+    bodies = [orjson.dumps({"id": f"e{n}", "pad": "x" * big}) for n in range(1, 8)]
+    for n, stored in enumerate(bodies, 1):
+        await broker.publish(REF, stored, f"k{n}")
+    hub = Hub(broker, 100, 1 << 22)
+    socket, member = await batch_member(hub, 0, replay=True)  # the store's 7 events
+    replayed = list(socket.sent)
+    assert seqs_of(replayed) == [1, 2, 3, 4, 5, 6, 7]
+    assert [len(m["payload"]["events"]) if m.get("type") else 1 for m in replayed] == [3, 3, 1]
+    for n in range(8, 15):
+        hub._on_live(REF, LiveEvent(n, n - 1, bodies[0], None, "", f"k{n}"))
+    live_messages = (await socket.frames(len(replayed) + 3))[len(replayed) :]
+    assert seqs_of(live_messages) == list(range(8, 15))
+    assert [len(m["payload"]["events"]) if m.get("type") else 1 for m in live_messages] == [3, 3, 1]
+    assert member.cursor == 14
+    await hub.close()
+
+
+async def test_a_batch_members_replay_comes_in_events_messages_then_it_goes_live() -> None:
+    _, hub = await stored_hub(5)
+    socket, member = await batch_member(hub, 1, replay=True)
+    assert [m["type"] for m in socket.sent] == ["events"]
+    assert seqs_of(socket.sent) == [2, 3, 4, 5]
+    assert member.cursor == 5
+    hub._on_live(REF, live(6, 5))
+    assert seqs_of(await socket.frames(2)) == [2, 3, 4, 5, 6]
     await hub.close()

@@ -594,7 +594,9 @@ export class ClientProtocol {
     state.joinId = requestId;
     state.accepting = false;
     this._joins.set(requestId, [state, since]);
-    const parameters: JsonObject = since === null ? {} : { since_seq: since };
+    // `batch`: events that are ready together may come in one `events` message.
+    const parameters: JsonObject = { batch: true };
+    if (since !== null) parameters.since_seq = since;
     if (since !== null && state.acceptedEpoch !== null) parameters.since_epoch = state.acceptedEpoch;
     if (state.roomKey !== null) parameters.room_key = state.roomKey;
     if (state.presence !== null) parameters.presence = state.presence;
@@ -629,6 +631,8 @@ export class ClientProtocol {
     switch (message.type) {
       case "event":
         return this._onEvent(message);
+      case "events":
+        return this._onEvents(message);
       case "ack":
         return this._onAck(payloadOf(message));
       case "command_response":
@@ -666,6 +670,19 @@ export class ClientProtocol {
     state.acceptedSeq = seqN;
     if (epoch !== null) state.acceptedEpoch = epoch;
     return [{ event: "delivered", item: event }];
+  }
+
+  /** Several events of one channel in one message, each taken as an `event` message of it. */
+  private _onEvents(message: JsonObject): ProtocolEvent[] {
+    const events = payloadOf(message)?.events;
+    if (!Array.isArray(events)) return [];
+    const out: ProtocolEvent[] = [];
+    for (const item of events) {
+      if (isObject(item) && item.room === message.room && item.channel === message.channel) {
+        out.push(...this._onEvent(item));
+      }
+    }
+    return out;
   }
 
   private _onAck(payload: JsonObject | null): ProtocolEvent[] {

@@ -685,7 +685,10 @@ class ClientProtocol:
         state.join_id = request_id
         state.accepting = False
         self._joins[request_id] = (state, since)
-        parameters: dict[str, Any] = {} if since is None else {"since_seq": since}
+        # ``batch``: events that are ready together may come in one ``events`` message.
+        parameters: dict[str, Any] = {"batch": True}
+        if since is not None:
+            parameters["since_seq"] = since
         if since is not None and state.accepted_epoch is not None:
             parameters["since_epoch"] = state.accepted_epoch
         if state.room_key is not None:
@@ -728,6 +731,8 @@ class ClientProtocol:
         kind = message.get("type")
         if kind == "event":
             return self._on_event(message)
+        if kind == "events":
+            return self._on_events(message)
         if kind == "ack":
             return self._on_ack(_payload(message))
         if kind == "command_response":
@@ -769,6 +774,24 @@ class ClientProtocol:
         state.accepted_seq = seq
         state.accepted_epoch = epoch if epoch is not None else state.accepted_epoch
         return [Delivered(event)]
+
+    def _on_events(self, message: dict[str, Any]) -> list[ProtocolEvent]:
+        """Several events of one channel in one message, each taken as an ``event`` message
+        of that channel (others in it are ignored)."""
+        payload = _payload(message)
+        events = None if payload is None else payload.get("events")
+        if not isinstance(events, list):
+            return []
+        room, channel = message.get("room"), message.get("channel")
+        out: list[ProtocolEvent] = []
+        for item in events:
+            if (
+                isinstance(item, dict)
+                and item.get("room") == room
+                and item.get("channel") == channel
+            ):
+                out.extend(self._on_event(item))
+        return out
 
     def _on_ack(self, payload: dict[str, Any] | None) -> list[ProtocolEvent]:
         request_id = None if payload is None else payload.get("request_id")
