@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -62,6 +63,10 @@ MAX_IN_FLIGHT_FULL: Final = 2
 # batches are full: with one in flight, its size bounds the rate. Measured against 500 with
 # events frames (docs/performance.md, "Events frames"): about 10 % more events per second.
 MAX_BATCH: Final = 1000
+# A lowered batch size is tried doubled (up to the configured one) after this long without a
+# refusal: an operator may raise the server's limit again. Where it still holds, that costs
+# one refused batch (its events published alone) per interval.
+RETRY_LARGER_S: Final = 300.0
 
 
 class _Alone:
@@ -150,6 +155,7 @@ class IngestBatcher:
         max_batch: int = MAX_BATCH,
         stats: IngestStats | None = None,
         max_in_flight_full: int = MAX_IN_FLIGHT_FULL,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not 1 <= max_in_flight <= max_in_flight_full or not 1 <= max_batch <= 1000:
             raise ValueError("1 <= max_in_flight <= max_in_flight_full and 1 <= max_batch <= 1000")
@@ -157,6 +163,9 @@ class IngestBatcher:
         self._max_in_flight = max_in_flight
         self._max_in_flight_full = max_in_flight_full
         self._max_batch = max_batch
+        self._configured_batch = max_batch
+        self._lowered_at: float | None = None  # when a refusal (or a retry) last set the size
+        self._clock = clock
         self._lanes: dict[str, _Lane] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.stats = stats if stats is not None else IngestStats()  # the caller's outlives this
@@ -195,7 +204,17 @@ class IngestBatcher:
 
     @property
     def max_batch(self) -> int:
+        self._retry_larger()
         return self._max_batch
+
+    def _retry_larger(self) -> None:
+        """Double a size lowered by a refusal once it has held RETRY_LARGER_S."""
+        if self._lowered_at is None or self._clock() - self._lowered_at < RETRY_LARGER_S:
+            return
+        self._max_batch = min(self._configured_batch, self._max_batch * 2)
+        at_configured = self._max_batch == self._configured_batch
+        self._lowered_at = None if at_configured else self._clock()
+        log.info("trying atomic batches of up to %d events again", self._max_batch)
 
     async def publish_group(
         self, stream: str, subject: str, items: Sequence[tuple[bytes, Headers]]
@@ -235,6 +254,7 @@ class IngestBatcher:
         )
 
     def _pump(self, stream: str, lane: _Lane) -> None:
+        self._retry_larger()
         while lane.waiting and self._may_send(lane):
             batch: list[_Waiting | _Group] = []
             size = 0
@@ -314,8 +334,10 @@ class IngestBatcher:
         """The server refused a batch of ``refused`` events as too large: an operator set
         its limit (jetstream ``limits { batch { max_msgs } }``) below ours. Later batches
         hold at most half as many, again at each refusal, down to one event: a few
-        refused batches (their events published alone) find a size the server takes."""
+        refused batches (their events published alone) find a size the server takes.
+        After RETRY_LARGER_S without a refusal the size is doubled again (_retry_larger)."""
         lowered = max(1, min(self._max_batch, refused // 2))
+        self._lowered_at = self._clock()
         if lowered < self._max_batch:
             log.warning(
                 "the NATS server refused an atomic batch of %d events as too large (its "

@@ -16,7 +16,7 @@ from arqonbus_server.mesh.batch import (
     BatchPublisherClosed,
     BatchTooLarge,
 )
-from arqonbus_server.mesh.ingest import ALONE, IngestBatcher
+from arqonbus_server.mesh.ingest import ALONE, RETRY_LARGER_S, IngestBatcher
 from tests.timeouts import SEC, eventually
 
 Msgs = Sequence[tuple[str, bytes, dict[str, str]]]
@@ -222,7 +222,7 @@ async def test_a_server_limit_below_the_batch_size_halves_the_batches_until_they
     assert await asyncio.wait_for(asyncio.gather(*tasks[1:]), 3 * SEC) == [ALONE] * 40
     assert batcher.max_batch == 20
     assert "batches of at most 20 from now on" in caplog.text
-    # A refused batch smaller than the size: below it (10), never up again.
+    # A refused batch smaller than the size: below it (10), not up again for RETRY_LARGER_S.
     more = start(batcher, [b"x"] + [b"%d" % i for i in range(14)])
     await batches_sent(pub, 3)
     pub.answer(2)
@@ -235,3 +235,50 @@ async def test_a_server_limit_below_the_batch_size_halves_the_batches_until_they
     # A group larger than the new size is refused before it is queued.
     with pytest.raises(ValueError):
         await batcher.publish_group("S", "arq.ev.t.r.c", [(b"g", b"")] * 8)
+
+
+async def test_a_lowered_batch_size_is_tried_doubled_after_a_quiet_interval() -> None:
+    """The server's limit may be raised again: after RETRY_LARGER_S without a refusal the
+    lane doubles its size, up to the configured one; a refusal lowers it again."""
+    now = [0.0]
+    pub = Scripted()
+    batcher = IngestBatcher(pub, max_in_flight=1, max_batch=40, clock=lambda: now[0])  # type: ignore[arg-type]
+
+    async def one_full_batch(count: int, refuse: bool = False) -> int:
+        """Send one event alone then ``count`` behind it, answer every batch (the first
+        full one refused with ``refuse``); the size of the first full batch."""
+        first = len(pub.batches)
+        tasks = start(batcher, [b"x"] + [b"%d" % i for i in range(count)])
+        await batches_sent(pub, first + 1)
+        pub.answer(first)
+        await batches_sent(pub, first + 2)
+        size = len(pub.batches[first + 1])
+        pub.answer(first + 1, BatchTooLarge(10199, "too large") if refuse else None)
+        for _ in range(count):  # the rest, a batch at a time
+            sent = len(pub.batches)
+
+            async def moved(sent: int = sent) -> bool:
+                return all(task.done() for task in tasks) or len(pub.batches) > sent
+
+            await eventually(moved, 3 * SEC, "the next batch or the end")
+            if all(task.done() for task in tasks):
+                break
+            pub.answer(sent)
+        return size
+
+    assert await one_full_batch(40, refuse=True) == 40
+    assert batcher.max_batch == 20
+    now[0] += RETRY_LARGER_S - 1
+    assert batcher.max_batch == 20 and await one_full_batch(40) == 20  # not yet
+    now[0] += 1
+    assert await one_full_batch(40) == 40  # doubled, and back at the configured size
+    assert batcher.max_batch == 40
+    now[0] += 10 * RETRY_LARGER_S
+    assert batcher.max_batch == 40  # never above it
+    # Where the limit still holds, a retry is refused and the size goes down again.
+    assert await one_full_batch(40, refuse=True) == 40
+    assert batcher.max_batch == 20
+    now[0] += RETRY_LARGER_S
+    assert await one_full_batch(40, refuse=True) == 40
+    assert batcher.max_batch == 20
+    assert batcher.stats.refusals == {"too_large": 3}
