@@ -108,6 +108,10 @@ SHED_AFTER_LINK_FAILURES = 3  # NATS link down: close clients with 4002, refuse 
 # (Without this, a JetStream election that outlasts 4 checks made the gateway shed its
 # clients with 4002 although the server it was on stayed alive.)
 RECONNECT_GRACE_CHECKS = 2
+# A check waits at most this share of the interval for its answer. A stall that begins just
+# after a check went through shows in the next one: within 1 + this share of intervals, which
+# leaves the rest of the second interval for /readyz to say so (and for its pollers to see it).
+CHECK_TIMEOUT_SHARE = 0.8
 
 
 def listen_options(settings: Settings, host: str, port: int) -> ListenOptions:
@@ -365,10 +369,11 @@ class Gateway:
         interval = self.settings.health_interval_s
         while not self._stop.is_set():
             started = loop.time()
-            # Both bounded by the interval, so a stalled link shows within two intervals.
+            # Both bounded within the interval, so a stalled link shows within two intervals.
+            timeout = interval * CHECK_TIMEOUT_SHARE
             healthy, link_ok = await asyncio.gather(
-                self.broker.check_health(timeout=interval),
-                self.broker.check_link(timeout=interval),
+                self.broker.check_health(timeout=timeout),
+                self.broker.check_link(timeout=timeout),
             )
             await self.apply_health_check(healthy, link_ok)
             with contextlib.suppress(asyncio.TimeoutError):
