@@ -36,11 +36,14 @@ def live(seq: int, prev_seq: int) -> LiveEvent:
     return LiveEvent(seq, prev_seq, body(seq), None, "", f"k{seq}")
 
 
-async def live_member(hub: Hub, cursor: int) -> tuple[FakeSocket, Member]:
-    """A member that joined at ``cursor`` and has caught up (it takes live events)."""
+async def live_member(
+    hub: Hub, cursor: int, batch: bool = False, replay: bool = False
+) -> tuple[FakeSocket, Member]:
+    """A member that joined at ``cursor`` (with ``batch``) and has caught up: live from
+    there, or with ``replay`` once it has read what the channel holds after it."""
     socket = FakeSocket()
-    member, _ = await hub.join(socket, REF, cursor)  # type: ignore[arg-type]
-    hub.start(member, member.cursor)
+    member, joined = await hub.join(socket, REF, cursor, batch=batch)  # type: ignore[arg-type]
+    hub.start(member, joined.last_seq if replay else member.cursor)
     await until_live(member)
     return socket, member
 
@@ -113,13 +116,8 @@ async def test_a_burst_for_a_channel_without_members_is_dropped() -> None:
 
 
 async def batch_member(hub: Hub, cursor: int, replay: bool = False) -> tuple[FakeSocket, Member]:
-    """A member that joined with ``batch`` at ``cursor``, live from there (or, with
-    ``replay``, once it has read what the channel holds after it)."""
-    socket = FakeSocket()
-    member, joined = await hub.join(socket, REF, cursor, batch=True)  # type: ignore[arg-type]
-    hub.start(member, joined.last_seq if replay else member.cursor)
-    await until_live(member)
-    return socket, member
+    """A member that joined with ``batch`` (see :func:`live_member`)."""
+    return await live_member(hub, cursor, batch=True, replay=replay)
 
 
 def seqs_of(messages: list[dict[str, Any]]) -> list[int]:
