@@ -101,7 +101,15 @@ async def test_status_ping_listing_and_channel_info_answer_from_the_store(
     assert status["gateways"] >= 2 and status["uptime_s"] >= 0
 
     other = await clients(url_b, tenant, "owner2")
-    rooms = await ok(other, "any", "list_rooms")
+
+    async def listed_with_gamma() -> Message | None:
+        # Configured rooms come from gateway B's copy of the room records, which the
+        # records' watch brings up to date: gamma, created on A, shows there within moments.
+        listing: Message = await ok(other, "any", "list_rooms")
+        names = [row["room"] for row in listing["rooms"]]
+        return listing if "gamma" in names else None
+
+    rooms = await eventually(listed_with_gamma, 10 * SEC, "gamma listed on the other gateway")
     by_name = {row["room"]: row for row in rooms["rooms"]}
     assert sorted(by_name) == ["alpha", "beta", "gamma"]
     assert (by_name["alpha"]["channels"], by_name["alpha"]["messages"]) == (2, 3)
