@@ -1044,7 +1044,9 @@ async def run_gateway(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    collector = FreezingCollector(settings.gc_sweep_interval_s)
+    collector = FreezingCollector(
+        settings.gc_sweep_interval_s, young_threshold=settings.gc_young_threshold
+    )
     sweeper: asyncio.Task[None] | None = None
     if settings.gc_freeze:  # process-wide: only here, never in a gateway inside a program
         collector.install()

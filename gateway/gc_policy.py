@@ -17,6 +17,17 @@ is not reclaimed until the next **sweep**, which unfreezes everything and collec
 ``min_interval_s``: memory held by frozen garbage is bounded by that growth between sweeps,
 and a steady gateway (no growth) never pays a whole-heap pause.
 
+The young generation's threshold is raised too (``young_threshold``, 50,000 by default
+against CPython's 700), and each older generation is collected after every second
+collection of the one below it. CPython counts a generation-0 collection due when the
+tracked objects allocated since the last one, less those freed, pass the threshold. A
+gateway's in-flight work (each publish waiting for its store ack holds a dozen tracked
+objects) swings by thousands of objects as acks come and go, so at 700 the collector ran
+about 450 times a second under ingest and walked the same in-flight objects again and
+again: 19 % of the gateway's CPU at 16k events/s (docs/performance.md, "The collector
+under ingest"). At 50,000 a steady gateway rarely collects at all; a growing one (new
+connections) pauses for a young walk of at most that many objects, about 10 ms here.
+
 Process-wide: installed by ``arqonbus gateway`` (:func:`gateway.app.run_gateway`) when
 ``ARQONBUS_GC_FREEZE`` is on, never by a gateway started inside another program.
 """
@@ -33,6 +44,8 @@ from typing import Any
 log = logging.getLogger("arqonbus.gateway.gc")
 
 CHECK_INTERVAL_S = 10.0
+YOUNG_THRESHOLD = 50_000  # tracked objects allocated (net) before a young collection
+OLDER_EVERY = 2  # each older generation: collected after every 2nd collection below it
 
 
 class FreezingCollector:
@@ -43,9 +56,12 @@ class FreezingCollector:
         min_interval_s: float = 300.0,
         growth: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
+        young_threshold: int = YOUNG_THRESHOLD,
     ) -> None:
         self.min_interval_s = min_interval_s
         self.growth = growth
+        self.young_threshold = young_threshold
+        self._thresholds: tuple[int, ...] = gc.get_threshold()  # restored by uninstall
         self._clock = clock
         self._installed = False
         self._baseline = 0  # frozen objects right after the last sweep
@@ -60,9 +76,11 @@ class FreezingCollector:
 
     def install(self) -> None:
         """Collect and freeze what the process holds now (start-up state), then follow
-        every full collection with a freeze."""
+        every full collection with a freeze; raise the young generation's threshold."""
         if self._installed:
             return
+        self._thresholds = gc.get_threshold()
+        gc.set_threshold(self.young_threshold, OLDER_EVERY, OLDER_EVERY)
         gc.collect()
         gc.freeze()
         self._baseline = gc.get_freeze_count()
@@ -75,6 +93,7 @@ class FreezingCollector:
         if not self._installed:
             return
         gc.callbacks.remove(self._after_collection)
+        gc.set_threshold(*self._thresholds)
         gc.unfreeze()
         self._installed = False
 

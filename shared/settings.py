@@ -136,6 +136,12 @@ class Settings(BaseModel):
     gc_sweep_interval_s: float = Field(
         300.0, ge=1, description="Shortest time between whole-heap sweeps (gc_freeze on)"
     )
+    gc_young_threshold: int = Field(
+        50_000,
+        ge=700,
+        le=10_000_000,
+        description="Tracked objects allocated (net) before a young collection (gc_freeze on)",
+    )
     # -- the browser chat demo (issue 18; gateway/demo/) --
     demo_pages: bool = Field(
         False, description="Serve /demo/chat, a chat page on the JavaScript SDK (arqonbus dev: on)"

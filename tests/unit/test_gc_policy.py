@@ -80,3 +80,24 @@ def test_no_sweep_while_the_frozen_set_has_not_grown_and_uninstall_restores_the_
                             "callbacks": len(gc.callbacks)}).decode())
     """)
     assert r == {"steady": False, "frozen": 0, "callbacks": 0}, r
+
+
+def test_install_raises_the_young_threshold_and_uninstall_puts_cpythons_back() -> None:
+    r = run("""
+        before = gc.get_threshold()
+        policy.install()
+        installed = gc.get_threshold()
+        # Steady churn (each object freed before the next) never reaches the threshold...
+        start = gc.get_stats()[0]["collections"]
+        for _ in range(200_000):
+            Node().me = None
+        steady = gc.get_stats()[0]["collections"] - start
+        # ... while growth does: 120,000 kept objects make two young collections.
+        kept = [[] for _ in range(120_000)]
+        grown = gc.get_stats()[0]["collections"] - start
+        policy.uninstall()
+        print(orjson.dumps({"before": before, "installed": installed, "steady": steady,
+                            "grown": grown, "after": gc.get_threshold()}).decode())
+    """)
+    assert r["installed"] == [50_000, 2, 2] and r["after"] == r["before"] == [700, 10, 10], r
+    assert r["steady"] == 0 and r["grown"] == 2, r
