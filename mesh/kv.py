@@ -166,18 +166,48 @@ class _Failures:
 
 
 class _JetStreamWatch:
-    """A nats-py KeyWatcher as a :class:`mesh.ports.KVWatch`."""
+    """A nats-py KeyWatcher as a :class:`mesh.ports.KVWatch`.
+
+    The marker (None) comes only once every initial value is out. nats-py gives one too
+    early when its consumer-info check races the values: the server has pushed them
+    (nothing left pending) but none has been read yet, so it calls the bucket empty and
+    the values follow the marker as if they were changes. A copy built on that would be
+    empty for a moment (a reload would report every key deleted). So a marker that comes
+    before any value is checked against the consumer's own count of what it delivered;
+    when that is above zero, the marker is held back until the value delivered with
+    nothing pending behind it (the last initial one) has been yielded.
+    """
 
     def __init__(self, watcher: Any) -> None:
         self._watcher = watcher
 
     async def __aiter__(self) -> AsyncIterator[KVChange | None]:
+        seen = 0  # values read
+        held = False  # nats-py's early marker, held back until the last initial value
+        marked = False
         async for entry in self._watcher:
             if entry is None:
-                yield None
+                if marked:
+                    continue
+                if seen or not await self._values_on_their_way():
+                    marked = True
+                    yield None
+                else:
+                    held = True
                 continue
+            seen += 1
             deleted = entry.operation in (KV_DEL, KV_PURGE, "DEL", "PURGE") or entry.value is None
             yield KVChange(entry.key, None if deleted else entry.value or b"", entry.revision or 0)
+            if held and not entry.delta:  # nothing pending behind it: the initial part is in
+                held, marked = False, True
+                yield None
+
+    async def _values_on_their_way(self) -> bool:
+        """Whether the watch's consumer has delivered or still holds values (asked of the
+        server: called before any value was yielded, so any delivered one is on its way)."""
+        info = await self._watcher._sub.consumer_info()
+        delivered = info.delivered.consumer_seq if info.delivered is not None else 0
+        return bool(delivered or info.num_pending)
 
     async def stop(self) -> None:
         with contextlib.suppress(Exception):

@@ -7,6 +7,7 @@ JetStream can leave one of two identical, concurrent stream creates unanswered (
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -115,3 +116,69 @@ async def test_a_key_that_stays_in_flight_fails_retryably_within_the_bound(
     with pytest.raises(KeyContended, match=r"kept changing.*try again"):
         await scripted_bucket(keys).create("k", b"mine")
     assert 1 < len(keys.lasts) < kvmod._CREATE_ATTEMPTS
+
+
+# -- the watch's marker ----------------------------------------------------------------------
+# nats-py's watch can give its "initial values are in" marker before the values, when its
+# consumer-info check runs after the server pushed them and before any was read. The race
+# cannot be forced on a real server; these tests script nats-py's watcher.
+
+
+class ScriptedWatcher:
+    """What nats-py's KeyWatcher yields (entries and None), and its consumer's info."""
+
+    def __init__(self, items: list[Any], delivered: int, pending: int = 0) -> None:
+        self.items = items
+        info = SimpleNamespace(
+            delivered=SimpleNamespace(consumer_seq=delivered), num_pending=pending
+        )
+        self._sub = SimpleNamespace(consumer_info=self._info)
+        self._answer = info
+        self.info_calls = 0
+
+    async def _info(self) -> Any:
+        self.info_calls += 1
+        return self._answer
+
+    async def __aiter__(self) -> Any:
+        for item in self.items:
+            yield item
+
+
+def entry(key: str, value: bytes | None, revision: int, pending: int) -> Any:
+    operation = None if value is not None else "DEL"
+    return SimpleNamespace(
+        key=key, value=value, revision=revision, delta=pending, operation=operation
+    )
+
+
+async def changes(watcher: ScriptedWatcher) -> list[Any]:
+    seen = []
+    async for change in kvmod._JetStreamWatch(watcher):
+        seen.append(None if change is None else (change.key, change.value, change.revision))
+    return seen
+
+
+async def test_an_early_marker_is_held_until_the_last_initial_value() -> None:
+    watcher = ScriptedWatcher(
+        [None, entry("a", b"1", 1, 2), entry("gone", None, 3, 1), entry("b", b"2", 4, 0),
+         entry("a", b"3", 5, 0)],
+        delivered=3,
+    )  # fmt: skip
+    assert await changes(watcher) == [
+        ("a", b"1", 1), ("gone", None, 3), ("b", b"2", 4), None, ("a", b"3", 5),
+    ]  # fmt: skip
+    assert watcher.info_calls == 1
+
+
+async def test_values_still_pending_on_the_server_also_hold_the_marker() -> None:
+    watcher = ScriptedWatcher([None, entry("a", b"1", 7, 0)], delivered=0, pending=1)
+    assert await changes(watcher) == [("a", b"1", 7), None]
+
+
+async def test_an_empty_bucket_and_a_marker_after_values_pass_at_once() -> None:
+    empty = ScriptedWatcher([None, entry("k", b"v", 1, 0)], delivered=0)
+    assert await changes(empty) == [None, ("k", b"v", 1)]
+    ordinary = ScriptedWatcher([entry("k", b"v", 1, 0), None, entry("k", None, 2, 0)], 1)
+    assert await changes(ordinary) == [("k", b"v", 1), None, ("k", None, 2)]
+    assert ordinary.info_calls == 0  # a marker after a value is nats-py's usual one
