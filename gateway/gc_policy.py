@@ -26,7 +26,8 @@ objects) swings by thousands of objects as acks come and go, so at 700 the colle
 about 450 times a second under ingest and walked the same in-flight objects again and
 again: 19 % of the gateway's CPU at 16k events/s (docs/performance.md, "The collector
 under ingest"). At 50,000 a steady gateway rarely collects at all; a growing one (new
-connections) pauses for a young walk of at most that many objects, about 10 ms here.
+connections) pauses for a young walk of at most that many objects (about 10 ms here), and
+every second and fourth such pause walks up to 2 and 4 times as many.
 
 Process-wide: installed by ``arqonbus gateway`` (:func:`gateway.app.run_gateway`) when
 ``ARQONBUS_GC_FREEZE`` is on, never by a gateway started inside another program.
