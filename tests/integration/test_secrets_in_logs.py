@@ -17,6 +17,7 @@ from websockets.exceptions import InvalidStatus
 
 from arqonbus_server.gateway.admin.cli import main as cli_main
 from arqonbus_server.shared import agent_identity as ai
+from arqonbus_server.shared.apikeys import parse_key
 from tests.conftest import GatewayFactory, gateway_url
 from tests.support import WsClient
 from tests.timeouts import SEC
@@ -47,11 +48,13 @@ async def test_no_secret_is_ever_logged(
     argv = ["keys", "create", "--tenant", tenant, "--name", "svc", "--nats", gw.settings.nats]
     assert await asyncio.to_thread(cli_main, argv) == 0
     key = capsys.readouterr().out.strip()
-    secrets += [key, key.rsplit("_", 1)[1]]
+    # The secret may itself hold "_" (URL-safe base64): split it as the gateway does.
+    parsed = parse_key(key)
+    secrets += [key, parsed.secret]
     await gw.security.wait_ready(gw.security.keys)
     seen = asyncio.Event()
     gw.security.keys.on_change(lambda _k, _v: seen.set())
-    if not any(v for _k, v in gw.security.keys.items() if key.split("_")[1].encode() in v):
+    if not any(v for _k, v in gw.security.keys.items() if parsed.key_id.encode() in v):
         await asyncio.wait_for(seen.wait(), 10 * SEC)
     service = await WsClient.open(url, key)
     opened.append(service)
