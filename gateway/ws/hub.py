@@ -528,13 +528,21 @@ class Hub:
                     if not batched:
                         delivered = delivered or _delivered_forms(events)
                         batched, batched_count = _batched(member.ref, delivered)
-                    member.socket.write_frame(batched, batched_count)
+                    whole_write, count = batched, batched_count
                 else:
                     if not joined:
                         delivered = delivered or _delivered_forms(events)
                         frames = frames or [encode_text_frame(d) for d in delivered]
                         joined = frames[0] if len(frames) == 1 else b"".join(frames)
-                    member.socket.write_frame(joined, len(events))
+                    whole_write, count = joined, len(events)
+                socket = member.socket
+                if len(events) == 1 or socket.fits(len(whole_write)):
+                    socket.write_frame(whole_write, count)
+                else:  # near its bound: one event at a time, so the 4001 close comes on time
+                    frames = frames or [encode_text_frame(d) for d in delivered]
+                    for frame in frames:
+                        if not socket.write_frame(frame):
+                            break
                 member.cursor = end
                 whole += 1
                 continue

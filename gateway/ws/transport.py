@@ -173,6 +173,13 @@ class Socket:
         """Bytes accepted for this peer and not yet sent: queued this turn plus the transport's."""
         return self._out_bytes + self._transport.get_write_buffer_size()
 
+    def fits(self, size: int) -> bool:
+        """Whether ``size`` more bytes keep this peer's unsent bytes within its bound (a
+        burst that does not fit goes frame by frame, so the bound is overshot by at most
+        one message before the 4001 close)."""
+        base = self._base if self._out else self._transport.get_write_buffer_size()
+        return base + self._out_bytes + size <= self._limit
+
     def write_frame(self, frame: bytes, frames: int = 1) -> bool:
         """Queue one framed message (or ``frames`` of them, joined). A peer that lets its
         buffer overflow is closed (4001)."""

@@ -11,6 +11,7 @@ import orjson
 from arqonbus_server.gateway.ws.hub import Hub, Member
 from arqonbus_server.mesh.memory import MemoryBroker, MemoryMesh
 from arqonbus_server.mesh.ports import LiveEvent
+from arqonbus_server.shared.errors import CloseCode
 from arqonbus_server.shared.subjects import ChannelRef
 from tests.timeouts import SEC, eventually
 from tests.unit.test_hub_epochs import FakeSocket
@@ -100,6 +101,24 @@ async def test_a_hole_in_a_turn_ends_the_burst_and_is_replayed_from_the_store() 
     hub._on_live(REF, live(7, 6))
     frames = await socket.frames(5)
     assert [f["seq"] for f in frames] == [3, 4, 5, 6, 7]
+    await hub.close()
+
+
+async def test_a_burst_that_would_overrun_the_bound_goes_event_by_event() -> None:
+    """Near its send bound, a member takes a burst one event at a time, so the bound is
+    overshot by one event before the slow-consumer close, never by a whole burst."""
+    _, hub = await stored_hub(4)
+    socket, _ = await live_member(hub, 0)
+    event_frame = len(body(1)) + 10  # an event message (its stored form) and frame header
+    socket.limit = socket.taken_bytes + event_frame  # room for one event, not for all four
+    writes = socket.writes
+    for seq in (1, 2, 3, 4):
+        hub._on_live(REF, live(seq, seq - 1))
+    frames = await socket.frames(2)
+    assert [f["seq"] for f in frames] == [1, 2]  # the second overran the bound ...
+    assert socket.closed == CloseCode.SLOW_CONSUMER  # ... and the third was refused
+    assert socket.writes == writes + 2
+    assert socket.taken_bytes - socket.limit <= event_frame  # one event over, at most
     await hub.close()
 
 

@@ -30,6 +30,13 @@ class FakeSocket:
         self.writes = 0  # write_frame calls
         self.changed = asyncio.Event()
         self.closed: CloseCode | None = None
+        # The transport's bound (gateway/ws/transport.py Socket): None, unbounded; else a
+        # write is refused, and the socket closed 4001, once the bytes taken exceed it.
+        self.limit: int | None = None
+        self.taken_bytes = 0
+
+    def fits(self, size: int) -> bool:
+        return self.limit is None or self.taken_bytes + size <= self.limit
 
     def _take(self, payload: bytes) -> bool:
         self.sent.append(orjson.loads(payload))
@@ -37,6 +44,11 @@ class FakeSocket:
         return True
 
     def write_frame(self, frame: bytes, frames: int = 1) -> bool:
+        if self.limit is not None:
+            if self.taken_bytes > self.limit:
+                self.closed = CloseCode.SLOW_CONSUMER
+                return False
+            self.taken_bytes += len(frame)
         self.writes += 1
         taken = 0
         while frame:  # unmasked text frames, each with a 2- or 4-byte header
