@@ -140,8 +140,10 @@ test("publishes over the message rate are waited out (retry_after_ms), resent wi
   }
   // Resends are paced at the bucket's rate, not all at once: without that, every refused
   // publish came back at the same moment and nearly all were refused again (thousands of
-  // rate_limited frames for 100 publishes).
-  assert.ok(limited.length <= 2 * N, `${limited.length} rate_limited frames for ${N} publishes: resends are not paced`);
+  // rate_limited frames for 100 publishes). Paced, a publish is refused about twice on a
+  // busy machine (216 for 100 once in CI, where the timers ran late); 4 per publish is
+  // far from thousands.
+  assert.ok(limited.length <= 4 * N, `${limited.length} rate_limited frames for ${N} publishes: resends are not paced`);
   const minimum = ((N - MSG_RATE) / MSG_RATE) * 1000;
   assert.ok(took >= minimum * 0.8, `${N} publishes at ${MSG_RATE}/s took only ${took} ms`);
 
