@@ -521,7 +521,7 @@ class Hub:
         batched_count = 0
         start, end = events[0].prev_seq, events[-1].seq
         whole = 0  # members that got the whole burst in one write
-        counts = [0] * len(events)
+        counts = [0] * len(events)  # members that got each event in a write of its own
         for member in channel.members.values():
             if member.cursor == start and not member.syncing and member.epoch is None:
                 if member.batch and len(events) > 1:
@@ -537,14 +537,15 @@ class Hub:
                     whole_write, count = joined, len(events)
                 socket = member.socket
                 if len(events) == 1 or socket.fits(len(whole_write)):
-                    socket.write_frame(whole_write, count)
+                    # Refused: the socket is closing (4001 or gone), nothing was delivered.
+                    whole += socket.write_frame(whole_write, count)
                 else:  # near its bound: one event at a time, so the 4001 close comes on time
                     frames = frames or [encode_text_frame(d) for d in delivered]
-                    for frame in frames:
+                    for i, frame in enumerate(frames):
                         if not socket.write_frame(frame):
                             break
+                        counts[i] += 1
                 member.cursor = end
-                whole += 1
                 continue
             if member.epoch is not None:
                 continue  # moving to an epoch: its catch-up reads the store
@@ -552,9 +553,8 @@ class Hub:
                 if self._continues(member, event):
                     delivered = delivered or _delivered_forms(events)
                     frames = frames or [encode_text_frame(d) for d in delivered]
-                    member.socket.write_frame(frames[i])
+                    counts[i] += member.socket.write_frame(frames[i])
                     member.cursor = event.seq
-                    counts[i] += 1
         for event, count in zip(events, counts, strict=True):
             if whole + count:
                 self._metrics.delivered(whole + count, event.body)

@@ -8,6 +8,7 @@ from typing import Any
 
 import orjson
 
+from arqonbus_server.gateway.http.metrics import NoMetrics
 from arqonbus_server.gateway.ws.hub import Hub, Member
 from arqonbus_server.mesh.memory import MemoryBroker, MemoryMesh
 from arqonbus_server.mesh.ports import LiveEvent
@@ -119,6 +120,43 @@ async def test_a_burst_that_would_overrun_the_bound_goes_event_by_event() -> Non
     assert socket.closed == CloseCode.SLOW_CONSUMER  # ... and the third was refused
     assert socket.writes == writes + 2
     assert socket.taken_bytes - socket.limit <= event_frame  # one event over, at most
+    await hub.close()
+
+
+class Deliveries(NoMetrics):
+    """The deliveries the hub counts, per event body."""
+
+    def __init__(self) -> None:
+        self.counted: dict[bytes, int] = {}
+
+    def delivered(self, members: int, body: bytes) -> None:
+        self.counted[body] = self.counted.get(body, 0) + members
+
+
+async def test_only_the_events_a_socket_took_are_counted_as_delivered() -> None:
+    """A write the socket refuses (it is closing for 4001) delivers nothing, so the hub
+    counts it nowhere: whole bursts, bursts cut event by event and single events."""
+    broker = MemoryBroker(MemoryMesh())
+    await broker.connect()
+    for n in range(1, 7):
+        await broker.publish(REF, body(n), f"k{n}")
+    metrics = Deliveries()
+    hub = Hub(broker, 100, 1 << 20, metrics=metrics)
+    full, _ = await live_member(hub, 0)
+    near, _ = await live_member(hub, 0)
+    closed, _ = await live_member(hub, 0)
+    event_frame = len(body(1)) + 10
+    near.limit = near.taken_bytes + event_frame  # takes events 1 and 2 (one over), then refuses
+    closed.limit = closed.taken_bytes - 1  # already over: refuses everything
+    for seq in (1, 2, 3, 4):
+        hub._on_live(REF, live(seq, seq - 1))
+    await full.frames(4)
+    await near.frames(2)
+    assert near.closed == closed.closed == CloseCode.SLOW_CONSUMER and not closed.sent
+    assert [metrics.counted[body(seq)] for seq in (1, 2, 3, 4)] == [2, 2, 1, 1]
+    hub._on_live(REF, live(5, 4))  # one event alone: the full member only
+    await full.frames(5)
+    assert metrics.counted[body(5)] == 1
     await hub.close()
 
 
