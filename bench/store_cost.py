@@ -1,7 +1,7 @@
 """The store's own cost per event, feature by feature: atomic batches straight from one
 client (the gateway's batch publisher, mesh/batch.py) into a 3-node R3 cluster, into a
 tenant stream as the gateway makes it (mesh/streams.py) and into the same stream without
-one feature at a time, in batches as a busy lane of the gateway sends them (1,000 events, 2
+one feature at a time, in batches as a busy lane of the gateway sends them (1,000 events, 4
 in flight: mesh/ingest.py). For each run: events stored per second and the CPU the 3 NATS
 nodes (and this client) spent per event, from /proc over the run. The variants are
 interleaved round by round.
@@ -164,7 +164,7 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=float, default=4.0)
     parser.add_argument("--batch", type=int, default=1000, help="events per atomic batch")
-    parser.add_argument("--in-flight", type=int, default=2, help="batches in flight")
+    parser.add_argument("--in-flight", type=int, default=4, help="batches in flight")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     for noisy in ("arqonbus", "nats"):

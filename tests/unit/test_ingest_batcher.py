@@ -61,7 +61,7 @@ async def batches_sent(pub: Scripted, n: int) -> None:
 
 async def test_a_quiet_stream_sends_at_once_and_a_busy_one_coalesces_what_waits() -> None:
     pub = Scripted()
-    batcher = IngestBatcher(pub, max_in_flight=2, max_batch=3)  # type: ignore[arg-type]
+    batcher = IngestBatcher(pub, max_in_flight=2, max_batch=3, max_in_flight_full=2)  # type: ignore[arg-type]
     tasks = start(batcher, [b"%d" % i for i in range(7)])
     await batches_sent(pub, 2)
     # Two single sends fill the lane; the other five wait for an ack.
@@ -126,7 +126,7 @@ async def test_a_caller_that_gave_up_is_not_sent_and_close_fails_what_waits() ->
 
 async def test_a_second_batch_goes_out_only_while_a_full_one_waits() -> None:
     pub = Scripted()
-    batcher = IngestBatcher(pub, max_in_flight=1, max_batch=3)  # type: ignore[arg-type]
+    batcher = IngestBatcher(pub, max_in_flight=1, max_batch=3, max_in_flight_full=2)  # type: ignore[arg-type]
     few = start(batcher, [b"a", b"b", b"c"])
     await batches_sent(pub, 1)
     assert pub.batches == [[b"a"]]  # b and c are no full batch: they wait for the ack
@@ -141,6 +141,25 @@ async def test_a_second_batch_goes_out_only_while_a_full_one_waits() -> None:
     pub.answer(2)
     results = await asyncio.wait_for(asyncio.gather(*few, *more), 3 * SEC)
     assert [r.seq for r in results] == list(range(1, 8))
+
+
+async def test_by_default_up_to_four_full_batches_are_out_at_once() -> None:
+    pub = Scripted()
+    batcher = IngestBatcher(pub, max_in_flight=1, max_batch=3)  # type: ignore[arg-type]
+    first = start(batcher, [b"a"])
+    await batches_sent(pub, 1)
+    full = start(batcher, [b"%d" % i for i in range(15)])  # five full batches wait
+    await batches_sent(pub, 4)
+    assert [len(batch) for batch in pub.batches] == [1, 3, 3, 3]  # four out: the limit
+    pub.answer(0)
+    await batches_sent(pub, 5)
+    assert len(pub.batches[4]) == 3
+    for index in range(1, 5):
+        pub.answer(index)
+    await batches_sent(pub, 6)
+    pub.answer(5)
+    results = await asyncio.wait_for(asyncio.gather(*first, *full), 3 * SEC)
+    assert [r.seq for r in results] == list(range(1, 17))
 
 
 async def test_a_group_goes_whole_into_one_batch_and_is_refused_whole() -> None:
@@ -242,7 +261,9 @@ async def test_a_lowered_batch_size_is_tried_doubled_after_a_quiet_interval() ->
     lane doubles its size, up to the configured one; a refusal lowers it again."""
     now = [0.0]
     pub = Scripted()
-    batcher = IngestBatcher(pub, max_in_flight=1, max_batch=40, clock=lambda: now[0])  # type: ignore[arg-type]
+    batcher = IngestBatcher(
+        pub, max_in_flight=1, max_batch=40, max_in_flight_full=2, clock=lambda: now[0]
+    )  # type: ignore[arg-type]
 
     async def one_full_batch(count: int, refuse: bool = False) -> int:
         """Send one event alone then ``count`` behind it, answer every batch (the first
