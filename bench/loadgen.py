@@ -374,6 +374,8 @@ class PubListener(WSListener):  # type: ignore[misc]
                 self.errors.append(data[:300].decode(errors="replace"))
                 self.in_flight -= self.batch or 1
                 self.slot.set()
+                if self.in_flight <= 0:
+                    self.all_acked.set()
         elif self.proto == "sio":
             if data == b"2":
                 transport.send(WSMsgType.TEXT, b"3")
@@ -414,14 +416,21 @@ def encode_publish(proto: str, channel: str, n: int, body: dict[str, Any]) -> by
 
 async def warm_up(transport: WSTransport, listener: PubListener, channel: str) -> float:
     """One event, published and acked before a workload's clock starts: a new tenant's
-    first event creates its stream. The seconds it took."""
+    first event creates its stream. The seconds it took; raises RuntimeError when it was
+    refused."""
     started = time.monotonic()
     warm = {"id": "warm", "type": "event", "room": ROOM, "channel": channel, "payload": {}}
+    batch, listener.batch = listener.batch, 0  # one event, whatever the workload sends
     listener.in_flight = 1
     listener.all_acked.clear()
     transport.send(WSMsgType.TEXT, orjson.dumps(warm))
-    async with asyncio.timeout(60):
-        await listener.all_acked.wait()
+    try:
+        async with asyncio.timeout(60):
+            await listener.all_acked.wait()
+    finally:
+        listener.batch = batch
+    if listener.errors:
+        raise RuntimeError(f"the warm-up publish failed: {listener.errors[0]}")
     return time.monotonic() - started
 
 
@@ -507,8 +516,6 @@ async def run_ingest(args: argparse.Namespace) -> dict[str, Any]:
     # Out of the figures, as the nats-py peer creates its stream before its clock starts.
     transport, listener = pubs[0]
     warm_s = await warm_up(transport, listener, "i0")
-    if listener.errors:
-        raise RuntimeError(f"the warm-up publish failed: {listener.errors[0]}")
     listener.acks = 0
     listener.acked.clear()
     started = time.monotonic()

@@ -20,6 +20,7 @@ import asyncio
 import hashlib
 import logging
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -87,7 +88,6 @@ async def one_run(
     js = nc.jetstream()
     await js.add_stream(config)
     publisher = BatchPublisher(nc, 10.0)
-    await publisher.start()
     subject = SCHEME.ingest(ChannelRef(tenant, "bench", "i1"))
     numbers = iter(range(1, 1 << 62))
 
@@ -108,12 +108,17 @@ async def one_run(
             stored += len(results)  # after the await: the lanes add to it in turn
 
     try:
+        await publisher.start()
         await publisher.publish_batch(messages())  # the stream's leader is elected
         nats_before, own_before = cpu_seconds(nodes), cpu_seconds([os.getpid()])
         started = time.monotonic()
         deadline = started + duration
-        await asyncio.gather(*(lane(deadline) for _ in range(in_flight)))
+        async with asyncio.TaskGroup() as lanes:  # one failing lane stops the others
+            for _ in range(in_flight):
+                lanes.create_task(lane(deadline))
         elapsed = time.monotonic() - started
+        if not stored:
+            raise RuntimeError(f"nothing was stored in {elapsed:.1f} s")
         return {
             "stored_s": stored / elapsed,
             "nats_us": (cpu_seconds(nodes) - nats_before) / stored * 1e6,
@@ -129,12 +134,12 @@ async def main(
 ) -> dict[str, list[dict[str, float]]]:
     work = Path(tempfile.mkdtemp(prefix="arqonbus-store-"))
     cluster = LocalCluster(work / "nats", nodes=3)
-    await cluster.start(timeout=60)
-    nodes = [pid for pid in cluster.pids if pid is not None]
     nc = FastHeaderClient()
-    await nc.connect(cluster.url_csv.split(","))
     runs: dict[str, list[dict[str, float]]] = {}
     try:
+        await cluster.start(timeout=60)
+        nodes = [pid for pid in cluster.pids if pid is not None]
+        await nc.connect(cluster.url_csv.split(","))
         for number in range(1, rounds + 1):
             for name, variant in VARIANTS.items():
                 run = await one_run(nc, nodes, variant, duration, batch, in_flight)
@@ -146,6 +151,7 @@ async def main(
     finally:
         await nc.close()
         await cluster.stop()
+        shutil.rmtree(work, ignore_errors=True)
     return runs
 
 

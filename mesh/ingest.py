@@ -194,7 +194,10 @@ class IngestBatcher:
     ) -> None:
         """:meth:`publish` without a task or a future: ``done`` is called with what it would
         return or raise, once, always later (never from within this call), straight from
-        the batch's ack. Behind it in the lane, a later publish is stored after this one."""
+        the batch's ack. A later publish in the lane is stored after this one, except when
+        this one's batch is refused and it is published alone (:data:`ALONE`): batches sent
+        behind it may be stored first (docs/protocol.md: acks, and the store's order, follow
+        send order only for a client that waits for each ack)."""
         self._enqueue(stream, _Waiting(subject, body, headers, None, done))
 
     def _enqueue(self, stream: str, waiting: _Waiting) -> None:

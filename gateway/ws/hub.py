@@ -454,9 +454,9 @@ class Hub:
                 continue
             if frame is None:  # every member here is in ``epoch``: one frame for all
                 frame = encode_text_frame(self._delivered(member, event.body, event.seq))
-            member.socket.write_frame(frame)
+            # Refused: the socket is closing (4001 or gone), nothing was delivered.
+            sent += member.socket.write_frame(frame)
             member.cursor = event.seq
-            sent += 1
         if sent:
             self._metrics.delivered(sent, event.body)
         return sent

@@ -135,7 +135,8 @@ class Deliveries(NoMetrics):
 
 async def test_only_the_events_a_socket_took_are_counted_as_delivered() -> None:
     """A write the socket refuses (it is closing for 4001) delivers nothing, so the hub
-    counts it nowhere: whole bursts, bursts cut event by event and single events."""
+    counts it nowhere: whole bursts, bursts cut event by event, single events and the
+    fan-out of a traced gateway or a placed tenant."""
     broker = MemoryBroker(MemoryMesh())
     await broker.connect()
     for n in range(1, 7):
@@ -157,6 +158,9 @@ async def test_only_the_events_a_socket_took_are_counted_as_delivered() -> None:
     hub._on_live(REF, live(5, 4))  # one event alone: the full member only
     await full.frames(5)
     assert metrics.counted[body(5)] == 1
+    # The path of a traced gateway or a placed tenant's event: the same count.
+    assert hub._fan_out(hub._channels[REF], live(6, 5)) == 1
+    assert metrics.counted[body(6)] == 1 and len(full.sent) == 6
     await hub.close()
 
 
