@@ -678,13 +678,36 @@ class Hub:
                 continue
             if event.prev_seq > member.cursor:
                 await self._replay(member, event.prev_seq)
-            if not await member.socket.send_paced(self._delivered(member, event.body, event.seq)):
-                return False
-            member.cursor = event.seq
-            self._metrics.delivered(1, event.body)  # a live event, held while it caught up
+            # A batch member takes what follows it without a hole in ``events`` messages.
+            held = self._held_run(member, event) if member.batch else [event]
+            delivered = [self._delivered(member, e.body, e.seq) for e in held]
+            runs = delivery_batches(delivered) if member.batch else [delivered]
+            taken = 0
+            for run in runs:
+                message = encode_run(member.ref.room, member.ref.channel, run)
+                if not await member.socket.send_paced(message):
+                    return False
+                for sent in held[taken : taken + len(run)]:  # held while it caught up
+                    self._metrics.delivered(1, sent.body)
+                taken += len(run)
+                member.cursor = held[taken - 1].seq
             if member.overflowed:
                 return True
         return False
+
+    @staticmethod
+    def _held_run(member: Member, first: LiveEvent) -> list[LiveEvent]:
+        """``first`` and the held events that continue it without a hole, taken off the
+        member's buffer (a copy of one it has is dropped; a hole is read from the store
+        before the events after it)."""
+        run = [first]
+        pending = member.pending
+        while pending and pending[0].prev_seq <= run[-1].seq:
+            event = pending.popleft()
+            member.pending_bytes -= len(event.body)
+            if event.seq > run[-1].seq:
+                run.append(event)
+        return run
 
     async def _member_window(self, member: Member) -> ChannelWindow:
         """The window of the member's channel, a read shared with its other members: many

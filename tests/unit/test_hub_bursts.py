@@ -254,3 +254,27 @@ async def test_a_batch_members_replay_comes_in_events_messages_then_it_goes_live
     hub._on_live(REF, live(6, 5))
     assert seqs_of(await socket.frames(2)) == [2, 3, 4, 5, 6]
     await hub.close()
+
+
+async def test_live_events_held_while_a_batch_member_replays_go_out_in_runs() -> None:
+    """Live events that arrive while a batch member still replays are held; once it has
+    caught up, the held events that follow each other go out in one ``events`` message,
+    a copy of one it has is dropped, and a hole is read from the store first."""
+    _, hub = await stored_hub(8)
+    socket = FakeSocket()
+    member, _ = await hub.join(socket, REF, 0, batch=True)  # type: ignore[arg-type]
+    for seq, prev_seq in ((4, 3), (5, 4), (6, 5), (5, 4), (8, 7)):  # 7 never came live
+        hub._buffer(member, live(seq, prev_seq))
+    hub.start(member, 3)
+    await until_live(member)
+    assert seqs_of(socket.sent) == list(range(1, 9))
+    assert [
+        len(m["payload"]["events"]) if m.get("type") == "events" else 1 for m in socket.sent
+    ] == [
+        3,  # the replay
+        3,  # 4-6, held
+        1,  # 7, read from the store
+        1,  # 8, held
+    ]
+    assert member.cursor == 8 and not member.pending and member.pending_bytes == 0
+    await hub.close()
