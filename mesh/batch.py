@@ -36,7 +36,6 @@ import itertools
 import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import orjson
@@ -48,6 +47,7 @@ from nats.errors import BadSubscriptionError, ConnectionClosedError
 from arqonbus_server.mesh.nats_client import FastHeaderClient, encode_header_lines, hpub_command
 from arqonbus_server.mesh.ports import MeshError
 from arqonbus_server.shared.errors import UNAVAILABLE
+from arqonbus_server.shared.records import record
 
 BATCH_ID = "Nats-Batch-Id"
 BATCH_SEQUENCE = "Nats-Batch-Sequence"
@@ -156,7 +156,7 @@ _REJECTIONS: dict[int, type[BatchRejected]] = {
 }
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class BatchItemResult:
     """Where one message of a batch was stored."""
 

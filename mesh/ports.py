@@ -47,6 +47,7 @@ from arqonbus_server.shared.errors import (
     InvalidInput,
     ServerError,
 )
+from arqonbus_server.shared.records import record
 from arqonbus_server.shared.regions import Placement
 from arqonbus_server.shared.subjects import ChannelRef
 
@@ -126,7 +127,7 @@ class ServiceRequest:
     headers: Mapping[str, str] | None = None  # the requester's (e.g. W3C trace context)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class PublishResult:
     seq: int
     duplicate: bool

@@ -21,6 +21,7 @@ from arqonbus_server.shared.errors import (
     MESSAGE_TOO_LARGE,
     ArqonError,
 )
+from arqonbus_server.shared.records import record
 from arqonbus_server.shared.subjects import is_valid_name, validate_name
 
 PROTOCOL_VERSION = "1.0"
@@ -38,7 +39,7 @@ DEPTH_MAX = 254
 SHOWN_MAX = 80
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ClientEvent:
     id: str
     room: str

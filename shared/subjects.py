@@ -26,6 +26,7 @@ import re
 from dataclasses import dataclass
 
 from arqonbus_server.shared.errors import INVALID_NAME, ArqonError
+from arqonbus_server.shared.records import record
 
 NAME_MAX = 64
 
@@ -68,7 +69,7 @@ def kv_bucket_name(prefix: str, kind: str) -> str:
     return f"{validate_name(prefix, 'subject prefix')}_{validate_name(kind, 'bucket kind')}"
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ChannelRef:
     """A validated (tenant, room, channel) triple."""
 

@@ -14,10 +14,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from arqonbus_server.shared.records import record
 from arqonbus_server.shared.subjects import ChannelRef
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Now:
     """The time of an input: ``monotonic`` for rates and throttles, ``wall`` (Unix s) for bans."""
 
@@ -28,7 +29,7 @@ class Now:
 # -- to the client ---------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Send:
     """One text frame to the client (already encoded)."""
 
@@ -66,7 +67,7 @@ class AwaitPublishSlot:
     limit: int
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Publish:
     """Store ``body`` (ensure the tenant's stream first, inline), then feed back
     ``publish_acked(op, seq, duplicate)`` or ``publish_failed(op, failure)``."""
