@@ -681,7 +681,7 @@ class Hub:
             # A batch member takes what follows it without a hole in ``events`` messages.
             held = self._held_run(member, event) if member.batch else [event]
             delivered = [self._delivered(member, e.body, e.seq) for e in held]
-            runs = delivery_batches(delivered) if member.batch else [delivered]
+            runs = delivery_batches(delivered)  # one run for a single event
             taken = 0
             for run in runs:
                 message = encode_run(member.ref.room, member.ref.channel, run)
